@@ -1,0 +1,76 @@
+"""Aggregation math: pure numpy, free of Redis and Keras.
+
+FedAvg (McMahan et al., 2017) is the sample-weighted mean of client weights. It is
+computed as a running float64 sum so that memory is one model, whatever the number
+of clients, and updates are folded in as they arrive.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+
+class FedAvg:
+    """Running sample-weighted sum of models; ``result()`` gives the weighted mean."""
+
+    def __init__(self, template: Sequence[np.ndarray]) -> None:
+        self._dtypes = [np.dtype(t.dtype) for t in template]
+        self._sum = [np.zeros(t.shape, dtype=np.float64) for t in template]
+        # One scratch buffer per tensor keeps add() free of per-call allocations.
+        self._scratch = [np.empty(t.shape, dtype=np.float64) for t in template]
+        self.total_examples = 0
+        self.count = 0
+
+    def add(self, tensors: Sequence[np.ndarray], num_examples: int) -> None:
+        """Fold one model weighted by its sample count (shapes must match the template)."""
+        if len(tensors) != len(self._sum):
+            raise ValueError(f"expected {len(self._sum)} tensors, got {len(tensors)}")
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be positive, got {num_examples}")
+        weight = np.float64(num_examples)  # a float64 scalar makes the multiply loop float64
+        for acc, buf, t in zip(self._sum, self._scratch, tensors):
+            np.multiply(t, weight, out=buf)
+            np.add(acc, buf, out=acc)
+        self.total_examples += int(num_examples)
+        self.count += 1
+
+    def reset(self) -> None:
+        """Forget everything folded so far (used when an update is replaced)."""
+        for acc in self._sum:
+            acc.fill(0.0)
+        self.total_examples = 0
+        self.count = 0
+
+    def result(self) -> list[np.ndarray]:
+        """The weighted mean, cast back to each tensor's original dtype."""
+        if self.total_examples == 0:
+            raise ValueError("no updates were aggregated")
+        scale = 1.0 / self.total_examples
+        return [(acc * scale).astype(dt, copy=False) for acc, dt in zip(self._sum, self._dtypes)]
+
+
+def fedavg(models: Iterable[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:
+    """FedAvg of (tensors, num_examples) pairs; convenience over the streaming class."""
+    acc: FedAvg | None = None
+    for tensors, n in models:
+        if acc is None:
+            acc = FedAvg(tensors)
+        acc.add(tensors, n)
+    if acc is None:
+        raise ValueError("no models to aggregate")
+    return acc.result()
+
+
+def weighted_metrics(items: Iterable[tuple[Mapping[str, float], int]]) -> dict[str, float]:
+    """Sample-weighted mean of each metric name over the clients that reported it."""
+    sums: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for metrics, n in items:
+        for name, value in metrics.items():
+            if value is None or not np.isfinite(value):
+                continue
+            sums[name] = sums.get(name, 0.0) + float(value) * n
+            weights[name] = weights.get(name, 0) + n
+    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}

@@ -1,0 +1,266 @@
+"""Command line: thin wrappers that parse options and call library functions."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import redis
+
+from fedq.data import DataSpec, seed_spec
+from fedq.errors import FedqError
+from fedq.settings import Settings
+from fedq.spec import OPTIMIZERS, RunSpec, new_run_id
+
+EXIT_ERROR = 1
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn fedq and Redis errors into one line on stderr and a non-zero exit, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedqError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+        except redis.RedisError as exc:
+            click.echo(f"error: Redis: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+    return wrapper
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM/SIGINT, which Kubernetes and Ctrl-C send, for loops to check."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+# --- shared options ----------------------------------------------------------------------
+def data_options(required: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Options that choose the data: seed CSV pair, one labelled CSV, or the built-in dataset."""
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed([
+            click.option("--normal-csv", type=click.Path(dir_okay=False), help="Seed format: rows of class 0 (normal)."),
+            click.option("--abnormal-csv", type=click.Path(dir_okay=False), help="Seed format: rows of class 1 (abnormal)."),
+            click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="One CSV with a header and a label column."),
+            click.option("--label-column", help="Label column of --csv."),
+            click.option("--missing-value", type=float, help="Value meaning missing (seed CSVs: -1)."),
+            click.option("--test-fraction", type=float, default=0.2 if required else None, show_default=required,
+                         help="Share of rows held out as the test split."),
+        ]):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+def _data_spec(normal_csv: str | None, abnormal_csv: str | None, csv_path: str | None,
+               label_column: str | None, missing_value: float | None, test_fraction: float | None,
+               seed: int, default: bool) -> DataSpec | None:
+    """The DataSpec the data options describe (None when none was given and default is False)."""
+    extra: dict[str, Any] = {"seed": seed}
+    if test_fraction is not None:
+        extra["test_fraction"] = test_fraction
+    if normal_csv or abnormal_csv:
+        if not (normal_csv and abnormal_csv):
+            raise click.UsageError("--normal-csv and --abnormal-csv go together")
+        if csv_path:
+            raise click.UsageError("use either --csv or --normal-csv/--abnormal-csv, not both")
+        if missing_value is not None:
+            extra["missing_value"] = missing_value
+        spec = seed_spec(os.path.abspath(normal_csv), os.path.abspath(abnormal_csv), **extra)
+    elif csv_path:
+        if not label_column:
+            raise click.UsageError("--csv needs --label-column")
+        spec = DataSpec(source="csv", csv=os.path.abspath(csv_path), label_column=label_column,
+                        missing_value=missing_value, **extra)
+    elif default:
+        spec = DataSpec(**extra)
+    else:
+        return None
+    spec.validate()
+    return spec
+
+
+def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that define a run (stored in Redis as its spec)."""
+    for opt in reversed([
+        click.option("--clients", type=click.IntRange(1), default=2, show_default=True, help="Clients per round (N)."),
+        click.option("--rounds", type=click.IntRange(1), default=5, show_default=True, help="Federated rounds."),
+        click.option("--local-epochs", type=click.IntRange(1), default=5, show_default=True, help="Local epochs per round."),
+        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True),
+        click.option("--learning-rate", type=float, default=0.01, show_default=True),
+        click.option("--model", default="seed", show_default=True, help="Model: 'seed' (the Kubeflow example's CNN)."),
+        click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of split, shards and weights."),
+        click.option("--round-timeout", type=float, default=3600.0, show_default=True,
+                     help="Seconds a round may wait for its updates before the run fails."),
+        click.option("--run-id", help="Id of the new run (default: time + random)."),
+    ]):
+        fn = opt(fn)
+    return data_options(required=True)(fn)
+
+
+def _run_spec(kw: dict[str, Any]) -> RunSpec:
+    data = _data_spec(kw.pop("normal_csv"), kw.pop("abnormal_csv"), kw.pop("csv_path"), kw.pop("label_column"),
+                      kw.pop("missing_value"), kw.pop("test_fraction"), kw["seed"], default=True)
+    run_id = kw.pop("run_id") or new_run_id()
+    return RunSpec(data=data, run_id=run_id, **kw).validate()
+
+
+# --- commands ------------------------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--redis-url", envvar="FEDQ_REDIS_URL", help="Redis URL (env FEDQ_REDIS_URL).")
+@click.option("--log-level", envvar="FEDQ_LOG_LEVEL", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.version_option(package_name="fedq")
+@click.pass_context
+@_fail_cleanly
+def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
+    """fedq: federated learning of a Keras model over Redis."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    ctx.obj = {"settings": Settings.from_env(redis_url=redis_url, log_level=log_level.upper()),
+               "redis_from_env": bool(redis_url)}
+
+
+@main.command()
+@run_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-out"),
+              show_default=True, help="Directory for report.json, model.keras and logs.")
+@click.pass_context
+@_fail_cleanly
+def run(ctx: click.Context, out: Path, **kw: Any) -> None:
+    """Run a whole federation on this machine: Redis, an aggregator and N clients."""
+    from fedq.runner import run_local
+    from fedq.view import print_event, print_report, print_round
+
+    spec = _run_spec(kw)
+    report = run_local(_settings(ctx), spec, out, use_env_redis=ctx.obj["redis_from_env"],
+                       on_round=functools.partial(print_round, spec.rounds), on_event=print_event)
+    print_report(report, out)
+    if report["status"] != "finished":
+        sys.exit(EXIT_ERROR)
+
+
+@main.command()
+@run_options
+@click.pass_context
+@_fail_cleanly
+def submit(ctx: click.Context, **kw: Any) -> None:
+    """Enqueue a run for an aggregator worker and print its id."""
+    from fedq.jobs import submit_run
+    from fedq.store import connect
+
+    settings = _settings(ctx)
+    spec = _run_spec(kw)
+    click.echo(submit_run(connect(settings), settings, spec))
+
+
+@main.command()
+@click.option("--queue", help="rq queue to serve (default: FEDQ_QUEUE or fedq-runs).")
+@click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
+@click.option("--clients", type=click.IntRange(1), help="Create a run with N clients and drive it now.")
+@click.option("--rounds", type=click.IntRange(1), help="Rounds of the run created with --clients.")
+@click.option("--local-epochs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
+@click.option("--learning-rate", type=float, default=0.01, show_default=True)
+@click.option("--model", default="seed", show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--round-timeout", type=float, default=3600.0, show_default=True)
+@click.option("--run-id")
+@data_options(required=True)
+@click.pass_context
+@_fail_cleanly
+def aggregator(ctx: click.Context, queue: str | None, burst: bool, **kw: Any) -> None:
+    """Serve runs from the queue as an rq worker; with --clients/--rounds, create one run and drive it."""
+    from fedq.jobs import run_worker, submit_run
+    from fedq.store import connect
+
+    settings = _settings(ctx)
+    r = connect(settings)
+    if kw["clients"] is not None or kw["rounds"] is not None:
+        if kw["clients"] is None or kw["rounds"] is None:
+            raise click.UsageError("--clients and --rounds go together")
+        spec = _run_spec(kw)
+        # A private queue, so that this worker drives exactly the run it created, then exits.
+        queue = f"fedq-once-{spec.run_id}"
+        submit_run(r, settings, spec, queue=queue)
+        click.echo(spec.run_id)
+        burst = True
+    run_worker(r, settings, queue=queue, burst=burst)
+
+
+@main.command()
+@click.option("--shard", type=click.IntRange(0), required=True, help="This client's shard, 0-based.")
+@click.option("--num-shards", type=click.IntRange(1), help="Shards in all (default: the run's client count).")
+@click.option("--run", "run_id", help="Run to join (default: the newest open run, waiting for one).")
+@click.option("--once", is_flag=True, help="Exit after one run (a Kubernetes Job); default: follow runs.")
+@click.option("--client-id", help="Identity in the run (default: client-<shard>).")
+@data_options(required=False)
+@click.pass_context
+@_fail_cleanly
+def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str | None, once: bool,
+           client_id: str | None, **kw: Any) -> None:
+    """Join runs and train on this client's own data."""
+    from fedq.client import Client, Stopped
+    from fedq.store import connect
+
+    if num_shards is not None and shard >= num_shards:
+        raise click.BadParameter(f"{shard} is out of range for --num-shards {num_shards} (0..{num_shards - 1})",
+                                 param_hint="--shard")
+    data = _data_spec(kw["normal_csv"], kw["abnormal_csv"], kw["csv_path"], kw["label_column"],
+                      kw["missing_value"], kw["test_fraction"], 0, default=False)
+    stop = _stop_on_signals()
+    settings = _settings(ctx)
+    c = Client(connect(settings), settings, shard, num_shards=num_shards, run_id=run_id,
+               client_id=client_id, data=data, stop=stop)
+    try:
+        c.serve(once=once)
+    except Stopped:
+        logging.getLogger("fedq.client").info("stopped by signal")
+
+
+@main.command()
+@click.option("--run", "run_id", help="One run (default: list recent runs).")
+@click.pass_context
+@_fail_cleanly
+def status(ctx: click.Context, run_id: str | None) -> None:
+    """Show runs and their progress."""
+    from fedq.store import connect
+    from fedq.view import print_run, print_runs
+
+    r = connect(_settings(ctx))
+    print_run(r, run_id) if run_id else print_runs(r)
+
+
+@main.command()
+@click.option("--run", "run_id", required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.pass_context
+@_fail_cleanly
+def report(ctx: click.Context, run_id: str, out: Path) -> None:
+    """Write a run's report.json and, when finished, model.keras into a directory."""
+    from fedq.report import write_report
+    from fedq.store import RunStore, connect
+    from fedq.view import print_report
+
+    print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out), out)

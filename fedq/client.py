@@ -1,0 +1,212 @@
+"""The client: owns its data shard, trains locally, pushes updates, follows rounds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import redis
+
+from fedq import protocol, store as store_mod
+from fedq.data import DataSpec, feature_stats, load_shard, standardize
+from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
+from fedq.models import build_model, compile_model, to_model_input, weight_names
+from fedq.settings import Settings
+from fedq.spec import RunSpec
+from fedq.store import FAILED, FINISHED, RunStore
+
+log = logging.getLogger("fedq.client")
+
+
+class Stopped(FedqError):
+    """The process was asked to stop (SIGTERM / Ctrl-C)."""
+
+
+class Client:
+    """One data holder; ``serve`` follows runs until stopped (or one run with once=True)."""
+
+    def __init__(self, r: redis.Redis, settings: Settings, shard: int, *, num_shards: int | None = None,
+                 run_id: str | None = None, client_id: str | None = None, data: DataSpec | None = None,
+                 stop: threading.Event | None = None) -> None:
+        if shard < 0:
+            raise ConfigError(f"--shard must be 0 or more, got {shard}")
+        if num_shards is not None and not 0 <= shard < num_shards:
+            raise ConfigError(f"--shard {shard} is out of range for --num-shards {num_shards} (0..{num_shards - 1})")
+        self.r = r
+        self.settings = settings
+        self.shard = shard
+        self.num_shards = num_shards
+        self.run_id = run_id
+        self.client_id = client_id or f"client-{shard}"
+        self.data = data
+        self.stop = stop or threading.Event()
+        self.done: set[str] = set()
+
+    # --- finding a run ------------------------------------------------------------------
+    def serve(self, once: bool = False) -> list[dict[str, Any]]:
+        """Join runs one after another; returns each run's result (one with once=True)."""
+        results = []
+        while not self.stop.is_set():
+            run_id = self._find_run(bounded=once)
+            results.append(self.run_one(run_id))
+            self.done.add(run_id)
+            if once or self.run_id is not None:
+                break
+        return results
+
+    def _find_run(self, bounded: bool) -> str:
+        """The named run, or the newest open one; blocks on the event stream until there is one."""
+        deadline = time.monotonic() + self.settings.wait_seconds
+        last = store_mod.last_global_event_id(self.r)
+        announced = False
+        while True:
+            if self.run_id is not None:
+                if RunStore(self.r, self.run_id).exists():
+                    return self.run_id
+            else:
+                found = store_mod.newest_open_run(self.r, self.client_id, skip=self.done)
+                if found is not None:
+                    return found
+            if not announced:
+                log.info("%s: waiting for %s", self.client_id,
+                         f"run {self.run_id}" if self.run_id else "an open run")
+                announced = True
+            self._check_stop()
+            if bounded and time.monotonic() > deadline:
+                what = f"run {self.run_id}" if self.run_id else "an open run"
+                raise RunNotFound(f"no {what} appeared within {self.settings.wait_seconds:g} s")
+            last = store_mod.wait_global_event(self.r, last, self.settings.block_seconds)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Stopped(f"{self.client_id}: stopped")
+
+    # --- one run ----------------------------------------------------------------------------
+    def run_one(self, run_id: str) -> dict[str, Any]:
+        """Join run_id, train every round, and return the run's final state."""
+        st = RunStore(self.r, run_id)
+        spec = st.spec()
+        num_shards = self.num_shards or spec.clients
+        if not 0 <= self.shard < num_shards:
+            raise ConfigError(f"shard {self.shard} is out of range for {num_shards} shards (0..{num_shards - 1})")
+        data = self.data or spec.data
+        x, y = load_shard(data, self.shard, num_shards)
+        record = {"shard": self.shard, "num_shards": num_shards, "rows": int(len(y)),
+                  "host": socket.gethostname(), "pid": os.getpid(), "joined_at": time.time()}
+        outcome = st.join(self.client_id, record, feature_stats(x).to_dict(), spec.clients)
+        if outcome not in ("joined", "rejoined"):
+            raise FedqError(f"{self.client_id} could not join run {run_id}: {outcome.replace('_', ' ')}")
+        log.info("%s %s run %s with %d rows (shard %d of %d)", self.client_id, outcome, run_id,
+                 len(y), self.shard, num_shards)
+        return self._train_rounds(st, spec, x, y)
+
+    def _train_rounds(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        last_event = "0-0"
+        model = None
+        x: np.ndarray | None = None
+        pushed = 0
+        progress_deadline = time.monotonic() + self.settings.wait_seconds
+        while True:
+            self._check_stop()
+            state = st.state()
+            status = state.get("status")
+            if status == FINISHED:
+                log.info("%s: run %s finished", self.client_id, st.run_id)
+                return state
+            if status == FAILED:
+                raise RunFailed(f"run {st.run_id} failed: {state.get('reason', 'no reason recorded')}")
+            committed = int(state.get("round", 0))
+            if state.get("phase") == "train" and committed + 1 > pushed:
+                setup = 0.0
+                if model is None:
+                    t0 = time.perf_counter()
+                    model, x = self._prepare(st, spec, x_raw)
+                    setup = time.perf_counter() - t0
+                result = self._do_round(st, spec, model, x, y, committed + 1, setup)
+                if result == "ok":
+                    pushed = committed + 1
+                elif result not in ("round_closed", "round_not_open", "stale_global"):
+                    raise FedqError(f"{self.client_id}: update for round {committed + 1} refused: {result}")
+                progress_deadline = time.monotonic() + self.settings.wait_seconds
+                continue
+            if time.monotonic() > progress_deadline:
+                raise FedqError(f"run {st.run_id} made no progress for {self.settings.wait_seconds:g} s")
+            last_event, events = st.wait_event(last_event, self.settings.block_seconds)
+            if events:
+                progress_deadline = time.monotonic() + self.settings.wait_seconds
+
+    def _prepare(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray) -> tuple[Any, np.ndarray]:
+        """Standardise the shard with the run's scaler and build the run's model."""
+        mean, std, meta = protocol.decode_scaler(st.scaler_payload())
+        if x_raw.shape[1] != meta["num_features"]:
+            raise DataError(f"this client's data has {x_raw.shape[1]} features, "
+                            f"the run's has {meta['num_features']}")
+        x = to_model_input(standardize(x_raw, mean, std))
+        model = build_model(spec.model, int(meta["num_features"]), int(meta["num_classes"]), spec.seed)
+        compile_model(model, spec.optimizer, spec.learning_rate)
+        self._fresh_optimizer = _snapshot_optimizer(model)
+        return model, x
+
+    def _do_round(self, st: RunStore, spec: RunSpec, model: Any, x: np.ndarray, y: np.ndarray,
+                  round_no: int, setup_seconds: float) -> str:
+        """Fetch the global model, train locally, push the update; returns the push outcome."""
+        t0 = time.perf_counter()
+        g_round, names, tensors = protocol.decode_global(st.global_payload(), st.run_id)
+        if g_round != round_no - 1:
+            return "stale_global"  # the commit moved on between our reads; look again
+        if names != weight_names(model):
+            raise FedqError(f"{self.client_id}: the global model's layers do not match the local model")
+        model.set_weights(tensors)
+        _reset_optimizer(model, self._fresh_optimizer)  # each round's local training starts afresh
+        fetch_seconds = time.perf_counter() - t0
+
+        import keras  # already loaded by build_model; local import keeps module import light
+
+        keras.utils.set_random_seed(spec.seed * 1_000_003 + self.shard * 1009 + round_no)
+        t1 = time.perf_counter()
+        history = model.fit(x, y, epochs=spec.local_epochs, batch_size=spec.batch_size, shuffle=True,
+                            verbose=0, callbacks=[_StopCallback(self.stop)])
+        train_seconds = time.perf_counter() - t1
+        self._check_stop()
+
+        t2 = time.perf_counter()
+        metrics = {"loss": history.history["loss"][-1], "accuracy": history.history["accuracy"][-1],
+                   "train_seconds": train_seconds, "fetch_seconds": fetch_seconds,
+                   "setup_seconds": setup_seconds}
+        weights = model.get_weights()
+        metrics["push_time"] = time.time()
+        payload = protocol.encode_update(st.run_id, round_no, self.client_id, len(y), metrics, names, weights)
+        result = st.push_update(self.client_id, round_no, payload, self.settings.max_update_bytes)
+        log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes in %.1f ms (%s)",
+                 self.client_id, round_no, metrics["loss"], metrics["accuracy"], train_seconds, len(payload),
+                 (time.perf_counter() - t2) * 1000, result)
+        return result
+
+
+def _snapshot_optimizer(model: Any) -> list[np.ndarray]:
+    """Build the optimizer's variables now and remember their fresh values."""
+    model.optimizer.build(model.trainable_variables)
+    return [np.array(v.numpy()) for v in model.optimizer.variables]
+
+
+def _reset_optimizer(model: Any, fresh: list[np.ndarray]) -> None:
+    """Restore the optimizer's fresh state (moments, step count; the learning rate is kept)."""
+    for var, value in zip(model.optimizer.variables, fresh):
+        var.assign(value)
+
+
+def _StopCallback(stop: threading.Event) -> Any:  # noqa: N802 (factory keeps keras import lazy)
+    """A Keras callback that ends training at the next batch once stop is set."""
+    import keras
+
+    class StopOnSignal(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if stop.is_set():
+                self.model.stop_training = True
+
+    return StopOnSignal()

@@ -1,0 +1,328 @@
+"""The one wire codec: tensors plus metadata in a versioned msgpack envelope.
+
+Everything that crosses Redis goes through here. Pickle is never used, because
+payloads come from other processes (possibly other machines) and must be safe
+to decode no matter what bytes arrive: decoding either yields an ``Envelope``
+or raises ``CodecError`` naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from fedq.errors import CodecError
+
+VERSION: int = 1
+
+# Little-endian dtype.str spellings only, so the wire format does not depend on
+# the byte order of the machine that wrote it.
+SUPPORTED_DTYPES: frozenset[str] = frozenset(
+    {
+        "<f2",
+        "<f4",
+        "<f8",
+        "|i1",
+        "<i2",
+        "<i4",
+        "<i8",
+        "|u1",
+        "<u2",
+        "<u4",
+        "<u8",
+        "|b1",
+    }
+)
+
+# Mirrors NumPy 1.x's limit; NumPy 2 allows 64, but a model tensor never needs
+# that many and a fixed bound keeps the format the same across NumPy versions.
+MAX_DIMS: int = 32
+
+# Nesting bound for meta values: stays far below Python's recursion limit so
+# validating hostile input can never raise RecursionError.
+_MAX_META_DEPTH: int = 32
+
+# msgpack's integer range; anything outside cannot be packed.
+_INT_MIN: int = -(2**63)
+_INT_MAX: int = 2**64 - 1
+
+# Any single dimension must fit NumPy's index type, otherwise reshape fails.
+_DIM_MAX: int = int(np.iinfo(np.intp).max)
+
+_ENVELOPE_FIELDS: frozenset[str] = frozenset({"v", "kind", "meta", "tensors"})
+_TENSOR_FIELDS: tuple[str, ...] = ("name", "dtype", "shape", "data")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded payload: its kind, metadata and named read-only tensors."""
+
+    kind: str
+    meta: dict[str, Any]
+    names: list[str]
+    tensors: list[np.ndarray]
+
+
+def _describe(obj: Any) -> str:
+    """Short description of an untrusted value for error messages."""
+    # Only scalars get a repr: repr of a deeply nested hostile container can be
+    # slow or hit the recursion limit, and would bloat the message anyway.
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        text = repr(obj)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return type(obj).__name__
+
+
+def _describe_keys(keys: set[Any]) -> str:
+    """Describe a few unexpected map keys for an error message."""
+    # Capped: a hostile map may carry thousands of junk keys.
+    shown = sorted(_describe(k) for k in keys)
+    suffix = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+    return ", ".join(shown[:5]) + suffix
+
+
+def _check_plain(value: Any, where: str, depth: int = 0) -> None:
+    """Raise CodecError unless value is made only of msgpack-plain types."""
+    # Checked on both sides so that whatever encode accepts, decode (with
+    # strict_map_key) reads back, and decode never hands out msgpack ext
+    # objects such as Timestamp.
+    if depth > _MAX_META_DEPTH:
+        raise CodecError(f"{where}: nested deeper than {_MAX_META_DEPTH} levels")
+    if value is None or isinstance(value, (bool, float, str, bytes)):
+        return
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise CodecError(f"{where}: integer {value} is outside msgpack's 64-bit range")
+        return
+    if isinstance(value, msgpack.ExtType):
+        # ExtType is a namedtuple, so it must be caught before the tuple case.
+        raise CodecError(f"{where}: unsupported type msgpack.ExtType (code {value.code})")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CodecError(f"{where}: map key {_describe(key)} is not a str")
+            _check_plain(item, f"{where}[{key!r}]", depth + 1)
+        return
+    raise CodecError(
+        f"{where}: unsupported type {type(value).__module__}.{type(value).__qualname__} "
+        "(use str/int/float/bool/None/bytes/list/dict)"
+    )
+
+
+def _tensor_bytes(name: str, tensor: Any) -> tuple[str, list[int], memoryview]:
+    """Validate one tensor and return its dtype string, shape and raw LE bytes."""
+    if isinstance(tensor, np.generic):
+        tensor = np.asarray(tensor)
+    if not isinstance(tensor, np.ndarray):
+        raise CodecError(f"tensor {name!r}: expected numpy.ndarray, got {type(tensor).__name__}")
+    # Drop ndarray subclasses (matrix, masked) so reshape/view below behave plainly.
+    arr = np.asarray(tensor)
+    le_dtype = arr.dtype.newbyteorder("<")
+    if le_dtype.str not in SUPPORTED_DTYPES:
+        raise CodecError(f"tensor {name!r}: unsupported dtype {arr.dtype} ({arr.dtype.str!r})")
+    if arr.ndim > MAX_DIMS:
+        raise CodecError(f"tensor {name!r}: {arr.ndim} dims, at most {MAX_DIMS} allowed")
+    # copy=False: no copy at all when the array is already C-contiguous
+    # little-endian; otherwise exactly one copy that fixes order and layout.
+    contiguous = arr.astype(le_dtype, order="C", copy=False)
+    # reshape(-1) on a C-contiguous array is a view (also turns 0-d into 1-d),
+    # and the uint8 view gives msgpack a flat byte buffer to pack as bin.
+    raw = memoryview(contiguous.reshape(-1).view(np.uint8))
+    return le_dtype.str, [int(d) for d in arr.shape], raw
+
+
+def encode(
+    kind: str,
+    tensors: Sequence[np.ndarray],
+    meta: Mapping[str, Any] | None = None,
+    names: Sequence[str] | None = None,
+) -> bytes:
+    """Encode tensors and metadata into a versioned msgpack envelope."""
+    if not isinstance(kind, str):
+        raise CodecError(f"kind must be a str, got {type(kind).__name__}")
+    tensor_list = list(tensors)
+    if names is None:
+        name_list = [f"t{i}" for i in range(len(tensor_list))]
+    else:
+        name_list = list(names)
+        if len(name_list) != len(tensor_list):
+            raise CodecError(f"got {len(name_list)} names for {len(tensor_list)} tensors")
+    seen: set[str] = set()
+    for i, name in enumerate(name_list):
+        if not isinstance(name, str):
+            raise CodecError(f"tensor #{i}: name must be a str, got {type(name).__name__}")
+        if name in seen:
+            raise CodecError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+
+    if meta is None:
+        meta_dict: dict[str, Any] = {}
+    elif isinstance(meta, Mapping):
+        meta_dict = dict(meta)
+    else:
+        raise CodecError(f"meta must be a mapping, got {type(meta).__name__}")
+    _check_plain(meta_dict, "meta")
+
+    entries = []
+    for name, tensor in zip(name_list, tensor_list):
+        dtype_str, shape, raw = _tensor_bytes(name, tensor)
+        entries.append({"name": name, "dtype": dtype_str, "shape": shape, "data": raw})
+
+    envelope = {"v": VERSION, "kind": kind, "meta": meta_dict, "tensors": entries}
+    try:
+        return msgpack.packb(envelope, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        # Only reachable for oversize data (a bin is limited to 4 GiB).
+        raise CodecError(f"could not encode envelope: {exc}") from exc
+
+
+def _decode_tensor(index: int, entry: Any) -> tuple[str, np.ndarray]:
+    """Validate one tensor entry of a decoded envelope and build its array."""
+    if not isinstance(entry, dict):
+        raise CodecError(f"tensor #{index} is not a map (got {_describe(entry)})")
+    for field in _TENSOR_FIELDS:
+        if field not in entry:
+            raise CodecError(f"tensor #{index} is missing field {field!r}")
+    extra = set(entry) - set(_TENSOR_FIELDS)
+    if extra:
+        raise CodecError(f"tensor #{index} has unknown field(s) {_describe_keys(extra)}")
+
+    name = entry["name"]
+    if not isinstance(name, str):
+        raise CodecError(f"tensor #{index}: name is not a str (got {_describe(name)})")
+    label = f"tensor {name!r}"
+
+    dtype_str = entry["dtype"]
+    if not isinstance(dtype_str, str) or dtype_str not in SUPPORTED_DTYPES:
+        raise CodecError(
+            f"{label}: unsupported dtype {_describe(dtype_str)} "
+            f"(allowed: {', '.join(sorted(SUPPORTED_DTYPES))})"
+        )
+    dtype = np.dtype(dtype_str)
+
+    shape = entry["shape"]
+    if not isinstance(shape, list):
+        raise CodecError(f"{label}: shape is not a list (got {_describe(shape)})")
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"{label}: {len(shape)} dims, at most {MAX_DIMS} allowed")
+    for dim in shape:
+        # bool is an int subclass; True as a dimension is malformed, not 1.
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 0 <= dim <= _DIM_MAX:
+            raise CodecError(
+                f"{label}: shape must be a list of non-negative ints, found {_describe(dim)}"
+            )
+
+    data = entry["data"]
+    if not isinstance(data, bytes):
+        raise CodecError(f"{label}: data is not bytes (got {_describe(data)})")
+    # Exact Python-int arithmetic: a hostile shape with an astronomical product
+    # is rejected here, before NumPy sees it; frombuffer itself never allocates.
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise CodecError(
+            f"{label}: {len(data)} bytes for shape {shape} {dtype.name}, expected {expected}"
+        )
+    if dtype.kind == "b" and data and int(np.frombuffer(data, dtype=np.uint8).max()) > 1:
+        # NumPy would accept other byte values as bools, but they compare oddly.
+        raise CodecError(f"{label}: bool data contains bytes other than 0 and 1")
+    try:
+        # Zero-copy view onto the immutable bytes object, hence read-only.
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:
+        # e.g. a zero-size shape whose non-zero dims still overflow NumPy's size.
+        raise CodecError(f"{label}: cannot build array of shape {shape}: {exc}") from exc
+    return name, array
+
+
+def decode(payload: bytes | bytearray | memoryview, expect_kind: str | None = None) -> Envelope:
+    """Decode and strictly validate an envelope; any malformed input raises CodecError."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:
+        # Deliberately broad: msgpack signals truncation, extra data, bad UTF-8,
+        # nesting depth and buffer problems with assorted exception types, and
+        # every one of them means the same thing to the caller.
+        raise CodecError(f"payload is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+
+    if not isinstance(obj, dict):
+        raise CodecError(f"envelope is not a map (got {_describe(obj)})")
+    if "v" not in obj:
+        raise CodecError("envelope has no version field 'v'")
+    version = obj["v"]
+    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
+        raise CodecError(
+            f"unsupported envelope version {_describe(version)}; this fedq reads {VERSION}"
+        )
+    for field in ("kind", "meta", "tensors"):
+        if field not in obj:
+            raise CodecError(f"envelope is missing field {field!r}")
+    extra = set(obj) - _ENVELOPE_FIELDS
+    if extra:
+        raise CodecError(f"envelope has unknown field(s) {_describe_keys(extra)}")
+
+    kind = obj["kind"]
+    if not isinstance(kind, str):
+        raise CodecError(f"envelope kind is not a str (got {_describe(kind)})")
+    if expect_kind is not None and kind != expect_kind:
+        raise CodecError(f"envelope kind {kind!r} does not match expected {expect_kind!r}")
+
+    meta = obj["meta"]
+    if not isinstance(meta, dict):
+        raise CodecError(f"envelope meta is not a map (got {_describe(meta)})")
+    _check_plain(meta, "meta")
+
+    entries = obj["tensors"]
+    if not isinstance(entries, list):
+        raise CodecError(f"envelope tensors is not a list (got {_describe(entries)})")
+    names: list[str] = []
+    arrays: list[np.ndarray] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        name, array = _decode_tensor(index, entry)
+        if name in seen:
+            raise CodecError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        names.append(name)
+        arrays.append(array)
+    return Envelope(kind=kind, meta=meta, names=names, tensors=arrays)
+
+
+def digest(payload: bytes) -> str:
+    """Hex SHA-256 of the payload bytes, used to identify an update."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+    return hashlib.sha256(payload).hexdigest()
+
+
+def pack_obj(obj: Any) -> bytes:
+    """Pack a small plain object (e.g. a metadata dict) as msgpack."""
+    _check_plain(obj, "object")
+    try:
+        return msgpack.packb(obj, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CodecError(f"could not pack object: {exc}") from exc
+
+
+def unpack_obj(raw: bytes) -> Any:
+    """Inverse of pack_obj; any malformed input raises CodecError."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise CodecError(f"payload must be bytes, got {type(raw).__name__}")
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:
+        # Broad for the same reason as in decode.
+        raise CodecError(f"payload is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    _check_plain(obj, "object")
+    return obj

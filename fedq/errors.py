@@ -1,0 +1,40 @@
+"""Exception hierarchy: every error fedq raises on purpose derives from FedqError."""
+
+from __future__ import annotations
+
+
+class FedqError(Exception):
+    """Root of fedq's own errors; the CLI prints these as one line and exits non-zero."""
+
+
+class ConfigError(FedqError):
+    """A setting, flag or run spec is invalid."""
+
+
+class CodecError(FedqError):
+    """A payload could not be encoded or decoded (names what was wrong)."""
+
+
+class DataError(FedqError):
+    """A dataset could not be loaded or partitioned (missing file, unknown column, bad shard)."""
+
+
+class UpdateRejected(FedqError):
+    """A client update failed validation; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class RunNotFound(FedqError):
+    """No run with the given id exists in Redis."""
+
+
+class RunFailed(FedqError):
+    """A run ended in the failed state."""
+
+
+class RedisUnavailable(FedqError):
+    """Redis could not be reached at the configured URL."""

@@ -1,0 +1,135 @@
+"""Messages of the round protocol: building and validating payloads (pure; no Redis, no Keras)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fedq import codec
+from fedq.errors import CodecError, UpdateRejected
+
+KIND_GLOBAL = "global"
+KIND_UPDATE = "update"
+KIND_SCALER = "scaler"
+MAX_METRICS = 64
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape that every update's tensor must have."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def template_of(names: Sequence[str], tensors: Sequence[np.ndarray]) -> list[TensorSpec]:
+    """The TensorSpecs of a model's weights (from the global model)."""
+    return [TensorSpec(n, np.dtype(t.dtype).newbyteorder("<").str, tuple(t.shape))
+            for n, t in zip(names, tensors)]
+
+
+@dataclass(frozen=True)
+class Update:
+    """A validated client update."""
+
+    client_id: str
+    round: int
+    num_examples: int
+    metrics: dict[str, float]
+    tensors: list[np.ndarray]
+    digest: str
+
+
+def encode_global(run_id: str, round_no: int, names: Sequence[str],
+                  tensors: Sequence[np.ndarray]) -> bytes:
+    """Envelope of the global model after ``round_no`` committed rounds (0 = initial)."""
+    return codec.encode(KIND_GLOBAL, tensors, meta={"run": run_id, "round": int(round_no)}, names=names)
+
+
+def encode_update(run_id: str, round_no: int, client_id: str, num_examples: int,
+                  metrics: Mapping[str, float], names: Sequence[str],
+                  tensors: Sequence[np.ndarray]) -> bytes:
+    """Envelope of one client's update for ``round_no``."""
+    meta = {"run": run_id, "round": int(round_no), "client": client_id,
+            "num_examples": int(num_examples),
+            "metrics": {k: float(v) for k, v in metrics.items()}}
+    return codec.encode(KIND_UPDATE, tensors, meta=meta, names=names)
+
+
+def decode_global(payload: bytes, run_id: str) -> tuple[int, list[str], list[np.ndarray]]:
+    """(round, names, tensors) of a global-model envelope; CodecError if it is not one of this run."""
+    env = codec.decode(payload, expect_kind=KIND_GLOBAL)
+    if env.meta.get("run") != run_id:
+        raise CodecError(f"global model belongs to run {env.meta.get('run')!r}, not {run_id!r}")
+    round_no = env.meta.get("round")
+    if not isinstance(round_no, int) or round_no < 0:
+        raise CodecError(f"global model has an invalid round {round_no!r}")
+    return round_no, list(env.names), list(env.tensors)
+
+
+def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: str,
+                    template: Sequence[TensorSpec]) -> Update:
+    """Decode and check one update; raise UpdateRejected(reason, detail) on anything wrong."""
+    try:
+        env = codec.decode(payload, expect_kind=KIND_UPDATE)
+    except CodecError as exc:
+        raise UpdateRejected("undecodable", str(exc)) from None
+    meta = env.meta
+    if meta.get("run") != run_id:
+        raise UpdateRejected("wrong_run", f"update is for run {meta.get('run')!r}, this is {run_id!r}")
+    if meta.get("round") != round_no:
+        raise UpdateRejected("wrong_round", f"update is for round {meta.get('round')!r}, open round is {round_no}")
+    if meta.get("client") != client_id:
+        raise UpdateRejected("wrong_client",
+                             f"update names client {meta.get('client')!r} but is stored under {client_id!r}")
+    n = meta.get("num_examples")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise UpdateRejected("bad_num_examples", f"sample count must be a positive integer, got {n!r}")
+    metrics = _check_metrics(meta.get("metrics", {}))
+    _check_tensors(env.names, env.tensors, template)
+    return Update(client_id, round_no, n, metrics, list(env.tensors), codec.digest(bytes(payload)))
+
+
+def _check_metrics(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, dict) or len(raw) > MAX_METRICS:
+        raise UpdateRejected("bad_metrics", f"metrics must be a map of at most {MAX_METRICS} numbers")
+    out: dict[str, float] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UpdateRejected("bad_metrics", f"metric {k!r} is not a number: {v!r}")
+        if not math.isfinite(v):
+            raise UpdateRejected("bad_metrics", f"metric {k!r} is not finite: {v!r}")
+        out[k] = float(v)
+    return out
+
+
+def _check_tensors(names: Sequence[str], tensors: Sequence[np.ndarray],
+                   template: Sequence[TensorSpec]) -> None:
+    if len(tensors) != len(template):
+        raise UpdateRejected("wrong_shape", f"update has {len(tensors)} tensors, the model has {len(template)}")
+    for name, t, spec in zip(names, tensors, template):
+        if name != spec.name:
+            raise UpdateRejected("wrong_shape", f"tensor {name!r} where the model has {spec.name!r}")
+        if t.dtype.str != spec.dtype:
+            raise UpdateRejected("wrong_dtype", f"tensor {name!r} is {t.dtype.name}, expected {np.dtype(spec.dtype).name}")
+        if tuple(t.shape) != spec.shape:
+            raise UpdateRejected("wrong_shape", f"tensor {name!r} has shape {list(t.shape)}, expected {list(spec.shape)}")
+        if t.dtype.kind == "f" and not np.isfinite(t).all():
+            raise UpdateRejected("non_finite", f"tensor {name!r} contains NaN or infinity")
+
+
+def encode_scaler(mean: np.ndarray, std: np.ndarray, meta: Mapping[str, Any]) -> bytes:
+    """Envelope of the combined standardisation statistics and the model's input facts."""
+    return codec.encode(KIND_SCALER, [mean, std], meta=dict(meta), names=["mean", "std"])
+
+
+def decode_scaler(payload: bytes) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(mean, std, meta) of a scaler envelope."""
+    env = codec.decode(payload, expect_kind=KIND_SCALER)
+    if len(env.tensors) != 2:
+        raise CodecError("scaler envelope must hold exactly mean and std")
+    return env.tensors[0], env.tensors[1], dict(env.meta)

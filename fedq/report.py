@@ -1,0 +1,78 @@
+"""A run's report: report.json, the final model as model.keras, and its input scaler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedq import protocol
+from fedq.errors import FedqError
+from fedq.store import FINISHED, RunStore
+
+ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_accuracy",
+                "test_loss", "test_accuracy", "seconds", "overhead_seconds")
+
+
+def build_report(store: RunStore) -> dict[str, Any]:
+    """Everything a user needs to judge a run, as plain JSON-able data."""
+    spec = store.spec()
+    state = store.state()
+    rounds = [{k: m.get(k) for k in ROUND_FIELDS} | {"clients": sorted(m.get("clients", {}))}
+              for m in store.metrics()]
+    final = json.loads(state["final"]) if state.get("final") else {}
+    return {
+        "run_id": store.run_id,
+        "status": state.get("status"),
+        "reason": state.get("reason"),
+        "clients": spec.clients,
+        "spec": spec.to_dict(),
+        "rounds": rounds,
+        "final": {"test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss")},
+        "refused": store.refused(),
+        "created_at": _f(state.get("created_at")),
+        "started_at": _f(state.get("started_at")),
+        "finished_at": _f(state.get("finished_at")),
+    }
+
+
+def _f(v: str | None) -> float | None:
+    return None if v is None else float(v)
+
+
+def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
+    """Write the run's current global model to out/model.keras and its scaler to out/scaler.json."""
+    from fedq.models import build_model, compile_model
+
+    spec = store.spec()
+    payload, scaler = store.global_payload(), store.scaler_payload()
+    if payload is None or scaler is None:
+        raise FedqError(f"run {store.run_id} has no global model yet")
+    _, _, tensors = protocol.decode_global(payload, store.run_id)
+    mean, std, meta = protocol.decode_scaler(scaler)
+    model = build_model(spec.model, int(meta["num_features"]), int(meta["num_classes"]), spec.seed)
+    compile_model(model, spec.optimizer, spec.learning_rate)
+    model.set_weights([np.array(t) for t in tensors])
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / "model.keras"
+    model.save(model_path)
+    # The model expects standardised inputs: ship the statistics it was trained with.
+    scaler_path = out / "scaler.json"
+    scaler_path.write_text(json.dumps({
+        "mean": mean.tolist(), "std": std.tolist(), "feature_names": meta.get("feature_names"),
+        "class_names": meta.get("class_names"),
+        "note": "standardise inputs as (x - mean) / std, with missing values set to 0, "
+                "and reshape to (n, features, 1)"}, indent=2))
+    return model_path, scaler_path
+
+
+def write_report(store: RunStore, out: Path, with_model: bool = True) -> dict[str, Any]:
+    """Write report.json (and model.keras when the run finished) into out; returns the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_report(store)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if with_model and report["status"] == FINISHED:
+        save_model(store, out)
+    return report

@@ -1,0 +1,124 @@
+"""``fedq run``: a whole federation on one machine, with the processes users start by hand."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from fedq.data import load_dataset, shard_indices, split_indices
+from fedq.errors import DataError, FedqError
+from fedq.jobs import submit_run
+from fedq.localredis import LocalRedis, die_with_parent
+from fedq.report import write_report
+from fedq.settings import Settings
+from fedq.spec import RunSpec
+from fedq.store import ENDED, RunStore, connect
+
+log = logging.getLogger("fedq.run")
+
+
+def check_data(spec: RunSpec) -> None:
+    """Fail fast, in this process, on data that the clients could not load or shard."""
+    ds = load_dataset(spec.data)
+    train, _ = split_indices(ds.y, spec.data.test_fraction, spec.data.seed)
+    shard_indices(train, spec.clients, spec.clients - 1, spec.data.seed)
+    if ds.num_features < 5 and spec.model == "seed":
+        raise DataError(f"the seed network needs at least 5 features, the data has {ds.num_features}")
+
+
+class Processes:
+    """Child processes of a local run, each logging to its own file, all ended together."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+        self.log_dir = log_dir
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: list[str]) -> None:
+        with open(self.log_dir / f"{name}.log", "wb") as out:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "fedq", *args], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, env=self.env, preexec_fn=die_with_parent)
+
+    def failed(self) -> tuple[str, int] | None:
+        """(name, exit code) of the first child that exited with an error, if any."""
+        for name, p in self.procs.items():
+            if p.poll() not in (None, 0):
+                return name, p.returncode
+        return None
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        self.wait(10)
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+
+
+def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bool,
+              on_round: Callable[[dict[str, Any]], None] = lambda m: None,
+              on_event: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run a federation with an aggregator and spec.clients client processes; returns the report."""
+    spec.validate()
+    check_data(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if not use_env_redis:
+            server = stack.enter_context(LocalRedis())
+            settings = settings.with_(redis_url=server.url)
+            on_event(f"started a private Redis-compatible server ({Path(server.binary).name}) on a unix socket")
+        r = connect(settings)
+        queue = f"fedq-local-{spec.run_id}"  # a private queue: other runs in a shared Redis are not ours
+        submit_run(r, settings, spec, queue=queue)
+        env = dict(os.environ, FEDQ_REDIS_URL=settings.redis_url, PYTHONUNBUFFERED="1",
+                   FEDQ_LOG_LEVEL=settings.log_level)
+        procs = Processes(out / "logs", env)
+        stack.callback(procs.stop)
+        procs.start("aggregator", ["aggregator", "--queue", queue, "--burst"])
+        for k in range(spec.clients):
+            procs.start(f"client-{k}", ["client", "--shard", str(k), "--run", spec.run_id, "--once"])
+        on_event(f"run {spec.run_id}: aggregator and {spec.clients} clients started (logs in {out / 'logs'})")
+        store = RunStore(r, spec.run_id)
+        _follow(store, procs, settings, on_round)
+        procs.wait(30)
+        return write_report(store, out)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _follow(store: RunStore, procs: Processes, settings: Settings,
+            on_round: Callable[[dict[str, Any]], None]) -> None:
+    """Block on the run's event stream, reporting rounds, until it ends or a process dies."""
+    last, shown = "0-0", 0
+    while True:
+        last, _ = store.wait_event(last, settings.block_seconds)
+        for m in store.metrics()[shown:]:
+            on_round(m)
+            shown += 1
+        state = store.state()
+        if state.get("status") in ENDED:
+            return
+        dead = procs.failed()
+        if dead is not None:
+            name, code = dead
+            reason = f"{name} exited with code {code}"
+            store.fail(reason)
+            raise FedqError(f"{reason}; last lines of its log:\n{procs.tail(name)}")

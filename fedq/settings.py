@@ -1,0 +1,72 @@
+"""One frozen settings object, read from ``FEDQ_*`` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+from fedq.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process-wide settings; Kubernetes and compose set them as FEDQ_* env vars."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = "fedq-runs"
+    # Upper bound of any single blocking Redis call, so loops recheck state and signals.
+    block_seconds: float = 1.0
+    socket_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    # How long a client waits for a run to appear / a round to move before giving up.
+    wait_seconds: float = 3600.0
+    # rq job timeout of a run (the whole federation), in seconds.
+    job_timeout: int = 7 * 24 * 3600
+    max_update_bytes: int = 512 * 1024 * 1024
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from FEDQ_<FIELD> variables, then non-None keyword overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"FEDQ_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, raw, type(getattr(cls(), f.name)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown settings: {sorted(unknown)}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_(self, **changes: Any) -> "Settings":
+        """Copy with some fields changed."""
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise ConfigError on values no process could work with."""
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"FEDQ_REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        for name in ("block_seconds", "socket_timeout", "connect_timeout", "wait_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.socket_timeout <= self.block_seconds:
+            # redis-py would time the socket out in the middle of our own blocking calls.
+            raise ConfigError("socket_timeout must exceed block_seconds")
+
+
+def _convert(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"FEDQ_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None

@@ -1,0 +1,75 @@
+"""The run spec: everything that defines one federation, stored in Redis so clients read it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from fedq.data import DataSpec
+from fedq.errors import ConfigError
+from fedq.keys import check_run_id
+
+MAX_CLIENTS = 10_000
+OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random hex."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One federation: its clients, rounds, local training, model, data and seed."""
+
+    clients: int = 2
+    rounds: int = 5
+    local_epochs: int = 5
+    batch_size: int = 32
+    optimizer: str = "adam"
+    learning_rate: float = 0.01
+    model: str = "seed"
+    data: DataSpec = field(default_factory=DataSpec)
+    seed: int = 0
+    # A round that has not received its updates after this many seconds fails the run.
+    round_timeout: float = 3600.0
+    run_id: str = field(default_factory=new_run_id)
+
+    def validate(self) -> "RunSpec":
+        """Raise ConfigError naming the first bad field; return self for chaining."""
+        check_run_id(self.run_id)
+        if not 1 <= self.clients <= MAX_CLIENTS:
+            raise ConfigError(f"clients must be between 1 and {MAX_CLIENTS}, got {self.clients}")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be at least 1, got {self.rounds}")
+        if self.local_epochs < 1:
+            raise ConfigError(f"local epochs must be at least 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"round timeout must be positive, got {self.round_timeout}")
+        self.data.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for msgpack/JSON."""
+        out = asdict(self)
+        out["data"] = self.data.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "RunSpec":
+        """Inverse of to_dict; unknown fields are an error (a newer writer, or a typo)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"run spec has unknown fields: {sorted(unknown)}")
+        values = dict(raw)
+        values["data"] = DataSpec.from_dict(values.get("data") or {})
+        return cls(**values)

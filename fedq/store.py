@@ -1,0 +1,311 @@
+"""Redis operations of the round protocol: one class per run, atomic steps as Lua scripts.
+
+Tensors travel as codec envelopes; small records (spec, state, metrics, refusals,
+client records) are JSON so that ``redis-cli`` and the dashboard can read them.
+Every blocking call here takes an explicit timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from fedq import keys
+from fedq.errors import ConfigError, RedisUnavailable, RunNotFound
+from fedq.settings import Settings
+from fedq.spec import RunSpec
+
+MAX_REFUSED = 10_000  # refusal log is capped so a flood of bad pushes cannot fill Redis
+MAX_EVENTS = 10_000
+
+OPEN, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
+ENDED = (FINISHED, FAILED)
+
+_JOIN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'no_such_run' end
+if status == 'finished' or status == 'failed' then return 'run_' .. status end
+local phase = redis.call('HGET', KEYS[1], 'phase')
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  if phase == 'join' then
+    redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+    redis.call('RPUSH', KEYS[4], ARGV[1])
+  end
+  return 'rejoined'
+end
+if phase ~= 'join' then return 'run_started' end
+if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'run_full' end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('RPUSH', KEYS[4], ARGV[1])
+return 'joined'
+"""
+
+# Stores an update under its client id (a re-push replaces it) and wakes the aggregator;
+# refuses, and records why, when the round is not the open one.
+_PUSH = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
+if not st[1] then return 'no_such_run' end
+local want = tonumber(ARGV[2])
+local reason, detail
+if st[1] ~= 'running' or st[2] ~= 'train' then
+  reason = 'run_not_training'; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
+elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  reason = 'unknown_client'; detail = 'client has not joined this run'
+elseif want <= tonumber(st[3]) then
+  reason = 'round_closed'; detail = 'round ' .. ARGV[2] .. ' has already been committed'
+elseif want > tonumber(st[3]) + 1 then
+  reason = 'round_not_open'; detail = 'open round is ' .. (tonumber(st[3]) + 1)
+elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
+  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5]
+end
+if reason then
+  redis.call('RPUSH', KEYS[5], cjson.encode({client=ARGV[1], round=want, reason=reason,
+                                             detail=detail, time=tonumber(ARGV[4]), stage='push'}))
+  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[6]), -1)
+  return reason
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('RPUSH', KEYS[4], ARGV[1])
+return 'ok'
+"""
+
+_OPEN_TRAINING = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase')
+if (st[1] ~= 'queued' and st[1] ~= 'running') or st[2] ~= 'join' then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'running', 'phase', 'train', 'round', 0, 'updated_at', ARGV[3])
+redis.call('DEL', KEYS[4])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'event', 'training', 'round', 0)
+return 1
+"""
+
+# The round commit: global model, round counter and metrics in one atomic step. It only
+# applies on top of the previous round, so a replayed or duplicated commit is a no-op.
+_COMMIT = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
+if st[1] ~= 'running' or st[2] ~= 'train' then return 0 end
+if tonumber(st[3]) + 1 ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'round', ARGV[1], 'updated_at', ARGV[5])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[4], KEYS[5])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'event', 'round', 'round', ARGV[1])
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[5], 'final', ARGV[6])
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'event', 'finished', 'round', ARGV[1])
+end
+return 1
+"""
+
+
+def connect(settings: Settings, check: bool = True) -> redis.Redis:
+    """A Redis client for settings.redis_url with timeouts and reconnect backoff."""
+    try:
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.socket_timeout,
+            socket_connect_timeout=settings.connect_timeout,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=5),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bad Redis URL {settings.redis_url!r}: {exc}") from None
+    if check:
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"cannot reach Redis at {redact(settings.redis_url)}: {exc}") from None
+    return client
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _s(raw: bytes | str | None) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class RunStore:
+    """Reads and writes one run's keys."""
+
+    def __init__(self, r: redis.Redis, run_id: str) -> None:
+        self.r = r
+        self.run_id = run_id
+        self.k = keys.RunKeys(run_id)
+        self._join = r.register_script(_JOIN)
+        self._push = r.register_script(_PUSH)
+        self._open = r.register_script(_OPEN_TRAINING)
+        self._commit = r.register_script(_COMMIT)
+
+    # --- creation and reading -------------------------------------------------------
+    def create(self, spec: RunSpec) -> None:
+        """Store a new run's spec and queued state; ConfigError if the id is taken."""
+        now = time.time()
+        if not self.r.set(self.k.spec, json.dumps(spec.to_dict()), nx=True):
+            raise ConfigError(f"run {self.run_id} already exists")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k.state, mapping={"status": OPEN, "phase": "join", "round": 0,
+                                         "rounds": spec.rounds, "clients": spec.clients,
+                                         "created_at": now, "updated_at": now})
+        pipe.zadd(keys.RUNS, {self.run_id: now})
+        pipe.xadd(self.k.events, {"event": "created"}, maxlen=MAX_EVENTS, approximate=True)
+        pipe.execute()
+        self.r.xadd(keys.EVENTS, {"event": "created", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+
+    def exists(self) -> bool:
+        return bool(self.r.exists(self.k.spec))
+
+    def spec(self) -> RunSpec:
+        """The run's spec; RunNotFound when there is no such run."""
+        raw = self.r.get(self.k.spec)
+        if raw is None:
+            raise RunNotFound(f"no run {self.run_id!r} in Redis")
+        return RunSpec.from_dict(json.loads(raw))
+
+    def state(self) -> dict[str, str]:
+        """The state hash as str -> str (empty when the run does not exist)."""
+        return {_s(k): _s(v) for k, v in self.r.hgetall(self.k.state).items()}
+
+    def committed_round(self) -> int:
+        return int(_s(self.r.hget(self.k.state, "round")) or 0)
+
+    def clients(self) -> dict[str, dict[str, Any]]:
+        return {_s(k): json.loads(v) for k, v in self.r.hgetall(self.k.clients).items()}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.r.lrange(self.k.metrics, 0, -1)]
+
+    def refused(self) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.r.lrange(self.k.refused, 0, -1)]
+
+    def global_payload(self) -> bytes | None:
+        return self.r.get(self.k.global_model)
+
+    def scaler_payload(self) -> bytes | None:
+        return self.r.get(self.k.scaler)
+
+    # --- client side ------------------------------------------------------------------
+    def join(self, client_id: str, record: dict[str, Any], stats: dict[str, Any], max_clients: int) -> str:
+        """Register a client with its feature statistics; returns joined/rejoined or a refusal code."""
+        return _s(self._join(keys=[self.k.state, self.k.clients, self.k.stats, self.k.inbox],
+                             args=[client_id, json.dumps(record), json.dumps(stats), max_clients]))
+
+    def push_update(self, client_id: str, round_no: int, payload: bytes, max_bytes: int) -> str:
+        """Store an update for the open round; 'ok' or the refusal code (also recorded)."""
+        return _s(self._push(
+            keys=[self.k.state, self.k.clients, self.k.updates(round_no), self.k.inbox, self.k.refused],
+            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED]))
+
+    def wait_event(self, last_id: str, block_seconds: float) -> tuple[str, list[dict[str, str]]]:
+        """Block up to block_seconds for run events after last_id; returns (new last id, events)."""
+        reply = self.r.xread({self.k.events: last_id}, block=max(1, int(block_seconds * 1000)), count=100)
+        events: list[dict[str, str]] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                last_id = _s(entry_id)
+                events.append({_s(k): _s(v) for k, v in fields.items()})
+        return last_id, events
+
+    # --- aggregator side ----------------------------------------------------------------
+    def mark_started(self, driver: str) -> None:
+        self.r.hset(self.k.state, mapping={"status": RUNNING, "driver": driver,
+                                           "started_at": time.time(), "updated_at": time.time()})
+        self.r.xadd(self.k.events, {"event": "started"}, maxlen=MAX_EVENTS, approximate=True)
+
+    def pop_inbox(self, block_seconds: float) -> str | None:
+        """Next client id that stored something, or None after block_seconds."""
+        item = self.r.blpop([self.k.inbox], timeout=block_seconds)
+        return None if item is None else _s(item[1])
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {_s(k): json.loads(v) for k, v in self.r.hgetall(self.k.stats).items()}
+
+    def update_ids(self, round_no: int) -> list[str]:
+        return [_s(k) for k in self.r.hkeys(self.k.updates(round_no))]
+
+    def get_update(self, round_no: int, client_id: str) -> bytes | None:
+        return self.r.hget(self.k.updates(round_no), client_id)
+
+    def record_refused(self, client_id: str, round_no: int, reason: str, detail: str) -> None:
+        rec = {"client": client_id, "round": round_no, "reason": reason, "detail": detail,
+               "time": time.time(), "stage": "aggregate"}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(self.k.refused, json.dumps(rec))
+        pipe.ltrim(self.k.refused, -MAX_REFUSED, -1)
+        pipe.execute()
+
+    def open_training(self, scaler: bytes, initial_global: bytes) -> bool:
+        """Write the scaler and the initial global model and open round 1, atomically."""
+        return bool(self._open(keys=[self.k.state, self.k.scaler, self.k.global_model, self.k.inbox,
+                                     self.k.events],
+                               args=[scaler, initial_global, time.time(), MAX_EVENTS]))
+
+    def commit_round(self, round_no: int, global_payload: bytes, metrics: dict[str, Any],
+                     final: dict[str, Any] | None = None) -> bool:
+        """Commit a round (and finish the run when final is given); False if already committed."""
+        ok = bool(self._commit(
+            keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.updates(round_no),
+                  self.k.inbox, self.k.events],
+            args=[round_no, global_payload, json.dumps(metrics), "1" if final is not None else "0",
+                  time.time(), json.dumps(final or {}), MAX_EVENTS]))
+        if ok and final is not None:
+            self.r.xadd(keys.EVENTS, {"event": "finished", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+        return ok
+
+    def fail(self, reason: str) -> None:
+        """Mark the run failed with a reason that clients, CLI and dashboard show."""
+        now = time.time()
+        self.r.hset(self.k.state, mapping={"status": FAILED, "phase": "done", "reason": reason,
+                                           "finished_at": now, "updated_at": now})
+        self.r.xadd(self.k.events, {"event": "failed", "reason": reason}, maxlen=MAX_EVENTS, approximate=True)
+        self.r.xadd(keys.EVENTS, {"event": "failed", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+
+
+def list_runs(r: redis.Redis, newest_first: bool = True, limit: int = 100) -> list[str]:
+    """Run ids by creation time."""
+    ids = r.zrevrange(keys.RUNS, 0, limit - 1) if newest_first else r.zrange(keys.RUNS, 0, limit - 1)
+    return [_s(i) for i in ids]
+
+
+def newest_open_run(r: redis.Redis, client_id: str, skip: set[str] = frozenset()) -> str | None:
+    """The newest run a client may join: not ended, and still joining (or already joined by it)."""
+    for run_id in list_runs(r, limit=50):
+        if run_id in skip:
+            continue
+        store = RunStore(r, run_id)
+        st = store.state()
+        if not st or st.get("status") in ENDED:
+            continue
+        joined = r.hexists(store.k.clients, client_id)
+        if joined or (st.get("phase") == "join" and r.hlen(store.k.clients) < int(st.get("clients", 0))):
+            return run_id
+    return None
+
+
+def last_global_event_id(r: redis.Redis) -> str:
+    """Id of the newest entry in the global event stream ('0-0' when empty)."""
+    entries = r.xrevrange(keys.EVENTS, count=1)
+    return _s(entries[0][0]) if entries else "0-0"
+
+
+def wait_global_event(r: redis.Redis, last_id: str, block_seconds: float) -> str:
+    """Block up to block_seconds for any global event after last_id; returns the new last id."""
+    reply = r.xread({keys.EVENTS: last_id}, block=max(1, int(block_seconds * 1000)), count=100)
+    for _stream, entries in reply or []:
+        for entry_id, _fields in entries:
+            last_id = _s(entry_id)
+    return last_id
