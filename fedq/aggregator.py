@@ -29,6 +29,10 @@ class RoundTimeout(FedqError):
     """Not all expected messages arrived before the round deadline."""
 
 
+class AggregatorStopped(FedqError):
+    """The aggregator was asked to stop; the run stays as it is for another driver to resume."""
+
+
 @dataclass
 class _Round:
     """What one round has folded and refused so far (small: digests and counts, not models)."""
@@ -118,11 +122,11 @@ class Aggregator:
             g_tensors = weights
         return self.store.state()
 
-    def _deadline_check(self, deadline: float, what: str) -> None:
+    def _deadline_check(self, deadline: float, timeout_message: str) -> None:
         if self.stop.is_set():
-            raise RoundTimeout(f"aggregator stopped while waiting for {what}")
+            raise AggregatorStopped(f"aggregator stopped; run {self.run_id} left for another driver")
         if time.monotonic() > deadline:
-            raise RoundTimeout(what)
+            raise RoundTimeout(timeout_message)
 
     def _collect_joins(self, spec: RunSpec, num_features: int) -> tuple[np.ndarray, np.ndarray]:
         """Block until every client has joined with valid statistics; combine them."""

@@ -50,7 +50,8 @@ def job_status(r: redis.Redis, run_id: str) -> str | None:
     from rq.job import Job
 
     try:
-        return str(Job.fetch(run_id, connection=r).get_status())
+        status = Job.fetch(run_id, connection=r).get_status()
+        return getattr(status, "value", status)
     except NoSuchJobError:
         return None
 

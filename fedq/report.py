@@ -55,6 +55,7 @@ def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
     model = build_model(spec.model, int(meta["num_features"]), int(meta["num_classes"]), spec.seed)
     compile_model(model, spec.optimizer, spec.learning_rate)
     model.set_weights([np.array(t) for t in tensors])
+    model.optimizer.build(model.trainable_variables)  # so the file loads without optimizer warnings
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.keras"
     model.save(model_path)

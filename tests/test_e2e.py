@@ -1,0 +1,154 @@
+"""End to end: real processes started the way users start them, real Redis, real training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from conftest import cli_env, fedq_cmd, seed_data_dir
+from fedq import protocol
+from fedq.data import load_dataset, split_indices
+from fedq.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(fedq_cmd(*args), env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def _finish(procs: dict[str, subprocess.Popen], logs: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    for name, p in procs.items():
+        try:
+            code = p.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            raise AssertionError(f"{name} did not finish; log:\n{(logs / f'{name}.log').read_text()}")
+        assert code == 0, f"{name} exited {code}; log:\n{(logs / f'{name}.log').read_text()}"
+
+
+def test_aggregator_and_two_clients_through_the_cli(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    env = cli_env(redis_url)
+    procs = {}
+    # Clients first: they wait for an open run, as pods started before the aggregator would.
+    for k in range(2):
+        procs[f"client-{k}"] = _start(["client", "--shard", str(k), "--once"], env, tmp_path / f"client-{k}.log")
+    time.sleep(1)
+    procs["aggregator"] = _start(["aggregator", "--clients", "2", "--rounds", "2", "--run-id", "cli-run"],
+                                 env, tmp_path / "aggregator.log")
+    _finish(procs, tmp_path)
+
+    store = RunStore(r, "cli-run")
+    state = store.state()
+    assert state["status"] == "finished" and state["round"] == "2"
+    rounds = store.metrics()
+    assert [m["round"] for m in rounds] == [1, 2]
+    assert all(m["num_updates"] == 2 and sorted(m["clients"]) == ["client-0", "client-1"] for m in rounds)
+    # The shards together are exactly the training split: true sample counts, nothing counted twice.
+    spec = store.spec()
+    train, _ = split_indices(load_dataset(spec.data).y, spec.data.test_fraction, spec.data.seed)
+    assert rounds[0]["num_examples"] == sum(c["rows"] for c in store.clients().values()) == len(train)
+    g_round, _, tensors = protocol.decode_global(store.global_payload(), "cli-run")
+    assert g_round == 2 and all(np.isfinite(t).all() for t in tensors)
+    final = json.loads(state["final"])
+    assert final["test_accuracy"] > 0.85
+
+    out = tmp_path / "report"
+    done = subprocess.run(fedq_cmd("report", "--run", "cli-run", "--out", str(out)), env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["final"]["test_accuracy"] == pytest.approx(final["test_accuracy"])
+    assert (out / "model.keras").stat().st_size > 0
+
+
+def test_submit_then_worker_burst(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    env = cli_env(redis_url)
+    sub = subprocess.run(fedq_cmd("submit", "--clients", "2", "--rounds", "1", "--local-epochs", "1"),
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    run_id = sub.stdout.strip()
+    assert RunStore(r, run_id).state()["status"] == "queued"
+    procs = {f"client-{k}": _start(["client", "--shard", str(k), "--run", run_id, "--once"], env,
+                                   tmp_path / f"client-{k}.log") for k in range(2)}
+    procs["aggregator"] = _start(["aggregator", "--burst"], env, tmp_path / "aggregator.log")
+    _finish(procs, tmp_path)
+    assert RunStore(r, run_id).state()["status"] == "finished"
+    from fedq.jobs import job_status
+
+    assert job_status(r, run_id) == "finished"
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_fedq_run_with_its_own_redis(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(fedq_cmd("run", "--clients", "2", "--rounds", "2", "--out", str(out)),
+                          env=cli_env(None), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "final test accuracy" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "finished" and report["clients"] == 2
+    assert [x["round"] for x in report["rounds"]] == [1, 2]
+    for row in report["rounds"]:
+        for key in ("num_updates", "num_examples", "train_loss", "train_accuracy", "test_loss",
+                    "test_accuracy", "seconds"):
+            assert row[key] is not None, key
+    assert report["final"]["test_accuracy"] == report["rounds"][-1]["test_accuracy"]
+    import keras
+
+    model = keras.models.load_model(out / "model.keras")
+    scaler = json.loads((out / "scaler.json").read_text())
+    assert model.input_shape == (None, len(scaler["mean"]), 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_killed_fedq_run_leaves_no_processes(tmp_path: Path) -> None:
+    proc = subprocess.Popen(fedq_cmd("run", "--clients", "2", "--rounds", "50", "--out", str(tmp_path)),
+                            env=cli_env(None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    kids: list[int] = []
+    while len(kids) < 4 and time.monotonic() < deadline:  # redis-server, aggregator, 2 clients
+        time.sleep(0.2)
+        kids = _children(proc.pid)
+    assert len(kids) >= 4, kids
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [k for k in kids if _alive(k)], "children outlived a SIGKILLed fedq run"
+
+
+@pytest.mark.skipif(seed_data_dir() is None, reason="the seed's hemodialysis CSVs are not available")
+@pytest.mark.parametrize("clients", [2, 3])
+def test_acceptance_hemodialysis(clients: int, tmp_path: Path) -> None:
+    data = seed_data_dir()
+    done = subprocess.run(
+        fedq_cmd("run", "--clients", str(clients), "--rounds", "5", "--normal-csv", str(data / "normal.csv"),
+                 "--abnormal-csv", str(data / "abnormal.csv"), "--out", str(tmp_path)),
+        env=cli_env(None), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["final"]["test_accuracy"] >= 0.95, report["rounds"]
