@@ -29,6 +29,9 @@ class FedAvg:
             raise ValueError(f"expected {len(self._sum)} tensors, got {len(tensors)}")
         if num_examples <= 0:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
+        for acc, t in zip(self._sum, tensors):
+            if np.shape(t) != acc.shape:  # numpy would broadcast a smaller tensor silently
+                raise ValueError(f"tensor of shape {np.shape(t)} where the model has {acc.shape}")
         weight = np.float64(num_examples)  # a float64 scalar makes the multiply loop float64
         for acc, buf, t in zip(self._sum, self._scratch, tensors):
             np.multiply(t, weight, out=buf)
@@ -48,7 +51,8 @@ class FedAvg:
         if self.total_examples == 0:
             raise ValueError("no updates were aggregated")
         scale = 1.0 / self.total_examples
-        return [(acc * scale).astype(dt, copy=False) for acc, dt in zip(self._sum, self._dtypes)]
+        # asarray: arithmetic on a 0-d array yields a numpy scalar, and callers expect arrays.
+        return [np.asarray(acc * scale).astype(dt, copy=False) for acc, dt in zip(self._sum, self._dtypes)]
 
 
 def fedavg(models: Iterable[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:

@@ -38,6 +38,9 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except redis.RedisError as exc:
             click.echo(f"error: Redis: {exc}", err=True)
             sys.exit(EXIT_ERROR)
+        except OSError as exc:  # e.g. an --out directory that cannot be created
+            click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+            sys.exit(EXIT_ERROR)
     return wrapper
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import redis
@@ -15,10 +16,10 @@ import redis
 from fedq import protocol, store as store_mod
 from fedq.data import DataSpec, feature_stats, load_shard, standardize
 from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
-from fedq.models import build_model, compile_model, to_model_input, weight_names
 from fedq.settings import Settings
 from fedq.spec import RunSpec
 from fedq.store import FAILED, FINISHED, RunStore
+from fedq.trainer import KerasTrainer, Trainer
 
 log = logging.getLogger("fedq.client")
 
@@ -32,7 +33,8 @@ class Client:
 
     def __init__(self, r: redis.Redis, settings: Settings, shard: int, *, num_shards: int | None = None,
                  run_id: str | None = None, client_id: str | None = None, data: DataSpec | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None,
+                 trainer_factory: Callable[..., Trainer] | None = None) -> None:
         if shard < 0:
             raise ConfigError(f"--shard must be 0 or more, got {shard}")
         if num_shards is not None and not 0 <= shard < num_shards:
@@ -46,6 +48,7 @@ class Client:
         self.data = data
         self.stop = stop or threading.Event()
         self.done: set[str] = set()
+        self.trainer_factory = trainer_factory or functools.partial(KerasTrainer, threads=settings.tf_threads)
 
     # --- finding a run ------------------------------------------------------------------
     def serve(self, once: bool = False) -> list[dict[str, Any]]:
@@ -107,8 +110,7 @@ class Client:
 
     def _train_rounds(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         last_event = "0-0"
-        model = None
-        x: np.ndarray | None = None
+        trainer: Trainer | None = None
         pushed = 0
         progress_deadline = time.monotonic() + self.settings.wait_seconds
         while True:
@@ -123,11 +125,11 @@ class Client:
             committed = int(state.get("round", 0))
             if state.get("phase") == "train" and committed + 1 > pushed:
                 setup = 0.0
-                if model is None:
+                if trainer is None:
                     t0 = time.perf_counter()
-                    model, x = self._prepare(st, spec, x_raw)
+                    trainer = self._prepare(st, spec, x_raw, y)
                     setup = time.perf_counter() - t0
-                result = self._do_round(st, spec, model, x, y, committed + 1, setup)
+                result = self._do_round(st, trainer, committed + 1, setup)
                 if result == "ok":
                     pushed = committed + 1
                 elif result not in ("round_closed", "round_not_open", "stale_global"):
@@ -140,73 +142,40 @@ class Client:
             if events:
                 progress_deadline = time.monotonic() + self.settings.wait_seconds
 
-    def _prepare(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray) -> tuple[Any, np.ndarray]:
-        """Standardise the shard with the run's scaler and build the run's model."""
+    def _prepare(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> Trainer:
+        """Standardise the shard with the run's combined statistics and build the trainer."""
         mean, std, meta = protocol.decode_scaler(st.scaler_payload())
         if x_raw.shape[1] != meta["num_features"]:
             raise DataError(f"this client's data has {x_raw.shape[1]} features, "
                             f"the run's has {meta['num_features']}")
-        x = to_model_input(standardize(x_raw, mean, std))
-        model = build_model(spec.model, int(meta["num_features"]), int(meta["num_classes"]), spec.seed)
-        compile_model(model, spec.optimizer, spec.learning_rate)
-        self._fresh_optimizer = _snapshot_optimizer(model)
-        return model, x
+        x = standardize(x_raw, mean, std)
+        return self.trainer_factory(spec, int(meta["num_features"]), int(meta["num_classes"]), x, y,
+                                    self.shard, self.stop)
 
-    def _do_round(self, st: RunStore, spec: RunSpec, model: Any, x: np.ndarray, y: np.ndarray,
-                  round_no: int, setup_seconds: float) -> str:
+    def _do_round(self, st: RunStore, trainer: Trainer, round_no: int, setup_seconds: float) -> str:
         """Fetch the global model, train locally, push the update; returns the push outcome."""
         t0 = time.perf_counter()
         g_round, names, tensors = protocol.decode_global(st.global_payload(), st.run_id)
         if g_round != round_no - 1:
             return "stale_global"  # the commit moved on between our reads; look again
-        if names != weight_names(model):
+        if names != trainer.names:
             raise FedqError(f"{self.client_id}: the global model's layers do not match the local model")
-        model.set_weights(tensors)
-        _reset_optimizer(model, self._fresh_optimizer)  # each round's local training starts afresh
+        trainer.load(tensors)
         fetch_seconds = time.perf_counter() - t0
 
-        import keras  # already loaded by build_model; local import keeps module import light
-
-        keras.utils.set_random_seed(spec.seed * 1_000_003 + self.shard * 1009 + round_no)
         t1 = time.perf_counter()
-        history = model.fit(x, y, epochs=spec.local_epochs, batch_size=spec.batch_size, shuffle=True,
-                            verbose=0, callbacks=[_StopCallback(self.stop)])
+        metrics = trainer.train(round_no)
         train_seconds = time.perf_counter() - t1
         self._check_stop()
 
         t2 = time.perf_counter()
-        metrics = {"loss": history.history["loss"][-1], "accuracy": history.history["accuracy"][-1],
-                   "train_seconds": train_seconds, "fetch_seconds": fetch_seconds,
-                   "setup_seconds": setup_seconds}
-        weights = model.get_weights()
-        metrics["push_time"] = time.time()
-        payload = protocol.encode_update(st.run_id, round_no, self.client_id, len(y), metrics, names, weights)
+        weights = trainer.weights()
+        metrics.update(train_seconds=train_seconds, fetch_seconds=fetch_seconds, setup_seconds=setup_seconds,
+                       push_time=time.time())
+        payload = protocol.encode_update(st.run_id, round_no, self.client_id, trainer.num_examples, metrics,
+                                         names, weights)
         result = st.push_update(self.client_id, round_no, payload, self.settings.max_update_bytes)
         log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes in %.1f ms (%s)",
                  self.client_id, round_no, metrics["loss"], metrics["accuracy"], train_seconds, len(payload),
                  (time.perf_counter() - t2) * 1000, result)
         return result
-
-
-def _snapshot_optimizer(model: Any) -> list[np.ndarray]:
-    """Build the optimizer's variables now and remember their fresh values."""
-    model.optimizer.build(model.trainable_variables)
-    return [np.array(v.numpy()) for v in model.optimizer.variables]
-
-
-def _reset_optimizer(model: Any, fresh: list[np.ndarray]) -> None:
-    """Restore the optimizer's fresh state (moments, step count; the learning rate is kept)."""
-    for var, value in zip(model.optimizer.variables, fresh):
-        var.assign(value)
-
-
-def _StopCallback(stop: threading.Event) -> Any:  # noqa: N802 (factory keeps keras import lazy)
-    """A Keras callback that ends training at the next batch once stop is set."""
-    import keras
-
-    class StopOnSignal(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            if stop.is_set():
-                self.model.stop_training = True
-
-    return StopOnSignal()

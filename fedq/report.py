@@ -71,8 +71,8 @@ def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
 
 def write_report(store: RunStore, out: Path, with_model: bool = True) -> dict[str, Any]:
     """Write report.json (and model.keras when the run finished) into out; returns the report."""
+    report = build_report(store)  # first: an unknown run must not leave an empty directory behind
     out.mkdir(parents=True, exist_ok=True)
-    report = build_report(store)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if with_model and report["status"] == FINISHED:
         save_model(store, out)

@@ -27,6 +27,8 @@ class Settings:
     job_timeout: int = 7 * 24 * 3600
     max_update_bytes: int = 512 * 1024 * 1024
     log_level: str = "INFO"
+    # TensorFlow threads per client process (0 = TensorFlow's default, one pool per core).
+    tf_threads: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -67,7 +67,8 @@ def _when(ts: str | None) -> str:
 
 def print_runs(r: redis.Redis) -> None:
     table = Table(title="runs (newest first)")
-    for col in ("run", "status", "clients", "rounds", "created", "final test acc"):
+    table.add_column("run", no_wrap=True, overflow="ignore")  # ids must stay whole to be copied
+    for col in ("status", "clients", "rounds", "created", "final test acc"):
         table.add_column(col)
     for run_id in list_runs(r, limit=50):
         st = RunStore(r, run_id).state()

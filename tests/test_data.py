@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import seed_data_dir
 
 from fedq.data import (
     DataSpec,
@@ -395,9 +396,9 @@ def test_feature_stats_from_dict_validation(change: dict, needle: str) -> None:
 # ---------------------------------------------------------------- optional real data
 
 
-@pytest.mark.skipif(not os.environ.get("FEDQ_SEED_DATA_DIR"), reason="FEDQ_SEED_DATA_DIR not set")
+@pytest.mark.skipif(seed_data_dir() is None, reason="the seed's hemodialysis CSVs are not available")
 def test_real_seed_data() -> None:
-    root = Path(os.environ["FEDQ_SEED_DATA_DIR"])
+    root = seed_data_dir()
     spec = seed_spec(str(root / "normal.csv"), str(root / "abnormal.csv"))
     ds = load_dataset(spec)
     assert ds.num_features == 17
