@@ -248,4 +248,12 @@ def drive_run(run_id: str) -> dict[str, Any]:
     """rq job: drive one run with settings from the environment (the worker exports them)."""
     settings = Settings.from_env()
     r = connect(settings)
-    return Aggregator(r, settings, run_id).run()
+    try:
+        return Aggregator(r, settings, run_id).run()
+    except AggregatorStopped:
+        raise
+    except Exception as exc:
+        # Whatever broke, the run must not stay "running" with nobody driving it.
+        log.exception("run %s: aggregator crashed", run_id)
+        RunStore(r, run_id).fail(f"aggregator crashed: {type(exc).__name__}: {exc}")
+        raise

@@ -28,6 +28,10 @@ class Stopped(FedqError):
     """The process was asked to stop (SIGTERM / Ctrl-C)."""
 
 
+class JoinRefused(FedqError):
+    """The run would not take this client (full, already training, or ended)."""
+
+
 class Client:
     """One data holder; ``serve`` follows runs until stopped (or one run with once=True)."""
 
@@ -56,7 +60,12 @@ class Client:
         results = []
         while not self.stop.is_set():
             run_id = self._find_run(bounded=once)
-            results.append(self.run_one(run_id))
+            try:
+                results.append(self.run_one(run_id))
+            except JoinRefused as exc:
+                if self.run_id is not None:
+                    raise
+                log.info("%s; looking for another run", exc)  # lost a race for the last place
             self.done.add(run_id)
             if once or self.run_id is not None:
                 break
@@ -103,7 +112,7 @@ class Client:
                   "host": socket.gethostname(), "pid": os.getpid(), "joined_at": time.time()}
         outcome = st.join(self.client_id, record, feature_stats(x).to_dict(), spec.clients)
         if outcome not in ("joined", "rejoined"):
-            raise FedqError(f"{self.client_id} could not join run {run_id}: {outcome.replace('_', ' ')}")
+            raise JoinRefused(f"{self.client_id} could not join run {run_id}: {outcome.replace('_', ' ')}")
         log.info("%s %s run %s with %d rows (shard %d of %d)", self.client_id, outcome, run_id,
                  len(y), self.shard, num_shards)
         return self._train_rounds(st, spec, x, y)
