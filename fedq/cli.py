@@ -102,23 +102,40 @@ def _data_spec(normal_csv: str | None, abnormal_csv: str | None, csv_path: str |
     return spec
 
 
-def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that define a run (stored in Redis as its spec)."""
-    for opt in reversed([
-        click.option("--clients", type=click.IntRange(1), default=2, show_default=True, help="Clients per round (N)."),
-        click.option("--rounds", type=click.IntRange(1), default=5, show_default=True, help="Federated rounds."),
-        click.option("--local-epochs", type=click.IntRange(1), default=5, show_default=True, help="Local epochs per round."),
-        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True),
-        click.option("--learning-rate", type=float, default=0.01, show_default=True),
-        click.option("--model", default="seed", show_default=True, help="Model: 'seed' (the Kubeflow example's CNN)."),
-        click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of split, shards and weights."),
-        click.option("--round-timeout", type=float, default=3600.0, show_default=True,
-                     help="Seconds a round may wait for its updates before the run fails."),
-        click.option("--run-id", help="Id of the new run (default: time + random)."),
-    ]):
-        fn = opt(fn)
-    return data_options(required=True)(fn)
+def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Options that define a run (stored in Redis as its spec).
+
+    With creating=False (the aggregator), --clients and --rounds are optional: given, they
+    create a run; absent, the command serves the queue."""
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sized = {"show_default": True} if creating else {}
+        for opt in reversed([
+            click.option("--clients", type=click.IntRange(1), default=2 if creating else None,
+                         help="Clients per round (N)." if creating else "Create a run with N clients and drive it now.",
+                         **sized),
+            click.option("--rounds", type=click.IntRange(1), default=5 if creating else None,
+                         help="Federated rounds." if creating else "Rounds of the run created with --clients.",
+                         **sized),
+            click.option("--local-epochs", type=click.IntRange(1), default=5, show_default=True,
+                         help="Local epochs per round."),
+            click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
+            click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True),
+            click.option("--learning-rate", type=float, default=0.01, show_default=True),
+            click.option("--model", default="seed", show_default=True, help="Model: 'seed' (the Kubeflow example's CNN)."),
+            click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+                         help="Seed of split, shards and weights."),
+            click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0,
+                         show_default=True, help="Seconds a round waits for all updates before closing with the quorum."),
+            click.option("--min-clients", type=click.IntRange(1),
+                         help="Quorum: updates a round needs at its deadline (default: all clients)."),
+            click.option("--round-retries", type=click.IntRange(0), default=2, show_default=True,
+                         help="Extra deadline periods a round below the quorum waits before the run fails."),
+            click.option("--keep-updates", is_flag=True, help="Keep every round's updates in Redis for audit."),
+            click.option("--run-id", help="Id of the new run (default: time + random)."),
+        ]):
+            fn = opt(fn)
+        return data_options(required=True)(fn)
+    return deco
 
 
 def _run_spec(kw: dict[str, Any]) -> RunSpec:
@@ -145,7 +162,7 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
 
 
 @main.command()
-@run_options
+@run_options()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-out"),
               show_default=True, help="Directory for report.json, model.keras and logs.")
 @click.pass_context
@@ -164,33 +181,30 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
 
 
 @main.command()
-@run_options
+@run_options()
+@click.option("--if-absent", is_flag=True,
+              help="When a run with --run-id exists already, print its id and succeed (a re-run Job).")
 @click.pass_context
 @_fail_cleanly
-def submit(ctx: click.Context, **kw: Any) -> None:
+def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     """Enqueue a run for an aggregator worker and print its id."""
     from fedq.jobs import submit_run
-    from fedq.store import connect
+    from fedq.store import RunStore, connect
 
     settings = _settings(ctx)
     spec = _run_spec(kw)
-    click.echo(submit_run(connect(settings), settings, spec))
+    r = connect(settings)
+    if if_absent and RunStore(r, spec.run_id).exists():
+        logging.getLogger("fedq.submit").info("run %s exists already; not submitting it again", spec.run_id)
+        click.echo(spec.run_id)
+        return
+    click.echo(submit_run(r, settings, spec))
 
 
 @main.command()
 @click.option("--queue", help="rq queue to serve (default: FEDQ_QUEUE or fedq-runs).")
 @click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
-@click.option("--clients", type=click.IntRange(1), help="Create a run with N clients and drive it now.")
-@click.option("--rounds", type=click.IntRange(1), help="Rounds of the run created with --clients.")
-@click.option("--local-epochs", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--learning-rate", type=float, default=0.01, show_default=True)
-@click.option("--model", default="seed", show_default=True)
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--round-timeout", type=float, default=3600.0, show_default=True)
-@click.option("--run-id")
-@data_options(required=True)
+@run_options(creating=False)
 @click.pass_context
 @_fail_cleanly
 def aggregator(ctx: click.Context, queue: str | None, burst: bool, **kw: Any) -> None:
@@ -267,3 +281,10 @@ def report(ctx: click.Context, run_id: str, out: Path) -> None:
     from fedq.view import print_report
 
     print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out), out)
+
+
+# Deployment: `fedq k8s ...` and `fedq kfp compile` (click code in fedq/k8s.py).
+from fedq.k8s import k8s_group, kfp_group  # noqa: E402
+
+main.add_command(k8s_group)
+main.add_command(kfp_group)

@@ -125,6 +125,8 @@ class Client:
         while True:
             self._check_stop()
             state = st.state()
+            if not state:
+                raise RunFailed(f"run {st.run_id} vanished from Redis (restarted without persistence, or flushed)")
             status = state.get("status")
             if status == FINISHED:
                 log.info("%s: run %s finished", self.client_id, st.run_id)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import time
 from typing import Any
 
 import redis
@@ -12,7 +14,7 @@ from rq import Queue, Worker
 
 from fedq.settings import Settings
 from fedq.spec import RunSpec
-from fedq.store import RunStore
+from fedq.store import ENDED, RunStore, list_runs
 
 log = logging.getLogger("fedq.jobs")
 
@@ -23,8 +25,8 @@ def submit_run(r: redis.Redis, settings: Settings, spec: RunSpec, *, queue: str 
                at_front: bool = False) -> str:
     """Store a new run and enqueue it for an aggregator worker; returns the run id."""
     spec.validate()
-    RunStore(r, spec.run_id).create(spec)
     q = Queue(queue or settings.queue, connection=r)
+    RunStore(r, spec.run_id).create(spec, queue=q.name)
     q.enqueue_call(JOB_FUNC, args=(spec.run_id,), job_id=spec.run_id, timeout=settings.job_timeout,
                    result_ttl=7 * 24 * 3600, failure_ttl=30 * 24 * 3600, at_front=at_front,
                    description=f"fedq run {spec.run_id} ({spec.clients} clients, {spec.rounds} rounds)")
@@ -39,7 +41,12 @@ def run_worker(r: redis.Redis, settings: Settings, *, queue: str | None = None, 
     # including a URL given by flag rather than by FEDQ_REDIS_URL.
     os.environ["FEDQ_REDIS_URL"] = settings.redis_url
     q = Queue(queue or settings.queue, connection=r)
-    worker = Worker([q], connection=r, name=name or f"fedq-{socket.gethostname()}-{os.getpid()}")
+    # Maintenance (where orphaned runs are recovered) runs between dequeues; rq's dequeue
+    # blocks worker_ttl - 15 s, so both are tied to the lease to bound takeover time.
+    lease = max(1, int(settings.lease_seconds))
+    worker = FedqWorker([q], connection=r, name=name or f"fedq-{socket.gethostname()}-{os.getpid()}",
+                        worker_ttl=lease + 15, maintenance_interval=lease, job_monitoring_interval=lease)
+    worker.fedq_settings = settings
     log.info("aggregator worker %s serving queue %s%s", worker.name, q.name, " (burst)" if burst else "")
     return worker.work(burst=burst, logging_level=settings.log_level)
 
@@ -60,3 +67,65 @@ def describe(spec: RunSpec) -> dict[str, Any]:
     """Short human summary of a spec, for CLI output."""
     return {"run": spec.run_id, "clients": spec.clients, "rounds": spec.rounds,
             "data": spec.data.source, "model": spec.model}
+
+
+class FedqWorker(Worker):
+    """An rq worker that stops runs gracefully and recovers runs whose driver died."""
+
+    fedq_settings: Settings
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        # rq's warm shutdown waits for the job, which for a federation may be hours: tell the
+        # work horse to release its run (a standby takes it over) and finish now.
+        if self.horse_pid:
+            try:
+                os.kill(self.horse_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        super().request_stop(signum, frame)
+
+    def setup_work_horse_signals(self) -> None:
+        from fedq.aggregator import HORSE_STOP
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: HORSE_STOP.set())
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        try:
+            recover_orphans(self.connection, self.fedq_settings, [q.name for q in self.queues])
+        except redis.RedisError as exc:
+            log.warning("orphan recovery skipped: %s", exc)
+
+
+def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str) -> str | None:
+    """Enqueue a job that takes over run_id, once per lease period; returns the job id."""
+    store = RunStore(r, run_id)
+    state = store.state()
+    if not state or state.get("status") in ENDED:
+        return None
+    if not r.set(store.k.resume_lock, "1", nx=True, px=int(settings.lease_seconds * 2000)):
+        return None  # someone just did
+    job_id = f"{run_id}-resume-{int(time.time() * 1000)}"
+    Queue(state.get("queue") or settings.queue, connection=r).enqueue_call(
+        JOB_FUNC, args=(run_id,), job_id=job_id, timeout=settings.job_timeout, at_front=True,
+        result_ttl=7 * 24 * 3600, failure_ttl=30 * 24 * 3600, description=f"fedq resume {run_id}")
+    log.info("enqueued %s to take over run %s", job_id, run_id)
+    return job_id
+
+
+def recover_orphans(r: redis.Redis, settings: Settings, queues: list[str]) -> list[str]:
+    """Re-enqueue runs on these queues that were started but have no driver and no standby."""
+    recovered = []
+    for run_id in list_runs(r, limit=200):
+        store = RunStore(r, run_id)
+        state = store.state()
+        if (not state or state.get("status") in ENDED or not state.get("started_at")
+                or state.get("queue", settings.queue) not in queues):
+            continue
+        if r.exists(store.k.lease) or r.exists(store.k.standby):
+            continue
+        log.warning("run %s has no live driver (last: %s); recovering it", run_id, state.get("driver"))
+        if enqueue_resume(r, settings, run_id):
+            recovered.append(run_id)
+    return recovered

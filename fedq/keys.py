@@ -17,14 +17,26 @@ QUEUE = "fedq-runs"  # rq queue name; rq itself owns the rq:queue:* keys
 
 RUNS = f"{PREFIX}:runs"  # sorted set: run id -> creation time (newest last)
 EVENTS = f"{PREFIX}:events"  # stream: run created / started / finished, for waiting clients
+AGGREGATORS = f"{PREFIX}:aggregators"  # prefix of aggregator heartbeats (strings with expiry)
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+def aggregator_alive(name: str) -> str:
+    """String with expiry: JSON heartbeat of one aggregator worker (gone when it expires)."""
+    return f"{AGGREGATORS}:{name}"
+
+
+def aggregators_pattern() -> str:
+    """SCAN pattern of every aggregator heartbeat."""
+    return f"{AGGREGATORS}:*"
+
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 def check_run_id(run_id: str) -> str:
     """Return run_id if it is a safe key component (no braces, colons or spaces)."""
     if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-        raise ConfigError(f"invalid run id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        raise ConfigError(f"invalid run id {run_id!r}: use 1-64 letters, digits, '_' or '-' (rq job ids allow no more)")
     return run_id
 
 
@@ -80,6 +92,10 @@ class RunKeys:
         """Hash: client id -> codec envelope of that client's update for the round."""
         return f"{self.base}:updates:{int(round_no)}"
 
+    def seqs(self, round_no: int) -> str:
+        """Hash: client id -> how many times it pushed for the round (versions its update)."""
+        return f"{self.base}:seqs:{int(round_no)}"
+
     @property
     def metrics(self) -> str:
         """List: msgpack of each committed round's metrics, in round order."""
@@ -95,11 +111,41 @@ class RunKeys:
         """Stream: one entry per committed round and per status change; clients block on it."""
         return f"{self.base}:events"
 
+    @property
+    def lease(self) -> str:
+        """String with expiry: the id of the one aggregator driving the run."""
+        return f"{self.base}:lease"
+
+    @property
+    def standby(self) -> str:
+        """String with expiry: set while an aggregator waits to take the run over."""
+        return f"{self.base}:standby"
+
+    @property
+    def resume_lock(self) -> str:
+        """String with expiry: one orphan-recovery enqueue at a time."""
+        return f"{self.base}:resume-lock"
+
+    @property
+    def pushes(self) -> str:
+        """Stream: audit of every push (client, round, digest, outcome)."""
+        return f"{self.base}:pushes"
+
     def all(self) -> list[str]:
         """Fixed keys of the run (per-round update hashes are listed by pattern)."""
         return [self.spec, self.state, self.clients, self.stats, self.scaler,
-                self.global_model, self.inbox, self.metrics, self.refused, self.events]
+                self.global_model, self.inbox, self.metrics, self.refused, self.events,
+                self.lease, self.standby, self.resume_lock, self.pushes]
 
     @property
     def updates_pattern(self) -> str:
         return f"{self.base}:updates:*"
+
+    def alive(self, client_id: str) -> str:
+        """String with expiry: JSON heartbeat of one client in this run (gone when it expires)."""
+        return f"{self.base}:alive:{client_id}"
+
+    @property
+    def alive_pattern(self) -> str:
+        """SCAN pattern of the run's client heartbeats."""
+        return f"{self.base}:alive:*"

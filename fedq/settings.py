@@ -27,6 +27,11 @@ class Settings:
     job_timeout: int = 7 * 24 * 3600
     max_update_bytes: int = 512 * 1024 * 1024
     log_level: str = "INFO"
+    # Seconds an aggregator's lease on a run lasts without renewal: how soon a standby
+    # takes over a run whose driver died.
+    lease_seconds: float = 15.0
+    # Reconnect attempts (with exponential backoff, capped at 3 s) when Redis goes away.
+    reconnect_retries: int = 20
     # TensorFlow threads per client process (0 = TensorFlow's default, one pool per core).
     tf_threads: int = 0
 
@@ -57,9 +62,12 @@ class Settings:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
                 f"FEDQ_REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
-        for name in ("block_seconds", "socket_timeout", "connect_timeout", "wait_seconds"):
+        for name in ("block_seconds", "socket_timeout", "connect_timeout", "wait_seconds", "lease_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lease_seconds < 3 * self.block_seconds:
+            # The driver renews between blocking calls; it must get several chances per lease.
+            raise ConfigError("lease_seconds must be at least 3 x block_seconds")
         if self.socket_timeout <= self.block_seconds:
             # redis-py would time the socket out in the middle of our own blocking calls.
             raise ConfigError("socket_timeout must exceed block_seconds")

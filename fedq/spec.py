@@ -33,8 +33,13 @@ class RunSpec:
     model: str = "seed"
     data: DataSpec = field(default_factory=DataSpec)
     seed: int = 0
-    # A round that has not received its updates after this many seconds fails the run.
+    # A round closes when all clients have answered, or at this deadline (seconds) when at
+    # least min_clients have; below the quorum it waits again, round_retries more times.
     round_timeout: float = 3600.0
+    min_clients: int | None = None  # None: all clients
+    round_retries: int = 2
+    # Keep every round's updates in Redis (for audit and replay) instead of deleting them.
+    keep_updates: bool = False
     run_id: str = field(default_factory=new_run_id)
 
     def validate(self) -> "RunSpec":
@@ -54,8 +59,17 @@ class RunSpec:
             raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
         if not self.round_timeout > 0:
             raise ConfigError(f"round timeout must be positive, got {self.round_timeout}")
+        if self.min_clients is not None and not 1 <= self.min_clients <= self.clients:
+            raise ConfigError(f"min clients must be between 1 and clients ({self.clients}), got {self.min_clients}")
+        if self.round_retries < 0:
+            raise ConfigError(f"round retries must be 0 or more, got {self.round_retries}")
         self.data.validate()
         return self
+
+    @property
+    def quorum(self) -> int:
+        """Updates a round needs at its deadline (min_clients, or all clients)."""
+        return self.clients if self.min_clients is None else self.min_clients
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for msgpack/JSON."""

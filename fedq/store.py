@@ -7,6 +7,7 @@ Every blocking call here takes an explicit timeout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -16,12 +17,13 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from fedq import keys
-from fedq.errors import ConfigError, RedisUnavailable, RunNotFound
+from fedq.errors import ConfigError, FedqError, RedisUnavailable, RunNotFound
 from fedq.settings import Settings
 from fedq.spec import RunSpec
 
 MAX_REFUSED = 10_000  # refusal log is capped so a flood of bad pushes cannot fill Redis
 MAX_EVENTS = 10_000
+MAX_PUSHES = 100_000
 
 OPEN, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
 ENDED = (FINISHED, FAILED)
@@ -39,18 +41,18 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
   end
   return 'rejoined'
 end
-if phase ~= 'join' then return 'run_started' end
 if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'run_full' end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('RPUSH', KEYS[4], ARGV[1])
+if phase == 'join' then redis.call('RPUSH', KEYS[4], ARGV[1]) end
+-- A late joiner (training already open, with room left) uses the published scaler.
 return 'joined'
 """
 
 # Stores an update under its client id (a re-push replaces it) and wakes the aggregator;
 # refuses, and records why, when the round is not the open one.
 _PUSH = """
-local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round', 'closed')
 if not st[1] then return 'no_such_run' end
 local want = tonumber(ARGV[2])
 local reason, detail
@@ -58,25 +60,40 @@ if st[1] ~= 'running' or st[2] ~= 'train' then
   reason = 'run_not_training'; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
 elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
   reason = 'unknown_client'; detail = 'client has not joined this run'
-elseif want <= tonumber(st[3]) then
-  reason = 'round_closed'; detail = 'round ' .. ARGV[2] .. ' has already been committed'
+elseif want <= math.max(tonumber(st[3]), tonumber(st[4] or '0')) then
+  reason = 'round_closed'; detail = 'round ' .. ARGV[2] .. ' has closed'
 elseif want > tonumber(st[3]) + 1 then
   reason = 'round_not_open'; detail = 'open round is ' .. (tonumber(st[3]) + 1)
 elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
   reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5]
 end
+local outcome = reason or 'ok'
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'client', ARGV[1], 'round', ARGV[2],
+           'digest', ARGV[7], 'outcome', outcome, 'bytes', string.len(ARGV[3]))
 if reason then
   redis.call('RPUSH', KEYS[5], cjson.encode({client=ARGV[1], round=want, reason=reason,
                                              detail=detail, time=tonumber(ARGV[4]), stage='push'}))
   redis.call('LTRIM', KEYS[5], -tonumber(ARGV[6]), -1)
   return reason
 end
+-- The per-client sequence number tells the aggregator which version of an update it folded.
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('HINCRBY', KEYS[7], ARGV[1], 1)
 redis.call('RPUSH', KEYS[4], ARGV[1])
 return 'ok'
 """
 
+# Closing a round stops further pushes for it, so that what the aggregator folded is final.
+_CLOSE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'round'))
+if cur + 1 ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'closed', ARGV[1])
+return 1
+"""
+
 _OPEN_TRAINING = """
+if redis.call('GET', KEYS[6]) ~= ARGV[5] then return -1 end
 local st = redis.call('HMGET', KEYS[1], 'status', 'phase')
 if (st[1] ~= 'queued' and st[1] ~= 'running') or st[2] ~= 'join' then return 0 end
 redis.call('SET', KEYS[2], ARGV[1])
@@ -90,13 +107,15 @@ return 1
 # The round commit: global model, round counter and metrics in one atomic step. It only
 # applies on top of the previous round, so a replayed or duplicated commit is a no-op.
 _COMMIT = """
+if redis.call('GET', KEYS[7]) ~= ARGV[8] then return -1 end
 local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
 if st[1] ~= 'running' or st[2] ~= 'train' then return 0 end
 if tonumber(st[3]) + 1 ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'round', ARGV[1], 'updated_at', ARGV[5])
 redis.call('RPUSH', KEYS[3], ARGV[3])
-redis.call('DEL', KEYS[4], KEYS[5])
+if ARGV[9] ~= '1' then redis.call('DEL', KEYS[4], KEYS[8]) end
+redis.call('DEL', KEYS[5])
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'event', 'round', 'round', ARGV[1])
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[5], 'final', ARGV[6])
@@ -106,24 +125,65 @@ return 1
 """
 
 
-def connect(settings: Settings, check: bool = True) -> redis.Redis:
-    """A Redis client for settings.redis_url with timeouts and reconnect backoff."""
+# Lease renewal and release only act for the holder: a driver that lost its lease (paused,
+# partitioned) can neither extend nor delete the new driver's lease.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'released')
+  return 1
+end
+return 0
+"""
+
+_FAIL = """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return -1 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'phase', 'done', 'reason', ARGV[1],
+           'finished_at', ARGV[2], 'updated_at', ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'event', 'failed', 'reason', ARGV[1])
+return 1
+"""
+
+
+class LeaseLost(FedqError):
+    """This aggregator no longer holds the run's lease; another one drives it now."""
+
+
+def _client(settings: Settings, retries: int) -> redis.Redis:
     try:
-        client = redis.Redis.from_url(
+        return redis.Redis.from_url(
             settings.redis_url,
             socket_timeout=settings.socket_timeout,
             socket_connect_timeout=settings.connect_timeout,
             health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=5),
+            retry=Retry(ExponentialBackoff(cap=3.0, base=0.1), retries=retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
     except ValueError as exc:
-        raise ConfigError(f"bad Redis URL {settings.redis_url!r}: {exc}") from None
+        raise ConfigError(f"bad Redis URL {redact(settings.redis_url)!r}: {exc}") from None
+
+
+def connect(settings: Settings, check: bool = True) -> redis.Redis:
+    """A Redis client for settings.redis_url with timeouts and reconnect backoff.
+
+    The returned client rides out a Redis restart (reconnect_retries with backoff); the
+    start-up check does not, so that a wrong URL is reported in seconds."""
+    client = _client(settings, settings.reconnect_retries)
     if check:
+        probe = _client(settings, retries=3)
         try:
-            client.ping()
+            probe.ping()
         except redis.RedisError as exc:
             raise RedisUnavailable(f"cannot reach Redis at {redact(settings.redis_url)}: {exc}") from None
+        finally:
+            probe.close()
     return client
 
 
@@ -150,9 +210,14 @@ class RunStore:
         self._push = r.register_script(_PUSH)
         self._open = r.register_script(_OPEN_TRAINING)
         self._commit = r.register_script(_COMMIT)
+        self._close = r.register_script(_CLOSE)
+        self._renew = r.register_script(_RENEW)
+        self._release = r.register_script(_RELEASE)
+        self._fail = r.register_script(_FAIL)
+        self.driver: str | None = None  # set by acquire_lease; fences this store's writes
 
     # --- creation and reading -------------------------------------------------------
-    def create(self, spec: RunSpec) -> None:
+    def create(self, spec: RunSpec, queue: str = "") -> None:
         """Store a new run's spec and queued state; ConfigError if the id is taken."""
         now = time.time()
         if not self.r.set(self.k.spec, json.dumps(spec.to_dict()), nx=True):
@@ -160,7 +225,7 @@ class RunStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.k.state, mapping={"status": OPEN, "phase": "join", "round": 0,
                                          "rounds": spec.rounds, "clients": spec.clients,
-                                         "created_at": now, "updated_at": now})
+                                         "queue": queue, "created_at": now, "updated_at": now})
         pipe.zadd(keys.RUNS, {self.run_id: now})
         pipe.xadd(self.k.events, {"event": "created"}, maxlen=MAX_EVENTS, approximate=True)
         pipe.execute()
@@ -207,8 +272,14 @@ class RunStore:
     def push_update(self, client_id: str, round_no: int, payload: bytes, max_bytes: int) -> str:
         """Store an update for the open round; 'ok' or the refusal code (also recorded)."""
         return _s(self._push(
-            keys=[self.k.state, self.k.clients, self.k.updates(round_no), self.k.inbox, self.k.refused],
-            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED]))
+            keys=[self.k.state, self.k.clients, self.k.updates(round_no), self.k.inbox, self.k.refused,
+                  self.k.pushes, self.k.seqs(round_no)],
+            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED,
+                  hashlib.sha256(payload).hexdigest(), MAX_PUSHES]))
+
+    def pushes(self) -> list[dict[str, str]]:
+        """The push audit log, oldest first."""
+        return [{_s(k): _s(v) for k, v in fields.items()} for _id, fields in self.r.xrange(self.k.pushes)]
 
     def wait_event(self, last_id: str, block_seconds: float) -> tuple[str, list[dict[str, str]]]:
         """Block up to block_seconds for run events after last_id; returns (new last id, events)."""
@@ -221,10 +292,31 @@ class RunStore:
         return last_id, events
 
     # --- aggregator side ----------------------------------------------------------------
+    def acquire_lease(self, driver: str, ttl: float) -> bool:
+        """Take the run's lease if nobody holds it; this store then fences its writes with it."""
+        if self.r.set(self.k.lease, driver, nx=True, px=int(ttl * 1000)):
+            self.driver = driver
+            return True
+        return False
+
+    def lease_holder(self) -> str | None:
+        return _s(self.r.get(self.k.lease))
+
+    def renew_lease(self, ttl: float) -> None:
+        """Extend our lease; LeaseLost when another driver holds it (or nobody does)."""
+        if not self._renew(keys=[self.k.lease], args=[self.driver or "", int(ttl * 1000)]):
+            raise LeaseLost(f"run {self.run_id}: lease lost (now held by {self.lease_holder()!r})")
+
+    def release_lease(self) -> bool:
+        """Give the lease up so that a standby takes over at once."""
+        done = bool(self._release(keys=[self.k.lease, self.k.events], args=[self.driver or "", MAX_EVENTS]))
+        self.driver = None
+        return done
+
     def mark_started(self, driver: str) -> None:
         self.r.hset(self.k.state, mapping={"status": RUNNING, "driver": driver,
                                            "started_at": time.time(), "updated_at": time.time()})
-        self.r.xadd(self.k.events, {"event": "started"}, maxlen=MAX_EVENTS, approximate=True)
+        self.r.xadd(self.k.events, {"event": "started", "driver": driver}, maxlen=MAX_EVENTS, approximate=True)
 
     def pop_inbox(self, block_seconds: float) -> str | None:
         """Next client id that stored something, or None after block_seconds."""
@@ -237,8 +329,22 @@ class RunStore:
     def update_ids(self, round_no: int) -> list[str]:
         return [_s(k) for k in self.r.hkeys(self.k.updates(round_no))]
 
-    def get_update(self, round_no: int, client_id: str) -> bytes | None:
-        return self.r.hget(self.k.updates(round_no), client_id)
+    def get_update(self, round_no: int, client_id: str) -> tuple[bytes | None, int]:
+        """(payload, sequence number) of a client's stored update, read atomically."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hget(self.k.updates(round_no), client_id)
+        pipe.hget(self.k.seqs(round_no), client_id)
+        payload, seq = pipe.execute()
+        return payload, int(seq or 0)
+
+    def update_seqs(self, round_no: int) -> dict[str, int]:
+        """Client id -> sequence number of its latest stored update for the round."""
+        return {_s(k): int(v) for k, v in self.r.hgetall(self.k.seqs(round_no)).items()}
+
+    def close_round(self, round_no: int) -> None:
+        """Refuse further pushes for the round (fenced by the lease)."""
+        if self._close(keys=[self.k.state, self.k.lease], args=[round_no, self.driver or ""]) == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before closing round {round_no}")
 
     def record_refused(self, client_id: str, round_no: int, reason: str, detail: str) -> None:
         rec = {"client": client_id, "round": round_no, "reason": reason, "detail": detail,
@@ -250,29 +356,41 @@ class RunStore:
 
     def open_training(self, scaler: bytes, initial_global: bytes) -> bool:
         """Write the scaler and the initial global model and open round 1, atomically."""
-        return bool(self._open(keys=[self.k.state, self.k.scaler, self.k.global_model, self.k.inbox,
-                                     self.k.events],
-                               args=[scaler, initial_global, time.time(), MAX_EVENTS]))
+        done = self._open(keys=[self.k.state, self.k.scaler, self.k.global_model, self.k.inbox,
+                                self.k.events, self.k.lease],
+                          args=[scaler, initial_global, time.time(), MAX_EVENTS, self.driver or ""])
+        if done == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before training opened")
+        return bool(done)
 
     def commit_round(self, round_no: int, global_payload: bytes, metrics: dict[str, Any],
-                     final: dict[str, Any] | None = None) -> bool:
-        """Commit a round (and finish the run when final is given); False if already committed."""
-        ok = bool(self._commit(
+                     final: dict[str, Any] | None = None, keep_updates: bool = False) -> bool:
+        """Commit a round (and finish the run when final is given); False if already committed.
+
+        Fenced by the lease: LeaseLost if another aggregator took the run over meanwhile."""
+        done = self._commit(
             keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.updates(round_no),
-                  self.k.inbox, self.k.events],
+                  self.k.inbox, self.k.events, self.k.lease, self.k.seqs(round_no)],
             args=[round_no, global_payload, json.dumps(metrics), "1" if final is not None else "0",
-                  time.time(), json.dumps(final or {}), MAX_EVENTS]))
+                  time.time(), json.dumps(final or {}), MAX_EVENTS, self.driver or "",
+                  "1" if keep_updates else "0"])
+        if done == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before committing round {round_no}")
+        ok = bool(done)
         if ok and final is not None:
             self.r.xadd(keys.EVENTS, {"event": "finished", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
         return ok
 
-    def fail(self, reason: str) -> None:
-        """Mark the run failed with a reason that clients, CLI and dashboard show."""
-        now = time.time()
-        self.r.hset(self.k.state, mapping={"status": FAILED, "phase": "done", "reason": reason,
-                                           "finished_at": now, "updated_at": now})
-        self.r.xadd(self.k.events, {"event": "failed", "reason": reason}, maxlen=MAX_EVENTS, approximate=True)
+    def fail(self, reason: str) -> bool:
+        """Mark the run failed with a reason that clients, CLI and dashboard show.
+
+        A driver only fails a run while it holds the lease; others (fedq run, tests) always may."""
+        done = self._fail(keys=[self.k.state, self.k.lease, self.k.events],
+                          args=[reason, time.time(), MAX_EVENTS, self.driver or ""])
+        if done == -1:
+            return False
         self.r.xadd(keys.EVENTS, {"event": "failed", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+        return True
 
 
 def list_runs(r: redis.Redis, newest_first: bool = True, limit: int = 100) -> list[str]:

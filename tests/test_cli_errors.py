@@ -306,10 +306,16 @@ def test_submit_with_taken_run_id_fails_and_keeps_the_first(redis_url: str, r: r
     assert r.zcard("fedq:runs") == 1
 
 
+def test_submit_with_out_of_range_option_is_a_usage_error(redis_url: str, r: redis.Redis) -> None:
+    proc = fedq("submit", "--round-timeout", "-1", env=_env(redis_url))
+    assert_usage_error(proc, "--round-timeout")
+    assert r.zcard("fedq:runs") == 0
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--test-fraction", "1.5"], "test_fraction"),
-    (["--round-timeout", "-1"], "timeout"),
     (["--learning-rate", "0"], "learning rate"),
+    (["--min-clients", "3", "--clients", "2"], "min clients"),
 ])
 def test_submit_with_invalid_spec_values_fails(redis_url: str, r: redis.Redis, args: list[str],
                                                needle: str) -> None:
