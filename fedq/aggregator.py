@@ -43,7 +43,7 @@ class _Round:
     """What one round has folded and refused so far (small: digests and counts, not models)."""
 
     acc: FedAvg
-    joined: set[str]
+    joined: dict[str, int | None]  # client id -> rows it joined with (None: not reported)
     folded: dict[str, protocol.Update] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
     # client id -> version of its update last judged (push sequence number; a digest for a
@@ -243,13 +243,13 @@ class Aggregator:
                        like: list[np.ndarray]) -> _Round:
         """Block until every joined client has a stored update for the round (valid or refused),
         or the deadline passes with the quorum."""
-        rnd = _Round(acc=FedAvg(like), joined=set(self.store.clients()))
+        rnd = _Round(acc=FedAvg(like), joined=self._joined())
 
         def rescan() -> None:
             # Wake-ups are hints; the sequence numbers are the truth. An idle moment re-reads
             # them, so a wake-up lost to a dropped connection costs a second, not the round.
             self._check_exists()
-            rnd.joined = set(self.store.clients())  # late joiners count from now on
+            rnd.joined = self._joined()  # late joiners count from now on
             for cid, seq in self.store.update_seqs(round_no).items():
                 if rnd.versions.get(cid) != seq:
                     self._consider(rnd, round_no, cid, template)
@@ -265,6 +265,13 @@ class Aggregator:
             raise RoundTimeout(f"round {round_no}: every update was refused")
         return rnd
 
+    def _joined(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for cid, rec in self.store.clients().items():
+            rows = rec.get("rows")
+            out[cid] = rows if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0 else None
+        return out
+
     def _judge(self, rnd: _Round, round_no: int, cid: str, template: list[protocol.TensorSpec]
                ) -> protocol.Update | None:
         """Read and validate a client's current update; records and returns None on refusal."""
@@ -279,7 +286,7 @@ class Aggregator:
             if cid not in rnd.joined:
                 raise UpdateRejected("unknown_client", f"client {cid!r} has not joined run {self.run_id}")
             return protocol.validate_update(payload, run_id=self.run_id, round_no=round_no,
-                                            client_id=cid, template=template)
+                                            client_id=cid, template=template, max_examples=rnd.joined[cid])
         except UpdateRejected as exc:
             log.warning("run %s round %d: refused update from %s: %s", self.run_id, round_no, cid, exc)
             self.store.record_refused(cid, round_no, exc.reason, exc.detail)

@@ -126,7 +126,7 @@ class Client:
             self._check_stop()
             state = st.state()
             if not state:
-                raise RunFailed(f"run {st.run_id} vanished from Redis (restarted without persistence, or flushed)")
+                raise RunFailed(_vanished(st.run_id))
             status = state.get("status")
             if status == FINISHED:
                 log.info("%s: run %s finished", self.client_id, st.run_id)
@@ -143,7 +143,10 @@ class Client:
                 result = self._do_round(st, trainer, committed + 1, setup)
                 if result == "ok":
                     pushed = committed + 1
-                elif result not in ("round_closed", "round_not_open", "stale_global"):
+                elif result == "no_such_run":
+                    raise RunFailed(_vanished(st.run_id))
+                elif result not in ("round_closed", "round_not_open", "stale_global", "run_not_training"):
+                    # Retryable outcomes loop back to re-read the state (which may say the run ended).
                     raise FedqError(f"{self.client_id}: update for round {committed + 1} refused: {result}")
                 progress_deadline = time.monotonic() + self.settings.wait_seconds
                 continue
@@ -190,3 +193,7 @@ class Client:
                  self.client_id, round_no, metrics["loss"], metrics["accuracy"], train_seconds, len(payload),
                  (time.perf_counter() - t2) * 1000, result)
         return result
+
+
+def _vanished(run_id: str) -> str:
+    return f"run {run_id} vanished from Redis (restarted without persistence, or flushed)"

@@ -72,8 +72,11 @@ def decode_global(payload: bytes, run_id: str) -> tuple[int, list[str], list[np.
 
 
 def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: str,
-                    template: Sequence[TensorSpec]) -> Update:
-    """Decode and check one update; raise UpdateRejected(reason, detail) on anything wrong."""
+                    template: Sequence[TensorSpec], max_examples: int | None = None) -> Update:
+    """Decode and check one update; raise UpdateRejected(reason, detail) on anything wrong.
+
+    max_examples (the rows the client joined with) bounds the claimed sample count, so that
+    one client cannot outweigh all others by claiming more data than it has."""
     try:
         env = codec.decode(payload, expect_kind=KIND_UPDATE)
     except CodecError as exc:
@@ -81,7 +84,7 @@ def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: st
     meta = env.meta
     if meta.get("run") != run_id:
         raise UpdateRejected("wrong_run", f"update is for run {meta.get('run')!r}, this is {run_id!r}")
-    if meta.get("round") != round_no:
+    if isinstance(meta.get("round"), bool) or not isinstance(meta.get("round"), int) or meta["round"] != round_no:
         raise UpdateRejected("wrong_round", f"update is for round {meta.get('round')!r}, open round is {round_no}")
     if meta.get("client") != client_id:
         raise UpdateRejected("wrong_client",
@@ -89,6 +92,8 @@ def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: st
     n = meta.get("num_examples")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise UpdateRejected("bad_num_examples", f"sample count must be a positive integer, got {n!r}")
+    if max_examples is not None and n > max_examples:
+        raise UpdateRejected("bad_num_examples", f"claims {n} examples but joined with {max_examples} rows")
     metrics = _check_metrics(meta.get("metrics", {}))
     _check_tensors(env.names, env.tensors, template)
     return Update(client_id, round_no, n, metrics, list(env.tensors), codec.digest(bytes(payload)))

@@ -196,7 +196,21 @@ def redact(url: str) -> str:
 
 
 def _s(raw: bytes | str | None) -> str | None:
-    return raw.decode() if isinstance(raw, bytes) else raw
+    # Keys and fields may have been written around the protocol: never let bad bytes crash a loop.
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+
+
+def _json_records(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    """Decode a hash of JSON records, skipping any that are not JSON objects."""
+    out = {}
+    for k, v in raw.items():
+        try:
+            rec = json.loads(v)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out[_s(k)] = rec
+    return out
 
 
 class RunStore:
@@ -249,7 +263,7 @@ class RunStore:
         return int(_s(self.r.hget(self.k.state, "round")) or 0)
 
     def clients(self) -> dict[str, dict[str, Any]]:
-        return {_s(k): json.loads(v) for k, v in self.r.hgetall(self.k.clients).items()}
+        return _json_records(self.r.hgetall(self.k.clients))
 
     def metrics(self) -> list[dict[str, Any]]:
         return [json.loads(m) for m in self.r.lrange(self.k.metrics, 0, -1)]
@@ -324,7 +338,7 @@ class RunStore:
         return None if item is None else _s(item[1])
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {_s(k): json.loads(v) for k, v in self.r.hgetall(self.k.stats).items()}
+        return _json_records(self.r.hgetall(self.k.stats))
 
     def update_ids(self, round_no: int) -> list[str]:
         return [_s(k) for k in self.r.hkeys(self.k.updates(round_no))]
@@ -339,7 +353,7 @@ class RunStore:
 
     def update_seqs(self, round_no: int) -> dict[str, int]:
         """Client id -> sequence number of its latest stored update for the round."""
-        return {_s(k): int(v) for k, v in self.r.hgetall(self.k.seqs(round_no)).items()}
+        return {_s(k): int(v) for k, v in self.r.hgetall(self.k.seqs(round_no)).items() if v.isdigit()}
 
     def close_round(self, round_no: int) -> None:
         """Refuse further pushes for the round (fenced by the lease)."""

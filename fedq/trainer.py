@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedq.models import build_model, compile_model, to_model_input, weight_names
+from fedq.models import _keras, build_model, compile_model, to_model_input, weight_names
 from fedq.spec import RunSpec
 
 
@@ -71,6 +71,7 @@ class KerasTrainer:
 
 def _limit_tf_threads(n: int) -> None:
     """Cap TensorFlow's thread pools: many clients on few cores otherwise thrash."""
+    _keras()  # sets TensorFlow's environment (quiet logs, no oneDNN) before its first import
     import tensorflow as tf
 
     try:

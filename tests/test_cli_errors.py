@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import redis
 
-from conftest import cli_env, fedq_cmd, free_port
+from helpers import cli_env, fedq_cmd, free_port
 
 TIMEOUT = 120
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

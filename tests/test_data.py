@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import seed_data_dir
+from helpers import seed_data_dir
 
 from fedq.data import (
     DataSpec,

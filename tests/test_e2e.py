@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 
-from conftest import cli_env, fedq_cmd, seed_data_dir
+from helpers import cli_env, fedq_cmd, seed_data_dir
 from fedq import protocol
 from fedq.data import load_dataset, split_indices
 from fedq.store import RunStore

@@ -1,0 +1,190 @@
+"""A federation of real processes on a Redis of its own, with the means to break it.
+
+``Federation`` starts aggregators and clients the way users do (``fedq ...``), each in its
+own process group so a test can SIGKILL a worker together with its work horse. ``audit()``
+checks the run's records against the push log: every round's accepted updates are exactly
+the last ones each client pushed for it, none lost, none counted twice, and the final model
+is the FedAvg of the final round's accepted updates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import redis
+
+from helpers import RedisServer, cli_env, fedq_cmd
+from fedq import codec, protocol
+from fedq.aggregate import fedavg
+from fedq.store import RunStore
+
+ROWS: list[dict] = []  # the suite's summary table, printed by conftest at the end
+
+
+@dataclass
+class Audit:
+    rounds: int
+    accepted: int
+    refused: int
+    lost: int
+    double_counted: int
+
+
+def _descendants(pid: int) -> list[int]:
+    """All descendants of pid (Linux /proc), deepest last."""
+    out: list[int] = []
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        for child in (int(c) for c in children.read_text().split()):
+            out += [child, *_descendants(child)]
+    return out
+
+
+class Federation:
+    """One run on its own redis-server, with its aggregator and client processes."""
+
+    def __init__(self, tmp_path: Path, *, clients: int = 2, rounds: int = 3, min_clients: int | None = None,
+                 round_timeout: float = 60, redis_args: tuple[str, ...] = (), run_id: str = "fault",
+                 lease: float = 3.0) -> None:
+        self.t0 = time.monotonic()
+        self.tmp = tmp_path
+        self.server = RedisServer(*redis_args)
+        self.url = self.server.url
+        self.env = cli_env(self.url) | {"FEDQ_LEASE_SECONDS": str(lease), "FEDQ_BLOCK_SECONDS": "0.5",
+                                        "FEDQ_TF_THREADS": "1", "FEDQ_WAIT_SECONDS": "120"}
+        self.r = redis.Redis.from_url(self.url, socket_timeout=10)
+        self.run_id = run_id
+        self.clients = clients
+        args = ["submit", "--clients", str(clients), "--rounds", str(rounds), "--local-epochs", "1",
+                "--round-timeout", str(round_timeout), "--keep-updates", "--run-id", run_id]
+        if min_clients is not None:
+            args += ["--min-clients", str(min_clients)]
+        done = subprocess.run(fedq_cmd(*args), env=self.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def store(self) -> RunStore:
+        return RunStore(self.r, self.run_id)
+
+    # --- processes ---------------------------------------------------------------------
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = (self.tmp / f"{name}.log").open("ab")
+        p = subprocess.Popen(fedq_cmd(*args), env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def aggregator(self, name: str = "agg-a") -> subprocess.Popen:
+        return self.start(name, "aggregator")
+
+    def client(self, k: int, name: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self.start(name or f"client-{k}", "client", "--shard", str(k), "--run", self.run_id, "--once",
+                          env=env)
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send sig to a process; SIGKILL takes its descendants too (an rq worker's work horse
+        runs in a process group of its own), as the loss of a node or pod would."""
+        p = self.procs[name]
+        if sig == signal.SIGKILL:
+            for pid in _descendants(p.pid):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        p.send_signal(sig)
+
+    def exit_code(self, name: str, timeout: float = 60) -> int:
+        return self.procs[name].wait(timeout=timeout)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is None:
+                self.signal(name, signal.SIGKILL)
+                p.wait(timeout=10)
+        self.server.stop()
+
+    # --- waiting --------------------------------------------------------------------------
+    def wait(self, cond: Callable[[], bool], what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if cond():
+                    return
+            except redis.ConnectionError:
+                pass  # the test may be restarting Redis
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
+                raise AssertionError(f"timed out waiting for {what}\n{logs}")
+            time.sleep(0.1)
+
+    def wait_round(self, round_no: int, timeout: float = 120) -> None:
+        self.wait(lambda: self.store.committed_round() >= round_no, f"round {round_no} to commit", timeout)
+
+    def wait_pushed(self, round_no: int, count: int = 1, timeout: float = 120) -> None:
+        self.wait(lambda: len(self.store.update_seqs(round_no)) >= count, f"{count} pushes in round {round_no}",
+                  timeout)
+
+    def wait_end(self, timeout: float = 180) -> dict[str, str]:
+        self.wait(lambda: self.store.state().get("status") in ("finished", "failed"), "the run to end", timeout)
+        return self.store.state()
+
+    # --- checking ---------------------------------------------------------------------------
+    def audit(self) -> Audit:
+        """Check exactly-once accounting; returns the counts (lost and double-counted must be 0)."""
+        store = self.store
+        metrics = store.metrics()
+        last_ok: dict[tuple[int, str], str] = {}
+        for p in store.pushes():
+            if p["outcome"] == "ok":
+                last_ok[(int(p["round"]), p["client"])] = p["digest"]
+        refused_at_aggregation = {(x["round"], x["client"]) for x in store.refused() if x["stage"] == "aggregate"}
+        lost = double = accepted = 0
+        for m in metrics:
+            rnd = m["round"]
+            got = m["clients"]
+            accepted += len(got)
+            if sum(c["num_examples"] for c in got.values()) != m["num_examples"] or len(got) != m["num_updates"]:
+                double += 1
+            for cid, info in got.items():
+                if last_ok.get((rnd, cid)) != info["digest"]:
+                    double += 1  # counted something other than the client's last accepted push
+            for (r_, cid) in last_ok:
+                if r_ == rnd and cid not in got and (rnd, cid) not in refused_at_aggregation:
+                    lost += 1
+        assert [m["round"] for m in metrics] == list(range(1, len(metrics) + 1)), "a round committed twice"
+        if metrics and store.state().get("status") == "finished":
+            self._check_final_model(metrics[-1])
+        return Audit(len(metrics), accepted, len(store.refused()), lost, double)
+
+    def _check_final_model(self, last: dict) -> None:
+        rnd = last["round"]
+        kept = self.r.hgetall(self.store.k.updates(rnd))
+        models = []
+        for cid, info in last["clients"].items():
+            payload = kept[cid.encode()]
+            assert hashlib.sha256(payload).hexdigest() == info["digest"]
+            env = codec.decode(payload)
+            models.append((list(env.tensors), env.meta["num_examples"]))
+        expected = fedavg(models)
+        _, _, final = protocol.decode_global(self.store.global_payload(), self.run_id)
+        for got, want in zip(final, expected):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    def record(self, scenario: str, audit: Audit | None) -> None:
+        state = self.store.state() if self.server.proc.poll() is None else {}
+        a = audit or Audit(0, 0, 0, 0, 0)
+        ROWS.append({"scenario": scenario, "outcome": state.get("status", "?"), "rounds": a.rounds,
+                     "accepted": a.accepted, "refused": a.refused, "lost": a.lost,
+                     "double": a.double_counted, "seconds": time.monotonic() - self.t0})
