@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import codec, protocol
+from fedq import codec, heartbeat, protocol
+from fedq import metrics as fedq_metrics
 from fedq.aggregate import FedAvg, weighted_metrics
 from fedq.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
 from fedq.errors import CodecError, DataError, FedqError, UpdateRejected
@@ -176,6 +177,8 @@ class Aggregator:
             self._tick()
             t_commit = time.perf_counter()
             committed = self.store.commit_round(round_no, payload, metrics, final, keep_updates=spec.keep_updates)
+            if committed:
+                fedq_metrics.observe_round(metrics["seconds"])
             log.info("run %s round %d/%d: %d updates, %d examples, test accuracy %.4f (commit %.1f ms)%s",
                      self.run_id, round_no, spec.rounds, metrics["num_updates"], metrics["num_examples"],
                      test["accuracy"], (time.perf_counter() - t_commit) * 1000,
@@ -250,6 +253,7 @@ class Aggregator:
             # them, so a wake-up lost to a dropped connection costs a second, not the round.
             self._check_exists()
             rnd.joined = self._joined()  # late joiners count from now on
+            fedq_metrics.set_clients_alive(heartbeat.count_alive_clients(self.r, self.run_id, sorted(rnd.joined)))
             for cid, seq in self.store.update_seqs(round_no).items():
                 if rnd.versions.get(cid) != seq:
                     self._consider(rnd, round_no, cid, template)
@@ -272,8 +276,8 @@ class Aggregator:
             out[cid] = rows if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0 else None
         return out
 
-    def _judge(self, rnd: _Round, round_no: int, cid: str, template: list[protocol.TensorSpec]
-               ) -> protocol.Update | None:
+    def _judge(self, rnd: _Round, round_no: int, cid: str, template: list[protocol.TensorSpec],
+               observe: bool = True) -> protocol.Update | None:
         """Read and validate a client's current update; records and returns None on refusal."""
         payload, seq = self.store.get_update(round_no, cid)
         if payload is None:
@@ -285,9 +289,11 @@ class Aggregator:
         try:
             if cid not in rnd.joined:
                 raise UpdateRejected("unknown_client", f"client {cid!r} has not joined run {self.run_id}")
-            return protocol.validate_update(payload, run_id=self.run_id, round_no=round_no,
+            upd = protocol.validate_update(payload, run_id=self.run_id, round_no=round_no,
                                             client_id=cid, template=template, max_examples=rnd.joined[cid])
         except UpdateRejected as exc:
+            if observe:
+                fedq_metrics.observe_update(False, exc.reason, len(payload))
             log.warning("run %s round %d: refused update from %s: %s", self.run_id, round_no, cid, exc)
             self.store.record_refused(cid, round_no, exc.reason, exc.detail)
             if cid in rnd.joined:
@@ -295,6 +301,9 @@ class Aggregator:
             if rnd.folded.pop(cid, None) is not None:
                 self._refold(rnd, round_no, template)  # its earlier, valid version no longer counts
             return None
+        if observe:
+            fedq_metrics.observe_update(True, None, len(payload))
+        return upd
 
     def _consider(self, rnd: _Round, round_no: int, cid: str, template: list[protocol.TensorSpec]) -> None:
         """Validate and fold one client's stored update, once per version."""
@@ -319,7 +328,7 @@ class Aggregator:
             # here must not start another rebuild.
             del rnd.folded[cid]
             rnd.versions.pop(cid, None)
-            upd = self._judge(rnd, round_no, cid, template)
+            upd = self._judge(rnd, round_no, cid, template, observe=False)  # counted when it arrived
             if upd is not None:
                 rnd.acc.add(upd.tensors, upd.num_examples)
                 rnd.folded[cid] = _strip(upd)

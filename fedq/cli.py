@@ -170,11 +170,13 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
 def run(ctx: click.Context, out: Path, **kw: Any) -> None:
     """Run a whole federation on this machine: Redis, an aggregator and N clients."""
     from fedq.runner import run_local
-    from fedq.view import print_event, print_report, print_round
+    from fedq.view import RunProgress, print_event, print_report, print_round
 
     spec = _run_spec(kw)
-    report = run_local(_settings(ctx), spec, out, use_env_redis=ctx.obj["redis_from_env"],
-                       on_round=functools.partial(print_round, spec.rounds), on_event=print_event)
+    with RunProgress(spec.rounds, spec.clients) as progress:  # silent when stdout is not a terminal
+        report = run_local(_settings(ctx), spec, out, use_env_redis=ctx.obj["redis_from_env"],
+                           on_round=functools.partial(print_round, spec.rounds), on_event=print_event,
+                           on_progress=progress.update)
     print_report(report, out)
     if report["status"] != "finished":
         sys.exit(EXIT_ERROR)
@@ -204,10 +206,15 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
 @main.command()
 @click.option("--queue", help="rq queue to serve (default: FEDQ_QUEUE or fedq-runs).")
 @click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="FEDQ_METRICS_PORT",
+              help="Serve Prometheus /metrics on this port (env FEDQ_METRICS_PORT).")
+@click.option("--metrics-host", default="0.0.0.0", show_default=True, envvar="FEDQ_METRICS_HOST",
+              help="Address /metrics listens on.")
 @run_options(creating=False)
 @click.pass_context
 @_fail_cleanly
-def aggregator(ctx: click.Context, queue: str | None, burst: bool, **kw: Any) -> None:
+def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port: int | None, metrics_host: str,
+               **kw: Any) -> None:
     """Serve runs from the queue as an rq worker; with --clients/--rounds, create one run and drive it."""
     from fedq.jobs import run_worker, submit_run
     from fedq.store import connect
@@ -223,7 +230,13 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, **kw: Any) ->
         submit_run(r, settings, spec, queue=queue)
         click.echo(spec.run_id)
         burst = True
-    run_worker(r, settings, queue=queue, burst=burst)
+    run_worker(r, settings, queue=queue, burst=burst, metrics_port=metrics_port, metrics_host=metrics_host)
+    if kw["clients"] is not None:
+        from fedq.store import RunStore
+
+        state = RunStore(r, spec.run_id).state()
+        if state.get("status") != "finished":  # the run this command created must have succeeded
+            raise FedqError(f"run {spec.run_id} {state.get('status')}: {state.get('reason') or 'not finished'}")
 
 
 @main.command()
@@ -258,15 +271,44 @@ def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str |
 
 @main.command()
 @click.option("--run", "run_id", help="One run (default: list recent runs).")
+@click.option("--watch", is_flag=True, help="Keep the table current until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+              help="Seconds between redraws with --watch.")
 @click.pass_context
 @_fail_cleanly
-def status(ctx: click.Context, run_id: str | None) -> None:
-    """Show runs and their progress."""
+def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float) -> None:
+    """Show runs and their progress: clients, liveness, rounds, refusals (reads Redis only)."""
+    from fedq.dashboard.readonly import connect_readonly
     from fedq.store import connect
-    from fedq.view import print_run, print_runs
+    from fedq.view import console, status_renderable, watch_status
 
-    r = connect(_settings(ctx))
-    print_run(r, run_id) if run_id else print_runs(r)
+    settings = _settings(ctx)
+    connect(settings).close()  # fails fast, with the URL (password hidden), when Redis is unreachable
+    r = connect_readonly(settings)
+    first = status_renderable(r, run_id)  # an unknown run is an error, also with --watch
+    if not watch:
+        console.print(first)
+        return
+    watch_status(r, run_id, interval, _stop_on_signals())
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="FEDQ_DASHBOARD_HOST",
+              help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8050, show_default=True,
+              envvar="FEDQ_DASHBOARD_PORT")
+@click.option("--threads", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Request threads of the server.")
+@click.option("--refresh", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
+              help="Seconds between updates of an open page.")
+@click.pass_context
+@_fail_cleanly
+def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: float) -> None:
+    """Serve the web dashboard: runs, rounds, clients, live charts (reads Redis only)."""
+    from fedq.dashboard.app import serve
+
+    click.echo(f"fedq dashboard on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
+    serve(_settings(ctx), host=host, port=port, threads=threads, refresh_seconds=refresh)
 
 
 @main.command()

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import protocol, store as store_mod
+from fedq import heartbeat, protocol, store as store_mod
 from fedq.data import DataSpec, feature_stats, load_shard, standardize
 from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.settings import Settings
@@ -29,7 +29,11 @@ class Stopped(FedqError):
 
 
 class JoinRefused(FedqError):
-    """The run would not take this client (full, already training, or ended)."""
+    """The run would not take this client (full, or ended); ``outcome`` is the refusal code."""
+
+    def __init__(self, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class Client:
@@ -53,6 +57,7 @@ class Client:
         self.stop = stop or threading.Event()
         self.done: set[str] = set()
         self.trainer_factory = trainer_factory or functools.partial(KerasTrainer, threads=settings.tf_threads)
+        self._beat: heartbeat.Heartbeat | None = None
 
     # --- finding a run ------------------------------------------------------------------
     def serve(self, once: bool = False) -> list[dict[str, Any]]:
@@ -63,9 +68,14 @@ class Client:
             try:
                 results.append(self.run_one(run_id))
             except JoinRefused as exc:
-                if self.run_id is not None:
+                if self.run_id is None:
+                    log.info("%s; looking for another run", exc)  # lost a race for the last place
+                elif exc.outcome == "run_finished":
+                    # A client Job re-created after its run ended has nothing left to do.
+                    log.info("run %s has already finished; nothing to do", run_id)
+                    results.append(RunStore(self.r, run_id).state())
+                else:
                     raise
-                log.info("%s; looking for another run", exc)  # lost a race for the last place
             self.done.add(run_id)
             if once or self.run_id is not None:
                 break
@@ -112,10 +122,15 @@ class Client:
                   "host": socket.gethostname(), "pid": os.getpid(), "joined_at": time.time()}
         outcome = st.join(self.client_id, record, feature_stats(x).to_dict(), spec.clients)
         if outcome not in ("joined", "rejoined"):
-            raise JoinRefused(f"{self.client_id} could not join run {run_id}: {outcome.replace('_', ' ')}")
+            raise JoinRefused(f"{self.client_id} could not join run {run_id}: {outcome.replace('_', ' ')}", outcome)
         log.info("%s %s run %s with %d rows (shard %d of %d)", self.client_id, outcome, run_id,
                  len(y), self.shard, num_shards)
-        return self._train_rounds(st, spec, x, y)
+        self._beat = heartbeat.client_heartbeat(self.r, run_id, self.client_id, shard=self.shard).start()
+        try:
+            return self._train_rounds(st, spec, x, y)
+        finally:
+            self._beat.stop()
+            self._beat = None
 
     def _train_rounds(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         last_event = "0-0"
@@ -189,6 +204,8 @@ class Client:
         payload = protocol.encode_update(st.run_id, round_no, self.client_id, trainer.num_examples, metrics,
                                          names, weights)
         result = st.push_update(self.client_id, round_no, payload, self.settings.max_update_bytes)
+        if result == "ok" and self._beat is not None:
+            self._beat.update(round=round_no, last_push=time.time())
         log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes in %.1f ms (%s)",
                  self.client_id, round_no, metrics["loss"], metrics["accuracy"], train_seconds, len(payload),
                  (time.perf_counter() - t2) * 1000, result)

@@ -12,9 +12,10 @@ from typing import Any
 import redis
 from rq import Queue, Worker
 
+from fedq.heartbeat import aggregator_heartbeat
 from fedq.settings import Settings
 from fedq.spec import RunSpec
-from fedq.store import ENDED, RunStore, list_runs
+from fedq.store import ENDED, RunStore, connect, list_runs
 
 log = logging.getLogger("fedq.jobs")
 
@@ -35,8 +36,11 @@ def submit_run(r: redis.Redis, settings: Settings, spec: RunSpec, *, queue: str 
 
 
 def run_worker(r: redis.Redis, settings: Settings, *, queue: str | None = None, burst: bool = False,
-               name: str | None = None) -> bool:
-    """Serve runs from the queue as an rq worker (each run in a forked work horse)."""
+               name: str | None = None, metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> bool:
+    """Serve runs from the queue as an rq worker (each run in a forked work horse).
+
+    The worker keeps a heartbeat (fedq:aggregators:<name>) while it lives and, with
+    metrics_port, serves Prometheus /metrics with what its work horses counted."""
     # The work horse builds its own connection from the environment: make sure it sees ours,
     # including a URL given by flag rather than by FEDQ_REDIS_URL.
     os.environ["FEDQ_REDIS_URL"] = settings.redis_url
@@ -48,7 +52,28 @@ def run_worker(r: redis.Redis, settings: Settings, *, queue: str | None = None, 
                         worker_ttl=lease + 15, maintenance_interval=lease, job_monitoring_interval=lease)
     worker.fedq_settings = settings
     log.info("aggregator worker %s serving queue %s%s", worker.name, q.name, " (burst)" if burst else "")
-    return worker.work(burst=burst, logging_level=settings.log_level)
+    if metrics_port is not None:
+        from fedq import metrics
+
+        metrics.prepare_multiprocess()  # work horses count in their own processes; this one adds up
+        server = metrics.start_metrics_server(metrics_port, metrics_host)
+        log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, server.port)
+    # Its own connection: the thread must not share a pool with the worker across its forks.
+    beat = aggregator_heartbeat(connect(settings, check=False), worker.name, queue=q.name,
+                                extra=lambda: {"run": _current_run(worker)}).start()
+    try:
+        return worker.work(burst=burst, logging_level=settings.log_level)
+    finally:
+        beat.stop()
+
+
+def _current_run(worker: Worker) -> str | None:
+    """The run the worker's work horse is driving (rq keeps the job in memory; job id = run id)."""
+    try:
+        execution = next(iter(list(worker.executions.values())), None)
+    except (AttributeError, RuntimeError):
+        return None
+    return None if execution is None else execution.job_id.split("-resume-")[0]
 
 
 def job_status(r: redis.Redis, run_id: str) -> str | None:
@@ -120,9 +145,13 @@ def recover_orphans(r: redis.Redis, settings: Settings, queues: list[str]) -> li
     for run_id in list_runs(r, limit=200):
         store = RunStore(r, run_id)
         state = store.state()
-        if (not state or state.get("status") in ENDED or not state.get("started_at")
-                or state.get("queue", settings.queue) not in queues):
+        if not state or state.get("status") in ENDED or state.get("queue", settings.queue) not in queues:
             continue
+        if not state.get("started_at"):
+            # Never driven: only an orphan if its job was lost between create and enqueue.
+            old_enough = time.time() - float(state.get("created_at", 0)) > 2 * settings.lease_seconds
+            if not old_enough or job_status(r, run_id) is not None:
+                continue
         if r.exists(store.k.lease) or r.exists(store.k.standby):
             continue
         log.warning("run %s has no live driver (last: %s); recovering it", run_id, state.get("driver"))

@@ -10,6 +10,7 @@ import numpy as np
 
 from fedq import protocol
 from fedq.errors import FedqError
+from fedq.plots import write_curves
 from fedq.store import FINISHED, RunStore
 
 ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_accuracy",
@@ -70,10 +71,11 @@ def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
 
 
 def write_report(store: RunStore, out: Path, with_model: bool = True) -> dict[str, Any]:
-    """Write report.json (and model.keras when the run finished) into out; returns the report."""
+    """Write report.json, curves.png (once a round committed) and, when the run finished, model.keras."""
     report = build_report(store)  # first: an unknown run must not leave an empty directory behind
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_curves(report["rounds"], out / "curves.png", title=f"run {store.run_id}")
     if with_model and report["status"] == FINISHED:
         save_model(store, out)
     return report

@@ -76,8 +76,11 @@ class Processes:
 
 def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bool,
               on_round: Callable[[dict[str, Any]], None] = lambda m: None,
-              on_event: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Run a federation with an aggregator and spec.clients client processes; returns the report."""
+              on_event: Callable[[str], None] = lambda s: None,
+              on_progress: Callable[[RunStore], None] = lambda s: None) -> dict[str, Any]:
+    """Run a federation with an aggregator and spec.clients client processes; returns the report.
+
+    on_progress is called with the run's store at every wake-up (at least every block_seconds)."""
     spec.validate()
     check_data(spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,17 +103,19 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
             procs.start(f"client-{k}", ["client", "--shard", str(k), "--run", spec.run_id, "--once"])
         on_event(f"run {spec.run_id}: aggregator and {spec.clients} clients started (logs in {out / 'logs'})")
         store = RunStore(r, spec.run_id)
-        _follow(store, procs, settings, on_round)
+        _follow(store, procs, settings, on_round, on_progress)
         procs.wait(30)
         return write_report(store, out)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _follow(store: RunStore, procs: Processes, settings: Settings,
-            on_round: Callable[[dict[str, Any]], None]) -> None:
+            on_round: Callable[[dict[str, Any]], None],
+            on_progress: Callable[[RunStore], None] = lambda s: None) -> None:
     """Block on the run's event stream, reporting rounds, until it ends or a process dies."""
     last, shown = "0-0", 0
     while True:
+        on_progress(store)
         last, _ = store.wait_event(last, settings.block_seconds)
         for m in store.metrics()[shown:]:
             on_round(m)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
+import threading
 from pathlib import Path
 from typing import Any
 
 import redis
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from fedq.report import build_report
-from fedq.store import RunStore, list_runs
+from fedq.errors import RunNotFound
+from fedq.store import RunStore
 
 console = Console()
 
@@ -57,35 +62,169 @@ def print_report(report: dict[str, Any], out: Path | None = None) -> None:
     if report.get("refused"):
         console.print(f"{len(report['refused'])} update(s) refused; see report.json")
     if out is not None:
-        files = [p.name for p in (out / "report.json", out / "model.keras", out / "scaler.json") if p.exists()]
+        files = [p.name for p in (out / "report.json", out / "curves.png", out / "model.keras", out / "scaler.json")
+                 if p.exists()]
         console.print(f"wrote {', '.join(files)} to {out}")
 
 
-def _when(ts: str | None) -> str:
+def _when(ts: str | float | None) -> str:
     return "-" if not ts else dt.datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def print_runs(r: redis.Redis) -> None:
-    table = Table(title="runs (newest first)")
-    table.add_column("run", no_wrap=True, overflow="ignore")  # ids must stay whole to be copied
-    for col in ("status", "clients", "rounds", "created", "final test acc"):
-        table.add_column(col)
-    for run_id in list_runs(r, limit=50):
-        st = RunStore(r, run_id).state()
-        final = json.loads(st["final"]).get("test_accuracy") if st.get("final") else None
-        table.add_row(run_id, st.get("status", "?"), st.get("clients", "?"),
-                      f"{st.get('round', 0)}/{st.get('rounds', '?')}", _when(st.get("created_at")), _num(final))
-    console.print(table)
+def _short(ts: float | None) -> str:
+    """A time in few columns: the clock time today, else the date."""
+    if not ts:
+        return "-"
+    t = dt.datetime.fromtimestamp(ts)
+    return t.strftime("%H:%M:%S") if t.date() == dt.date.today() else t.strftime("%Y-%m-%d")
 
 
-def print_run(r: redis.Redis, run_id: str) -> None:
-    store = RunStore(r, run_id)
-    report = build_report(store)
-    console.print(f"run {run_id}: {report['status']}" + (f" ({report['reason']})" if report.get("reason") else ""))
-    table = Table(title="clients")
-    for col in ("client", "shard", "rows", "host"):
-        table.add_column(col)
-    for cid, rec in sorted(store.clients().items()):
-        table.add_row(cid, str(rec.get("shard")), str(rec.get("rows")), str(rec.get("host")))
-    console.print(table)
-    print_report(report)
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return "-"
+    secs = max(0.0, now - ts)
+    return f"{secs:.0f} s ago" if secs < 60 else f"{secs / 60:.0f} min ago" if secs < 3600 else _when(ts)
+
+
+_STATUS_STYLE = {"running": "blue", "queued": "yellow", "finished": "green", "failed": "bold red"}
+_LIVENESS_STYLE = {"alive": "green", "gone": "bold red", "left": "dim"}
+
+
+def runs_renderable(overview: dict[str, Any]) -> RenderableType:
+    """The runs list and the live aggregators (what the dashboard's front page shows)."""
+    table = Table(title="runs (newest first)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # Ids must stay whole to be copied: the other columns give way on a narrow terminal.
+    table.add_column("run", no_wrap=True, overflow="ignore",
+                     min_width=max([len(x["run_id"]) for x in overview["runs"]] + [3]))
+    for col in ("status", "clients", "rounds", "started", "finished", "test acc"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("clients", "rounds", "test acc") else "left")
+    for run in overview["runs"]:
+        status = run["status"] or "?"
+        table.add_row(run["run_id"], Text(status, style=_STATUS_STYLE.get(status, "")),
+                      f"{run['joined']}/{run['clients']}", f"{run['round']}/{run['rounds']}",
+                      _short(run["started_at"]), _short(run["finished_at"]), _num(run["final_test_accuracy"]))
+    parts: list[RenderableType] = [table]
+    if overview["aggregators"]:
+        agg = Table(title="aggregators alive", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in ("name", "host", "pid", "driving", "last heartbeat"):
+            agg.add_column(col, no_wrap=col == "name")
+        for a in overview["aggregators"]:
+            agg.add_row(a["name"], str(a.get("host", "-")), str(a.get("pid", "-")), a.get("run") or "idle",
+                        _ago(a.get("time"), overview["time"]))
+        parts.append(agg)
+    return Group(*parts)
+
+
+def run_renderable(d: dict[str, Any]) -> RenderableType:
+    """One run: where it stands, its clients (liveness, last push, local metrics), rounds, refusals."""
+    from fedq.dashboard.snapshot import phase_text
+
+    now = d["time"]
+    head = Text(f"run {d['run_id']}: {d['status']}" + (f" ({d['reason']})" if d.get("reason") else ""),
+                style="bold " + _STATUS_STYLE.get(d["status"] or "", ""))
+    driver = ", ".join(f"{a['name']} (alive)" for a in d["aggregators"]) or d.get("driver") or "-"
+    facts = Text(f"{phase_text(d)}\ncreated {_when(d['created_at'])}  started {_when(d['started_at'])}  "
+                 f"finished {_when(d['finished_at'])}  aggregator {driver}")
+    parts: list[RenderableType] = [head, facts]
+    if d["final"]["test_accuracy"] is not None:
+        parts.append(Text(f"final test accuracy {_num(d['final']['test_accuracy'])} "
+                          f"(test loss {_num(d['final']['test_loss'])})", style="bold"))
+    clients = Table(title="clients", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("client", "shard", "liveness", "last seen", "pushed", "samples", "loss", "acc", "refused"):
+        clients.add_column(col, no_wrap=col != "refused",
+                           justify="right" if col in ("shard", "pushed", "samples", "loss", "acc") else "left")
+    for c in d["client_table"]:
+        reasons = ", ".join(f"{k} x{v}" for k, v in c["refused_reasons"].items())
+        clients.add_row(c["client_id"], str(c["shard"]), Text(c["liveness"], style=_LIVENESS_STYLE[c["liveness"]]),
+                        _ago(c["last_seen"], now), "-" if c["last_round"] is None else str(c["last_round"]),
+                        str(c["num_examples"] if c["num_examples"] is not None else c.get("rows", "-")),
+                        _num(c["loss"]), _num(c["accuracy"]), f"{c['refused']} ({reasons})" if c["refused"] else "0")
+    parts.append(clients)
+    if d["round_metrics"]:
+        parts.append(rounds_table(d["round_metrics"][-15:]))
+    if d["refusals"]:
+        refused = Table(title=f"refused updates ({d['refused_total']}, newest last)", box=box.SIMPLE_HEAD,
+                        pad_edge=False, collapse_padding=True)
+        for col in ("time", "client", "round", "reason", "detail"):
+            refused.add_column(col)
+        for x in d["refusals"][-10:]:
+            refused.add_row(_short(x.get("time")), str(x.get("client")), str(x.get("round")), str(x.get("reason")),
+                            str(x.get("detail", "")))
+        parts.append(refused)
+    return Group(*parts)
+
+
+def status_renderable(r: redis.Redis, run_id: str | None) -> RenderableType:
+    """What `fedq status` shows: one run, or the runs list."""
+    from fedq.dashboard import snapshot
+
+    return run_renderable(snapshot.run_detail(r, run_id)) if run_id else runs_renderable(snapshot.runs_overview(r))
+
+
+def watch_status(r: redis.Redis, run_id: str | None, interval: float, stop: threading.Event) -> None:
+    """Redraw the status every interval seconds until stop is set; rides out Redis going away.
+
+    On a terminal the table is redrawn in place; otherwise it is printed again each time.
+    """
+    def frame() -> RenderableType:
+        stamp = Text(f"{dt.datetime.now():%H:%M:%S} - every {interval:g} s, Ctrl-C to stop", style="dim")
+        try:
+            return Group(status_renderable(r, run_id), stamp)
+        except redis.RedisError as exc:
+            return Group(Panel(f"Redis is unreachable: {exc}\nretrying every {interval:g} s",
+                               title="Redis unreachable", style="bold red"), stamp)
+        except RunNotFound as exc:
+            return Group(Panel(str(exc), style="yellow"), stamp)
+
+    if console.is_terminal:
+        with Live(frame(), console=console, auto_refresh=False, transient=False) as live:
+            while not stop.wait(interval):
+                live.update(frame(), refresh=True)
+    else:
+        console.print(frame())
+        while not stop.wait(interval):
+            console.rule()
+            console.print(frame())
+
+
+class RunProgress:
+    """Progress of `fedq run` (joins, rounds, updates in); nothing at all when not a terminal."""
+
+    def __init__(self, rounds: int, clients: int, out: Console | None = None) -> None:
+        self.console = out or console
+        self.enabled = self.console.is_terminal
+        self.rounds, self.clients = rounds, clients
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=self.console,
+                                 transient=True, disable=not self.enabled)
+        self.task = self.progress.add_task("starting", total=rounds)
+
+    def __enter__(self) -> "RunProgress":
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def describe(self, state: dict[str, str], joined: int, pushed: int) -> str:
+        committed = int(state.get("round") or 0)
+        if state.get("phase") in (None, "join"):
+            return f"waiting for clients: {joined}/{self.clients} joined"
+        if state.get("status") in ("finished", "failed"):
+            return f"run {state['status']}"
+        return f"round {committed + 1}/{self.rounds}: {pushed}/{self.clients} updates in"
+
+    def update(self, store: RunStore) -> None:
+        """Read where the run stands (only when shown) and redraw."""
+        if not self.enabled:
+            return
+        try:
+            state = store.state()
+            committed = int(state.get("round") or 0)
+            joined = int(store.r.hlen(store.k.clients))
+            pushed = int(store.r.hlen(store.k.updates(committed + 1))) if state.get("phase") == "train" else 0
+        except redis.RedisError:
+            return  # the runner's own loop reports a lost Redis
+        self.progress.update(self.task, completed=committed, description=self.describe(state, joined, pushed))

@@ -42,6 +42,11 @@ def test_aggregator_sigkill_mid_round_then_a_new_aggregator(federation) -> None:
     fed.aggregator("agg-b")
     _finish_clean(fed, "aggregator SIGKILL, new aggregator", "client-0", "client-1")
     assert fed.store.state()["driver"] != driver_before
+    # rq's own record of the dead worker's job is not left "started": the surviving worker's
+    # maintenance marks it abandoned once its heartbeat lapses (rq adds 60 s to that).
+    from fedq.jobs import job_status
+
+    fed.wait(lambda: job_status(fed.r, "agg-kill") not in ("started", None), "rq to settle the dead job", 150)
 
 
 def test_client_sigkill_mid_round_then_restart(federation) -> None:

@@ -1,0 +1,107 @@
+"""Micro-benchmarks, each a ratio measured side by side in one run (the machine is shared):
+
+- codec: encode + decode of a model against ``np.copyto`` of the same bytes (target <= 2x);
+- aggregation: fedq's FedAvg fold against numpy's in-place accumulate of the same arrays
+  (target <= 1.3x).
+
+    python bench/micro.py [--params 1000000 25000000] [--repeat 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+from fedq import codec
+from fedq.aggregate import FedAvg
+
+
+def model(params: int, seed: int = 0) -> list[np.ndarray]:
+    """A model of about `params` float32 parameters in a few tensors of realistic shapes."""
+    rng = np.random.default_rng(seed)
+    side = int((params * 0.9) ** 0.5)
+    rest = params - side * side
+    return [rng.standard_normal((side, side), dtype=np.float32),
+            rng.standard_normal(max(rest, 1), dtype=np.float32)]
+
+
+def best(fn: Callable[[], object], repeat: int) -> float:
+    """Median seconds of fn over `repeat` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_codec(params: int, repeat: int) -> tuple[float, float]:
+    tensors = model(params)
+    dst = [np.empty_like(t) for t in tensors]
+
+    def ours() -> None:
+        env = codec.decode(codec.encode("update", tensors))
+        assert len(env.tensors) == len(tensors)
+
+    def floor() -> None:
+        for d, t in zip(dst, tensors):
+            np.copyto(d, t)
+
+    # Interleave the two so both see the same machine load.
+    a, b = [], []
+    for _ in range(repeat):
+        a.append(best(ours, 1))
+        b.append(best(floor, 1))
+    return statistics.median(a), statistics.median(b)
+
+
+def bench_aggregate(params: int, repeat: int, n: int = 8) -> tuple[float, float]:
+    models = [model(params, seed=i) for i in range(n)]
+    counts = [100 + i for i in range(n)]
+
+    def ours() -> None:
+        acc = FedAvg(models[0])
+        for m, c in zip(models, counts):
+            acc.add(m, c)
+
+    sums = [np.zeros(t.shape, np.float64) for t in models[0]]
+    scratch = [np.empty(t.shape, np.float64) for t in models[0]]
+
+    def floor() -> None:
+        # The same float64 weighted accumulate written directly with numpy, in place.
+        for s in sums:
+            s.fill(0.0)
+        for m, c in zip(models, counts):
+            for s, buf, t in zip(sums, scratch, m):
+                np.multiply(t, np.float64(c), out=buf)
+                s += buf
+
+    a, b = [], []
+    for _ in range(repeat):
+        a.append(best(ours, 1))
+        b.append(best(floor, 1))
+    return statistics.median(a), statistics.median(b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=int, nargs="+", default=[1_000_000, 25_000_000])
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    print(f"{'benchmark':<12} {'params':>11} {'fedq ms':>9} {'floor ms':>9} {'ratio':>6} {'GB/s':>6} target")
+    for p in args.params:
+        ours, floor = bench_codec(p, args.repeat)
+        print(f"{'codec':<12} {p:>11,} {ours * 1e3:>9.2f} {floor * 1e3:>9.2f} {ours / floor:>6.2f} "
+              f"{p * 4 / ours / 1e9:>6.2f} <= 2.0 (encode+decode vs np.copyto)")
+        ours, floor = bench_aggregate(p, args.repeat)
+        print(f"{'aggregation':<12} {p:>11,} {ours * 1e3:>9.2f} {floor * 1e3:>9.2f} {ours / floor:>6.2f} "
+              f"{8 * p * 4 / ours / 1e9:>6.2f} <= 1.3 (FedAvg of 8 vs numpy in-place)")
+
+
+if __name__ == "__main__":
+    main()

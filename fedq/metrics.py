@@ -1,0 +1,159 @@
+"""Prometheus metrics of the aggregator, served on ``/metrics`` (prometheus-client).
+
+The aggregator counts with the module functions (``observe_update``, ``observe_round``,
+``set_clients_alive``); ``start_metrics_server`` serves them. Metrics live in a registry
+of fedq's own, never prometheus-client's global one, so tests and several instances in
+one process do not collide.
+
+An rq worker drives each run in a forked work horse, so the counting happens in a child
+process while the server runs in the parent. ``prepare_multiprocess`` switches
+prometheus-client to its multiprocess mode for that: every process writes its values to a
+file in one directory and the parent's server adds them up. It must run before
+prometheus-client is imported, which is why this module imports it lazily.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from typing import Any
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+NAMESPACE = "fedq"
+ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def prepare_multiprocess(directory: str | None = None) -> str:
+    """Make values counted in forked children visible to this process's server; returns the directory.
+
+    Uses PROMETHEUS_MULTIPROC_DIR when it is set already (then the caller owns the directory),
+    else a fresh temporary directory removed when this process exits.
+    """
+    if os.environ.get(MULTIPROC_ENV):
+        return os.environ[MULTIPROC_ENV]
+    if "prometheus_client" in sys.modules:
+        # prometheus-client decides per-process or multiprocess values when it is imported.
+        raise RuntimeError("prepare_multiprocess must run before prometheus_client is imported")
+    path = directory or tempfile.mkdtemp(prefix="fedq-metrics-")
+    os.makedirs(path, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = path
+    if directory is None:
+        owner = os.getpid()
+        # Forked work horses leave with os._exit (no atexit); the check is for other forks.
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+class AggregatorMetrics:
+    """The aggregator's metric families, registered in one registry."""
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        kw = {"namespace": NAMESPACE, "registry": self.registry}
+        self.rounds_completed = Counter("rounds_completed", "Federated rounds committed.", **kw)
+        self.updates_accepted = Counter("updates_accepted", "Client updates validated and aggregated.", **kw)
+        self.updates_refused = Counter("updates_refused", "Client updates refused, by reason.", ["reason"], **kw)
+        self.round_duration = Histogram("round_duration_seconds", "Wall time of a committed round.",
+                                        buckets=ROUND_BUCKETS, **kw)
+        self.bytes_received = Counter("bytes_received", "Bytes of client updates read by the aggregator.", **kw)
+        # mostrecent: with forked work horses, the value the latest one set (ignored otherwise).
+        self.clients_alive = Gauge("clients_alive", "Clients of the current run with a live heartbeat.",
+                                   multiprocess_mode="mostrecent", **kw)
+
+    def observe_update(self, accepted: bool, reason: str | None = None, nbytes: int = 0) -> None:
+        """Count one update: accepted, or refused for reason; nbytes it weighed on the wire."""
+        if accepted:
+            self.updates_accepted.inc()
+        else:
+            self.updates_refused.labels(reason=reason or "unknown").inc()
+        if nbytes > 0:
+            self.bytes_received.inc(nbytes)
+
+    def observe_round(self, seconds: float) -> None:
+        """Count one committed round and its wall time."""
+        self.rounds_completed.inc()
+        self.round_duration.observe(max(0.0, float(seconds)))
+
+    def set_clients_alive(self, n: int) -> None:
+        self.clients_alive.set(n)
+
+    def exposition(self) -> bytes:
+        """This registry in the Prometheus text format (what /metrics would serve in-process)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+_default: AggregatorMetrics | None = None
+_default_lock = threading.Lock()
+
+
+def default() -> AggregatorMetrics:
+    """The process's metrics (created on first use, in fedq's own registry)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = AggregatorMetrics()
+    return _default
+
+
+def observe_update(accepted: bool, reason: str | None = None, nbytes: int = 0) -> None:
+    """Count one client update (see AggregatorMetrics.observe_update)."""
+    default().observe_update(accepted, reason, nbytes)
+
+
+def observe_round(seconds: float) -> None:
+    """Count one committed round and its duration in seconds."""
+    default().observe_round(seconds)
+
+
+def set_clients_alive(n: int) -> None:
+    """Set how many clients of the run being driven have a live heartbeat."""
+    default().set_clients_alive(n)
+
+
+class MetricsServer:
+    """A running /metrics endpoint; ``close`` stops it."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> MetricsServer:
+    """Serve /metrics on host:port in a daemon thread (port 0: any free port).
+
+    In multiprocess mode it serves what every process wrote into the shared directory
+    (the worker's forked work horses included); otherwise the default() registry.
+    """
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    if multiprocess_enabled():
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = default().registry
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)

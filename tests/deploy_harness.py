@@ -1,0 +1,432 @@
+"""Helpers of the deployment tests: render overlays, read the image's facts, resolve a container's
+environment and arguments the way the kubelet (or compose) does, parse fedq commands with fedq's
+own CLI parser, and run "pods as processes" against a local Redis.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import redis
+import yaml
+
+from fedq.localredis import find_server
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = sorted(p.parent for p in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "workers" / "Dockerfile"
+KUBECTL = shutil.which("kubectl")
+FEDQ_BIN = str(Path(sys.executable).with_name("fedq"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fedq_cmd(*args: str) -> list[str]:
+    """The fedq CLI as users start it."""
+    return [sys.executable, "-m", "fedq", *args]
+
+
+def cli_env(redis_url: str | None = None, **extra: str) -> dict[str, str]:
+    """This environment without FEDQ_* settings (and with FEDQ_REDIS_URL when given)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDQ_", "KUBECONFIG"))}
+    env.update(PYTHONUNBUFFERED="1", COLUMNS="100", **extra)
+    if redis_url:
+        env["FEDQ_REDIS_URL"] = redis_url
+    return env
+
+
+# --- rendering -------------------------------------------------------------------------------
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize DIR` as a list of resources."""
+    assert KUBECTL, "kubectl is not installed"
+    done = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"kubectl kustomize {directory} failed:\n{done.stderr}"
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+# --- the image ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Image:
+    """What workers/Dockerfile says about the running container."""
+
+    base: str
+    entrypoint: list[str]
+    cmd: list[str]
+    env: dict[str, str]
+    user: str | None
+    healthcheck: list[str] | None
+    runs: list[str]
+    copies: list[tuple[list[str], str]]
+
+
+# The redis image's entrypoint hands its arguments to redis-server (and drops root, which the
+# manifests do not need): as a process, its command is just its arguments.
+REDIS_IMAGE = Image(base="redis", entrypoint=[], cmd=["redis-server"], env={}, user=None, healthcheck=None,
+                    runs=[], copies=[])
+
+
+def _instructions(text: str) -> Iterator[tuple[str, str]]:
+    joined = re.sub(r"\\\n", " ", text)
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            yield word.upper(), rest.strip()
+
+
+def _exec_form(rest: str) -> list[str]:
+    rest = rest.strip()
+    return json.loads(rest) if rest.startswith("[") else ["/bin/sh", "-c", rest]
+
+
+def read_image(path: Path = DOCKERFILE) -> Image:
+    base, entrypoint, cmd, user, health = "", [], [], None, None
+    env: dict[str, str] = {}
+    runs: list[str] = []
+    copies: list[tuple[list[str], str]] = []
+    for word, rest in _instructions(path.read_text()):
+        if word == "FROM":
+            base = rest.split()[0]
+        elif word == "ENV":
+            for token in shlex.split(rest):
+                k, _, v = token.partition("=")
+                env[k] = v
+        elif word == "ENTRYPOINT":
+            entrypoint = _exec_form(rest)
+        elif word == "CMD":
+            cmd = _exec_form(rest)
+        elif word == "USER":
+            user = rest
+        elif word == "RUN":
+            runs.append(" ".join(rest.split()))
+        elif word == "COPY":
+            parts = [p for p in rest.split() if not p.startswith("--")]
+            copies.append((parts[:-1], parts[-1]))
+        elif word == "HEALTHCHECK":
+            health = _exec_form(rest.split("CMD", 1)[1]) if "CMD" in rest else None
+    return Image(base, entrypoint, cmd, env, user, health, runs, copies)
+
+
+# --- kubelet semantics -----------------------------------------------------------------------
+_KUBE_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def kube_expand(text: str, env: dict[str, str]) -> str:
+    """$(VAR) -> its value when defined (else left as it is), $$ -> $: the kubelet's rules."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return _KUBE_REF.sub(sub, text)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def container_env(c: dict[str, Any], docs: list[dict[str, Any]], extra: dict[str, str] | None = None,
+                  overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the kubelet gives a container: envFrom, then env in order (with expansion).
+
+    overrides replace ConfigMap values, as an overlay's patch would.
+    """
+    configmaps, secrets = by_kind(docs, "ConfigMap"), by_kind(docs, "Secret")
+    env: dict[str, str] = {}
+    for src in c.get("envFrom", []):
+        if "configMapRef" in src:
+            data = dict(configmaps[src["configMapRef"]["name"]].get("data", {}))
+            data.update({k: v for k, v in (overrides or {}).items() if k in data})
+        else:
+            data = {k: base64.b64decode(v).decode() for k, v in secrets[src["secretRef"]["name"]]["data"].items()}
+        env.update({src.get("prefix", "") + k: v for k, v in data.items()})
+    env.update(extra or {})
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = kube_expand(e["value"], env)
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+        elif "configMapKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["configMapKeyRef"]
+            env[e["name"]] = configmaps[ref["name"]]["data"][ref["key"]]
+        else:
+            raise AssertionError(f"env {e['name']}: a source the harness does not know: {e}")
+    return env
+
+
+def container_argv(c: dict[str, Any], image: Image, env: dict[str, str]) -> list[str]:
+    """command + args after $(VAR) expansion; the image's ENTRYPOINT/CMD where they are not set."""
+    command = c.get("command") or image.entrypoint
+    args = c.get("args") if "args" in c else ([] if "command" in c else image.cmd)
+    return [kube_expand(str(a), env) for a in [*command, *args]]
+
+
+# --- compose semantics -------------------------------------------------------------------------
+_COMPOSE_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def compose_interpolate(value: Any, variables: dict[str, str]) -> Any:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err} and $$, through lists and maps."""
+    if isinstance(value, dict):
+        return {k: compose_interpolate(v, variables) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compose_interpolate(v, variables) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(4)
+        op, arg = m.group(2), m.group(3) or ""
+        current = variables.get(name)
+        if op in (":-", "-"):
+            unset = current is None or (op == ":-" and current == "")
+            return arg if unset else current
+        if op in (":?", "?"):
+            if current is None or (op == ":?" and current == ""):
+                raise AssertionError(f"compose variable {name} is required: {arg}")
+            return current
+        return current or ""
+    return _COMPOSE_REF.sub(sub, value)
+
+
+def compose_services(variables: dict[str, str]) -> dict[str, dict[str, Any]]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    return {name: compose_interpolate(svc, variables) for name, svc in data["services"].items()}
+
+
+def compose_argv(svc: dict[str, Any], image: Image) -> list[str]:
+    def as_list(v: Any) -> list[str]:
+        return shlex.split(v) if isinstance(v, str) else [str(x) for x in v]
+    entry = as_list(svc["entrypoint"]) if "entrypoint" in svc else image.entrypoint
+    cmd = as_list(svc["command"]) if "command" in svc else image.cmd
+    return [*entry, *cmd]
+
+
+def compose_env(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def is_fedq_service(svc: dict[str, Any]) -> bool:
+    return "build" in svc or str(svc.get("image", "")).split(":")[0].rsplit("/", 1)[-1] == "fedq"
+
+
+# --- fedq's own parser ---------------------------------------------------------------------------
+class ParseError(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({k: v for k, v in saved.items() if not k.startswith("FEDQ_")})
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def parse_fedq(argv: list[str], env: dict[str, str] | None = None) -> tuple[str, dict[str, Any]]:
+    """Parse `fedq ...` with fedq's click parser (no command runs): (subcommand, its parameters).
+
+    The container's environment is in place while parsing, so FEDQ_* variables that click reads
+    (FEDQ_REDIS_URL, FEDQ_LOG_LEVEL) are checked too, and so is fedq's Settings.from_env.
+    """
+    import click
+
+    from fedq.cli import main
+    from fedq.errors import FedqError
+    from fedq.settings import Settings
+
+    if not argv or Path(argv[0]).name != "fedq":
+        raise ParseError(f"not a fedq command: {argv}")
+    with _environ(env or {}):
+        try:
+            Settings.from_env()
+            ctx = main.make_context("fedq", list(argv[1:]))
+            rest = [*getattr(ctx, "_protected_args", []), *ctx.args]
+            if not rest:
+                raise ParseError(f"{argv}: no fedq subcommand")
+            name, cmd, sub = main.resolve_command(ctx, rest)
+            assert cmd is not None and name is not None
+            while isinstance(cmd, click.Group):  # fedq k8s ..., fedq kfp ...
+                group_ctx = cmd.make_context(name, sub, parent=ctx)
+                rest = [*getattr(group_ctx, "_protected_args", []), *group_ctx.args]
+                name, cmd, sub = cmd.resolve_command(group_ctx, rest)
+                ctx = group_ctx
+            sub_ctx = cmd.make_context(name, list(sub), parent=ctx)
+        except click.exceptions.Exit as exc:
+            raise ParseError(f"{argv}: exits early ({exc})") from None
+        except (click.ClickException, FedqError) as exc:
+            msg = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+            raise ParseError(f"{shlex.join(argv)}: {msg}") from None
+    return name, sub_ctx.params
+
+
+def fedq_command_exists(name: str) -> bool:
+    from fedq.cli import main
+
+    return name in main.commands
+
+
+# --- pods as processes -------------------------------------------------------------------------
+@dataclass
+class Proc:
+    """One container of a pod (or compose service) started as a local process."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    one_shot: bool  # a Job's container (or a compose service expected to exit)
+    popen: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def tail(self, lines: int = 40) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class LocalRedis:
+    """A redis-server started from a Redis container's own arguments, on a free loopback port."""
+
+    argv: list[str]
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    password: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = list(self.argv)
+        assert Path(args[0]).name == "redis-server", f"the Redis container runs {args[0]}, not redis-server"
+        if "--requirepass" in args:
+            self.password = args[args.index("--requirepass") + 1]
+        # The container's own flags, then this machine's: loopback only, a free port, no protected mode.
+        self.proc = subprocess.Popen([find_server(), *args[1:], "--port", str(self.port), "--bind", "127.0.0.1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.data_dir)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if self.client().ping():
+                    return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"redis-server from {args} did not start") from None
+                time.sleep(0.05)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def rewrite_paths(value: str, mounts: dict[str, Path]) -> str:
+    """A container path under a mount, as the local directory standing in for that mount."""
+    for mount, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+        if value == mount or value.startswith(mount.rstrip("/") + "/"):
+            return str(local) + value[len(mount.rstrip("/")):]
+    return value
+
+
+def map_hosts(value: str, hosts: dict[tuple[str, int], str]) -> str:
+    """host:port of a Service (or compose service), in any of its DNS forms, as the local address."""
+    for (name, port), local in hosts.items():
+        value = re.sub(rf"(?<=[@/]){re.escape(name)}(?:\.[a-z0-9-]+)*:{port}(?=/|$)", local, value)
+    return value
+
+
+def start(procs: list[Proc], log_dir: Path, workdir: Path) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for p in procs:
+        argv = list(p.argv)
+        if Path(argv[0]).name == "fedq":
+            argv[0] = FEDQ_BIN  # the image's `fedq` is this environment's
+        env = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8", **p.env}
+        p.log = log_dir / f"{p.name}.log"
+        with open(p.log, "wb") as out:
+            p.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT, cwd=workdir)
+
+
+def stop(procs: list[Proc]) -> None:
+    for p in procs:
+        if p.popen is not None and p.popen.poll() is None:
+            p.popen.terminate()
+    deadline = time.monotonic() + 15
+    for p in procs:
+        if p.popen is not None:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+
+
+def wait_for_run(procs: list[Proc], r: redis.Redis, run_id: str, timeout: float) -> dict[str, str]:
+    """Block until the run ends; fail at once when a process exits with an error."""
+    from fedq.store import ENDED, RunStore
+
+    store = RunStore(r, run_id)
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in procs:
+            code = p.popen.poll() if p.popen else None
+            if code not in (None, 0):
+                raise AssertionError(f"{p.name} exited {code}: {shlex.join(p.argv)}\n{p.tail()}")
+            if code == 0 and not p.one_shot:
+                raise AssertionError(f"{p.name} (a long-running container) exited:\n{p.tail()}")
+        state = store.state()
+        if state.get("status") in ENDED:
+            return state
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in procs)
+            raise AssertionError(f"run {run_id} did not end within {timeout:g} s: {state}\n{logs}")
+        time.sleep(0.5)
+
+
+def wait_one_shots(procs: list[Proc], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        if p.one_shot and p.popen is not None:
+            try:
+                code = p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{p.name} did not exit after the run ended:\n{p.tail()}") from None
+            assert code == 0, f"{p.name} exited {code}:\n{p.tail()}"
+
+
+def tmpdir(parent: Path, name: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+    path.chmod(0o755)
+    return path

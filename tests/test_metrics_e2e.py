@@ -1,0 +1,139 @@
+"""One real federation watched from outside: the aggregator's /metrics (parsed with
+prometheus-client's own parser) must count what the run did, and every process must keep a
+heartbeat while it works.
+
+The run: an aggregator worker started with --metrics-port, two real clients, and a third
+client (in this process, through the real client loop) whose training yields NaN weights,
+so that the aggregator refuses its update every round with reason ``non_finite``.
+
+These checks need the counting calls in fedq/aggregator.py and the client heartbeat in
+fedq/client.py (see fedq/metrics.py and fedq/heartbeat.py for the calls).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from fedq import heartbeat, protocol
+from fedq.client import Client
+from fedq.jobs import submit_run
+from fedq.settings import Settings
+from fedq.spec import RunSpec
+from fedq.store import RunStore
+from helpers import cli_env, free_port
+from test_dashboard_support import Proc, http_get
+from test_metrics import samples, value
+
+pytestmark = pytest.mark.slow
+
+RUN = "metered"
+ROUNDS = 2
+
+
+class NanTrainer:
+    """Trains nothing and returns NaN weights: an update the aggregator must refuse."""
+
+    def __init__(self, store: RunStore, num_examples: int) -> None:
+        _, self.names, tensors = protocol.decode_global(store.global_payload(), store.run_id)
+        self.shapes = [(t.shape, t.dtype) for t in tensors]
+        self.num_examples = num_examples
+
+    def load(self, tensors: list[np.ndarray]) -> None:
+        pass
+
+    def train(self, round_no: int) -> dict[str, float]:
+        time.sleep(0.2)
+        return {"loss": 1.0, "accuracy": 0.5}
+
+    def weights(self) -> list[np.ndarray]:
+        return [np.full(shape, np.nan, dtype=dtype) for shape, dtype in self.shapes]
+
+
+@pytest.fixture(scope="module")
+def federation(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Run the federation once; hand the tests what was seen during it and /metrics after it."""
+    url = redis_server.url
+    r = redis.Redis.from_url(url)
+    r.flushall()
+    logs = tmp_path_factory.mktemp("metered")
+    env = cli_env(url)
+    env["FEDQ_TF_THREADS"] = "1"
+    port = free_port()
+    procs = [Proc("aggregator", ["aggregator", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"], env, logs)]
+    settings = Settings.from_env({"FEDQ_REDIS_URL": url})
+    submit_run(r, settings, RunSpec(clients=3, rounds=ROUNDS, local_epochs=1, run_id=RUN))
+    procs += [Proc(f"client-{k}", ["client", "--shard", str(k), "--run", RUN, "--once"], env, logs) for k in range(2)]
+    store = RunStore(r, RUN)
+    stop = threading.Event()
+    bad = Client(redis.Redis.from_url(url), settings, 2, run_id=RUN, client_id="client-bad", stop=stop,
+                 trainer_factory=lambda spec, nf, nc, x, y, shard, stop_: NanTrainer(store, len(y)))
+    bad_errors: list[BaseException] = []
+
+    def run_bad() -> None:
+        try:
+            bad.serve(once=True)
+        except BaseException as exc:  # reported by the tests, not lost in the thread
+            bad_errors.append(exc)
+
+    thread = threading.Thread(target=run_bad, daemon=True)
+    thread.start()
+    seen: dict[str, Any] = {"clients": set(), "aggregators": {}}
+    try:
+        deadline = time.monotonic() + 240
+        while store.state().get("status") not in ("finished", "failed") and time.monotonic() < deadline:
+            if store.state().get("phase") == "train":
+                seen["clients"] |= set(heartbeat.alive_clients(r, RUN))
+            seen["aggregators"].update(heartbeat.alive_aggregators(r))
+            time.sleep(0.2)
+        thread.join(timeout=60)
+        for p in procs[1:]:
+            assert p.wait(60) == 0, p.text()[-3000:]
+        status, body, _ = http_get(f"http://127.0.0.1:{port}/metrics")
+        seen["after"] = set(heartbeat.alive_clients(r, RUN))
+        yield {"r": r, "store": store, "seen": seen, "metrics_status": status, "metrics": body.decode(),
+               "bad_errors": bad_errors, "aggregator": procs[0]}
+    finally:
+        stop.set()
+        for p in procs:
+            p.stop()
+
+
+def test_the_run_finished_with_one_refusal_per_round(federation: dict[str, Any]) -> None:
+    store = federation["store"]
+    assert store.state()["status"] == "finished", federation["aggregator"].text()[-3000:]
+    assert not federation["bad_errors"], federation["bad_errors"]
+    assert [(x["client"], x["reason"]) for x in store.refused()] == [("client-bad", "non_finite")] * ROUNDS
+
+
+def test_metrics_endpoint_counts_match_the_run(federation: dict[str, Any]) -> None:
+    assert federation["metrics_status"] == 200
+    p = samples(federation["metrics"])  # prometheus-client's own parser
+    store = federation["store"]
+    rounds = store.metrics()
+    refused = Counter(x["reason"] for x in store.refused() if x.get("stage") == "aggregate")
+    assert value(p, "fedq_rounds_completed_total") == len(rounds) == ROUNDS
+    assert value(p, "fedq_updates_accepted_total") == sum(m["num_updates"] for m in rounds) == 2 * ROUNDS
+    for reason, n in refused.items():
+        assert value(p, "fedq_updates_refused_total", reason=reason) == n, reason
+    assert sum(v for (name, _), v in p.items() if name == "fedq_updates_refused_total") == sum(refused.values())
+    assert value(p, "fedq_round_duration_seconds_count") == ROUNDS
+    assert value(p, "fedq_round_duration_seconds_sum") == pytest.approx(sum(m["seconds"] for m in rounds), rel=0.05)
+    # Every update read was pushed once here, so the bytes read are the bytes the push log recorded.
+    pushed = sum(int(x["bytes"]) for x in store.pushes() if x.get("outcome") == "ok")
+    assert value(p, "fedq_bytes_received_total") == pushed > 0
+    assert value(p, "fedq_clients_alive") == 3
+
+
+def test_clients_and_the_aggregator_kept_heartbeats(federation: dict[str, Any]) -> None:
+    seen = federation["seen"]
+    assert seen["clients"] == {"client-0", "client-1", "client-bad"}, "every training client keeps a heartbeat"
+    assert seen["after"] == set(), "clients that left cleanly removed their heartbeats"
+    (agg,) = seen["aggregators"].values()
+    assert agg["role"] == "aggregator" and agg["pid"] == federation["aggregator"].proc.pid

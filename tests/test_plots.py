@@ -1,0 +1,57 @@
+"""curves.png: drawn from a run's rounds, written by `fedq report` beside report.json."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+from pathlib import Path
+
+import redis
+
+from fedq.plots import write_curves
+from fedq.report import write_report
+from fedq.store import RunStore
+from helpers import cli_env, fedq_cmd
+from test_dashboard_support import make_run
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_curves_png_of_accuracy_and_loss(tmp_path: Path) -> None:
+    rounds = [{"round": k, "train_accuracy": 0.7 + k / 20, "test_accuracy": 0.68 + k / 20,
+               "train_loss": 1 / k, "test_loss": 1.2 / k} for k in range(1, 6)]
+    path = write_curves(rounds, tmp_path / "sub" / "curves.png", title="run x")
+    assert path == tmp_path / "sub" / "curves.png"
+    assert png_size(path) == (1000, 400)
+    assert path.stat().st_size > 10_000  # two panels with lines, axes and legends, not a blank image
+
+
+def test_missing_values_are_skipped_and_no_rounds_means_no_file(tmp_path: Path) -> None:
+    rounds = [{"round": 1, "train_accuracy": 0.7, "test_accuracy": None, "train_loss": 0.5, "test_loss": None},
+              {"round": 2, "train_accuracy": 0.8, "test_accuracy": 0.75, "train_loss": 0.4, "test_loss": 0.45}]
+    assert png_size(write_curves(rounds, tmp_path / "a.png")) == (1000, 400)
+    assert write_curves([], tmp_path / "b.png") is None
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_report_writes_curves_beside_report_json(r: redis.Redis, tmp_path: Path) -> None:
+    make_run(r, "plotted", rounds=3, committed=2)
+    report = write_report(RunStore(r, "plotted"), tmp_path, with_model=False)
+    assert [x["round"] for x in report["rounds"]] == [1, 2]
+    assert png_size(tmp_path / "curves.png") == (1000, 400)
+    assert json.loads((tmp_path / "report.json").read_text())["run_id"] == "plotted"
+
+
+def test_fedq_report_command_lists_curves_png(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    make_run(r, "reported", rounds=3, committed=1)  # running: no model is saved, curves are
+    out = tmp_path / "out"
+    done = subprocess.run(fedq_cmd("report", "--run", "reported", "--out", str(out)), env=cli_env(redis_url),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (out / "curves.png").exists() and (out / "report.json").exists()
+    assert "curves.png" in done.stdout

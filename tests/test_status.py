@@ -1,0 +1,159 @@
+"""`fedq status [--run ID] [--watch]`, and the progress `fedq run` shows on a terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from rich.console import Console
+
+from fedq import heartbeat
+from fedq.store import RunStore
+from fedq.view import RunProgress
+from helpers import RedisServer, cli_env, fedq_cmd
+from test_dashboard_support import make_run
+
+
+def _env(redis_url: str) -> dict[str, str]:
+    env = cli_env(redis_url)
+    env["COLUMNS"] = "200"  # wide enough that no cell is cut short
+    return env
+
+
+def status(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(fedq_cmd("status", *args), env=_env(redis_url), capture_output=True, text=True, timeout=60)
+
+
+def test_status_lists_runs_with_clients_rounds_and_final_accuracy(redis_url: str, r: redis.Redis) -> None:
+    make_run(r, "done-run", rounds=2, committed=2)
+    make_run(r, "busy-run", rounds=5, committed=1)
+    proc = status(redis_url)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip().startswith(("done-", "busy-"))}
+    assert "finished" in lines["done-run"] and "2/2" in lines["done-run"]
+    assert "running" in lines["busy-run"] and "1/5" in lines["busy-run"]
+    final = RunStore(r, "done-run").metrics()[-1]["test_accuracy"]
+    assert f"{final:.4f}" in lines["done-run"]
+
+
+def test_status_of_a_run_shows_clients_liveness_pushes_and_refusals(redis_url: str, r: redis.Redis) -> None:
+    make_run(r, "one-run", rounds=3, committed=1, pushed=("client-0",), refused=(("client-1", 1, "non_finite"),))
+    hb = heartbeat.client_heartbeat(r, "one-run", "client-0", ttl=30).start()
+    try:
+        proc = status(redis_url, "--run", "one-run")
+    finally:
+        hb.stop()
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "run one-run: running" in out
+    assert "round 2 of 3 open: 1 of 2 updates in (1 committed)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith("client-")}
+    # client, shard, liveness, last seen ("N s ago"), last round pushed, samples, ...
+    assert rows["client-0"][1:3] == ["0", "alive"] and rows["client-0"][4:7] == ["s", "ago", "2"]  # pushed round 2
+    assert rows["client-1"][1:3] == ["1", "gone"] and rows["client-1"][6] == "1"
+    assert "non_finite" in out and "refused updates (1" in out
+
+
+def _read_until(proc: subprocess.Popen, text: str, timeout: float, seen: list[str]) -> None:
+    """Read proc's stdout (non-blocking) until text appears in it."""
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    while text not in "".join(seen):
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            raise AssertionError(f"no {text!r} in output:\n{''.join(seen)[-3000:]}")
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            seen.append(os.read(fd, 65536).decode(errors="replace"))
+
+
+def test_status_watch_follows_the_run_and_rides_out_redis_going_away(tmp_path: Path) -> None:
+    server = RedisServer()
+    try:
+        r = redis.Redis.from_url(server.url)
+        make_run(r, "watched", rounds=3, committed=1)
+        proc = subprocess.Popen(fedq_cmd("status", "--run", "watched", "--watch", "--interval", "0.3"),
+                                env=_env(server.url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen: list[str] = []
+        try:
+            _read_until(proc, "run watched: running", 30, seen)
+            store = RunStore(r, "watched")
+            store.acquire_lease("test-driver-2", 60) or r.set(store.k.lease, "test-driver-2")
+            store.driver = "test-driver-2"
+            store.commit_round(2, b"g2", {"round": 2, "num_updates": 2, "num_examples": 201, "test_accuracy": 0.9,
+                                          "clients": {}})
+            _read_until(proc, "(2 committed)", 10, seen)  # the new round shows without a restart
+            server.kill()
+            seen.clear()
+            _read_until(proc, "Redis is unreachable", 15, seen)
+            assert proc.poll() is None, "status --watch must not exit when Redis goes away"
+            server.start()  # same port, empty (nothing on disk): the run is written again
+            seen.clear()
+            _read_until(proc, "no run 'watched'", 20, seen)  # Redis answers again
+            make_run(redis.Redis.from_url(server.url), "watched", rounds=3, committed=2)
+            seen.clear()
+            _read_until(proc, "(2 committed)", 20, seen)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=15)
+        assert code == 0
+    finally:
+        server.stop()
+
+
+def test_watch_of_a_vanished_run_says_so(redis_url: str) -> None:
+    proc = status(redis_url, "--run", "nosuchrun", "--watch")
+    assert proc.returncode == 1 and "no run 'nosuchrun'" in proc.stderr  # unknown at start: an error, not a loop
+
+
+def test_run_progress_shows_joins_and_updates_on_a_terminal_only(r: redis.Redis) -> None:
+    make_run(r, "progressing", rounds=3, committed=1, pushed=("client-1",))
+    store = RunStore(r, "progressing")
+    tty = io.StringIO()
+    with RunProgress(3, 2, Console(file=tty, force_terminal=True, width=120)) as progress:
+        progress.update(store)
+        task = progress.progress.tasks[0]
+        assert task.description == "round 2/3: 1/2 updates in" and task.completed == 1
+    assert progress.describe({"phase": "join", "round": "0"}, 1, 0) == "waiting for clients: 1/2 joined"
+
+    pipe = io.StringIO()
+    with RunProgress(3, 2, Console(file=pipe, force_terminal=False)) as quiet:
+        quiet.update(store)
+        assert quiet.progress.tasks[0].completed == 0  # not even read: nothing to show
+    assert pipe.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_fedq_run_on_a_terminal_shows_progress(redis_url: str, tmp_path: Path) -> None:
+    env = _env(redis_url)
+    env["FEDQ_TF_THREADS"] = "1"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: fedq run with the pty as its terminal
+        os.execvpe(fedq_cmd()[0], fedq_cmd("run", "--clients", "2", "--rounds", "1", "--local-epochs", "1",
+                                           "--out", str(tmp_path / "out")), env)
+    chunks = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data.decode(errors="replace"))
+    _, code = os.waitpid(pid, 0)
+    out = "".join(chunks)
+    assert os.waitstatus_to_exitcode(code) == 0, out[-3000:]
+    assert "waiting for clients" in out or "updates in" in out, out[-3000:]
+    assert "final test accuracy" in out
+    assert (tmp_path / "out" / "curves.png").exists()
