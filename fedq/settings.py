@@ -34,6 +34,11 @@ class Settings:
     reconnect_retries: int = 20
     # TensorFlow threads per client process (0 = TensorFlow's default, one pool per core).
     tf_threads: int = 0
+    # TLS for rediss:// URLs: the CA that signed the server's certificate, and this
+    # process's own certificate and key when the server asks clients for one.
+    tls_ca_cert: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -65,6 +70,14 @@ class Settings:
         for name in ("block_seconds", "socket_timeout", "connect_timeout", "wait_seconds", "lease_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("tls_ca_cert", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"FEDQ_{name.upper()}: no such file {path!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("FEDQ_TLS_CERT and FEDQ_TLS_KEY go together")
+        if (self.tls_ca_cert or self.tls_cert) and not self.redis_url.startswith("rediss://"):
+            raise ConfigError("TLS files are set but FEDQ_REDIS_URL is not a rediss:// URL")
         if self.lease_seconds < 3 * self.block_seconds:
             # The driver renews between blocking calls; it must get several chances per lease.
             raise ConfigError("lease_seconds must be at least 3 x block_seconds")

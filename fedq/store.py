@@ -156,6 +156,18 @@ class LeaseLost(FedqError):
     """This aggregator no longer holds the run's lease; another one drives it now."""
 
 
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """redis-py's TLS arguments for a rediss:// URL: verify the server, present our certificate."""
+    if not settings.redis_url.startswith("rediss://"):
+        return {}
+    opts: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    if settings.tls_ca_cert:
+        opts["ssl_ca_certs"] = settings.tls_ca_cert
+    if settings.tls_cert:
+        opts.update(ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
+    return opts
+
+
 def _client(settings: Settings, retries: int) -> redis.Redis:
     try:
         return redis.Redis.from_url(
@@ -165,6 +177,7 @@ def _client(settings: Settings, retries: int) -> redis.Redis:
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=3.0, base=0.1), retries=retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            **tls_options(settings),
         )
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL {redact(settings.redis_url)!r}: {exc}") from None

@@ -27,17 +27,20 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process bound to 127.0.0.1 on a free port; restartable on that port."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, ping: bool = True) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="fedq-test-redis-")
         defaults = ["--save", "", "--appendonly", "no"]
         # Later arguments win in redis-server, so callers' options override the defaults.
         self.args = [find_server(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir,
                      *defaults, *extra]
+        self.ping = ping  # False for a TLS-only server, which a plain PING cannot reach
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not self.ping:
+            return  # the caller knows how to reach it
         deadline = time.monotonic() + 15
         while True:
             try:

@@ -11,7 +11,7 @@ import redis
 
 from fedq.errors import FedqError
 from fedq.settings import Settings
-from fedq.store import redact
+from fedq.store import redact, tls_options
 
 
 def main() -> int:
@@ -22,7 +22,8 @@ def main() -> int:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
     try:
-        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3).ping()
+        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3,
+                             **tls_options(settings)).ping()
     except (redis.RedisError, ValueError) as exc:
         print(f"unhealthy: cannot reach Redis at {redact(settings.redis_url)}: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from redis.retry import Retry
 
 from fedq.errors import ConfigError, FedqError
 from fedq.settings import Settings
+from fedq.store import tls_options
 
 # Every command the read paths use; anything else is refused before it reaches Redis.
 READ_COMMANDS = frozenset({
@@ -66,6 +67,7 @@ def connect_readonly(settings: Settings) -> ReadOnlyRedis:
             # One immediate retry: a connection that died with a Redis restart is replaced.
             retry=Retry(NoBackoff(), retries=1),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            **tls_options(settings),
         )
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL: {exc}") from None
