@@ -1,34 +1,52 @@
-"""Round overhead: the part of a federated round that is not training.
+"""Round overhead: the part of a federated round that is not training, measured side by side.
 
-Runs the real aggregator (``fedq aggregator``, an rq worker with TensorFlow for central
-evaluation) and N real client loops as separate processes against a private Redis, with
-local training replaced by a no-op trainer that returns the global weights unchanged. A
-round's wall time is then exactly the machinery: wake-up, fetch and decode of the global
-model, encode and push of N updates, validation and FedAvg, central evaluation, commit.
+Runs the real aggregator (``fedq aggregator``, an rq worker that also evaluates centrally) and
+N real client loops as separate processes against a redis-server on 127.0.0.1, with local
+training replaced by a no-op trainer that returns the global weights unchanged, so a round's
+wall time is exactly the machinery: wake-up, fetch and decode of the global model, encode and
+push of N updates, validation and FedAvg, central evaluation, close and commit.
 
-    python bench/round_overhead.py [--clients 2 10 50] [--rounds 12]
+Reported beside each measurement, from the same run:
+- floor: N x (one push + fetch + decode + accumulate of one update, measured alone in-process);
+- seed: the Kubeflow example's transport (a Flask server receiving weights as JSON form
+  fields, bench/seed_flask.py) for the same N and model;
+- the aggregator's peak RSS (its work horse's VmHWM).
+
+    python bench/round_overhead.py                   # seed model, N = 2 and 10
+    python bench/round_overhead.py --model 1m --clients 2 10 50 --seed-compare
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import redis
 
-from fedq import protocol
-from fedq.client import Client
-from fedq.jobs import submit_run
-from fedq.localredis import LocalRedis, die_with_parent
-from fedq.settings import Settings
-from fedq.spec import RunSpec
-from fedq.store import RunStore, connect
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedq import codec, protocol  # noqa: E402
+from fedq.aggregate import FedAvg  # noqa: E402
+from fedq.client import Client  # noqa: E402
+from fedq.jobs import submit_run  # noqa: E402
+from fedq.localredis import die_with_parent, find_server  # noqa: E402
+from fedq.settings import Settings  # noqa: E402
+from fedq.spec import RunSpec  # noqa: E402
+from fedq.store import RunStore, connect  # noqa: E402
+
+MODELS = {"seed": "seed", "1m": "bench.bench_models:dense_1m", "25m": "bench.bench_models:dense_25m"}
 
 
 class NoTraining:
@@ -54,51 +72,186 @@ def client_main(url: str, run_id: str, shard: int) -> None:
     r = connect(settings)
     store = RunStore(r, run_id)
 
-    def factory(spec, num_features, num_classes, x, y, shard_, stop) -> NoTraining:
+    def factory(spec, num_features, num_classes, x, y, shard_, stop) -> NoTraining:  # noqa: ANN001
         _, names, _ = protocol.decode_global(store.global_payload(), run_id)
         return NoTraining(names, len(y))
 
     Client(r, settings, shard, run_id=run_id, trainer_factory=factory).serve(once=True)
 
 
-def measure(n: int, rounds: int) -> dict[str, float]:
-    with LocalRedis() as server:
-        settings = Settings.from_env(env={}, redis_url=server.url)
+@contextmanager
+def tcp_redis() -> Iterator[str]:
+    """A throwaway redis-server on a free 127.0.0.1 port (TCP, as pods would use)."""
+    import socket
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = tempfile.mkdtemp(prefix="fedq-bench-")
+    proc = subprocess.Popen([find_server(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", d], stdout=subprocess.DEVNULL,
+                            preexec_fn=die_with_parent)
+    url = f"redis://127.0.0.1:{port}/0"
+    r = redis.Redis.from_url(url)
+    for _ in range(200):
+        try:
+            r.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    if path.exists():
+        for child in (int(c) for c in path.read_text().split()):
+            out += [child, *_descendants(child)]
+    return out
+
+
+def _hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def measure_fedq(n: int, model: str, rounds: int) -> dict[str, float]:
+    with tcp_redis() as url:
+        settings = Settings.from_env(env={}, redis_url=url)
         r = connect(settings)
-        spec = RunSpec(clients=n, rounds=rounds, local_epochs=1, run_id=f"bench-{n}").validate()
+        spec = RunSpec(clients=n, rounds=rounds, local_epochs=1, model=MODELS[model], run_id=f"bench-{n}").validate()
         queue = f"bench-{n}"
         submit_run(r, settings, spec, queue=queue)
-        env = dict(os.environ, FEDQ_REDIS_URL=server.url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5")
-        procs = [subprocess.Popen([sys.executable, "-m", "fedq", "aggregator", "--queue", queue, "--burst"],
-                                  env=env, preexec_fn=die_with_parent)]
-        procs += [subprocess.Popen([sys.executable, __file__, "--client", server.url, spec.run_id, str(k)],
-                                   env=env, preexec_fn=die_with_parent) for k in range(n)]
-        for p in procs:
-            if p.wait(timeout=600) != 0:
+        env = dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
+                   PYTHONPATH=str(ROOT))
+        agg = subprocess.Popen([sys.executable, "-m", "fedq", "aggregator", "--queue", queue, "--burst"],
+                               env=env, cwd=ROOT, preexec_fn=die_with_parent)
+        clients = [subprocess.Popen([sys.executable, __file__, "--client", url, spec.run_id, str(k)],
+                                    env=env, cwd=ROOT, preexec_fn=die_with_parent) for k in range(n)]
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:  # the work horse is a child of the worker: track its high-water mark
+            while not done.is_set():
+                for pid in [agg.pid, *_descendants(agg.pid)]:
+                    peak[0] = max(peak[0], _hwm_kib(pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        for p in [agg, *clients]:
+            if p.wait(timeout=1800) != 0:
                 raise SystemExit(f"a benchmark process failed with code {p.returncode}")
-        metrics = RunStore(r, spec.run_id).metrics()[2:]  # rounds 1-2 include TF warm-up (tracing)
-        secs = [m["seconds"] * 1000 for m in metrics]
-        fetch = [max(c["fetch_seconds"] for c in m["clients"].values()) * 1000 for m in metrics]
-        return {"clients": n, "rounds": len(secs), "median_ms": statistics.median(secs),
-                "p90_ms": float(np.percentile(secs, 90)), "fold_ms": statistics.median(m["fold_seconds"] * 1000 for m in metrics),
-                "eval_ms": statistics.median(m["eval_seconds"] * 1000 for m in metrics),
-                "max_client_fetch_ms": statistics.median(fetch)}
+        done.set()
+        store = RunStore(r, spec.run_id)
+        metrics = store.metrics()[1:]  # round 1 includes start-up and TF tracing
+        _, names, tensors = protocol.decode_global(store.global_payload(), spec.run_id)
+        secs = [m["seconds"] for m in metrics]
+        return {"median_s": statistics.median(secs), "peak_rss_mib": peak[0] / 1024,
+                "floor_s": n * floor_one(r, tensors, names)}
+
+
+def floor_one(r: redis.Redis, tensors: list[np.ndarray], names: list[str], repeat: int = 5) -> float:
+    """One update's push + fetch + decode + accumulate, alone, in this process (median)."""
+    store = RunStore(r, "floor")
+    times = []
+    acc = FedAvg(tensors)
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        payload = protocol.encode_update("floor", 1, "c", 10, {}, names, tensors)
+        r.hset(store.k.updates(1), "c", payload)
+        got = r.hget(store.k.updates(1), "c")
+        env = codec.decode(got)
+        acc.add(env.tensors, 10)
+        times.append(time.perf_counter() - t0)
+    r.delete(store.k.updates(1))
+    return statistics.median(times)
+
+
+def _seed_client(url: str, tensors: list[np.ndarray], rounds: int, start: mp.Barrier, end: mp.Barrier) -> None:
+    import requests
+
+    for _ in range(rounds):
+        start.wait()
+        data = {"local_count": "100", "bs": "32", "local_weight": json.dumps([t.tolist() for t in tensors])}
+        reply = requests.post(url, data=data, timeout=600)
+        [np.array(x) for x in json.loads(reply.json()["result"])]
+        end.wait()
+
+
+def measure_seed(n: int, tensors: list[np.ndarray], rounds: int) -> float:
+    """Median round time of the seed's Flask + JSON transport for n clients."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "seed_flask.py"), str(port), str(n)],
+                              preexec_fn=die_with_parent)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        ctx = mp.get_context("fork")
+        start, end = ctx.Barrier(n + 1), ctx.Barrier(n + 1)
+        procs = [ctx.Process(target=_seed_client, args=(f"http://127.0.0.1:{port}/data", tensors, rounds, start, end))
+                 for _ in range(n)]
+        for p in procs:
+            p.start()
+        times = []
+        for _ in range(rounds):
+            start.wait()
+            t0 = time.perf_counter()
+            end.wait()
+            times.append(time.perf_counter() - t0)
+        for p in procs:
+            p.join(timeout=60)
+        return statistics.median(times)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[2, 10])
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--model", choices=sorted(MODELS), default="seed")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--seed-compare", action="store_true", help="also time the seed's Flask/JSON transport")
     ap.add_argument("--client", nargs=3, metavar=("URL", "RUN", "SHARD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
         client_main(args.client[0], args.client[1], int(args.client[2]))
         return
-    rows = [measure(n, args.rounds) for n in args.clients]
-    print(f"{'clients':>7} {'rounds':>6} {'median ms':>9} {'p90 ms':>7} {'fold ms':>7} {'eval ms':>7} {'fetch ms':>8}")
-    for row in rows:
-        print(f"{row['clients']:>7} {row['rounds']:>6} {row['median_ms']:>9.1f} {row['p90_ms']:>7.1f} "
-              f"{row['fold_ms']:>7.2f} {row['eval_ms']:>7.1f} {row['max_client_fetch_ms']:>8.2f}")
+    print(f"model {args.model}; {args.rounds} rounds, medians of rounds 2+")
+    print(f"{'clients':>7} {'round ms':>9} {'floor ms':>9} {'ratio':>6} {'agg peak MiB':>12} {'seed ms':>9} {'speed-up':>8}")
+    rows = []
+    for n in args.clients:
+        row = measure_fedq(n, args.model, args.rounds)
+        seed = ""
+        if args.seed_compare:
+            from fedq.models import build_model  # the same model's tensors, for the seed's transport
+
+            tensors = build_model(MODELS[args.model], 30, 2, 0).get_weights()
+            row["seed_s"] = measure_seed(n, tensors, max(3, args.rounds // 2))
+            seed = f"{row['seed_s'] * 1e3:>9.1f} {row['seed_s'] / row['median_s']:>7.1f}x"
+        rows.append({"clients": n, **row})
+        print(f"{n:>7} {row['median_s'] * 1e3:>9.1f} {row['floor_s'] * 1e3:>9.1f} "
+              f"{row['median_s'] / row['floor_s']:>6.2f} {row['peak_rss_mib']:>12.0f} {seed}")
     print(json.dumps(rows))
 
 
