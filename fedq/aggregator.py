@@ -14,13 +14,15 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import codec, heartbeat, protocol
+from fedq import codec, evaluation, heartbeat, protocol
 from fedq import metrics as fedq_metrics
-from fedq.aggregate import FedAvg, weighted_metrics
+from fedq.aggregate import weighted_metrics
 from fedq.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
-from fedq.errors import CodecError, DataError, FedqError, UpdateRejected
+from fedq.errors import CodecError, ConfigError, DataError, FedqError, UpdateRejected
+from fedq.strategies import Strategy, held_bytes, select_clients
 from fedq.models import build_model, evaluate, weight_names
 from fedq.settings import Settings
+from fedq.signing import Verifier
 from fedq.spec import RunSpec
 from fedq.store import ENDED, LeaseLost, RunStore, connect
 
@@ -43,8 +45,9 @@ class RunVanished(FedqError):
 class _Round:
     """What one round has folded and refused so far (small: digests and counts, not models)."""
 
-    acc: FedAvg
+    acc: Strategy  # streaming for the FedAvg family (memory one model); robust ones hold N
     joined: dict[str, int | None]  # client id -> rows it joined with (None: not reported)
+    selected: set[str] | None = None  # the clients chosen to train (None: every joined client)
     folded: dict[str, protocol.Update] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
     # client id -> version of its update last judged (push sequence number; a digest for a
@@ -56,6 +59,9 @@ class _Round:
     @property
     def responded(self) -> int:
         return len(self.folded) + len(self.refused)
+
+    def expected(self, spec: RunSpec) -> int:
+        return spec.clients if self.selected is None else len(self.selected)
 
 
 class Aggregator:
@@ -72,6 +78,8 @@ class Aggregator:
         self.run_id = run_id
         self.stop = stop or threading.Event()
         self.driver = driver or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # With a registry of client keys, every update must carry a valid signature.
+        self.verifier = Verifier.from_file(settings.client_keys) if settings.client_keys else None
         self._renewed = 0.0
 
     def run(self) -> dict[str, Any]:
@@ -83,7 +91,7 @@ class Aggregator:
             if not self._acquire():
                 return self.store.state()
             return self._run()
-        except (DataError, CodecError, RoundTimeout) as exc:
+        except (DataError, CodecError, ConfigError, RoundTimeout) as exc:
             log.error("run %s failed: %s", self.run_id, exc)
             self.store.fail(str(exc))
             return self.store.state()
@@ -145,13 +153,15 @@ class Aggregator:
         _, test_idx = split_indices(ds.y, spec.data.test_fraction, spec.data.seed)
         model = build_model(spec.model, ds.num_features, ds.num_classes, spec.seed)
         names = weight_names(model)
+        strategy = Strategy(spec.strategy, model.get_weights())
+        self._check_memory(spec, strategy, model.get_weights())
         if state.get("phase") == "join":
             mean, std = self._collect_joins(spec, ds.num_features)
             scaler = protocol.encode_scaler(mean, std, {
                 "num_features": ds.num_features, "num_classes": ds.num_classes,
                 "class_names": list(ds.class_names), "feature_names": list(ds.feature_names)})
             initial = protocol.encode_global(self.run_id, 0, names, model.get_weights())
-            self.store.open_training(scaler, initial)
+            self.store.open_training(scaler, initial, self._select(spec, 1))
             log.info("run %s: training open; initial global model written", self.run_id)
         else:
             mean, std, _ = protocol.decode_scaler(self.store.scaler_payload())
@@ -160,23 +170,36 @@ class Aggregator:
 
         round_no, g_names, g_tensors = protocol.decode_global(self.store.global_payload(), self.run_id)
         template = protocol.template_of(g_names, g_tensors)
+        # Server optimiser state (momentum, Adam moments) was committed with this global model.
+        strategy.load_state(self.store.server_state_payload(), round_no)
+        fed_eval = spec.data.val_fraction > 0
         round_started = time.time()
         while round_no < spec.rounds:
             round_no += 1
-            rnd = self._collect_round(spec, round_no, template, g_tensors)
-            weights = rnd.acc.result()
+            strategy.begin_round(g_tensors)
+            rnd = self._collect_round(spec, round_no, template, strategy)
+            weights = strategy.result()
             t_eval = time.perf_counter()
             model.set_weights(weights)
-            test = evaluate(model, x_test, y_test)
+            test = evaluate(model, x_test, y_test, ds.num_classes)
             eval_seconds = time.perf_counter() - t_eval
             metrics = self._round_metrics(rnd, round_no, test, round_started, eval_seconds)
+            metrics.update(_test_extras(test))
+            if strategy.round_info():
+                metrics["strategy"] = strategy.round_info()
+            if rnd.selected is not None:
+                metrics["selected"] = sorted(rnd.selected)
             payload = protocol.encode_global(self.run_id, round_no, g_names, weights)
-            final = None
-            if round_no == spec.rounds:
-                final = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "round": round_no}
+            last = round_no == spec.rounds
+            final = _final(metrics) if last and not fed_eval else None
             self._tick()
             t_commit = time.perf_counter()
-            committed = self.store.commit_round(round_no, payload, metrics, final, keep_updates=spec.keep_updates)
+            committed = self.store.commit_round(
+                round_no, payload, metrics, final, keep_updates=spec.keep_updates,
+                server_state=strategy.state_bytes(round_no),
+                next_selected=self._select(spec, round_no + 1) if not last or fed_eval else None,
+                previous_metrics=self._with_fed_eval(rnd, round_no) if fed_eval else None,
+                evaluate=last and fed_eval)
             if committed:
                 fedq_metrics.observe_round(metrics["seconds"])
             log.info("run %s round %d/%d: %d updates, %d examples, test accuracy %.4f (commit %.1f ms)%s",
@@ -185,30 +208,123 @@ class Aggregator:
                      "" if committed else " [already committed]")
             round_started = time.time()
             g_tensors = weights
+        if fed_eval and self.store.state().get("phase") == "eval":
+            self._final_evaluation(spec, round_no)
         return self.store.state()
 
-    def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
-                     on_wake: Callable[[str], None]) -> None:
-        """Block until all clients answered, or a deadline passes with at least the quorum.
+    # --- strategies, sampling, federated evaluation -----------------------------------------
+    def _check_memory(self, spec: RunSpec, strategy: Strategy, template: list[np.ndarray]) -> None:
+        """Refuse a run whose robust strategy would hold more than the cap in memory."""
+        if not strategy.holds_all:
+            return
+        n = spec.clients_per_round
+        need = held_bytes(template, n)
+        cap = spec.strategy.max_held_mb * 2 ** 20
+        if need > cap:
+            raise ConfigError(
+                f"strategy {spec.strategy.name} holds all {n} updates of a round in memory: {n} x "
+                f"{need / n / 2 ** 20:.2f} MiB = {need / 2 ** 20:.1f} MiB exceeds the cap of "
+                f"{spec.strategy.max_held_mb:g} MiB (--max-held-mb); use fewer clients per round "
+                f"(--fraction-fit), a smaller model, or a streaming strategy such as fedavg")
 
+    def _select(self, spec: RunSpec, round_no: int) -> list[str] | None:
+        """The clients chosen for round_no (None: every client trains), from the joined ids."""
+        if not spec.sampled:
+            return None
+        return select_clients(self.store.clients(), spec.fraction_fit, spec.seed, round_no)
+
+    def _with_fed_eval(self, rnd: _Round, round_no: int) -> dict[str, Any] | None:
+        """The previous round's record with the federated evaluation its global model got from
+        the clients of this round (each evaluated the global model it trained from)."""
+        if round_no < 2:
+            return None
+        prev = self.store.last_metrics()
+        if prev is None or prev.get("round") != round_no - 1:
+            return None
+        records = self.store.clients()
+        items = []
+        for upd in rnd.folded.values():
+            if "eval_examples" not in upd.metrics:
+                continue
+            try:
+                items.append(evaluation.check_eval_metrics(upd.metrics, records.get(upd.client_id, {}).get("val_rows")))
+            except UpdateRejected as exc:  # the update itself stands; only its evaluation is ignored
+                log.warning("run %s round %d: ignoring %s's evaluation: %s", self.run_id, round_no,
+                            upd.client_id, exc)
+        fed = evaluation.combine(items)
+        return {**prev, **fed} if fed else None
+
+    def _final_evaluation(self, spec: RunSpec, round_no: int) -> None:
+        """Collect the clients' evaluations of the last global model, then finish the run."""
+        selected = self.store.selected(round_no + 1) if spec.sampled else None
+        expected = spec.clients if selected is None else len(selected)
+        good: dict[str, dict[str, float]] = {}
+        refused: set[str] = set()
+        judged: dict[str, bytes] = {}
+
+        def scan(_cid: str | None = None) -> None:
+            self._check_exists()
+            records = self.store.clients()
+            for cid, raw in self.store.evals().items():
+                if judged.get(cid) == raw:
+                    continue
+                judged[cid] = raw
+                try:
+                    if cid not in records:
+                        raise UpdateRejected("unknown_client", f"client {cid!r} has not joined run {self.run_id}")
+                    good[cid] = evaluation.validate_eval(raw, run_id=self.run_id, round_no=round_no, client_id=cid,
+                                                         max_examples=records[cid].get("val_rows"))
+                    refused.discard(cid)
+                except UpdateRejected as exc:
+                    log.warning("run %s: refused evaluation from %s: %s", self.run_id, cid, exc)
+                    self.store.record_refused(cid, round_no, exc.reason, exc.detail)
+                    good.pop(cid, None)
+                    refused.add(cid)
+
+        scan()
+        try:
+            self._wait_quorum(spec, "final evaluation", lambda: len(good) + len(refused), scan, scan,
+                              expected=expected, quorum=min(spec.quorum, expected))
+        except RoundTimeout as exc:  # the model is trained; a missing evaluation must not fail the run
+            log.warning("run %s: %s; finishing with the evaluations that came", self.run_id, exc)
+        scan()
+        fed = evaluation.combine(good.values())
+        last = self.store.last_metrics()
+        if last is not None and last.get("round") == round_no:
+            last = {**last, **fed}
+        else:
+            last = None
+        final = {**_final(last or {"round": round_no}), **fed}
+        self._tick()
+        if self.store.finish_evaluation(round_no, last, final):
+            log.info("run %s: final federated evaluation from %d clients: accuracy %s", self.run_id, len(good),
+                     f"{fed['fed_eval_accuracy']:.4f}" if fed else "-")
+
+    def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
+                     on_wake: Callable[[str], None], expected: int | None = None, quorum: int | None = None) -> None:
+        """Block until all expected clients answered, or a deadline passes with at least the quorum.
+
+        expected and quorum default to the run's; a round that samples clients expects only those.
         Below the quorum at a deadline, wait again (spec.round_retries times), then fail."""
+        expected = spec.clients if expected is None else expected
+        quorum = spec.quorum if quorum is None else quorum
         deadline = time.monotonic() + spec.round_timeout
         retries = spec.round_retries
-        while have() < spec.clients:
+        while have() < expected:
             self._tick()
             if time.monotonic() > deadline:
                 got = have()
-                if got >= spec.quorum:
+                if got >= quorum:
                     log.warning("run %s: %s: deadline passed with %d of %d; closing with the quorum (%d)",
-                                self.run_id, what, got, spec.clients, spec.quorum)
+                                self.run_id, what, got, expected, quorum)
                     return
                 if retries == 0:
-                    raise RoundTimeout(f"{what}: only {got} of {spec.clients} (quorum {spec.quorum}) after "
+                    raise RoundTimeout(f"{what}: only {got} of {expected} (quorum {quorum}) after "
                                        f"{spec.round_timeout:g} s and {spec.round_retries} more waits")
                 retries -= 1
                 deadline = time.monotonic() + spec.round_timeout
                 log.warning("run %s: %s: %d of %d, below the quorum of %d; waiting again (%d waits left)",
-                            self.run_id, what, got, spec.clients, spec.quorum, retries)
+                            self.run_id, what, got, expected, quorum, retries)
             cid = self.store.pop_inbox(self.settings.block_seconds)
             if cid is None:
                 on_idle()
@@ -243,10 +359,14 @@ class Aggregator:
         self.r.hdel(self.store.k.clients, cid)
 
     def _collect_round(self, spec: RunSpec, round_no: int, template: list[protocol.TensorSpec],
-                       like: list[np.ndarray]) -> _Round:
-        """Block until every joined client has a stored update for the round (valid or refused),
-        or the deadline passes with the quorum."""
-        rnd = _Round(acc=FedAvg(like), joined=self._joined())
+                       strategy: Strategy) -> _Round:
+        """Block until every joined (or chosen) client has a stored update for the round (valid or
+        refused), or the deadline passes with the quorum. strategy has begun the round."""
+        rnd = _Round(acc=strategy, joined=self._joined())
+        if spec.sampled:
+            rnd.selected = self.store.selected(round_no)
+            if rnd.selected is None:  # written with the commit that opened the round; never absent
+                raise RoundTimeout(f"round {round_no}: the clients chosen to train are missing from Redis")
 
         def rescan() -> None:
             # Wake-ups are hints; the sequence numbers are the truth. An idle moment re-reads
@@ -259,8 +379,10 @@ class Aggregator:
                     self._consider(rnd, round_no, cid, template)
 
         rescan()  # a resumed round: fold what is already stored
+        expected = rnd.expected(spec)
         self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan,
-                          lambda cid: self._consider(rnd, round_no, cid, template))
+                          lambda cid: self._consider(rnd, round_no, cid, template),
+                          expected=expected, quorum=min(spec.quorum, expected))
         # Close the round, then take in whatever was stored before the close: after this no
         # push can change it, so what we commit is exactly what was accepted.
         self.store.close_round(round_no)
@@ -289,14 +411,19 @@ class Aggregator:
         try:
             if cid not in rnd.joined:
                 raise UpdateRejected("unknown_client", f"client {cid!r} has not joined run {self.run_id}")
+            if rnd.selected is not None and cid not in rnd.selected:
+                raise UpdateRejected("not_selected", f"client {cid!r} is not among those chosen for round {round_no}")
             upd = protocol.validate_update(payload, run_id=self.run_id, round_no=round_no,
                                             client_id=cid, template=template, max_examples=rnd.joined[cid])
+            if self.verifier is not None:
+                self.verifier.verify(self.run_id, round_no, cid, upd.num_examples, upd.names or [],
+                                     upd.tensors, upd.signature)
         except UpdateRejected as exc:
             if observe:
                 fedq_metrics.observe_update(False, exc.reason, len(payload))
             log.warning("run %s round %d: refused update from %s: %s", self.run_id, round_no, cid, exc)
             self.store.record_refused(cid, round_no, exc.reason, exc.detail)
-            if cid in rnd.joined:
+            if cid in rnd.joined and (rnd.selected is None or cid in rnd.selected):
                 rnd.refused.add(cid)
             if rnd.folded.pop(cid, None) is not None:
                 self._refold(rnd, round_no, template)  # its earlier, valid version no longer counts
@@ -316,7 +443,7 @@ class Aggregator:
             if replaced:
                 self._refold(rnd, round_no, template)  # a re-push replaces: rebuild without the old one
             else:
-                rnd.acc.add(upd.tensors, upd.num_examples)
+                rnd.acc.add(upd.tensors, upd.num_examples, cid)
             rnd.last_arrival = time.time()
         rnd.fold_seconds += time.perf_counter() - t0
 
@@ -330,7 +457,7 @@ class Aggregator:
             rnd.versions.pop(cid, None)
             upd = self._judge(rnd, round_no, cid, template, observe=False)  # counted when it arrived
             if upd is not None:
-                rnd.acc.add(upd.tensors, upd.num_examples)
+                rnd.acc.add(upd.tensors, upd.num_examples, cid)
                 rnd.folded[cid] = _strip(upd)
 
     def _round_metrics(self, rnd: _Round, round_no: int, test: dict[str, float],
@@ -358,6 +485,17 @@ class Aggregator:
             "clients": {u.client_id: {"num_examples": u.num_examples, "digest": u.digest, **u.metrics}
                         for u in updates},
         }
+
+
+def _test_extras(test: dict[str, Any]) -> dict[str, Any]:
+    """Central evaluation beyond loss and accuracy (binary tasks: auc, precision, recall, f1)."""
+    return {f"test_{k}": v for k, v in test.items() if k not in ("loss", "accuracy")}
+
+
+def _final(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The run's final record from its last round's metrics."""
+    keep = ("test_loss", "test_accuracy", "test_auc", "test_precision", "test_recall", "test_f1")
+    return {"round": metrics.get("round"), **{k: metrics[k] for k in keep if k in metrics}}
 
 
 def _strip(upd: protocol.Update) -> protocol.Update:

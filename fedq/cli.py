@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -121,7 +122,9 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
             click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
             click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True),
             click.option("--learning-rate", type=float, default=0.01, show_default=True),
-            click.option("--model", default="seed", show_default=True, help="Model: 'seed' (the Kubeflow example's CNN)."),
+            click.option("--model", default="seed", show_default=True,
+                         help="Model: 'seed' (the Kubeflow example's CNN), 'package.module:build_fn' (returns a "
+                              "compiled Keras model given input shape and class count) or path/model.keras."),
             click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
                          help="Seed of split, shards and weights."),
             click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0,
@@ -131,6 +134,7 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
             click.option("--round-retries", type=click.IntRange(0), default=2, show_default=True,
                          help="Extra deadline periods a round below the quorum waits before the run fails."),
             click.option("--keep-updates", is_flag=True, help="Keep every round's updates in Redis for audit."),
+            *strategy_options(),
             click.option("--run-id", help="Id of the new run (default: time + random)."),
         ]):
             fn = opt(fn)
@@ -138,11 +142,59 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
     return deco
 
 
+def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """Strategy, client sampling, partitioning and evaluation options of a run (fedq.strategies)."""
+    from fedq.data import PARTITIONS
+    from fedq.strategies import STRATEGIES
+
+    pos = click.FloatRange(min=0, min_open=True)
+    return [
+        click.option("--strategy", type=click.Choice(STRATEGIES), default="fedavg", show_default=True,
+                     help="How updates become the next global model."),
+        click.option("--server-lr", type=pos, help="Server learning rate (fedavgm 1.0; fedadam/fedyogi/fedadagrad 0.1)."),
+        click.option("--server-momentum", type=click.FloatRange(0, 1, max_open=True), help="fedavgm's momentum (0.5)."),
+        click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), help="Adaptive: first-moment decay (0.9)."),
+        click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), help="fedadam/fedyogi: second-moment decay (0.99)."),
+        click.option("--tau", type=pos, help="Adaptive: adaptivity, added to sqrt(v) (1e-3)."),
+        click.option("--mu", type=click.FloatRange(min=0), help="FedProx proximal term in client training "
+                                                                 "(fedprox 0.1; usable with any strategy)."),
+        click.option("--trim-fraction", type=click.FloatRange(0, 0.5, max_open=True), default=0.2, show_default=True,
+                     help="trimmed-mean: share of values dropped at each end."),
+        click.option("--byzantine", type=click.IntRange(0), default=1, show_default=True,
+                     help="krum/multi-krum: clients assumed malicious (f)."),
+        click.option("--krum-keep", type=click.IntRange(1), help="krum/multi-krum: updates averaged (1 / n - f)."),
+        click.option("--clip-norm", type=pos, help="Clip each update's L2 norm (model - global) to this (any strategy)."),
+        click.option("--max-held-mb", type=pos, default=1024.0, show_default=True,
+                     help="Robust strategies hold a round's N updates: refuse runs needing more MiB."),
+        click.option("--fraction-fit", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     help="Share of clients that train each round (a seeded choice per round)."),
+        click.option("--partition", type=click.Choice(PARTITIONS), default="iid", show_default=True,
+                     help="How training rows are dealt to clients (simulations)."),
+        click.option("--alpha", type=pos, default=0.5, show_default=True, help="Dirichlet concentration of --partition dirichlet."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+                     help="Share of each client's rows held out for federated evaluation (0: none)."),
+    ]
+
+
 def _run_spec(kw: dict[str, Any]) -> RunSpec:
+    import dataclasses
+
+    from fedq.models import resolve_model_arg
+    from fedq.strategies import StrategySpec
+
     data = _data_spec(kw.pop("normal_csv"), kw.pop("abnormal_csv"), kw.pop("csv_path"), kw.pop("label_column"),
                       kw.pop("missing_value"), kw.pop("test_fraction"), kw["seed"], default=True)
+    data = dataclasses.replace(data, partition=kw.pop("partition"), alpha=kw.pop("alpha"),
+                               val_fraction=kw.pop("val_fraction"))
+    data.validate()
+    strategy = StrategySpec(name=kw.pop("strategy"), server_lr=kw.pop("server_lr"), momentum=kw.pop("server_momentum"),
+                            beta1=kw.pop("beta1"), beta2=kw.pop("beta2"), tau=kw.pop("tau"), mu=kw.pop("mu"),
+                            trim_fraction=kw.pop("trim_fraction"), byzantine=kw.pop("byzantine"),
+                            krum_keep=kw.pop("krum_keep"), clip_norm=kw.pop("clip_norm"),
+                            max_held_mb=kw.pop("max_held_mb"))
+    kw["model"] = resolve_model_arg(kw["model"])
     run_id = kw.pop("run_id") or new_run_id()
-    return RunSpec(data=data, run_id=run_id, **kw).validate()
+    return RunSpec(data=data, run_id=run_id, strategy=strategy, **kw).validate()
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -323,6 +375,34 @@ def report(ctx: click.Context, run_id: str, out: Path) -> None:
     from fedq.view import print_report
 
     print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out), out)
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """Signing keys for signed updates."""
+
+
+@keys_group.command("new")
+@click.option("--clients", type=click.IntRange(1), required=True, help="Number of clients (ids client-0..N-1).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for the private keys and the public registry.")
+@click.option("--namespace", help="Namespace of the printed Kubernetes Secrets.")
+@_fail_cleanly
+def keys_new(clients: int, out: Path, namespace: str | None) -> None:
+    """Make an Ed25519 key per client; write them and print them as Kubernetes Secrets.
+
+    Give each client its own <id>.key (FEDQ_SIGNING_KEY) and the aggregator client-keys.json
+    (FEDQ_CLIENT_KEYS); the aggregator then refuses any update without a valid signature."""
+    from fedq.signing import new_keys, secrets_yaml
+
+    private, registry = new_keys([f"client-{k}" for k in range(clients)])
+    out.mkdir(parents=True, exist_ok=True)
+    for cid, pem in private.items():
+        path = out / f"{cid}.key"
+        path.write_bytes(pem)
+        path.chmod(0o600)
+    (out / "client-keys.json").write_text(json.dumps(registry, indent=2))
+    click.echo(secrets_yaml(private, registry, namespace), nl=False)
 
 
 # Deployment: `fedq k8s ...` and `fedq kfp compile` (click code in fedq/k8s.py).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -13,12 +14,14 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import heartbeat, protocol, store as store_mod
-from fedq.data import DataSpec, feature_stats, load_shard, standardize
+from fedq import evaluation, heartbeat, protocol, store as store_mod
+from fedq.data import DataSpec, feature_stats, standardize
 from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.settings import Settings
 from fedq.spec import RunSpec
 from fedq.store import FAILED, FINISHED, RunStore
+from fedq.signing import Signer
+from fedq.partition import load_client_data
 from fedq.trainer import KerasTrainer, Trainer
 
 log = logging.getLogger("fedq.client")
@@ -58,6 +61,7 @@ class Client:
         self.done: set[str] = set()
         self.trainer_factory = trainer_factory or functools.partial(KerasTrainer, threads=settings.tf_threads)
         self._beat: heartbeat.Heartbeat | None = None
+        self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
 
     # --- finding a run ------------------------------------------------------------------
     def serve(self, once: bool = False) -> list[dict[str, Any]]:
@@ -116,9 +120,16 @@ class Client:
         num_shards = self.num_shards or spec.clients
         if not 0 <= self.shard < num_shards:
             raise ConfigError(f"shard {self.shard} is out of range for {num_shards} shards (0..{num_shards - 1})")
-        data = self.data or spec.data
-        x, y = load_shard(data, self.shard, num_shards)
+        data = spec.data
+        if self.data is not None:  # the site's own rows, dealt and held out as the run says
+            data = dataclasses.replace(self.data, partition=spec.data.partition, alpha=spec.data.alpha,
+                                       val_fraction=spec.data.val_fraction)
+        part = load_client_data(data, self.shard, num_shards)
+        x, y = part.x, part.y
+        self._val_raw = (part.x_val, part.y_val)  # held-out rows for federated evaluation
+        # rows: the training rows (they cap the update's sample count); labels: the shard's histogram.
         record = {"shard": self.shard, "num_shards": num_shards, "rows": int(len(y)),
+                  "val_rows": int(len(part.y_val)), "labels": part.label_counts(), "partition": data.partition,
                   "host": socket.gethostname(), "pid": os.getpid(), "joined_at": time.time()}
         outcome = st.join(self.client_id, record, feature_stats(x).to_dict(), spec.clients)
         if outcome not in ("joined", "rejoined"):
@@ -136,6 +147,7 @@ class Client:
         last_event = "0-0"
         trainer: Trainer | None = None
         pushed = 0
+        evaluated = False
         progress_deadline = time.monotonic() + self.settings.wait_seconds
         while True:
             self._check_stop()
@@ -149,6 +161,16 @@ class Client:
             if status == FAILED:
                 raise RunFailed(f"run {st.run_id} failed: {state.get('reason', 'no reason recorded')}")
             committed = int(state.get("round", 0))
+            if state.get("phase") == "train" and committed + 1 > pushed and spec.sampled \
+                    and not st.is_selected(committed + 1, self.client_id):
+                log.info("%s: not chosen to train in round %d; waiting for the next", self.client_id, committed + 1)
+                pushed = committed + 1  # this round is done for us
+                continue
+            if state.get("phase") == "eval" and not evaluated:
+                evaluated = True  # one evaluation of the last global model; then wait for the end
+                trainer = trainer or self._prepare(st, spec, x_raw, y)
+                self._final_eval(st, spec, trainer, committed)
+                continue
             if state.get("phase") == "train" and committed + 1 > pushed:
                 setup = 0.0
                 if trainer is None:
@@ -178,6 +200,8 @@ class Client:
             raise DataError(f"this client's data has {x_raw.shape[1]} features, "
                             f"the run's has {meta['num_features']}")
         x = standardize(x_raw, mean, std)
+        x_val, y_val = getattr(self, "_val_raw", (x_raw[:0], y[:0]))
+        self._val = (standardize(x_val, mean, std), y_val)
         return self.trainer_factory(spec, int(meta["num_features"]), int(meta["num_classes"]), x, y,
                                     self.shard, self.stop)
 
@@ -191,25 +215,55 @@ class Client:
             raise FedqError(f"{self.client_id}: the global model's layers do not match the local model")
         trainer.load(tensors)
         fetch_seconds = time.perf_counter() - t0
+        # Federated evaluation of the global model this round starts from (the last round's model).
+        evaluated = self._evaluate(trainer) if round_no >= 2 else {}
 
         t1 = time.perf_counter()
         metrics = trainer.train(round_no)
         train_seconds = time.perf_counter() - t1
+        metrics.update(evaluated)
         self._check_stop()
 
         t2 = time.perf_counter()
         weights = trainer.weights()
         metrics.update(train_seconds=train_seconds, fetch_seconds=fetch_seconds, setup_seconds=setup_seconds,
                        push_time=time.time())
+        signature = None
+        if self.signer is not None:
+            signature = self.signer.sign(st.run_id, round_no, self.client_id, trainer.num_examples, names, weights)
         payload = protocol.encode_update(st.run_id, round_no, self.client_id, trainer.num_examples, metrics,
-                                         names, weights)
+                                         names, weights, signature)
         result = st.push_update(self.client_id, round_no, payload, self.settings.max_update_bytes)
         if result == "ok" and self._beat is not None:
             self._beat.update(round=round_no, last_push=time.time())
         log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes in %.1f ms (%s)",
-                 self.client_id, round_no, metrics["loss"], metrics["accuracy"], train_seconds, len(payload),
-                 (time.perf_counter() - t2) * 1000, result)
+                 self.client_id, round_no, metrics["loss"], metrics.get("accuracy", float("nan")), train_seconds,
+                 len(payload), (time.perf_counter() - t2) * 1000, result)
         return result
+
+    def _evaluate(self, trainer: Trainer) -> dict[str, float]:
+        """eval_* metrics of the loaded model on this client's held-out rows ({} when it has none)."""
+        x_val, y_val = getattr(self, "_val", (None, None))
+        if y_val is None or len(y_val) == 0 or not hasattr(trainer, "evaluate"):
+            return {}
+        return trainer.evaluate(x_val, y_val)
+
+    def _final_eval(self, st: RunStore, spec: RunSpec, trainer: Trainer, round_no: int) -> None:
+        """Evaluate the last global model on the held-out rows and push the result."""
+        if spec.sampled and not st.is_selected(round_no + 1, self.client_id):
+            return
+        g_round, names, tensors = protocol.decode_global(st.global_payload(), st.run_id)
+        if g_round != round_no or names != trainer.names:
+            return
+        trainer.load(tensors)
+        metrics = self._evaluate(trainer)
+        if not metrics:
+            return
+        result = st.push_eval(self.client_id, round_no, evaluation.encode_eval(st.run_id, round_no, self.client_id,
+                                                                                metrics),
+                              evaluation.MAX_EVAL_BYTES)
+        log.info("%s: final model on %d held-out rows: loss %.4f accuracy %.4f (%s)", self.client_id,
+                 int(metrics["eval_examples"]), metrics["eval_loss"], metrics["eval_accuracy"], result)
 
 
 def _vanished(run_id: str) -> str:

@@ -1,7 +1,9 @@
-"""Dataset loading, deterministic train/test splitting, IID sharding and federated feature statistics.
+"""Dataset loading, deterministic train/test splitting, partitioning and federated feature statistics.
 
 Every client derives the same split from the same ``DataSpec`` (no rows are exchanged), keeps only
 its own shard, and reports per-feature sums and counts so the aggregator can build a global scaler.
+Shards are IID (the default), Dirichlet label-skewed, or by label; a client may hold out part of its
+shard as validation rows for federated evaluation.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pandas as pd
 from fedq.errors import DataError
 
 SOURCES = ("breast_cancer", "seed", "csv")
+PARTITIONS = ("iid", "dirichlet", "by-label")  # implemented in fedq.partition
 SEED_CLASS_NAMES = ["normal", "abnormal"]
 SEED_MISSING_VALUE = -1.0
 
@@ -48,6 +51,9 @@ class DataSpec:
     missing_value: float | None = None  # a sentinel meaning missing; NaN/empty cells are always missing
     test_fraction: float = 0.2
     seed: int = 0
+    partition: str = "iid"  # how training rows are dealt to clients: "iid" | "dirichlet" | "by-label"
+    alpha: float = 0.5  # Dirichlet concentration: small = each client sees few labels
+    val_fraction: float = 0.0  # share of each client's shard held out for federated evaluation
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (msgpack/JSON friendly)."""
@@ -65,20 +71,23 @@ class DataSpec:
                 f"unknown data spec key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
         kw: dict[str, Any] = dict(d)
-        for name in ("source", "normal_csv", "abnormal_csv", "csv", "label_column"):
+        for name in ("source", "normal_csv", "abnormal_csv", "csv", "label_column", "partition"):
             value = kw.get(name)
             if name in kw and value is not None and not isinstance(value, str):
                 raise DataError(f"data spec {name} must be a string, got {value!r}")
         if "source" in kw and kw["source"] is None:
             raise DataError("data spec source must be a string, got None")
         # Numbers may arrive as ints after a msgpack/JSON round trip; normalise to the declared types.
-        for name in ("test_fraction", "missing_value"):
+        for name in ("test_fraction", "missing_value", "alpha", "val_fraction"):
             if name in kw and kw[name] is not None:
                 if not _is_number(kw[name]):
                     raise DataError(f"data spec {name} must be a number, got {kw[name]!r}")
                 kw[name] = float(kw[name])
-        if "test_fraction" in kw and kw["test_fraction"] is None:
-            raise DataError("data spec test_fraction must be a number, got None")
+        for name in ("test_fraction", "alpha", "val_fraction"):
+            if name in kw and kw[name] is None:
+                raise DataError(f"data spec {name} must be a number, got None")
+        if "partition" in kw and kw["partition"] is None:
+            raise DataError("data spec partition must be a string, got None")
         if "seed" in kw:
             seed = kw["seed"]
             if _is_number(seed) and float(seed).is_integer():
@@ -109,6 +118,12 @@ class DataSpec:
             not _is_number(self.missing_value) or not math.isfinite(self.missing_value)
         ):
             raise DataError(f"missing_value must be a finite number or None, got {self.missing_value!r}")
+        if self.partition not in PARTITIONS:
+            raise DataError(f"unknown partition {self.partition!r} (expected one of: {', '.join(PARTITIONS)})")
+        if not _is_number(self.alpha) or not math.isfinite(float(self.alpha)) or not float(self.alpha) > 0:
+            raise DataError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not _is_number(self.val_fraction) or not 0.0 <= float(self.val_fraction) < 1.0:
+            raise DataError(f"val_fraction must be at least 0 and below 1, got {self.val_fraction!r}")
 
 
 def seed_spec(normal_csv: str, abnormal_csv: str, **kw: Any) -> DataSpec:
@@ -345,10 +360,17 @@ def shard_indices(train_idx: np.ndarray, num_shards: int, shard: int, seed: int)
 
 
 def load_shard(spec: DataSpec, shard: int, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
-    """Only this client's training rows: (x float64 with NaN, y int64)."""
+    """This client's whole shard (training and validation rows): (x float64 with NaN, y int64)."""
     ds = load_dataset(spec)
     train_idx, _ = split_indices(ds.y, spec.test_fraction, spec.seed)
-    idx = shard_indices(train_idx, num_shards, shard, spec.seed)
+    if spec.partition == "iid":
+        idx = shard_indices(train_idx, num_shards, shard, spec.seed)
+    else:
+        from fedq.partition import partition_indices  # partition builds on this module
+
+        if not _is_int(shard) or not _is_int(num_shards) or not 0 <= shard < num_shards:
+            raise DataError(f"shard {shard} is out of range for {num_shards} shards (0..{num_shards - 1})")
+        idx = partition_indices(spec, ds.y, train_idx, num_shards)[shard]
     return ds.x[idx], ds.y[idx]
 
 

@@ -102,6 +102,21 @@ class RunKeys:
         return f"{self.base}:metrics"
 
     @property
+    def server_state(self) -> str:
+        """String: codec envelope of the strategy's server state (momentum, Adam moments) after
+        the committed round; written by the round commit itself, so the two always match."""
+        return f"{self.base}:server-state"
+
+    def selected(self, round_no: int) -> str:
+        """Set: the client ids chosen to train in the round (only when rounds sample clients)."""
+        return f"{self.base}:selected:{int(round_no)}"
+
+    @property
+    def evals(self) -> str:
+        """Hash: client id -> JSON of its evaluation of the last global model (final evaluation)."""
+        return f"{self.base}:evals"
+
+    @property
     def refused(self) -> str:
         """List: msgpack records of refused updates (client, round, reason, detail, time)."""
         return f"{self.base}:refused"
@@ -135,11 +150,15 @@ class RunKeys:
         """Fixed keys of the run (per-round update hashes are listed by pattern)."""
         return [self.spec, self.state, self.clients, self.stats, self.scaler,
                 self.global_model, self.inbox, self.metrics, self.refused, self.events,
-                self.lease, self.standby, self.resume_lock, self.pushes]
+                self.lease, self.standby, self.resume_lock, self.pushes, self.server_state, self.evals]
 
     @property
     def updates_pattern(self) -> str:
         return f"{self.base}:updates:*"
+
+    @property
+    def selected_pattern(self) -> str:
+        return f"{self.base}:selected:*"
 
     def alive(self, client_id: str) -> str:
         """String with expiry: JSON heartbeat of one client in this run (gone when it expires)."""

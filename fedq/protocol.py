@@ -42,6 +42,8 @@ class Update:
     metrics: dict[str, float]
     tensors: list[np.ndarray]
     digest: str
+    signature: bytes | None = None
+    names: list[str] | None = None
 
 
 def encode_global(run_id: str, round_no: int, names: Sequence[str],
@@ -52,11 +54,13 @@ def encode_global(run_id: str, round_no: int, names: Sequence[str],
 
 def encode_update(run_id: str, round_no: int, client_id: str, num_examples: int,
                   metrics: Mapping[str, float], names: Sequence[str],
-                  tensors: Sequence[np.ndarray]) -> bytes:
-    """Envelope of one client's update for ``round_no``."""
+                  tensors: Sequence[np.ndarray], signature: bytes | None = None) -> bytes:
+    """Envelope of one client's update for ``round_no`` (with its signature when signed)."""
     meta = {"run": run_id, "round": int(round_no), "client": client_id,
             "num_examples": int(num_examples),
             "metrics": {k: float(v) for k, v in metrics.items()}}
+    if signature is not None:
+        meta["sig"] = signature
     return codec.encode(KIND_UPDATE, tensors, meta=meta, names=names)
 
 
@@ -96,7 +100,9 @@ def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: st
         raise UpdateRejected("bad_num_examples", f"claims {n} examples but joined with {max_examples} rows")
     metrics = _check_metrics(meta.get("metrics", {}))
     _check_tensors(env.names, env.tensors, template)
-    return Update(client_id, round_no, n, metrics, list(env.tensors), codec.digest(bytes(payload)))
+    sig = meta.get("sig")
+    return Update(client_id, round_no, n, metrics, list(env.tensors), codec.digest(bytes(payload)),
+                  sig if isinstance(sig, bytes) else None, list(env.names))
 
 
 def _check_metrics(raw: Any) -> dict[str, float]:

@@ -15,14 +15,21 @@ from fedq.store import FINISHED, RunStore
 
 ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_accuracy",
                 "test_loss", "test_accuracy", "seconds", "overhead_seconds")
+# Present when the run has them: binary central evaluation, federated evaluation (validation
+# rows), the strategy's round facts (clipped clients, Krum's choice) and the sampled clients.
+EXTRA_ROUND_FIELDS = ("test_auc", "test_precision", "test_recall", "test_f1", "fed_eval_loss",
+                      "fed_eval_accuracy", "fed_eval_examples", "fed_eval_precision", "fed_eval_recall",
+                      "fed_eval_f1", "strategy", "selected")
+FINAL_EXTRAS = ("test_auc", "test_precision", "test_recall", "test_f1", "fed_eval_loss", "fed_eval_accuracy",
+                "fed_eval_examples", "fed_eval_precision", "fed_eval_recall", "fed_eval_f1")
 
 
 def build_report(store: RunStore) -> dict[str, Any]:
     """Everything a user needs to judge a run, as plain JSON-able data."""
     spec = store.spec()
     state = store.state()
-    rounds = [{k: m.get(k) for k in ROUND_FIELDS} | {"clients": sorted(m.get("clients", {}))}
-              for m in store.metrics()]
+    rounds = [{k: m.get(k) for k in ROUND_FIELDS} | {k: m[k] for k in EXTRA_ROUND_FIELDS if k in m}
+              | {"clients": sorted(m.get("clients", {}))} for m in store.metrics()]
     final = json.loads(state["final"]) if state.get("final") else {}
     return {
         "run_id": store.run_id,
@@ -32,6 +39,13 @@ def build_report(store: RunStore) -> dict[str, Any]:
         "spec": spec.to_dict(),
         "rounds": rounds,
         "final": {"test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss")},
+        # The last model's other figures: binary central metrics and the federated evaluation.
+        "final_evaluation": {k: final[k] for k in FINAL_EXTRAS if k in final},
+        "strategy": spec.strategy.resolved().to_dict(),
+        # Each client's shard: training and held-out rows and its label histogram (class order
+        # as in scaler.json's class_names), which shows how skewed a partition is.
+        "client_data": {cid: {k: rec.get(k) for k in ("shard", "rows", "val_rows", "labels", "partition")}
+                        for cid, rec in sorted(store.clients().items())},
         "refused": store.refused(),
         "created_at": _f(state.get("created_at")),
         "started_at": _f(state.get("started_at")),
@@ -45,7 +59,7 @@ def _f(v: str | None) -> float | None:
 
 def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
     """Write the run's current global model to out/model.keras and its scaler to out/scaler.json."""
-    from fedq.models import build_model, compile_model
+    from fedq.models import build_model, ensure_compiled
 
     spec = store.spec()
     payload, scaler = store.global_payload(), store.scaler_payload()
@@ -54,9 +68,10 @@ def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
     _, _, tensors = protocol.decode_global(payload, store.run_id)
     mean, std, meta = protocol.decode_scaler(scaler)
     model = build_model(spec.model, int(meta["num_features"]), int(meta["num_classes"]), spec.seed)
-    compile_model(model, spec.optimizer, spec.learning_rate)
+    ensure_compiled(model, spec.optimizer, spec.learning_rate)
     model.set_weights([np.array(t) for t in tensors])
-    model.optimizer.build(model.trainable_variables)  # so the file loads without optimizer warnings
+    if not getattr(model.optimizer, "built", False):
+        model.optimizer.build(model.trainable_variables)  # so the file loads without optimizer warnings
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.keras"
     model.save(model_path)
@@ -66,7 +81,8 @@ def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
         "mean": mean.tolist(), "std": std.tolist(), "feature_names": meta.get("feature_names"),
         "class_names": meta.get("class_names"),
         "note": "standardise inputs as (x - mean) / std, with missing values set to 0, "
-                "and reshape to (n, features, 1)"}, indent=2))
+                f"and reshape to the model's input shape (n, {', '.join(str(d) for d in model.input_shape[1:])})"},
+        indent=2))
     return model_path, scaler_path
 
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from fedq.data import load_dataset, shard_indices, split_indices
+from fedq.data import load_dataset
+from fedq.partition import check_partition
 from fedq.errors import DataError, FedqError
 from fedq.jobs import submit_run
 from fedq.localredis import LocalRedis, die_with_parent
@@ -26,8 +27,7 @@ log = logging.getLogger("fedq.run")
 def check_data(spec: RunSpec) -> None:
     """Fail fast, in this process, on data that the clients could not load or shard."""
     ds = load_dataset(spec.data)
-    train, _ = split_indices(ds.y, spec.data.test_fraction, spec.data.seed)
-    shard_indices(train, spec.clients, spec.clients - 1, spec.data.seed)
+    check_partition(spec.data, spec.clients)  # every client gets rows under the chosen partition
     if ds.num_features < 5 and spec.model == "seed":
         raise DataError(f"the seed network needs at least 5 features, the data has {ds.num_features}")
 

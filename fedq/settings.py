@@ -39,6 +39,10 @@ class Settings:
     tls_ca_cert: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # Signed updates: a client's Ed25519 private key (PEM), and the aggregator's registry of
+    # client public keys (JSON from `fedq keys new`). With a registry, unsigned updates are refused.
+    signing_key: str = ""
+    client_keys: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -70,7 +74,7 @@ class Settings:
         for name in ("block_seconds", "socket_timeout", "connect_timeout", "wait_seconds", "lease_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("tls_ca_cert", "tls_cert", "tls_key"):
+        for name in ("tls_ca_cert", "tls_cert", "tls_key", "signing_key", "client_keys"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"FEDQ_{name.upper()}: no such file {path!r}")

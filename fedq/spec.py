@@ -10,6 +10,8 @@ from typing import Any, Mapping
 from fedq.data import DataSpec
 from fedq.errors import ConfigError
 from fedq.keys import check_run_id
+from fedq.models import check_model_arg
+from fedq.strategies import StrategySpec, sample_size
 
 MAX_CLIENTS = 10_000
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
@@ -41,6 +43,10 @@ class RunSpec:
     # Keep every round's updates in Redis (for audit and replay) instead of deleting them.
     keep_updates: bool = False
     run_id: str = field(default_factory=new_run_id)
+    # How updates become the next global model (fedq.strategies), and FedProx's client term.
+    strategy: StrategySpec = field(default_factory=StrategySpec)
+    # Share of the joined clients that train in a round (a seeded choice per round; 1: all).
+    fraction_fit: float = 1.0
 
     def validate(self) -> "RunSpec":
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -63,8 +69,23 @@ class RunSpec:
             raise ConfigError(f"min clients must be between 1 and clients ({self.clients}), got {self.min_clients}")
         if self.round_retries < 0:
             raise ConfigError(f"round retries must be 0 or more, got {self.round_retries}")
+        if isinstance(self.fraction_fit, bool) or not isinstance(self.fraction_fit, (int, float)) \
+                or not 0.0 < self.fraction_fit <= 1.0:
+            raise ConfigError(f"fraction fit must be above 0 and at most 1, got {self.fraction_fit!r}")
+        check_model_arg(self.model)
+        self.strategy.validate(self.clients_per_round)
         self.data.validate()
         return self
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients that train in each round: all, or the --fraction-fit sample of them."""
+        return sample_size(self.clients, self.fraction_fit)
+
+    @property
+    def sampled(self) -> bool:
+        """True when rounds train a sample of the clients (the aggregator publishes who)."""
+        return self.clients_per_round < self.clients
 
     @property
     def quorum(self) -> int:
@@ -75,6 +96,7 @@ class RunSpec:
         """Plain dict for msgpack/JSON."""
         out = asdict(self)
         out["data"] = self.data.to_dict()
+        out["strategy"] = self.strategy.to_dict()
         return out
 
     @classmethod
@@ -86,4 +108,7 @@ class RunSpec:
             raise ConfigError(f"run spec has unknown fields: {sorted(unknown)}")
         values = dict(raw)
         values["data"] = DataSpec.from_dict(values.get("data") or {})
+        values["strategy"] = StrategySpec.from_dict(values.get("strategy") or {})
+        if isinstance(values.get("fraction_fit"), int) and not isinstance(values["fraction_fit"], bool):
+            values["fraction_fit"] = float(values["fraction_fit"])  # JSON gives 1 for 1.0
         return cls(**values)

@@ -64,6 +64,8 @@ elseif want <= math.max(tonumber(st[3]), tonumber(st[4] or '0')) then
   reason = 'round_closed'; detail = 'round ' .. ARGV[2] .. ' has closed'
 elseif want > tonumber(st[3]) + 1 then
   reason = 'round_not_open'; detail = 'open round is ' .. (tonumber(st[3]) + 1)
+elseif redis.call('EXISTS', KEYS[8]) == 1 and redis.call('SISMEMBER', KEYS[8], ARGV[1]) == 0 then
+  reason = 'not_selected'; detail = 'client is not among those chosen to train in round ' .. ARGV[2]
 elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
   reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5]
 end
@@ -98,6 +100,9 @@ local st = redis.call('HMGET', KEYS[1], 'status', 'phase')
 if (st[1] ~= 'queued' and st[1] ~= 'running') or st[2] ~= 'join' then return 0 end
 redis.call('SET', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2])
+if ARGV[6] ~= '' then
+  for _, id in ipairs(cjson.decode(ARGV[6])) do redis.call('SADD', KEYS[7], id) end
+end
 redis.call('HSET', KEYS[1], 'status', 'running', 'phase', 'train', 'round', 0, 'updated_at', ARGV[3])
 redis.call('DEL', KEYS[4])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'event', 'training', 'round', 0)
@@ -113,13 +118,23 @@ if st[1] ~= 'running' or st[2] ~= 'train' then return 0 end
 if tonumber(st[3]) + 1 ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'round', ARGV[1], 'updated_at', ARGV[5])
+-- The previous round's record gains its federated evaluation, which rode on this round's updates.
+if ARGV[12] ~= '' and redis.call('LLEN', KEYS[3]) > 0 then redis.call('LSET', KEYS[3], -1, ARGV[12]) end
 redis.call('RPUSH', KEYS[3], ARGV[3])
-if ARGV[9] ~= '1' then redis.call('DEL', KEYS[4], KEYS[8]) end
+if ARGV[9] ~= '1' then redis.call('DEL', KEYS[4], KEYS[8], KEYS[10]) end
 redis.call('DEL', KEYS[5])
+-- Server optimiser state moves with the global model: a new driver resumes the two together.
+if ARGV[10] ~= '' then redis.call('SET', KEYS[9], ARGV[10]) end
+if ARGV[11] ~= '' then
+  for _, id in ipairs(cjson.decode(ARGV[11])) do redis.call('SADD', KEYS[11], id) end
+end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'event', 'round', 'round', ARGV[1])
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[5], 'final', ARGV[6])
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'event', 'finished', 'round', ARGV[1])
+elseif ARGV[4] == '2' then
+  redis.call('HSET', KEYS[1], 'phase', 'eval')
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'event', 'evaluate', 'round', ARGV[1])
 end
 return 1
 """
@@ -148,6 +163,48 @@ if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return -1 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'phase', 'done', 'reason', ARGV[1],
            'finished_at', ARGV[2], 'updated_at', ARGV[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'event', 'failed', 'reason', ARGV[1])
+return 1
+"""
+
+
+# Final evaluation (runs with validation rows): after the last commit, clients evaluate the last
+# global model and store the result under their id (a re-push replaces it).
+_PUSH_EVAL = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
+if not st[1] then return 'no_such_run' end
+local reason, detail
+if st[1] ~= 'running' or st[2] ~= 'eval' then
+  reason = 'run_not_evaluating'; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
+elseif tonumber(st[3]) ~= tonumber(ARGV[2]) then
+  reason = 'wrong_round'; detail = 'the last committed round is ' .. tostring(st[3])
+elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  reason = 'unknown_client'; detail = 'client has not joined this run'
+elseif redis.call('EXISTS', KEYS[6]) == 1 and redis.call('SISMEMBER', KEYS[6], ARGV[1]) == 0 then
+  reason = 'not_selected'; detail = 'client is not among those chosen to evaluate'
+elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
+  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5]
+end
+if reason then
+  redis.call('RPUSH', KEYS[5], cjson.encode({client=ARGV[1], round=tonumber(ARGV[2]), reason=reason,
+                                             detail=detail, time=tonumber(ARGV[4]), stage='evaluate'}))
+  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[6]), -1)
+  return reason
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('RPUSH', KEYS[4], ARGV[1])
+return 'ok'
+"""
+
+# Ends the final-evaluation phase: the last round's record gains its federated evaluation.
+_FINISH_EVAL = """
+if redis.call('GET', KEYS[5]) ~= ARGV[6] then return -1 end
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
+if st[1] ~= 'running' or st[2] ~= 'eval' or tonumber(st[3]) ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[2] ~= '' and redis.call('LLEN', KEYS[2]) > 0 then redis.call('LSET', KEYS[2], -1, ARGV[2]) end
+redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[3],
+           'updated_at', ARGV[3], 'final', ARGV[4])
+redis.call('DEL', KEYS[3], KEYS[6], KEYS[7])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', 'finished', 'round', ARGV[1])
 return 1
 """
 
@@ -241,6 +298,8 @@ class RunStore:
         self._renew = r.register_script(_RENEW)
         self._release = r.register_script(_RELEASE)
         self._fail = r.register_script(_FAIL)
+        self._push_eval = r.register_script(_PUSH_EVAL)
+        self._finish_eval = r.register_script(_FINISH_EVAL)
         self.driver: str | None = None  # set by acquire_lease; fences this store's writes
 
     # --- creation and reading -------------------------------------------------------
@@ -300,7 +359,7 @@ class RunStore:
         """Store an update for the open round; 'ok' or the refusal code (also recorded)."""
         return _s(self._push(
             keys=[self.k.state, self.k.clients, self.k.updates(round_no), self.k.inbox, self.k.refused,
-                  self.k.pushes, self.k.seqs(round_no)],
+                  self.k.pushes, self.k.seqs(round_no), self.k.selected(round_no)],
             args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED,
                   hashlib.sha256(payload).hexdigest(), MAX_PUSHES]))
 
@@ -381,32 +440,87 @@ class RunStore:
         pipe.ltrim(self.k.refused, -MAX_REFUSED, -1)
         pipe.execute()
 
-    def open_training(self, scaler: bytes, initial_global: bytes) -> bool:
-        """Write the scaler and the initial global model and open round 1, atomically."""
+    def open_training(self, scaler: bytes, initial_global: bytes, selected: list[str] | None = None) -> bool:
+        """Write the scaler and the initial global model and open round 1, atomically
+        (with round 1's chosen clients when rounds sample them)."""
         done = self._open(keys=[self.k.state, self.k.scaler, self.k.global_model, self.k.inbox,
-                                self.k.events, self.k.lease],
-                          args=[scaler, initial_global, time.time(), MAX_EVENTS, self.driver or ""])
+                                self.k.events, self.k.lease, self.k.selected(1)],
+                          args=[scaler, initial_global, time.time(), MAX_EVENTS, self.driver or "",
+                                json.dumps(selected) if selected is not None else ""])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before training opened")
         return bool(done)
 
     def commit_round(self, round_no: int, global_payload: bytes, metrics: dict[str, Any],
-                     final: dict[str, Any] | None = None, keep_updates: bool = False) -> bool:
+                     final: dict[str, Any] | None = None, keep_updates: bool = False, *,
+                     server_state: bytes | None = None, next_selected: list[str] | None = None,
+                     previous_metrics: dict[str, Any] | None = None, evaluate: bool = False) -> bool:
         """Commit a round (and finish the run when final is given); False if already committed.
 
-        Fenced by the lease: LeaseLost if another aggregator took the run over meanwhile."""
+        In the same atomic step: the strategy's server state, the next round's chosen clients,
+        the previous round's record with its federated evaluation, and, with evaluate, the
+        final-evaluation phase instead of the end. Fenced by the lease: LeaseLost if another
+        aggregator took the run over meanwhile."""
         done = self._commit(
             keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.updates(round_no),
-                  self.k.inbox, self.k.events, self.k.lease, self.k.seqs(round_no)],
-            args=[round_no, global_payload, json.dumps(metrics), "1" if final is not None else "0",
+                  self.k.inbox, self.k.events, self.k.lease, self.k.seqs(round_no), self.k.server_state,
+                  self.k.selected(round_no), self.k.selected(round_no + 1)],
+            args=[round_no, global_payload, json.dumps(metrics),
+                  "2" if evaluate else "1" if final is not None else "0",
                   time.time(), json.dumps(final or {}), MAX_EVENTS, self.driver or "",
-                  "1" if keep_updates else "0"])
+                  "1" if keep_updates else "0", server_state or b"",
+                  json.dumps(next_selected) if next_selected is not None else "",
+                  json.dumps(previous_metrics) if previous_metrics is not None else ""])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before committing round {round_no}")
         ok = bool(done)
         if ok and final is not None:
             self.r.xadd(keys.EVENTS, {"event": "finished", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
         return ok
+
+    # --- strategies, client sampling, final evaluation --------------------------------------
+    def server_state_payload(self) -> bytes | None:
+        """The strategy's server state saved with the last commit (None: none saved)."""
+        return self.r.get(self.k.server_state)
+
+    def selected(self, round_no: int) -> set[str] | None:
+        """Clients chosen to train in the round; None when the round does not sample clients."""
+        members = self.r.smembers(self.k.selected(round_no))
+        return {_s(m) for m in members} if members else None
+
+    def is_selected(self, round_no: int, client_id: str) -> bool:
+        """Whether client_id is chosen for a sampled round (False once the round's set is gone)."""
+        return bool(self.r.sismember(self.k.selected(round_no), client_id))
+
+    def last_metrics(self) -> dict[str, Any] | None:
+        """The newest committed round's record."""
+        raw = self.r.lindex(self.k.metrics, -1)
+        return None if raw is None else json.loads(raw)
+
+    def push_eval(self, client_id: str, round_no: int, payload: bytes, max_bytes: int) -> str:
+        """Store a client's evaluation of the last global model; 'ok' or the refusal code (recorded)."""
+        return _s(self._push_eval(
+            keys=[self.k.state, self.k.clients, self.k.evals, self.k.inbox, self.k.refused,
+                  self.k.selected(round_no + 1)],
+            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED]))
+
+    def evals(self) -> dict[str, bytes]:
+        """Client id -> stored evaluation payload (final-evaluation phase)."""
+        return {_s(k): v for k, v in self.r.hgetall(self.k.evals).items()}
+
+    def finish_evaluation(self, round_no: int, last_metrics: dict[str, Any] | None,
+                          final: dict[str, Any]) -> bool:
+        """End the final-evaluation phase and the run (fenced by the lease)."""
+        done = self._finish_eval(
+            keys=[self.k.state, self.k.metrics, self.k.evals, self.k.events, self.k.lease,
+                  self.k.selected(round_no + 1), self.k.inbox],
+            args=[round_no, json.dumps(last_metrics) if last_metrics is not None else "", time.time(),
+                  json.dumps(final), MAX_EVENTS, self.driver or ""])
+        if done == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before finishing round {round_no}'s evaluation")
+        if done:
+            self.r.xadd(keys.EVENTS, {"event": "finished", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+        return bool(done)
 
     def fail(self, reason: str) -> bool:
         """Mark the run failed with a reason that clients, CLI and dashboard show.

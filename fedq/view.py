@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from rich.text import Text
 from fedq.errors import RunNotFound
 from fedq.store import RunStore
 
-console = Console()
+# Logs and pipes are not 80-column terminals: give tables room there unless COLUMNS says otherwise.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 140)
 
 
 def _num(v: Any, fmt: str = ".4f") -> str:
@@ -37,15 +40,21 @@ def print_round(total: int, m: dict[str, Any]) -> None:
                   f"{_num(m.get('seconds'), '.2f')} s")
 
 
+# Columns shown only when some round has them (binary tasks, federated evaluation).
+_OPTIONAL = (("test auc", "test_auc"), ("fed acc", "fed_eval_accuracy"))
+
+
 def rounds_table(rounds: list[dict[str, Any]]) -> Table:
     table = Table(title="rounds")
-    for col in ("round", "updates", "examples", "train loss", "train acc", "test loss", "test acc", "seconds",
-                "overhead ms"):
+    optional = [(title, key) for title, key in _OPTIONAL if any(m.get(key) is not None for m in rounds)]
+    for col in ("round", "updates", "examples", "train loss", "train acc", "test loss", "test acc",
+                *(title for title, _ in optional), "seconds", "overhead ms"):
         table.add_column(col, justify="right")
     for m in rounds:
         over = m.get("overhead_seconds")
         table.add_row(str(m["round"]), str(m["num_updates"]), str(m["num_examples"]), _num(m.get("train_loss")),
                       _num(m.get("train_accuracy")), _num(m.get("test_loss")), _num(m.get("test_accuracy")),
+                      *(_num(m.get(key)) for _, key in optional),
                       _num(m.get("seconds"), ".2f"), "-" if over is None else f"{over * 1000:.0f}")
     return table
 
@@ -57,6 +66,9 @@ def print_report(report: dict[str, Any], out: Path | None = None) -> None:
         f = report["final"]
         console.print(f"[bold]final test accuracy {_num(f['test_accuracy'])}[/bold] "
                       f"(test loss {_num(f['test_loss'])}) — run {report['run_id']} finished")
+        extras = {k: v for k, v in (report.get("final_evaluation") or {}).items() if isinstance(v, (int, float))}
+        if extras:
+            console.print("final evaluation: " + ", ".join(f"{k} {_num(v)}" for k, v in extras.items()))
     else:
         console.print(f"[bold red]run {report['run_id']} {report['status']}[/bold red]: {report.get('reason') or ''}")
     if report.get("refused"):

@@ -36,8 +36,8 @@ def _wait(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
 class Harness:
     """A run with an in-process aggregator thread and three joined clients c0, c1, c2."""
 
-    def __init__(self, r: redis.Redis, redis_url: str, rounds: int, run_id: str) -> None:
-        self.settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2)
+    def __init__(self, r: redis.Redis, redis_url: str, rounds: int, run_id: str, **settings: object) -> None:
+        self.settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2, **settings)
         self.spec = RunSpec(clients=3, rounds=rounds, round_timeout=60, run_id=run_id).validate()
         self.store = RunStore(r, run_id)
         self.store.create(self.spec)
@@ -60,9 +60,9 @@ class Harness:
         return protocol.decode_global(self.store.global_payload(), self.store.run_id)
 
     def update(self, cid: str, round_no: int, n: int, tensors: list[np.ndarray], names: list[str],
-               **meta_over: object) -> bytes:
+               signature: bytes | None = None, **meta_over: object) -> bytes:
         payload = protocol.encode_update(self.store.run_id, round_no, cid, n, {"loss": 0.5, "accuracy": 0.8},
-                                         names, tensors)
+                                         names, tensors, signature)
         if not meta_over:
             return payload
         env = codec.decode(payload)
@@ -85,8 +85,8 @@ class Harness:
 def harness_factory(r: redis.Redis, redis_url: str) -> Iterator[Callable[[int, str], Harness]]:
     made: list[Harness] = []
 
-    def make(rounds: int, run_id: str) -> Harness:
-        h = Harness(r, redis_url, rounds, run_id)
+    def make(rounds: int, run_id: str, **settings: object) -> Harness:
+        h = Harness(r, redis_url, rounds, run_id, **settings)
         made.append(h)
         return h
 
