@@ -13,36 +13,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import redis
 
 from fedq.data import DataSpec, seed_spec
+from fedq.clitools import EXIT_ERROR, fail_cleanly
 from fedq.errors import FedqError
 from fedq.settings import Settings
 from fedq.spec import OPTIMIZERS, RunSpec, new_run_id
 
-EXIT_ERROR = 1
 
 
 def _settings(ctx: click.Context) -> Settings:
     return ctx.obj["settings"]
-
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn fedq and Redis errors into one line on stderr and a non-zero exit, not a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FedqError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_ERROR)
-        except redis.RedisError as exc:
-            click.echo(f"error: Redis: {exc}", err=True)
-            sys.exit(EXIT_ERROR)
-        except OSError as exc:  # e.g. an --out directory that cannot be created
-            click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
-            sys.exit(EXIT_ERROR)
-    return wrapper
 
 
 def _stop_on_signals() -> threading.Event:
@@ -204,7 +185,7 @@ def _run_spec(kw: dict[str, Any]) -> RunSpec:
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.version_option(package_name="fedq")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
     """fedq: federated learning of a Keras model over Redis."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -218,7 +199,7 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-out"),
               show_default=True, help="Directory for report.json, model.keras and logs.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def run(ctx: click.Context, out: Path, **kw: Any) -> None:
     """Run a whole federation on this machine: Redis, an aggregator and N clients."""
     from fedq.runner import run_local
@@ -239,7 +220,7 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
 @click.option("--if-absent", is_flag=True,
               help="When a run with --run-id exists already, print its id and succeed (a re-run Job).")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     """Enqueue a run for an aggregator worker and print its id."""
     from fedq.jobs import submit_run
@@ -264,7 +245,7 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
               help="Address /metrics listens on.")
 @run_options(creating=False)
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port: int | None, metrics_host: str,
                **kw: Any) -> None:
     """Serve runs from the queue as an rq worker; with --clients/--rounds, create one run and drive it."""
@@ -299,7 +280,7 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
 @click.option("--client-id", help="Identity in the run (default: client-<shard>).")
 @data_options(required=False)
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str | None, once: bool,
            client_id: str | None, **kw: Any) -> None:
     """Join runs and train on this client's own data."""
@@ -327,7 +308,7 @@ def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str |
 @click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
               help="Seconds between redraws with --watch.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float) -> None:
     """Show runs and their progress: clients, liveness, rounds, refusals (reads Redis only)."""
     from fedq.dashboard.readonly import connect_readonly
@@ -354,7 +335,7 @@ def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float)
 @click.option("--refresh", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
               help="Seconds between updates of an open page.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: float) -> None:
     """Serve the web dashboard: runs, rounds, clients, live charts (reads Redis only)."""
     from fedq.dashboard.app import serve
@@ -367,7 +348,7 @@ def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: f
 @click.option("--run", "run_id", required=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def report(ctx: click.Context, run_id: str, out: Path) -> None:
     """Write a run's report.json and, when finished, model.keras into a directory."""
     from fedq.report import write_report
@@ -387,7 +368,7 @@ def keys_group() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the private keys and the public registry.")
 @click.option("--namespace", help="Namespace of the printed Kubernetes Secrets.")
-@_fail_cleanly
+@fail_cleanly
 def keys_new(clients: int, out: Path, namespace: str | None) -> None:
     """Make an Ed25519 key per client; write them and print them as Kubernetes Secrets.
 

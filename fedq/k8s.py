@@ -6,31 +6,17 @@ of ``deploy/base``), cluster calls from ``fedq.k8s_apply``, the pipeline from ``
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from fedq.errors import ConfigError, FedqError
+from fedq.clitools import fail_cleanly
+from fedq.errors import ConfigError
 from fedq.k8s_manifests import DEFAULT_IMAGE, Federation, build, check_namespace, to_yaml, write_base
 
-EXIT_ERROR = 1
-
-
-def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """fedq errors as one 'error: ...' line on stderr and exit 1, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FedqError as exc:
-            click.echo(f"error: {' '.join(str(exc).split())}", err=True)
-            sys.exit(EXIT_ERROR)
-    return wrapper
 
 
 def _federation_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -116,7 +102,7 @@ def k8s_group() -> None:
 @click.option("--namespace", help="Namespace of every resource (default: none, kubectl's current one).")
 @click.option("--redis-password", help="Password in the Redis Secret (default: a new random one).")
 @click.option("--no-secret", is_flag=True, help="Leave the Redis Secret out (it exists already).")
-@_one_line_errors
+@fail_cleanly(squash=True)
 def manifest(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None,
              namespace: str | None, redis_password: str | None, no_secret: bool) -> None:
     """Print the federation's resources as YAML (for kubectl apply -f -)."""
@@ -131,7 +117,7 @@ def manifest(clients: int, rounds: int, local_epochs: int, image: str, run_id: s
 @_federation_options
 @_cluster_options
 @click.option("--redis-password", help="Password of a new Redis Secret (default: random; an existing one is kept).")
-@_one_line_errors
+@fail_cleanly(squash=True)
 def up(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None, namespace: str | None,
        kubeconfig: str | None, context: str | None, redis_password: str | None) -> None:
     """Create or update the federation in the cluster of the current kubeconfig."""
@@ -149,7 +135,7 @@ def up(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | N
 @_cluster_options
 @click.option("--redis-url", help="Read the run from this Redis (e.g. a kubectl port-forward) "
                                   "instead of through redis-cli in the Redis pod.")
-@_one_line_errors
+@fail_cleanly(squash=True)
 def status(namespace: str | None, kubeconfig: str | None, context: str | None, redis_url: str | None) -> None:
     """Show the federation's pods and Jobs and its run's progress."""
     from fedq.k8s_apply import exec_run_reader, redis_run_reader, status as read_status
@@ -194,7 +180,7 @@ def _run_line(run_id: str | None, state: dict[str, str] | None) -> str:
 @k8s_group.command("down")
 @_cluster_options
 @click.option("--keep-data", is_flag=True, help="Keep Redis' volume and password Secret.")
-@_one_line_errors
+@fail_cleanly(squash=True)
 def down(namespace: str | None, kubeconfig: str | None, context: str | None, keep_data: bool) -> None:
     """Delete the federation's resources from the namespace."""
     from fedq.k8s_apply import down as apply_down
@@ -209,7 +195,7 @@ def down(namespace: str | None, kubeconfig: str | None, context: str | None, kee
 
 @k8s_group.command("base")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@_one_line_errors
+@fail_cleanly(squash=True)
 def base(directory: Path) -> None:
     """Write the kustomize base (deploy/base) from fedq's resource definitions."""
     try:
@@ -232,7 +218,7 @@ def kfp_group() -> None:
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="The fedq image every task runs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("pipeline.yaml"),
               show_default=True, help="Pipeline file to write.")
-@_one_line_errors
+@fail_cleanly(squash=True)
 def kfp_compile(clients: int, rounds: int, local_epochs: int, image: str, output: Path) -> None:
     """Compile a pipeline: an aggregator task and N client tasks against a Redis URL parameter."""
     Federation(clients=clients, rounds=rounds, local_epochs=local_epochs, image=image).validate()

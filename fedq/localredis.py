@@ -8,7 +8,6 @@ its parent dies, so even a SIGKILLed ``fedq run`` leaves no server behind.
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import signal
 import subprocess

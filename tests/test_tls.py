@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
+
 
 from fedq.errors import ConfigError, RedisUnavailable
 from fedq.settings import Settings

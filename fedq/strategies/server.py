@@ -16,7 +16,7 @@ stopped. Integer tensors (counters, seeds) are never optimised: they take the co
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -99,16 +99,12 @@ class Momentum(ServerStep):
     def step(self, current: Sequence[np.ndarray], combined: Sequence[np.ndarray]) -> list[np.ndarray]:
         self.steps += 1
         vel = self._slot("v", 0.0)
-        out = []
-        for i, (x, c) in enumerate(zip(current, combined)):
-            x = np.asarray(x)
-            if not _floating(x):
-                out.append(np.asarray(c).astype(x.dtype))
-                continue
-            delta = np.asarray(c, dtype=np.float64) - x
+
+        def update(i: int, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
             vel[i] = (self.momentum * vel[i] + delta).astype(vel[i].dtype)
-            out.append((x + self.lr * vel[i].astype(np.float64)).astype(x.dtype))
-        return out
+            return x + self.lr * vel[i].astype(np.float64)
+
+        return _per_tensor(current, combined, update)
 
 
 class Adaptive(ServerStep):
@@ -129,13 +125,8 @@ class Adaptive(ServerStep):
         first = self._slot("m", 0.0)
         second = self._slot("v", self.tau ** 2)
         b1, b2 = self.beta1, self.beta2
-        out = []
-        for i, (x, c) in enumerate(zip(current, combined)):
-            x = np.asarray(x)
-            if not _floating(x):
-                out.append(np.asarray(c).astype(x.dtype))
-                continue
-            delta = np.asarray(c, dtype=np.float64) - x
+
+        def update(i: int, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
             sq = np.square(delta)
             m = b1 * first[i].astype(np.float64) + (1.0 - b1) * delta
             v = second[i].astype(np.float64)
@@ -147,9 +138,22 @@ class Adaptive(ServerStep):
                 v = v + sq
             first[i] = m.astype(first[i].dtype)
             second[i] = v.astype(second[i].dtype)
-            step = self.lr * first[i].astype(np.float64) / (np.sqrt(second[i].astype(np.float64)) + self.tau)
-            out.append((x + step).astype(x.dtype))
-        return out
+            return x + self.lr * first[i].astype(np.float64) / (np.sqrt(second[i].astype(np.float64)) + self.tau)
+
+        return _per_tensor(current, combined, update)
+
+
+def _per_tensor(current: Sequence[np.ndarray], combined: Sequence[np.ndarray],
+                update: Callable[[int, np.ndarray, np.ndarray], np.ndarray]) -> list[np.ndarray]:
+    """Apply update(i, x, combined - x) to each floating tensor (in float64); others are replaced."""
+    out = []
+    for i, (x, c) in enumerate(zip(current, combined)):
+        x = np.asarray(x)
+        if not _floating(x):
+            out.append(np.asarray(c).astype(x.dtype))
+            continue
+        out.append(np.asarray(update(i, x, np.asarray(c, dtype=np.float64) - x)).astype(x.dtype))
+    return out
 
 
 def make_server_step(kind: str, template: Sequence[np.ndarray], **params: Any) -> ServerStep:
