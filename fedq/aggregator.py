@@ -88,9 +88,14 @@ class Aggregator:
         Returns the final state. Failures are written to Redis; a stop request releases the
         lease (so a standby takes over at once) and raises AggregatorStopped."""
         try:
+            spec = self.store.spec()
+            # The slow part (data, TensorFlow, the model) comes before the lease, so a loaded
+            # machine cannot make the lease lapse before the first renewal, and a standby is
+            # ready to drive the moment it takes over.
+            prepared = self._prepare(spec)
             if not self._acquire():
                 return self.store.state()
-            return self._run()
+            return self._run(spec, prepared)
         except (DataError, CodecError, ConfigError, RoundTimeout) as exc:
             log.error("run %s failed: %s", self.run_id, exc)
             self.store.fail(str(exc))
@@ -142,19 +147,21 @@ class Aggregator:
             raise RunVanished(f"run {self.run_id} vanished from Redis (restarted without persistence, "
                               f"or flushed); it cannot continue")
 
-    def _run(self) -> dict[str, Any]:
-        spec = self.store.spec()
+    def _prepare(self, spec: RunSpec) -> tuple[Any, np.ndarray, Any, list[str], Strategy]:
+        """The test split, the model and the strategy: everything driving needs, built once."""
+        ds = load_dataset(spec.data)
+        _, test_idx = split_indices(ds.y, spec.data.test_fraction, spec.data.seed)
+        model = build_model(spec.model, ds.num_features, ds.num_classes, spec.seed)
+        strategy = Strategy(spec.strategy, model.get_weights())
+        self._check_memory(spec, strategy, model.get_weights())
+        return ds, test_idx, model, weight_names(model), strategy
+
+    def _run(self, spec: RunSpec, prepared: tuple[Any, np.ndarray, Any, list[str], Strategy]) -> dict[str, Any]:
+        ds, test_idx, model, names, strategy = prepared
         state = self.store.state()
         self.store.mark_started(self.driver)
         log.info("driving run %s (%s at round %s): %d clients (quorum %d), %d rounds", self.run_id,
                  state.get("phase"), state.get("round"), spec.clients, spec.quorum, spec.rounds)
-
-        ds = load_dataset(spec.data)
-        _, test_idx = split_indices(ds.y, spec.data.test_fraction, spec.data.seed)
-        model = build_model(spec.model, ds.num_features, ds.num_classes, spec.seed)
-        names = weight_names(model)
-        strategy = Strategy(spec.strategy, model.get_weights())
-        self._check_memory(spec, strategy, model.get_weights())
         if state.get("phase") == "join":
             mean, std = self._collect_joins(spec, ds.num_features)
             scaler = protocol.encode_scaler(mean, std, {
@@ -335,21 +342,26 @@ class Aggregator:
         """Block until the clients joined with valid statistics (or the quorum at the deadline)."""
         good: dict[str, FeatureStats] = {}
 
-        def scan(_cid: str | None = None) -> None:
+        def judge(cid: str, raw: dict[str, Any] | None) -> None:
+            if cid in good or raw is None:
+                return
+            try:
+                st = FeatureStats.from_dict(raw)
+                if len(st.count) != num_features:
+                    raise DataError(f"{len(st.count)} features, the run's data has {num_features}")
+                good[cid] = st
+            except (DataError, TypeError, KeyError) as exc:
+                self._refuse_join(cid, str(exc))
+
+        def scan() -> None:  # idle moments re-read everything: wake-ups are only hints
             self._check_exists()
             for cid, raw in self.store.stats().items():
-                if cid in good:
-                    continue
-                try:
-                    st = FeatureStats.from_dict(raw)
-                    if len(st.count) != num_features:
-                        raise DataError(f"{len(st.count)} features, the run's data has {num_features}")
-                    good[cid] = st
-                except (DataError, TypeError, KeyError) as exc:
-                    self._refuse_join(cid, str(exc))
+                judge(cid, raw)
 
         scan()
-        self._wait_quorum(spec, "joining", lambda: len(good), scan, scan)
+        # A wake-up reads only the client that woke us: with N clients, N reads, not N x N.
+        self._wait_quorum(spec, "joining", lambda: len(good), scan,
+                          lambda cid: judge(cid, self.store.stats_of(cid)))
         return scaler_from_stats(combine_stats(list(good.values())))
 
     def _refuse_join(self, cid: str, detail: str) -> None:

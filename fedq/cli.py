@@ -358,6 +358,60 @@ def report(ctx: click.Context, run_id: str, out: Path) -> None:
     print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out), out)
 
 
+@main.command()
+@run_options()
+@click.option("--rows-per-client", type=click.IntRange(10), default=100, show_default=True,
+              help="Synthetic rows per client (when no data file is given).")
+@click.option("--features", type=click.IntRange(5), default=20, show_default=True,
+              help="Synthetic features (when no data file is given).")
+@click.option("--processes", type=click.IntRange(1), default=4, show_default=True,
+              help="Processes the simulated clients are spread over (threads within each).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-sim"),
+              show_default=True)
+@click.pass_context
+@fail_cleanly
+def simulate(ctx: click.Context, rows_per_client: int, features: int, processes: int, out: Path,
+             **kw: Any) -> None:
+    """Many lightweight clients (numpy updates, no TensorFlow) against the real aggregator and protocol."""
+    import dataclasses
+
+    from fedq.runner import run_local
+    from fedq.swarm import client_commands
+    from fedq.view import print_event, print_report, print_round
+
+    own_data = any(kw.get(k) for k in ("normal_csv", "abnormal_csv", "csv_path"))
+    spec = _run_spec(kw)
+    if not own_data:
+        spec = dataclasses.replace(spec, data=dataclasses.replace(
+            spec.data, source="synthetic", rows=rows_per_client * spec.clients, features=features)).validate()
+    report = run_local(_settings(ctx), spec, out, use_env_redis=ctx.obj["redis_from_env"],
+                       on_round=functools.partial(print_round, spec.rounds), on_event=print_event,
+                       client_commands=client_commands(spec, processes))
+    print_report(report, out)
+    rounds = report["rounds"][1:] or report["rounds"]  # round 1 includes start-up
+    if rounds:
+        per_update = sum(m["seconds"] for m in rounds) / sum(m["num_updates"] for m in rounds)
+        click.echo(f"{spec.clients} clients: {per_update * 1000:.2f} ms of round time per update "
+                   f"(rounds {rounds[0]['round']}-{rounds[-1]['round']})")
+    if report["status"] != "finished":
+        sys.exit(EXIT_ERROR)
+
+
+@main.command("sim-worker", hidden=True)
+@click.option("--run", "run_id", required=True)
+@click.option("--first", type=click.IntRange(0), required=True)
+@click.option("--count", type=click.IntRange(1), required=True)
+@click.pass_context
+@fail_cleanly
+def sim_worker(ctx: click.Context, run_id: str, first: int, count: int) -> None:
+    """Internal: run simulated clients first..first+count-1 of a run as threads."""
+    from fedq.swarm import run_worker
+
+    failed = run_worker(_settings(ctx), run_id, first, count)
+    if failed:
+        raise FedqError(f"{failed} of {count} simulated clients failed")
+
+
 @main.group("keys")
 def keys_group() -> None:
     """Signing keys for signed updates."""

@@ -8,6 +8,7 @@ shard as validation rows for federated evaluation.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -18,7 +19,7 @@ import pandas as pd
 
 from fedq.errors import DataError
 
-SOURCES = ("breast_cancer", "seed", "csv")
+SOURCES = ("breast_cancer", "seed", "csv", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "by-label")  # implemented in fedq.partition
 SEED_CLASS_NAMES = ["normal", "abnormal"]
 SEED_MISSING_VALUE = -1.0
@@ -54,6 +55,8 @@ class DataSpec:
     partition: str = "iid"  # how training rows are dealt to clients: "iid" | "dirichlet" | "by-label"
     alpha: float = 0.5  # Dirichlet concentration: small = each client sees few labels
     val_fraction: float = 0.0  # share of each client's shard held out for federated evaluation
+    rows: int = 10_000  # for source "synthetic": generated rows (scale tests with many clients)
+    features: int = 20  # for source "synthetic": generated features
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (msgpack/JSON friendly)."""
@@ -88,6 +91,9 @@ class DataSpec:
                 raise DataError(f"data spec {name} must be a number, got None")
         if "partition" in kw and kw["partition"] is None:
             raise DataError("data spec partition must be a string, got None")
+        for name in ("rows", "features"):
+            if name in kw and not _is_int(kw[name]):
+                raise DataError(f"data spec {name} must be an integer, got {kw[name]!r}")
         if "seed" in kw:
             seed = kw["seed"]
             if _is_number(seed) and float(seed).is_integer():
@@ -109,6 +115,8 @@ class DataSpec:
                 raise DataError("data source 'csv' needs csv (path to a headed CSV file)")
             if not self.label_column:
                 raise DataError("data source 'csv' needs label_column (name of the label column)")
+        if self.source == "synthetic" and (self.rows < 10 or self.features < 2):
+            raise DataError(f"synthetic data needs at least 10 rows and 2 features, got {self.rows} x {self.features}")
         if not _is_number(self.test_fraction) or not 0.0 < float(self.test_fraction) < 1.0:
             raise DataError(f"test_fraction must be strictly between 0 and 1, got {self.test_fraction!r}")
         if not _is_int(self.seed) or self.seed < 0:
@@ -281,6 +289,19 @@ def _load_breast_cancer() -> Dataset:
     )
 
 
+@functools.lru_cache(maxsize=2)  # a simulation's many clients in one process share one copy
+def _load_synthetic(spec: DataSpec) -> Dataset:
+    """A generated two-class problem of any size (scikit-learn's make_classification), for
+    exercising the protocol with many clients; deterministic in the spec's seed."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(n_samples=spec.rows, n_features=spec.features,
+                               n_informative=max(2, min(spec.features // 2, 10)), n_redundant=0,
+                               random_state=spec.seed)
+    return Dataset(x=np.asarray(x, dtype=np.float64), y=np.asarray(y, dtype=np.int64),
+                   feature_names=[f"f{i}" for i in range(spec.features)], class_names=["0", "1"])
+
+
 def load_dataset(spec: DataSpec) -> Dataset:
     """Load every row of the spec's source, with the missing sentinel replaced by NaN."""
     spec.validate()
@@ -288,6 +309,10 @@ def load_dataset(spec: DataSpec) -> Dataset:
         ds = _load_seed(spec)
     elif spec.source == "csv":
         ds = _load_csv(spec)
+    elif spec.source == "synthetic":
+        ds = _load_synthetic(spec)
+        if spec.missing_value is not None:  # never write into the shared cached copy
+            ds = Dataset(ds.x.copy(), ds.y, ds.feature_names, ds.class_names)
     else:
         ds = _load_breast_cancer()
     if spec.missing_value is not None:

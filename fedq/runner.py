@@ -77,8 +77,12 @@ class Processes:
 def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bool,
               on_round: Callable[[dict[str, Any]], None] = lambda m: None,
               on_event: Callable[[str], None] = lambda s: None,
-              on_progress: Callable[[RunStore], None] = lambda s: None) -> dict[str, Any]:
+              on_progress: Callable[[RunStore], None] = lambda s: None,
+              client_commands: list[tuple[str, list[str]]] | None = None) -> dict[str, Any]:
     """Run a federation with an aggregator and spec.clients client processes; returns the report.
+
+    client_commands (name, fedq arguments) replaces the default of one `fedq client` per shard
+    (fedq simulate runs many lightweight clients per process instead).
 
     on_progress is called with the run's store at every wake-up (at least every block_seconds)."""
     spec.validate()
@@ -99,8 +103,10 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
         procs = Processes(out / "logs", env)
         stack.callback(procs.stop)
         procs.start("aggregator", ["aggregator", "--queue", queue, "--burst"])
-        for k in range(spec.clients):
-            procs.start(f"client-{k}", ["client", "--shard", str(k), "--run", spec.run_id, "--once"])
+        commands = client_commands or [(f"client-{k}", ["client", "--shard", str(k), "--run", spec.run_id, "--once"])
+                                       for k in range(spec.clients)]
+        for name, args in commands:
+            procs.start(name, args)
         on_event(f"run {spec.run_id}: aggregator and {spec.clients} clients started (logs in {out / 'logs'})")
         store = RunStore(r, spec.run_id)
         _follow(store, procs, settings, on_round, on_progress)

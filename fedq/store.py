@@ -409,6 +409,11 @@ class RunStore:
         item = self.r.blpop([self.k.inbox], timeout=block_seconds)
         return None if item is None else _s(item[1])
 
+    def stats_of(self, client_id: str) -> dict[str, Any] | None:
+        """One client's statistics record (None when absent or not a JSON object)."""
+        raw = self.r.hget(self.k.stats, client_id)
+        return None if raw is None else _json_records({b"c": raw}).get("c")
+
     def stats(self) -> dict[str, dict[str, Any]]:
         return _json_records(self.r.hgetall(self.k.stats))
 

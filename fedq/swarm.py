@@ -1,0 +1,90 @@
+"""``fedq simulate``: hundreds to thousands of lightweight clients against the real protocol.
+
+Each simulated client is the real client loop (join with statistics of its own rows, fetch the
+global model, push an update, follow the round counter) with local training replaced by numpy:
+the update is the global weights plus small seeded noise. Many such clients share a process as
+threads, so a federation of 1,000 clients fits on one machine; the aggregator is the real one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from fedq import protocol
+from fedq.client import Client
+from fedq.data import load_dataset
+from fedq.settings import Settings
+from fedq.spec import RunSpec
+from fedq.store import RunStore, connect
+
+log = logging.getLogger("fedq.simulate")
+
+
+class NoiseTrainer:
+    """Training without TensorFlow: returns the global weights plus N(0, scale) noise."""
+
+    def __init__(self, names: list[str], num_examples: int, seed: int, scale: float = 1e-3) -> None:
+        self.names = names
+        self.num_examples = num_examples
+        self.rng = np.random.default_rng(seed)
+        self.scale = scale
+        self._w: list[np.ndarray] = []
+
+    def load(self, tensors: list[np.ndarray]) -> None:
+        self._w = tensors
+
+    def train(self, round_no: int) -> dict[str, float]:
+        return {"loss": float(self.rng.uniform(0.1, 0.5)), "accuracy": float(self.rng.uniform(0.7, 0.9))}
+
+    def weights(self) -> list[np.ndarray]:
+        return [(t + self.rng.normal(0.0, self.scale, t.shape)).astype(t.dtype) if t.dtype.kind == "f" else t
+                for t in self._w]
+
+
+def client_commands(spec: RunSpec, processes: int) -> list[tuple[str, list[str]]]:
+    """`fedq sim-worker` commands that split the run's shards over `processes` processes."""
+    parts = np.array_split(np.arange(spec.clients), max(1, min(processes, spec.clients)))
+    return [(f"sim-worker-{i}", ["sim-worker", "--run", spec.run_id, "--first", str(int(p[0])),
+                                 "--count", str(len(p))]) for i, p in enumerate(parts) if len(p)]
+
+
+def run_worker(settings: Settings, run_id: str, first: int, count: int) -> int:
+    """Run shards first..first+count-1 as threads; returns how many clients failed."""
+    from threadpoolctl import threadpool_limits
+
+    # Hundreds of threads each calling into a multi-threaded BLAS would each get its pools and
+    # buffers; one BLAS thread per process, and the dataset loaded once before the threads start.
+    threadpool_limits(1)
+    r0 = connect(settings)
+    load_dataset(RunStore(r0, run_id).spec().data)
+    r0.close()
+    failures: list[str] = []
+
+    def one(shard: int) -> None:
+        r = connect(settings)
+        store = RunStore(r, run_id)
+
+        def factory(spec: RunSpec, num_features: int, num_classes: int, x: Any, y: Any, shard_: int,
+                    stop: threading.Event) -> NoiseTrainer:
+            _, names, _ = protocol.decode_global(store.global_payload(), run_id)
+            return NoiseTrainer(names, len(y), seed=spec.seed * 1_000_003 + shard_)
+
+        try:
+            Client(r, settings, shard, run_id=run_id, trainer_factory=factory).serve(once=True)
+        except Exception as exc:  # noqa: BLE001 - counted and reported; one client must not stop the rest
+            log.error("client-%d failed: %s", shard, exc)
+            failures.append(f"client-{shard}")
+        finally:
+            r.close()
+
+    threads = [threading.Thread(target=one, args=(k,), name=f"client-{k}", daemon=True)
+               for k in range(first, first + count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(failures)
