@@ -45,38 +45,17 @@ from fedq.localredis import die_with_parent, find_server  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 from fedq.spec import RunSpec  # noqa: E402
 from fedq.store import RunStore, connect  # noqa: E402
+from fedq.swarm import noise_trainers  # noqa: E402
 
 MODELS = {"seed": "seed", "1m": "bench.bench_models:dense_1m", "25m": "bench.bench_models:dense_25m"}
 
 
-class NoTraining:
-    """A trainer that trains nothing: returns the global weights as its update."""
-
-    def __init__(self, names: list[str], num_examples: int) -> None:
-        self.names = names
-        self.num_examples = num_examples
-        self._w: list[np.ndarray] = []
-
-    def load(self, tensors: list[np.ndarray]) -> None:
-        self._w = tensors
-
-    def train(self, round_no: int) -> dict[str, float]:
-        return {"loss": 0.0, "accuracy": 0.0}
-
-    def weights(self) -> list[np.ndarray]:
-        return self._w
-
-
 def client_main(url: str, run_id: str, shard: int) -> None:
+    """One client whose training is a no-op: its update is the global model it received."""
     settings = Settings.from_env(env={}, redis_url=url, block_seconds=0.5)
     r = connect(settings)
-    store = RunStore(r, run_id)
-
-    def factory(spec, num_features, num_classes, x, y, shard_, stop) -> NoTraining:  # noqa: ANN001
-        _, names, _ = protocol.decode_global(store.global_payload(), run_id)
-        return NoTraining(names, len(y))
-
-    Client(r, settings, shard, run_id=run_id, trainer_factory=factory).serve(once=True)
+    Client(r, settings, shard, run_id=run_id,
+           trainer_factory=noise_trainers(RunStore(r, run_id), scale=0)).serve(once=True)
 
 
 @contextmanager

@@ -41,8 +41,20 @@ class NoiseTrainer:
         return {"loss": float(self.rng.uniform(0.1, 0.5)), "accuracy": float(self.rng.uniform(0.7, 0.9))}
 
     def weights(self) -> list[np.ndarray]:
+        if self.scale == 0:
+            return self._w  # no training at all: the update is the global model (benchmarks)
         return [(t + self.rng.normal(0.0, self.scale, t.shape)).astype(t.dtype) if t.dtype.kind == "f" else t
                 for t in self._w]
+
+
+def noise_trainers(store: RunStore, scale: float = 1e-3) -> Any:
+    """A Client trainer_factory making NoiseTrainers for the run in store."""
+    def factory(spec: RunSpec, num_features: int, num_classes: int, x: Any, y: Any, shard: int,
+                stop: threading.Event) -> NoiseTrainer:
+        _, names, _ = protocol.decode_global(store.global_payload(), store.run_id)
+        return NoiseTrainer(names, len(y), seed=spec.seed * 1_000_003 + shard, scale=scale)
+
+    return factory
 
 
 def client_commands(spec: RunSpec, processes: int) -> list[tuple[str, list[str]]]:
@@ -66,15 +78,9 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int) -> int:
 
     def one(shard: int) -> None:
         r = connect(settings)
-        store = RunStore(r, run_id)
-
-        def factory(spec: RunSpec, num_features: int, num_classes: int, x: Any, y: Any, shard_: int,
-                    stop: threading.Event) -> NoiseTrainer:
-            _, names, _ = protocol.decode_global(store.global_payload(), run_id)
-            return NoiseTrainer(names, len(y), seed=spec.seed * 1_000_003 + shard_)
-
         try:
-            Client(r, settings, shard, run_id=run_id, trainer_factory=factory).serve(once=True)
+            Client(r, settings, shard, run_id=run_id,
+                   trainer_factory=noise_trainers(RunStore(r, run_id))).serve(once=True)
         except Exception as exc:  # noqa: BLE001 - counted and reported; one client must not stop the rest
             log.error("client-%d failed: %s", shard, exc)
             failures.append(f"client-{shard}")
