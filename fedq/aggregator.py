@@ -101,16 +101,26 @@ class Aggregator:
             self.store.fail(str(exc))
             return self.store.state()
         except RunVanished as exc:
-            log.error("%s", exc)
-            self.store.driver = None
-            self.store.fail(str(exc))  # a tombstone, so that clients and the dashboard see why
+            self._tombstone(exc)
             raise
         except LeaseLost as exc:
+            # A Redis restarted without persistence loses the lease along with the run: that
+            # is not a hand-over, and nobody else would ever record why the run ended.
+            if not self.r.exists(self.store.k.spec):
+                vanished = self._vanished()
+                self._tombstone(vanished)
+                raise vanished from exc
             log.warning("%s; leaving the run to its new driver", exc)
             return self.store.state()
         finally:
             if self.store.driver is not None and self.store.release_lease():
                 log.info("run %s: lease released by %s", self.run_id, self.driver)
+
+    def _tombstone(self, exc: RunVanished) -> None:
+        """Mark a vanished run failed, so that clients and the dashboard see why it ended."""
+        log.error("%s", exc)
+        self.store.driver = None
+        self.store.fail(str(exc))
 
     def _acquire(self) -> bool:
         """Take the lease, standing by (blocking on the run's events) while another holds it."""
@@ -142,10 +152,13 @@ class Aggregator:
             self.store.renew_lease(self.settings.lease_seconds)
             self._renewed = time.monotonic()
 
+    def _vanished(self) -> RunVanished:
+        return RunVanished(f"run {self.run_id} vanished from Redis (restarted without persistence, "
+                           f"or flushed); it cannot continue")
+
     def _check_exists(self) -> None:
         if not self.r.exists(self.store.k.spec):
-            raise RunVanished(f"run {self.run_id} vanished from Redis (restarted without persistence, "
-                              f"or flushed); it cannot continue")
+            raise self._vanished()
 
     def _prepare(self, spec: RunSpec) -> tuple[Any, np.ndarray, Any, list[str], Strategy]:
         """The test split, the model and the strategy: everything driving needs, built once."""
