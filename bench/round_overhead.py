@@ -149,12 +149,12 @@ def floor_one(r: redis.Redis, tensors: list[np.ndarray], names: list[str], repea
     for i in range(repeat):
         t0 = time.perf_counter()
         payload = protocol.encode_update("floor", 1, "c", 10, {}, names, tensors)
-        r.hset(store.k.updates(1), "c", payload)
-        got = r.hget(store.k.updates(1), "c")
+        r.hset(store.k.update("c", 1), "payload", payload)
+        got = r.hget(store.k.update("c", 1), "payload")
         env = codec.decode(got)
         acc.add(env.tensors, 10)
         times.append(time.perf_counter() - t0)
-    r.delete(store.k.updates(1))
+    r.delete(store.k.update("c", 1))
     return statistics.median(times)
 
 

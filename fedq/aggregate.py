@@ -11,6 +11,12 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fedq.chunking import slices_at
+
+# add() multiplies in blocks through one small float64 buffer: memory stays the float64 sum
+# (not twice it), and each block stays in cache between the multiply and the add.
+BLOCK = 1 << 18
+
 
 class FedAvg:
     """Running sample-weighted sum of models; ``result()`` gives the weighted mean."""
@@ -18,8 +24,9 @@ class FedAvg:
     def __init__(self, template: Sequence[np.ndarray]) -> None:
         self._dtypes = [np.dtype(t.dtype) for t in template]
         self._sum = [np.zeros(t.shape, dtype=np.float64) for t in template]
-        # One scratch buffer per tensor keeps add() free of per-call allocations.
-        self._scratch = [np.empty(t.shape, dtype=np.float64) for t in template]
+        self._flat = [acc.reshape(-1) for acc in self._sum]
+        self._starts = np.cumsum([0] + [acc.size for acc in self._sum])
+        self._scratch = np.empty(min(BLOCK, max([acc.size for acc in self._sum] + [1])), dtype=np.float64)
         self.total_examples = 0
         self.count = 0
 
@@ -32,12 +39,32 @@ class FedAvg:
         for acc, t in zip(self._sum, tensors):
             if np.shape(t) != acc.shape:  # numpy would broadcast a smaller tensor silently
                 raise ValueError(f"tensor of shape {np.shape(t)} where the model has {acc.shape}")
-        weight = np.float64(num_examples)  # a float64 scalar makes the multiply loop float64
-        for acc, buf, t in zip(self._sum, self._scratch, tensors):
-            np.multiply(t, weight, out=buf)
-            np.add(acc, buf, out=acc)
+        for i, t in enumerate(tensors):
+            self._fold(self._flat[i], np.asarray(t).reshape(-1), num_examples)
+        self.count_model(num_examples)
+
+    def add_part(self, offset: int, values: np.ndarray, num_examples: int) -> None:
+        """Fold one part of a model sent in parts: a slice of its flattened parameters starting
+        at ``offset``. Call count_model() once every part of that model is in."""
+        if offset < 0 or offset + values.size > self._starts[-1]:
+            raise ValueError(f"part [{offset}, {offset + values.size}) outside the model's {self._starts[-1]} parameters")
+        for i, (lo, hi, src) in slices_at(self._starts, offset, values.size):
+            self._fold(self._flat[i][lo:hi], values[src:src + hi - lo], num_examples)
+
+    def count_model(self, num_examples: int) -> None:
+        """Count one model whose parameters were all folded."""
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be positive, got {num_examples}")
         self.total_examples += int(num_examples)
         self.count += 1
+
+    def _fold(self, acc: np.ndarray, flat: np.ndarray, num_examples: int) -> None:
+        weight = np.float64(num_examples)  # a float64 scalar makes the multiply loop float64
+        for a in range(0, flat.size, BLOCK):
+            b = min(a + BLOCK, flat.size)
+            buf = self._scratch[:b - a]
+            np.multiply(flat[a:b], weight, out=buf)
+            np.add(acc[a:b], buf, out=acc[a:b])
 
     def reset(self) -> None:
         """Forget everything folded so far (used when an update is replaced)."""

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import codec, evaluation, heartbeat, protocol
+from fedq import codec, evaluation, heartbeat, protocol, transfer
 from fedq import metrics as fedq_metrics
 from fedq.aggregate import weighted_metrics
 from fedq.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
@@ -55,6 +55,7 @@ class _Round:
     versions: dict[str, int | str] = field(default_factory=dict)
     fold_seconds: float = 0.0
     last_arrival: float = 0.0
+    part_keys: set[str] = field(default_factory=set)  # parts of updates judged: deleted at commit
 
     @property
     def responded(self) -> int:
@@ -180,7 +181,7 @@ class Aggregator:
             scaler = protocol.encode_scaler(mean, std, {
                 "num_features": ds.num_features, "num_classes": ds.num_classes,
                 "class_names": list(ds.class_names), "feature_names": list(ds.feature_names)})
-            initial = protocol.encode_global(self.run_id, 0, names, model.get_weights())
+            initial, _ = transfer.encode_global(self.store, 0, names, model.get_weights(), self.settings.chunk_bytes)
             self.store.open_training(scaler, initial, self._select(spec, 1))
             log.info("run %s: training open; initial global model written", self.run_id)
         else:
@@ -188,7 +189,7 @@ class Aggregator:
         x_test = standardize(ds.x[test_idx], mean, std)
         y_test = ds.y[test_idx]
 
-        round_no, g_names, g_tensors = protocol.decode_global(self.store.global_payload(), self.run_id)
+        round_no, g_names, g_tensors = transfer.read_global(self.store)
         template = protocol.template_of(g_names, g_tensors)
         # Server optimiser state (momentum, Adam moments) was committed with this global model.
         strategy.load_state(self.store.server_state_payload(), round_no)
@@ -209,7 +210,10 @@ class Aggregator:
                 metrics["strategy"] = strategy.round_info()
             if rnd.selected is not None:
                 metrics["selected"] = sorted(rnd.selected)
-            payload = protocol.encode_global(self.run_id, round_no, g_names, weights)
+            payload, written = transfer.encode_global(self.store, round_no, g_names, weights, self.settings.chunk_bytes)
+            # A global model's parts live two rounds, so a client still reading the previous
+            # one is not cut short; those of two rounds back go with this commit.
+            stale = [self.store.k.global_part(round_no - 2, k) for k in range(len(written))] if round_no >= 2 else []
             last = round_no == spec.rounds
             final = _final(metrics) if last and not fed_eval else None
             self._tick()
@@ -219,7 +223,7 @@ class Aggregator:
                 server_state=strategy.state_bytes(round_no),
                 next_selected=self._select(spec, round_no + 1) if not last or fed_eval else None,
                 previous_metrics=self._with_fed_eval(rnd, round_no) if fed_eval else None,
-                evaluate=last and fed_eval)
+                evaluate=last and fed_eval, update_parts=sorted(rnd.part_keys), stale_parts=stale)
             if committed:
                 fedq_metrics.observe_round(metrics["seconds"])
             log.info("run %s round %d/%d: %d updates, %d examples, test accuracy %.4f (commit %.1f ms)%s",
@@ -380,8 +384,7 @@ class Aggregator:
     def _refuse_join(self, cid: str, detail: str) -> None:
         log.warning("run %s: refusing client %s: bad statistics: %s", self.run_id, cid, detail)
         self.store.record_refused(cid, 0, "bad_stats", detail)
-        self.r.hdel(self.store.k.stats, cid)
-        self.r.hdel(self.store.k.clients, cid)
+        self.store.remove_client(cid)
 
     def _collect_round(self, spec: RunSpec, round_no: int, template: list[protocol.TensorSpec],
                        strategy: Strategy) -> _Round:
@@ -441,8 +444,10 @@ class Aggregator:
             upd = protocol.validate_update(payload, run_id=self.run_id, round_no=round_no,
                                             client_id=cid, template=template, max_examples=rnd.joined[cid])
             if self.verifier is not None:
+                digest = None if upd.layout is None else protocol.parts_digest(
+                    upd.names or [], [t.shape for t in template], upd.layout)
                 self.verifier.verify(self.run_id, round_no, cid, upd.num_examples, upd.names or [],
-                                     upd.tensors, upd.signature)
+                                     upd.tensors, upd.signature, digest)
         except UpdateRejected as exc:
             if observe:
                 fedq_metrics.observe_update(False, exc.reason, len(payload))
@@ -467,23 +472,59 @@ class Aggregator:
             rnd.folded[cid] = _strip(upd)  # keep metadata only: memory stays one model, not N
             if replaced:
                 self._refold(rnd, round_no, template)  # a re-push replaces: rebuild without the old one
-            else:
-                rnd.acc.add(upd.tensors, upd.num_examples, cid)
+            elif not self._fold(rnd, round_no, upd, template):
+                self._refold(rnd, round_no, template)  # a bad part: take out what it added
             rnd.last_arrival = time.time()
         rnd.fold_seconds += time.perf_counter() - t0
 
     def _refold(self, rnd: _Round, round_no: int, template: list[protocol.TensorSpec]) -> None:
         """Recompute the running sum from the current stored updates of the folded clients."""
-        rnd.acc.reset()
-        for cid in list(rnd.folded):
-            # Out of folded and versions first: judge the current version afresh, and a refusal
-            # here must not start another rebuild.
-            del rnd.folded[cid]
-            rnd.versions.pop(cid, None)
-            upd = self._judge(rnd, round_no, cid, template, observe=False)  # counted when it arrived
-            if upd is not None:
-                rnd.acc.add(upd.tensors, upd.num_examples, cid)
-                rnd.folded[cid] = _strip(upd)
+        clean = False
+        while not clean:  # a part that fails mid-rebuild leaves some of it behind: start over
+            rnd.acc.reset()
+            clean = True
+            for cid in list(rnd.folded):
+                # Out of folded and versions first: judge the current version afresh, and a
+                # refusal here must not start another rebuild.
+                del rnd.folded[cid]
+                rnd.versions.pop(cid, None)
+                upd = self._judge(rnd, round_no, cid, template, observe=False)  # counted when it arrived
+                if upd is not None:
+                    rnd.folded[cid] = _strip(upd)
+                    if not self._fold(rnd, round_no, upd, template):
+                        clean = False
+                        break
+
+    def _fold(self, rnd: _Round, round_no: int, upd: protocol.Update, template: list[protocol.TensorSpec]) -> bool:
+        """Add an accepted update to the round's sum: whole, or part by part as its parts are
+        read (memory: one part). False when a part was missing or bad: the update is then
+        refused (unless a newer push replaced it meanwhile), and the sum holds some of it, so
+        the caller rebuilds."""
+        if upd.layout is None:
+            rnd.acc.add(upd.tensors, upd.num_examples, upd.client_id)
+            return True
+        rnd.part_keys.update(transfer.update_part_keys(self.store, upd))
+        try:
+            if rnd.acc.streams_parts:
+                transfer.fold_parts(self.store, upd, lambda offset, values: rnd.acc.add_part(
+                    offset, values, upd.num_examples))
+                rnd.acc.count_update(upd.num_examples, upd.client_id)
+            else:
+                rnd.acc.add(transfer.assemble(self.store, upd, template), upd.num_examples, upd.client_id)
+            return True
+        except UpdateRejected as exc:
+            cid = upd.client_id
+            rnd.folded.pop(cid, None)
+            _, seq = self.store.get_update(round_no, cid)
+            if rnd.versions.get(cid) == seq:  # not superseded: this version itself is bad
+                log.warning("run %s round %d: refused update from %s: %s", self.run_id, round_no, cid, exc)
+                self.store.record_refused(cid, round_no, exc.reason, exc.detail)
+                fedq_metrics.observe_update(False, exc.reason, 0)
+                if cid in rnd.joined and (rnd.selected is None or cid in rnd.selected):
+                    rnd.refused.add(cid)
+            else:
+                rnd.versions.pop(cid, None)  # judge the newer push when its wake-up comes
+            return False
 
     def _round_metrics(self, rnd: _Round, round_no: int, test: dict[str, float],
                        round_started: float, eval_seconds: float) -> dict[str, Any]:

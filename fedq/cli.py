@@ -16,7 +16,7 @@ import click
 
 from fedq.data import DataSpec, seed_spec
 from fedq.clitools import EXIT_ERROR, fail_cleanly
-from fedq.errors import FedqError
+from fedq.errors import ConfigError, FedqError
 from fedq.settings import Settings
 from fedq.spec import OPTIMIZERS, RunSpec, new_run_id
 
@@ -438,6 +438,45 @@ def keys_new(clients: int, out: Path, namespace: str | None) -> None:
         path.chmod(0o600)
     (out / "client-keys.json").write_text(json.dumps(registry, indent=2))
     click.echo(secrets_yaml(private, registry, namespace), nl=False)
+
+
+@main.command("acl")
+@click.option("--clients", type=int, help="Clients client-0 .. client-<N-1>.")
+@click.option("--client-ids", help="Comma-separated client ids (instead of --clients).")
+@click.option("--run", "run_id", default="*", show_default=True, help="Confine clients to this run ('*': any run).")
+@click.option("--format", "fmt", type=click.Choice(["aclfile", "commands"]), default="aclfile", show_default=True,
+              help="aclfile: lines for redis-server --aclfile (password digests only); commands: ACL SETUSER "
+                   "commands for redis-cli (plain passwords).")
+@click.option("--passwords", type=click.Path(dir_okay=False, path_type=Path),
+              help="user=password file: passwords in it are reused, new ones are added (mode 0600).")
+@fail_cleanly
+def acl_cmd(clients: int | None, client_ids: str | None, run_id: str, fmt: str, passwords: Path | None) -> None:
+    """Print Redis ACL users for the aggregator, the dashboard and each client.
+
+    Least privilege by key pattern: a client writes only fedq:{run}:c:<its id>:* (and may add
+    itself to the run and ring the inbox); the aggregator owns fedq and rq keys; the dashboard
+    only reads. Each process then connects as its user: FEDQ_REDIS_URL=redis://<user>:<password>@host."""
+    from fedq import acl
+
+    if client_ids:
+        ids = [c.strip() for c in client_ids.split(",") if c.strip()]
+    else:
+        ids = [f"client-{k}" for k in range(clients or 0)]
+    if not ids:
+        raise ConfigError("give at least one client (--clients N or --client-ids a,b)")
+    known = acl.parse_passwords(passwords.read_text()) if passwords is not None and passwords.exists() else {}
+    users = acl.users(ids, run_id, known)
+    if fmt == "aclfile" and passwords is None:
+        raise ConfigError("--format aclfile prints only password digests: give --passwords FILE to keep the passwords")
+    if passwords is not None:
+        passwords.touch(mode=0o600)
+        passwords.chmod(0o600)
+        passwords.write_text("".join(f"{u.name}={u.password}\n" for u in users))
+    if fmt == "aclfile":
+        click.echo(acl.aclfile(users), nl=False)
+    else:
+        # The default user goes off last: redis-cli may be connected as it while applying these.
+        click.echo("\n".join([*(u.setuser() for u in users), "ACL SETUSER default off"]))
 
 
 # Deployment: `fedq k8s ...` and `fedq kfp compile` (click code in fedq/k8s.py).

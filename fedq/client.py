@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import evaluation, heartbeat, protocol, store as store_mod
+from fedq import evaluation, heartbeat, protocol, store as store_mod, transfer
 from fedq.data import DataSpec, feature_stats, standardize
 from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.settings import Settings
@@ -131,7 +131,7 @@ class Client:
         record = {"shard": self.shard, "num_shards": num_shards, "rows": int(len(y)),
                   "val_rows": int(len(part.y_val)), "labels": part.label_counts(), "partition": data.partition,
                   "host": socket.gethostname(), "pid": os.getpid(), "joined_at": time.time()}
-        outcome = st.join(self.client_id, record, feature_stats(x).to_dict(), spec.clients)
+        outcome = st.join(self.client_id, record, feature_stats(x).to_dict())
         if outcome not in ("joined", "rejoined"):
             raise JoinRefused(f"{self.client_id} could not join run {run_id}: {outcome.replace('_', ' ')}", outcome)
         log.info("%s %s run %s with %d rows (shard %d of %d)", self.client_id, outcome, run_id,
@@ -208,7 +208,10 @@ class Client:
     def _do_round(self, st: RunStore, trainer: Trainer, round_no: int, setup_seconds: float) -> str:
         """Fetch the global model, train locally, push the update; returns the push outcome."""
         t0 = time.perf_counter()
-        g_round, names, tensors = protocol.decode_global(st.global_payload(), st.run_id)
+        try:
+            g_round, names, tensors = transfer.read_global(st)
+        except transfer.PartsGone:
+            return "stale_global"  # the commit moved on twice while we read; look again
         if g_round != round_no - 1:
             return "stale_global"  # the commit moved on between our reads; look again
         if names != trainer.names:
@@ -228,18 +231,16 @@ class Client:
         weights = trainer.weights()
         metrics.update(train_seconds=train_seconds, fetch_seconds=fetch_seconds, setup_seconds=setup_seconds,
                        push_time=time.time())
-        signature = None
-        if self.signer is not None:
-            signature = self.signer.sign(st.run_id, round_no, self.client_id, trainer.num_examples, names, weights)
-        payload = protocol.encode_update(st.run_id, round_no, self.client_id, trainer.num_examples, metrics,
-                                         names, weights, signature)
-        result = st.push_update(self.client_id, round_no, payload, self.settings.max_update_bytes)
-        if result == "ok" and self._beat is not None:
+        pushed = transfer.push_update(st, self.client_id, round_no, trainer.num_examples, metrics, names, weights,
+                                      chunk_bytes=self.settings.chunk_bytes,
+                                      max_bytes=self.settings.max_update_bytes, signer=self.signer)
+        if pushed.outcome == "ok" and self._beat is not None:
             self._beat.update(round=round_no, last_push=time.time())
-        log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes in %.1f ms (%s)",
+        log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes%s in %.1f ms (%s)",
                  self.client_id, round_no, metrics["loss"], metrics.get("accuracy", float("nan")), train_seconds,
-                 len(payload), (time.perf_counter() - t2) * 1000, result)
-        return result
+                 pushed.nbytes, f" in {pushed.parts} parts" if pushed.parts else "",
+                 (time.perf_counter() - t2) * 1000, pushed.outcome)
+        return pushed.outcome
 
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:
         """eval_* metrics of the loaded model on this client's held-out rows ({} when it has none)."""
@@ -252,7 +253,7 @@ class Client:
         """Evaluate the last global model on the held-out rows and push the result."""
         if spec.sampled and not st.is_selected(round_no + 1, self.client_id):
             return
-        g_round, names, tensors = protocol.decode_global(st.global_payload(), st.run_id)
+        g_round, names, tensors = transfer.read_global(st)
         if g_round != round_no or names != trainer.names:
             return
         trainer.load(tensors)

@@ -152,25 +152,25 @@ def _scan_names(r: redis.Redis, pattern: str) -> list[str]:
     return sorted({k.decode() if isinstance(k, bytes) else k for k in r.scan_iter(match=pattern, count=SCAN_COUNT)})
 
 
-def _records(names: list[str], raws: list[bytes | None], prefix: str) -> dict[str, dict[str, Any]]:
+def _records(ids: list[str], raws: list[bytes | None]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for name, raw in zip(names, raws):
+    for ident, raw in zip(ids, raws):
         if raw is None:  # expired between SCAN and GET
             continue
         try:
             rec = json.loads(raw)
         except ValueError:
             rec = None
-        out[name[len(prefix):]] = rec if isinstance(rec, dict) else {}
+        out[ident] = rec if isinstance(rec, dict) else {}
     return out
 
 
 def alive_clients(r: redis.Redis, run_id: str) -> dict[str, dict[str, Any]]:
     """Client id -> heartbeat record, for the clients of run_id whose heartbeat has not expired."""
     k = keys.RunKeys(run_id)
-    names = _scan_names(r, k.alive_pattern)
+    names = _scan_names(r, k.client_keys_pattern("alive"))
     # One MGET: a run's keys share a hash tag, so this also works on Redis Cluster.
-    return _records(names, r.mget(names) if names else [], k.alive(""))
+    return _records([k.client_of(n) for n in names], r.mget(names) if names else [])
 
 
 def client_heartbeats(r: redis.Redis, run_id: str, client_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -178,7 +178,7 @@ def client_heartbeats(r: redis.Redis, run_id: str, client_ids: list[str]) -> dic
     if not client_ids:
         return {}
     k = keys.RunKeys(run_id)
-    return _records([k.alive(c) for c in client_ids], r.mget([k.alive(c) for c in client_ids]), k.alive(""))
+    return _records(client_ids, r.mget([k.alive(c) for c in client_ids]))
 
 
 def count_alive_clients(r: redis.Redis, run_id: str, client_ids: list[str] | None = None) -> int:
@@ -186,11 +186,12 @@ def count_alive_clients(r: redis.Redis, run_id: str, client_ids: list[str] | Non
     k = keys.RunKeys(run_id)
     if client_ids is not None:
         return int(r.exists(*[k.alive(c) for c in client_ids])) if client_ids else 0
-    return len(_scan_names(r, k.alive_pattern))
+    return len(_scan_names(r, k.client_keys_pattern("alive")))
 
 
 def alive_aggregators(r: redis.Redis) -> dict[str, dict[str, Any]]:
     """Aggregator name -> heartbeat record, for every aggregator whose heartbeat has not expired."""
     names = _scan_names(r, keys.aggregators_pattern())
     # One GET each: aggregator keys live in different cluster slots, and there are few.
-    return _records(names, [r.get(n) for n in names], keys.aggregator_alive(""))
+    prefix = len(keys.aggregator_alive(""))
+    return _records([n[prefix:] for n in names], [r.get(n) for n in names])

@@ -40,6 +40,14 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def check_client_id(client_id: str) -> str:
+    """Return client_id if it is a safe key component: no glob characters either, since ACL
+    key patterns are built from it."""
+    if not isinstance(client_id, str) or not _RUN_ID.match(client_id):
+        raise ConfigError(f"invalid client id {client_id!r}: use 1-64 letters, digits, '_' or '-'")
+    return client_id
+
+
 @dataclass(frozen=True)
 class RunKeys:
     """All keys of one run, hash-tagged on the run id."""
@@ -64,14 +72,9 @@ class RunKeys:
         return f"{self.base}:state"
 
     @property
-    def clients(self) -> str:
-        """Hash: client id -> msgpack of its join record (shard, host, pid, rows)."""
-        return f"{self.base}:clients"
-
-    @property
-    def stats(self) -> str:
-        """Hash: client id -> msgpack of its feature statistics (sums and counts)."""
-        return f"{self.base}:stats"
+    def members(self) -> str:
+        """Set: ids of the clients that joined (clients may only add to it, never remove)."""
+        return f"{self.base}:members"
 
     @property
     def scaler(self) -> str:
@@ -83,18 +86,64 @@ class RunKeys:
         """String: codec envelope of the current global weights (meta carries its round)."""
         return f"{self.base}:global"
 
+    def global_part(self, round_no: int, index: int) -> str:
+        """String: one part of the global model after round_no, when it travels in parts."""
+        return f"{self.global_model}:{int(round_no)}:{int(index)}"
+
     @property
     def inbox(self) -> str:
-        """List: client ids, pushed beside each stored update; the aggregator blocks on it."""
+        """List: client ids, pushed beside each stored update; the aggregator blocks on it.
+
+        Only a hint: the aggregator reads what the named client stored under its own keys."""
         return f"{self.base}:inbox"
 
-    def updates(self, round_no: int) -> str:
-        """Hash: client id -> codec envelope of that client's update for the round."""
-        return f"{self.base}:updates:{int(round_no)}"
+    # --- keys owned by one client: its ACL user may write these and no other run key ---
+    def client_base(self, client_id: str) -> str:
+        return f"{self.base}:c:{check_client_id(client_id)}"
 
-    def seqs(self, round_no: int) -> str:
-        """Hash: client id -> how many times it pushed for the round (versions its update)."""
-        return f"{self.base}:seqs:{int(round_no)}"
+    def client_pattern(self, client_id: str) -> str:
+        """ACL key pattern of everything one client may write in this run."""
+        return f"{self.client_base(client_id)}:*"
+
+    def joined(self, client_id: str) -> str:
+        """Hash: 'record' (shard, host, pid, rows) and 'stats' (feature sums and counts), JSON."""
+        return f"{self.client_base(client_id)}:join"
+
+    def update(self, client_id: str, round_no: int) -> str:
+        """Hash: 'payload' (codec envelope) and 'seq' (how many times the client pushed for the
+        round, which versions the update) of one client's update for one round."""
+        return f"{self.client_base(client_id)}:update:{int(round_no)}"
+
+    def update_part(self, client_id: str, round_no: int, push_id: str, index: int) -> str:
+        """String: one part of an update sent in parts (push_id keeps pushes apart)."""
+        return f"{self.update(client_id, round_no)}:part:{push_id}:{int(index)}"
+
+    def evaluation(self, client_id: str) -> str:
+        """String: JSON of the client's evaluation of the last global model (final evaluation)."""
+        return f"{self.client_base(client_id)}:eval"
+
+    def client_refused(self, client_id: str) -> str:
+        """List: JSON records of this client's pushes refused at the door (closed round, ...)."""
+        return f"{self.client_base(client_id)}:refused"
+
+    def client_pushes(self, client_id: str) -> str:
+        """Stream: audit of every push of this client (round, digest, outcome, bytes)."""
+        return f"{self.client_base(client_id)}:pushes"
+
+    def alive(self, client_id: str) -> str:
+        """String with expiry: JSON heartbeat of one client in this run (gone when it expires)."""
+        return f"{self.client_base(client_id)}:alive"
+
+    def client_keys_pattern(self, kind: str) -> str:
+        """SCAN pattern of one kind of per-client key (alive, refused, pushes, ...) in this run."""
+        return f"{self.base}:c:*:{kind}"
+
+    def client_of(self, key: str) -> str:
+        """The client id inside a per-client key name of this run."""
+        head = f"{self.base}:c:"
+        if not key.startswith(head):
+            raise ValueError(f"{key!r} is not a client key of run {self.run_id}")
+        return key[len(head):].split(":", 1)[0]
 
     @property
     def metrics(self) -> str:
@@ -112,13 +161,9 @@ class RunKeys:
         return f"{self.base}:selected:{int(round_no)}"
 
     @property
-    def evals(self) -> str:
-        """Hash: client id -> JSON of its evaluation of the last global model (final evaluation)."""
-        return f"{self.base}:evals"
-
-    @property
     def refused(self) -> str:
-        """List: msgpack records of refused updates (client, round, reason, detail, time)."""
+        """List: JSON records of updates the aggregator refused (client, round, reason, detail,
+        time); refusals at push time go to the client's own list (client_refused)."""
         return f"{self.base}:refused"
 
     @property
@@ -141,30 +186,12 @@ class RunKeys:
         """String with expiry: one orphan-recovery enqueue at a time."""
         return f"{self.base}:resume-lock"
 
-    @property
-    def pushes(self) -> str:
-        """Stream: audit of every push (client, round, digest, outcome)."""
-        return f"{self.base}:pushes"
-
     def all(self) -> list[str]:
         """Fixed keys of the run (per-round update hashes are listed by pattern)."""
-        return [self.spec, self.state, self.clients, self.stats, self.scaler,
-                self.global_model, self.inbox, self.metrics, self.refused, self.events,
-                self.lease, self.standby, self.resume_lock, self.pushes, self.server_state, self.evals]
-
-    @property
-    def updates_pattern(self) -> str:
-        return f"{self.base}:updates:*"
+        return [self.spec, self.state, self.members, self.scaler, self.global_model, self.inbox,
+                self.metrics, self.refused, self.events, self.lease, self.standby, self.resume_lock,
+                self.server_state]
 
     @property
     def selected_pattern(self) -> str:
         return f"{self.base}:selected:*"
-
-    def alive(self, client_id: str) -> str:
-        """String with expiry: JSON heartbeat of one client in this run (gone when it expires)."""
-        return f"{self.base}:alive:{client_id}"
-
-    @property
-    def alive_pattern(self) -> str:
-        """SCAN pattern of the run's client heartbeats."""
-        return f"{self.base}:alive:*"

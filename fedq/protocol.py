@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import msgpack
 import numpy as np
 
 from fedq import codec
+from fedq.chunking import Layout
 from fedq.errors import CodecError, UpdateRejected
 
 KIND_GLOBAL = "global"
@@ -44,6 +48,43 @@ class Update:
     digest: str
     signature: bytes | None = None
     names: list[str] | None = None
+    # An update sent in parts: its layout and push id (tensors is then empty; the aggregator
+    # fetches the parts, see fedq.transfer).
+    layout: Layout | None = None
+    part_id: str | None = None
+
+
+_PUSH_ID = re.compile(r"^[0-9a-f]{4,32}$")
+
+
+def parts_digest(names: Sequence[str], shapes: Sequence[Sequence[int]], layout: Layout) -> bytes:
+    """What a signature over an update sent in parts covers: the tensors' names and shapes and
+    the digest of every part (each part's bytes are checked against its digest on arrival)."""
+    return hashlib.sha256(msgpack.packb(["fedq-parts-v1", list(names), [list(s) for s in shapes],
+                                         layout.to_meta()])).digest()
+
+
+def _model_meta(names: Sequence[str], shapes: Sequence[Sequence[int]], layout: Layout) -> dict[str, Any]:
+    return {"names": list(names), "shapes": [list(s) for s in shapes], **layout.to_meta()}
+
+
+def encode_update_head(run_id: str, round_no: int, client_id: str, num_examples: int,
+                       metrics: Mapping[str, float], names: Sequence[str], shapes: Sequence[Sequence[int]],
+                       layout: Layout, push_id: str, signature: bytes | None = None) -> bytes:
+    """Head of an update sent in parts: the usual meta, no tensors, and the parts' record."""
+    meta: dict[str, Any] = {"run": run_id, "round": int(round_no), "client": client_id,
+                            "num_examples": int(num_examples), "metrics": {k: float(v) for k, v in metrics.items()},
+                            "parts": {"id": push_id, **_model_meta(names, shapes, layout)}}
+    if signature is not None:
+        meta["sig"] = signature
+    return codec.encode(KIND_UPDATE, [], meta=meta, names=[])
+
+
+def encode_global_head(run_id: str, round_no: int, names: Sequence[str], shapes: Sequence[Sequence[int]],
+                       layout: Layout) -> bytes:
+    """Head of a global model sent in parts."""
+    return codec.encode(KIND_GLOBAL, [], meta={"run": run_id, "round": int(round_no),
+                                               "parts": _model_meta(names, shapes, layout)}, names=[])
 
 
 def encode_global(run_id: str, round_no: int, names: Sequence[str],
@@ -65,14 +106,54 @@ def encode_update(run_id: str, round_no: int, client_id: str, num_examples: int,
 
 
 def decode_global(payload: bytes, run_id: str) -> tuple[int, list[str], list[np.ndarray]]:
-    """(round, names, tensors) of a global-model envelope; CodecError if it is not one of this run."""
+    """(round, names, tensors) of a whole global-model envelope; CodecError if it is not one of
+    this run (a head of one sent in parts: read it with fedq.transfer.read_global)."""
+    round_no, names, tensors, head = decode_global_any(payload, run_id)
+    if head is not None:
+        raise CodecError("global model travels in parts: read it with fedq.transfer.read_global")
+    return round_no, names, tensors
+
+
+def decode_global_any(payload: bytes, run_id: str) -> tuple[int, list[str], list[np.ndarray],
+                                                            tuple[list[tuple[int, ...]], Layout] | None]:
+    """(round, names, tensors, None) of a whole global model, or (round, names, [], (shapes,
+    layout)) of a head whose parts are to be fetched."""
     env = codec.decode(payload, expect_kind=KIND_GLOBAL)
     if env.meta.get("run") != run_id:
         raise CodecError(f"global model belongs to run {env.meta.get('run')!r}, not {run_id!r}")
     round_no = env.meta.get("round")
-    if not isinstance(round_no, int) or round_no < 0:
+    if not isinstance(round_no, int) or isinstance(round_no, bool) or round_no < 0:
         raise CodecError(f"global model has an invalid round {round_no!r}")
-    return round_no, list(env.names), list(env.tensors)
+    if "parts" not in env.meta:
+        return round_no, list(env.names), list(env.tensors), None
+    names, shapes, layout = _parts_meta(env.meta["parts"], None)
+    return round_no, names, [], (shapes, layout)
+
+
+def _parts_meta(raw: Any, template: Sequence[TensorSpec] | None) -> tuple[list[str], list[tuple[int, ...]], Layout]:
+    """Names, shapes and layout of a head; checked against the template when one is given."""
+    if not isinstance(raw, dict):
+        raise CodecError("parts must be a map")
+    names, shapes = raw.get("names"), raw.get("shapes")
+    if (not isinstance(names, list) or not isinstance(shapes, list) or len(names) != len(shapes) or not names
+            or not all(isinstance(n, str) for n in names)
+            or not all(isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                   for d in s) for s in shapes)):
+        raise CodecError("parts must list the tensors' names and shapes")
+    shapes_t = [tuple(s) for s in shapes]
+    if template is not None:
+        if names != [t.name for t in template] or shapes_t != [t.shape for t in template]:
+            raise CodecError("the parts' tensors are not the model's (names or shapes differ)")
+        dtypes = {t.dtype for t in template}
+        if len(dtypes) != 1:
+            raise CodecError("this model's tensors differ in dtype: it cannot travel in parts")
+        dtype = dtypes.pop()
+    else:
+        dtype = raw.get("dtype") if isinstance(raw.get("dtype"), str) else ""
+        if dtype not in ("<f4", "<f8", "<f2"):
+            raise CodecError(f"parts of dtype {dtype!r} are not supported")
+    elements = sum(math.prod(s) for s in shapes_t)
+    return names, shapes_t, Layout.from_meta(raw, elements=elements, dtype=dtype)
 
 
 def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: str,
@@ -99,10 +180,24 @@ def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: st
     if max_examples is not None and n > max_examples:
         raise UpdateRejected("bad_num_examples", f"claims {n} examples but joined with {max_examples} rows")
     metrics = _check_metrics(meta.get("metrics", {}))
-    _check_tensors(env.names, env.tensors, template)
     sig = meta.get("sig")
+    signature = sig if isinstance(sig, bytes) else None
+    if "parts" in meta:
+        raw = meta["parts"]
+        if env.tensors:
+            raise UpdateRejected("bad_parts", "a head of an update sent in parts carries no tensors")
+        push_id = raw.get("id") if isinstance(raw, dict) else None
+        if not isinstance(push_id, str) or not _PUSH_ID.match(push_id):
+            raise UpdateRejected("bad_parts", f"invalid push id {push_id!r}")
+        try:
+            names, _, layout = _parts_meta(raw, template)
+        except CodecError as exc:
+            raise UpdateRejected("bad_parts", str(exc)) from None
+        return Update(client_id, round_no, n, metrics, [], codec.digest(bytes(payload)), signature, names,
+                      layout, push_id)
+    _check_tensors(env.names, env.tensors, template)
     return Update(client_id, round_no, n, metrics, list(env.tensors), codec.digest(bytes(payload)),
-                  sig if isinstance(sig, bytes) else None, list(env.names))
+                  signature, list(env.names))
 
 
 def _check_metrics(raw: Any) -> dict[str, float]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from fedq import protocol
+from fedq import protocol, transfer
 from fedq.errors import FedqError
 from fedq.plots import write_curves
 from fedq.store import FINISHED, RunStore
@@ -65,7 +65,7 @@ def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
     payload, scaler = store.global_payload(), store.scaler_payload()
     if payload is None or scaler is None:
         raise FedqError(f"run {store.run_id} has no global model yet")
-    _, _, tensors = protocol.decode_global(payload, store.run_id)
+    _, _, tensors = transfer.read_global(store, payload)
     mean, std, meta = protocol.decode_scaler(scaler)
     model = build_model(spec.model, int(meta["num_features"]), int(meta["num_classes"]), spec.seed)
     ensure_compiled(model, spec.optimizer, spec.learning_rate)

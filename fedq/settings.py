@@ -25,7 +25,11 @@ class Settings:
     wait_seconds: float = 3600.0
     # rq job timeout of a run (the whole federation), in seconds.
     job_timeout: int = 7 * 24 * 3600
+    # Cap on one update's bytes (all its parts together when it travels in parts).
     max_update_bytes: int = 512 * 1024 * 1024
+    # Models larger than this travel as parts of at most this many bytes, each its own Redis
+    # key (0: always whole; Redis caps one value at 512 MB).
+    chunk_bytes: int = 16 * 1024 * 1024
     log_level: str = "INFO"
     # Seconds an aggregator's lease on a run lasts without renewal: how soon a standby
     # takes over a run whose driver died.
@@ -82,6 +86,8 @@ class Settings:
             raise ConfigError("FEDQ_TLS_CERT and FEDQ_TLS_KEY go together")
         if (self.tls_ca_cert or self.tls_cert) and not self.redis_url.startswith("rediss://"):
             raise ConfigError("TLS files are set but FEDQ_REDIS_URL is not a rediss:// URL")
+        if self.chunk_bytes < 0 or 0 < self.chunk_bytes < 1024:
+            raise ConfigError(f"chunk_bytes must be 0 (never split) or at least 1024, got {self.chunk_bytes}")
         if self.lease_seconds < 3 * self.block_seconds:
             # The driver renews between blocking calls; it must get several chances per lease.
             raise ConfigError("lease_seconds must be at least 3 x block_seconds")

@@ -60,8 +60,11 @@ class Signer:
 
     def sign(self, run_id: str, round_no: int, client_id: str, num_examples: int,
              names: Sequence[str], tensors: Sequence[np.ndarray]) -> bytes:
-        return self._key.sign(signed_message(run_id, round_no, client_id, num_examples,
-                                             tensors_digest(names, tensors)))
+        return self.sign_digest(run_id, round_no, client_id, num_examples, tensors_digest(names, tensors))
+
+    def sign_digest(self, run_id: str, round_no: int, client_id: str, num_examples: int, digest: bytes) -> bytes:
+        """Sign over a digest of the weights made elsewhere (an update sent in parts)."""
+        return self._key.sign(signed_message(run_id, round_no, client_id, num_examples, digest))
 
 
 class Verifier:
@@ -82,8 +85,9 @@ class Verifier:
         return cls(keys)
 
     def verify(self, run_id: str, round_no: int, client_id: str, num_examples: int, names: Sequence[str],
-               tensors: Sequence[np.ndarray], signature: bytes | None) -> None:
-        """Raise UpdateRejected (unsigned, unknown_key, bad_signature) unless the signature holds."""
+               tensors: Sequence[np.ndarray], signature: bytes | None, digest: bytes | None = None) -> None:
+        """Raise UpdateRejected (unsigned, unknown_key, bad_signature) unless the signature holds
+        (over digest when given, else over the tensors' digest)."""
         if signature is None:
             raise UpdateRejected("unsigned", "this run requires signed updates")
         key = self._keys.get(client_id)
@@ -93,7 +97,7 @@ class Verifier:
             raise UpdateRejected("bad_signature", "an Ed25519 signature is 64 bytes")
         try:
             key.verify(signature, signed_message(run_id, round_no, client_id, num_examples,
-                                                 tensors_digest(names, tensors)))
+                                                 digest if digest is not None else tensors_digest(names, tensors)))
         except InvalidSignature:
             raise UpdateRejected("bad_signature", f"signature does not match client {client_id!r}'s key "
                                  "for this run, round, sample count and weights") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -28,60 +28,67 @@ MAX_PUSHES = 100_000
 OPEN, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
 ENDED = (FINISHED, FAILED)
 
+# Scripts that clients run declare only keys the client owns (Redis ACLs demand write access to
+# every declared key); the run's shared keys are named from ARGV's key base instead, each one
+# checked against the client's ACL as it is used. They share the run's hash tag, so they live
+# in the same cluster slot as the declared keys.
 _JOIN = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'no_such_run' end
-if status == 'finished' or status == 'failed' then return 'run_' .. status end
-local phase = redis.call('HGET', KEYS[1], 'phase')
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  if phase == 'join' then
-    redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-    redis.call('RPUSH', KEYS[4], ARGV[1])
+local base = ARGV[4]
+local state, members, inbox = base .. ':state', base .. ':members', base .. ':inbox'
+local st = redis.call('HMGET', state, 'status', 'phase', 'clients')
+if not st[1] then return 'no_such_run' end
+if st[1] == 'finished' or st[1] == 'failed' then return 'run_' .. st[1] end
+if redis.call('SISMEMBER', members, ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'record', ARGV[2])
+  if st[2] == 'join' then
+    redis.call('HSET', KEYS[1], 'stats', ARGV[3])
+    redis.call('RPUSH', inbox, ARGV[1])
   end
   return 'rejoined'
 end
-if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 'run_full' end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-if phase == 'join' then redis.call('RPUSH', KEYS[4], ARGV[1]) end
+-- The cap comes from the run's state, not from the caller.
+if redis.call('SCARD', members) >= tonumber(st[3]) then return 'run_full' end
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'stats', ARGV[3])
+redis.call('SADD', members, ARGV[1])
+if st[2] == 'join' then redis.call('RPUSH', inbox, ARGV[1]) end
 -- A late joiner (training already open, with room left) uses the published scaler.
 return 'joined'
 """
 
-# Stores an update under its client id (a re-push replaces it) and wakes the aggregator;
-# refuses, and records why, when the round is not the open one.
+# Stores an update under the client's own key (a re-push replaces it, its seq counts versions)
+# and wakes the aggregator; refuses, and records why, when the round is not the open one.
 _PUSH = """
-local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round', 'closed')
+local base, want = ARGV[9], tonumber(ARGV[2])
+local st = redis.call('HMGET', base .. ':state', 'status', 'phase', 'round', 'closed')
 if not st[1] then return 'no_such_run' end
-local want = tonumber(ARGV[2])
+local selected = base .. ':selected:' .. want
 local reason, detail
 if st[1] ~= 'running' or st[2] ~= 'train' then
   reason = 'run_not_training'; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
-elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+elseif redis.call('SISMEMBER', base .. ':members', ARGV[1]) == 0 then
   reason = 'unknown_client'; detail = 'client has not joined this run'
 elseif want <= math.max(tonumber(st[3]), tonumber(st[4] or '0')) then
   reason = 'round_closed'; detail = 'round ' .. ARGV[2] .. ' has closed'
 elseif want > tonumber(st[3]) + 1 then
   reason = 'round_not_open'; detail = 'open round is ' .. (tonumber(st[3]) + 1)
-elseif redis.call('EXISTS', KEYS[8]) == 1 and redis.call('SISMEMBER', KEYS[8], ARGV[1]) == 0 then
+elseif redis.call('EXISTS', selected) == 1 and redis.call('SISMEMBER', selected, ARGV[1]) == 0 then
   reason = 'not_selected'; detail = 'client is not among those chosen to train in round ' .. ARGV[2]
 elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
   reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5]
 end
 local outcome = reason or 'ok'
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'client', ARGV[1], 'round', ARGV[2],
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'client', ARGV[1], 'round', ARGV[2],
            'digest', ARGV[7], 'outcome', outcome, 'bytes', string.len(ARGV[3]))
 if reason then
-  redis.call('RPUSH', KEYS[5], cjson.encode({client=ARGV[1], round=want, reason=reason,
+  redis.call('RPUSH', KEYS[2], cjson.encode({client=ARGV[1], round=want, reason=reason,
                                              detail=detail, time=tonumber(ARGV[4]), stage='push'}))
-  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[6]), -1)
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
   return reason
 end
--- The per-client sequence number tells the aggregator which version of an update it folded.
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('HINCRBY', KEYS[7], ARGV[1], 1)
-redis.call('RPUSH', KEYS[4], ARGV[1])
+-- The sequence number tells the aggregator which version of an update it folded.
+redis.call('HSET', KEYS[1], 'payload', ARGV[3], 'parts', ARGV[10])
+redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('RPUSH', base .. ':inbox', ARGV[1])
 return 'ok'
 """
 
@@ -112,29 +119,36 @@ return 1
 # The round commit: global model, round counter and metrics in one atomic step. It only
 # applies on top of the previous round, so a replayed or duplicated commit is a no-op.
 _COMMIT = """
-if redis.call('GET', KEYS[7]) ~= ARGV[8] then return -1 end
+if redis.call('GET', KEYS[6]) ~= ARGV[8] then return -1 end
 local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
 if st[1] ~= 'running' or st[2] ~= 'train' then return 0 end
 if tonumber(st[3]) + 1 ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'round', ARGV[1], 'updated_at', ARGV[5])
+-- KEYS[10..]: the round's update of each client that joined.
 -- The previous round's record gains its federated evaluation, which rode on this round's updates.
 if ARGV[12] ~= '' and redis.call('LLEN', KEYS[3]) > 0 then redis.call('LSET', KEYS[3], -1, ARGV[12]) end
 redis.call('RPUSH', KEYS[3], ARGV[3])
-if ARGV[9] ~= '1' then redis.call('DEL', KEYS[4], KEYS[8], KEYS[10]) end
-redis.call('DEL', KEYS[5])
--- Server optimiser state moves with the global model: a new driver resumes the two together.
-if ARGV[10] ~= '' then redis.call('SET', KEYS[9], ARGV[10]) end
-if ARGV[11] ~= '' then
-  for _, id in ipairs(cjson.decode(ARGV[11])) do redis.call('SADD', KEYS[11], id) end
+-- The last ARGV[13] keys are stale global-model parts, deleted whatever keep_updates says.
+local stale = tonumber(ARGV[13])
+if ARGV[9] ~= '1' then
+  redis.call('DEL', KEYS[8])
+  for i = 10, #KEYS - stale do redis.call('DEL', KEYS[i]) end
 end
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'event', 'round', 'round', ARGV[1])
+for i = #KEYS - stale + 1, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('DEL', KEYS[4])
+-- Server optimiser state moves with the global model: a new driver resumes the two together.
+if ARGV[10] ~= '' then redis.call('SET', KEYS[7], ARGV[10]) end
+if ARGV[11] ~= '' then
+  for _, id in ipairs(cjson.decode(ARGV[11])) do redis.call('SADD', KEYS[9], id) end
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'event', 'round', 'round', ARGV[1])
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[5], 'final', ARGV[6])
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'event', 'finished', 'round', ARGV[1])
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'event', 'finished', 'round', ARGV[1])
 elseif ARGV[4] == '2' then
   redis.call('HSET', KEYS[1], 'phase', 'eval')
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'event', 'evaluate', 'round', ARGV[1])
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'event', 'evaluate', 'round', ARGV[1])
 end
 return 1
 """
@@ -170,28 +184,30 @@ return 1
 # Final evaluation (runs with validation rows): after the last commit, clients evaluate the last
 # global model and store the result under their id (a re-push replaces it).
 _PUSH_EVAL = """
-local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
+local base = ARGV[7]
+local st = redis.call('HMGET', base .. ':state', 'status', 'phase', 'round')
 if not st[1] then return 'no_such_run' end
+local selected = base .. ':selected:' .. (tonumber(ARGV[2]) + 1)
 local reason, detail
 if st[1] ~= 'running' or st[2] ~= 'eval' then
   reason = 'run_not_evaluating'; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
 elseif tonumber(st[3]) ~= tonumber(ARGV[2]) then
   reason = 'wrong_round'; detail = 'the last committed round is ' .. tostring(st[3])
-elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+elseif redis.call('SISMEMBER', base .. ':members', ARGV[1]) == 0 then
   reason = 'unknown_client'; detail = 'client has not joined this run'
-elseif redis.call('EXISTS', KEYS[6]) == 1 and redis.call('SISMEMBER', KEYS[6], ARGV[1]) == 0 then
+elseif redis.call('EXISTS', selected) == 1 and redis.call('SISMEMBER', selected, ARGV[1]) == 0 then
   reason = 'not_selected'; detail = 'client is not among those chosen to evaluate'
 elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
   reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5]
 end
 if reason then
-  redis.call('RPUSH', KEYS[5], cjson.encode({client=ARGV[1], round=tonumber(ARGV[2]), reason=reason,
+  redis.call('RPUSH', KEYS[2], cjson.encode({client=ARGV[1], round=tonumber(ARGV[2]), reason=reason,
                                              detail=detail, time=tonumber(ARGV[4]), stage='evaluate'}))
-  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[6]), -1)
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
   return reason
 end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('RPUSH', KEYS[4], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('RPUSH', base .. ':inbox', ARGV[1])
 return 'ok'
 """
 
@@ -203,7 +219,8 @@ if st[1] ~= 'running' or st[2] ~= 'eval' or tonumber(st[3]) ~= tonumber(ARGV[1])
 if ARGV[2] ~= '' and redis.call('LLEN', KEYS[2]) > 0 then redis.call('LSET', KEYS[2], -1, ARGV[2]) end
 redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[3],
            'updated_at', ARGV[3], 'final', ARGV[4])
-redis.call('DEL', KEYS[3], KEYS[6], KEYS[7])
+redis.call('DEL', KEYS[3], KEYS[6])
+for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', 'finished', 'round', ARGV[1])
 return 1
 """
@@ -270,6 +287,24 @@ def _s(raw: bytes | str | None) -> str | None:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
 
+def _json_list(raws: list[bytes]) -> list[dict[str, Any]]:
+    """Decode a list of JSON records, skipping any that are not JSON objects."""
+    out = []
+    for raw in raws:
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _stream_order(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (_s(entry_id) or "0-0").partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _json_records(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
     """Decode a hash of JSON records, skipping any that are not JSON objects."""
     out = {}
@@ -334,14 +369,49 @@ class RunStore:
     def committed_round(self) -> int:
         return int(_s(self.r.hget(self.k.state, "round")) or 0)
 
+    def member_ids(self) -> list[str]:
+        """Ids of the clients that joined, sorted."""
+        return sorted(_s(m) for m in self.r.smembers(self.k.members))
+
+    def _joined_field(self, field: str) -> dict[str, dict[str, Any]]:
+        ids = self.member_ids()
+        pipe = self.r.pipeline(transaction=False)
+        for cid in ids:
+            pipe.hget(self.k.joined(cid), field)
+        # A member set holds ids only a join wrote, but skip any whose record is missing or bad.
+        raw = {cid.encode(): v for cid, v in zip(ids, pipe.execute()) if v is not None}
+        return _json_records(raw)
+
     def clients(self) -> dict[str, dict[str, Any]]:
-        return _json_records(self.r.hgetall(self.k.clients))
+        """Client id -> join record (shard, host, pid, rows) of every client that joined."""
+        return self._joined_field("record")
+
+    def num_clients(self) -> int:
+        return int(self.r.scard(self.k.members))
 
     def metrics(self) -> list[dict[str, Any]]:
         return [json.loads(m) for m in self.r.lrange(self.k.metrics, 0, -1)]
 
+    def _client_keys(self, kind: str) -> list[str]:
+        # SCAN, not the member set: a client that never joined can still have been refused.
+        return sorted({_s(k) for k in self.r.scan_iter(match=self.k.client_keys_pattern(kind), count=1000)})
+
     def refused(self) -> list[dict[str, Any]]:
-        return [json.loads(m) for m in self.r.lrange(self.k.refused, 0, -1)]
+        """Every refusal, oldest first: those at the door (each client's own list) and those
+        of the aggregator."""
+        lists = [self.k.refused, *self._client_keys("refused")]
+        pipe = self.r.pipeline(transaction=False)
+        for key in lists:
+            pipe.lrange(key, 0, -1)
+        records = [rec for raws in pipe.execute() for rec in _json_list(raws)]
+        return sorted(records, key=lambda rec: float(rec.get("time") or 0))
+
+    def refused_count(self) -> int:
+        lists = [self.k.refused, *self._client_keys("refused")]
+        pipe = self.r.pipeline(transaction=False)
+        for key in lists:
+            pipe.llen(key)
+        return sum(pipe.execute())
 
     def global_payload(self) -> bytes | None:
         return self.r.get(self.k.global_model)
@@ -350,22 +420,58 @@ class RunStore:
         return self.r.get(self.k.scaler)
 
     # --- client side ------------------------------------------------------------------
-    def join(self, client_id: str, record: dict[str, Any], stats: dict[str, Any], max_clients: int) -> str:
-        """Register a client with its feature statistics; returns joined/rejoined or a refusal code."""
-        return _s(self._join(keys=[self.k.state, self.k.clients, self.k.stats, self.k.inbox],
-                             args=[client_id, json.dumps(record), json.dumps(stats), max_clients]))
+    def join(self, client_id: str, record: dict[str, Any], stats: dict[str, Any]) -> str:
+        """Register a client with its feature statistics; returns joined/rejoined or a refusal
+        code (the cap on clients is the run's own)."""
+        return _s(self._join(keys=[self.k.joined(client_id)],
+                             args=[client_id, json.dumps(record), json.dumps(stats), self.k.base]))
 
-    def push_update(self, client_id: str, round_no: int, payload: bytes, max_bytes: int) -> str:
-        """Store an update for the open round; 'ok' or the refusal code (also recorded)."""
+    def push_update(self, client_id: str, round_no: int, payload: bytes, max_bytes: int, part_id: str = "") -> str:
+        """Store an update (or the head of one sent in parts, with its push id) for the open
+        round; 'ok' or the refusal code (also recorded)."""
         return _s(self._push(
-            keys=[self.k.state, self.k.clients, self.k.updates(round_no), self.k.inbox, self.k.refused,
-                  self.k.pushes, self.k.seqs(round_no), self.k.selected(round_no)],
+            keys=[self.k.update(client_id, round_no), self.k.client_refused(client_id),
+                  self.k.client_pushes(client_id)],
             args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED,
-                  hashlib.sha256(payload).hexdigest(), MAX_PUSHES]))
+                  hashlib.sha256(payload).hexdigest(), MAX_PUSHES, self.k.base, part_id]))
+
+    def refuse_push(self, client_id: str, round_no: int, reason: str, detail: str) -> str:
+        """Record a push the client refused itself before sending (too large in parts)."""
+        now = time.time()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(self.k.client_pushes(client_id), {"client": client_id, "round": round_no, "digest": "",
+                                                    "outcome": reason, "bytes": 0},
+                  maxlen=MAX_PUSHES, approximate=True)
+        pipe.rpush(self.k.client_refused(client_id), json.dumps(
+            {"client": client_id, "round": round_no, "reason": reason, "detail": detail, "time": now,
+             "stage": "push"}))
+        pipe.ltrim(self.k.client_refused(client_id), -MAX_REFUSED, -1)
+        pipe.execute()
+        return reason
+
+    def put_part(self, key: str, payload: bytes) -> None:
+        """Store one part of a model sent in parts (before the head that lists it)."""
+        self.r.set(key, payload)
+
+    def drop_parts(self, part_keys: Iterable[str]) -> None:
+        """Delete parts no head refers to any more."""
+        batch = list(part_keys)
+        for i in range(0, len(batch), 1000):
+            self.r.delete(*batch[i:i + 1000])
+
+    def part_id(self, client_id: str, round_no: int) -> str:
+        """Push id of the client's stored update for the round ('' when it travelled whole)."""
+        return _s(self.r.hget(self.k.update(client_id, round_no), "parts")) or ""
 
     def pushes(self) -> list[dict[str, str]]:
-        """The push audit log, oldest first."""
-        return [{_s(k): _s(v) for k, v in fields.items()} for _id, fields in self.r.xrange(self.k.pushes)]
+        """The push audit log of every client, oldest first."""
+        streams = self._client_keys("pushes")
+        pipe = self.r.pipeline(transaction=False)
+        for key in streams:
+            pipe.xrange(key)
+        entries = [(_stream_order(eid), {_s(k): _s(v) for k, v in fields.items()})
+                   for reply in pipe.execute() for eid, fields in reply]
+        return [fields for _order, fields in sorted(entries, key=lambda e: e[0])]
 
     def wait_event(self, last_id: str, block_seconds: float) -> tuple[str, list[dict[str, str]]]:
         """Block up to block_seconds for run events after last_id; returns (new last id, events)."""
@@ -411,26 +517,38 @@ class RunStore:
 
     def stats_of(self, client_id: str) -> dict[str, Any] | None:
         """One client's statistics record (None when absent or not a JSON object)."""
-        raw = self.r.hget(self.k.stats, client_id)
+        try:
+            raw = self.r.hget(self.k.joined(client_id), "stats")
+        except ConfigError:  # not a valid client id: nothing can be stored under it
+            return None
         return None if raw is None else _json_records({b"c": raw}).get("c")
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return _json_records(self.r.hgetall(self.k.stats))
+        """Client id -> feature statistics of every client that joined."""
+        return self._joined_field("stats")
 
-    def update_ids(self, round_no: int) -> list[str]:
-        return [_s(k) for k in self.r.hkeys(self.k.updates(round_no))]
+    def remove_client(self, client_id: str) -> None:
+        """Forget a client that joined (its statistics were unusable)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(self.k.members, client_id)
+        pipe.delete(self.k.joined(client_id))
+        pipe.execute()
 
     def get_update(self, round_no: int, client_id: str) -> tuple[bytes | None, int]:
         """(payload, sequence number) of a client's stored update, read atomically."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hget(self.k.updates(round_no), client_id)
-        pipe.hget(self.k.seqs(round_no), client_id)
-        payload, seq = pipe.execute()
+        try:
+            payload, seq = self.r.hmget(self.k.update(client_id, round_no), "payload", "seq")
+        except ConfigError:  # an inbox entry that is no client id: nothing stored under it
+            return None, 0
         return payload, int(seq or 0)
 
     def update_seqs(self, round_no: int) -> dict[str, int]:
         """Client id -> sequence number of its latest stored update for the round."""
-        return {_s(k): int(v) for k, v in self.r.hgetall(self.k.seqs(round_no)).items() if v.isdigit()}
+        ids = self.member_ids()
+        pipe = self.r.pipeline(transaction=False)
+        for cid in ids:
+            pipe.hget(self.k.update(cid, round_no), "seq")
+        return {cid: int(v) for cid, v in zip(ids, pipe.execute()) if v is not None and v.isdigit()}
 
     def close_round(self, round_no: int) -> None:
         """Refuse further pushes for the round (fenced by the lease)."""
@@ -459,23 +577,27 @@ class RunStore:
     def commit_round(self, round_no: int, global_payload: bytes, metrics: dict[str, Any],
                      final: dict[str, Any] | None = None, keep_updates: bool = False, *,
                      server_state: bytes | None = None, next_selected: list[str] | None = None,
-                     previous_metrics: dict[str, Any] | None = None, evaluate: bool = False) -> bool:
+                     previous_metrics: dict[str, Any] | None = None, evaluate: bool = False,
+                     update_parts: Sequence[str] = (), stale_parts: Sequence[str] = ()) -> bool:
         """Commit a round (and finish the run when final is given); False if already committed.
+
+        The round's updates go (unless keep_updates), with update_parts, the parts of the updates
+        sent in parts; stale_parts (global-model parts no head refers to any more) go always.
 
         In the same atomic step: the strategy's server state, the next round's chosen clients,
         the previous round's record with its federated evaluation, and, with evaluate, the
         final-evaluation phase instead of the end. Fenced by the lease: LeaseLost if another
         aggregator took the run over meanwhile."""
         done = self._commit(
-            keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.updates(round_no),
-                  self.k.inbox, self.k.events, self.k.lease, self.k.seqs(round_no), self.k.server_state,
-                  self.k.selected(round_no), self.k.selected(round_no + 1)],
+            keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.inbox, self.k.events,
+                  self.k.lease, self.k.server_state, self.k.selected(round_no), self.k.selected(round_no + 1),
+                  *[self.k.update(cid, round_no) for cid in self.member_ids()], *update_parts, *stale_parts],
             args=[round_no, global_payload, json.dumps(metrics),
                   "2" if evaluate else "1" if final is not None else "0",
                   time.time(), json.dumps(final or {}), MAX_EVENTS, self.driver or "",
                   "1" if keep_updates else "0", server_state or b"",
                   json.dumps(next_selected) if next_selected is not None else "",
-                  json.dumps(previous_metrics) if previous_metrics is not None else ""])
+                  json.dumps(previous_metrics) if previous_metrics is not None else "", len(stale_parts)])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before committing round {round_no}")
         ok = bool(done)
@@ -505,20 +627,21 @@ class RunStore:
     def push_eval(self, client_id: str, round_no: int, payload: bytes, max_bytes: int) -> str:
         """Store a client's evaluation of the last global model; 'ok' or the refusal code (recorded)."""
         return _s(self._push_eval(
-            keys=[self.k.state, self.k.clients, self.k.evals, self.k.inbox, self.k.refused,
-                  self.k.selected(round_no + 1)],
-            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED]))
+            keys=[self.k.evaluation(client_id), self.k.client_refused(client_id)],
+            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED, self.k.base]))
 
     def evals(self) -> dict[str, bytes]:
         """Client id -> stored evaluation payload (final-evaluation phase)."""
-        return {_s(k): v for k, v in self.r.hgetall(self.k.evals).items()}
+        ids = self.member_ids()
+        values = self.r.mget([self.k.evaluation(cid) for cid in ids]) if ids else []
+        return {cid: v for cid, v in zip(ids, values) if v is not None}
 
     def finish_evaluation(self, round_no: int, last_metrics: dict[str, Any] | None,
                           final: dict[str, Any]) -> bool:
         """End the final-evaluation phase and the run (fenced by the lease)."""
         done = self._finish_eval(
-            keys=[self.k.state, self.k.metrics, self.k.evals, self.k.events, self.k.lease,
-                  self.k.selected(round_no + 1), self.k.inbox],
+            keys=[self.k.state, self.k.metrics, self.k.inbox, self.k.events, self.k.lease,
+                  self.k.selected(round_no + 1), *[self.k.evaluation(cid) for cid in self.member_ids()]],
             args=[round_no, json.dumps(last_metrics) if last_metrics is not None else "", time.time(),
                   json.dumps(final), MAX_EVENTS, self.driver or ""])
         if done == -1:
@@ -554,8 +677,8 @@ def newest_open_run(r: redis.Redis, client_id: str, skip: set[str] = frozenset()
         st = store.state()
         if not st or st.get("status") in ENDED:
             continue
-        joined = r.hexists(store.k.clients, client_id)
-        if joined or (st.get("phase") == "join" and r.hlen(store.k.clients) < int(st.get("clients", 0))):
+        joined = r.sismember(store.k.members, client_id)
+        if joined or (st.get("phase") == "join" and store.num_clients() < int(st.get("clients", 0))):
             return run_id
     return None
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedq import protocol
+from fedq import transfer
 from fedq.client import Client
 from fedq.data import load_dataset
 from fedq.settings import Settings
@@ -51,7 +51,7 @@ def noise_trainers(store: RunStore, scale: float = 1e-3) -> Any:
     """A Client trainer_factory making NoiseTrainers for the run in store."""
     def factory(spec: RunSpec, num_features: int, num_classes: int, x: Any, y: Any, shard: int,
                 stop: threading.Event) -> NoiseTrainer:
-        _, names, _ = protocol.decode_global(store.global_payload(), store.run_id)
+        _, names, _ = transfer.read_global(store)
         return NoiseTrainer(names, len(y), seed=spec.seed * 1_000_003 + shard, scale=scale)
 
     return factory

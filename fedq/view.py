@@ -235,8 +235,8 @@ class RunProgress:
         try:
             state = store.state()
             committed = int(state.get("round") or 0)
-            joined = int(store.r.hlen(store.k.clients))
-            pushed = int(store.r.hlen(store.k.updates(committed + 1))) if state.get("phase") == "train" else 0
+            joined = store.num_clients()
+            pushed = len(store.update_seqs(committed + 1)) if state.get("phase") == "train" else 0
         except redis.RedisError:
             return  # the runner's own loop reports a lost Redis
         self.progress.update(self.task, completed=committed, description=self.describe(state, joined, pushed))

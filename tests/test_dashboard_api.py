@@ -129,10 +129,13 @@ def test_read_only_client_refuses_writes_before_they_reach_redis(redis_url: str,
     assert ro.get("k") == b"v"
     for attempt in (lambda: ro.set("k", "w"), lambda: ro.delete("k"), lambda: ro.hset("h", "a", 1),
                     lambda: ro.pipeline(), lambda: ro.register_script("return 1")(keys=[], args=[]),
-                    lambda: RunStore(ro, "any").fail("no")):
+                    lambda: RunStore(ro, "any").fail("no"), lambda: ro.pipeline(transaction=False).set("k", "w"),
+                    lambda: ro.pipeline(transaction=False).get("k").hset("h", "a", 1)):
         with pytest.raises(ReadOnlyViolation):
             attempt()
     assert r.get("k") == b"v" and not r.exists("h")
+    batch = ro.pipeline(transaction=False)  # a batch of reads is allowed, each command checked
+    assert batch.get("k").exists("h").execute() == [b"v", 0]
 
 
 def test_redis_going_away_is_a_503_and_the_api_recovers(tmp_path: Path) -> None:

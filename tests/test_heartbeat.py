@@ -21,7 +21,7 @@ def test_client_heartbeat_is_a_key_with_expiry_that_stays_while_refreshed(r: red
     hb = heartbeat.client_heartbeat(r, "run-a", "client-0", ttl=0.6, shard=0).start()
     try:
         key = keys.RunKeys("run-a").alive("client-0")
-        assert key == "fedq:{run-a}:alive:client-0"
+        assert key == "fedq:{run-a}:c:client-0:alive"
         assert 0 < r.pttl(key) <= 600
         rec = json.loads(r.get(key))
         assert rec["role"] == "client" and rec["id"] == "client-0" and rec["run"] == "run-a"

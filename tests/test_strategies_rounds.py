@@ -39,7 +39,7 @@ class Run:
             for k in range(spec.clients):
                 x, _ = load_shard(spec.data, k, spec.clients)
                 rec = {"shard": k, "rows": len(x), "val_rows": 5}
-                assert self.store.join(f"c{k}", rec, feature_stats(x).to_dict(), spec.clients) == "joined"
+                assert self.store.join(f"c{k}", rec, feature_stats(x).to_dict()) == "joined"
             _wait(lambda: self.store.state().get("phase") == "train", "training to open")
 
     def start_aggregator(self) -> Aggregator:
@@ -226,7 +226,7 @@ def test_federated_evaluation_rides_on_updates_then_a_final_phase(make_run) -> N
     assert {"test_auc", "test_f1"} <= set(final)
     reasons = {(x["client"], x["reason"], x["stage"]) for x in run.store.refused()}
     assert ("c1", "wrong_round", "evaluate") in reasons and ("c2", "undecodable", "aggregate") in reasons
-    assert not run.store.r.exists(run.store.k.evals)
+    assert not any(run.store.r.exists(run.store.k.evaluation(c)) for c in run.store.member_ids())
 
 
 def test_spec_round_trips_through_redis_with_strategy_and_sampling(r: redis.Redis) -> None:

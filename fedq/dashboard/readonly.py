@@ -16,6 +16,7 @@ from fedq.store import tls_options
 READ_COMMANDS = frozenset({
     "GET", "MGET", "STRLEN", "EXISTS", "TYPE", "TTL", "PTTL", "SCAN",
     "HGET", "HMGET", "HGETALL", "HKEYS", "HLEN", "HEXISTS",
+    "SMEMBERS", "SISMEMBER", "SCARD",
     "LRANGE", "LLEN", "LINDEX",
     "ZRANGE", "ZREVRANGE", "ZCARD", "ZSCORE",
     "XRANGE", "XREVRANGE", "XLEN",
@@ -30,17 +31,30 @@ class ReadOnlyViolation(FedqError):
 class ReadOnlyRedis(redis.Redis):
     """redis.Redis that refuses, client-side, any command outside READ_COMMANDS.
 
-    Pipelines and scripts are refused as well: they would bypass the check.
+    Scripts and transactions are refused as well; a plain pipeline (a batch of reads) has each
+    command checked as it is queued.
     """
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        name = str(args[0]).upper() if args else ""
-        if name not in READ_COMMANDS:
-            raise ReadOnlyViolation(f"read-only Redis client refused {name or 'an empty command'}")
+        _check(args)
         return super().execute_command(*args, **options)
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        raise ReadOnlyViolation("read-only Redis client refused a pipeline")
+        if transaction:
+            raise ReadOnlyViolation("read-only Redis client refused a transaction")
+        return _ReadOnlyPipeline(self.connection_pool, self.response_callbacks, False, shard_hint)
+
+
+def _check(args: tuple[Any, ...]) -> None:
+    name = str(args[0]).upper() if args else ""
+    if name not in READ_COMMANDS:
+        raise ReadOnlyViolation(f"read-only Redis client refused {name or 'an empty command'}")
+
+
+class _ReadOnlyPipeline(redis.client.Pipeline):
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        _check(args)
+        return super().execute_command(*args, **kwargs)
 
     def register_script(self, script: Any) -> Any:
         # RunStore registers its scripts when built; they may exist but can never run.

@@ -82,7 +82,7 @@ def run_summary(r: redis.Redis, run_id: str) -> dict[str, Any] | None:
     st = _state(raw)
     return {"run_id": run_id, **{k: st[k] for k in ("status", "phase", "round", "rounds", "clients",
                                                      "created_at", "started_at", "finished_at", "reason")},
-            "joined": int(r.hlen(store.k.clients)), "final_test_accuracy": st["final"]["test_accuracy"],
+            "joined": store.num_clients(), "final_test_accuracy": st["final"]["test_accuracy"],
             "final_test_loss": st["final"]["test_loss"]}
 
 
@@ -157,10 +157,11 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
     open_round = None
     open_pushed: set[str] = set()
     if st["status"] not in ENDED and st["phase"] == "train":
-        open_pushed = {_s(c) for c in r.hkeys(store.k.updates(st["round"] + 1))}
+        open_pushed = set(store.update_seqs(st["round"] + 1))
         open_round = {"round": st["round"] + 1, "pushed": sorted(open_pushed)}
-    refused_total = int(r.llen(store.k.refused))
-    refused = [rec for rec in (_json(x) for x in r.lrange(store.k.refused, -REFUSED_READ, -1)) if isinstance(rec, dict)]
+    all_refused = store.refused()
+    refused_total = len(all_refused)
+    refused = all_refused[-REFUSED_READ:]
     beats = heartbeat.client_heartbeats(r, run_id, sorted(joined))
     driving = [a for a in aggregators(r) if a.get("run") == run_id]
     return {

@@ -247,6 +247,22 @@ class Strategy:
                 self.clipped.append(client_id)
         self._combine.add(tensors, num_examples, client_id)
 
+    @property
+    def streams_parts(self) -> bool:
+        """Whether an update sent in parts is folded part by part (a plain weighted mean);
+        otherwise it is put back together first (clipping needs a whole update's norm)."""
+        return isinstance(self._combine, Mean) and self.spec.clip_norm is None
+
+    def add_part(self, offset: int, values: np.ndarray, num_examples: int) -> None:
+        """Fold one part of an update (see streams_parts); count_update() once all are in."""
+        assert isinstance(self._combine, Mean)
+        self._combine.add_part(offset, values, num_examples)
+
+    def count_update(self, num_examples: int, client_id: str = "") -> None:
+        """Count an update whose parts were all folded with add_part()."""
+        assert isinstance(self._combine, Mean)
+        self._combine.count_model(num_examples)
+
     def reset(self) -> None:
         """Forget this round's updates; the global model and server state stay."""
         self._combine.reset()

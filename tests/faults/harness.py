@@ -170,10 +170,9 @@ class Federation:
 
     def _check_final_model(self, last: dict) -> None:
         rnd = last["round"]
-        kept = self.r.hgetall(self.store.k.updates(rnd))
         models = []
         for cid, info in last["clients"].items():
-            payload = kept[cid.encode()]
+            payload = self.r.hget(self.store.k.update(cid, rnd), "payload")
             assert hashlib.sha256(payload).hexdigest() == info["digest"]
             env = codec.decode(payload)
             models.append((list(env.tensors), env.meta["num_examples"]))

@@ -1,0 +1,140 @@
+"""Moving models through Redis, whole or in parts (see fedq.chunking for the format).
+
+A model larger than the chunk size (``FEDQ_CHUNK_BYTES``) goes as parts, each its own key,
+and a head that lists their digests: the client writes its parts under its own keys and then
+pushes the head (the push is what the aggregator sees); the aggregator writes the global
+model's parts and then commits the head. Readers fetch parts one at a time.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from fedq import chunking, protocol
+from fedq.errors import CodecError, UpdateRejected
+from fedq.signing import Signer
+from fedq.store import RunStore
+
+
+class PartsGone(CodecError):
+    """A global model's parts were deleted while being read (two commits went by)."""
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """What a push sent: its outcome and the bytes that travelled (head and parts)."""
+
+    outcome: str
+    nbytes: int
+    parts: int
+
+
+def push_update(st: RunStore, client_id: str, round_no: int, num_examples: int, metrics: Mapping[str, float],
+                names: Sequence[str], tensors: Sequence[np.ndarray], *, chunk_bytes: int, max_bytes: int,
+                signer: Signer | None = None) -> Pushed:
+    """Push one update, in parts when it is larger than chunk_bytes; returns the outcome."""
+    if not chunking.should_chunk(tensors, chunk_bytes):
+        signature = None if signer is None else signer.sign(st.run_id, round_no, client_id, num_examples,
+                                                            names, tensors)
+        payload = protocol.encode_update(st.run_id, round_no, client_id, num_examples, metrics, names,
+                                         tensors, signature)
+        return Pushed(st.push_update(client_id, round_no, payload, max_bytes), len(payload), 0)
+    total = sum(t.nbytes for t in tensors)
+    if total > max_bytes:
+        return Pushed(st.refuse_push(client_id, round_no, "too_large",
+                                     f"{total} bytes exceeds the cap of {max_bytes}"), 0, 0)
+    push_id = secrets.token_hex(6)  # parts of different pushes never mix, even mid-read
+    digests, sent = [], 0
+    for index, (payload, digest) in enumerate(chunking.encode_parts(tensors, chunk_bytes)):
+        st.put_part(st.k.update_part(client_id, round_no, push_id, index), payload)
+        digests.append(digest)
+        sent += len(payload)
+    layout = chunking.layout_of(tensors, chunk_bytes, digests)
+    shapes = [tuple(t.shape) for t in tensors]
+    signature = None if signer is None else signer.sign_digest(
+        st.run_id, round_no, client_id, num_examples, protocol.parts_digest(names, shapes, layout))
+    head = protocol.encode_update_head(st.run_id, round_no, client_id, num_examples, metrics, names, shapes,
+                                       layout, push_id, signature)
+    previous = st.part_id(client_id, round_no)
+    outcome = st.push_update(client_id, round_no, head, max_bytes)
+    if outcome == "ok" and previous and previous != push_id:
+        st.drop_parts(st.k.update_part(client_id, round_no, previous, k) for k in range(layout.count))
+    elif outcome != "ok":
+        st.drop_parts(st.k.update_part(client_id, round_no, push_id, k) for k in range(layout.count))
+    return Pushed(outcome, sent + len(head), layout.count)
+
+
+def fold_parts(st: RunStore, upd: protocol.Update, fold: Callable[[int, np.ndarray], None]) -> None:
+    """Fetch an update's parts one by one, check each against its head and hand it to fold
+    (offset, values). UpdateRejected('bad_part') when one is missing or does not match."""
+    assert upd.layout is not None and upd.part_id is not None
+    for index in range(upd.layout.count):
+        key = st.k.update_part(upd.client_id, upd.round, upd.part_id, index)
+        payload = st.r.get(key)
+        if payload is None:
+            raise UpdateRejected("bad_part", f"part {index} of {upd.layout.count} is missing")
+        try:
+            values = chunking.decode_part(payload, upd.layout, index)
+        except CodecError as exc:
+            raise UpdateRejected("bad_part", str(exc)) from None
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise UpdateRejected("non_finite", f"part {index} contains NaN or infinity")
+        offset, _ = upd.layout.span(index)
+        fold(offset, values)
+
+
+def update_part_keys(st: RunStore, upd: protocol.Update) -> list[str]:
+    """The keys of an update's parts (none when it travelled whole)."""
+    if upd.layout is None or upd.part_id is None:
+        return []
+    return [st.k.update_part(upd.client_id, upd.round, upd.part_id, k) for k in range(upd.layout.count)]
+
+
+def assemble(st: RunStore, upd: protocol.Update, template: Sequence[protocol.TensorSpec]) -> list[np.ndarray]:
+    """An update sent in parts, put back together (strategies that need whole updates)."""
+    writer = chunking.FlatWriter([s.shape for s in template], template[0].dtype)
+    fold_parts(st, upd, writer.put)
+    return writer.tensors
+
+
+def encode_global(st: RunStore, round_no: int, names: Sequence[str], tensors: Sequence[np.ndarray],
+                  chunk_bytes: int) -> tuple[bytes, list[str]]:
+    """The global model's head (or whole envelope), writing its parts first when it has any;
+    returns (payload to commit, keys of the parts written)."""
+    if not chunking.should_chunk(tensors, chunk_bytes):
+        return protocol.encode_global(st.run_id, round_no, names, tensors), []
+    digests, written = [], []
+    for index, (payload, digest) in enumerate(chunking.encode_parts(tensors, chunk_bytes)):
+        key = st.k.global_part(round_no, index)
+        st.put_part(key, payload)
+        digests.append(digest)
+        written.append(key)
+    layout = chunking.layout_of(tensors, chunk_bytes, digests)
+    head = protocol.encode_global_head(st.run_id, round_no, names, [tuple(t.shape) for t in tensors], layout)
+    return head, written
+
+
+def read_global(st: RunStore, payload: bytes | None = None) -> tuple[int, list[str], list[np.ndarray]]:
+    """(round, names, tensors) of the run's global model, fetching its parts when it has any."""
+    payload = st.global_payload() if payload is None else payload
+    if payload is None:
+        raise CodecError(f"run {st.run_id} has no global model")
+    round_no, names, tensors, head = protocol.decode_global_any(payload, st.run_id)
+    if head is None:
+        return round_no, names, tensors
+    shapes, layout = head
+    writer = chunking.FlatWriter(shapes, layout.dtype)
+    for index in range(layout.count):
+        part = st.r.get(st.k.global_part(round_no, index))
+        if part is None:
+            # Parts live two rounds: a reader this far behind starts over from the new head.
+            raise PartsGone(f"part {index} of round {round_no}'s global model is gone")
+        offset, _ = layout.span(index)
+        writer.put(offset, chunking.decode_part(part, layout, index))
+    return round_no, names, writer.tensors
+
+

@@ -1,0 +1,190 @@
+"""Redis ACL users per role, on a real redis-server started with the ACL file fedq acl writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import redis
+from click.testing import CliRunner
+
+from fedq import acl, protocol
+from fedq.cli import main
+from fedq.dashboard import snapshot
+from fedq.keys import RunKeys
+from fedq.spec import RunSpec
+from fedq.store import RunStore
+from helpers import RedisServer
+
+CLIENTS = ["client-0", "client-1"]
+NOPERM = (redis.exceptions.NoPermissionError, redis.exceptions.ResponseError)
+
+
+@pytest.fixture(scope="module")
+def federation_users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, dict[str, acl.User]]]:
+    users = acl.users(CLIENTS)
+    path = tmp_path_factory.mktemp("acl") / "users.acl"
+    path.write_text(acl.aclfile(users))
+    server = RedisServer("--aclfile", str(path), ping=False)
+    by_name = {u.name: u for u in users}
+    deadline = time.monotonic() + 15
+    while True:  # the server refuses the plain PING of the helper: wait with the aggregator's user
+        try:
+            _as(server, by_name[acl.AGGREGATOR_USER]).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and server.proc.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+    yield server, by_name
+    server.stop()
+
+
+def _url(server: RedisServer, user: acl.User) -> str:
+    return user.url("127.0.0.1", server.port)
+
+
+def _as(server: RedisServer, user: acl.User) -> redis.Redis:
+    return redis.Redis.from_url(_url(server, user), socket_timeout=5)
+
+
+def _open_run(agg: redis.Redis, run_id: str) -> tuple[RunStore, list[np.ndarray]]:
+    store = RunStore(agg, run_id)
+    store.create(RunSpec(clients=2, rounds=1))
+    return store, [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
+
+
+def test_the_default_user_is_off_and_wrong_passwords_are_refused(federation_users) -> None:
+    server, users = federation_users
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=server.port, socket_timeout=5).ping()
+    forged = acl.User("client-0", "not-the-password", ())
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        _as(server, forged).ping()
+
+
+def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None:
+    server, users = federation_users
+    agg_store, weights = _open_run(_as(server, users[acl.AGGREGATOR_USER]), "acl-own")
+    c0, c1 = _as(server, users["client-0"]), _as(server, users["client-1"])
+    s0, s1 = RunStore(c0, "acl-own"), RunStore(c1, "acl-own")
+    assert s0.join("client-0", {"shard": 0, "rows": 5}, {"count": [5]}) == "joined"
+    assert s1.join("client-1", {"shard": 1, "rows": 5}, {"count": [5]}) == "joined"
+    assert agg_store.acquire_lease("driver", 30)
+    names = ["w", "b"]
+    assert agg_store.open_training(b"scaler", protocol.encode_global("acl-own", 0, names, weights))
+    assert s0.global_payload() is not None and s0.state()["phase"] == "train"
+
+    def update(cid: str) -> bytes:
+        return protocol.encode_update("acl-own", 1, cid, 5, {}, names, weights)
+
+    assert s0.push_update("client-0", 1, update("client-0"), 1 << 20) == "ok"
+    assert s1.push_update("client-1", 1, update("client-1"), 1 << 20) == "ok"
+    assert agg_store.get_update(1, "client-0")[0] == update("client-0")
+
+    k = RunKeys("acl-own")
+    attempts = {
+        "push as another client": lambda: s0.push_update("client-1", 1, update("client-1"), 1 << 20),
+        "write another client's update": lambda: c0.hset(k.update("client-1", 1), "payload", b"forged"),
+        "read another client's update": lambda: c0.hget(k.update("client-1", 1), "payload"),
+        "overwrite the global model": lambda: c0.set(k.global_model, b"forged"),
+        "move the round counter": lambda: c0.hset(k.state, "round", 7),
+        "drop a member": lambda: c0.srem(k.members, "client-1"),
+        "empty the inbox": lambda: c0.delete(k.inbox),
+        "take the lease": lambda: c0.set(k.lease, "me"),
+        "forge an aggregator refusal": lambda: c0.rpush(k.refused, "{}"),
+        "a script writing the global model": lambda: c0.eval("return redis.call('SET', ARGV[1], 'x')", 0,
+                                                            k.global_model),
+        "a script declaring the global model": lambda: c0.eval("return 1", 1, k.global_model),
+        "flush the database": lambda: c0.flushall(),
+        "list every key": lambda: c0.keys("*"),
+        "rewrite the configuration": lambda: c0.config_set("appendonly", "no"),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(NOPERM, match="(?i)noperm|permission|access"):
+            attempt()
+            pytest.fail(f"a client could {what}")
+    # Nothing of the above landed: the global model and client-1's update are as written.
+    assert agg_store.global_payload() == protocol.encode_global("acl-own", 0, names, weights)
+    assert agg_store.get_update(1, "client-1") == (update("client-1"), 1)
+    assert agg_store.member_ids() == CLIENTS
+
+
+def test_the_dashboard_reads_everything_and_writes_nothing(federation_users) -> None:
+    server, users = federation_users
+    agg = _as(server, users[acl.AGGREGATOR_USER])
+    _open_run(agg, "acl-dash")
+    dash = _as(server, users[acl.DASHBOARD_USER])
+    assert snapshot.run_detail(dash, "acl-dash")["status"] == "queued"
+    assert "acl-dash" in {r["run_id"] for r in snapshot.runs_overview(dash)["runs"]}
+    k = RunKeys("acl-dash")
+    for attempt in (lambda: dash.set(k.global_model, b"x"), lambda: dash.hset(k.state, "status", "failed"),
+                    lambda: dash.delete(k.spec), lambda: dash.eval("return 1", 0)):
+        with pytest.raises(NOPERM):
+            attempt()
+    assert RunStore(agg, "acl-dash").state()["status"] == "queued"
+
+
+def test_a_federation_runs_with_one_acl_user_per_process(federation_users, tmp_path: Path) -> None:
+    """fedq aggregator and two fedq clients, each its own ACL user: the rules are enough,
+    with models in parts too."""
+    server, users = federation_users
+
+    def start(user: acl.User, *args: str) -> subprocess.Popen:
+        # Models in parts as well (the seed model then travels in two): parts are keys too.
+        env = {**os.environ, "FEDQ_REDIS_URL": _url(server, user), "FEDQ_TF_THREADS": "1",
+               "FEDQ_BLOCK_SECONDS": "0.5", "FEDQ_CHUNK_BYTES": "1024"}
+        log = open(tmp_path / f"{user.name}.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "fedq", *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+    agg = start(users[acl.AGGREGATOR_USER], "aggregator", "--clients", "2", "--rounds", "2",
+                "--run-id", "acl-fed", "--local-epochs", "1")
+    clients = [start(users[cid], "client", "--shard", str(k), "--run", "acl-fed", "--client-id", cid, "--once")
+               for k, cid in enumerate(CLIENTS)]
+    try:
+        codes = [p.wait(timeout=240) for p in (agg, *clients)]
+    finally:
+        for p in (agg, *clients):
+            if p.poll() is None:
+                p.kill()
+    logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
+    assert codes == [0, 0, 0], logs
+    state = RunStore(_as(server, users[acl.DASHBOARD_USER]), "acl-fed").state()
+    assert state["status"] == "finished" and state["round"] == "2", (state, logs)
+    assert all("in 2 parts" in logs[f"{cid}.log"] for cid in CLIENTS), logs
+
+
+def test_fedq_acl_prints_rules_and_keeps_passwords_in_a_private_file(tmp_path: Path) -> None:
+    out = tmp_path / "passwords.env"
+    res = CliRunner().invoke(main, ["acl", "--clients", "3", "--run", "run-7", "--passwords", str(out)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[0] == acl.default_user_off()
+    assert [ln.split()[1] for ln in lines[1:]] == [acl.AGGREGATOR_USER, acl.DASHBOARD_USER,
+                                                   "client-0", "client-1", "client-2"]
+    assert "~fedq:{run-7}:c:client-1:*" in lines[4] and "(~fedq:{run-7}:inbox +rpush)" in lines[4]
+    passwords = acl.parse_passwords(out.read_text())
+    assert set(passwords) == {acl.AGGREGATOR_USER, acl.DASHBOARD_USER, "client-0", "client-1", "client-2"}
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    assert all(p not in res.output for p in passwords.values())  # only digests on stdout
+    # Run again: the same passwords are reused, so the printed file is stable.
+    again = CliRunner().invoke(main, ["acl", "--clients", "3", "--run", "run-7", "--passwords", str(out)])
+    assert again.output == res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--clients", "0"], "at least one client"),
+    (["--client-ids", "a,a"], "distinct"),
+    (["--client-ids", "c:1"], "invalid client id"),
+    (["--client-ids", "fedq-aggregator"], "reserved"),
+    (["--clients", "2", "--run", "bad run"], "invalid run id"),
+])
+def test_fedq_acl_bad_input_is_a_clear_error(args: list[str], message: str) -> None:
+    res = CliRunner().invoke(main, ["acl", *args])
+    assert res.exit_code != 0 and message in res.output, res.output
