@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import codec, evaluation, heartbeat, protocol, transfer
+from fedq import codec, evaluation, heartbeat, privacy, protocol, transfer
 from fedq import metrics as fedq_metrics
 from fedq.aggregate import weighted_metrics
 from fedq.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
@@ -166,7 +166,7 @@ class Aggregator:
         ds = load_dataset(spec.data)
         _, test_idx = split_indices(ds.y, spec.data.test_fraction, spec.data.seed)
         model = build_model(spec.model, ds.num_features, ds.num_classes, spec.seed)
-        strategy = Strategy(spec.strategy, model.get_weights())
+        strategy = Strategy(spec.strategy, model.get_weights(), dp=spec.central_dp)
         self._check_memory(spec, strategy, model.get_weights())
         return ds, test_idx, model, weight_names(model), strategy
 
@@ -197,7 +197,7 @@ class Aggregator:
         round_started = time.time()
         while round_no < spec.rounds:
             round_no += 1
-            strategy.begin_round(g_tensors)
+            strategy.begin_round(g_tensors, noise_rng=self._noise_rng(spec, round_no))
             rnd = self._collect_round(spec, round_no, template, strategy)
             weights = strategy.result()
             t_eval = time.perf_counter()
@@ -206,6 +206,7 @@ class Aggregator:
             eval_seconds = time.perf_counter() - t_eval
             metrics = self._round_metrics(rnd, round_no, test, round_started, eval_seconds)
             metrics.update(_test_extras(test))
+            metrics.update(spec.privacy_metrics(round_no))  # epsilon spent so far (DP runs)
             if strategy.round_info():
                 metrics["strategy"] = strategy.round_info()
             if rnd.selected is not None:
@@ -237,6 +238,12 @@ class Aggregator:
         return self.store.state()
 
     # --- strategies, sampling, federated evaluation -----------------------------------------
+    def _noise_rng(self, spec: RunSpec, round_no: int) -> np.random.Generator | None:
+        """Central DP: the round's noise source (keyed by FEDQ_DP_NOISE_KEY when set); else None."""
+        if spec.central_dp is None:
+            return None
+        return privacy.noise_rng(self.settings.dp_noise_key, self.run_id, spec.seed, round_no)
+
     def _check_memory(self, spec: RunSpec, strategy: Strategy, template: list[np.ndarray]) -> None:
         """Refuse a run whose robust strategy would hold more than the cap in memory."""
         if not strategy.holds_all:
@@ -560,7 +567,8 @@ def _test_extras(test: dict[str, Any]) -> dict[str, Any]:
 
 def _final(metrics: dict[str, Any]) -> dict[str, Any]:
     """The run's final record from its last round's metrics."""
-    keep = ("test_loss", "test_accuracy", "test_auc", "test_precision", "test_recall", "test_f1")
+    keep = ("test_loss", "test_accuracy", "test_auc", "test_precision", "test_recall", "test_f1",
+            "dp_epsilon", "dp_delta")
     return {"round": metrics.get("round"), **{k: metrics[k] for k in keep if k in metrics}}
 
 

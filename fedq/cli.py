@@ -126,6 +126,7 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
 def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """Strategy, client sampling, partitioning and evaluation options of a run (fedq.strategies)."""
     from fedq.data import PARTITIONS
+    from fedq.privacy import DEFAULT_DELTA, MODES
     from fedq.strategies import STRATEGIES
 
     pos = click.FloatRange(min=0, min_open=True)
@@ -154,6 +155,13 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
         click.option("--alpha", type=pos, default=0.5, show_default=True, help="Dirichlet concentration of --partition dirichlet."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
                      help="Share of each client's rows held out for federated evaluation (0: none)."),
+        click.option("--dp", type=click.Choice(MODES), default="off", show_default=True,
+                     help="Differential privacy: central (the aggregator clips updates and noises their mean) "
+                          "or local (each client clips and noises its update before pushing)."),
+        click.option("--dp-clip", type=pos, help="DP: L2 norm C each update (model - global) is clipped to."),
+        click.option("--dp-noise", type=pos, help="DP: noise multiplier z (Gaussian noise std = z x C)."),
+        click.option("--dp-delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=DEFAULT_DELTA, show_default=True, help="DP: the delta epsilon is reported for."),
     ]
 
 
@@ -175,7 +183,7 @@ def _run_spec(kw: dict[str, Any]) -> RunSpec:
                             max_held_mb=kw.pop("max_held_mb"))
     kw["model"] = resolve_model_arg(kw["model"])
     run_id = kw.pop("run_id") or new_run_id()
-    return RunSpec(data=data, run_id=run_id, strategy=strategy, **kw).validate()
+    return RunSpec(data=data, run_id=run_id, strategy=strategy, **kw).validate()  # dp, dp_clip, ... as given
 
 
 # --- commands ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import evaluation, heartbeat, protocol, store as store_mod, transfer
+from fedq import evaluation, heartbeat, privacy, protocol, store as store_mod, transfer
 from fedq.data import DataSpec, feature_stats, standardize
 from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.settings import Settings
@@ -62,6 +62,7 @@ class Client:
         self.trainer_factory = trainer_factory or functools.partial(KerasTrainer, threads=settings.tf_threads)
         self._beat: heartbeat.Heartbeat | None = None
         self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
+        self._dp_rng = np.random.default_rng()  # local DP noise (fresh OS entropy)
 
     # --- finding a run ------------------------------------------------------------------
     def serve(self, once: bool = False) -> list[dict[str, Any]]:
@@ -177,7 +178,7 @@ class Client:
                     t0 = time.perf_counter()
                     trainer = self._prepare(st, spec, x_raw, y)
                     setup = time.perf_counter() - t0
-                result = self._do_round(st, trainer, committed + 1, setup)
+                result = self._do_round(st, spec, trainer, committed + 1, setup)
                 if result == "ok":
                     pushed = committed + 1
                 elif result == "no_such_run":
@@ -205,8 +206,10 @@ class Client:
         return self.trainer_factory(spec, int(meta["num_features"]), int(meta["num_classes"]), x, y,
                                     self.shard, self.stop)
 
-    def _do_round(self, st: RunStore, trainer: Trainer, round_no: int, setup_seconds: float) -> str:
-        """Fetch the global model, train locally, push the update; returns the push outcome."""
+    def _do_round(self, st: RunStore, spec: RunSpec, trainer: Trainer, round_no: int, setup_seconds: float) -> str:
+        """Fetch the global model, train locally, push the update; returns the push outcome.
+
+        With local DP the update is clipped and noised here, so only the noised model leaves."""
         t0 = time.perf_counter()
         try:
             g_round, names, tensors = transfer.read_global(st)
@@ -229,6 +232,9 @@ class Client:
 
         t2 = time.perf_counter()
         weights = trainer.weights()
+        if spec.dp == "local" and spec.dp_clip is not None and spec.dp_noise is not None:
+            # Fresh OS entropy: noise the aggregator could regenerate would protect nothing.
+            weights = privacy.privatize(weights, tensors, spec.dp_clip, spec.dp_noise, self._dp_rng)
         metrics.update(train_seconds=train_seconds, fetch_seconds=fetch_seconds, setup_seconds=setup_seconds,
                        push_time=time.time())
         pushed = transfer.push_update(st, self.client_id, round_no, trainer.num_examples, metrics, names, weights,

@@ -11,15 +11,18 @@ import numpy as np
 from fedq import protocol, transfer
 from fedq.errors import FedqError
 from fedq.plots import write_curves
+from fedq.privacy import ACCOUNTANT, GUARANTEES
+from fedq.spec import RunSpec
 from fedq.store import FINISHED, RunStore
 
 ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_accuracy",
                 "test_loss", "test_accuracy", "seconds", "overhead_seconds")
 # Present when the run has them: binary central evaluation, federated evaluation (validation
-# rows), the strategy's round facts (clipped clients, Krum's choice) and the sampled clients.
+# rows), the strategy's round facts (clipped clients, Krum's choice), the sampled clients and
+# differential privacy (epsilon spent so far at the run's delta; central: the noise std of the mean).
 EXTRA_ROUND_FIELDS = ("test_auc", "test_precision", "test_recall", "test_f1", "fed_eval_loss",
                       "fed_eval_accuracy", "fed_eval_examples", "fed_eval_precision", "fed_eval_recall",
-                      "fed_eval_f1", "strategy", "selected")
+                      "fed_eval_f1", "strategy", "selected", "dp_epsilon", "dp_delta", "dp_noise_std")
 FINAL_EXTRAS = ("test_auc", "test_precision", "test_recall", "test_f1", "fed_eval_loss", "fed_eval_accuracy",
                 "fed_eval_examples", "fed_eval_precision", "fed_eval_recall", "fed_eval_f1")
 
@@ -42,6 +45,7 @@ def build_report(store: RunStore) -> dict[str, Any]:
         # The last model's other figures: binary central metrics and the federated evaluation.
         "final_evaluation": {k: final[k] for k in FINAL_EXTRAS if k in final},
         "strategy": spec.strategy.resolved().to_dict(),
+        "privacy": _privacy(spec, rounds),
         # Each client's shard: training and held-out rows and its label histogram (class order
         # as in scaler.json's class_names), which shows how skewed a partition is.
         "client_data": {cid: {k: rec.get(k) for k in ("shard", "rows", "val_rows", "labels", "partition")}
@@ -51,6 +55,17 @@ def build_report(store: RunStore) -> dict[str, Any]:
         "started_at": _f(state.get("started_at")),
         "finished_at": _f(state.get("finished_at")),
     }
+
+
+def _privacy(spec: RunSpec, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's DP settings and the epsilon spent by its last committed round."""
+    if spec.dp == "off":
+        return {"mode": "off"}
+    spent = [m for m in rounds if m.get("dp_epsilon") is not None]
+    return {"mode": spec.dp, "clip": spec.dp_clip, "noise_multiplier": spec.dp_noise, "delta": spec.dp_delta,
+            "epsilon": spent[-1]["dp_epsilon"] if spent else None, "rounds": spent[-1]["round"] if spent else 0,
+            "accountant": f"dp-accounting {ACCOUNTANT.upper()}, no sampling amplification",
+            "guarantee": GUARANTEES[spec.dp]}
 
 
 def _f(v: str | None) -> float | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from fedq.errors import ConfigError
@@ -47,6 +47,9 @@ class Settings:
     # client public keys (JSON from `fedq keys new`). With a registry, unsigned updates are refused.
     signing_key: str = ""
     client_keys: str = ""
+    # Central DP: a secret the aggregators of a run share, from which each round's noise is drawn
+    # (a driver that takes over draws the same noise). Unset: fresh OS entropy each round.
+    dp_noise_key: str = field(default="", repr=False)  # a secret: kept out of reprs and logs
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fedq import privacy
 from fedq.data import combine_stats, feature_stats, load_dataset, scaler_from_stats, split_indices, standardize
 from fedq.evaluation import combine
 from fedq.models import build_model, evaluate
@@ -83,14 +84,16 @@ class Federation:
         rounds = rounds or spec.rounds
         attackers = attackers or {}
         rng = np.random.default_rng([spec.seed, 99])
-        strategy = Strategy(spec.strategy, self.initial)
+        strategy = Strategy(spec.strategy, self.initial, dp=spec.central_dp)
         ids = [f"client-{k}" for k in range(len(self.trainers))]
         global_ = [np.array(w) for w in self.initial]
         out = []
         for round_no in range(1, rounds + 1):
             t0 = time.perf_counter()
             chosen = select_clients(ids, spec.fraction_fit, spec.seed, round_no)
-            strategy.begin_round(global_)
+            # DP noise from the seed: reproducible experiments (a real run keeps its noise secret).
+            noise = np.random.default_rng([spec.seed, 0xD9, round_no])
+            strategy.begin_round(global_, noise_rng=noise if spec.central_dp is not None else None)
             train_loss, fed_items = [], []
             for cid in chosen:
                 k = ids.index(cid)
@@ -101,6 +104,8 @@ class Federation:
                     fed_items.append(trainer.evaluate(x_val, y_val))
                 train_loss.append(trainer.train(round_no)["loss"])
                 tensors = trainer.weights()
+                if spec.dp == "local" and spec.dp_clip is not None and spec.dp_noise is not None:
+                    tensors = privacy.privatize(tensors, global_, spec.dp_clip, spec.dp_noise, noise)
                 if k in attackers:
                     tensors = attackers[k](tensors, global_, rng)
                 strategy.add(tensors, trainer.num_examples, cid)
@@ -111,6 +116,7 @@ class Federation:
                 out[-1].update(combine(fed_items))  # the previous model, evaluated by this round's clients
             out.append({"round": round_no, "clients": chosen, "train_loss": float(np.mean(train_loss)),
                         **{f"test_{k}": v for k, v in test.items()}, **strategy.round_info(),
+                        **spec.privacy_metrics(round_no),
                         "seconds": time.perf_counter() - t0})
             if target is not None and test["accuracy"] >= target:
                 break

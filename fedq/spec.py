@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+from fedq import privacy
 from fedq.data import DataSpec
 from fedq.errors import ConfigError
 from fedq.keys import check_run_id
@@ -47,6 +48,13 @@ class RunSpec:
     strategy: StrategySpec = field(default_factory=StrategySpec)
     # Share of the joined clients that train in a round (a seeded choice per round; 1: all).
     fraction_fit: float = 1.0
+    # Differential privacy (fedq.privacy): "off", "central" (the aggregator clips and adds noise)
+    # or "local" (each client does, before pushing); clip norm C, noise multiplier z, and the
+    # delta the accountant reports epsilon for.
+    dp: str = "off"
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    dp_delta: float = privacy.DEFAULT_DELTA
 
     def validate(self) -> "RunSpec":
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -74,8 +82,26 @@ class RunSpec:
             raise ConfigError(f"fraction fit must be above 0 and at most 1, got {self.fraction_fit!r}")
         check_model_arg(self.model)
         self.strategy.validate(self.clients_per_round)
+        privacy.validate(self.dp, self.dp_clip, self.dp_noise, self.dp_delta, clients=self.clients,
+                         combiner=self.strategy.combiner, strategy=self.strategy.name,
+                         clip_norm=self.strategy.clip_norm)
         self.data.validate()
         return self
+
+    @property
+    def central_dp(self) -> privacy.CentralDP | None:
+        """Central DP's clip, noise multiplier and fixed denominator (the clients planned per
+        round); None unless dp is central."""
+        if self.dp != "central" or self.dp_clip is None or self.dp_noise is None:
+            return None
+        return privacy.CentralDP(self.dp_clip, self.dp_noise, self.clients_per_round)
+
+    def privacy_metrics(self, round_no: int) -> dict[str, Any]:
+        """epsilon (at dp_delta) spent after round_no rounds, for the round's record ({}: no DP)."""
+        if self.dp == "off" or self.dp_clip is None or self.dp_noise is None:
+            return {}
+        return privacy.round_metrics(self.dp, self.dp_clip, self.dp_noise, self.dp_delta, round_no,
+                                     self.clients_per_round)
 
     @property
     def clients_per_round(self) -> int:
@@ -111,4 +137,7 @@ class RunSpec:
         values["strategy"] = StrategySpec.from_dict(values.get("strategy") or {})
         if isinstance(values.get("fraction_fit"), int) and not isinstance(values["fraction_fit"], bool):
             values["fraction_fit"] = float(values["fraction_fit"])  # JSON gives 1 for 1.0
+        for n in ("dp_clip", "dp_noise", "dp_delta"):
+            if isinstance(values.get(n), int) and not isinstance(values[n], bool):
+                values[n] = float(values[n])
         return cls(**values)

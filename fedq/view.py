@@ -37,11 +37,12 @@ def print_round(total: int, m: dict[str, Any]) -> None:
     """One line per committed round, as it commits."""
     console.print(f"round {m['round']}/{total}: {m['num_updates']} updates, {m['num_examples']} examples, "
                   f"train acc {_num(m.get('train_accuracy'))}, test acc {_num(m.get('test_accuracy'))}, "
-                  f"{_num(m.get('seconds'), '.2f')} s")
+                  f"{_num(m.get('seconds'), '.2f')} s"
+                  + (f", ε {m['dp_epsilon']:.3g} (δ {m['dp_delta']:g})" if m.get("dp_epsilon") is not None else ""))
 
 
-# Columns shown only when some round has them (binary tasks, federated evaluation).
-_OPTIONAL = (("test auc", "test_auc"), ("fed acc", "fed_eval_accuracy"))
+# Columns shown only when some round has them (binary tasks, federated evaluation, DP).
+_OPTIONAL = (("test auc", "test_auc"), ("fed acc", "fed_eval_accuracy"), ("dp ε", "dp_epsilon"))
 
 
 def rounds_table(rounds: list[dict[str, Any]]) -> Table:
@@ -71,6 +72,12 @@ def print_report(report: dict[str, Any], out: Path | None = None) -> None:
             console.print("final evaluation: " + ", ".join(f"{k} {_num(v)}" for k, v in extras.items()))
     else:
         console.print(f"[bold red]run {report['run_id']} {report['status']}[/bold red]: {report.get('reason') or ''}")
+    dp = report.get("privacy") or {}
+    if dp.get("mode") not in (None, "off"):
+        eps = dp.get("epsilon")
+        console.print(f"differential privacy ({dp['mode']}): ε {'-' if eps is None else f'{eps:.3g}'} at δ "
+                      f"{dp['delta']:g} after {dp['rounds']} rounds (clip {dp['clip']:g}, noise multiplier "
+                      f"{dp['noise_multiplier']:g})")
     if report.get("refused"):
         console.print(f"{len(report['refused'])} update(s) refused; see report.json")
     if out is not None:

@@ -19,7 +19,7 @@ from fedq.store import ENDED, RunStore, list_runs
 RUNS_LISTED = 100
 REFUSED_READ = 1000  # newest refusals read per poll (the log itself keeps up to 10 000)
 ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_accuracy", "test_loss",
-                "test_accuracy", "seconds", "overhead_seconds", "refused")
+                "test_accuracy", "seconds", "overhead_seconds", "refused", "dp_epsilon")  # dp_epsilon: DP runs
 CLIENT_METRICS = ("num_examples", "loss", "accuracy", "train_seconds")
 
 

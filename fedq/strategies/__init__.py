@@ -14,6 +14,7 @@ The one interface the aggregator uses (``Strategy``)::
 
     s = Strategy(spec, template)          # template: the model's tensors
     s.begin_round(global_weights)         # a round starts from this global model
+                                          # (central DP: and noise_rng=, the round's noise source)
     s.add(tensors, num_examples, client)  # each accepted update (streaming for the mean)
     s.reset()                             # forget the round's updates (a re-push refolds)
     new_global = s.result()               # combine + server step; advances server state
@@ -21,6 +22,10 @@ The one interface the aggregator uses (``Strategy``)::
     s.load_state(raw, round_no)           # a resumed driver continues where the last stopped
 
 ``aggregate_all(spec, updates, global)`` is the all-at-once form of the same computation.
+
+Central differential privacy (``Strategy(spec, template, dp=CentralDP(...))``, fedq.privacy)
+replaces the combiner by DP-FedAvg's noisy mean of clipped updates; the server step then works
+on that noisy model (post-processing: DP-FedAdam etc. keep the guarantee).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 
 from fedq import codec
 from fedq.errors import CodecError, ConfigError
+from fedq.privacy import CentralDP, NoisyMean
 from fedq.strategies.robust import Buffered, Mean, make_combiner
 from fedq.strategies.sampling import sample_size, select_clients
 from fedq.strategies.server import ServerStep, make_server_step
@@ -202,13 +208,21 @@ def clip_update(tensors: Sequence[np.ndarray], global_weights: Sequence[np.ndarr
 class Strategy:
     """One run's strategy: clipping, combiner and server optimiser behind one interface."""
 
-    def __init__(self, spec: StrategySpec, template: Sequence[np.ndarray]) -> None:
+    def __init__(self, spec: StrategySpec, template: Sequence[np.ndarray], dp: CentralDP | None = None) -> None:
         self.spec = spec
         self.name = spec.name
+        self.dp = dp
         self._template = [np.asarray(t) for t in template]
-        self._combine: Mean | Buffered = make_combiner(
-            spec.combiner, self._template, trim_fraction=spec.trim_fraction, byzantine=spec.byzantine,
-            keep=spec.krum_keep if spec.krum_keep is not None else (1 if spec.name == "krum" else None))
+        self._combine: Mean | Buffered | NoisyMean
+        if dp is not None:
+            if spec.combiner != "mean" or spec.clip_norm is not None:
+                raise ConfigError(f"central DP needs a mean-based strategy without --clip-norm, not {spec.name}")
+            self._combine = NoisyMean(self._template, dp)
+        else:
+            self._combine = make_combiner(
+                spec.combiner, self._template, trim_fraction=spec.trim_fraction, byzantine=spec.byzantine,
+                keep=spec.krum_keep if spec.krum_keep is not None else (1 if spec.name == "krum" else None))
+        self._noise_rng: np.random.Generator | None = None
         self._server: ServerStep = make_server_step(
             spec.server, self._template, lr=spec.value("server_lr"), momentum=spec.value("momentum"),
             beta1=spec.value("beta1"), beta2=spec.value("beta2"), tau=spec.value("tau"))
@@ -229,9 +243,16 @@ class Strategy:
     def count(self) -> int:
         return self._combine.count
 
-    def begin_round(self, global_weights: Sequence[np.ndarray]) -> None:
-        """Start a round from this global model (forgets any updates held)."""
+    def begin_round(self, global_weights: Sequence[np.ndarray],
+                    noise_rng: np.random.Generator | None = None) -> None:
+        """Start a round from this global model (forgets any updates held). Central DP draws
+        the round's noise from noise_rng (fedq.privacy.noise_rng), which it then requires."""
+        if self.dp is not None and noise_rng is None:
+            raise ValueError("central DP needs the round's noise generator (noise_rng)")
         self._global = [np.asarray(g) for g in global_weights]
+        self._noise_rng = noise_rng
+        if isinstance(self._combine, NoisyMean):
+            self._combine.begin(self._global)
         self.reset()
 
     def add(self, tensors: Sequence[np.ndarray], num_examples: int, client_id: str = "") -> None:
@@ -273,7 +294,11 @@ class Strategy:
         """The next global model. Advances the server optimiser: call once per round."""
         if self._global is None:
             raise ValueError("begin_round() must come before result()")
-        combined = self._combine.result()
+        if isinstance(self._combine, NoisyMean):
+            assert self._noise_rng is not None  # begin_round checked it
+            combined = self._combine.result(self._noise_rng)
+        else:
+            combined = self._combine.result()
         return self._server.step(self._global, combined)
 
     def round_info(self) -> dict[str, Any]:
