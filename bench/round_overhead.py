@@ -37,7 +37,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedq import codec, protocol  # noqa: E402
+from fedq import codec, protocol, transfer  # noqa: E402
 from fedq.aggregate import FedAvg  # noqa: E402
 from fedq.client import Client  # noqa: E402
 from fedq.jobs import submit_run  # noqa: E402
@@ -45,14 +45,14 @@ from fedq.localredis import die_with_parent, find_server  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 from fedq.spec import RunSpec  # noqa: E402
 from fedq.store import RunStore, connect  # noqa: E402
-from fedq.swarm import noise_trainers  # noqa: E402
+from fedq.swarm import client_commands, noise_trainers  # noqa: E402
 
 MODELS = {"seed": "seed", "1m": "bench.bench_models:dense_1m", "25m": "bench.bench_models:dense_25m"}
 
 
 def client_main(url: str, run_id: str, shard: int) -> None:
     """One client whose training is a no-op: its update is the global model it received."""
-    settings = Settings.from_env(env={}, redis_url=url, block_seconds=0.5)
+    settings = Settings.from_env(redis_url=url, block_seconds=0.5)  # FEDQ_CHUNK_BYTES from the bench
     r = connect(settings)
     Client(r, settings, shard, run_id=run_id,
            trainer_factory=noise_trainers(RunStore(r, run_id), scale=0)).serve(once=True)
@@ -105,7 +105,7 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
-def measure_fedq(n: int, model: str, rounds: int) -> dict[str, float]:
+def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over: int) -> dict[str, float]:
     with tcp_redis() as url:
         settings = Settings.from_env(env={}, redis_url=url)
         r = connect(settings)
@@ -113,11 +113,15 @@ def measure_fedq(n: int, model: str, rounds: int) -> dict[str, float]:
         queue = f"bench-{n}"
         submit_run(r, settings, spec, queue=queue)
         env = dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
-                   PYTHONPATH=str(ROOT))
+                   FEDQ_CHUNK_BYTES=str(chunk_bytes), PYTHONPATH=str(ROOT))
         agg = subprocess.Popen([sys.executable, "-m", "fedq", "aggregator", "--queue", queue, "--burst"],
                                env=env, cwd=ROOT, preexec_fn=die_with_parent)
-        clients = [subprocess.Popen([sys.executable, __file__, "--client", url, spec.run_id, str(k)],
-                                    env=env, cwd=ROOT, preexec_fn=die_with_parent) for k in range(n)]
+        if n <= threads_over:  # one process per client, as pods would run them
+            commands = [[__file__, "--client", url, spec.run_id, str(k)] for k in range(n)]
+        else:  # many clients: threads in four processes (fedq simulate's workers), no-op updates
+            commands = [["-m", "fedq", *args] for _, args in client_commands(spec, 4, scale=0)]
+        clients = [subprocess.Popen([sys.executable, *c], env=env, cwd=ROOT, preexec_fn=die_with_parent)
+                   for c in commands]
         peak = [0]
         done = threading.Event()
 
@@ -135,7 +139,7 @@ def measure_fedq(n: int, model: str, rounds: int) -> dict[str, float]:
         done.set()
         store = RunStore(r, spec.run_id)
         metrics = store.metrics()[1:]  # round 1 includes start-up and TF tracing
-        _, names, tensors = protocol.decode_global(store.global_payload(), spec.run_id)
+        _, names, tensors = transfer.read_global(store)
         secs = [m["seconds"] for m in metrics]
         return {"median_s": statistics.median(secs), "peak_rss_mib": peak[0] / 1024,
                 "floor_s": n * floor_one(r, tensors, names)}
@@ -211,6 +215,10 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="seed")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seed-compare", action="store_true", help="also time the seed's Flask/JSON transport")
+    ap.add_argument("--chunk-bytes", type=int, default=Settings().chunk_bytes,
+                    help="FEDQ_CHUNK_BYTES of the run: larger models travel in parts")
+    ap.add_argument("--threads-over", type=int, default=10,
+                    help="above this many clients, run them as threads in four processes")
     ap.add_argument("--client", nargs=3, metavar=("URL", "RUN", "SHARD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
@@ -220,7 +228,7 @@ def main() -> None:
     print(f"{'clients':>7} {'round ms':>9} {'floor ms':>9} {'ratio':>6} {'agg peak MiB':>12} {'seed ms':>9} {'speed-up':>8}")
     rows = []
     for n in args.clients:
-        row = measure_fedq(n, args.model, args.rounds)
+        row = measure_fedq(n, args.model, args.rounds, args.chunk_bytes, args.threads_over)
         seed = ""
         if args.seed_compare:
             from fedq.models import build_model  # the same model's tensors, for the seed's transport

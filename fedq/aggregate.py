@@ -77,9 +77,19 @@ class FedAvg:
         """The weighted mean, cast back to each tensor's original dtype."""
         if self.total_examples == 0:
             raise ValueError("no updates were aggregated")
-        scale = 1.0 / self.total_examples
-        # asarray: arithmetic on a 0-d array yields a numpy scalar, and callers expect arrays.
-        return [np.asarray(acc * scale).astype(dt, copy=False) for acc, dt in zip(self._sum, self._dtypes)]
+        scale = np.float64(1.0 / self.total_examples)
+        out = []
+        for acc, flat, dt in zip(self._sum, self._flat, self._dtypes):
+            # Block by block through the scratch buffer: no full-size float64 temporary.
+            result = np.empty(acc.shape, dtype=dt)
+            dest = result.reshape(-1)
+            for a in range(0, flat.size, BLOCK):
+                b = min(a + BLOCK, flat.size)
+                buf = self._scratch[:b - a]
+                np.multiply(flat[a:b], scale, out=buf)
+                dest[a:b] = buf
+            out.append(result)
+        return out
 
 
 def fedavg(models: Iterable[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:

@@ -409,13 +409,14 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
 @click.option("--run", "run_id", required=True)
 @click.option("--first", type=click.IntRange(0), required=True)
 @click.option("--count", type=click.IntRange(1), required=True)
+@click.option("--scale", type=click.FloatRange(0), default=1e-3)
 @click.pass_context
 @fail_cleanly
-def sim_worker(ctx: click.Context, run_id: str, first: int, count: int) -> None:
+def sim_worker(ctx: click.Context, run_id: str, first: int, count: int, scale: float) -> None:
     """Internal: run simulated clients first..first+count-1 of a run as threads."""
     from fedq.swarm import run_worker
 
-    failed = run_worker(_settings(ctx), run_id, first, count)
+    failed = run_worker(_settings(ctx), run_id, first, count, scale)
     if failed:
         raise FedqError(f"{failed} of {count} simulated clients failed")
 

@@ -57,15 +57,16 @@ def noise_trainers(store: RunStore, scale: float = 1e-3) -> Any:
     return factory
 
 
-def client_commands(spec: RunSpec, processes: int) -> list[tuple[str, list[str]]]:
+def client_commands(spec: RunSpec, processes: int, scale: float = 1e-3) -> list[tuple[str, list[str]]]:
     """`fedq sim-worker` commands that split the run's shards over `processes` processes."""
     parts = np.array_split(np.arange(spec.clients), max(1, min(processes, spec.clients)))
     return [(f"sim-worker-{i}", ["sim-worker", "--run", spec.run_id, "--first", str(int(p[0])),
-                                 "--count", str(len(p))]) for i, p in enumerate(parts) if len(p)]
+                                 "--count", str(len(p)), "--scale", repr(scale)]) for i, p in enumerate(parts) if len(p)]
 
 
-def run_worker(settings: Settings, run_id: str, first: int, count: int) -> int:
-    """Run shards first..first+count-1 as threads; returns how many clients failed."""
+def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: float = 1e-3) -> int:
+    """Run shards first..first+count-1 as threads; returns how many clients failed. scale is
+    the noise of their updates (0: each sends the global model back, a no-op round)."""
     from threadpoolctl import threadpool_limits
 
     # Hundreds of threads each calling into a multi-threaded BLAS would each get its pools and
@@ -80,7 +81,7 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int) -> int:
         r = connect(settings)
         try:
             Client(r, settings, shard, run_id=run_id,
-                   trainer_factory=noise_trainers(RunStore(r, run_id))).serve(once=True)
+                   trainer_factory=noise_trainers(RunStore(r, run_id), scale)).serve(once=True)
         except Exception as exc:  # noqa: BLE001 - counted and reported; one client must not stop the rest
             log.error("client-%d failed: %s", shard, exc)
             failures.append(f"client-{shard}")
