@@ -15,6 +15,7 @@ import numpy as np
 import redis
 
 from fedq import evaluation, heartbeat, protocol, store as store_mod
+from fedq.compress import CompressionError
 from fedq.data import DataSpec, feature_stats, standardize
 from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.settings import Settings
@@ -177,7 +178,7 @@ class Client:
                     t0 = time.perf_counter()
                     trainer = self._prepare(st, spec, x_raw, y)
                     setup = time.perf_counter() - t0
-                result = self._do_round(st, trainer, committed + 1, setup)
+                result = self._do_round(st, trainer, committed + 1, setup, spec.compression)
                 if result == "ok":
                     pushed = committed + 1
                 elif result == "no_such_run":
@@ -205,8 +206,12 @@ class Client:
         return self.trainer_factory(spec, int(meta["num_features"]), int(meta["num_classes"]), x, y,
                                     self.shard, self.stop)
 
-    def _do_round(self, st: RunStore, trainer: Trainer, round_no: int, setup_seconds: float) -> str:
-        """Fetch the global model, train locally, push the update; returns the push outcome."""
+    def _do_round(self, st: RunStore, trainer: Trainer, round_no: int, setup_seconds: float,
+                  compression: str = "none") -> str:
+        """Fetch the global model, train locally, push the update; returns the push outcome.
+
+        With compression (float16, int8) the update is the delta from the global model the
+        round trained from, encoded so; its error and the bytes saved go into the metrics."""
         t0 = time.perf_counter()
         g_round, names, tensors = protocol.decode_global(st.global_payload(), st.run_id)
         if g_round != round_no - 1:
@@ -226,19 +231,33 @@ class Client:
 
         t2 = time.perf_counter()
         weights = trainer.weights()
+        wire_names, wire_tensors, descriptor = names, weights, None
+        if compression != "none":
+            try:
+                packed = protocol.compress_update(names, weights, tensors, compression)
+                wire_names, wire_tensors, descriptor = packed.names, packed.tensors, packed.descriptor
+                metrics.update(packed.metrics)
+            except CompressionError as exc:
+                # float32 weights are always accepted; the aggregator judges them as usual.
+                log.warning("%s round %d: cannot encode the update as %s (%s); sending float32 weights",
+                            self.client_id, round_no, compression, exc)
+                metrics["compression_fallback"] = 1.0
         metrics.update(train_seconds=train_seconds, fetch_seconds=fetch_seconds, setup_seconds=setup_seconds,
                        push_time=time.time())
         signature = None
         if self.signer is not None:
-            signature = self.signer.sign(st.run_id, round_no, self.client_id, trainer.num_examples, names, weights)
+            signature = self.signer.sign(st.run_id, round_no, self.client_id, trainer.num_examples,
+                                         wire_names, wire_tensors, descriptor)
         payload = protocol.encode_update(st.run_id, round_no, self.client_id, trainer.num_examples, metrics,
-                                         names, weights, signature)
+                                         wire_names, wire_tensors, signature, descriptor)
         result = st.push_update(self.client_id, round_no, payload, self.settings.max_update_bytes)
         if result == "ok" and self._beat is not None:
             self._beat.update(round=round_no, last_push=time.time())
-        log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes in %.1f ms (%s)",
+        packed_note = "" if descriptor is None else \
+            f" as {compression} (relative error {metrics['compression_error']:.2e})"
+        log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes%s in %.1f ms (%s)",
                  self.client_id, round_no, metrics["loss"], metrics.get("accuracy", float("nan")), train_seconds,
-                 len(payload), (time.perf_counter() - t2) * 1000, result)
+                 len(payload), packed_note, (time.perf_counter() - t2) * 1000, result)
         return result
 
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:

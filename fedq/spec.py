@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+from fedq.compress import ENCODINGS
 from fedq.data import DataSpec
 from fedq.errors import ConfigError
 from fedq.keys import check_run_id
@@ -47,6 +48,9 @@ class RunSpec:
     strategy: StrategySpec = field(default_factory=StrategySpec)
     # Share of the joined clients that train in a round (a seeded choice per round; 1: all).
     fraction_fit: float = 1.0
+    # How clients send updates: float32 weights ("none"), or their delta from the round's global
+    # model as float16 or as 8-bit codes with a scale per block (fedq.compress).
+    compression: str = "none"
 
     def validate(self) -> "RunSpec":
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -72,6 +76,8 @@ class RunSpec:
         if isinstance(self.fraction_fit, bool) or not isinstance(self.fraction_fit, (int, float)) \
                 or not 0.0 < self.fraction_fit <= 1.0:
             raise ConfigError(f"fraction fit must be above 0 and at most 1, got {self.fraction_fit!r}")
+        if not isinstance(self.compression, str) or self.compression not in ENCODINGS:
+            raise ConfigError(f"unknown compression {self.compression!r}; choose one of {', '.join(ENCODINGS)}")
         check_model_arg(self.model)
         self.strategy.validate(self.clients_per_round)
         self.data.validate()
