@@ -141,7 +141,9 @@ def to_float16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # that the power of two and its inverse are normal float32 numbers.
     shift = FLOAT16_TOP_EXPONENT - int(np.frexp(np.float32(top))[1]) if top > 0 else 0
     shift = min(126, max(-126, shift))
-    half = np.multiply(x, np.float32(2.0 ** shift)).astype(np.float16)
+    half = np.empty(x.shape, dtype=np.float16)
+    # Computed in float32 and rounded to float16 on the way out: no float32 temporary.
+    np.multiply(x, np.float32(2.0 ** shift), out=half, casting="same_kind")
     return half, np.array([2.0 ** -shift], dtype=np.float32)
 
 
