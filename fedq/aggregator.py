@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -47,6 +48,8 @@ class _Round:
 
     acc: Strategy  # streaming for the FedAvg family (memory one model); robust ones hold N
     joined: dict[str, int | None]  # client id -> rows it joined with (None: not reported)
+    base: list[np.ndarray] = field(default_factory=list)  # the global model the round trains from
+    compression: str = "none"  # the run's encoding of updates (fedq.compress)
     selected: set[str] | None = None  # the clients chosen to train (None: every joined client)
     folded: dict[str, protocol.Update] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
@@ -198,13 +201,14 @@ class Aggregator:
         while round_no < spec.rounds:
             round_no += 1
             strategy.begin_round(g_tensors, noise_rng=self._noise_rng(spec, round_no))
-            rnd = self._collect_round(spec, round_no, template, strategy)
+            rnd = self._collect_round(spec, round_no, template, strategy, g_tensors)
             weights = strategy.result()
             t_eval = time.perf_counter()
             model.set_weights(weights)
             test = evaluate(model, x_test, y_test, ds.num_classes)
             eval_seconds = time.perf_counter() - t_eval
             metrics = self._round_metrics(rnd, round_no, test, round_started, eval_seconds)
+            metrics["compression"] = _compression_summary(rnd, template)
             metrics.update(_test_extras(test))
             metrics.update(spec.privacy_metrics(round_no))  # epsilon spent so far (DP runs)
             if strategy.round_info():
@@ -394,10 +398,11 @@ class Aggregator:
         self.store.remove_client(cid)
 
     def _collect_round(self, spec: RunSpec, round_no: int, template: list[protocol.TensorSpec],
-                       strategy: Strategy) -> _Round:
+                       strategy: Strategy, base: list[np.ndarray]) -> _Round:
         """Block until every joined (or chosen) client has a stored update for the round (valid or
-        refused), or the deadline passes with the quorum. strategy has begun the round."""
-        rnd = _Round(acc=strategy, joined=self._joined())
+        refused), or the deadline passes with the quorum. strategy has begun the round; base is
+        the global model it started from (compressed updates are deltas from it)."""
+        rnd = _Round(acc=strategy, joined=self._joined(), base=base, compression=spec.compression)
         if spec.sampled:
             rnd.selected = self.store.selected(round_no)
             if rnd.selected is None:  # written with the commit that opened the round; never absent
@@ -449,12 +454,17 @@ class Aggregator:
             if rnd.selected is not None and cid not in rnd.selected:
                 raise UpdateRejected("not_selected", f"client {cid!r} is not among those chosen for round {round_no}")
             upd = protocol.validate_update(payload, run_id=self.run_id, round_no=round_no,
-                                            client_id=cid, template=template, max_examples=rnd.joined[cid])
+                                            client_id=cid, template=template, max_examples=rnd.joined[cid],
+                                            compression=rnd.compression, base=rnd.base)
             if self.verifier is not None:
+                # The signature covers what travelled: a compressed update's codes, scales and
+                # encoding; an update in parts, the digests of its parts.
                 digest = None if upd.layout is None else protocol.parts_digest(
                     upd.names or [], [t.shape for t in template], upd.layout)
-                self.verifier.verify(self.run_id, round_no, cid, upd.num_examples, upd.names or [],
-                                     upd.tensors, upd.signature, digest)
+                self.verifier.verify(self.run_id, round_no, cid, upd.num_examples,
+                                     upd.wire_names or upd.names or [],
+                                     upd.tensors if upd.wire_tensors is None else upd.wire_tensors,
+                                     upd.signature, upd.compression, digest)
         except UpdateRejected as exc:
             if observe:
                 fedq_metrics.observe_update(False, exc.reason, len(payload))
@@ -573,7 +583,32 @@ def _final(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _strip(upd: protocol.Update) -> protocol.Update:
-    return protocol.Update(upd.client_id, upd.round, upd.num_examples, upd.metrics, [], upd.digest)
+    return replace(upd, tensors=[], names=None, wire_names=None, wire_tensors=None, signature=None)
+
+
+def _compression_summary(rnd: _Round, template: list[protocol.TensorSpec]) -> dict[str, Any]:
+    """Bytes on the wire and compression error of a round's accepted updates.
+
+    payload_bytes are the stored envelopes (metadata included), tensor_bytes the tensors in them,
+    float32_bytes what those tensors weigh as the model's own weights; ratio is tensor_bytes /
+    float32_bytes. The errors are what the clients measured on their own deltas
+    (||decoded - delta|| / ||delta||): reports, which the aggregator has no delta to check against."""
+    updates = list(rnd.folded.values())
+    model_bytes = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in template)
+    errors = [u.metrics["compression_error"] for u in updates
+              if u.encoding != "none" and "compression_error" in u.metrics]
+    tensors = sum(u.tensor_bytes for u in updates)
+    raw = model_bytes * len(updates)
+    return {
+        "encoding": rnd.compression,
+        "compressed_updates": sum(u.encoding != "none" for u in updates),
+        "payload_bytes": sum(u.payload_bytes for u in updates),
+        "tensor_bytes": tensors,
+        "float32_bytes": raw,
+        "ratio": tensors / raw if raw else None,
+        "error_max": max(errors) if errors else None,
+        "error_mean": sum(errors) / len(errors) if errors else None,
+    }
 
 
 # Set by SIGTERM in an rq work horse (see fedq.jobs.FedqWorker); the driving loop checks it.

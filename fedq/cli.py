@@ -16,6 +16,7 @@ import click
 
 from fedq.data import DataSpec, seed_spec
 from fedq.clitools import EXIT_ERROR, fail_cleanly
+from fedq.compress import ENCODINGS
 from fedq.errors import ConfigError, FedqError
 from fedq.settings import Settings
 from fedq.spec import OPTIMIZERS, RunSpec, new_run_id
@@ -115,6 +116,9 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
             click.option("--round-retries", type=click.IntRange(0), default=2, show_default=True,
                          help="Extra deadline periods a round below the quorum waits before the run fails."),
             click.option("--keep-updates", is_flag=True, help="Keep every round's updates in Redis for audit."),
+            click.option("--compression", type=click.Choice(ENCODINGS), default="none", show_default=True,
+                         help="Updates travel as float32 weights (none), or as their delta from the global "
+                              "model in float16 or int8 (a scale per 4096 values); the error is reported."),
             *strategy_options(),
             click.option("--run-id", help="Id of the new run (default: time + random)."),
         ]):

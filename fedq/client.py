@@ -15,6 +15,7 @@ import numpy as np
 import redis
 
 from fedq import evaluation, heartbeat, privacy, protocol, store as store_mod, transfer
+from fedq.compress import CompressionError
 from fedq.data import DataSpec, feature_stats, standardize
 from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.settings import Settings
@@ -209,7 +210,9 @@ class Client:
     def _do_round(self, st: RunStore, spec: RunSpec, trainer: Trainer, round_no: int, setup_seconds: float) -> str:
         """Fetch the global model, train locally, push the update; returns the push outcome.
 
-        With local DP the update is clipped and noised here, so only the noised model leaves."""
+        With local DP the update is clipped and noised here, so only the noised model leaves.
+        With compression (float16, int8) the update is the delta from the global model the
+        round trained from, encoded so; its error and the bytes saved go into the metrics."""
         t0 = time.perf_counter()
         try:
             g_round, names, tensors = transfer.read_global(st)
@@ -235,18 +238,40 @@ class Client:
         if spec.dp == "local" and spec.dp_clip is not None and spec.dp_noise is not None:
             # Fresh OS entropy: noise the aggregator could regenerate would protect nothing.
             weights = privacy.privatize(weights, tensors, spec.dp_clip, spec.dp_noise, self._dp_rng)
+        wire_names, wire_tensors, descriptor = names, weights, None
+        if spec.compression != "none":
+            try:
+                packed = protocol.compress_update(names, weights, tensors, spec.compression)
+                wire_names, wire_tensors, descriptor = packed.names, packed.tensors, packed.descriptor
+                metrics.update(packed.metrics)
+            except CompressionError as exc:
+                # float32 weights are always accepted; the aggregator judges them as usual.
+                log.warning("%s round %d: cannot encode the update as %s (%s); sending float32 weights",
+                            self.client_id, round_no, spec.compression, exc)
+                metrics["compression_fallback"] = 1.0
         metrics.update(train_seconds=train_seconds, fetch_seconds=fetch_seconds, setup_seconds=setup_seconds,
                        push_time=time.time())
-        pushed = transfer.push_update(st, self.client_id, round_no, trainer.num_examples, metrics, names, weights,
-                                      chunk_bytes=self.settings.chunk_bytes,
-                                      max_bytes=self.settings.max_update_bytes, signer=self.signer)
-        if pushed.outcome == "ok" and self._beat is not None:
+        if descriptor is None:  # float32 weights: whole, or in parts when large
+            pushed = transfer.push_update(st, self.client_id, round_no, trainer.num_examples, metrics, names,
+                                          weights, chunk_bytes=self.settings.chunk_bytes,
+                                          max_bytes=self.settings.max_update_bytes, signer=self.signer)
+            result, nbytes, note = pushed.outcome, pushed.nbytes, f" in {pushed.parts} parts" if pushed.parts else ""
+        else:  # a compressed delta travels whole (a quarter or half of the model's bytes)
+            signature = None
+            if self.signer is not None:
+                signature = self.signer.sign(st.run_id, round_no, self.client_id, trainer.num_examples,
+                                             wire_names, wire_tensors, descriptor)
+            payload = protocol.encode_update(st.run_id, round_no, self.client_id, trainer.num_examples, metrics,
+                                             wire_names, wire_tensors, signature, descriptor)
+            result = st.push_update(self.client_id, round_no, payload, self.settings.max_update_bytes)
+            nbytes = len(payload)
+            note = f" as {spec.compression} (relative error {metrics['compression_error']:.2e})"
+        if result == "ok" and self._beat is not None:
             self._beat.update(round=round_no, last_push=time.time())
         log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes%s in %.1f ms (%s)",
                  self.client_id, round_no, metrics["loss"], metrics.get("accuracy", float("nan")), train_seconds,
-                 pushed.nbytes, f" in {pushed.parts} parts" if pushed.parts else "",
-                 (time.perf_counter() - t2) * 1000, pushed.outcome)
-        return pushed.outcome
+                 nbytes, note, (time.perf_counter() - t2) * 1000, result)
+        return result
 
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:
         """eval_* metrics of the loaded model on this client's held-out rows ({} when it has none)."""

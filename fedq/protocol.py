@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import msgpack
 import numpy as np
 
-from fedq import codec
+from fedq import codec, compress
 from fedq.chunking import Layout
 from fedq.errors import CodecError, UpdateRejected
 
@@ -19,6 +20,7 @@ KIND_GLOBAL = "global"
 KIND_UPDATE = "update"
 KIND_SCALER = "scaler"
 MAX_METRICS = 64
+SCALES_SUFFIX = "#scales"  # name of a tensor's scales on the wire: <tensor name>#scales
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,32 @@ class Update:
     digest: str
     signature: bytes | None = None
     names: list[str] | None = None
+    # A compressed update: ``tensors``/``names`` are the reconstructed weights (global + delta),
+    # ``wire_*`` what travelled (and what the signature covers), ``compression`` its descriptor.
+    wire_names: list[str] | None = None
+    wire_tensors: list[np.ndarray] | None = None
+    compression: dict[str, Any] | None = None
+    payload_bytes: int = 0  # the whole envelope
+    tensor_bytes: int = 0  # the tensors in it (int8 codes and scales, float16 or float32 values)
+
     # An update sent in parts: its layout and push id (tensors is then empty; the aggregator
     # fetches the parts, see fedq.transfer).
     layout: Layout | None = None
     part_id: str | None = None
+
+    @property
+    def encoding(self) -> str:
+        return "none" if self.compression is None else str(self.compression["encoding"])
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """A client's weights as a compressed delta, ready to sign and encode."""
+
+    names: list[str]
+    tensors: list[np.ndarray]
+    descriptor: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 _PUSH_ID = re.compile(r"^[0-9a-f]{4,32}$")
@@ -95,14 +119,71 @@ def encode_global(run_id: str, round_no: int, names: Sequence[str],
 
 def encode_update(run_id: str, round_no: int, client_id: str, num_examples: int,
                   metrics: Mapping[str, float], names: Sequence[str],
-                  tensors: Sequence[np.ndarray], signature: bytes | None = None) -> bytes:
-    """Envelope of one client's update for ``round_no`` (with its signature when signed)."""
-    meta = {"run": run_id, "round": int(round_no), "client": client_id,
-            "num_examples": int(num_examples),
-            "metrics": {k: float(v) for k, v in metrics.items()}}
+                  tensors: Sequence[np.ndarray], signature: bytes | None = None,
+                  compression: Mapping[str, Any] | None = None) -> bytes:
+    """Envelope of one client's update for ``round_no`` (with its signature when signed).
+
+    With ``compression`` (a ``Compressed.descriptor``), names and tensors are the compressed
+    delta's (``compress_update``), and the descriptor travels as meta["compression"]."""
+    meta: dict[str, Any] = {"run": run_id, "round": int(round_no), "client": client_id,
+                            "num_examples": int(num_examples),
+                            "metrics": {k: float(v) for k, v in metrics.items()}}
     if signature is not None:
         meta["sig"] = signature
+    if compression is not None:
+        meta["compression"] = dict(compression)
     return codec.encode(KIND_UPDATE, tensors, meta=meta, names=names)
+
+
+def _compressible(dtype: np.dtype | str) -> bool:
+    """Float tensors travel as compressed deltas; any other dtype (counters, seeds) as it is."""
+    return np.dtype(dtype).kind == "f"
+
+
+def compress_update(names: Sequence[str], weights: Sequence[np.ndarray], base: Sequence[np.ndarray],
+                    encoding: str, block: int = compress.DEFAULT_BLOCK) -> Compressed:
+    """``weights - base`` (the global model trained from) encoded as ``encoding``, with what it costs.
+
+    Wire layout: one tensor per model tensor, in model order and under its name (float16 values
+    or int8 codes; non-float tensors unchanged), then the float32 scales of each float tensor,
+    named ``<name>#scales`` (float16: one; int8: one per block). metrics: compression_error
+    (relative L2 error of the decoded delta over the whole model), compression_bytes (tensor
+    bytes sent), compression_bytes_saved (against float32 weights) and compression_seconds
+    (encoding plus the error measurement).
+
+    Raises compress.CompressionError when a delta cannot be encoded (NaN or infinity); the
+    caller can send the weights uncompressed instead (and have them refused as non-finite)."""
+    if encoding not in compress.ENCODINGS[1:]:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(compress.ENCODINGS[1:])}")
+    t0 = time.perf_counter()
+    data: list[np.ndarray] = []
+    scale_names: list[str] = []
+    scales: list[np.ndarray] = []
+    err = ref = 0.0
+    raw_bytes = 0
+    for name, w, g in zip(names, weights, base, strict=True):
+        w = np.asarray(w)
+        raw_bytes += w.nbytes
+        if not _compressible(w.dtype):
+            data.append(w)
+            continue
+        delta = np.subtract(w, g, dtype=np.result_type(w.dtype, np.float32))
+        parts = compress.encode(delta, encoding, block)
+        e, r = compress.error_terms(parts, encoding, block, delta)
+        err, ref = err + e, ref + r
+        data.append(parts[0])
+        scale_names.append(name + SCALES_SUFFIX)
+        scales.append(parts[1])
+    tensors = data + scales
+    wire_bytes = sum(t.nbytes for t in tensors)
+    descriptor: dict[str, Any] = {"encoding": encoding}
+    if encoding == "int8":
+        descriptor["block"] = int(block)
+    metrics = {"compression_error": 0.0 if ref == 0.0 else math.sqrt(err / ref),
+               "compression_bytes": float(wire_bytes),
+               "compression_bytes_saved": float(raw_bytes - wire_bytes),
+               "compression_seconds": time.perf_counter() - t0}
+    return Compressed(list(names) + scale_names, tensors, descriptor, metrics)
 
 
 def decode_global(payload: bytes, run_id: str) -> tuple[int, list[str], list[np.ndarray]]:
@@ -157,11 +238,16 @@ def _parts_meta(raw: Any, template: Sequence[TensorSpec] | None) -> tuple[list[s
 
 
 def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: str,
-                    template: Sequence[TensorSpec], max_examples: int | None = None) -> Update:
+                    template: Sequence[TensorSpec], max_examples: int | None = None,
+                    compression: str = "none", base: Sequence[np.ndarray] | None = None) -> Update:
     """Decode and check one update; raise UpdateRejected(reason, detail) on anything wrong.
 
     max_examples (the rows the client joined with) bounds the claimed sample count, so that
-    one client cannot outweigh all others by claiming more data than it has."""
+    one client cannot outweigh all others by claiming more data than it has.
+
+    compression is the run's encoding: an update may come in it or uncompressed (float32
+    weights are always acceptable). A compressed update is reconstructed as ``base`` (the
+    round's global model, same order as template) plus its decoded delta."""
     try:
         env = codec.decode(payload, expect_kind=KIND_UPDATE)
     except CodecError as exc:
@@ -182,6 +268,7 @@ def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: st
     metrics = _check_metrics(meta.get("metrics", {}))
     sig = meta.get("sig")
     signature = sig if isinstance(sig, bytes) else None
+    digest = codec.digest(bytes(payload))
     if "parts" in meta:
         raw = meta["parts"]
         if env.tensors:
@@ -193,11 +280,100 @@ def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: st
             names, _, layout = _parts_meta(raw, template)
         except CodecError as exc:
             raise UpdateRejected("bad_parts", str(exc)) from None
-        return Update(client_id, round_no, n, metrics, [], codec.digest(bytes(payload)), signature, names,
-                      layout, push_id)
-    _check_tensors(env.names, env.tensors, template)
-    return Update(client_id, round_no, n, metrics, list(env.tensors), codec.digest(bytes(payload)),
-                  signature, list(env.names))
+        if meta.get("compression") is not None:
+            raise UpdateRejected("bad_parts", "an update in parts travels uncompressed")
+        return Update(client_id, round_no, n, metrics, [], digest, signature, names, layout=layout,
+                      part_id=push_id, payload_bytes=len(payload))
+    descriptor = _check_descriptor(meta.get("compression"), compression)
+    if descriptor is None:
+        _check_tensors(env.names, env.tensors, template)
+        return Update(client_id, round_no, n, metrics, list(env.tensors), digest, signature, list(env.names),
+                      payload_bytes=len(payload), tensor_bytes=sum(t.nbytes for t in env.tensors))
+    if base is None or len(base) != len(template):
+        raise ValueError("a compressed update needs the round's global model (base) to be reconstructed")
+    weights = _reconstruct(env.names, env.tensors, template, descriptor, base)
+    return Update(client_id, round_no, n, metrics, weights, digest, signature, [t.name for t in template],
+                  wire_names=list(env.names), wire_tensors=list(env.tensors), compression=descriptor,
+                  payload_bytes=len(payload), tensor_bytes=sum(t.nbytes for t in env.tensors))
+
+
+def _check_descriptor(raw: Any, allowed: str) -> dict[str, Any] | None:
+    """The update's compression descriptor (None: uncompressed), checked against the run's encoding."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise UpdateRejected("bad_compression", f"compression must be a map, got {type(raw).__name__}")
+    encoding = raw.get("encoding")
+    if encoding not in compress.ENCODINGS[1:]:
+        raise UpdateRejected("bad_compression", f"unknown encoding {encoding!r} "
+                             f"(known: {', '.join(compress.ENCODINGS[1:])})")
+    if encoding != allowed:
+        takes = "uncompressed float32 weights only" if allowed == "none" else f"{allowed} or float32 weights"
+        raise UpdateRejected("bad_compression", f"update is encoded as {encoding}, this run takes {takes}")
+    known = {"encoding", "block"} if encoding == "int8" else {"encoding"}
+    extra = set(raw) - known
+    if extra:
+        raise UpdateRejected("bad_compression", f"unknown compression field(s) {sorted(map(str, extra))}")
+    if encoding == "int8":
+        block = raw.get("block")
+        if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= compress.MAX_BLOCK:
+            raise UpdateRejected("bad_compression", f"int8 block size must be an integer in "
+                                 f"1..{compress.MAX_BLOCK}, got {block!r}")
+    return dict(raw)
+
+
+def _reconstruct(names: Sequence[str], tensors: Sequence[np.ndarray], template: Sequence[TensorSpec],
+                 descriptor: Mapping[str, Any], base: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Check a compressed update's tensors against the model and return base + decoded delta."""
+    encoding = descriptor["encoding"]
+    block = int(descriptor.get("block", compress.DEFAULT_BLOCK))
+    floats = [s for s in template if _compressible(s.dtype)]
+    want = len(template) + len(floats)
+    if len(tensors) != want:
+        raise UpdateRejected("wrong_shape", f"{encoding} update has {len(tensors)} tensors, expected {want} "
+                             f"({len(template)} tensors and {len(floats)} scales)")
+    wire_dtype = {"float16": "<f2", "int8": "|i1"}[encoding]
+    for name, t, spec in zip(names, tensors, template):
+        if name != spec.name:
+            raise UpdateRejected("wrong_shape", f"tensor {name!r} where the model has {spec.name!r}")
+        expect = wire_dtype if _compressible(spec.dtype) else spec.dtype
+        if t.dtype.str != expect:
+            raise UpdateRejected("wrong_dtype", f"{encoding} update: tensor {name!r} is {t.dtype.name}, "
+                                 f"expected {np.dtype(expect).name}")
+        if tuple(t.shape) != spec.shape:
+            raise UpdateRejected("wrong_shape", f"tensor {name!r} has shape {list(t.shape)}, "
+                                 f"expected {list(spec.shape)}")
+    scales: dict[str, np.ndarray] = {}
+    for name, t, spec in zip(names[len(template):], tensors[len(template):], floats):
+        label = spec.name + SCALES_SUFFIX
+        if name != label:
+            raise UpdateRejected("bad_scales", f"tensor {name!r} where the scales {label!r} belong")
+        if t.dtype.str != "<f4":
+            raise UpdateRejected("bad_scales", f"scales {name!r} are {t.dtype.name}, expected float32")
+        size = math.prod(spec.shape)
+        count, how = ((compress.num_blocks(size, block), f"{size} values in blocks of {block}")
+                      if encoding == "int8" else (1, "float16: one per tensor"))
+        if t.shape != (count,):
+            raise UpdateRejected("bad_scales",
+                                 f"scales {name!r} have shape {list(t.shape)}, expected [{count}] ({how})")
+        if not np.isfinite(t).all():
+            raise UpdateRejected("bad_scales", f"scales {name!r} contain NaN or infinity")
+        if (t < 0).any():
+            raise UpdateRejected("bad_scales", f"scales {name!r} contain negative values")
+        scales[spec.name] = t
+    out: list[np.ndarray] = []
+    for t, spec, g in zip(tensors, template, base):
+        if not _compressible(spec.dtype):
+            out.append(t)
+            continue
+        w = compress.decode([t, scales[spec.name]], encoding, block, base=g).astype(spec.dtype, copy=False)
+        # One check after the addition covers a float16 NaN or infinity on the wire and a
+        # finite delta that overflows when added to the global model.
+        if not np.isfinite(w).all():
+            raise UpdateRejected("non_finite", f"tensor {spec.name!r} contains NaN or infinity "
+                                 "(in its delta, or once added to the global model)")
+        out.append(w)
+    return out
 
 
 def _check_metrics(raw: Any) -> dict[str, float]:

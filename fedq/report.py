@@ -19,10 +19,12 @@ ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_acc
                 "test_loss", "test_accuracy", "seconds", "overhead_seconds")
 # Present when the run has them: binary central evaluation, federated evaluation (validation
 # rows), the strategy's round facts (clipped clients, Krum's choice), the sampled clients and
-# differential privacy (epsilon spent so far at the run's delta; central: the noise std of the mean).
+# differential privacy (epsilon spent so far at the run's delta; central: the noise std of the mean),
+# the bytes and error of the updates' encoding.
 EXTRA_ROUND_FIELDS = ("test_auc", "test_precision", "test_recall", "test_f1", "fed_eval_loss",
                       "fed_eval_accuracy", "fed_eval_examples", "fed_eval_precision", "fed_eval_recall",
-                      "fed_eval_f1", "strategy", "selected", "dp_epsilon", "dp_delta", "dp_noise_std")
+                      "fed_eval_f1", "strategy", "selected", "dp_epsilon", "dp_delta", "dp_noise_std",
+                      "compression")
 FINAL_EXTRAS = ("test_auc", "test_precision", "test_recall", "test_f1", "fed_eval_loss", "fed_eval_accuracy",
                 "fed_eval_examples", "fed_eval_precision", "fed_eval_recall", "fed_eval_f1")
 
@@ -46,6 +48,7 @@ def build_report(store: RunStore) -> dict[str, Any]:
         "final_evaluation": {k: final[k] for k in FINAL_EXTRAS if k in final},
         "strategy": spec.strategy.resolved().to_dict(),
         "privacy": _privacy(spec, rounds),
+        "compression": compression_summary(spec.compression, rounds),
         # Each client's shard: training and held-out rows and its label histogram (class order
         # as in scaler.json's class_names), which shows how skewed a partition is.
         "client_data": {cid: {k: rec.get(k) for k in ("shard", "rows", "val_rows", "labels", "partition")}
@@ -66,6 +69,27 @@ def _privacy(spec: RunSpec, rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "epsilon": spent[-1]["dp_epsilon"] if spent else None, "rounds": spent[-1]["round"] if spent else 0,
             "accountant": f"dp-accounting {ACCOUNTANT.upper()}, no sampling amplification",
             "guarantee": GUARANTEES[spec.dp]}
+
+
+def compression_summary(encoding: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's update encoding over all rounds: bytes on the wire (whole envelopes, and their
+    tensors against the same tensors as float32), and the relative L2 error of the compressed
+    deltas (each client's own measurement; max and mean over the updates)."""
+    per = [m["compression"] for m in rounds if isinstance(m.get("compression"), dict)]
+    tensors = sum(c.get("tensor_bytes") or 0 for c in per)
+    raw = sum(c.get("float32_bytes") or 0 for c in per)
+    counted = [c for c in per if c.get("error_max") is not None]
+    weights = [c.get("compressed_updates") or 0 for c in counted]
+    return {
+        "encoding": encoding,
+        "payload_bytes": sum(c.get("payload_bytes") or 0 for c in per),
+        "tensor_bytes": tensors,
+        "float32_bytes": raw,
+        "ratio": tensors / raw if raw else None,
+        "error_max": max((c["error_max"] for c in counted), default=None),
+        "error_mean": sum(c["error_mean"] * w for c, w in zip(counted, weights)) / sum(weights)
+        if sum(weights) else None,
+    }
 
 
 def _f(v: str | None) -> float | None:

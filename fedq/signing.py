@@ -2,7 +2,9 @@
 
 The signature covers the run id, the round, the client id, the sample count and a digest
 of the tensors (names, dtypes, shapes and bytes), so a forged, altered, replayed (another
-round or run) or re-attributed update fails verification. Private keys stay with their
+round or run) or re-attributed update fails verification. A compressed update signs what
+travels (its int8 codes and scales, or float16 values) and how to read it (the encoding and
+block size), so neither can be changed without breaking the signature. Private keys stay with their
 clients (a file, a Kubernetes Secret); the aggregator holds only the public keys, in a file
 rather than in Redis, so that write access to Redis is not enough to add a client.
 """
@@ -13,7 +15,7 @@ import base64
 import hashlib
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -36,10 +38,16 @@ def tensors_digest(names: Sequence[str], tensors: Sequence[np.ndarray]) -> bytes
     return h.digest()
 
 
-def signed_message(run_id: str, round_no: int, client_id: str, num_examples: int, digest: bytes) -> bytes:
-    """The exact bytes a client signs (msgpack of a list is canonical)."""
-    return msgpack.packb([CONTEXT, run_id, int(round_no), client_id, int(num_examples), digest],
-                         use_bin_type=True)
+def signed_message(run_id: str, round_no: int, client_id: str, num_examples: int, digest: bytes,
+                   compression: Mapping[str, Any] | None = None) -> bytes:
+    """The exact bytes a client signs (msgpack of a list is canonical).
+
+    A compressed update appends [encoding, block size] (block 0 when the encoding has none);
+    an uncompressed update signs the same bytes as before compression existed."""
+    fields: list[Any] = [CONTEXT, run_id, int(round_no), client_id, int(num_examples), digest]
+    if compression is not None:
+        fields.append([str(compression.get("encoding")), int(compression.get("block", 0))])
+    return msgpack.packb(fields, use_bin_type=True)
 
 
 class Signer:
@@ -59,12 +67,16 @@ class Signer:
         return cls(key)
 
     def sign(self, run_id: str, round_no: int, client_id: str, num_examples: int,
-             names: Sequence[str], tensors: Sequence[np.ndarray]) -> bytes:
-        return self.sign_digest(run_id, round_no, client_id, num_examples, tensors_digest(names, tensors))
+             names: Sequence[str], tensors: Sequence[np.ndarray],
+             compression: Mapping[str, Any] | None = None) -> bytes:
+        """Sign an update; names/tensors are what travels (the compressed ones when compressed)."""
+        return self.sign_digest(run_id, round_no, client_id, num_examples, tensors_digest(names, tensors),
+                                compression)
 
-    def sign_digest(self, run_id: str, round_no: int, client_id: str, num_examples: int, digest: bytes) -> bytes:
+    def sign_digest(self, run_id: str, round_no: int, client_id: str, num_examples: int, digest: bytes,
+                    compression: Mapping[str, Any] | None = None) -> bytes:
         """Sign over a digest of the weights made elsewhere (an update sent in parts)."""
-        return self._key.sign(signed_message(run_id, round_no, client_id, num_examples, digest))
+        return self._key.sign(signed_message(run_id, round_no, client_id, num_examples, digest, compression))
 
 
 class Verifier:
@@ -85,7 +97,8 @@ class Verifier:
         return cls(keys)
 
     def verify(self, run_id: str, round_no: int, client_id: str, num_examples: int, names: Sequence[str],
-               tensors: Sequence[np.ndarray], signature: bytes | None, digest: bytes | None = None) -> None:
+               tensors: Sequence[np.ndarray], signature: bytes | None,
+               compression: Mapping[str, Any] | None = None, digest: bytes | None = None) -> None:
         """Raise UpdateRejected (unsigned, unknown_key, bad_signature) unless the signature holds
         (over digest when given, else over the tensors' digest)."""
         if signature is None:
@@ -97,7 +110,8 @@ class Verifier:
             raise UpdateRejected("bad_signature", "an Ed25519 signature is 64 bytes")
         try:
             key.verify(signature, signed_message(run_id, round_no, client_id, num_examples,
-                                                 digest if digest is not None else tensors_digest(names, tensors)))
+                                                 digest if digest is not None else tensors_digest(names, tensors),
+                                                 compression))
         except InvalidSignature:
             raise UpdateRejected("bad_signature", f"signature does not match client {client_id!r}'s key "
                                  "for this run, round, sample count and weights") from None

@@ -3,8 +3,10 @@
 It uses the pieces a real run uses (the data split and partition, the federated scaler,
 ``KerasTrainer``, ``fedq.strategies``, client sampling and the central evaluation), in one
 process and in round order, so comparing strategies over many seeds takes seconds per run.
-What it leaves out is the round protocol itself (pushes, validation, quorum, commits), which
-the Redis-backed tests cover. Attackers replace an honest client's update with their own.
+What it leaves out is the round protocol itself (pushes, quorum, commits), which the
+Redis-backed tests cover. Attackers replace an honest client's update with their own. With a
+spec's compression, each update goes through the real encoding and the aggregator's
+validation and reconstruction (``fedq.protocol``), so its error is the one a real run sees.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import numpy as np
 
 from fedq import privacy
 from fedq.data import combine_stats, feature_stats, load_dataset, scaler_from_stats, split_indices, standardize
+from fedq import protocol
 from fedq.evaluation import combine
-from fedq.models import build_model, evaluate
+from fedq.models import build_model, evaluate, weight_names
 from fedq.partition import load_client_data
 from fedq.spec import RunSpec
 from fedq.strategies import Strategy, select_clients
@@ -87,6 +90,8 @@ class Federation:
         strategy = Strategy(spec.strategy, self.initial, dp=spec.central_dp)
         ids = [f"client-{k}" for k in range(len(self.trainers))]
         global_ = [np.array(w) for w in self.initial]
+        names = weight_names(self.model)
+        template = protocol.template_of(names, global_)
         out = []
         for round_no in range(1, rounds + 1):
             t0 = time.perf_counter()
@@ -94,7 +99,7 @@ class Federation:
             # DP noise from the seed: reproducible experiments (a real run keeps its noise secret).
             noise = np.random.default_rng([spec.seed, 0xD9, round_no])
             strategy.begin_round(global_, noise_rng=noise if spec.central_dp is not None else None)
-            train_loss, fed_items = [], []
+            train_loss, fed_items, errors = [], [], []
             for cid in chosen:
                 k = ids.index(cid)
                 trainer = self.trainers[k]
@@ -108,6 +113,10 @@ class Federation:
                     tensors = privacy.privatize(tensors, global_, spec.dp_clip, spec.dp_noise, noise)
                 if k in attackers:
                     tensors = attackers[k](tensors, global_, rng)
+                if spec.compression != "none":
+                    tensors, error = _through_the_wire(spec, round_no, cid, trainer.num_examples, names,
+                                                       tensors, global_, template)
+                    errors.append(error)
                 strategy.add(tensors, trainer.num_examples, cid)
             global_ = strategy.result()
             self.model.set_weights(global_)
@@ -117,10 +126,24 @@ class Federation:
             out.append({"round": round_no, "clients": chosen, "train_loss": float(np.mean(train_loss)),
                         **{f"test_{k}": v for k, v in test.items()}, **strategy.round_info(),
                         **spec.privacy_metrics(round_no),
+                        **({"compression_error_max": max(errors)} if errors else {}),
                         "seconds": time.perf_counter() - t0})
             if target is not None and test["accuracy"] >= target:
                 break
         return out
+
+
+def _through_the_wire(spec: RunSpec, round_no: int, cid: str, num_examples: int, names: list[str],
+                      tensors: list[np.ndarray], global_: list[np.ndarray],
+                      template: list[protocol.TensorSpec]) -> tuple[list[np.ndarray], float]:
+    """A client's weights compressed, encoded, validated and reconstructed as a real round does;
+    returns the weights the aggregator would fold and the client's measured error."""
+    packed = protocol.compress_update(names, tensors, global_, spec.compression)
+    payload = protocol.encode_update(spec.run_id, round_no, cid, num_examples, packed.metrics, packed.names,
+                                     packed.tensors, None, packed.descriptor)
+    upd = protocol.validate_update(payload, run_id=spec.run_id, round_no=round_no, client_id=cid,
+                                   template=template, compression=spec.compression, base=global_)
+    return upd.tensors, packed.metrics["compression_error"]
 
 
 def rounds_to(records: Sequence[dict[str, Any]], target: float) -> int | None:

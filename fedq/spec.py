@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from fedq import privacy
+from fedq.compress import ENCODINGS
 from fedq.data import DataSpec
 from fedq.errors import ConfigError
 from fedq.keys import check_run_id
@@ -55,6 +56,9 @@ class RunSpec:
     dp_clip: float | None = None
     dp_noise: float | None = None
     dp_delta: float = privacy.DEFAULT_DELTA
+    # How clients send updates: float32 weights ("none"), or their delta from the round's global
+    # model as float16 or as 8-bit codes with a scale per block (fedq.compress).
+    compression: str = "none"
 
     def validate(self) -> "RunSpec":
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -80,6 +84,8 @@ class RunSpec:
         if isinstance(self.fraction_fit, bool) or not isinstance(self.fraction_fit, (int, float)) \
                 or not 0.0 < self.fraction_fit <= 1.0:
             raise ConfigError(f"fraction fit must be above 0 and at most 1, got {self.fraction_fit!r}")
+        if not isinstance(self.compression, str) or self.compression not in ENCODINGS:
+            raise ConfigError(f"unknown compression {self.compression!r}; choose one of {', '.join(ENCODINGS)}")
         check_model_arg(self.model)
         self.strategy.validate(self.clients_per_round)
         privacy.validate(self.dp, self.dp_clip, self.dp_noise, self.dp_delta, clients=self.clients,

@@ -78,6 +78,11 @@ def print_report(report: dict[str, Any], out: Path | None = None) -> None:
         console.print(f"differential privacy ({dp['mode']}): ε {'-' if eps is None else f'{eps:.3g}'} at δ "
                       f"{dp['delta']:g} after {dp['rounds']} rounds (clip {dp['clip']:g}, noise multiplier "
                       f"{dp['noise_multiplier']:g})")
+    comp = report.get("compression") or {}
+    if comp.get("encoding") not in (None, "none") and comp.get("ratio") is not None:
+        console.print(f"updates as {comp['encoding']}: tensors {comp['tensor_bytes']:,} bytes, {comp['ratio']:.3f} "
+                      f"of float32 ({comp['payload_bytes']:,} bytes with metadata); relative error of the deltas max "
+                      f"{_num(comp.get('error_max'), '.2e')}, mean {_num(comp.get('error_mean'), '.2e')}")
     if report.get("refused"):
         console.print(f"{len(report['refused'])} update(s) refused; see report.json")
     if out is not None:

@@ -36,9 +36,11 @@ def _wait(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
 class Harness:
     """A run with an in-process aggregator thread and three joined clients c0, c1, c2."""
 
-    def __init__(self, r: redis.Redis, redis_url: str, rounds: int, run_id: str, **settings: object) -> None:
+    def __init__(self, r: redis.Redis, redis_url: str, rounds: int, run_id: str,
+                 spec_extra: dict[str, object] | None = None, **settings: object) -> None:
         self.settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2, **settings)
-        self.spec = RunSpec(clients=3, rounds=rounds, round_timeout=60, run_id=run_id).validate()
+        self.spec = RunSpec(clients=3, rounds=rounds, round_timeout=60, run_id=run_id,
+                            **(spec_extra or {})).validate()
         self.store = RunStore(r, run_id)
         self.store.create(self.spec)
         self.agg = Aggregator(connect(self.settings), self.settings, run_id)
@@ -85,8 +87,8 @@ class Harness:
 def harness_factory(r: redis.Redis, redis_url: str) -> Iterator[Callable[[int, str], Harness]]:
     made: list[Harness] = []
 
-    def make(rounds: int, run_id: str, **settings: object) -> Harness:
-        h = Harness(r, redis_url, rounds, run_id, **settings)
+    def make(rounds: int, run_id: str, spec_extra: dict[str, object] | None = None, **settings: object) -> Harness:
+        h = Harness(r, redis_url, rounds, run_id, spec_extra, **settings)
         made.append(h)
         return h
 
