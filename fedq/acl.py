@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from fedq import keys
@@ -27,6 +28,10 @@ from fedq.errors import ConfigError
 
 AGGREGATOR_USER = "fedq-aggregator"
 DASHBOARD_USER = "fedq-dashboard"
+# The files of `fedq acl --out DIR`: what deployments mount (README, Deploying).
+ACL_FILE = "users.acl"
+PASSWORDS_FILE = "passwords.env"
+PASSWORD_SUFFIX = ".password"
 
 # What every role needs to connect: redis-py's handshake and health checks (its CLIENT SETINFO,
 # which Redis 7.0 does not know, may fail: redis-py ignores that), and scripts (EVALSHA first,
@@ -136,3 +141,34 @@ def parse_passwords(text: str) -> dict[str, str]:
             raise ConfigError(f"passwords file line {n}: expected user=password")
         out[name.strip()] = value.strip()
     return out
+
+
+def passwords_text(all_users: Iterable[User]) -> str:
+    """The user=password file (also a kustomize env file and a compose .env-style file)."""
+    return "".join(f"{u.name}={u.password}\n" for u in all_users)
+
+
+def write_dir(directory: Path, all_users: Sequence[User]) -> list[Path]:
+    """The files deployments mount: ``users.acl`` (digests only), ``passwords.env`` (every
+    password, mode 0600) and ``<user>.password`` (one password each, nothing else in the file).
+
+    The directory is mode 0700, so that only its owner reaches any of it. The one-password files
+    are 0644 inside it: docker compose bind-mounts them with the host's owner and mode, and a
+    container runs as its own user (fedq's 10001), which must be able to read its file.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    written = []
+
+    def write(name: str, text: str, mode: int) -> None:
+        path = directory / name
+        path.touch(mode=mode)
+        path.chmod(mode)
+        path.write_text(text)
+        written.append(path)
+
+    write(PASSWORDS_FILE, passwords_text(all_users), 0o600)
+    write(ACL_FILE, aclfile(all_users), 0o644)
+    for u in all_users:
+        write(u.name + PASSWORD_SUFFIX, u.password, 0o644)
+    return written

@@ -462,13 +462,18 @@ def keys_new(clients: int, out: Path, namespace: str | None) -> None:
                    "commands for redis-cli (plain passwords).")
 @click.option("--passwords", type=click.Path(dir_okay=False, path_type=Path),
               help="user=password file: passwords in it are reused, new ones are added (mode 0600).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write a directory for deployments instead of printing: users.acl, passwords.env "
+                   "(the --passwords file) and <user>.password, one per user (see README, Deploying).")
 @fail_cleanly
-def acl_cmd(clients: int | None, client_ids: str | None, run_id: str, fmt: str, passwords: Path | None) -> None:
+def acl_cmd(clients: int | None, client_ids: str | None, run_id: str, fmt: str, passwords: Path | None,
+            out: Path | None) -> None:
     """Print Redis ACL users for the aggregator, the dashboard and each client.
 
     Least privilege by key pattern: a client writes only fedq:{run}:c:<its id>:* (and may add
     itself to the run and ring the inbox); the aggregator owns fedq and rq keys; the dashboard
-    only reads. Each process then connects as its user: FEDQ_REDIS_URL=redis://<user>:<password>@host."""
+    only reads. Each process then connects as its user: FEDQ_REDIS_URL=redis://<user>:<password>@host,
+    or FEDQ_REDIS_USERNAME=<user> with FEDQ_REDIS_PASSWORD_FILE=<a file holding the password>."""
     from fedq import acl
 
     if client_ids:
@@ -477,14 +482,24 @@ def acl_cmd(clients: int | None, client_ids: str | None, run_id: str, fmt: str, 
         ids = [f"client-{k}" for k in range(clients or 0)]
     if not ids:
         raise ConfigError("give at least one client (--clients N or --client-ids a,b)")
+    if out is not None:
+        if passwords is not None or fmt != "aclfile":
+            raise ConfigError("--out writes its own passwords file and ACL file: leave out --passwords and --format")
+        passwords = out / acl.PASSWORDS_FILE
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is not a directory")
     known = acl.parse_passwords(passwords.read_text()) if passwords is not None and passwords.exists() else {}
     users = acl.users(ids, run_id, known)
     if fmt == "aclfile" and passwords is None:
         raise ConfigError("--format aclfile prints only password digests: give --passwords FILE to keep the passwords")
+    if out is not None:
+        for path in acl.write_dir(out, users):
+            click.echo(str(path))
+        return
     if passwords is not None:
         passwords.touch(mode=0o600)
         passwords.chmod(0o600)
-        passwords.write_text("".join(f"{u.name}={u.password}\n" for u in users))
+        passwords.write_text(acl.passwords_text(users))
     if fmt == "aclfile":
         click.echo(acl.aclfile(users), nl=False)
     else:

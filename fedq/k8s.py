@@ -15,8 +15,8 @@ import click
 
 from fedq.clitools import fail_cleanly
 from fedq.errors import ConfigError
-from fedq.k8s_manifests import DEFAULT_IMAGE, Federation, build, check_namespace, to_yaml, write_base
-
+from fedq.k8s_manifests import (DEFAULT_IMAGE, Federation, build, check_namespace, to_yaml, write_base,
+                                write_secure_overlay)
 
 
 def _federation_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,12 +33,37 @@ def _federation_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _secure_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([
+        click.option("--acl-passwords", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                     help="ACL users per role: the passwords file of `fedq acl --out DIR` (DIR/passwords.env). "
+                          "Redis loads their digests; each pod connects as its own user."),
+        click.option("--tls-secret", help="TLS: an existing Secret with ca.crt, tls.crt and tls.key "
+                                          "(e.g. fedq-redis-tls); Redis then serves TLS only."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _read_acl_passwords(path: Path | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    from fedq.acl import parse_passwords
+
+    try:
+        return parse_passwords(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def _federation(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None,
-                namespace: str | None, redis_password: str | None = None) -> Federation:
+                namespace: str | None, redis_password: str | None = None,
+                acl_passwords: dict[str, str] | None = None, tls_secret: str | None = None) -> Federation:
     from fedq.spec import new_run_id
 
     return Federation(clients=clients, rounds=rounds, local_epochs=local_epochs, image=image,
-                      namespace=namespace, run_id=run_id or new_run_id(), redis_password=redis_password).validate()
+                      namespace=namespace, run_id=run_id or new_run_id(), redis_password=redis_password,
+                      acl=acl_passwords is not None, acl_passwords=acl_passwords, tls_secret=tls_secret).validate()
 
 
 # --- cluster access --------------------------------------------------------------------------
@@ -101,29 +126,44 @@ def k8s_group() -> None:
 @_federation_options
 @click.option("--namespace", help="Namespace of every resource (default: none, kubectl's current one).")
 @click.option("--redis-password", help="Password in the Redis Secret (default: a new random one).")
-@click.option("--no-secret", is_flag=True, help="Leave the Redis Secret out (it exists already).")
+@click.option("--no-secret", is_flag=True, help="Leave the Redis Secret out (it exists already); with "
+                                               "--acl-passwords, the ACL Secrets (the file is only checked).")
+@_secure_options
 @fail_cleanly(squash=True)
 def manifest(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None,
-             namespace: str | None, redis_password: str | None, no_secret: bool) -> None:
+             namespace: str | None, redis_password: str | None, no_secret: bool, acl_passwords: Path | None,
+             tls_secret: str | None) -> None:
     """Print the federation's resources as YAML (for kubectl apply -f -)."""
+    from dataclasses import replace
+
     from fedq.k8s_apply import new_password
 
-    password = None if no_secret else (redis_password or new_password())
-    click.echo(to_yaml(build(_federation(clients, rounds, local_epochs, image, run_id, namespace, password))),
-               nl=False)
+    passwords = _read_acl_passwords(acl_passwords)
+    if passwords is not None and redis_password is not None:
+        raise ConfigError("--redis-password and --acl-passwords exclude each other (ACL users have their own)")
+    password = None if no_secret or passwords is not None else (redis_password or new_password())
+    fed = _federation(clients, rounds, local_epochs, image, run_id, namespace, password, passwords, tls_secret)
+    if no_secret:
+        fed = replace(fed, acl_passwords=None)  # checked above, left out here
+    click.echo(to_yaml(build(fed)), nl=False)
 
 
 @k8s_group.command("up")
 @_federation_options
 @_cluster_options
 @click.option("--redis-password", help="Password of a new Redis Secret (default: random; an existing one is kept).")
+@_secure_options
 @fail_cleanly(squash=True)
 def up(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None, namespace: str | None,
-       kubeconfig: str | None, context: str | None, redis_password: str | None) -> None:
+       kubeconfig: str | None, context: str | None, redis_password: str | None, acl_passwords: Path | None,
+       tls_secret: str | None) -> None:
     """Create or update the federation in the cluster of the current kubeconfig."""
     from fedq.k8s_apply import up as apply_up
 
-    fed = _federation(clients, rounds, local_epochs, image, run_id, None, redis_password)
+    passwords = _read_acl_passwords(acl_passwords)
+    if passwords is not None and redis_password is not None:
+        raise ConfigError("--redis-password and --acl-passwords exclude each other (ACL users have their own)")
+    fed = _federation(clients, rounds, local_epochs, image, run_id, None, redis_password, passwords, tls_secret)
     cluster = _kube(kubeconfig, context, namespace)
     for action in apply_up(cluster, fed):
         click.echo(str(action))
@@ -200,6 +240,18 @@ def base(directory: Path) -> None:
     """Write the kustomize base (deploy/base) from fedq's resource definitions."""
     try:
         for path in write_base(directory):
+            click.echo(str(path))
+    except OSError as exc:
+        raise ConfigError(f"cannot write {directory}: {exc.strerror or exc}") from None
+
+
+@k8s_group.command("secure-overlay")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@fail_cleanly(squash=True)
+def secure_overlay(directory: Path) -> None:
+    """Write the kustomize overlay of ACL users and TLS (deploy/overlays/secure) over deploy/base."""
+    try:
+        for path in write_secure_overlay(directory):
             click.echo(str(path))
     except OSError as exc:
         raise ConfigError(f"cannot write {directory}: {exc.strerror or exc}") from None

@@ -226,12 +226,17 @@ def up(cluster: Cluster, fed: Federation, *, job_delete_timeout: float = 120.0,
     with api_errors(f"namespace {cluster.namespace}"):
         cluster.check_namespace()
         old_run = cluster.config_data().get("FEDQ_RUN_ID")
-        if cluster.read("Secret", REDIS_SECRET) is None:
-            secret = build(Federation(namespace=cluster.namespace, redis_password=password or new_password()))[0]
-            cluster.create(secret)
-            actions.append(Action("Secret", REDIS_SECRET, "created"))
-        else:
-            actions.append(Action("Secret", REDIS_SECRET, "kept"))  # Redis already runs with it
+        if fed.tls_secret and cluster.read("Secret", fed.tls_secret) is None:
+            raise ClusterError(f"no Secret {fed.tls_secret} in namespace {cluster.namespace}: create it first "
+                               f"(kubectl create secret generic {fed.tls_secret} --from-file=ca.crt "
+                               "--from-file=tls.crt --from-file=tls.key)")
+        if not fed.acl:  # (ACL users' Secrets are among the resources below, created or patched)
+            if cluster.read("Secret", REDIS_SECRET) is None:
+                secret = build(Federation(namespace=cluster.namespace, redis_password=password or new_password()))[0]
+                cluster.create(secret)
+                actions.append(Action("Secret", REDIS_SECRET, "created"))
+            else:
+                actions.append(Action("Secret", REDIS_SECRET, "kept"))  # Redis already runs with it
         for res in build(fed):
             kind, name = res["kind"], res["metadata"]["name"]
             if kind == "Job" and cluster.read("Job", name) is not None:
@@ -312,7 +317,7 @@ def exec_run_reader(cluster: Cluster) -> Callable[[str], dict[str, str] | None]:
         from fedq.keys import RunKeys, check_run_id
 
         key = RunKeys(check_run_id(run_id)).state  # checked: it goes into a shell command
-        command = ["sh", "-c", f'redis-cli --no-auth-warning -a "$REDIS_PASSWORD" --raw HGETALL \'{key}\'']
+        command = ["sh", "-c", redis_cli_command(f"--raw HGETALL '{key}'")]
         try:
             out = stream(cluster._apis["CoreV1Api"].connect_get_namespaced_pod_exec, "fedq-redis-0",
                          cluster.namespace, command=command, container="redis",
@@ -322,6 +327,14 @@ def exec_run_reader(cluster: Cluster) -> Callable[[str], dict[str, str] | None]:
         lines = str(out).splitlines()
         return dict(zip(lines[0::2], lines[1::2])) if lines else {}
     return read
+
+
+def redis_cli_command(args: str) -> str:
+    """A shell command running redis-cli ARGS in the Redis container, whichever way it was deployed:
+    with the password Secret (REDIS_PASSWORD), or with ACL users and/or TLS (redis-cli's options in
+    REDIS_CLI_ARGS, the password in REDISCLI_AUTH)."""
+    return ('[ -n "$REDISCLI_AUTH" ] || export REDISCLI_AUTH="$REDIS_PASSWORD"; '
+            f"redis-cli $REDIS_CLI_ARGS {args}")
 
 
 def redis_run_reader(redis_url: str) -> Callable[[str], dict[str, str] | None]:

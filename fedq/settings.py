@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from fedq.errors import ConfigError
 
@@ -16,6 +18,11 @@ class Settings:
     """Process-wide settings; Kubernetes and compose set them as FEDQ_* env vars."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    # A Redis ACL user and a file holding its password (a mounted Secret): when the file is
+    # set, the URL's credentials are these (each pod of a deployment its own user, no password
+    # in its environment).
+    redis_username: str = ""
+    redis_password_file: str = ""
     queue: str = "fedq-runs"
     # Upper bound of any single blocking Redis call, so loops recheck state and signals.
     block_seconds: float = 1.0
@@ -67,7 +74,24 @@ class Settings:
             raise ConfigError(f"unknown settings: {sorted(unknown)}")
         settings = cls(**values)
         settings.validate()
-        return settings
+        return settings.with_credentials()
+
+    def with_credentials(self) -> "Settings":
+        """With redis_password_file set: redis_url carrying redis_username and the file's password
+        (replacing any credentials in it, so doing it twice changes nothing)."""
+        if not self.redis_password_file:
+            return self
+        try:
+            password = Path(self.redis_password_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"FEDQ_REDIS_PASSWORD_FILE {self.redis_password_file!r} is unreadable: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not password:
+            raise ConfigError(f"FEDQ_REDIS_PASSWORD_FILE {self.redis_password_file!r} is empty")
+        parts = urlsplit(self.redis_url)
+        host = parts.netloc.rpartition("@")[2]
+        userinfo = f"{quote(self.redis_username, safe='')}:{quote(password, safe='')}"
+        return replace(self, redis_url=urlunsplit(parts._replace(netloc=f"{userinfo}@{host}")))
 
     def with_(self, **changes: Any) -> "Settings":
         """Copy with some fields changed."""
@@ -81,7 +105,11 @@ class Settings:
         for name in ("block_seconds", "socket_timeout", "connect_timeout", "wait_seconds", "lease_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("tls_ca_cert", "tls_cert", "tls_key", "signing_key", "client_keys"):
+        if self.redis_username and not self.redis_password_file:
+            raise ConfigError("FEDQ_REDIS_USERNAME needs FEDQ_REDIS_PASSWORD_FILE (the user's password)")
+        if self.redis_password_file and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ConfigError("FEDQ_REDIS_PASSWORD_FILE needs a redis:// or rediss:// URL")
+        for name in ("tls_ca_cert", "tls_cert", "tls_key", "signing_key", "client_keys", "redis_password_file"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"FEDQ_{name.upper()}: no such file {path!r}")

@@ -151,13 +151,61 @@ def _check_workload(d: Doc, configmaps: dict[str, Doc], secrets: dict[str, Doc],
         cm = v.get("configMap", {}).get("name")
         if cm is not None and cm not in configmaps:
             out.append(f"{where}: volume {v['name']} uses ConfigMap {cm!r}, which is not here")
+        out += _check_secret_volume(where, v, secrets)
     indexed = d["kind"] == "Job" and d["spec"].get("completionMode") == "Indexed"
     names: set[str] = set()
     for c in containers(spec):
         out += _check_container(f"{where} container {c.get('name')}", c, configmaps, secrets, volumes, indexed)
+        out += _check_sub_paths(f"{where} container {c.get('name')}", c, volumes, secrets,
+                                d["spec"].get("completions", 1) if indexed else None)
         if c.get("name") in names:
             out.append(f"{where}: two containers named {c.get('name')}")
         names.add(c.get("name"))
+    return out
+
+
+def _secret_paths(v: dict[str, Any], secrets: dict[str, Doc]) -> set[str] | None:
+    """The files a Secret volume holds (None when it is no Secret volume, or the Secret is not here)."""
+    source = v.get("secret")
+    if source is None or source.get("secretName") not in secrets:
+        return None
+    items = source.get("items")
+    return {i["path"] for i in items} if items else set(secrets[source["secretName"]].get("data", {}))
+
+
+def _check_secret_volume(where: str, v: dict[str, Any], secrets: dict[str, Doc]) -> list[str]:
+    source = v.get("secret")
+    if source is None:
+        return []
+    secret = secrets.get(source.get("secretName"))
+    if secret is None:
+        return [f"{where}: volume {v['name']} uses Secret {source.get('secretName')!r}, which is not here"]
+    keys = set(secret.get("data", {})) | set(secret.get("stringData", {}))
+    return [f"{where}: volume {v['name']} takes key {i['key']!r} that Secret {source['secretName']} lacks"
+            for i in source.get("items", []) if i["key"] not in keys]
+
+
+def _check_sub_paths(where: str, c: dict[str, Any], volumes: dict[str, Any], secrets: dict[str, Doc],
+                     completions: int | None) -> list[str]:
+    """A subPath must be a file of its Secret volume; a subPathExpr of an Indexed Job's pod
+    (client-$(JOB_COMPLETION_INDEX)) must name one for every index."""
+    out = []
+    for m in c.get("volumeMounts", []):
+        paths = _secret_paths(volumes.get(m["name"], {}), secrets)
+        if paths is None:
+            continue
+        if "subPath" in m and m["subPath"] not in paths:
+            out.append(f"{where}: mount {m['mountPath']} takes {m['subPath']!r}, which its volume lacks")
+        if "subPathExpr" in m:
+            variables = set(_VAR_REF.findall(m["subPathExpr"]))
+            if variables != {"JOB_COMPLETION_INDEX"} or completions is None:
+                out.append(f"{where}: mount {m['mountPath']}'s subPathExpr {m['subPathExpr']!r} is not "
+                           "one file per index of an Indexed Job")
+                continue
+            missing = [k for k in range(completions)
+                       if m["subPathExpr"].replace("$(JOB_COMPLETION_INDEX)", str(k)) not in paths]
+            if missing:
+                out.append(f"{where}: mount {m['mountPath']} has no file for the pods of index {missing}")
     return out
 
 

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = sorted(p.parent for p in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+COMPOSE_SECURE_FILE = ROOT / "docker-compose.secure.yml"
 DOCKERFILE = ROOT / "workers" / "Dockerfile"
 KUBECTL = shutil.which("kubectl")
 FEDQ_BIN = str(Path(sys.executable).with_name("fedq"))
@@ -144,11 +145,18 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
+# The downward-API field the Job controller points JOB_COMPLETION_INDEX at.
+COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
 def container_env(c: dict[str, Any], docs: list[dict[str, Any]], extra: dict[str, str] | None = None,
                   overrides: dict[str, str] | None = None) -> dict[str, str]:
     """The environment the kubelet gives a container: envFrom, then env in order (with expansion).
 
-    overrides replace ConfigMap values, as an overlay's patch would.
+    extra is what the Job controller adds (JOB_COMPLETION_INDEX): after the container's own
+    variables, so $(...) in them cannot see it unless the container defines it itself (from the
+    completion-index annotation, which this resolves from extra). overrides replace ConfigMap
+    values, as an overlay's patch would.
     """
     configmaps, secrets = by_kind(docs, "ConfigMap"), by_kind(docs, "Secret")
     env: dict[str, str] = {}
@@ -159,7 +167,6 @@ def container_env(c: dict[str, Any], docs: list[dict[str, Any]], extra: dict[str
         else:
             data = {k: base64.b64decode(v).decode() for k, v in secrets[src["secretRef"]["name"]]["data"].items()}
         env.update({src.get("prefix", "") + k: v for k, v in data.items()})
-    env.update(extra or {})
     for e in c.get("env", []):
         if "value" in e:
             env[e["name"]] = kube_expand(e["value"], env)
@@ -169,9 +176,42 @@ def container_env(c: dict[str, Any], docs: list[dict[str, Any]], extra: dict[str
         elif "configMapKeyRef" in e.get("valueFrom", {}):
             ref = e["valueFrom"]["configMapKeyRef"]
             env[e["name"]] = configmaps[ref["name"]]["data"][ref["key"]]
+        elif "fieldRef" in e.get("valueFrom", {}):
+            path = e["valueFrom"]["fieldRef"]["fieldPath"]
+            assert path == COMPLETION_INDEX_FIELD and "JOB_COMPLETION_INDEX" in (extra or {}), \
+                f"env {e['name']}: a field the harness does not know (or not an Indexed Job's pod): {path}"
+            env[e["name"]] = (extra or {})["JOB_COMPLETION_INDEX"]
         else:
             raise AssertionError(f"env {e['name']}: a source the harness does not know: {e}")
+    env.update({k: v for k, v in (extra or {}).items() if k not in env})
     return env
+
+
+def secret_volume(v: dict[str, Any], docs: list[dict[str, Any]], directory: Path) -> Path:
+    """A Secret volume as the kubelet writes it: its keys (or items) as files in directory."""
+    secret = by_kind(docs, "Secret")[v["secret"]["secretName"]]
+    data = {k: base64.b64decode(val) for k, val in secret.get("data", {}).items()}
+    items = v["secret"].get("items") or [{"key": k, "path": k} for k in data]
+    for item in items:
+        path = directory / item["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data[item["key"]])
+        path.chmod(0o600)
+    return directory
+
+
+def mount_sources(c: dict[str, Any], volumes: dict[str, Path], env: dict[str, str]) -> dict[str, Path]:
+    """mountPath -> the local path standing in for it: the volume's directory, or the file or
+    directory in it that subPath (or subPathExpr, expanded with the container's variables) names."""
+    out = {}
+    for m in c.get("volumeMounts", []):
+        local = volumes[m["name"]]
+        if "subPathExpr" in m:
+            local = local / kube_expand(m["subPathExpr"], env)
+        elif "subPath" in m:
+            local = local / m["subPath"]
+        out[m["mountPath"]] = local
+    return out
 
 
 def container_argv(c: dict[str, Any], image: Image, env: dict[str, str]) -> list[str]:
@@ -211,9 +251,53 @@ def compose_interpolate(value: Any, variables: dict[str, str]) -> Any:
     return _COMPOSE_REF.sub(sub, value)
 
 
-def compose_services(variables: dict[str, str]) -> dict[str, dict[str, Any]]:
-    data = yaml.safe_load(COMPOSE_FILE.read_text())
-    return {name: compose_interpolate(svc, variables) for name, svc in data["services"].items()}
+def _compose_merge_service(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """compose's merge of one service over another (`-f a.yml -f b.yml`): environment key by key,
+    mappings (healthcheck, depends_on) key by key, secrets and volumes joined (an override's
+    entry replaces one of the same target), anything else (command, entrypoint, ...) replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if key == "environment":
+            out[key] = {**compose_env({"environment": base.get(key, {})}), **compose_env({"environment": value})}
+        elif key in ("secrets", "volumes") and key in base:
+            def target(entry: Any) -> str:
+                if isinstance(entry, dict):
+                    return str(entry.get("target") or entry.get("source"))
+                return entry.split(":")[1] if key == "volumes" else entry
+            mine = {target(e) for e in value}
+            out[key] = [e for e in base[key] if target(e) not in mine] + list(value)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = {**base[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def compose_project(variables: dict[str, str], files: tuple[Path, ...] = (COMPOSE_FILE,)) -> dict[str, Any]:
+    """The compose files merged in order and interpolated: services, volumes, secrets."""
+    project: dict[str, Any] = {"services": {}, "volumes": {}, "secrets": {}}
+    for path in files:
+        data = yaml.safe_load(path.read_text())
+        for name, svc in data.get("services", {}).items():
+            current = project["services"].get(name)
+            project["services"][name] = svc if current is None else _compose_merge_service(current, svc)
+        for top in ("volumes", "secrets"):
+            project[top].update(data.get(top) or {})
+    return compose_interpolate(project, variables)
+
+
+def compose_services(variables: dict[str, str], files: tuple[Path, ...] = (COMPOSE_FILE,)) -> dict[str, dict[str, Any]]:
+    return compose_project(variables, files)["services"]
+
+
+def compose_secret_mounts(svc: dict[str, Any], project: dict[str, Any]) -> dict[str, Path]:
+    """/run/secrets/<target> -> the host file of a service's compose secrets (relative to the project)."""
+    out = {}
+    for entry in svc.get("secrets", []):
+        source = entry if isinstance(entry, str) else entry["source"]
+        target = entry if isinstance(entry, str) else entry.get("target", source)
+        out[f"/run/secrets/{target}"] = ROOT / project["secrets"][source]["file"]
+    return out
 
 
 def compose_argv(svc: dict[str, Any], image: Image) -> list[str]:
@@ -323,15 +407,25 @@ class LocalRedis:
     port: int = field(default_factory=free_port)
     password: str | None = None
     proc: subprocess.Popen[bytes] | None = None
+    # How the test connects when a password is not enough (ACL users, TLS): redis.Redis arguments.
+    client_kwargs: dict[str, Any] | None = None
+
+    def server_argv(self) -> list[str]:
+        """The container's own flags, then this machine's: loopback only and a free port (the TLS
+        port when the container serves TLS, keeping its plain port off)."""
+        args = list(self.argv)
+        assert Path(args[0]).name == "redis-server", f"the Redis container runs {args[0]}, not redis-server"
+        if "--tls-port" in args:
+            args[args.index("--tls-port") + 1] = str(self.port)
+            return [find_server(), *args[1:], "--bind", "127.0.0.1"]
+        return [find_server(), *args[1:], "--port", str(self.port), "--bind", "127.0.0.1"]
 
     def start(self) -> None:
         args = list(self.argv)
-        assert Path(args[0]).name == "redis-server", f"the Redis container runs {args[0]}, not redis-server"
         if "--requirepass" in args:
             self.password = args[args.index("--requirepass") + 1]
-        # The container's own flags, then this machine's: loopback only, a free port, no protected mode.
-        self.proc = subprocess.Popen([find_server(), *args[1:], "--port", str(self.port), "--bind", "127.0.0.1"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.data_dir)
+        self.proc = subprocess.Popen(self.server_argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     cwd=self.data_dir)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -343,12 +437,59 @@ class LocalRedis:
                 time.sleep(0.05)
 
     def client(self) -> redis.Redis:
+        if self.client_kwargs is not None:
+            return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **self.client_kwargs)
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+def local_redis_cli(command: str, port: int) -> str:
+    """A probe's shell command with its redis-cli aimed at the local server's port (the container's
+    redis-cli talks to its own Redis on the default port)."""
+    assert "redis-cli " in command, command
+    return command.replace("redis-cli ", f"redis-cli -p {port} ")
+
+
+def run_shell(command: str, env: dict[str, str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """A probe's `sh -c` command with the container's environment (and this machine's PATH)."""
+    return subprocess.run(["sh", "-c", command], env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def make_pki(directory: Path, names: tuple[str, ...] = ("fedq-redis",)) -> Path:
+    """A CA (ca.crt) and a certificate signed by it (tls.crt, tls.key), as a kubernetes.io/tls
+    Secret holds them, for the given DNS names and 127.0.0.1; no extendedKeyUsage, so the one
+    certificate serves Redis and its clients."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=fedq-test-ca")
+    (directory / "san.ext").write_text("subjectAltName=" + ",".join([*(f"DNS:{n}" for n in names), "IP:127.0.0.1"])
+                                       + "\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=fedq-redis")
+    openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "tls.crt",
+            "-days", "2", "-extfile", "san.ext")
+    return directory
+
+
+def render_secure_overlay(tmp: Path, pki: Path, clients: int = 2) -> tuple[list[dict[str, Any]], Path]:
+    """deploy/ copied into tmp, secrets/ made the way the overlay's README says (fedq acl --out,
+    the CA's files), and `kubectl kustomize` of the copy: (resources, the secrets directory)."""
+    copy = tmp / "deploy"
+    shutil.copytree(DEPLOY, copy, ignore=shutil.ignore_patterns("secrets"))
+    secrets_dir = copy / "overlays" / "secure" / "secrets"
+    done = subprocess.run(fedq_cmd("acl", "--clients", str(clients), "--out", str(secrets_dir)), env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in ("ca.crt", "tls.crt", "tls.key"):
+        shutil.copy(pki / name, secrets_dir / name)
+    return kustomize(copy / "overlays" / "secure"), secrets_dir
 
 
 def rewrite_paths(value: str, mounts: dict[str, Path]) -> str:

@@ -188,3 +188,63 @@ def test_fedq_acl_prints_rules_and_keeps_passwords_in_a_private_file(tmp_path: P
 def test_fedq_acl_bad_input_is_a_clear_error(args: list[str], message: str) -> None:
     res = CliRunner().invoke(main, ["acl", *args])
     assert res.exit_code != 0 and message in res.output, res.output
+
+
+# --- a user and a password file instead of a URL with the password (what deployments mount) ------
+def test_a_process_connects_as_its_user_from_a_password_file(federation_users, tmp_path: Path) -> None:
+    from fedq.errors import ConfigError
+    from fedq.settings import Settings
+    from fedq.store import connect, redact
+
+    server, users = federation_users
+    user = users["client-1"]
+    (tmp_path / "password").write_text(user.password + "\n")  # a trailing newline is not part of it
+    env = {"FEDQ_REDIS_URL": f"redis://127.0.0.1:{server.port}/0", "FEDQ_REDIS_USERNAME": user.name,
+           "FEDQ_REDIS_PASSWORD_FILE": str(tmp_path / "password")}
+    settings = Settings.from_env(env=env)
+    assert settings.redis_url == f"redis://client-1:{user.password}@127.0.0.1:{server.port}/0"
+    assert user.password not in redact(settings.redis_url)
+    assert settings.with_credentials() == settings  # completing twice changes nothing
+    _open_run(_as(server, users[acl.AGGREGATOR_USER]), "from-file")
+    r = connect(settings)
+    assert RunStore(r, "from-file").join("client-1", {"shard": 1, "rows": 5}, {"count": [5]}) == "joined"
+    with pytest.raises(NOPERM):
+        r.set(RunKeys("from-file").global_model, b"forged")
+    # The file's user wins over credentials in the URL (an rq work horse inherits the completed URL).
+    over = Settings.from_env(env={**env, "FEDQ_REDIS_URL": f"redis://someone:else@127.0.0.1:{server.port}/0"})
+    assert over.redis_url == settings.redis_url
+    # Characters a URL would need escaped survive the round trip through redis-py's URL parsing.
+    (tmp_path / "odd").write_text("p@ss:w/rd%")
+    odd = Settings.from_env(env={**env, "FEDQ_REDIS_PASSWORD_FILE": str(tmp_path / "odd")})
+    kwargs = redis.connection.parse_url(odd.redis_url)
+    assert (kwargs["username"], kwargs["password"]) == ("client-1", "p@ss:w/rd%")
+
+    (tmp_path / "empty").write_text("\n")
+    for bad, message in [({"FEDQ_REDIS_PASSWORD_FILE": ""}, "needs FEDQ_REDIS_PASSWORD_FILE"),
+                         ({"FEDQ_REDIS_PASSWORD_FILE": str(tmp_path / "missing")}, "no such file"),
+                         ({"FEDQ_REDIS_PASSWORD_FILE": str(tmp_path / "empty")}, "is empty"),
+                         ({"FEDQ_REDIS_URL": "unix:///tmp/redis.sock"}, "redis:// or rediss://")]:
+        with pytest.raises(ConfigError, match=message):
+            Settings.from_env(env={**env, **bad})
+
+
+def test_fedq_acl_out_writes_what_deployments_mount(tmp_path: Path) -> None:
+    out = tmp_path / "fedq-acl"
+    res = CliRunner().invoke(main, ["acl", "--clients", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    names = {acl.AGGREGATOR_USER, acl.DASHBOARD_USER, "client-0", "client-1"}
+    assert {p.name for p in out.iterdir()} == {"users.acl", "passwords.env", *(f"{n}.password" for n in names)}
+    passwords = acl.parse_passwords((out / "passwords.env").read_text())
+    assert set(passwords) == names
+    for name in names:
+        assert (out / f"{name}.password").read_text() == passwords[name]  # the password alone, no newline
+    assert oct(out.stat().st_mode & 0o777) == "0o700"
+    assert oct((out / "passwords.env").stat().st_mode & 0o777) == "0o600"
+    acl_text = (out / "users.acl").read_text()
+    assert acl_text == acl.aclfile(acl.users(["client-0", "client-1"], "*", passwords))
+    assert all(p not in acl_text and p not in res.output for p in passwords.values())
+    # Again: the same passwords, the same ACL file.
+    again = CliRunner().invoke(main, ["acl", "--clients", "2", "--out", str(out)])
+    assert again.exit_code == 0 and (out / "users.acl").read_text() == acl_text
+    bad = CliRunner().invoke(main, ["acl", "--clients", "2", "--out", str(out), "--passwords", str(tmp_path / "p")])
+    assert bad.exit_code != 0 and "--out writes its own" in bad.output

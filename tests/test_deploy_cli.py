@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,29 @@ def test_up_with_a_new_run_replaces_the_previous_runs_jobs() -> None:
     assert delete.path == job_path and delete.query.get("propagationPolicy") == ["Background"]
     i = rec.calls.index(delete)
     assert [c.method for c in rec.calls[i + 1:i + 4]] == ["GET", "GET", "POST"]  # gone, then created anew
+
+
+def test_up_with_acl_users_and_tls_applies_their_secrets_and_no_password_secret() -> None:
+    from fedq.k8s_apply import ClusterError
+
+    passwords = {"fedq-aggregator": "agg-pass-1", "fedq-dashboard": "dash-pass-1",
+                 **{f"client-{k}": f"client-pass-{k}" for k in range(3)}}
+    fed = _fed(acl=True, acl_passwords=passwords, tls_secret="my-tls")
+    rec = Recorder().on("GET", f"/api/v1/namespaces/{NS}", 200, namespace_obj(NS))
+    rec.on("GET", f"/api/v1/namespaces/{NS}/secrets/my-tls", 200,
+           {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "my-tls"}, "type": "kubernetes.io/tls"})
+    actions = [str(a) for a in up(_cluster(rec), fed)]
+    posts = [c.body for c in rec.calls if c.method == "POST"]
+    assert posts == build(replace(fed, namespace=NS))
+    assert actions[:2] == ["secret/fedq-redis-acl created", "secret/fedq-redis-users created"]
+    assert ("GET", f"/api/v1/namespaces/{NS}/secrets/fedq-redis") not in rec.paths("GET")
+    assert not any(c.body["metadata"]["name"] in ("fedq-redis", "my-tls") for c in rec.calls
+                   if c.method == "POST" and c.body["kind"] == "Secret")
+    # The TLS Secret is the user's: without it, nothing is applied.
+    rec = Recorder().on("GET", f"/api/v1/namespaces/{NS}", 200, namespace_obj(NS))
+    with pytest.raises(ClusterError, match="no Secret my-tls"):
+        up(_cluster(rec), fed)
+    assert not rec.paths("POST")
 
 
 def test_up_refuses_a_namespace_that_does_not_exist() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import yaml
 import deploy_checks
 from deploy_harness import (COMPOSE_FILE, DEPLOY, KUBECTL, OVERLAYS, ParseError, cli_env, compose_argv,
                             compose_env, compose_services, container_argv, container_env, fedq_cmd,
-                            fedq_command_exists, is_fedq_service, kustomize, parse_fedq, read_image)
+                            fedq_command_exists, is_fedq_service, kustomize, make_pki, parse_fedq, read_image,
+                            render_secure_overlay)
 from fedq import k8s_manifests
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the kustomize "
@@ -33,16 +35,24 @@ def _key(doc: dict[str, Any]) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict[str, Any]]]:
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     if KUBECTL is None:
         pytest.skip("kubectl is not installed")
     out = {"base": kustomize(DEPLOY / "base")}
-    out.update({p.name: kustomize(p) for p in OVERLAYS})
+    for p in OVERLAYS:
+        if p.name == "secure":
+            # Its Secrets are generated from files made first (its README): made here the same way.
+            if shutil.which("openssl") is None:
+                continue  # (it makes the CA; test_deploy_secure.py says so when it skips)
+            tmp = tmp_path_factory.mktemp("secure")
+            out[p.name] = render_secure_overlay(tmp, make_pki(tmp / "pki"))[0]
+        else:
+            out[p.name] = kustomize(p)
     return out
 
 
-def test_there_are_a_dev_and_a_per_site_overlay() -> None:
-    assert {p.name for p in OVERLAYS} >= {"dev", "sites"}
+def test_there_are_a_dev_a_per_site_and_a_secure_overlay() -> None:
+    assert {p.name for p in OVERLAYS} >= {"dev", "sites", "secure"}
 
 
 # --- schema and our own checks ------------------------------------------------------------------
@@ -65,8 +75,9 @@ def test_every_overlay_passes_strict_schema_validation(rendered: dict[str, list[
 
 @needs_kubectl
 def test_every_overlay_passes_our_own_checks(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    for name in ("dev", "sites"):
-        assert deploy_checks.problems(rendered[name]) == [], name
+    for name in ("dev", "sites", "secure"):
+        if name in rendered:
+            assert deploy_checks.problems(rendered[name]) == [], name
 
 
 @needs_kubectl

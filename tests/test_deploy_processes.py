@@ -14,6 +14,7 @@ file would.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ import pytest
 import deploy_checks
 from deploy_harness import (DEPLOY, KUBECTL, REDIS_IMAGE, LocalRedis, Proc, compose_argv, compose_env, compose_services,
                             container_argv, container_env, free_port, is_fedq_service, kustomize, map_hosts,
-                            read_image, rewrite_paths, start, stop, tmpdir, wait_for_run, wait_one_shots)
+                            make_pki, mount_sources, read_image, render_secure_overlay, rewrite_paths, secret_volume,
+                            start, stop, tmpdir, wait_for_run, wait_one_shots)
 from fedq import protocol
 from fedq.store import RunStore
 
@@ -61,7 +63,11 @@ def _pods_as_processes(docs: list[dict[str, Any]], tmp: Path, claims: dict[str, 
     c = redis_sts["spec"]["template"]["spec"]["containers"][0]
     env = container_env(c, docs)
     data = tmpdir(tmp, "redis-data")
-    mounts = {m["mountPath"]: data for m in c["volumeMounts"]}
+    volumes = {t["metadata"]["name"]: data for t in redis_sts["spec"]["volumeClaimTemplates"]}
+    for v in redis_sts["spec"]["template"]["spec"].get("volumes", []):
+        assert "secret" in v, f"a Redis volume the harness does not know: {v}"
+        volumes[v["name"]] = secret_volume(v, docs, tmpdir(tmp, f"redis-{v['name']}"))
+    mounts = mount_sources(c, volumes, env)
     redis = LocalRedis([rewrite_paths(a, mounts) for a in container_argv(c, REDIS_IMAGE, env)], data)
     hosts = {svc: f"127.0.0.1:{redis.port}" for svc in _services_of(docs, redis_sts)}
 
@@ -81,12 +87,14 @@ def _pods_as_processes(docs: list[dict[str, Any]], tmp: Path, claims: dict[str, 
                     volumes[v["name"]] = tmpdir(tmp, f"{d['metadata']['name']}-{i}-{v['name']}")
                 elif "persistentVolumeClaim" in v:
                     volumes[v["name"]] = (claims or {})[v["persistentVolumeClaim"]["claimName"]]
+                elif "secret" in v:
+                    volumes[v["name"]] = secret_volume(v, docs, tmpdir(tmp, f"{d['metadata']['name']}-{i}-{v['name']}"))
                 else:
                     raise AssertionError(f"{deploy_checks.kn(d)}: a volume the harness does not know: {v}")
             for c in spec["containers"]:
                 assert deploy_checks.is_fedq_image(c["image"]), f"{deploy_checks.kn(d)} runs {c['image']}"
-                mounts = {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", [])}
                 env = container_env(c, docs, {"JOB_COMPLETION_INDEX": str(i)} if indexed else {}, overrides)
+                mounts = mount_sources(c, volumes, env)
                 argv = container_argv(c, image, env)
                 env = {**image.env, **env}  # the image's ENV, then the container's
                 env = {k: rewrite_paths(map_hosts(v, hosts), mounts) for k, v in env.items()}
@@ -149,6 +157,29 @@ def test_dev_overlay_pods_run_a_federation(tmp_path: Path) -> None:
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     roles = sorted(p.argv[1] for p in procs)
     assert roles == ["aggregator", "client", "client", "dashboard", "submit"]
+    _run(redis, procs, probes, config["FEDQ_RUN_ID"], tmp_path, ["client-0", "client-1"])
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make the overlay's CA")
+def test_secure_overlay_pods_run_a_federation_each_as_its_own_user_over_tls(tmp_path: Path) -> None:
+    """deploy/overlays/secure with its secrets made as its README says: Redis with the ACL file and
+    TLS only, every pod connecting as its role's user with its mounted password and certificate."""
+    from urllib.parse import unquote, urlsplit
+
+    from fedq.settings import Settings
+    from fedq.store import tls_options
+
+    docs, _ = render_secure_overlay(tmp_path, make_pki(tmp_path / "pki"))
+    redis, procs, probes = _pods_as_processes(docs, tmp_path, overrides={"FEDQ_ROUNDS": "1", "FEDQ_LOCAL_EPOCHS": "1"})
+    users = {p.name: p.env["FEDQ_REDIS_USERNAME"] for p in procs}
+    assert sorted(users.values()) == ["client-0", "client-1", "fedq-aggregator", "fedq-aggregator", "fedq-dashboard"]
+    assert all(p.env["FEDQ_REDIS_URL"].startswith("rediss://") and "@" not in p.env["FEDQ_REDIS_URL"] for p in procs)
+    # The test reads the run as the aggregator's pod would connect.
+    settings = Settings.from_env(env=next(p.env for p in procs if p.argv[1] == "aggregator"))
+    url = urlsplit(settings.redis_url)
+    redis.client_kwargs = {"username": unquote(url.username or ""), "password": unquote(url.password or ""),
+                           "ssl": True, **tls_options(settings)}
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     _run(redis, procs, probes, config["FEDQ_RUN_ID"], tmp_path, ["client-0", "client-1"])
 
 
