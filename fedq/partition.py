@@ -8,7 +8,9 @@ client derives its own shard alone, and no rows are exchanged.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,12 +121,29 @@ class ClientData:
         return np.bincount(np.concatenate([self.y, self.y_val]), minlength=self.num_classes).astype(int).tolist()
 
 
+_PARTITION_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=2)
+def _partition(spec: DataSpec, num_shards: int) -> tuple[np.ndarray, ...]:
+    ds = load_dataset(spec)
+    train_idx, _ = split_indices(ds.y, spec.test_fraction, spec.seed)
+    return tuple(partition_indices(spec, ds.y, train_idx, num_shards))
+
+
+def shard_rows(spec: DataSpec, shard: int, num_shards: int) -> np.ndarray:
+    """One client's training rows. The whole partition is computed once per process (under a
+    lock): a simulation's thousand clients in one process would otherwise each compute all
+    thousand shards, N x N work."""
+    with _PARTITION_LOCK:
+        return _partition(spec, num_shards)[shard]
+
+
 def load_client_data(spec: DataSpec, shard: int, num_shards: int) -> ClientData:
     """Only this client's rows, split into training and validation rows (x float64 with NaN)."""
     _check_shards(num_shards, shard)
     ds = load_dataset(spec)
-    train_idx, _ = split_indices(ds.y, spec.test_fraction, spec.seed)
-    idx = partition_indices(spec, ds.y, train_idx, num_shards)[shard]
+    idx = shard_rows(spec, shard, num_shards)
     fit, val = validation_split(len(idx), spec.val_fraction, spec.seed, shard)
     return ClientData(x=ds.x[idx[fit]], y=ds.y[idx[fit]], x_val=ds.x[idx[val]], y_val=ds.y[idx[val]],
                       num_classes=ds.num_classes)

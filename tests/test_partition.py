@@ -119,3 +119,14 @@ def test_check_partition_fails_fast_with_the_reason() -> None:
     check_partition(DataSpec(partition="dirichlet", alpha=0.3, val_fraction=0.2), 5)
     with pytest.raises(DataError, match="larger --alpha"):
         check_partition(DataSpec(partition="dirichlet", alpha=0.001), 60)
+
+
+def test_the_partition_is_computed_once_for_all_the_clients_of_a_process() -> None:
+    """A simulation's clients share a process: each must not recompute every shard (N x N)."""
+    from fedq.partition import _partition
+
+    spec = DataSpec(source="synthetic", rows=400, features=3, seed=11)
+    _partition.cache_clear()
+    parts = [load_client_data(spec, k, 40) for k in range(40)]
+    assert _partition.cache_info().misses == 1 and _partition.cache_info().hits == 39
+    assert sum(len(p.y) + len(p.y_val) for p in parts) == len(split_indices(load_dataset(spec).y, 0.2, 11)[0])
