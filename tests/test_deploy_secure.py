@@ -462,3 +462,51 @@ def rewrite_paths_in(command: str, mounts: dict[str, Path]) -> str:
     for mount, local in mounts.items():
         command = command.replace(mount, str(local))
     return command
+
+
+COMPOSE_TLS_FILE = COMPOSE_FILE.with_name("docker-compose.tls.yml")
+
+
+def test_compose_tls_override_runs_as_it_says(acl_dir: Path, pki: Path, tmp_path: Path) -> None:
+    """docker-compose.tls.yml over the ACL override: Redis serves TLS only and wants client
+    certificates, its health check passes over TLS, every service connects as its own user with
+    rediss:// and the mounted certificate, and plain or certificate-less connections are refused."""
+    files = (COMPOSE_FILE, COMPOSE_SECURE_FILE, COMPOSE_TLS_FILE)
+    project = compose_project({"FEDQ_ACL_DIR": str(acl_dir), "FEDQ_TLS_DIR": str(pki), "FEDQ_ROUNDS": "1"}, files)
+    services = project["services"]
+    red = services["redis"]
+    cmd = red["command"]
+    assert cmd[cmd.index("--port") + 1] == "0" and cmd[cmd.index("--tls-auth-clients") + 1] == "yes"
+    assert cmd[cmd.index("--aclfile") + 1] == "/run/secrets/redis-acl"  # still the ACL users
+    mounts = {**compose_secret_mounts(red, project), "/data": tmpdir(tmp_path, "redis-data")}
+    assert {"/run/secrets/redis-acl", "/run/secrets/redis-probe-password", "/run/secrets/redis-tls-key"} <= set(mounts)
+    server = LocalRedis([rewrite_paths(a, mounts) for a in compose_argv(red, REDIS_IMAGE)], mounts["/data"])
+    hosts = {("redis", 6379): f"127.0.0.1:{server.port}"}
+    image = read_image()
+
+    def env_of(name: str) -> dict[str, str]:
+        secrets = compose_secret_mounts(services[name], project)
+        return {k: rewrite_paths(map_hosts(v, hosts), secrets)
+                for k, v in {**image.env, **compose_env(services[name])}.items()}
+
+    server.client_kwargs = _kwargs(Settings.from_env(env=env_of("aggregator")))
+    server.start()
+    try:
+        probe = local_redis_cli(red["healthcheck"]["test"][1].replace("$$", "$"), server.port)
+        done = run_shell(rewrite_paths_in(probe, compose_secret_mounts(red, project)), {})
+        assert done.returncode == 0, done.stdout + done.stderr
+        for name in ("aggregator", "submit", "dashboard", "client-0", "client-1"):
+            settings = Settings.from_env(env=env_of(name))
+            assert settings.redis_url.startswith(f"rediss://{EXPECTED_USERS[name]}:"), name
+            assert connect(settings).ping(), name
+        client = connect(Settings.from_env(env=env_of("client-1")))
+        with pytest.raises(NOPERM):
+            client.set(RunKeys("any-run").global_model, b"forged")
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=server.port, socket_timeout=5, retry=NO_RETRY).ping()  # plain TCP: no answer
+        no_cert = {k: v for k, v in _kwargs(Settings.from_env(env=env_of("aggregator"))).items()
+                   if k not in ("ssl_certfile", "ssl_keyfile")}
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=server.port, socket_timeout=5, retry=NO_RETRY, **no_cert).ping()
+    finally:
+        server.stop()
