@@ -231,7 +231,7 @@
       td(tr, c.refused ? c.refused + " (" + reasons.join(", ") + ")" : "0", c.refused ? "reasons wrap" : "");
     });
 
-    fillTable($("rounds-table"), rm.slice().reverse(), 9, "no round committed yet", function (tr, m) {
+    fillTable($("rounds-table"), rm.slice().reverse(), 10, "no round committed yet", function (tr, m) {
       td(tr, String(m.round), "num");
       td(tr, String(m.num_updates), "num");
       td(tr, String(m.num_examples), "num");
@@ -241,6 +241,7 @@
       td(tr, num(m.test_accuracy), "num");
       td(tr, num(m.seconds, 2), "num");
       td(tr, m.refused === null || m.refused === undefined ? "–" : String(m.refused), "num");
+      td(tr, num(m.dp_epsilon, 3), "num");  // "–" unless the run has differential privacy
     });
 
     setText("refused-count", d.refused_total ? "(" + d.refused_total + ")" : "");
