@@ -20,6 +20,9 @@ from fedq.signing import Signer
 from fedq.store import RunStore
 
 
+PART_OVERHEAD = 4096  # a part's envelope around its values: far more than it needs
+
+
 class PartsGone(CodecError):
     """A global model's parts were deleted while being read (two commits went by)."""
 
@@ -72,8 +75,16 @@ def fold_parts(st: RunStore, upd: protocol.Update, fold: Callable[[int, np.ndarr
     """Fetch an update's parts one by one, check each against its head and hand it to fold
     (offset, values). UpdateRejected('bad_part') when one is missing or does not match."""
     assert upd.layout is not None and upd.part_id is not None
+    itemsize = np.dtype(upd.layout.dtype).itemsize
     for index in range(upd.layout.count):
         key = st.k.update_part(upd.client_id, upd.round, upd.part_id, index)
+        # Its size first: a client may store anything under its own keys, and reading a bogus
+        # 512 MB value to find that its digest is wrong would break the memory bound.
+        size, most = st.r.strlen(key), upd.layout.span(index)[1] * itemsize + PART_OVERHEAD
+        if size == 0:
+            raise UpdateRejected("bad_part", f"part {index} of {upd.layout.count} is missing")
+        if size > most:
+            raise UpdateRejected("bad_part", f"part {index} is {size} bytes, at most {most} expected")
         payload = st.r.get(key)
         if payload is None:
             raise UpdateRejected("bad_part", f"part {index} of {upd.layout.count} is missing")

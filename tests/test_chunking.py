@@ -133,14 +133,14 @@ def _push_damaged(h: Harness, cid: str, n: int, names: list[str], tensors: list[
     for index, (payload, _) in enumerate(parts):
         if index == 1 and damage == "missing":
             continue
-        h.store.put_part(h.store.k.update_part(cid, 1, "feedbeef", index),
-                         b"not the part" if index == 1 and damage == "tampered" else payload)
+        bad = {"tampered": b"not the part", "oversized": payload + b"\0" * (1 << 20)}.get(damage)
+        h.store.put_part(h.store.k.update_part(cid, 1, "feedbeef", index), bad if index == 1 and bad else payload)
     head = protocol.encode_update_head(h.store.run_id, 1, cid, n, {}, names, [t.shape for t in tensors], layout,
                                        "feedbeef")
     assert h.store.push_update(cid, 1, head, h.settings.max_update_bytes, part_id="feedbeef") == "ok"
 
 
-@pytest.mark.parametrize("damage", ["tampered", "missing"])
+@pytest.mark.parametrize("damage", ["tampered", "missing", "oversized"])
 def test_a_tampered_or_missing_part_refuses_that_update_and_the_round_goes_on(harness_factory, damage: str) -> None:
     h, names, g = _chunked_harness(harness_factory, f"t-parts-{damage}")
     rng = np.random.default_rng(6)
@@ -154,6 +154,8 @@ def test_a_tampered_or_missing_part_refuses_that_update_and_the_round_goes_on(ha
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # nothing of c2 in the sum
     refused = [(x["client"], x["reason"]) for x in h.store.refused()]
     assert refused == [("c2", "bad_part")], refused
+    detail = h.store.refused()[0]["detail"]
+    assert {"tampered": "digest", "missing": "missing", "oversized": "bytes, at most"}[damage] in detail, detail
     assert h.store.metrics()[0]["refused"] == 1
 
 
