@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from typing import Callable
 
 import numpy as np
 
 from fedq import compress, protocol
+from micro import best  # bench/ is the script's directory, so its sibling imports directly
 
 
 def model(params: int, seed: int = 0) -> tuple[list[str], list[np.ndarray]]:
@@ -60,15 +59,6 @@ def delta(tensors: list[np.ndarray], kind: str = "heavy", seed: int = 1) -> list
     return out
 
 
-def median_time(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench(params: int, kind: str, repeat: int, blocks: list[int]) -> list[tuple[str, int, float, float, float]]:
     """(encoding, payload bytes, encode s, decode s, relative error): float32, float16, int8 per block."""
     names, g = model(params)
@@ -92,8 +82,8 @@ def bench(params: int, kind: str, repeat: int, blocks: list[int]) -> list[tuple[
         # Interleaved, so that both sides see the same machine load.
         enc_t, dec_t = [], []
         for _ in range(repeat):
-            enc_t.append(median_time(encode, 1))
-            dec_t.append(median_time(decode, 1))
+            enc_t.append(best(encode, 1, warmup=False))
+            dec_t.append(best(decode, 1, warmup=False))
         label = {"none": "float32", "float16": "float16"}.get(enc, f"int8/{block}")
         rows.append((label, len(payload), statistics.median(enc_t), statistics.median(dec_t), error))
         del payload

@@ -29,9 +29,10 @@ def model(params: int, seed: int = 0) -> list[np.ndarray]:
             rng.standard_normal(max(rest, 1), dtype=np.float32)]
 
 
-def best(fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds of fn over `repeat` runs, after one warm-up."""
-    fn()
+def best(fn: Callable[[], object], repeat: int, warmup: bool = True) -> float:
+    """Median seconds of fn over `repeat` runs, after one warm-up unless told not to."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

@@ -468,16 +468,20 @@ class Aggregator:
         except UpdateRejected as exc:
             if observe:
                 fedq_metrics.observe_update(False, exc.reason, len(payload))
-            log.warning("run %s round %d: refused update from %s: %s", self.run_id, round_no, cid, exc)
-            self.store.record_refused(cid, round_no, exc.reason, exc.detail)
-            if cid in rnd.joined and (rnd.selected is None or cid in rnd.selected):
-                rnd.refused.add(cid)
+            self._refuse(rnd, round_no, cid, exc)
             if rnd.folded.pop(cid, None) is not None:
                 self._refold(rnd, round_no, template)  # its earlier, valid version no longer counts
             return None
         if observe:
             fedq_metrics.observe_update(True, None, len(payload))
         return upd
+
+    def _refuse(self, rnd: _Round, round_no: int, cid: str, exc: UpdateRejected) -> None:
+        """Log and record a refused update; it counts as a response when the client was due one."""
+        log.warning("run %s round %d: refused update from %s: %s", self.run_id, round_no, cid, exc)
+        self.store.record_refused(cid, round_no, exc.reason, exc.detail)
+        if cid in rnd.joined and (rnd.selected is None or cid in rnd.selected):
+            rnd.refused.add(cid)
 
     def _consider(self, rnd: _Round, round_no: int, cid: str, template: list[protocol.TensorSpec]) -> None:
         """Validate and fold one client's stored update, once per version."""
@@ -534,11 +538,8 @@ class Aggregator:
             rnd.folded.pop(cid, None)
             _, seq = self.store.get_update(round_no, cid)
             if rnd.versions.get(cid) == seq:  # not superseded: this version itself is bad
-                log.warning("run %s round %d: refused update from %s: %s", self.run_id, round_no, cid, exc)
-                self.store.record_refused(cid, round_no, exc.reason, exc.detail)
                 fedq_metrics.observe_update(False, exc.reason, 0)
-                if cid in rnd.joined and (rnd.selected is None or cid in rnd.selected):
-                    rnd.refused.add(cid)
+                self._refuse(rnd, round_no, cid, exc)
             else:
                 rnd.versions.pop(cid, None)  # judge the newer push when its wake-up comes
             return False

@@ -287,35 +287,25 @@ def _s(raw: bytes | str | None) -> str | None:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
 
+def _json_object(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A JSON object, or None for anything else (absent, not JSON, not an object)."""
+    if raw is None:
+        return None
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def _json_list(raws: list[bytes]) -> list[dict[str, Any]]:
     """Decode a list of JSON records, skipping any that are not JSON objects."""
-    out = []
-    for raw in raws:
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    return [rec for rec in map(_json_object, raws) if rec is not None]
 
 
 def _stream_order(entry_id: bytes | str) -> tuple[int, int]:
     ms, _, seq = (_s(entry_id) or "0-0").partition("-")
     return int(ms), int(seq or 0)
-
-
-def _json_records(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
-    """Decode a hash of JSON records, skipping any that are not JSON objects."""
-    out = {}
-    for k, v in raw.items():
-        try:
-            rec = json.loads(v)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out[_s(k)] = rec
-    return out
 
 
 class RunStore:
@@ -378,9 +368,9 @@ class RunStore:
         pipe = self.r.pipeline(transaction=False)
         for cid in ids:
             pipe.hget(self.k.joined(cid), field)
-        # A member set holds ids only a join wrote, but skip any whose record is missing or bad.
-        raw = {cid.encode(): v for cid, v in zip(ids, pipe.execute()) if v is not None}
-        return _json_records(raw)
+        # Members may be ids no join wrote (clients can add to the set): skip missing or bad records.
+        decoded = {cid: _json_object(v) for cid, v in zip(ids, pipe.execute())}
+        return {cid: rec for cid, rec in decoded.items() if rec is not None}
 
     def clients(self) -> dict[str, dict[str, Any]]:
         """Client id -> join record (shard, host, pid, rows) of every client that joined."""
@@ -405,13 +395,6 @@ class RunStore:
             pipe.lrange(key, 0, -1)
         records = [rec for raws in pipe.execute() for rec in _json_list(raws)]
         return sorted(records, key=lambda rec: float(rec.get("time") or 0))
-
-    def refused_count(self) -> int:
-        lists = [self.k.refused, *self._client_keys("refused")]
-        pipe = self.r.pipeline(transaction=False)
-        for key in lists:
-            pipe.llen(key)
-        return sum(pipe.execute())
 
     def global_payload(self) -> bytes | None:
         return self.r.get(self.k.global_model)
@@ -521,7 +504,7 @@ class RunStore:
             raw = self.r.hget(self.k.joined(client_id), "stats")
         except ConfigError:  # not a valid client id: nothing can be stored under it
             return None
-        return None if raw is None else _json_records({b"c": raw}).get("c")
+        return _json_object(raw)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Client id -> feature statistics of every client that joined."""

@@ -106,24 +106,6 @@ class RecordingTrainer(KerasTrainer):
         return out
 
 
-class RecordingTrainer(KerasTrainer):
-    """The real Keras trainer; remembers each round's global model and trained weights. Clients
-    in threads of one process take turns to train (Keras' random seed is process-wide)."""
-
-    lock = threading.Lock()
-    seen: dict[tuple[str, int], tuple[list[np.ndarray], list[np.ndarray]]] = {}
-
-    def load(self, tensors: list[np.ndarray]) -> None:
-        self._global = [np.array(t) for t in tensors]
-        super().load(tensors)
-
-    def train(self, round_no: int) -> dict[str, float]:
-        with self.lock:
-            out = super().train(round_no)
-        self.seen[(f"client-{self.shard}", round_no)] = (self._global, [np.array(w) for w in super().weights()])
-        return out
-
-
 @pytest.mark.parametrize("mode", ["central", "local"])
 def test_a_real_federation_with_dp_finishes_and_reports_epsilon(mode: str, r: redis.Redis, redis_url: str,
                                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -33,6 +33,13 @@ def _wait(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+def wait_committed(store: RunStore, round_no: int) -> None:
+    """Wait until round_no is committed; fail with the run's reason if it failed instead."""
+    _wait(lambda: store.committed_round() >= round_no or store.state().get("status") == "failed",
+          f"round {round_no} to commit")
+    assert store.state().get("status") != "failed", store.state().get("reason")
+
+
 class Harness:
     """A run with an in-process aggregator thread and three joined clients c0, c1, c2."""
 
@@ -74,9 +81,7 @@ class Harness:
         return self.store.push_update(cid, round_no, payload, self.settings.max_update_bytes)
 
     def wait_round(self, round_no: int) -> None:
-        _wait(lambda: self.store.committed_round() >= round_no or self.store.state().get("status") == "failed",
-              f"round {round_no} to commit")
-        assert self.store.state().get("status") != "failed", self.store.state().get("reason")
+        wait_committed(self.store, round_no)
 
     def close(self) -> None:
         self.agg.stop.set()

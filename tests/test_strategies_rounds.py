@@ -20,7 +20,7 @@ from fedq.settings import Settings
 from fedq.spec import RunSpec
 from fedq.store import RunStore, connect
 from fedq.strategies import Strategy, StrategySpec, aggregate_all
-from test_rounds import _wait
+from test_rounds import _wait, wait_committed
 
 
 class Run:
@@ -71,9 +71,7 @@ class Run:
         return self.store.push_update(cid, round_no, payload, self.settings.max_update_bytes)
 
     def wait_round(self, round_no: int) -> None:
-        _wait(lambda: self.store.committed_round() >= round_no or self.store.state().get("status") == "failed",
-              f"round {round_no} to commit")
-        assert self.store.state().get("status") != "failed", self.store.state().get("reason")
+        wait_committed(self.store, round_no)
 
     def close(self) -> None:
         for agg, t in zip(self.aggs, self.threads):
