@@ -24,3 +24,8 @@ def dense_1m(input_shape: tuple[int, ...], num_classes: int) -> Any:
 def dense_25m(input_shape: tuple[int, ...], num_classes: int) -> Any:
     """About 25 million float32 parameters (100 MB)."""
     return _dense(input_shape, num_classes, 25_000_000)
+
+
+def dense_250m(input_shape: tuple[int, ...], num_classes: int) -> Any:
+    """About 250 million float32 parameters (1 GB): the largest model the benchmarks federate."""
+    return _dense(input_shape, num_classes, 250_000_000)

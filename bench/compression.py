@@ -86,7 +86,6 @@ def bench(params: int, kind: str, repeat: int, blocks: list[int]) -> list[tuple[
             dec_t.append(best(decode, 1, warmup=False))
         label = {"none": "float32", "float16": "float16"}.get(enc, f"int8/{block}")
         rows.append((label, len(payload), statistics.median(enc_t), statistics.median(dec_t), error))
-        del payload
     return rows
 
 

@@ -75,21 +75,40 @@ class FedAvg:
 
     def result(self) -> list[np.ndarray]:
         """The weighted mean, cast back to each tensor's original dtype."""
-        if self.total_examples == 0:
-            raise ValueError("no updates were aggregated")
-        scale = np.float64(1.0 / self.total_examples)
+        scale = self._scale()
         out = []
         for acc, flat, dt in zip(self._sum, self._flat, self._dtypes):
-            # Block by block through the scratch buffer: no full-size float64 temporary.
             result = np.empty(acc.shape, dtype=dt)
-            dest = result.reshape(-1)
-            for a in range(0, flat.size, BLOCK):
-                b = min(a + BLOCK, flat.size)
-                buf = self._scratch[:b - a]
-                np.multiply(flat[a:b], scale, out=buf)
-                dest[a:b] = buf
+            self._mean_into(flat, result.reshape(-1), scale)
             out.append(result)
         return out
+
+    def result_slice(self, offset: int, length: int) -> np.ndarray:
+        """Parameters [offset, offset + length) of the weighted mean, flattened in tensor order,
+        in the model's dtype (one dtype throughout): the result one part at a time, so a model
+        written out in parts never exists whole beside its float64 sum."""
+        if len(set(self._dtypes)) != 1:
+            raise ValueError("result_slice needs tensors of one dtype")
+        if offset < 0 or length < 0 or offset + length > self._starts[-1]:
+            raise ValueError(f"slice [{offset}, {offset + length}) outside the model's {self._starts[-1]} parameters")
+        scale = self._scale()
+        out = np.empty(length, dtype=self._dtypes[0])
+        for i, (lo, hi, dst) in slices_at(self._starts, offset, length):
+            self._mean_into(self._flat[i][lo:hi], out[dst:dst + hi - lo], scale)
+        return out
+
+    def _scale(self) -> np.float64:
+        if self.total_examples == 0:
+            raise ValueError("no updates were aggregated")
+        return np.float64(1.0 / self.total_examples)
+
+    def _mean_into(self, flat: np.ndarray, dest: np.ndarray, scale: np.float64) -> None:
+        # Block by block through the scratch buffer: no full-size float64 temporary.
+        for a in range(0, flat.size, BLOCK):
+            b = min(a + BLOCK, flat.size)
+            buf = self._scratch[:b - a]
+            np.multiply(flat[a:b], scale, out=buf)
+            dest[a:b] = buf
 
 
 def fedavg(models: Iterable[tuple[Sequence[np.ndarray], int]]) -> list[np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import socket
 import threading
@@ -66,6 +67,17 @@ class _Round:
 
     def expected(self, spec: RunSpec) -> int:
         return spec.clients if self.selected is None else len(self.selected)
+
+
+@dataclass
+class _Prepared:
+    """What driving a run needs, built before taking the lease (the slow part)."""
+
+    ds: Any
+    test_idx: np.ndarray
+    model: Any = None  # the Keras model for central evaluation; None without it
+    names: list[str] = field(default_factory=list)  # the model's weight names (with a model)
+    strategy: Strategy | None = None  # None until the model's shapes are known
 
 
 class Aggregator:
@@ -164,17 +176,56 @@ class Aggregator:
         if not self.r.exists(self.store.k.spec):
             raise self._vanished()
 
-    def _prepare(self, spec: RunSpec) -> tuple[Any, np.ndarray, Any, list[str], Strategy]:
-        """The test split, the model and the strategy: everything driving needs, built once."""
+    def _prepare(self, spec: RunSpec) -> _Prepared:
+        """The test split, the model and the strategy: everything driving needs, built once.
+        Without central evaluation the aggregator has no use for the Keras model: it never
+        loads TensorFlow, and the strategy waits for the model's shapes (_strategy_for)."""
         ds = load_dataset(spec.data)
         _, test_idx = split_indices(ds.y, spec.data.test_fraction, spec.data.seed)
+        if not spec.central_eval:
+            return _Prepared(ds, test_idx)
         model = build_model(spec.model, ds.num_features, ds.num_classes, spec.seed)
-        strategy = Strategy(spec.strategy, model.get_weights(), dp=spec.central_dp)
-        self._check_memory(spec, strategy, model.get_weights())
-        return ds, test_idx, model, weight_names(model), strategy
+        weights = model.get_weights()
+        strategy = Strategy(spec.strategy, weights, dp=spec.central_dp)
+        self._check_memory(spec, strategy, weights)
+        return _Prepared(ds, test_idx, model, weight_names(model), strategy)
 
-    def _run(self, spec: RunSpec, prepared: tuple[Any, np.ndarray, Any, list[str], Strategy]) -> dict[str, Any]:
-        ds, test_idx, model, names, strategy = prepared
+    def _strategy_for(self, spec: RunSpec, template: list[protocol.TensorSpec]) -> Strategy:
+        """The strategy for a model known by its shapes alone. The zero tensors cost no memory
+        until written: numpy maps large zero arrays lazily, and a streaming strategy never
+        writes its template."""
+        zeros = [np.zeros(t.shape, dtype=np.dtype(t.dtype)) for t in template]
+        strategy = Strategy(spec.strategy, zeros, dp=spec.central_dp)
+        self._check_memory(spec, strategy, zeros)
+        return strategy
+
+    def _initial_global(self, spec: RunSpec, num_features: int, num_classes: int) -> bytes:
+        """The initial global model's payload, built by a child process that writes its parts
+        and exits: initialising a Keras model takes several times its size (3.3 GB at peak for
+        250M parameters), which then never enters the aggregator's own memory."""
+        ctx = multiprocessing.get_context("spawn")
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=write_initial_global, name="fedq-initial-model", daemon=True,
+                           args=(self.settings, self.run_id, num_features, num_classes, send))
+        proc.start()
+        send.close()
+        try:
+            while not recv.poll(1.0):
+                if not proc.is_alive() and not recv.poll(0):
+                    raise ConfigError(f"building the initial model {spec.model!r} failed: its process "
+                                      f"exited with code {proc.exitcode}")
+                self._tick()  # keeps the lease while the child works; honours stop requests
+            ok, value = recv.recv()
+        finally:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        if not ok:
+            raise ConfigError(value)
+        return value
+
+    def _run(self, spec: RunSpec, prepared: _Prepared) -> dict[str, Any]:
+        ds, test_idx, model = prepared.ds, prepared.test_idx, prepared.model
         state = self.store.state()
         self.store.mark_started(self.driver)
         log.info("driving run %s (%s at round %s): %d clients (quorum %d), %d rounds", self.run_id,
@@ -184,7 +235,11 @@ class Aggregator:
             scaler = protocol.encode_scaler(mean, std, {
                 "num_features": ds.num_features, "num_classes": ds.num_classes,
                 "class_names": list(ds.class_names), "feature_names": list(ds.feature_names)})
-            initial, _ = transfer.encode_global(self.store, 0, names, model.get_weights(), self.settings.chunk_bytes)
+            if model is None:
+                initial = self._initial_global(spec, ds.num_features, ds.num_classes)
+            else:
+                initial, _ = transfer.encode_global(self.store, 0, prepared.names, model.get_weights(),
+                                                    self.settings.chunk_bytes)
             self.store.open_training(scaler, initial, self._select(spec, 1))
             log.info("run %s: training open; initial global model written", self.run_id)
         else:
@@ -192,8 +247,15 @@ class Aggregator:
         x_test = standardize(ds.x[test_idx], mean, std)
         y_test = ds.y[test_idx]
 
-        round_no, g_names, g_tensors = transfer.read_global(self.store)
-        template = protocol.template_of(g_names, g_tensors)
+        round_no, template = transfer.global_template(self.store)
+        strategy = prepared.strategy or self._strategy_for(spec, template)
+        # Lean: no central evaluation, and the next global model is the plain mean of the
+        # updates, so no round needs the previous one; when it travels in parts it is written
+        # out slice by slice from the float64 sum. Memory: that sum and a part, whatever N is.
+        lean = model is None and strategy.streams_result and spec.compression == "none"
+        stream = lean and transfer.should_stream(template, self.settings.chunk_bytes)
+        g_names = [t.name for t in template]
+        g_tensors = None if lean else transfer.read_global(self.store)[2]
         # Server optimiser state (momentum, Adam moments) was committed with this global model.
         strategy.load_state(self.store.server_state_payload(), round_no)
         fed_eval = spec.data.val_fraction > 0
@@ -201,11 +263,20 @@ class Aggregator:
         while round_no < spec.rounds:
             round_no += 1
             strategy.begin_round(g_tensors, noise_rng=self._noise_rng(spec, round_no))
-            rnd = self._collect_round(spec, round_no, template, strategy, g_tensors)
-            weights = strategy.result()
+            rnd = self._collect_round(spec, round_no, template, strategy, g_tensors or [])
+            if stream:
+                weights = None
+                payload, written = transfer.encode_global_from(self.store, round_no, template, strategy.result_slice,
+                                                               self.settings.chunk_bytes)
+            else:
+                weights = strategy.result()
+                payload, written = transfer.encode_global(self.store, round_no, g_names, weights,
+                                                          self.settings.chunk_bytes)
             t_eval = time.perf_counter()
-            model.set_weights(weights)
-            test = evaluate(model, x_test, y_test, ds.num_classes)
+            test: dict[str, Any] = {}
+            if model is not None and weights is not None:
+                model.set_weights(weights)
+                test = evaluate(model, x_test, y_test, ds.num_classes)
             eval_seconds = time.perf_counter() - t_eval
             metrics = self._round_metrics(rnd, round_no, test, round_started, eval_seconds)
             metrics["compression"] = _compression_summary(rnd, template)
@@ -215,7 +286,6 @@ class Aggregator:
                 metrics["strategy"] = strategy.round_info()
             if rnd.selected is not None:
                 metrics["selected"] = sorted(rnd.selected)
-            payload, written = transfer.encode_global(self.store, round_no, g_names, weights, self.settings.chunk_bytes)
             # A global model's parts live two rounds, so a client still reading the previous
             # one is not cut short; those of two rounds back go with this commit.
             stale = [self.store.k.global_part(round_no - 2, k) for k in range(len(written))] if round_no >= 2 else []
@@ -231,9 +301,10 @@ class Aggregator:
                 evaluate=last and fed_eval, update_parts=sorted(rnd.part_keys), stale_parts=stale)
             if committed:
                 fedq_metrics.observe_round(metrics["seconds"])
-            log.info("run %s round %d/%d: %d updates, %d examples, test accuracy %.4f (commit %.1f ms)%s",
+            log.info("run %s round %d/%d: %d updates, %d examples, test accuracy %s (commit %.1f ms)%s",
                      self.run_id, round_no, spec.rounds, metrics["num_updates"], metrics["num_examples"],
-                     test["accuracy"], (time.perf_counter() - t_commit) * 1000,
+                     "-" if "accuracy" not in test else f"{test['accuracy']:.4f}",
+                     (time.perf_counter() - t_commit) * 1000,
                      "" if committed else " [already committed]")
             round_started = time.time()
             g_tensors = weights
@@ -556,8 +627,8 @@ class Aggregator:
             "num_examples": rnd.acc.total_examples,
             "train_loss": train.get("loss"),
             "train_accuracy": train.get("accuracy"),
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
+            "test_loss": test.get("loss"),  # None: no central evaluation (--no-central-eval)
+            "test_accuracy": test.get("accuracy"),
             "seconds": seconds,
             # Wall time of the round that was neither the last-arriving client's training nor its
             # one-off model set-up (first round only): the cost of the round machinery itself.
@@ -610,6 +681,24 @@ def _compression_summary(rnd: _Round, template: list[protocol.TensorSpec]) -> di
         "error_max": max(errors) if errors else None,
         "error_mean": sum(errors) / len(errors) if errors else None,
     }
+
+
+def write_initial_global(settings: Settings, run_id: str, num_features: int, num_classes: int,
+                         conn: Any) -> None:
+    """Child process of Aggregator._initial_global: build the run's model, write the initial
+    global model's parts and send back (True, payload to commit), or (False, why it failed)."""
+    try:
+        store = RunStore(connect(settings), run_id)
+        spec = store.spec()
+        model = build_model(spec.model, num_features, num_classes, spec.seed)
+        weights, names = model.get_weights(), weight_names(model)
+        del model  # Keras' variables go before the parts are made
+        payload, _ = transfer.encode_global(store, 0, names, weights, settings.chunk_bytes)
+        conn.send((True, payload))
+    except Exception as exc:  # noqa: BLE001 - reported to the aggregator, which fails the run
+        conn.send((False, f"building the initial model failed: {type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
 
 
 # Set by SIGTERM in an rq work horse (see fedq.jobs.FedqWorker); the driving loop checks it.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -109,20 +109,37 @@ def encode_parts(tensors: Sequence[np.ndarray], chunk_bytes: int) -> Iterator[tu
     if dtype is None:
         raise CodecError("a model with tensors of different dtypes cannot be sent in parts")
     per = part_elements(np.dtype(dtype).itemsize, chunk_bytes)
-    offset = 0
     for index, piece in enumerate(iter_slices(tensors, per)):
-        payload = codec.encode(KIND_PART, [piece], meta={"index": index, "offset": offset}, names=["flat"])
-        offset += piece.size
-        yield payload, hashlib.sha256(payload).hexdigest()
+        yield _part(index, index * per, piece)
+
+
+def encode_parts_from(read: Callable[[int, int], np.ndarray], elements: int, dtype: str,
+                      chunk_bytes: int) -> Iterator[tuple[bytes, str]]:
+    """Like encode_parts, for a model that is never whole in memory: read(offset, length)
+    gives each slice of its flat parameter vector as the part is made."""
+    per = part_elements(np.dtype(dtype).itemsize, chunk_bytes)
+    for index, offset in enumerate(range(0, elements, per)):
+        piece = read(offset, min(per, elements - offset))
+        if piece.dtype.newbyteorder("<").str != dtype:
+            raise CodecError(f"slice at {offset} is {piece.dtype.str}, the model is {dtype}")
+        yield _part(index, offset, piece)
+
+
+def _part(index: int, offset: int, piece: np.ndarray) -> tuple[bytes, str]:
+    payload = codec.encode(KIND_PART, [piece], meta={"index": index, "offset": offset}, names=["flat"])
+    return payload, hashlib.sha256(payload).hexdigest()
 
 
 def layout_of(tensors: Sequence[np.ndarray], chunk_bytes: int, digests: Sequence[str]) -> Layout:
     """The head's record of a model sent by encode_parts with these digests."""
     dtype = uniform_dtype(tensors)
     assert dtype is not None
-    elements = int(sum(t.size for t in tensors))
-    per = part_elements(np.dtype(dtype).itemsize, chunk_bytes)
-    return Layout(len(digests), elements, dtype, per, tuple(digests))
+    return layout_for(int(sum(t.size for t in tensors)), dtype, chunk_bytes, digests)
+
+
+def layout_for(elements: int, dtype: str, chunk_bytes: int, digests: Sequence[str]) -> Layout:
+    """The head's record of a model of ``elements`` parameters of ``dtype`` sent in parts."""
+    return Layout(len(digests), elements, dtype, part_elements(np.dtype(dtype).itemsize, chunk_bytes), tuple(digests))
 
 
 def decode_part(payload: bytes, layout: Layout, index: int) -> np.ndarray:

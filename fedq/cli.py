@@ -119,6 +119,10 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
             click.option("--compression", type=click.Choice(ENCODINGS), default="none", show_default=True,
                          help="Updates travel as float32 weights (none), or as their delta from the global "
                               "model in float16 or int8 (a scale per 4096 values); the error is reported."),
+            click.option("--central-eval/--no-central-eval", default=True, show_default=True,
+                         help="Evaluate each round's model on the held-out test split in the aggregator. "
+                              "Off, the aggregator never loads TensorFlow and, with fedavg or fedprox, holds "
+                              "only the float64 sum of the updates (models of a GB and more)."),
             *strategy_options(),
             click.option("--run-id", help="Id of the new run (default: time + random)."),
         ]):

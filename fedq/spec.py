@@ -59,6 +59,11 @@ class RunSpec:
     # How clients send updates: float32 weights ("none"), or their delta from the round's global
     # model as float16 or as 8-bit codes with a scale per block (fedq.compress).
     compression: str = "none"
+    # Evaluate each round's global model on the held-out test split in the aggregator. Off,
+    # the aggregator never loads TensorFlow and, with a plain-mean strategy, holds no model but
+    # its float64 sum (how models of a gigabyte and more are federated); rounds then report
+    # no test metrics (federated evaluation, --val-fraction, still works).
+    central_eval: bool = True
 
     def validate(self) -> "RunSpec":
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -86,6 +91,8 @@ class RunSpec:
             raise ConfigError(f"fraction fit must be above 0 and at most 1, got {self.fraction_fit!r}")
         if not isinstance(self.compression, str) or self.compression not in ENCODINGS:
             raise ConfigError(f"unknown compression {self.compression!r}; choose one of {', '.join(ENCODINGS)}")
+        if not isinstance(self.central_eval, bool):
+            raise ConfigError(f"central_eval must be true or false, got {self.central_eval!r}")
         check_model_arg(self.model)
         self.strategy.validate(self.clients_per_round)
         privacy.validate(self.dp, self.dp_clip, self.dp_noise, self.dp_delta, clients=self.clients,

@@ -51,8 +51,8 @@ def noise_trainers(store: RunStore, scale: float = 1e-3) -> Any:
     """A Client trainer_factory making NoiseTrainers for the run in store."""
     def factory(spec: RunSpec, num_features: int, num_classes: int, x: Any, y: Any, shard: int,
                 stop: threading.Event) -> NoiseTrainer:
-        _, names, _ = transfer.read_global(store)
-        return NoiseTrainer(names, len(y), seed=spec.seed * 1_000_003 + shard, scale=scale)
+        _, template = transfer.global_template(store)  # names only: no need to fetch the model
+        return NoiseTrainer([t.name for t in template], len(y), seed=spec.seed * 1_000_003 + shard, scale=scale)
 
     return factory
 

@@ -8,6 +8,7 @@ model's parts and then commits the head. Readers fetch parts one at a time.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -127,6 +128,44 @@ def encode_global(st: RunStore, round_no: int, names: Sequence[str], tensors: Se
     layout = chunking.layout_of(tensors, chunk_bytes, digests)
     head = protocol.encode_global_head(st.run_id, round_no, names, [tuple(t.shape) for t in tensors], layout)
     return head, written
+
+
+def encode_global_from(st: RunStore, round_no: int, template: Sequence[protocol.TensorSpec],
+                       read: Callable[[int, int], np.ndarray], chunk_bytes: int) -> tuple[bytes, list[str]]:
+    """Like encode_global, for a global model read slice by slice (read(offset, length) of its
+    flat parameters) and never held whole: its parts are made and written one at a time."""
+    names, shapes = [t.name for t in template], [t.shape for t in template]
+    dtype = template[0].dtype
+    elements = sum(math.prod(s) for s in shapes)
+    if not should_stream(template, chunk_bytes):
+        raise ValueError("encode_global_from is for models that travel in parts (should_stream)")
+    digests, written = [], []
+    for index, (payload, digest) in enumerate(chunking.encode_parts_from(read, elements, dtype, chunk_bytes)):
+        key = st.k.global_part(round_no, index)
+        st.put_part(key, payload)
+        digests.append(digest)
+        written.append(key)
+    layout = chunking.layout_for(elements, dtype, chunk_bytes, digests)
+    return protocol.encode_global_head(st.run_id, round_no, names, shapes, layout), written
+
+
+def should_stream(template: Sequence[protocol.TensorSpec], chunk_bytes: int) -> bool:
+    """Whether a model shaped like template travels in parts (chunking.should_chunk, from specs)."""
+    dtypes = {t.dtype for t in template}
+    nbytes = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in template)
+    return chunk_bytes > 0 and nbytes > chunk_bytes and len(dtypes) == 1
+
+
+def global_template(st: RunStore) -> tuple[int, list[protocol.TensorSpec]]:
+    """(round, tensor specs) of the run's global model, from its head alone: no part is read."""
+    payload = st.global_payload()
+    if payload is None:
+        raise CodecError(f"run {st.run_id} has no global model")
+    round_no, names, tensors, head = protocol.decode_global_any(payload, st.run_id)
+    if head is None:
+        return round_no, protocol.template_of(names, tensors)
+    shapes, layout = head
+    return round_no, [protocol.TensorSpec(n, layout.dtype, tuple(s)) for n, s in zip(names, shapes)]
 
 
 def read_global(st: RunStore, payload: bytes | None = None) -> tuple[int, list[str], list[np.ndarray]]:

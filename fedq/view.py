@@ -65,8 +65,12 @@ def print_report(report: dict[str, Any], out: Path | None = None) -> None:
     console.print(rounds_table(report["rounds"]))
     if report["status"] == "finished":
         f = report["final"]
-        console.print(f"[bold]final test accuracy {_num(f['test_accuracy'])}[/bold] "
-                      f"(test loss {_num(f['test_loss'])}) — run {report['run_id']} finished")
+        if f.get("test_accuracy") is None and (report.get("spec") or {}).get("central_eval") is False:
+            console.print(f"[bold]run {report['run_id']} finished[/bold] (no central evaluation: "
+                          f"--no-central-eval)")
+        else:
+            console.print(f"[bold]final test accuracy {_num(f['test_accuracy'])}[/bold] "
+                          f"(test loss {_num(f['test_loss'])}) — run {report['run_id']} finished")
         extras = {k: v for k, v in (report.get("final_evaluation") or {}).items() if isinstance(v, (int, float))}
         if extras:
             console.print("final evaluation: " + ", ".join(f"{k} {_num(v)}" for k, v in extras.items()))

@@ -23,3 +23,18 @@ def test_sixty_simulated_clients_complete_their_rounds(tmp_path: Path) -> None:
     assert report["status"] == "finished"
     assert [r["num_updates"] for r in report["rounds"]] == [60, 60]
     assert report["spec"]["data"]["source"] == "synthetic" and report["spec"]["data"]["rows"] == 1200
+
+
+def test_a_simulation_without_central_evaluation_streams_its_models_in_parts(tmp_path: Path) -> None:
+    """The lean aggregator as users start it: an rq work horse whose initial model comes from a
+    spawned child, every model in parts (1 KiB chunks), no test metrics."""
+    env = {**cli_env(None), "FEDQ_CHUNK_BYTES": "1024"}
+    done = subprocess.run(fedq_cmd("simulate", "--clients", "3", "--rounds", "2", "--processes", "1",
+                                   "--no-central-eval", "--rows-per-client", "20", "--out", str(tmp_path)),
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "no central evaluation" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "finished" and report["spec"]["central_eval"] is False
+    assert [r["num_updates"] for r in report["rounds"]] == [3, 3]
+    assert all(r["test_accuracy"] is None for r in report["rounds"])

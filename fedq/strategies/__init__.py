@@ -243,13 +243,17 @@ class Strategy:
     def count(self) -> int:
         return self._combine.count
 
-    def begin_round(self, global_weights: Sequence[np.ndarray],
+    def begin_round(self, global_weights: Sequence[np.ndarray] | None,
                     noise_rng: np.random.Generator | None = None) -> None:
         """Start a round from this global model (forgets any updates held). Central DP draws
-        the round's noise from noise_rng (fedq.privacy.noise_rng), which it then requires."""
+        the round's noise from noise_rng (fedq.privacy.noise_rng), which it then requires.
+        A strategy that streams its result needs no global model (None): the mean of the
+        updates is the next one."""
         if self.dp is not None and noise_rng is None:
             raise ValueError("central DP needs the round's noise generator (noise_rng)")
-        self._global = [np.asarray(g) for g in global_weights]
+        if global_weights is None and not self.streams_result:
+            raise ValueError(f"strategy {self.name} needs the round's global model")
+        self._global = None if global_weights is None else [np.asarray(g) for g in global_weights]
         self._noise_rng = noise_rng
         if isinstance(self._combine, NoisyMean):
             self._combine.begin(self._global)
@@ -257,9 +261,10 @@ class Strategy:
 
     def add(self, tensors: Sequence[np.ndarray], num_examples: int, client_id: str = "") -> None:
         """Take one accepted update into the round (clipped first when the spec says so)."""
-        if self._global is None:
+        if self._global is None and not self.streams_result:
             raise ValueError("begin_round() must come before add()")
         if self.spec.clip_norm is not None:
+            assert self._global is not None  # clipping strategies never stream their result
             if len(tensors) != len(self._global):
                 raise ValueError(f"expected {len(self._global)} tensors, got {len(tensors)}")
             tensors, norm, clipped = clip_update(tensors, self._global, self.spec.clip_norm)
@@ -273,6 +278,19 @@ class Strategy:
         """Whether an update sent in parts is folded part by part (a plain weighted mean);
         otherwise it is put back together first (clipping needs a whole update's norm)."""
         return isinstance(self._combine, Mean) and self.spec.clip_norm is None
+
+    @property
+    def streams_result(self) -> bool:
+        """Whether the next global model is the plain weighted mean of the updates (no clipping,
+        noise or server optimiser), so it can be written out slice by slice (result_slice)
+        and the round needs no copy of the previous global model."""
+        return self.streams_parts and not self._server.slots and self._server.kind == "replace"
+
+    def result_slice(self, offset: int, length: int) -> np.ndarray:
+        """Parameters [offset, offset + length) of the next global model, flattened (see
+        streams_result); the round's result without ever holding it whole."""
+        assert isinstance(self._combine, Mean) and self.streams_result
+        return self._combine.result_slice(offset, length)
 
     def add_part(self, offset: int, values: np.ndarray, num_examples: int) -> None:
         """Fold one part of an update (see streams_parts); count_update() once all are in."""
@@ -293,7 +311,9 @@ class Strategy:
     def result(self) -> list[np.ndarray]:
         """The next global model. Advances the server optimiser: call once per round."""
         if self._global is None:
-            raise ValueError("begin_round() must come before result()")
+            if not self.streams_result:
+                raise ValueError("begin_round() must come before result()")
+            return self._combine.result()  # type: ignore[union-attr]
         if isinstance(self._combine, NoisyMean):
             assert self._noise_rng is not None  # begin_round checked it
             combined = self._combine.result(self._noise_rng)

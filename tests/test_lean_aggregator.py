@@ -1,0 +1,120 @@
+"""Without central evaluation the aggregator holds no model: the float64 sum is all it keeps.
+
+Checked here: the mean written out slice by slice is the mean written whole; the strategies that
+may stream say so; and rounds through a real Redis whose aggregator never builds a Keras model
+in its own process (the initial model comes from a child process) commit the exact FedAvg,
+refuse a damaged part and go on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedq import chunking, codec, transfer
+from fedq.aggregate import FedAvg, fedavg
+from fedq.data import load_dataset
+from fedq.models import build_model, weight_names
+from fedq.strategies import Strategy, StrategySpec
+from test_chunking import CHUNK, _push, _push_damaged
+from test_rounds import harness_factory  # noqa: F401  (fixture used by name)
+
+
+def _model(rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.normal(size=s).astype(np.float32) for s in ((3, 5), (5,), (700, 9), (9,), (1,))]
+
+
+@pytest.mark.parametrize("offset, length", [(0, 15), (10, 10), (14, 2), (0, 6325), (6300, 25), (20, 6000), (6324, 1)])
+def test_a_slice_of_the_mean_is_that_slice_of_the_whole_mean(offset: int, length: int) -> None:
+    rng = np.random.default_rng(0)
+    acc = FedAvg(_model(rng))
+    for n in (3, 40, 7):
+        acc.add(_model(rng), n)
+    whole = np.concatenate([t.reshape(-1) for t in acc.result()])
+    got = acc.result_slice(offset, length)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, whole[offset:offset + length])
+    with pytest.raises(ValueError, match="outside"):
+        acc.result_slice(6325, 10)
+
+
+def test_parts_made_from_slices_are_the_parts_of_the_whole_model_byte_for_byte() -> None:
+    model = _model(np.random.default_rng(1))
+    flat = np.concatenate([t.reshape(-1) for t in model])
+    whole = list(chunking.encode_parts(model, 4096))
+    sliced = list(chunking.encode_parts_from(lambda o, n: flat[o:o + n], flat.size, "<f4", 4096))
+    assert sliced == whole
+    assert chunking.layout_for(flat.size, "<f4", 4096, [d for _, d in sliced]) == \
+        chunking.layout_of(model, 4096, [d for _, d in whole])
+
+
+@pytest.mark.parametrize("name, extra, streams", [
+    ("fedavg", {}, True), ("fedprox", {}, True), ("fedavgm", {}, False), ("fedadam", {}, False),
+    ("fedmedian", {}, False), ("fedavg", {"clip_norm": 1.0}, False),
+])
+def test_only_a_plain_mean_streams_its_result_and_may_go_without_the_global_model(name, extra, streams) -> None:
+    template = _model(np.random.default_rng(2))
+    s = Strategy(StrategySpec(name=name, **extra).resolved(), template)
+    assert s.streams_result is streams
+    if streams:
+        s.begin_round(None)
+        s.add(template, 10)
+        np.testing.assert_array_equal(s.result_slice(0, 15), template[0].reshape(-1))
+    else:
+        with pytest.raises(ValueError, match="needs the round's global model"):
+            s.begin_round(None)
+
+
+def _lean(harness_factory, monkeypatch, run_id: str, rounds: int):
+    # The aggregator must not build the model itself: the child process it spawns does (a fresh
+    # interpreter, untouched by this patch), so a build here fails the test.
+    def no_build(*_a, **_k):
+        raise AssertionError("the lean aggregator built a Keras model in its own process")
+
+    monkeypatch.setattr("fedq.aggregator.build_model", no_build)
+    h = harness_factory(rounds, run_id, {"central_eval": False}, chunk_bytes=CHUNK)
+    g_round, names, g = transfer.read_global(h.store)
+    assert g_round == 0 and codec.decode(h.store.global_payload()).meta["parts"]["count"] == 2
+    return h, names, g
+
+
+def test_rounds_without_central_evaluation_commit_the_exact_fedavg_and_report_no_test_metrics(
+        harness_factory, monkeypatch) -> None:
+    h, names, g = _lean(harness_factory, monkeypatch, "t-lean", rounds=2)
+    # The child built the same initial model a run with central evaluation starts from.
+    ds = load_dataset(h.spec.data)
+    model = build_model(h.spec.model, ds.num_features, ds.num_classes, h.spec.seed)
+    assert names == weight_names(model)
+    for got, want in zip(g, model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    rng = np.random.default_rng(3)
+    for round_no in (1, 2):
+        models = {cid: ([(t + rng.normal(0, 0.1, t.shape)).astype(np.float32) for t in g], n)
+                  for cid, n in (("c0", 100), ("c1", 300), ("c2", 7))}
+        for cid, (tensors, n) in models.items():
+            pushed = transfer.push_update(h.store, cid, round_no, n, {"loss": 0.5}, names, tensors,
+                                          chunk_bytes=CHUNK, max_bytes=h.settings.max_update_bytes)
+            assert pushed.outcome == "ok" and pushed.parts == 2
+        h.wait_round(round_no)
+        got_round, _, g = transfer.read_global(h.store)
+        assert got_round == round_no
+        for got, want in zip(g, fedavg(list(models.values()))):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    h.thread.join(timeout=30)
+    assert h.store.state()["status"] == "finished"
+    last = h.store.metrics()[-1]
+    assert last["test_accuracy"] is None and last["test_loss"] is None and last["num_updates"] == 3
+
+
+def test_without_central_evaluation_a_damaged_part_is_refused_and_the_round_goes_on(
+        harness_factory, monkeypatch) -> None:
+    h, names, g = _lean(harness_factory, monkeypatch, "t-lean-bad", rounds=1)
+    good = {"c0": ([(t + 1).astype(np.float32) for t in g], 100), "c1": ([(t - 1).astype(np.float32) for t in g], 300)}
+    _push(h, "c0", 100, names, good["c0"][0])
+    _push_damaged(h, "c2", 50, names, [(t + 50).astype(np.float32) for t in g], "tampered")
+    _push(h, "c1", 300, names, good["c1"][0])
+    h.wait_round(1)
+    _, _, new = transfer.read_global(h.store)
+    for got, want in zip(new, fedavg(list(good.values()))):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert [r["reason"] for r in h.store.refused() if r["client"] == "c2"] == ["bad_part"]
