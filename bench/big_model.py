@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.round_overhead import MODELS, _descendants, _hwm_kib, tcp_redis  # noqa: E402
 from fedq.jobs import submit_run  # noqa: E402
 from fedq.localredis import die_with_parent  # noqa: E402
+from fedq.runner import with_huge_pages  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 from fedq.spec import RunSpec  # noqa: E402
 from fedq.store import RunStore, connect  # noqa: E402
@@ -60,8 +61,8 @@ def run(model: str, clients: int, rounds: int, chunk_bytes: int) -> dict[str, ob
         spec = RunSpec(clients=clients, rounds=rounds, local_epochs=1, model=MODELS[model], central_eval=False,
                        run_id=f"big-{model}").validate()
         submit_run(r, settings, spec, queue="big")
-        env = dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
-                   FEDQ_CHUNK_BYTES=str(chunk_bytes), FEDQ_MAX_UPDATE_BYTES=str(4 << 30), PYTHONPATH=str(ROOT))
+        env = with_huge_pages(dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
+                                   FEDQ_CHUNK_BYTES=str(chunk_bytes), FEDQ_MAX_UPDATE_BYTES=str(4 << 30), PYTHONPATH=str(ROOT)))
         agg = subprocess.Popen([sys.executable, "-m", "fedq", "aggregator", "--queue", "big", "--burst"],
                                env=env, cwd=ROOT, preexec_fn=die_with_parent)
         procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "round_overhead.py"), "--client", url,

@@ -42,6 +42,7 @@ from fedq.aggregate import FedAvg  # noqa: E402
 from fedq.client import Client  # noqa: E402
 from fedq.jobs import submit_run  # noqa: E402
 from fedq.localredis import die_with_parent, find_server  # noqa: E402
+from fedq.runner import with_huge_pages  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 from fedq.spec import RunSpec  # noqa: E402
 from fedq.store import RunStore, connect  # noqa: E402
@@ -112,8 +113,8 @@ def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over
         spec = RunSpec(clients=n, rounds=rounds, local_epochs=1, model=MODELS[model], run_id=f"bench-{n}").validate()
         queue = f"bench-{n}"
         submit_run(r, settings, spec, queue=queue)
-        env = dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
-                   FEDQ_CHUNK_BYTES=str(chunk_bytes), PYTHONPATH=str(ROOT))
+        env = with_huge_pages(dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
+                                   FEDQ_CHUNK_BYTES=str(chunk_bytes), PYTHONPATH=str(ROOT)))
         agg = subprocess.Popen([sys.executable, "-m", "fedq", "aggregator", "--queue", queue, "--burst"],
                                env=env, cwd=ROOT, preexec_fn=die_with_parent)
         if n <= threads_over:  # one process per client, as pods would run them

@@ -1,15 +1,24 @@
-"""The one wire codec: tensors plus metadata in a versioned msgpack envelope.
+"""The one wire codec: tensors plus metadata in a versioned envelope.
 
 Everything that crosses Redis goes through here. Pickle is never used, because
 payloads come from other processes (possibly other machines) and must be safe
 to decode no matter what bytes arrive: decoding either yields an ``Envelope``
 or raises ``CodecError`` naming what was wrong.
+
+Version 2 (written): ``MAGIC``, the header's length (uint32, little-endian), a
+msgpack header ``{v, kind, meta, tensors: [{name, dtype, shape}]}``, then each
+tensor's raw little-endian bytes in order, each starting at a multiple of 16 bytes
+(zero padding between). Encoding copies the tensors once, into the payload;
+decoding copies nothing: the arrays are read-only views of the payload bytes.
+Version 1 (still read): one msgpack map with each tensor's bytes inline under
+``data`` (msgpack copies them in on encode and out again on decode).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +28,11 @@ import numpy as np
 
 from fedq.errors import CodecError
 
-VERSION: int = 1
+VERSION: int = 2  # the layout encode() writes
+V1: int = 1  # the all-msgpack layout, still decoded
+MAGIC: bytes = b"\xc1FQ\x02"  # 0xc1 is never used by msgpack: no v1 payload starts so
+ALIGN: int = 16  # each tensor's bytes start at a multiple of this (from the payload's start)
+_PREFIX = len(MAGIC) + 4
 
 # Little-endian dtype.str spellings only, so the wire format does not depend on
 # the byte order of the machine that wrote it.
@@ -56,7 +69,7 @@ _INT_MAX: int = 2**64 - 1
 _DIM_MAX: int = int(np.iinfo(np.intp).max)
 
 _ENVELOPE_FIELDS: frozenset[str] = frozenset({"v", "kind", "meta", "tensors"})
-_TENSOR_FIELDS: tuple[str, ...] = ("name", "dtype", "shape", "data")
+_TENSOR_FIELDS: dict[int, tuple[str, ...]] = {V1: ("name", "dtype", "shape", "data"), VERSION: ("name", "dtype", "shape")}
 
 
 @dataclass(frozen=True)
@@ -173,27 +186,41 @@ def encode(
         raise CodecError(f"meta must be a mapping, got {type(meta).__name__}")
     _check_plain(meta_dict, "meta")
 
-    entries = []
+    entries, raws = [], []
     for name, tensor in zip(name_list, tensor_list):
         dtype_str, shape, raw = _tensor_bytes(name, tensor)
-        entries.append({"name": name, "dtype": dtype_str, "shape": shape, "data": raw})
+        entries.append({"name": name, "dtype": dtype_str, "shape": shape})
+        raws.append(raw)
 
-    envelope = {"v": VERSION, "kind": kind, "meta": meta_dict, "tensors": entries}
     try:
-        return msgpack.packb(envelope, use_bin_type=True)
+        header = msgpack.packb({"v": VERSION, "kind": kind, "meta": meta_dict, "tensors": entries},
+                               use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
-        # Only reachable for oversize data (a bin is limited to 4 GiB).
+        # Only reachable for oversize meta (a bin or str is limited to 4 GiB).
         raise CodecError(f"could not encode envelope: {exc}") from exc
+    if len(header) >= 2**32:
+        raise CodecError(f"envelope header of {len(header)} bytes is too large")
+    pieces: list[bytes | memoryview] = [MAGIC, struct.pack("<I", len(header)), header]
+    pos = _PREFIX + len(header)
+    for raw in raws:
+        pad = -pos % ALIGN
+        if pad:
+            pieces.append(bytes(pad))
+        pieces.append(raw)
+        pos += pad + raw.nbytes
+    # join sizes the result first and copies each piece into it once: the tensors' only copy.
+    return b"".join(pieces)
 
 
-def _decode_tensor(index: int, entry: Any) -> tuple[str, np.ndarray]:
-    """Validate one tensor entry of a decoded envelope and build its array."""
+def _tensor_entry(index: int, entry: Any, version: int) -> tuple[str, str, np.dtype, list[int], int]:
+    """Validate one tensor entry of a decoded header: (name, label, dtype, shape, byte size)."""
     if not isinstance(entry, dict):
         raise CodecError(f"tensor #{index} is not a map (got {_describe(entry)})")
-    for field in _TENSOR_FIELDS:
+    fields = _TENSOR_FIELDS[version]
+    for field in fields:
         if field not in entry:
             raise CodecError(f"tensor #{index} is missing field {field!r}")
-    extra = set(entry) - set(_TENSOR_FIELDS)
+    extra = set(entry) - set(fields)
     if extra:
         raise CodecError(f"tensor #{index} has unknown field(s) {_describe_keys(extra)}")
 
@@ -222,48 +249,96 @@ def _decode_tensor(index: int, entry: Any) -> tuple[str, np.ndarray]:
                 f"{label}: shape must be a list of non-negative ints, found {_describe(dim)}"
             )
 
+    # Exact Python-int arithmetic: a hostile shape with an astronomical product
+    # is rejected by the size checks that follow, before NumPy sees it.
+    return name, label, dtype, shape, math.prod(shape) * dtype.itemsize
+
+
+def _array(label: str, data: bytes | memoryview, dtype: np.dtype, shape: list[int]) -> np.ndarray:
+    """A read-only array viewing data (which has exactly the tensor's byte size)."""
+    if dtype.kind == "b" and len(data) and int(np.frombuffer(data, dtype=np.uint8).max()) > 1:
+        # NumPy would accept other byte values as bools, but they compare oddly.
+        raise CodecError(f"{label}: bool data contains bytes other than 0 and 1")
+    try:
+        # Zero-copy view onto immutable bytes, hence read-only.
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:
+        # e.g. a zero-size shape whose non-zero dims still overflow NumPy's size.
+        raise CodecError(f"{label}: cannot build array of shape {shape}: {exc}") from exc
+
+
+def _decode_tensor(index: int, entry: Any) -> tuple[str, np.ndarray]:
+    """A version 1 tensor entry (its bytes inline) as (name, array)."""
+    name, label, dtype, shape, expected = _tensor_entry(index, entry, V1)
     data = entry["data"]
     if not isinstance(data, bytes):
         raise CodecError(f"{label}: data is not bytes (got {_describe(data)})")
-    # Exact Python-int arithmetic: a hostile shape with an astronomical product
-    # is rejected here, before NumPy sees it; frombuffer itself never allocates.
-    expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise CodecError(
             f"{label}: {len(data)} bytes for shape {shape} {dtype.name}, expected {expected}"
         )
-    if dtype.kind == "b" and data and int(np.frombuffer(data, dtype=np.uint8).max()) > 1:
-        # NumPy would accept other byte values as bools, but they compare oddly.
-        raise CodecError(f"{label}: bool data contains bytes other than 0 and 1")
-    try:
-        # Zero-copy view onto the immutable bytes object, hence read-only.
-        array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    except ValueError as exc:
-        # e.g. a zero-size shape whose non-zero dims still overflow NumPy's size.
-        raise CodecError(f"{label}: cannot build array of shape {shape}: {exc}") from exc
-    return name, array
+    return name, _array(label, data, dtype, shape)
 
 
 def decode(payload: bytes | bytearray | memoryview, expect_kind: str | None = None) -> Envelope:
     """Decode and strictly validate an envelope; any malformed input raises CodecError."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
+    if bytes(payload[:len(MAGIC)]) == MAGIC:
+        return _decode_framed(bytes(payload) if not isinstance(payload, bytes) else payload, expect_kind)
+    obj = _unpack(payload, "payload")
+    return _envelope(obj, V1, expect_kind, _decode_tensor)
+
+
+def _unpack(raw: bytes | bytearray | memoryview, what: str) -> Any:
     try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:
         # Deliberately broad: msgpack signals truncation, extra data, bad UTF-8,
         # nesting depth and buffer problems with assorted exception types, and
         # every one of them means the same thing to the caller.
-        raise CodecError(f"payload is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+        raise CodecError(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from exc
 
+
+def _decode_framed(payload: bytes, expect_kind: str | None) -> Envelope:
+    """A version 2 payload: header, then the tensors' bytes, viewed in place."""
+    if len(payload) < _PREFIX:
+        raise CodecError(f"payload of {len(payload)} bytes is truncated inside its prefix")
+    (hlen,) = struct.unpack_from("<I", payload, len(MAGIC))
+    if _PREFIX + hlen > len(payload):
+        raise CodecError(f"header of {hlen} bytes runs past the payload's {len(payload)} bytes")
+    view = memoryview(payload)
+    obj = _unpack(view[_PREFIX:_PREFIX + hlen], "header")
+    pos = _PREFIX + hlen
+
+    def tensor(index: int, entry: Any) -> tuple[str, np.ndarray]:
+        nonlocal pos
+        name, label, dtype, shape, size = _tensor_entry(index, entry, VERSION)
+        start = pos + (-pos % ALIGN)
+        if start + size > len(payload):
+            raise CodecError(f"{label}: its {size} bytes run past the payload's end")
+        if any(view[pos:start]):
+            raise CodecError(f"{label}: padding before its data is not zero")
+        pos = start + size
+        return name, _array(label, view[start:pos], dtype, shape)
+
+    env = _envelope(obj, VERSION, expect_kind, tensor)
+    if pos != len(payload):
+        raise CodecError(f"{len(payload) - pos} bytes of trailing data after the last tensor")
+    return env
+
+
+def _envelope(obj: Any, version_read: int, expect_kind: str | None, tensor: Any) -> Envelope:
+    """Check a decoded envelope (v1) or header (v2) and build its tensors with tensor(i, entry)."""
     if not isinstance(obj, dict):
         raise CodecError(f"envelope is not a map (got {_describe(obj)})")
     if "v" not in obj:
         raise CodecError("envelope has no version field 'v'")
     version = obj["v"]
-    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version != version_read:
         raise CodecError(
-            f"unsupported envelope version {_describe(version)}; this fedq reads {VERSION}"
+            f"unsupported envelope version {_describe(version)}; this fedq reads {V1} and {VERSION}"
+            f" (this payload's layout is version {version_read})"
         )
     for field in ("kind", "meta", "tensors"):
         if field not in obj:
@@ -290,7 +365,7 @@ def decode(payload: bytes | bytearray | memoryview, expect_kind: str | None = No
     arrays: list[np.ndarray] = []
     seen: set[str] = set()
     for index, entry in enumerate(entries):
-        name, array = _decode_tensor(index, entry)
+        name, array = tensor(index, entry)
         if name in seen:
             raise CodecError(f"duplicate tensor name {name!r}")
         seen.add(name)
@@ -319,10 +394,6 @@ def unpack_obj(raw: bytes) -> Any:
     """Inverse of pack_obj; any malformed input raises CodecError."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise CodecError(f"payload must be bytes, got {type(raw).__name__}")
-    try:
-        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:
-        # Broad for the same reason as in decode.
-        raise CodecError(f"payload is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    obj = _unpack(raw, "payload")
     _check_plain(obj, "object")
     return obj

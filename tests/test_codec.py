@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from typing import Any
 
 import msgpack
@@ -13,7 +14,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedq.codec import (
+    ALIGN,
+    MAGIC,
     SUPPORTED_DTYPES,
+    V1,
     VERSION,
     Envelope,
     decode,
@@ -55,8 +59,8 @@ def raw_tensor(**overrides: Any) -> dict[str, Any]:
 
 
 def raw_envelope(**overrides: Any) -> bytes:
-    """A hand-built envelope with top-level fields overridden or removed."""
-    env: dict[str, Any] = {"v": VERSION, "kind": "update", "meta": {}, "tensors": [raw_tensor()]}
+    """A hand-built version 1 envelope (all msgpack) with top-level fields overridden or removed."""
+    env: dict[str, Any] = {"v": V1, "kind": "update", "meta": {}, "tensors": [raw_tensor()]}
     for key, value in overrides.items():
         if value is _DROP:
             del env[key]
@@ -294,7 +298,7 @@ def test_encode_rejects_non_mapping_meta_and_too_deep_meta() -> None:
         (msgpack.packb([1, 2, 3]), "not a map"),
         (msgpack.packb("hello"), "not a map"),
         (msgpack.packb({1: 2}), "not valid msgpack"),  # strict_map_key
-        (raw_envelope(v=7), "unsupported envelope version 7; this fedq reads 1"),
+        (raw_envelope(v=7), "unsupported envelope version 7; this fedq reads 1 and 2"),
         (raw_envelope(v="1"), "unsupported envelope version"),
         (raw_envelope(v=True), "unsupported envelope version"),
         (raw_envelope(v=_DROP), "version"),
@@ -363,8 +367,82 @@ def test_decode_kind_mismatch() -> None:
 
 
 def test_decode_rejects_trailing_data() -> None:
-    with pytest.raises(CodecError, match="not valid msgpack"):
+    with pytest.raises(CodecError, match="1 bytes of trailing data"):
         decode(valid_payload() + b"\x00")
+    with pytest.raises(CodecError, match="not valid msgpack"):
+        decode(raw_envelope() + b"\x00")
+
+
+# --- version 2: a msgpack header, then the tensors' bytes in place ---------------------------
+def framed(header: dict[str, Any], *datas: bytes, fill: bytes = b"\0") -> bytes:
+    """A hand-built version 2 payload: header as given, datas laid out as encode does (with
+    fill as the padding byte)."""
+    raw = msgpack.packb(header, use_bin_type=True)
+    out = bytearray(MAGIC + struct.pack("<I", len(raw)) + raw)
+    for data in datas:
+        out += fill * (-len(out) % ALIGN) + data
+    return bytes(out)
+
+
+def _header(**overrides: Any) -> dict[str, Any]:
+    entry = {k: v for k, v in raw_tensor().items() if k != "data"}
+    head: dict[str, Any] = {"v": VERSION, "kind": "update", "meta": {}, "tensors": [entry]}
+    head.update(overrides)
+    return head
+
+
+def test_encode_writes_version_2_and_decode_views_the_payload_without_copying() -> None:
+    tensors = [sample("<f4", (3, 5)), sample("|b1", (7,)), sample("<f8", (2, 2)), sample("|u1", (0,))]
+    payload = encode("update", tensors, meta={"round": 1})
+    assert payload.startswith(MAGIC)
+    env = decode(payload)
+    base = np.frombuffer(payload, np.uint8).ctypes.data
+    for got, want in zip(env.tensors, tensors):
+        np.testing.assert_array_equal(got, want)
+        assert not got.flags.writeable and not got.flags.owndata
+        if got.size:  # a view into the payload's own bytes, at an aligned offset
+            assert base <= got.ctypes.data < base + len(payload) and (got.ctypes.data - base) % ALIGN == 0
+    # The same tensors in the same order give the same bytes (digests identify updates).
+    assert encode("update", tensors, meta={"round": 1}) == payload
+
+
+def test_version_1_payloads_are_still_read() -> None:
+    env = decode(raw_envelope(tensors=[raw_tensor(data=np.arange(12, dtype="<f4").tobytes())]))
+    np.testing.assert_array_equal(env.tensors[0], np.arange(12, dtype=np.float32).reshape(3, 4))
+
+
+@pytest.mark.parametrize("payload, phrase", [
+    (MAGIC + b"\x01\x00", "truncated inside its prefix"),
+    (MAGIC + struct.pack("<I", 1000) + b"\x80", "runs past the payload"),
+    (MAGIC + struct.pack("<I", 1) + b"\xc1", "header is not valid msgpack"),
+    (framed(_header(v=V1), bytes(48)), "unsupported envelope version 1"),
+    (framed(_header(tensors=[raw_tensor()]), bytes(48)), "unknown field(s) 'data'"),
+    (framed(_header(), bytes(40)), "run past the payload's end"),
+    (framed(_header(), bytes(48) + b"\x00"), "1 bytes of trailing data"),
+    (framed(_header(), bytes(48), fill=b"\x07"), "padding before its data is not zero"),
+    (framed(_header(tensors=[{"name": "b", "dtype": "|b1", "shape": [2]}]), b"\x01\x02"), "bool data"),
+    (framed(_header(tensors=[{"name": "h", "dtype": "<f4", "shape": [2**40, 2**40]}])), "run past"),
+    (framed(_header(kind=3), bytes(48)), "kind is not a str"),
+])
+def test_framed_decode_rejects_malformed(payload: bytes, phrase: str) -> None:
+    with pytest.raises(CodecError) as info:
+        decode(payload)
+    assert phrase in str(info.value)
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_framed_payloads_decode_or_raise_codec_error(data: st.DataObject) -> None:
+    payload = bytearray(encode("update", [sample("<f4", (5, 3)), sample("|b1", (4,))], meta={"x": 1}))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(payload) - 1))
+        payload[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(payload)))
+    try:
+        env = decode(bytes(payload[:cut]))
+    except CodecError:
+        return
+    assert sum(t.nbytes for t in env.tensors) <= cut
 
 
 def test_decode_rejects_invalid_utf8() -> None:

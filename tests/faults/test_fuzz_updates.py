@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import random
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def _envelope(ctx: Ctx, client: str, nonce: int) -> dict[str, Any]:
     ignores) keeps otherwise equal payloads distinct, so each one is a new version."""
     meta = {"run": ctx.run_id, "round": ROUND, "client": client, "num_examples": 64,
             "metrics": {"loss": 0.5, "accuracy": 0.75}, "nonce": nonce}
-    return {"v": codec.VERSION, "kind": protocol.KIND_UPDATE, "meta": meta,
+    return {"v": codec.V1, "kind": protocol.KIND_UPDATE, "meta": meta,
             "tensors": [_entry(n, t) for n, t in zip(ctx.names, ctx.tensors)]}
 
 
@@ -417,9 +418,22 @@ def _junk(rng: random.Random, depth: int = 0) -> Any:
                      for _ in range(rng.randrange(5))}][pick]()
 
 
+def _frame(env: dict[str, Any]) -> bytes:
+    """The same envelope in the codec's version 2 layout (a msgpack header, then each tensor's
+    bytes at a multiple of codec.ALIGN), built here independently of codec.encode."""
+    header = msgpack.packb({**env, "v": codec.VERSION,
+                            "tensors": [{k: v for k, v in e.items() if k != "data"} for e in env["tensors"]]},
+                           use_bin_type=True)
+    out = bytearray(codec.MAGIC + struct.pack("<I", len(header)) + header)
+    for entry in env["tensors"]:
+        out += bytes(-len(out) % codec.ALIGN) + entry["data"]
+    return bytes(out)
+
+
 def _byte_damage(rng: random.Random, ctx: Ctx, kind: str, nonce: int) -> tuple[bytes | None, set[str]]:
     env = _envelope(ctx, BAD, nonce)
-    valid = _pack(env)
+    # Both layouts the codec reads: version 1 (all msgpack) and version 2 (header + raw data).
+    valid = _pack(env) if rng.random() < 0.5 else _frame(env)
     assert valid is not None
     if kind == "random":
         return rng.randbytes(rng.randrange(600)), {"undecodable"}
@@ -587,7 +601,7 @@ def _hyp_case(ctx: Ctx) -> st.SearchStrategy:
         env = _envelope(ctx, BAD, 0)
         meta, expected = env["meta"], set()
         if "version" in broken:
-            _set(env, "v", draw(_FIELD.filter(lambda v: not (type(v) is int and v == codec.VERSION))))
+            _set(env, "v", draw(_FIELD.filter(lambda v: not (type(v) is int and v == codec.V1))))
             expected.add("undecodable")
         if "kind" in broken:
             _set(env, "kind", draw(_FIELD.filter(lambda v: v != protocol.KIND_UPDATE)))
