@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.round_overhead import MODELS, _descendants, _hwm_kib, tcp_redis  # noqa: E402
+from bench.round_overhead import MODELS, _descendants, _hwm_kib, _role, tcp_redis  # noqa: E402
 from fedq.jobs import submit_run  # noqa: E402
 from fedq.localredis import die_with_parent  # noqa: E402
 from fedq.runner import with_huge_pages  # noqa: E402
@@ -38,20 +38,6 @@ from fedq.spec import RunSpec  # noqa: E402
 from fedq.store import RunStore, connect  # noqa: E402
 
 MODELS = {**MODELS, "250m": "bench.bench_models:dense_250m"}
-
-
-def _role(pid: int, worker: int) -> str:
-    """worker (the rq worker), horse (its forked job), builder (the initial model's child)."""
-    if pid == worker:
-        return "worker"
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return "gone"
-    if b"spawn_main" in cmdline:
-        return "builder"
-    return "horse" if parent == worker else "other"
 
 
 def run(model: str, clients: int, rounds: int, chunk_bytes: int) -> dict[str, object]:

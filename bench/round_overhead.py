@@ -106,11 +106,27 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
-def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over: int) -> dict[str, float]:
+def _role(pid: int, worker: int) -> str:
+    """worker (the rq worker), horse (its forked job), builder (the initial model's child)."""
+    if pid == worker:
+        return "worker"
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return "gone"
+    if b"spawn_main" in cmdline:
+        return "builder"
+    return "horse" if parent == worker else "other"
+
+
+def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over: int,
+                 central_eval: bool = True) -> dict[str, float]:
     with tcp_redis() as url:
         settings = Settings.from_env(env={}, redis_url=url)
         r = connect(settings)
-        spec = RunSpec(clients=n, rounds=rounds, local_epochs=1, model=MODELS[model], run_id=f"bench-{n}").validate()
+        spec = RunSpec(clients=n, rounds=rounds, local_epochs=1, model=MODELS[model], run_id=f"bench-{n}",
+                       central_eval=central_eval).validate()
         queue = f"bench-{n}"
         submit_run(r, settings, spec, queue=queue)
         env = with_huge_pages(dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
@@ -129,7 +145,8 @@ def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over
         def sample() -> None:  # the work horse is a child of the worker: track its high-water mark
             while not done.is_set():
                 for pid in [agg.pid, *_descendants(agg.pid)]:
-                    peak[0] = max(peak[0], _hwm_kib(pid))
+                    if _role(pid, agg.pid) in ("worker", "horse"):  # not the initial model's builder
+                        peak[0] = max(peak[0], _hwm_kib(pid))
                 time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -220,16 +237,20 @@ def main() -> None:
                     help="FEDQ_CHUNK_BYTES of the run: larger models travel in parts")
     ap.add_argument("--threads-over", type=int, default=10,
                     help="above this many clients, run them as threads in four processes")
+    ap.add_argument("--no-central-eval", action="store_true",
+                    help="run without central evaluation (the lean aggregator: no TensorFlow, no global copy)")
     ap.add_argument("--client", nargs=3, metavar=("URL", "RUN", "SHARD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
         client_main(args.client[0], args.client[1], int(args.client[2]))
         return
-    print(f"model {args.model}; {args.rounds} rounds, medians of rounds 2+")
+    print(f"model {args.model}; {args.rounds} rounds, medians of rounds 2+"
+          f"{'; no central evaluation' if args.no_central_eval else ''}")
     print(f"{'clients':>7} {'round ms':>9} {'floor ms':>9} {'ratio':>6} {'agg peak MiB':>12} {'seed ms':>9} {'speed-up':>8}")
     rows = []
     for n in args.clients:
-        row = measure_fedq(n, args.model, args.rounds, args.chunk_bytes, args.threads_over)
+        row = measure_fedq(n, args.model, args.rounds, args.chunk_bytes, args.threads_over,
+                           central_eval=not args.no_central_eval)
         seed = ""
         if args.seed_compare:
             from fedq.models import build_model  # the same model's tensors, for the seed's transport

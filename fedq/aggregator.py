@@ -21,6 +21,7 @@ from fedq import metrics as fedq_metrics
 from fedq.aggregate import weighted_metrics
 from fedq.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
 from fedq.errors import CodecError, ConfigError, DataError, FedqError, UpdateRejected
+from fedq.localredis import die_with_parent
 from fedq.strategies import Strategy, held_bytes, select_clients
 from fedq.models import build_model, evaluate, weight_names
 from fedq.settings import Settings
@@ -687,6 +688,7 @@ def write_initial_global(settings: Settings, run_id: str, num_features: int, num
                          conn: Any) -> None:
     """Child process of Aggregator._initial_global: build the run's model, write the initial
     global model's parts and send back (True, payload to commit), or (False, why it failed)."""
+    die_with_parent()  # an aggregator killed mid-build takes its builder with it
     try:
         store = RunStore(connect(settings), run_id)
         spec = store.spec()

@@ -13,8 +13,12 @@ import pytest
 
 from fedq import chunking, codec, transfer
 from fedq.aggregate import FedAvg, fedavg
-from fedq.data import load_dataset
+from fedq.aggregator import Aggregator
+from fedq.data import feature_stats, load_dataset, load_shard
 from fedq.models import build_model, weight_names
+from fedq.settings import Settings
+from fedq.spec import RunSpec
+from fedq.store import RunStore, connect
 from fedq.strategies import Strategy, StrategySpec
 from test_chunking import CHUNK, _push, _push_damaged
 from test_rounds import harness_factory  # noqa: F401  (fixture used by name)
@@ -118,3 +122,16 @@ def test_without_central_evaluation_a_damaged_part_is_refused_and_the_round_goes
     for got, want in zip(new, fedavg(list(good.values()))):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert [r["reason"] for r in h.store.refused() if r["client"] == "c2"] == ["bad_part"]
+
+
+def test_a_model_that_fails_to_build_in_the_child_fails_the_run_with_its_reason(r, redis_url) -> None:
+    settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2)
+    spec = RunSpec(clients=1, rounds=1, round_timeout=60, run_id="t-lean-broken", central_eval=False,
+                   model="byo_models:build_broken").validate()
+    store = RunStore(r, spec.run_id)
+    store.create(spec)
+    x, _ = load_shard(spec.data, 0, 1)
+    assert store.join("c0", {"shard": 0}, feature_stats(x).to_dict()) == "joined"
+    state = Aggregator(connect(settings), settings, spec.run_id).run()
+    assert state["status"] == "failed"
+    assert "building the initial model failed" in state["reason"] and "build_broken" in state["reason"], state
