@@ -38,10 +38,11 @@ PASSWORD_SUFFIX = ".password"
 # SCRIPT LOAD when the server does not know the script yet).
 _CONNECT = ["+ping", "+hello", "+auth", "+select", "+client|setname", "+client|getname", "+echo", "+info"]
 _SCRIPTS = ["+evalsha", "+eval", "+script|load", "+script|exists"]
-# A client's commands: the reads of its round loop, writes to its own keys (the heartbeat is a
-# SET with expiry; the Lua steps do the rest) and MULTI/EXEC for redis-py pipelines.
-_CLIENT_COMMANDS = ["+get", "+mget", "+hget", "+hgetall", "+hmget", "+exists", "+sismember", "+smembers",
-                    "+scard", "+xread", "+xrange", "+xrevrange", "+zrange", "+zrevrange", "+set", "+del",
+# A client's commands: the reads of its round loop (STRLEN: a part's size is checked before it
+# is read), writes to its own keys (the heartbeat is a SET with expiry; the Lua steps do the
+# rest) and MULTI/EXEC for redis-py pipelines.
+_CLIENT_COMMANDS = ["+get", "+strlen", "+mget", "+hget", "+hgetall", "+hmget", "+exists", "+sismember",
+                    "+smembers", "+scard", "+xread", "+xrange", "+xrevrange", "+zrange", "+zrevrange", "+set", "+del",
                     "+hset", "+hincrby", "+rpush", "+ltrim", "+xadd", "+multi", "+exec", "+discard"]
 
 

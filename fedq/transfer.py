@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -72,31 +72,38 @@ def push_update(st: RunStore, client_id: str, round_no: int, num_examples: int, 
     return Pushed(outcome, sent + len(head), layout.count)
 
 
+class PartMissing(CodecError):
+    """A part named by a head is not in Redis."""
+
+
+def read_parts(st: RunStore, keys: Sequence[str], layout: chunking.Layout) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, values) of each part under keys, fetched one at a time and checked against the
+    head's layout. PartMissing when one is gone, CodecError when one does not match."""
+    itemsize = np.dtype(layout.dtype).itemsize
+    for index, key in enumerate(keys):
+        offset, length = layout.span(index)
+        # Its size first: a client may store anything under its own keys, and reading a bogus
+        # 512 MB value to find that its digest is wrong would break the memory bound.
+        size, most = st.r.strlen(key), length * itemsize + PART_OVERHEAD
+        if size > most:
+            raise CodecError(f"part {index} is {size} bytes, at most {most} expected")
+        payload = st.r.get(key) if size else None
+        if payload is None:
+            raise PartMissing(f"part {index} of {layout.count} is missing")
+        yield offset, chunking.decode_part(payload, layout, index)
+
+
 def fold_parts(st: RunStore, upd: protocol.Update, fold: Callable[[int, np.ndarray], None]) -> None:
     """Fetch an update's parts one by one, check each against its head and hand it to fold
     (offset, values). UpdateRejected('bad_part') when one is missing or does not match."""
     assert upd.layout is not None and upd.part_id is not None
-    itemsize = np.dtype(upd.layout.dtype).itemsize
-    for index in range(upd.layout.count):
-        key = st.k.update_part(upd.client_id, upd.round, upd.part_id, index)
-        # Its size first: a client may store anything under its own keys, and reading a bogus
-        # 512 MB value to find that its digest is wrong would break the memory bound.
-        size, most = st.r.strlen(key), upd.layout.span(index)[1] * itemsize + PART_OVERHEAD
-        if size == 0:
-            raise UpdateRejected("bad_part", f"part {index} of {upd.layout.count} is missing")
-        if size > most:
-            raise UpdateRejected("bad_part", f"part {index} is {size} bytes, at most {most} expected")
-        payload = st.r.get(key)
-        if payload is None:
-            raise UpdateRejected("bad_part", f"part {index} of {upd.layout.count} is missing")
-        try:
-            values = chunking.decode_part(payload, upd.layout, index)
-        except CodecError as exc:
-            raise UpdateRejected("bad_part", str(exc)) from None
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            raise UpdateRejected("non_finite", f"part {index} contains NaN or infinity")
-        offset, _ = upd.layout.span(index)
-        fold(offset, values)
+    try:
+        for offset, values in read_parts(st, update_part_keys(st, upd), upd.layout):
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                raise UpdateRejected("non_finite", f"the part at {offset} contains NaN or infinity")
+            fold(offset, values)
+    except CodecError as exc:
+        raise UpdateRejected("bad_part", str(exc)) from None
 
 
 def update_part_keys(st: RunStore, upd: protocol.Update) -> list[str]:
@@ -178,13 +185,12 @@ def read_global(st: RunStore, payload: bytes | None = None) -> tuple[int, list[s
         return round_no, names, tensors
     shapes, layout = head
     writer = chunking.FlatWriter(shapes, layout.dtype)
-    for index in range(layout.count):
-        part = st.r.get(st.k.global_part(round_no, index))
-        if part is None:
-            # Parts live two rounds: a reader this far behind starts over from the new head.
-            raise PartsGone(f"part {index} of round {round_no}'s global model is gone")
-        offset, _ = layout.span(index)
-        writer.put(offset, chunking.decode_part(part, layout, index))
+    try:
+        for offset, values in read_parts(st, [st.k.global_part(round_no, k) for k in range(layout.count)], layout):
+            writer.put(offset, values)
+    except PartMissing as exc:
+        # Parts live two rounds: a reader this far behind starts over from the new head.
+        raise PartsGone(f"round {round_no}'s global model: {exc}") from None
     return round_no, names, writer.tensors
 
 
