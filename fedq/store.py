@@ -74,7 +74,7 @@ elseif want > tonumber(st[3]) + 1 then
 elseif redis.call('EXISTS', selected) == 1 and redis.call('SISMEMBER', selected, ARGV[1]) == 0 then
   reason = 'not_selected'; detail = 'client is not among those chosen to train in round ' .. ARGV[2]
 elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
-  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5]
+  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5] .. ' (FEDQ_MAX_UPDATE_BYTES)'
 end
 local outcome = reason or 'ok'
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'client', ARGV[1], 'round', ARGV[2],
@@ -198,7 +198,7 @@ elseif redis.call('SISMEMBER', base .. ':members', ARGV[1]) == 0 then
 elseif redis.call('EXISTS', selected) == 1 and redis.call('SISMEMBER', selected, ARGV[1]) == 0 then
   reason = 'not_selected'; detail = 'client is not among those chosen to evaluate'
 elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
-  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5]
+  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5] .. ' (FEDQ_MAX_UPDATE_BYTES)'
 end
 if reason then
   redis.call('RPUSH', KEYS[2], cjson.encode({client=ARGV[1], round=tonumber(ARGV[2]), reason=reason,

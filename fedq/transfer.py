@@ -50,7 +50,7 @@ def push_update(st: RunStore, client_id: str, round_no: int, num_examples: int, 
     total = sum(t.nbytes for t in tensors)
     if total > max_bytes:
         return Pushed(st.refuse_push(client_id, round_no, "too_large",
-                                     f"{total} bytes exceeds the cap of {max_bytes}"), 0, 0)
+                                     f"{total} bytes exceeds the cap of {max_bytes} (FEDQ_MAX_UPDATE_BYTES)"), 0, 0)
     push_id = secrets.token_hex(6)  # parts of different pushes never mix, even mid-read
     digests, sent = [], 0
     for index, (payload, digest) in enumerate(chunking.encode_parts(tensors, chunk_bytes)):
