@@ -46,7 +46,8 @@ class Client:
     def __init__(self, r: redis.Redis, settings: Settings, shard: int, *, num_shards: int | None = None,
                  run_id: str | None = None, client_id: str | None = None, data: DataSpec | None = None,
                  stop: threading.Event | None = None,
-                 trainer_factory: Callable[..., Trainer] | None = None) -> None:
+                 trainer_factory: Callable[..., Trainer] | None = None,
+                 global_reader: Callable[[RunStore], tuple[int, list[str], list[np.ndarray]]] | None = None) -> None:
         if shard < 0:
             raise ConfigError(f"--shard must be 0 or more, got {shard}")
         if num_shards is not None and not 0 <= shard < num_shards:
@@ -61,6 +62,8 @@ class Client:
         self.stop = stop or threading.Event()
         self.done: set[str] = set()
         self.trainer_factory = trainer_factory or functools.partial(KerasTrainer, threads=settings.tf_threads)
+        # How the global model is fetched (simulated clients of one process share one fetch).
+        self.read_global = global_reader or transfer.read_global
         self._beat: heartbeat.Heartbeat | None = None
         self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
         self._dp_rng = np.random.default_rng()  # local DP noise (fresh OS entropy)
@@ -215,7 +218,7 @@ class Client:
         round trained from, encoded so; its error and the bytes saved go into the metrics."""
         t0 = time.perf_counter()
         try:
-            g_round, names, tensors = transfer.read_global(st)
+            g_round, names, tensors = self.read_global(st)
         except transfer.PartsGone:
             return "stale_global"  # the commit moved on twice while we read; look again
         if g_round != round_no - 1:
@@ -284,7 +287,7 @@ class Client:
         """Evaluate the last global model on the held-out rows and push the result."""
         if spec.sampled and not st.is_selected(round_no + 1, self.client_id):
             return
-        g_round, names, tensors = transfer.read_global(st)
+        g_round, names, tensors = self.read_global(st)
         if g_round != round_no or names != trainer.names:
             return
         trainer.load(tensors)

@@ -47,6 +47,31 @@ class NoiseTrainer:
                 for t in self._w]
 
 
+class SharedGlobal:
+    """The global model fetched once per round for all the simulated clients of a process,
+    instead of once per client: with N clients in a process, one copy of the model, not N.
+    The tensors are made read-only, as every client holds the same arrays."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[int, list[str], list[np.ndarray]]] = {}
+        self.fetches = 0
+
+    def read(self, store: RunStore) -> tuple[int, list[str], list[np.ndarray]]:
+        """(round, names, tensors) of the run's current global model (transfer.read_global)."""
+        committed = store.committed_round()  # the state and the global model move in one commit
+        with self._lock:  # the others wait for the one fetch rather than each making their own
+            cached = self._cache.get(store.run_id)
+            if cached is not None and cached[0] == committed:
+                return cached
+            round_no, names, tensors = transfer.read_global(store)
+            for t in tensors:
+                t.flags.writeable = False
+            self._cache[store.run_id] = (round_no, names, tensors)
+            self.fetches += 1
+            return self._cache[store.run_id]
+
+
 def noise_trainers(store: RunStore, scale: float = 1e-3) -> Any:
     """A Client trainer_factory making NoiseTrainers for the run in store."""
     def factory(spec: RunSpec, num_features: int, num_classes: int, x: Any, y: Any, shard: int,
@@ -76,12 +101,13 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
     load_dataset(RunStore(r0, run_id).spec().data)
     r0.close()
     failures: list[str] = []
+    shared = SharedGlobal()
 
     def one(shard: int) -> None:
         r = connect(settings)
         try:
-            Client(r, settings, shard, run_id=run_id,
-                   trainer_factory=noise_trainers(RunStore(r, run_id), scale)).serve(once=True)
+            Client(r, settings, shard, run_id=run_id, trainer_factory=noise_trainers(RunStore(r, run_id), scale),
+                   global_reader=shared.read).serve(once=True)
         except Exception as exc:  # noqa: BLE001 - counted and reported; one client must not stop the rest
             log.error("client-%d failed: %s", shard, exc)
             failures.append(f"client-{shard}")

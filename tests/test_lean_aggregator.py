@@ -135,3 +135,24 @@ def test_a_model_that_fails_to_build_in_the_child_fails_the_run_with_its_reason(
     state = Aggregator(connect(settings), settings, spec.run_id).run()
     assert state["status"] == "failed"
     assert "building the initial model failed" in state["reason"] and "build_broken" in state["reason"], state
+
+
+def test_simulated_clients_of_a_process_share_one_fetch_of_each_global_model(harness_factory) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedq.swarm import SharedGlobal
+
+    h = harness_factory(2, "t-shared-global", chunk_bytes=CHUNK)
+    shared = SharedGlobal()
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: shared.read(h.store), range(16)))
+    assert shared.fetches == 1 and all(g is got[0] for g in got)
+    round_no, names, tensors = got[0]
+    assert round_no == 0 and all(not t.flags.writeable for t in tensors)
+    for got_t, want in zip(tensors, transfer.read_global(h.store)[2]):
+        np.testing.assert_array_equal(got_t, want)
+    for cid, n in (("c0", 10), ("c1", 20), ("c2", 30)):
+        _push(h, cid, n, names, [(t + 1).astype(np.float32) for t in tensors])
+    h.wait_round(1)
+    assert shared.read(h.store)[0] == 1 and shared.fetches == 2  # a new round: one new fetch
+    assert shared.read(h.store)[0] == 1 and shared.fetches == 2
