@@ -211,7 +211,7 @@ class Aggregator:
         proc.start()
         send.close()
         try:
-            while not recv.poll(1.0):
+            while not recv.poll(self.settings.block_seconds):  # at most a third of the lease
                 if not proc.is_alive() and not recv.poll(0):
                     raise ConfigError(f"building the initial model {spec.model!r} failed: its process "
                                       f"exited with code {proc.exitcode}")
@@ -267,12 +267,16 @@ class Aggregator:
             rnd = self._collect_round(spec, round_no, template, strategy, g_tensors or [])
             if stream:
                 weights = None
-                payload, written = transfer.encode_global_from(self.store, round_no, template, strategy.result_slice,
+                def read(offset: int, length: int) -> np.ndarray:
+                    self._tick()
+                    return strategy.result_slice(offset, length)
+
+                payload, written = transfer.encode_global_from(self.store, round_no, template, read,
                                                                self.settings.chunk_bytes)
             else:
                 weights = strategy.result()
                 payload, written = transfer.encode_global(self.store, round_no, g_names, weights,
-                                                          self.settings.chunk_bytes)
+                                                          self.settings.chunk_bytes, on_part=self._tick)
             t_eval = time.perf_counter()
             test: dict[str, Any] = {}
             if model is not None and weights is not None:
@@ -557,6 +561,7 @@ class Aggregator:
 
     def _consider(self, rnd: _Round, round_no: int, cid: str, template: list[protocol.TensorSpec]) -> None:
         """Validate and fold one client's stored update, once per version."""
+        self._tick()  # a rescan folds many updates in a row: keep the lease through them
         t0 = time.perf_counter()
         upd = self._judge(rnd, round_no, cid, template)
         if upd is not None:
@@ -577,6 +582,7 @@ class Aggregator:
             rnd.acc.reset()
             clean = True
             for cid in list(rnd.folded):
+                self._tick()
                 # Out of folded and versions first: judge the current version afresh, and a
                 # refusal here must not start another rebuild.
                 del rnd.folded[cid]
@@ -599,11 +605,15 @@ class Aggregator:
         rnd.part_keys.update(transfer.update_part_keys(self.store, upd))
         try:
             if rnd.acc.streams_parts:
-                transfer.fold_parts(self.store, upd, lambda offset, values: rnd.acc.add_part(
-                    offset, values, upd.num_examples))
+                def fold(offset: int, values: np.ndarray) -> None:
+                    self._tick()  # a model of a GB is many parts and seconds: renew as we go
+                    rnd.acc.add_part(offset, values, upd.num_examples)
+
+                transfer.fold_parts(self.store, upd, fold)
                 rnd.acc.count_update(upd.num_examples, upd.client_id)
             else:
-                rnd.acc.add(transfer.assemble(self.store, upd, template), upd.num_examples, upd.client_id)
+                rnd.acc.add(transfer.assemble(self.store, upd, template, on_part=self._tick), upd.num_examples,
+                            upd.client_id)
             return True
         except UpdateRejected as exc:
             cid = upd.client_id

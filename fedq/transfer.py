@@ -113,21 +113,32 @@ def update_part_keys(st: RunStore, upd: protocol.Update) -> list[str]:
     return [st.k.update_part(upd.client_id, upd.round, upd.part_id, k) for k in range(upd.layout.count)]
 
 
-def assemble(st: RunStore, upd: protocol.Update, template: Sequence[protocol.TensorSpec]) -> list[np.ndarray]:
-    """An update sent in parts, put back together (strategies that need whole updates)."""
+def assemble(st: RunStore, upd: protocol.Update, template: Sequence[protocol.TensorSpec],
+             on_part: Callable[[], None] | None = None) -> list[np.ndarray]:
+    """An update sent in parts, put back together (strategies that need whole updates);
+    on_part is called before each part is put in place."""
     writer = chunking.FlatWriter([s.shape for s in template], template[0].dtype)
-    fold_parts(st, upd, writer.put)
+
+    def put(offset: int, values: np.ndarray) -> None:
+        if on_part is not None:
+            on_part()
+        writer.put(offset, values)
+
+    fold_parts(st, upd, put)
     return writer.tensors
 
 
 def encode_global(st: RunStore, round_no: int, names: Sequence[str], tensors: Sequence[np.ndarray],
-                  chunk_bytes: int) -> tuple[bytes, list[str]]:
+                  chunk_bytes: int, on_part: Callable[[], None] | None = None) -> tuple[bytes, list[str]]:
     """The global model's head (or whole envelope), writing its parts first when it has any;
-    returns (payload to commit, keys of the parts written)."""
+    returns (payload to commit, keys of the parts written). on_part is called before each part
+    (the aggregator renews its lease there)."""
     if not chunking.should_chunk(tensors, chunk_bytes):
         return protocol.encode_global(st.run_id, round_no, names, tensors), []
     digests, written = [], []
     for index, (payload, digest) in enumerate(chunking.encode_parts(tensors, chunk_bytes)):
+        if on_part is not None:
+            on_part()
         key = st.k.global_part(round_no, index)
         st.put_part(key, payload)
         digests.append(digest)

@@ -156,3 +156,27 @@ def test_simulated_clients_of_a_process_share_one_fetch_of_each_global_model(har
     h.wait_round(1)
     assert shared.read(h.store)[0] == 1 and shared.fetches == 2  # a new round: one new fetch
     assert shared.read(h.store)[0] == 1 and shared.fetches == 2
+
+
+def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch) -> None:
+    """Folding a large update (or a rescan's many updates in a row) once ran longer than the
+    lease without renewing it: the lease lapsed mid-round and the run was left to a 'new
+    driver' that never came. The aggregator now renews between updates and between parts."""
+    import time
+
+    from fedq.strategies import Strategy as S
+
+    slow = S.add_part
+
+    def add_part(self, offset, values, num_examples):
+        time.sleep(1.2)  # one update's 2 parts take 2.4 s to fold, longer than the 2 s lease
+        slow(self, offset, values, num_examples)
+
+    monkeypatch.setattr(S, "add_part", add_part)
+    h = harness_factory(1, "t-lease", {"central_eval": False}, chunk_bytes=CHUNK, lease_seconds=2.0)
+    _, names, g = transfer.read_global(h.store)
+    for cid, n in (("c0", 10), ("c1", 20), ("c2", 30)):
+        _push(h, cid, n, names, [(t + 1).astype(np.float32) for t in g])
+    h.wait_round(1)
+    h.thread.join(timeout=30)
+    assert h.store.state()["status"] == "finished"
