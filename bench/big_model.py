@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.round_overhead import MODELS, _descendants, _hwm_kib, _role, tcp_redis  # noqa: E402
+from bench.round_overhead import MODELS, _descendants, _hwm_kib, _role, tcp_redis, wait_all  # noqa: E402
 from fedq.jobs import submit_run  # noqa: E402
 from fedq.localredis import die_with_parent  # noqa: E402
 from fedq.runner import with_huge_pages  # noqa: E402
@@ -69,12 +69,10 @@ def run(model: str, clients: int, rounds: int, chunk_bytes: int) -> dict[str, ob
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         t0 = time.perf_counter()
-        for p in [agg, *procs]:
-            if p.wait(timeout=3600) != 0:
-                raise SystemExit(f"a benchmark process failed with code {p.returncode}")
+        store = RunStore(r, spec.run_id)
+        wait_all(agg, procs, store, 3600)
         done.set()
         sampler.join()
-        store = RunStore(r, spec.run_id)
         state = store.state()
         if state.get("status") != "finished":
             raise SystemExit(f"run ended {state.get('status')}: {state.get('reason')}")

@@ -151,9 +151,7 @@ def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        for p in [agg, *clients]:
-            if p.wait(timeout=1800) != 0:
-                raise SystemExit(f"a benchmark process failed with code {p.returncode}")
+        wait_all(agg, clients, RunStore(r, spec.run_id), 1800)
         done.set()
         store = RunStore(r, spec.run_id)
         metrics = store.metrics()[1:]  # round 1 includes start-up and TF tracing
@@ -161,6 +159,21 @@ def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over
         secs = [m["seconds"] for m in metrics]
         return {"median_s": statistics.median(secs), "peak_rss_mib": peak[0] / 1024,
                 "floor_s": n * floor_one(r, tensors, names)}
+
+
+def wait_all(agg: subprocess.Popen, clients: list[subprocess.Popen], store: RunStore, timeout: float) -> None:
+    """Wait for the aggregator and the clients; stop with the run's state when one fails, or
+    when the aggregator is gone and the run did not finish (the clients would wait forever)."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in [agg, *clients]):
+        failed = [p for p in [agg, *clients] if p.poll() not in (None, 0)]
+        state = store.state()
+        if failed or (agg.poll() is not None and state.get("status") != "finished") or time.monotonic() > deadline:
+            for p in [agg, *clients]:
+                p.kill()
+            raise SystemExit(f"benchmark run {state.get('status')} ({state.get('reason') or 'no reason'}); "
+                             f"exit codes {[p.wait() for p in [agg, *clients]]}")
+        time.sleep(0.5)
 
 
 def floor_one(r: redis.Redis, tensors: list[np.ndarray], names: list[str], repeat: int = 5) -> float:
