@@ -210,6 +210,7 @@ class Aggregator:
                            args=(self.settings, self.run_id, num_features, num_classes, send))
         proc.start()
         send.close()
+        answered = False
         try:
             while not recv.poll(self.settings.block_seconds):  # at most a third of the lease
                 if not proc.is_alive() and not recv.poll(0):
@@ -217,10 +218,16 @@ class Aggregator:
                                       f"exited with code {proc.exitcode}")
                 self._tick()  # keeps the lease while the child works; honours stop requests
             ok, value = recv.recv()
+            answered = True
         finally:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+            if not answered:
+                proc.kill()  # stopped or failed: its model is of no use now
+            # Having answered, the child exits on its own; its teardown (TensorFlow's, freeing the
+            # model) can take seconds on a loaded machine, which are not waited for here: a wait
+            # without renewing the lease once cost it. Until the work horse ends, an exited child
+            # is a zombie: a process-table entry, no memory.
+            proc.join(timeout=0)
+            recv.close()
         if not ok:
             raise ConfigError(value)
         return value
