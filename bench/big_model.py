@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,14 +87,7 @@ def run(model: str, clients: int, rounds: int, chunk_bytes: int) -> dict[str, ob
 def _parameters(store: RunStore) -> int:
     from fedq import transfer
 
-    _, template = transfer.global_template(store)
-    size = 0
-    for t in template:
-        n = 1
-        for d in t.shape:
-            n *= d
-        size += n
-    return size
+    return sum(math.prod(t.shape) for t in transfer.global_template(store)[1])
 
 
 def main() -> None:

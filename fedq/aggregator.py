@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import codec, evaluation, heartbeat, privacy, protocol, transfer
+from fedq import chunking, codec, evaluation, heartbeat, privacy, protocol, transfer
 from fedq import metrics as fedq_metrics
 from fedq.aggregate import weighted_metrics
 from fedq.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
@@ -261,7 +261,7 @@ class Aggregator:
         # updates, so no round needs the previous one; when it travels in parts it is written
         # out slice by slice from the float64 sum. Memory: that sum and a part, whatever N is.
         lean = model is None and strategy.streams_result and spec.compression == "none"
-        stream = lean and transfer.should_stream(template, self.settings.chunk_bytes)
+        stream = lean and chunking.should_chunk(template, self.settings.chunk_bytes)
         g_names = [t.name for t in template]
         g_tensors = None if lean else transfer.read_global(self.store)[2]
         # Server optimiser state (momentum, Adam moments) was committed with this global model.
@@ -274,12 +274,8 @@ class Aggregator:
             rnd = self._collect_round(spec, round_no, template, strategy, g_tensors or [])
             if stream:
                 weights = None
-                def read(offset: int, length: int) -> np.ndarray:
-                    self._tick()
-                    return strategy.result_slice(offset, length)
-
-                payload, written = transfer.encode_global_from(self.store, round_no, template, read,
-                                                               self.settings.chunk_bytes)
+                payload, written = transfer.encode_global_from(self.store, round_no, template, strategy.result_slice,
+                                                               self.settings.chunk_bytes, on_part=self._tick)
             else:
                 weights = strategy.result()
                 payload, written = transfer.encode_global(self.store, round_no, g_names, weights,

@@ -14,6 +14,7 @@ Pure: no Redis here; the store names the keys and the aggregator drives the loop
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -67,16 +68,18 @@ class Layout:
         return start, min(self.part_elements, self.elements - start)
 
 
-def uniform_dtype(tensors: Sequence[np.ndarray]) -> str | None:
+def uniform_dtype(tensors: Sequence[Any]) -> str | None:
     """The little-endian dtype shared by every tensor, or None when they differ (then the model
     travels whole)."""
     kinds = {np.dtype(t.dtype).newbyteorder("<").str for t in tensors}
     return kinds.pop() if len(kinds) == 1 else None
 
 
-def should_chunk(tensors: Sequence[np.ndarray], chunk_bytes: int) -> bool:
-    """Whether a model is sent in parts: larger than one chunk, and of a single dtype."""
-    return chunk_bytes > 0 and sum(t.nbytes for t in tensors) > chunk_bytes and uniform_dtype(tensors) is not None
+def should_chunk(tensors: Sequence[Any], chunk_bytes: int) -> bool:
+    """Whether a model is sent in parts: larger than one chunk, and of a single dtype. tensors
+    are arrays, or anything with their shape and dtype (the protocol's TensorSpecs)."""
+    nbytes = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in tensors)
+    return chunk_bytes > 0 and nbytes > chunk_bytes and uniform_dtype(tensors) is not None
 
 
 def part_elements(itemsize: int, chunk_bytes: int) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,7 +328,8 @@ def _decode_framed(payload: bytes, expect_kind: str | None) -> Envelope:
     return env
 
 
-def _envelope(obj: Any, version_read: int, expect_kind: str | None, tensor: Any) -> Envelope:
+def _envelope(obj: Any, version_read: int, expect_kind: str | None,
+              tensor: Callable[[int, Any], tuple[str, np.ndarray]]) -> Envelope:
     """Check a decoded envelope (v1) or header (v2) and build its tensors with tensor(i, entry)."""
     if not isinstance(obj, dict):
         raise CodecError(f"envelope is not a map (got {_describe(obj)})")

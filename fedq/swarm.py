@@ -72,12 +72,16 @@ class SharedGlobal:
             return self._cache[store.run_id]
 
 
-def noise_trainers(store: RunStore, scale: float = 1e-3) -> Any:
-    """A Client trainer_factory making NoiseTrainers for the run in store."""
+def noise_trainers(store: RunStore, scale: float = 1e-3, shared: SharedGlobal | None = None) -> Any:
+    """A Client trainer_factory making NoiseTrainers for the run in store; with shared, the
+    weight names come from the process's one fetch of the global model."""
     def factory(spec: RunSpec, num_features: int, num_classes: int, x: Any, y: Any, shard: int,
                 stop: threading.Event) -> NoiseTrainer:
-        _, template = transfer.global_template(store)  # names only: no need to fetch the model
-        return NoiseTrainer([t.name for t in template], len(y), seed=spec.seed * 1_000_003 + shard, scale=scale)
+        if shared is not None:
+            names = shared.read(store)[1]
+        else:
+            names = [t.name for t in transfer.global_template(store)[1]]  # names only: no parts read
+        return NoiseTrainer(names, len(y), seed=spec.seed * 1_000_003 + shard, scale=scale)
 
     return factory
 
@@ -106,7 +110,8 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
     def one(shard: int) -> None:
         r = connect(settings)
         try:
-            Client(r, settings, shard, run_id=run_id, trainer_factory=noise_trainers(RunStore(r, run_id), scale),
+            Client(r, settings, shard, run_id=run_id,
+                   trainer_factory=noise_trainers(RunStore(r, run_id), scale, shared),
                    global_reader=shared.read).serve(once=True)
         except Exception as exc:  # noqa: BLE001 - counted and reported; one client must not stop the rest
             log.error("client-%d failed: %s", shard, exc)

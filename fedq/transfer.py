@@ -135,43 +135,40 @@ def encode_global(st: RunStore, round_no: int, names: Sequence[str], tensors: Se
     (the aggregator renews its lease there)."""
     if not chunking.should_chunk(tensors, chunk_bytes):
         return protocol.encode_global(st.run_id, round_no, names, tensors), []
-    digests, written = [], []
-    for index, (payload, digest) in enumerate(chunking.encode_parts(tensors, chunk_bytes)):
-        if on_part is not None:
-            on_part()
-        key = st.k.global_part(round_no, index)
-        st.put_part(key, payload)
-        digests.append(digest)
-        written.append(key)
+    digests, written = _write_global_parts(st, round_no, chunking.encode_parts(tensors, chunk_bytes), on_part)
     layout = chunking.layout_of(tensors, chunk_bytes, digests)
     head = protocol.encode_global_head(st.run_id, round_no, names, [tuple(t.shape) for t in tensors], layout)
     return head, written
 
 
 def encode_global_from(st: RunStore, round_no: int, template: Sequence[protocol.TensorSpec],
-                       read: Callable[[int, int], np.ndarray], chunk_bytes: int) -> tuple[bytes, list[str]]:
+                       read: Callable[[int, int], np.ndarray], chunk_bytes: int,
+                       on_part: Callable[[], None] | None = None) -> tuple[bytes, list[str]]:
     """Like encode_global, for a global model read slice by slice (read(offset, length) of its
     flat parameters) and never held whole: its parts are made and written one at a time."""
+    if not chunking.should_chunk(template, chunk_bytes):
+        raise ValueError("encode_global_from is for models that travel in parts (chunking.should_chunk)")
     names, shapes = [t.name for t in template], [t.shape for t in template]
     dtype = template[0].dtype
     elements = sum(math.prod(s) for s in shapes)
-    if not should_stream(template, chunk_bytes):
-        raise ValueError("encode_global_from is for models that travel in parts (should_stream)")
-    digests, written = [], []
-    for index, (payload, digest) in enumerate(chunking.encode_parts_from(read, elements, dtype, chunk_bytes)):
-        key = st.k.global_part(round_no, index)
-        st.put_part(key, payload)
-        digests.append(digest)
-        written.append(key)
+    parts = chunking.encode_parts_from(read, elements, dtype, chunk_bytes)
+    digests, written = _write_global_parts(st, round_no, parts, on_part)
     layout = chunking.layout_for(elements, dtype, chunk_bytes, digests)
     return protocol.encode_global_head(st.run_id, round_no, names, shapes, layout), written
 
 
-def should_stream(template: Sequence[protocol.TensorSpec], chunk_bytes: int) -> bool:
-    """Whether a model shaped like template travels in parts (chunking.should_chunk, from specs)."""
-    dtypes = {t.dtype for t in template}
-    nbytes = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in template)
-    return chunk_bytes > 0 and nbytes > chunk_bytes and len(dtypes) == 1
+def _write_global_parts(st: RunStore, round_no: int, parts: Iterator[tuple[bytes, str]],
+                        on_part: Callable[[], None] | None) -> tuple[list[str], list[str]]:
+    """Write a global model's parts as they are made; (their digests, their keys)."""
+    digests, written = [], []
+    for index, (payload, digest) in enumerate(parts):
+        if on_part is not None:
+            on_part()
+        key = st.k.global_part(round_no, index)
+        st.put_part(key, payload)
+        digests.append(digest)
+        written.append(key)
+    return digests, written
 
 
 def global_template(st: RunStore) -> tuple[int, list[protocol.TensorSpec]]:
