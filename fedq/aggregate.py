@@ -134,3 +134,33 @@ def weighted_metrics(items: Iterable[tuple[Mapping[str, float], int]]) -> dict[s
             sums[name] = sums.get(name, 0.0) + float(value) * n
             weights[name] = weights.get(name, 0) + n
     return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+
+
+def capped_weights(counts: Mapping[str, int], max_share: float) -> dict[str, int]:
+    """Weights for a mean in which no one model carries more than max_share of the total.
+
+    Sample counts are what clients claim; the largest are lowered to a common cap T with
+    T = max_share x (sum of the new weights), which leaves every other count as it was (the
+    fixed point is found largest-first). Weights stay whole numbers (caps round down, which
+    only lowers a capped share). When max_share x len(counts) < 1 no weighting can meet the
+    cap, and every model gets the same weight (the smallest share possible)."""
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+    if any(c <= 0 for c in counts.values()):
+        raise ValueError("counts must be positive")
+    if not counts:
+        return {}
+    order = sorted(counts, key=lambda k: counts[k], reverse=True)
+    if max_share * len(order) < 1:
+        low = min(counts.values())
+        return {k: low for k in counts}
+    total = sum(counts.values())
+    for m in range(len(order)):
+        if m * max_share >= 1:
+            break
+        rest = total - sum(counts[k] for k in order[:m])
+        cap = max_share * rest / (1 - m * max_share)
+        if counts[order[m]] <= cap:
+            return {k: counts[k] if counts[k] <= cap else max(1, int(cap)) for k in counts}
+    low = min(counts.values())  # not reached: max_share x n >= 1 leaves a fixed point
+    return {k: low for k in counts}

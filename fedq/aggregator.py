@@ -18,7 +18,7 @@ import redis
 
 from fedq import chunking, codec, evaluation, heartbeat, privacy, protocol, transfer
 from fedq import metrics as fedq_metrics
-from fedq.aggregate import weighted_metrics
+from fedq.aggregate import capped_weights, weighted_metrics
 from fedq.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
 from fedq.errors import CodecError, ConfigError, DataError, FedqError, UpdateRejected
 from fedq.localredis import die_with_parent
@@ -27,7 +27,7 @@ from fedq.models import build_model, evaluate, weight_names
 from fedq.settings import Settings
 from fedq.signing import Verifier
 from fedq.spec import RunSpec
-from fedq.store import ENDED, LeaseLost, RunStore, connect
+from fedq.store import ENDED, LeaseLost, RunStore, StoredUpdate, connect
 
 log = logging.getLogger("fedq.aggregator")
 
@@ -55,9 +55,13 @@ class _Round:
     selected: set[str] | None = None  # the clients chosen to train (None: every joined client)
     folded: dict[str, protocol.Update] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
-    # client id -> version of its update last judged (push sequence number; a digest for a
-    # payload written around the protocol), so each version is judged exactly once.
-    versions: dict[str, int | str] = field(default_factory=dict)
+    # client id -> version of its update last judged: its push sequence number, or a marker of
+    # what was wrong with its key, so that each version is judged (and read) exactly once.
+    versions: dict[str, str] = field(default_factory=dict)
+    reads: dict[str, int] = field(default_factory=dict)  # client id -> versions read this round
+    weights: dict[str, int] = field(default_factory=dict)  # client id -> capped weight (--max-client-share)
+    template: list[protocol.TensorSpec] = field(default_factory=list)  # the model's tensors
+    recorded: set[tuple[str, str]] = field(default_factory=set)  # (client, version) in the audit trail
     fold_seconds: float = 0.0
     last_arrival: float = 0.0
     part_keys: set[str] = field(default_factory=set)  # parts of updates judged: deleted at commit
@@ -446,42 +450,57 @@ class Aggregator:
                 on_wake(cid)
 
     def _collect_joins(self, spec: RunSpec, num_features: int) -> tuple[np.ndarray, np.ndarray]:
-        """Block until the clients joined with valid statistics (or the quorum at the deadline)."""
+        """Admit clients that asked to join with valid statistics, until all the run's clients
+        are in (or the quorum at the deadline). Only the aggregator writes the member set, so ids
+        pushed into the inbox or anywhere else by somebody cannot take an honest client's place."""
         good: dict[str, FeatureStats] = {}
+        turned_away: set[str] = set()
 
-        def judge(cid: str, raw: dict[str, Any] | None) -> None:
-            if cid in good or raw is None:
+        def judge(cid: str) -> None:
+            if cid in good or cid in turned_away:
+                return
+            request = self.store.join_request(cid)  # a wake-up naming nobody costs one small read
+            if request is None:
                 return
             try:
-                st = FeatureStats.from_dict(raw)
+                st = FeatureStats.from_dict(request[1])
                 if len(st.count) != num_features:
                     raise DataError(f"{len(st.count)} features, the run's data has {num_features}")
-                good[cid] = st
-            except (DataError, TypeError, KeyError) as exc:
+            except (DataError, TypeError, KeyError, ValueError) as exc:
                 self._refuse_join(cid, str(exc))
+                return
+            if self.store.admit(cid):
+                good[cid] = st
+            else:
+                turned_away.add(cid)
+                log.warning("run %s: client %s asked to join a full run", self.run_id, cid)
 
-        def scan() -> None:  # idle moments re-read everything: wake-ups are only hints
+        def scan() -> None:  # idle moments re-read every request: wake-ups are only hints
             self._check_exists()
-            for cid, raw in self.store.stats().items():
-                judge(cid, raw)
+            for cid in self.store.join_requests():
+                judge(cid)
 
         scan()
-        # A wake-up reads only the client that woke us: with N clients, N reads, not N x N.
-        self._wait_quorum(spec, "joining", lambda: len(good), scan,
-                          lambda cid: judge(cid, self.store.stats_of(cid)))
+        self._wait_quorum(spec, "joining", lambda: len(good), scan, judge)
         return scaler_from_stats(combine_stats(list(good.values())))
 
     def _refuse_join(self, cid: str, detail: str) -> None:
         log.warning("run %s: refusing client %s: bad statistics: %s", self.run_id, cid, detail)
-        self.store.record_refused(cid, 0, "bad_stats", detail)
-        self.store.remove_client(cid)
+        self.store.refuse_join(cid, "bad_stats", detail)
+
+    def _admit_late(self, rnd: _Round, cid: str) -> None:
+        """A client asking to join while training runs: admitted while there is room (it uses
+        the published scaler and trains from the next round it sees)."""
+        if self.store.join_request(cid) is not None and self.store.admit(cid):
+            log.info("run %s: admitted %s while training", self.run_id, cid)
+            rnd.joined = self._joined()
 
     def _collect_round(self, spec: RunSpec, round_no: int, template: list[protocol.TensorSpec],
                        strategy: Strategy, base: list[np.ndarray]) -> _Round:
         """Block until every joined (or chosen) client has a stored update for the round (valid or
         refused), or the deadline passes with the quorum. strategy has begun the round; base is
         the global model it started from (compressed updates are deltas from it)."""
-        rnd = _Round(acc=strategy, joined=self._joined(), base=base, compression=spec.compression)
+        rnd = _Round(acc=strategy, joined=self._joined(), base=base, compression=spec.compression, template=template)
         if spec.sampled:
             rnd.selected = self.store.selected(round_no)
             if rnd.selected is None:  # written with the commit that opened the round; never absent
@@ -493,14 +512,22 @@ class Aggregator:
             self._check_exists()
             rnd.joined = self._joined()  # late joiners count from now on
             fedq_metrics.set_clients_alive(heartbeat.count_alive_clients(self.r, self.run_id, sorted(rnd.joined)))
+            if len(rnd.joined) < spec.clients:  # room left: look for requests to join
+                for cid in self.store.join_requests():
+                    if cid not in rnd.joined:
+                        self._admit_late(rnd, cid)
             for cid, seq in self.store.update_seqs(round_no).items():
                 if rnd.versions.get(cid) != seq:
                     self._consider(rnd, round_no, cid, template)
 
+        def woken(cid: str) -> None:
+            if cid not in rnd.joined and len(rnd.joined) < spec.clients:
+                self._admit_late(rnd, cid)
+            self._consider(rnd, round_no, cid, template)
+
         rescan()  # a resumed round: fold what is already stored
         expected = rnd.expected(spec)
-        self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan,
-                          lambda cid: self._consider(rnd, round_no, cid, template),
+        self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan, woken,
                           expected=expected, quorum=min(spec.quorum, expected))
         # Close the round, then take in whatever was stored before the close: after this no
         # push can change it, so what we commit is exactly what was accepted.
@@ -508,7 +535,22 @@ class Aggregator:
         rescan()
         if not rnd.folded:
             raise RoundTimeout(f"round {round_no}: every update was refused")
+        self._cap_shares(spec, rnd, round_no, template)
         return rnd
+
+    def _cap_shares(self, spec: RunSpec, rnd: _Round, round_no: int, template: list[protocol.TensorSpec]) -> None:
+        """--max-client-share: lower the weight of any update that would carry more than the
+        share of the mean, then rebuild the sum with those weights (only when one binds)."""
+        if spec.max_client_share is None:
+            return
+        counts = {cid: upd.num_examples for cid, upd in rnd.folded.items()}
+        weights = capped_weights(counts, spec.max_client_share)
+        if weights == counts:
+            return
+        log.warning("run %s round %d: capping the weight of %s at a share of %g", self.run_id, round_no,
+                    ", ".join(sorted(c for c in counts if weights[c] != counts[c])), spec.max_client_share)
+        rnd.weights = weights
+        self._refold(rnd, round_no, template)
 
     def _joined(self) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
@@ -519,21 +561,34 @@ class Aggregator:
 
     def _judge(self, rnd: _Round, round_no: int, cid: str, template: list[protocol.TensorSpec],
                observe: bool = True) -> protocol.Update | None:
-        """Read and validate a client's current update; records and returns None on refusal."""
-        payload, seq = self.store.get_update(round_no, cid)
-        if payload is None:
+        """Read and validate a client's current update; records and returns None on refusal.
+
+        Each version is read once: Redis checks the key's type, sequence number and size before
+        anything travels, and a version already judged costs a few bytes whatever wakes us."""
+        judged = rnd.versions.get(cid, "")
+        if observe and rnd.reads.get(cid, 0) >= self.settings.max_pushes_per_round:
+            self._too_many_pushes(rnd, round_no, cid, judged)
             return None
-        version: int | str = seq or "d:" + codec.digest(payload)
-        if rnd.versions.get(cid) == version:
-            return None  # a duplicate wake-up for a version already judged
+        got = self.store.read_update(round_no, cid, judged if judged.isdigit() else "",
+                                     self.settings.max_update_bytes)
+        if got.kind in ("none", "seen"):
+            return None
+        version = got.seq if got.kind == "ok" else f"!{got.kind}:{got.seq}"
+        if version == judged:
+            return None  # the same bad key as before: recorded once already
         rnd.versions[cid] = version
+        if observe:  # a rebuild re-reads what was judged: that is not the client's doing
+            rnd.reads[cid] = rnd.reads.get(cid, 0) + 1
+        payload = got.payload or b""
         try:
+            if got.kind != "ok":
+                raise UpdateRejected(*_key_problem(got, self.settings.max_update_bytes))
             if cid not in rnd.joined:
                 raise UpdateRejected("unknown_client", f"client {cid!r} has not joined run {self.run_id}")
             if rnd.selected is not None and cid not in rnd.selected:
                 raise UpdateRejected("not_selected", f"client {cid!r} is not among those chosen for round {round_no}")
             upd = protocol.validate_update(payload, run_id=self.run_id, round_no=round_no,
-                                            client_id=cid, template=template, max_examples=rnd.joined[cid],
+                                            client_id=cid, template=template, max_examples=self._max_examples(rnd, cid),
                                             compression=rnd.compression, base=rnd.base)
             if self.verifier is not None:
                 # The signature covers what travelled: a compressed update's codes, scales and
@@ -547,13 +602,45 @@ class Aggregator:
         except UpdateRejected as exc:
             if observe:
                 fedq_metrics.observe_update(False, exc.reason, len(payload))
+            self._record_judged(rnd, round_no, cid, version, got.seq, codec.digest(payload) if payload else "",
+                                exc.reason, len(payload) or got.size)
             self._refuse(rnd, round_no, cid, exc)
             if rnd.folded.pop(cid, None) is not None:
                 self._refold(rnd, round_no, template)  # its earlier, valid version no longer counts
             return None
         if observe:
             fedq_metrics.observe_update(True, None, len(payload))
+        self._record_judged(rnd, round_no, cid, version, got.seq, upd.digest, "accepted", len(payload))
         return upd
+
+    def _record_judged(self, rnd: _Round, round_no: int, cid: str, version: str, seq: str, digest: str,
+                       outcome: str, nbytes: int) -> None:
+        """One line of the audit trail per version judged (a rebuild's re-reading adds none)."""
+        if (cid, version) in rnd.recorded:
+            return
+        rnd.recorded.add((cid, version))
+        self.store.record_judged(cid, round_no, seq, digest, outcome, nbytes)
+
+    def _max_examples(self, rnd: _Round, cid: str) -> int | None:
+        """The most samples cid may claim: the rows it joined with (its own claim) and, when the
+        operator provisioned one, its limit in the client registry, whichever is lower."""
+        limits = [n for n in (rnd.joined.get(cid), self.verifier and self.verifier.max_examples(cid))
+                  if isinstance(n, int)]
+        return min(limits) if limits else None
+
+    def _too_many_pushes(self, rnd: _Round, round_no: int, cid: str, judged: str) -> None:
+        """Past max_pushes_per_round a client's newer versions are refused unread (once), and
+        any version of it already folded leaves the round."""
+        seq = self.store.update_seq(round_no, cid)
+        if not seq or seq == judged or judged.startswith("!too_many_pushes"):
+            return
+        rnd.versions[cid] = "!too_many_pushes"
+        exc = UpdateRejected("too_many_pushes", f"more than {self.settings.max_pushes_per_round} versions "
+                             f"pushed for round {round_no} (FEDQ_MAX_PUSHES_PER_ROUND)")
+        self.store.record_judged(cid, round_no, seq, "", exc.reason, 0)
+        self._refuse(rnd, round_no, cid, exc)
+        if rnd.folded.pop(cid, None) is not None:
+            self._refold(rnd, round_no, rnd.template)
 
     def _refuse(self, rnd: _Round, round_no: int, cid: str, exc: UpdateRejected) -> None:
         """Log and record a refused update; it counts as a response when the client was due one."""
@@ -602,27 +689,27 @@ class Aggregator:
         read (memory: one part). False when a part was missing or bad: the update is then
         refused (unless a newer push replaced it meanwhile), and the sum holds some of it, so
         the caller rebuilds."""
+        weight = rnd.weights.get(upd.client_id, upd.num_examples)
         if upd.layout is None:
-            rnd.acc.add(upd.tensors, upd.num_examples, upd.client_id)
+            rnd.acc.add(upd.tensors, weight, upd.client_id)
             return True
         rnd.part_keys.update(transfer.update_part_keys(self.store, upd))
         try:
             if rnd.acc.streams_parts:
                 def fold(offset: int, values: np.ndarray) -> None:
                     self._tick()  # a model of a GB is many parts and seconds: renew as we go
-                    rnd.acc.add_part(offset, values, upd.num_examples)
+                    rnd.acc.add_part(offset, values, weight)
 
                 transfer.fold_parts(self.store, upd, fold)
-                rnd.acc.count_update(upd.num_examples, upd.client_id)
+                rnd.acc.count_update(weight, upd.client_id)
             else:
-                rnd.acc.add(transfer.assemble(self.store, upd, template, on_part=self._tick), upd.num_examples,
+                rnd.acc.add(transfer.assemble(self.store, upd, template, on_part=self._tick), weight,
                             upd.client_id)
             return True
         except UpdateRejected as exc:
             cid = upd.client_id
             rnd.folded.pop(cid, None)
-            _, seq = self.store.get_update(round_no, cid)
-            if rnd.versions.get(cid) == seq:  # not superseded: this version itself is bad
+            if rnd.versions.get(cid) == self.store.update_seq(round_no, cid):  # not superseded: this version itself is bad
                 fedq_metrics.observe_update(False, exc.reason, 0)
                 self._refuse(rnd, round_no, cid, exc)
             else:
@@ -651,9 +738,25 @@ class Aggregator:
             "fold_seconds": rnd.fold_seconds,
             "eval_seconds": eval_seconds,
             "refused": len(rnd.refused),
+            # --max-client-share: the weights used where a claimed count was lowered
+            "capped_weights": {cid: w for cid, w in sorted(rnd.weights.items())
+                               if cid in rnd.folded and w != rnd.folded[cid].num_examples},
             "clients": {u.client_id: {"num_examples": u.num_examples, "digest": u.digest, **u.metrics}
                         for u in updates},
         }
+
+
+def _key_problem(got: StoredUpdate, max_bytes: int) -> tuple[str, str]:
+    """The refusal (reason, detail) for an update key that failed the checks made in Redis."""
+    if got.kind == "too_large":
+        return "too_large", f"{got.size} bytes exceeds the cap of {max_bytes} (FEDQ_MAX_UPDATE_BYTES)"
+    if got.kind == "wrong_type":
+        return "malformed", f"the update key holds a Redis {got.seq}, not a hash"
+    if got.kind == "bad_seq":
+        return "malformed", f"the update's sequence number {got.seq!r} is not a whole number"
+    if got.kind == "bad_parts":
+        return "malformed", "the update's push id is not one fedq writes"
+    return "malformed", f"the update key could not be read ({got.kind})"
 
 
 def _test_extras(test: dict[str, Any]) -> dict[str, Any]:

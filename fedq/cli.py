@@ -163,6 +163,9 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
         click.option("--alpha", type=pos, default=0.5, show_default=True, help="Dirichlet concentration of --partition dirichlet."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
                      help="Share of each client's rows held out for federated evaluation (0: none)."),
+        click.option("--max-client-share", type=click.FloatRange(0, 1, min_open=True),
+                     help="Cap any one update's weight in a round's mean at this share (sample counts are "
+                          "the clients' claims); off by default."),
         click.option("--dp", type=click.Choice(MODES), default="off", show_default=True,
                      help="Differential privacy: central (the aggregator clips updates and noises their mean) "
                           "or local (each client clips and noises its update before pushing)."),
@@ -439,15 +442,18 @@ def keys_group() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the private keys and the public registry.")
 @click.option("--namespace", help="Namespace of the printed Kubernetes Secrets.")
+@click.option("--max-examples", type=click.IntRange(1), default=None,
+              help="Provision each client's largest sample count per update (edit client-keys.json's "
+                   "\"limits\" for per-client values); an update claiming more is refused.")
 @fail_cleanly
-def keys_new(clients: int, out: Path, namespace: str | None) -> None:
+def keys_new(clients: int, out: Path, namespace: str | None, max_examples: int | None) -> None:
     """Make an Ed25519 key per client; write them and print them as Kubernetes Secrets.
 
     Give each client its own <id>.key (FEDQ_SIGNING_KEY) and the aggregator client-keys.json
     (FEDQ_CLIENT_KEYS); the aggregator then refuses any update without a valid signature."""
     from fedq.signing import new_keys, secrets_yaml
 
-    private, registry = new_keys([f"client-{k}" for k in range(clients)])
+    private, registry = new_keys([f"client-{k}" for k in range(clients)], max_examples)
     out.mkdir(parents=True, exist_ok=True)
     for cid, pem in private.items():
         path = out / f"{cid}.key"

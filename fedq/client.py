@@ -137,6 +137,14 @@ class Client:
                   "val_rows": int(len(part.y_val)), "labels": part.label_counts(), "partition": data.partition,
                   "host": socket.gethostname(), "pid": os.getpid(), "joined_at": time.time()}
         outcome = st.join(self.client_id, record, feature_stats(x).to_dict())
+        # The aggregator admits clients: a request waits for its answer (or the run's end).
+        deadline = time.monotonic() + self.settings.wait_seconds
+        while outcome in ("requested", "join_timeout"):
+            self._check_stop()
+            if time.monotonic() > deadline:
+                break
+            outcome = st.wait_admitted(self.client_id, timeout=5 * self.settings.block_seconds,
+                                       block_seconds=self.settings.block_seconds)
         if outcome not in ("joined", "rejoined"):
             raise JoinRefused(f"{self.client_id} could not join run {run_id}: {outcome.replace('_', ' ')}", outcome)
         log.info("%s %s run %s with %d rows (shard %d of %d)", self.client_id, outcome, run_id,

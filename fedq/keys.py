@@ -73,7 +73,7 @@ class RunKeys:
 
     @property
     def members(self) -> str:
-        """Set: ids of the clients that joined (clients may only add to it, never remove)."""
+        """Set: ids of the clients the aggregator admitted (only the aggregator writes it)."""
         return f"{self.base}:members"
 
     @property
@@ -106,7 +106,8 @@ class RunKeys:
         return f"{self.client_base(client_id)}:*"
 
     def joined(self, client_id: str) -> str:
-        """Hash: 'record' (shard, host, pid, rows) and 'stats' (feature sums and counts), JSON."""
+        """Hash: the client's join request, 'record' (shard, host, pid, rows) and 'stats' (feature
+        sums and counts), JSON; 'verdict' (written by the aggregator) when it was refused."""
         return f"{self.client_base(client_id)}:join"
 
     def update(self, client_id: str, round_no: int) -> str:
@@ -167,6 +168,12 @@ class RunKeys:
         return f"{self.base}:refused"
 
     @property
+    def judged(self) -> str:
+        """Stream: the aggregator's judgement of every update version it read (client, round,
+        seq, digest, outcome, bytes): the audit trail, which no client may read or write."""
+        return f"{self.base}:judged"
+
+    @property
     def events(self) -> str:
         """Stream: one entry per committed round and per status change; clients block on it."""
         return f"{self.base}:events"
@@ -190,7 +197,7 @@ class RunKeys:
         """Fixed keys of the run (per-round update hashes are listed by pattern)."""
         return [self.spec, self.state, self.members, self.scaler, self.global_model, self.inbox,
                 self.metrics, self.refused, self.events, self.lease, self.standby, self.resume_lock,
-                self.server_state]
+                self.server_state, self.judged]
 
     @property
     def selected_pattern(self) -> str:

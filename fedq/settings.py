@@ -34,6 +34,10 @@ class Settings:
     job_timeout: int = 7 * 24 * 3600
     # Cap on one update's bytes (all its parts together when it travels in parts).
     max_update_bytes: int = 512 * 1024 * 1024
+    # Versions of one client's update the aggregator reads in one round: a re-push (a restarted
+    # client) replaces the update it pushed before, and past this many a client's pushes for the
+    # round are refused unread, so that re-pushing cannot make the aggregator read without end.
+    max_pushes_per_round: int = 4
     # Models larger than this travel as parts of at most this many bytes, each its own Redis
     # key (0: always whole; Redis caps one value at 512 MB).
     chunk_bytes: int = 16 * 1024 * 1024

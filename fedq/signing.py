@@ -82,19 +82,29 @@ class Signer:
 class Verifier:
     """The public keys of a run's clients, by client id."""
 
-    def __init__(self, keys: Mapping[str, Ed25519PublicKey]) -> None:
+    def __init__(self, keys: Mapping[str, Ed25519PublicKey], max_examples: Mapping[str, int] | None = None) -> None:
         self._keys = dict(keys)
+        self._max_examples = dict(max_examples or {})
+
+    def max_examples(self, client_id: str) -> int | None:
+        """The most samples the operator lets this client claim in one update (None: no limit
+        provisioned; the rows it joined with still cap it)."""
+        return self._max_examples.get(client_id)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Verifier":
-        """Load a registry written by ``fedq keys new``: JSON {client id: base64 raw public key}."""
+        """Load a registry written by ``fedq keys new``: JSON with "clients" {client id: base64 raw
+        public key} and, optionally, "limits" {client id: {"max_examples": N}}."""
         try:
             raw = json.loads(Path(path).read_text())
             keys = {cid: Ed25519PublicKey.from_public_bytes(base64.b64decode(b64, validate=True))
                     for cid, b64 in raw["clients"].items()}
+            limits = raw.get("limits") or {}
+            max_examples = {cid: _positive_int(entry["max_examples"], f"limits.{cid}.max_examples")
+                            for cid, entry in limits.items() if entry.get("max_examples") is not None}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"cannot read client public keys {str(path)!r}: {exc}") from None
-        return cls(keys)
+        return cls(keys, max_examples)
 
     def verify(self, run_id: str, round_no: int, client_id: str, num_examples: int, names: Sequence[str],
                tensors: Sequence[np.ndarray], signature: bytes | None,
@@ -117,8 +127,15 @@ class Verifier:
                                  "for this run, round, sample count and weights") from None
 
 
-def new_keys(client_ids: Sequence[str]) -> tuple[dict[str, bytes], dict[str, object]]:
-    """Fresh keys: ({client id: private key PEM}, public registry for the aggregator)."""
+def _positive_int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} must be a positive integer, not {value!r}")
+    return value
+
+
+def new_keys(client_ids: Sequence[str], max_examples: int | None = None) -> tuple[dict[str, bytes], dict[str, object]]:
+    """Fresh keys: ({client id: private key PEM}, public registry for the aggregator), with
+    each client's provisioned sample limit when max_examples is given."""
     private, public = {}, {}
     for cid in client_ids:
         key = Ed25519PrivateKey.generate()
@@ -126,7 +143,10 @@ def new_keys(client_ids: Sequence[str]) -> tuple[dict[str, bytes], dict[str, obj
                                          serialization.NoEncryption())
         public[cid] = base64.b64encode(key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
-    return private, {"version": 1, "algorithm": "ed25519", "clients": public}
+    registry: dict[str, object] = {"version": 1, "algorithm": "ed25519", "clients": public}
+    if max_examples is not None:
+        registry["limits"] = {cid: {"max_examples": int(max_examples)} for cid in client_ids}
+    return private, registry
 
 
 def secrets_yaml(private: Mapping[str, bytes], registry: Mapping[str, object], namespace: str | None) -> str:

@@ -64,6 +64,9 @@ class RunSpec:
     # its float64 sum (how models of a gigabyte and more are federated); rounds then report
     # no test metrics (federated evaluation, --val-fraction, still works).
     central_eval: bool = True
+    # The largest share of a round's mean any one update may carry (None: no cap): sample counts
+    # are the clients' own claims, so a client claiming 10^9 rows would otherwise capture the mean.
+    max_client_share: float | None = None
 
     def validate(self) -> "RunSpec":
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -93,6 +96,12 @@ class RunSpec:
             raise ConfigError(f"unknown compression {self.compression!r}; choose one of {', '.join(ENCODINGS)}")
         if not isinstance(self.central_eval, bool):
             raise ConfigError(f"central_eval must be true or false, got {self.central_eval!r}")
+        if self.max_client_share is not None and (
+                isinstance(self.max_client_share, bool) or not isinstance(self.max_client_share, (int, float))
+                or not 0.0 < self.max_client_share <= 1.0):
+            raise ConfigError(f"max client share must be above 0 and at most 1, got {self.max_client_share!r}")
+        if self.max_client_share is not None and self.central_dp is not None:
+            raise ConfigError("--max-client-share has no effect with --dp central (every update weighs the same)")
         check_model_arg(self.model)
         self.strategy.validate(self.clients_per_round)
         privacy.validate(self.dp, self.dp_clip, self.dp_noise, self.dp_delta, clients=self.clients,

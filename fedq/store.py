@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from fedq import keys
+from fedq import guarded, keys
 from fedq.errors import ConfigError, FedqError, RedisUnavailable, RunNotFound
 from fedq.settings import Settings
 from fedq.spec import RunSpec
@@ -33,6 +35,13 @@ ENDED = (FINISHED, FAILED)
 # checked against the client's ACL as it is used. They share the run's hash tag, so they live
 # in the same cluster slot as the declared keys.
 _JOIN = """
+-- A client asks to join (run by the client, as its own ACL user).
+-- KEYS[1]: the client's join hash (its own key)
+-- ARGV[1]: client id; ARGV[2]: join record (JSON); ARGV[3]: feature statistics (JSON);
+-- ARGV[4]: the run's key base
+-- The member set is the aggregator's alone: this only files the request under the client's own
+-- key and wakes the aggregator, which admits it (fedq.store.RunStore.admit). Returns requested,
+-- rejoined (already a member), run_full (a hint: the aggregator decides), run_<status> or no_such_run.
 local base = ARGV[4]
 local state, members, inbox = base .. ':state', base .. ':members', base .. ':inbox'
 local st = redis.call('HMGET', state, 'status', 'phase', 'clients')
@@ -46,13 +55,51 @@ if redis.call('SISMEMBER', members, ARGV[1]) == 1 then
   end
   return 'rejoined'
 end
--- The cap comes from the run's state, not from the caller.
 if redis.call('SCARD', members) >= tonumber(st[3]) then return 'run_full' end
 redis.call('HSET', KEYS[1], 'record', ARGV[2], 'stats', ARGV[3])
-redis.call('SADD', members, ARGV[1])
-if st[2] == 'join' then redis.call('RPUSH', inbox, ARGV[1]) end
--- A late joiner (training already open, with room left) uses the published scaler.
-return 'joined'
+redis.call('HDEL', KEYS[1], 'verdict')
+redis.call('RPUSH', inbox, ARGV[1])
+return 'requested'
+"""
+
+# The aggregator admits a client that asked to join (it alone writes the member set).
+# KEYS[1]: state; KEYS[2]: members; KEYS[3]: the client's join hash; KEYS[4]: lease; KEYS[5]: events
+# ARGV[1]: client id; ARGV[2]: driver ('' = unfenced, for tools); ARGV[3]: events cap;
+# ARGV[4]: the verdict to record when the run is full
+# Returns 1 (admitted, or a member already), 0 (run full: verdict written), -1 (lease lost).
+_ADMIT = """
+if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then return -1 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'clients') or '0') then
+  redis.call('HSET', KEYS[3], 'verdict', ARGV[4])
+  return 0
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], 'verdict')
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[3], '*', 'event', 'admitted', 'client', ARGV[1])
+return 1
+"""
+
+# The aggregator's read of one client's update for a round. The client owns the key, so it may
+# hold any type, size and content: type and size are checked here, before anything travels,
+# and a version already judged costs a few bytes.
+# KEYS[1]: the client's update hash for the round
+# ARGV[1]: the push sequence number already judged ('' when none); ARGV[2]: size cap in bytes
+# Returns {'none'} | {'wrong_type', type} | {'bad_seq', raw} | {'seen', seq}
+#       | {'too_large', seq, size} | {'bad_parts', seq} | {'ok', seq, payload or false, parts}
+_READ_UPDATE = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' then return {'none'} end
+if t ~= 'hash' then return {'wrong_type', t} end
+local seq = redis.call('HGET', KEYS[1], 'seq')
+if not seq or string.len(seq) > 15 or not string.match(seq, '^%d+$') then
+  return {'bad_seq', string.sub(seq or '', 1, 32)}
+end
+if seq == ARGV[1] then return {'seen', seq} end
+local size = redis.call('HSTRLEN', KEYS[1], 'payload')
+if size > tonumber(ARGV[2]) then return {'too_large', seq, size} end
+if redis.call('HSTRLEN', KEYS[1], 'parts') > 64 then return {'bad_parts', seq} end
+return {'ok', seq, redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET', KEYS[1], 'parts') or ''}
 """
 
 # Stores an update under the client's own key (a re-push replaces it, its seq counts versions)
@@ -303,6 +350,39 @@ def _json_list(raws: list[bytes]) -> list[dict[str, Any]]:
     return [rec for rec in map(_json_object, raws) if rec is not None]
 
 
+def _refusal(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """A refusal record with the fields readers use, of the types they expect (a client's own
+    list may hold anything); None when it is not one."""
+    try:
+        when = float(rec.get("time") or 0)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(when):
+        return None
+    return {**rec, "time": when, "client": str(rec.get("client", ""))[:64], "reason": str(rec.get("reason", ""))[:64],
+            "detail": str(rec.get("detail", ""))[:500]}
+
+
+def valid_client_id(client_id: str | None) -> bool:
+    """Whether client_id is a valid key component (ids in shared structures may be anything)."""
+    try:
+        keys.check_client_id(client_id or "")
+    except ConfigError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """What RunStore.read_update found: kind is ok, none, seen, or what is wrong with the key."""
+
+    kind: str
+    seq: str = ""
+    payload: bytes | None = None
+    parts: str = ""
+    size: int = 0
+
+
 def _stream_order(entry_id: bytes | str) -> tuple[int, int]:
     ms, _, seq = (_s(entry_id) or "0-0").partition("-")
     return int(ms), int(seq or 0)
@@ -316,6 +396,8 @@ class RunStore:
         self.run_id = run_id
         self.k = keys.RunKeys(run_id)
         self._join = r.register_script(_JOIN)
+        self._admit = r.register_script(_ADMIT)
+        self._read_update = r.register_script(_READ_UPDATE)
         self._push = r.register_script(_PUSH)
         self._open = r.register_script(_OPEN_TRAINING)
         self._commit = r.register_script(_COMMIT)
@@ -360,16 +442,14 @@ class RunStore:
         return int(_s(self.r.hget(self.k.state, "round")) or 0)
 
     def member_ids(self) -> list[str]:
-        """Ids of the clients that joined, sorted."""
-        return sorted(_s(m) for m in self.r.smembers(self.k.members))
+        """Ids of the clients that joined, sorted (ids that are no valid client id are skipped)."""
+        return sorted(cid for cid in map(_s, self.r.smembers(self.k.members)) if valid_client_id(cid))
 
     def _joined_field(self, field: str) -> dict[str, dict[str, Any]]:
         ids = self.member_ids()
-        pipe = self.r.pipeline(transaction=False)
-        for cid in ids:
-            pipe.hget(self.k.joined(cid), field)
-        # Members may be ids no join wrote (clients can add to the set): skip missing or bad records.
-        decoded = {cid: _json_object(v) for cid, v in zip(ids, pipe.execute())}
+        # The join hash is the client's own key: any type or size; a bad one reads as absent.
+        values = guarded.hash_fields(self.r, [self.k.joined(cid) for cid in ids], [field])
+        decoded = {cid: _json_object(v[0]) for cid, v in zip(ids, values)}
         return {cid: rec for cid, rec in decoded.items() if rec is not None}
 
     def clients(self) -> dict[str, dict[str, Any]]:
@@ -382,19 +462,27 @@ class RunStore:
     def metrics(self) -> list[dict[str, Any]]:
         return [json.loads(m) for m in self.r.lrange(self.k.metrics, 0, -1)]
 
-    def _client_keys(self, kind: str) -> list[str]:
-        # SCAN, not the member set: a client that never joined can still have been refused.
-        return sorted({_s(k) for k in self.r.scan_iter(match=self.k.client_keys_pattern(kind), count=1000)})
+    def _client_keys(self, kind: str, limit: int = 10_000) -> list[str]:
+        """Per-client keys of one kind in this run, found by SCAN (not the member set: a client
+        that never joined can still have been refused); names that are not exactly
+        fedq:{run}:c:<valid id>:<kind> are skipped."""
+        found: set[str] = set()
+        for key in self.r.scan_iter(match=self.k.client_keys_pattern(kind), count=1000):
+            name = _s(key) or ""
+            cid = self.k.client_of(name)
+            if valid_client_id(cid) and name == f"{self.k.client_base(cid)}:{kind}":
+                found.add(name)
+                if len(found) >= limit:
+                    break
+        return sorted(found)
 
     def refused(self) -> list[dict[str, Any]]:
-        """Every refusal, oldest first: those at the door (each client's own list) and those
-        of the aggregator."""
-        lists = [self.k.refused, *self._client_keys("refused")]
-        pipe = self.r.pipeline(transaction=False)
-        for key in lists:
-            pipe.lrange(key, 0, -1)
-        records = [rec for raws in pipe.execute() for rec in _json_list(raws)]
-        return sorted(records, key=lambda rec: float(rec.get("time") or 0))
+        """Every refusal, oldest first: those at the door (each client's own list, read
+        defensively: any type, size or content) and those of the aggregator."""
+        own = guarded.lists(self.r, [self.k.refused], last=MAX_REFUSED)
+        theirs = guarded.lists(self.r, self._client_keys("refused"), last=1000)
+        records = [_refusal(rec) for raws in [*own, *theirs] for rec in _json_list(raws)]
+        return sorted((rec for rec in records if rec is not None), key=lambda rec: rec["time"])
 
     def global_payload(self) -> bytes | None:
         return self.r.get(self.k.global_model)
@@ -404,10 +492,37 @@ class RunStore:
 
     # --- client side ------------------------------------------------------------------
     def join(self, client_id: str, record: dict[str, Any], stats: dict[str, Any]) -> str:
-        """Register a client with its feature statistics; returns joined/rejoined or a refusal
-        code (the cap on clients is the run's own)."""
+        """Ask to join with a record and feature statistics; returns requested (the aggregator
+        admits: see wait_admitted), rejoined, or a refusal code."""
         return _s(self._join(keys=[self.k.joined(client_id)],
                              args=[client_id, json.dumps(record), json.dumps(stats), self.k.base]))
+
+    def wait_admitted(self, client_id: str, timeout: float, block_seconds: float = 1.0) -> str:
+        """After join() answered requested: block until the aggregator admits the client
+        ('joined') or refuses it (its reason), or the run ends; 'join_timeout' after timeout."""
+        deadline = time.monotonic() + timeout
+        last = "0-0"
+        while True:
+            if self.r.sismember(self.k.members, client_id):
+                return "joined"
+            verdict = _s(self.r.hget(self.k.joined(client_id), "verdict"))
+            if verdict:
+                return verdict
+            status = _s(self.r.hget(self.k.state, "status"))
+            if status is None:
+                return "no_such_run"
+            if status in ENDED:
+                return f"run_{status}"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "join_timeout"
+            last, _ = self.wait_event(last, min(block_seconds, left))
+
+    def join_and_wait(self, client_id: str, record: dict[str, Any], stats: dict[str, Any],
+                      timeout: float = 60.0) -> str:
+        """join(), then wait_admitted() when the request was filed: joined, rejoined or why not."""
+        outcome = self.join(client_id, record, stats)
+        return self.wait_admitted(client_id, timeout) if outcome == "requested" else outcome
 
     def push_update(self, client_id: str, round_no: int, payload: bytes, max_bytes: int, part_id: str = "") -> str:
         """Store an update (or the head of one sent in parts, with its push id) for the open
@@ -447,14 +562,22 @@ class RunStore:
         return _s(self.r.hget(self.k.update(client_id, round_no), "parts")) or ""
 
     def pushes(self) -> list[dict[str, str]]:
-        """The push audit log of every client, oldest first."""
-        streams = self._client_keys("pushes")
-        pipe = self.r.pipeline(transaction=False)
-        for key in streams:
-            pipe.xrange(key)
+        """The push log of every client, oldest first: written by the clients themselves (their
+        view of what they sent), so read defensively and never used to audit the run."""
         entries = [(_stream_order(eid), {_s(k): _s(v) for k, v in fields.items()})
-                   for reply in pipe.execute() for eid, fields in reply]
+                   for reply in guarded.streams(self.r, self._client_keys("pushes")) for eid, fields in reply]
         return [fields for _order, fields in sorted(entries, key=lambda e: e[0])]
+
+    def judged(self) -> list[dict[str, str]]:
+        """The aggregator's record of every update version it judged (client, round, seq,
+        digest, outcome, bytes), oldest first: the run's audit trail, out of the clients' reach."""
+        return [{_s(k): _s(v) for k, v in fields.items()} for _eid, fields in self.r.xrange(self.k.judged)]
+
+    def record_judged(self, client_id: str, round_no: int, seq: str, digest: str, outcome: str,
+                      nbytes: int) -> None:
+        """Append one judgement to the audit trail."""
+        self.r.xadd(self.k.judged, {"client": client_id, "round": round_no, "seq": seq, "digest": digest,
+                                    "outcome": outcome, "bytes": nbytes}, maxlen=MAX_PUSHES, approximate=True)
 
     def wait_event(self, last_id: str, block_seconds: float) -> tuple[str, list[dict[str, str]]]:
         """Block up to block_seconds for run events after last_id; returns (new last id, events)."""
@@ -498,40 +621,75 @@ class RunStore:
         item = self.r.blpop([self.k.inbox], timeout=block_seconds)
         return None if item is None else _s(item[1])
 
-    def stats_of(self, client_id: str) -> dict[str, Any] | None:
-        """One client's statistics record (None when absent or not a JSON object)."""
-        try:
-            raw = self.r.hget(self.k.joined(client_id), "stats")
-        except ConfigError:  # not a valid client id: nothing can be stored under it
+    def join_request(self, client_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(record, statistics) a client filed with join(), or None when it filed none or filed
+        something that is not two JSON objects within the size cap (or the id is invalid)."""
+        if not valid_client_id(client_id):
             return None
-        return _json_object(raw)
+        [(record, stats)] = guarded.hash_fields(self.r, [self.k.joined(client_id)], ["record", "stats"])
+        rec, st = _json_object(record), _json_object(stats)
+        return None if rec is None or st is None else (rec, st)
+
+    def join_requests(self, limit: int = 10_000) -> list[str]:
+        """Ids of clients with a join hash in this run (members or not), found by SCAN."""
+        return [self.k.client_of(key) for key in self._client_keys("join", limit)]
+
+    def admit(self, client_id: str) -> bool:
+        """Make a client that asked to join a member (fenced by the lease when driving);
+        False when the run is full (the client finds that verdict under its join key)."""
+        done = self._admit(keys=[self.k.state, self.k.members, self.k.joined(client_id), self.k.lease, self.k.events],
+                           args=[client_id, self.driver or "", MAX_EVENTS, "run_full"])
+        if done == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost while admitting {client_id}")
+        return bool(done)
+
+    def refuse_join(self, client_id: str, reason: str, detail: str) -> None:
+        """Refuse a join request: recorded with the run's refusals, and the verdict written under
+        the client's join key (where its wait_admitted finds it); a member is dropped."""
+        self.record_refused(client_id, 0, reason, detail)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(self.k.members, client_id)
+        pipe.delete(self.k.joined(client_id))
+        pipe.hset(self.k.joined(client_id), "verdict", reason)
+        pipe.execute()
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Client id -> feature statistics of every client that joined."""
         return self._joined_field("stats")
 
-    def remove_client(self, client_id: str) -> None:
-        """Forget a client that joined (its statistics were unusable)."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.srem(self.k.members, client_id)
-        pipe.delete(self.k.joined(client_id))
-        pipe.execute()
+    def read_update(self, round_no: int, client_id: str, judged: str, max_bytes: int) -> StoredUpdate:
+        """A client's stored update for the round, checked in Redis before anything travels: its
+        type, its sequence number, its size (against max_bytes); judged is the sequence number
+        already judged, whose payload is then not sent again (kind 'seen')."""
+        if not valid_client_id(client_id):
+            return StoredUpdate("none")
+        reply = self._read_update(keys=[self.k.update(client_id, round_no)], args=[judged, max_bytes])
+        kind = _s(reply[0]) or "none"
+        if kind == "ok":
+            return StoredUpdate("ok", _s(reply[1]) or "", reply[2] or None, _s(reply[3]) or "")
+        if kind == "too_large":
+            return StoredUpdate(kind, _s(reply[1]) or "", size=int(reply[2]))
+        return StoredUpdate(kind, _s(reply[1]) if len(reply) > 1 else "")
 
-    def get_update(self, round_no: int, client_id: str) -> tuple[bytes | None, int]:
-        """(payload, sequence number) of a client's stored update, read atomically."""
-        try:
-            payload, seq = self.r.hmget(self.k.update(client_id, round_no), "payload", "seq")
-        except ConfigError:  # an inbox entry that is no client id: nothing stored under it
-            return None, 0
-        return payload, int(seq or 0)
+    def update_seq(self, round_no: int, client_id: str) -> str:
+        """The version marker of a client's stored update (see update_seqs)."""
+        return self.update_seqs(round_no, [client_id]).get(client_id, "")
 
-    def update_seqs(self, round_no: int) -> dict[str, int]:
-        """Client id -> sequence number of its latest stored update for the round."""
-        ids = self.member_ids()
+    def update_seqs(self, round_no: int, ids: Sequence[str] | None = None) -> dict[str, str]:
+        """Client id -> version marker of its stored update for the round: the push sequence
+        number, or a marker naming what is wrong with the key (so that it is judged once)."""
+        ids = self.member_ids() if ids is None else [c for c in ids if valid_client_id(c)]
         pipe = self.r.pipeline(transaction=False)
         for cid in ids:
             pipe.hget(self.k.update(cid, round_no), "seq")
-        return {cid: int(v) for cid, v in zip(ids, pipe.execute()) if v is not None and v.isdigit()}
+        out: dict[str, str] = {}
+        for cid, v in zip(ids, pipe.execute(raise_on_error=False)):
+            if isinstance(v, Exception):
+                out[cid] = "!wrong_type"
+            elif v is not None:
+                text = _s(v) or ""
+                out[cid] = text if text.isdigit() and len(text) <= 15 else "!bad_seq:" + text[:32]
+        return out
 
     def close_round(self, round_no: int) -> None:
         """Refuse further pushes for the round (fenced by the lease)."""
@@ -614,9 +772,10 @@ class RunStore:
             args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED, self.k.base]))
 
     def evals(self) -> dict[str, bytes]:
-        """Client id -> stored evaluation payload (final-evaluation phase)."""
+        """Client id -> stored evaluation payload (final-evaluation phase); a key of another
+        type or over the record cap reads as absent."""
         ids = self.member_ids()
-        values = self.r.mget([self.k.evaluation(cid) for cid in ids]) if ids else []
+        values = guarded.strings(self.r, [self.k.evaluation(cid) for cid in ids])
         return {cid: v for cid, v in zip(ids, values) if v is not None}
 
     def finish_evaluation(self, round_no: int, last_metrics: dict[str, Any] | None,
@@ -646,9 +805,18 @@ class RunStore:
 
 
 def list_runs(r: redis.Redis, newest_first: bool = True, limit: int = 100) -> list[str]:
-    """Run ids by creation time."""
+    """Run ids by creation time; an entry that is no valid run id is skipped (logged once)."""
     ids = r.zrevrange(keys.RUNS, 0, limit - 1) if newest_first else r.zrange(keys.RUNS, 0, limit - 1)
-    return [_s(i) for i in ids]
+    out = []
+    for raw in ids:
+        run_id = _s(raw) or ""
+        try:
+            keys.check_run_id(run_id)
+        except ConfigError:
+            guarded.warn_once(keys.RUNS, f"entry {run_id[:80]!r} is no valid run id")
+            continue
+        out.append(run_id)
+    return out
 
 
 def newest_open_run(r: redis.Redis, client_id: str, skip: set[str] = frozenset()) -> str | None:

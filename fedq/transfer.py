@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+import redis
 
 from fedq import chunking, protocol
 from fedq.errors import CodecError, UpdateRejected
@@ -84,7 +85,10 @@ def read_parts(st: RunStore, keys: Sequence[str], layout: chunking.Layout) -> It
         offset, length = layout.span(index)
         # Its size first: a client may store anything under its own keys, and reading a bogus
         # 512 MB value to find that its digest is wrong would break the memory bound.
-        size, most = st.r.strlen(key), length * itemsize + PART_OVERHEAD
+        try:
+            size, most = st.r.strlen(key), length * itemsize + PART_OVERHEAD
+        except redis.ResponseError:  # the client's own key, of another type
+            raise CodecError(f"part {index} is not a string") from None
         if size > most:
             raise CodecError(f"part {index} is {size} bytes, at most {most} expected")
         payload = st.r.get(key) if size else None

@@ -73,9 +73,10 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
     agg_store, weights = _open_run(_as(server, users[acl.AGGREGATOR_USER]), "acl-own")
     c0, c1 = _as(server, users["client-0"]), _as(server, users["client-1"])
     s0, s1 = RunStore(c0, "acl-own"), RunStore(c1, "acl-own")
-    assert s0.join("client-0", {"shard": 0, "rows": 5}, {"count": [5]}) == "joined"
-    assert s1.join("client-1", {"shard": 1, "rows": 5}, {"count": [5]}) == "joined"
+    assert s0.join("client-0", {"shard": 0, "rows": 5}, {"count": [5]}) == "requested"
+    assert s1.join("client-1", {"shard": 1, "rows": 5}, {"count": [5]}) == "requested"
     assert agg_store.acquire_lease("driver", 30)
+    assert agg_store.admit("client-0") and agg_store.admit("client-1")
     names = ["w", "b"]
     assert agg_store.open_training(b"scaler", protocol.encode_global("acl-own", 0, names, weights))
     assert s0.global_payload() is not None and s0.state()["phase"] == "train"
@@ -85,7 +86,7 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
 
     assert s0.push_update("client-0", 1, update("client-0"), 1 << 20) == "ok"
     assert s1.push_update("client-1", 1, update("client-1"), 1 << 20) == "ok"
-    assert agg_store.get_update(1, "client-0")[0] == update("client-0")
+    assert agg_store.read_update(1, "client-0", "", 1 << 20).payload == update("client-0")
 
     k = RunKeys("acl-own")
     attempts = {
@@ -95,6 +96,10 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
         "overwrite the global model": lambda: c0.set(k.global_model, b"forged"),
         "move the round counter": lambda: c0.hset(k.state, "round", 7),
         "drop a member": lambda: c0.srem(k.members, "client-1"),
+        "add a member": lambda: c0.sadd(k.members, "junk"),
+        "read the audit trail": lambda: c0.xrange(k.judged),
+        "forge an audit entry": lambda: c0.xadd(k.judged, {"client": "client-0"}),
+        "delete the audit trail": lambda: c0.delete(k.judged),
         "empty the inbox": lambda: c0.delete(k.inbox),
         "take the lease": lambda: c0.set(k.lease, "me"),
         "forge an aggregator refusal": lambda: c0.rpush(k.refused, "{}"),
@@ -111,7 +116,8 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
             pytest.fail(f"a client could {what}")
     # Nothing of the above landed: the global model and client-1's update are as written.
     assert agg_store.global_payload() == protocol.encode_global("acl-own", 0, names, weights)
-    assert agg_store.get_update(1, "client-1") == (update("client-1"), 1)
+    stored = agg_store.read_update(1, "client-1", "", 1 << 20)
+    assert (stored.payload, stored.seq) == (update("client-1"), "1")
     assert agg_store.member_ids() == CLIENTS
 
 
@@ -207,7 +213,7 @@ def test_a_process_connects_as_its_user_from_a_password_file(federation_users, t
     assert settings.with_credentials() == settings  # completing twice changes nothing
     _open_run(_as(server, users[acl.AGGREGATOR_USER]), "from-file")
     r = connect(settings)
-    assert RunStore(r, "from-file").join("client-1", {"shard": 1, "rows": 5}, {"count": [5]}) == "joined"
+    assert RunStore(r, "from-file").join("client-1", {"shard": 1, "rows": 5}, {"count": [5]}) == "requested"
     with pytest.raises(NOPERM):
         r.set(RunKeys("from-file").global_model, b"forged")
     # The file's user wins over credentials in the URL (an rq work horse inherits the completed URL).

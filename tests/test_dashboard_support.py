@@ -135,7 +135,8 @@ def make_run(r: Any, run_id: str, *, clients: int = 2, rounds: int = 3, committe
     for k in range(clients):
         rec = {"shard": k, "num_shards": clients, "rows": 100 + k, "host": f"site-{k}", "pid": 1000 + k,
                "joined_at": time.time()}
-        assert store.join(f"client-{k}", rec, {"count": [1]}) == "joined"
+        assert store.join(f"client-{k}", rec, {"count": [1]}) == "requested"
+        assert store.admit(f"client-{k}")
     assert store.acquire_lease("test-driver", 60)
     store.mark_started("test-driver")
     assert store.open_training(b"scaler", b"initial")

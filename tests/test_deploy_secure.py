@@ -322,7 +322,7 @@ def test_rendered_pods_reach_redis_as_their_roles_and_nothing_else(deployed: Dep
     for index, client in enumerate(clients):
         # Each pod is its own client: it joins under its id, and cannot write as the other one.
         own = RunStore(client, "secure-run")
-        assert own.join(f"client-{index}", {"shard": index, "rows": 5}, {"count": [5]}) == "joined"
+        assert own.join(f"client-{index}", {"shard": index, "rows": 5}, {"count": [5]}) == "requested"
         if v["acl"]:
             with pytest.raises(NOPERM):
                 client.hset(k.update(f"client-{1 - index}", 1), "payload", b"forged")
@@ -446,7 +446,7 @@ def test_compose_override_runs_as_it_says(acl_dir: Path, tmp_path: Path) -> None
         with pytest.raises(NOPERM):
             dash.hset(RunKeys(run_id).state, "status", "failed")
         client = connect(Settings.from_env(env=env_of("client-1")))
-        assert RunStore(client, run_id).join("client-1", {"shard": 1, "rows": 5}, {"count": [5]}) == "joined"
+        assert RunStore(client, run_id).join("client-1", {"shard": 1, "rows": 5}, {"count": [5]}) == "requested"
         with pytest.raises(NOPERM):
             client.hset(RunKeys(run_id).update("client-0", 1), "payload", b"forged")
         with pytest.raises(NOPERM):

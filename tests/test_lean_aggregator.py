@@ -131,7 +131,7 @@ def test_a_model_that_fails_to_build_in_the_child_fails_the_run_with_its_reason(
     store = RunStore(r, spec.run_id)
     store.create(spec)
     x, _ = load_shard(spec.data, 0, 1)
-    assert store.join("c0", {"shard": 0}, feature_stats(x).to_dict()) == "joined"
+    assert store.join("c0", {"shard": 0}, feature_stats(x).to_dict()) == "requested"  # admitted by the run
     state = Aggregator(connect(settings), settings, spec.run_id).run()
     assert state["status"] == "failed"
     assert "building the initial model failed" in state["reason"] and "build_broken" in state["reason"], state

@@ -56,7 +56,7 @@ class Harness:
         self.thread.start()
         for k in range(3):
             x, _ = load_shard(self.spec.data, k, 3)
-            assert self.store.join(f"c{k}", {"shard": k}, feature_stats(x).to_dict()) == "joined"
+            assert self.store.join_and_wait(f"c{k}", {"shard": k}, feature_stats(x).to_dict()) == "joined"
         _wait(lambda: self.store.state().get("phase") == "train", "training to open")
 
     def _drive(self) -> None:

@@ -39,7 +39,7 @@ class Run:
             for k in range(spec.clients):
                 x, _ = load_shard(spec.data, k, spec.clients)
                 rec = {"shard": k, "rows": len(x), "val_rows": 5}
-                assert self.store.join(f"c{k}", rec, feature_stats(x).to_dict()) == "joined"
+                assert self.store.join_and_wait(f"c{k}", rec, feature_stats(x).to_dict()) == "joined"
             _wait(lambda: self.store.state().get("phase") == "train", "training to open")
 
     def start_aggregator(self) -> Aggregator:

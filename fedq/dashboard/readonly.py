@@ -14,7 +14,7 @@ from fedq.store import tls_options
 
 # Every command the read paths use; anything else is refused before it reaches Redis.
 READ_COMMANDS = frozenset({
-    "GET", "MGET", "STRLEN", "EXISTS", "TYPE", "TTL", "PTTL", "SCAN",
+    "GET", "GETRANGE", "MGET", "STRLEN", "EXISTS", "TYPE", "TTL", "PTTL", "SCAN", "MEMORY USAGE",
     "HGET", "HMGET", "HGETALL", "HKEYS", "HLEN", "HEXISTS",
     "SMEMBERS", "SISMEMBER", "SCARD",
     "LRANGE", "LLEN", "LINDEX",

@@ -145,10 +145,16 @@ class Federation:
         """Check exactly-once accounting; returns the counts (lost and double-counted must be 0)."""
         store = self.store
         metrics = store.metrics()
+        # What the clients say they pushed (their own logs: these clients are honest) ...
         last_ok: dict[tuple[int, str], str] = {}
         for p in store.pushes():
             if p["outcome"] == "ok":
                 last_ok[(int(p["round"]), p["client"])] = p["digest"]
+        # ... and what the aggregator judged (its audit trail, out of the clients' reach).
+        last_accepted: dict[tuple[int, str], str] = {}
+        for j in store.judged():
+            if j["outcome"] == "accepted":
+                last_accepted[(int(j["round"]), j["client"])] = j["digest"]
         refused_at_aggregation = {(x["round"], x["client"]) for x in store.refused() if x["stage"] == "aggregate"}
         lost = double = accepted = 0
         for m in metrics:
@@ -160,6 +166,8 @@ class Federation:
             for cid, info in got.items():
                 if last_ok.get((rnd, cid)) != info["digest"]:
                     double += 1  # counted something other than the client's last accepted push
+                if last_accepted.get((rnd, cid)) != info["digest"]:
+                    double += 1  # counted something the aggregator's audit trail does not show accepted
             for (r_, cid) in last_ok:
                 if r_ == rnd and cid not in got and (rnd, cid) not in refused_at_aggregation:
                     lost += 1
