@@ -259,7 +259,12 @@ class Aggregator:
         x_test = standardize(ds.x[test_idx], mean, std)
         y_test = ds.y[test_idx]
 
-        round_no, template = transfer.global_template(self.store)
+        g_tensors: list[np.ndarray] | None = None
+        if model is not None:  # the model is read whole anyway: its template comes with it
+            round_no, g_names, g_tensors = transfer.read_global(self.store)
+            template = protocol.template_of(g_names, g_tensors)
+        else:
+            round_no, template = transfer.global_template(self.store)
         strategy = prepared.strategy or self._strategy_for(spec, template)
         # Lean: no central evaluation, and the next global model is the plain mean of the
         # updates, so no round needs the previous one; when it travels in parts it is written
@@ -267,7 +272,8 @@ class Aggregator:
         lean = model is None and strategy.streams_result and spec.compression == "none"
         stream = lean and chunking.should_chunk(template, self.settings.chunk_bytes)
         g_names = [t.name for t in template]
-        g_tensors = None if lean else transfer.read_global(self.store)[2]
+        if g_tensors is None and not lean:
+            g_tensors = transfer.read_global(self.store)[2]
         # Server optimiser state (momentum, Adam moments) was committed with this global model.
         strategy.load_state(self.store.server_state_payload(), round_no)
         fed_eval = spec.data.val_fraction > 0
@@ -443,10 +449,10 @@ class Aggregator:
                 deadline = time.monotonic() + spec.round_timeout
                 log.warning("run %s: %s: %d of %d, below the quorum of %d; waiting again (%d waits left)",
                             self.run_id, what, got, expected, quorum, retries)
-            cid = self.store.pop_inbox(self.settings.block_seconds)
-            if cid is None:
+            woken = self.store.pop_inbox(self.settings.block_seconds)
+            if not woken:
                 on_idle()
-            else:
+            for cid in woken:
                 on_wake(cid)
 
     def _collect_joins(self, spec: RunSpec, num_features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -461,6 +467,8 @@ class Aggregator:
                 return
             request = self.store.join_request(cid)  # a wake-up naming nobody costs one small read
             if request is None:
+                return
+            if not self._registered(cid):
                 return
             try:
                 st = FeatureStats.from_dict(request[1])
@@ -488,10 +496,18 @@ class Aggregator:
         log.warning("run %s: refusing client %s: bad statistics: %s", self.run_id, cid, detail)
         self.store.refuse_join(cid, "bad_stats", detail)
 
+    def _registered(self, cid: str) -> bool:
+        """With a client registry (signed updates), only its clients may join; others are refused."""
+        if self.verifier is None or self.verifier.knows(cid):
+            return True
+        log.warning("run %s: refusing client %s: not in the client registry", self.run_id, cid)
+        self.store.refuse_join(cid, "unknown_key", f"client {cid!r} is not in the client registry (FEDQ_CLIENT_KEYS)")
+        return False
+
     def _admit_late(self, rnd: _Round, cid: str) -> None:
         """A client asking to join while training runs: admitted while there is room (it uses
         the published scaler and trains from the next round it sees)."""
-        if self.store.join_request(cid) is not None and self.store.admit(cid):
+        if self.store.join_request(cid) is not None and self._registered(cid) and self.store.admit(cid):
             log.info("run %s: admitted %s while training", self.run_id, cid)
             rnd.joined = self._joined()
 
@@ -603,7 +619,7 @@ class Aggregator:
             if observe:
                 fedq_metrics.observe_update(False, exc.reason, len(payload))
             self._record_judged(rnd, round_no, cid, version, got.seq, codec.digest(payload) if payload else "",
-                                exc.reason, len(payload) or got.size)
+                                exc.reason, len(payload))  # bytes read: none when Redis refused the key
             self._refuse(rnd, round_no, cid, exc)
             if rnd.folded.pop(cid, None) is not None:
                 self._refold(rnd, round_no, template)  # its earlier, valid version no longer counts

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import redis
 
-from fedq import keys
+from fedq import guarded, keys
+from fedq.errors import ConfigError
 
 log = logging.getLogger("fedq.heartbeat")
 
@@ -168,9 +169,18 @@ def _records(ids: list[str], raws: list[bytes | None]) -> dict[str, dict[str, An
 def alive_clients(r: redis.Redis, run_id: str) -> dict[str, dict[str, Any]]:
     """Client id -> heartbeat record, for the clients of run_id whose heartbeat has not expired."""
     k = keys.RunKeys(run_id)
-    names = _scan_names(r, k.client_keys_pattern("alive"))
-    # One MGET: a run's keys share a hash tag, so this also works on Redis Cluster.
-    return _records([k.client_of(n) for n in names], r.mget(names) if names else [])
+    names = [n for n in _scan_names(r, k.client_keys_pattern("alive")) if n == _alive_key(k, k.client_of(n))]
+    # One pipeline: a run's keys share a hash tag, so this also works on Redis Cluster. The keys
+    # are the clients' own: any type or size, read through the guard.
+    return _records([k.client_of(n) for n in names], guarded.strings(r, names))
+
+
+def _alive_key(k: keys.RunKeys, client_id: str) -> str:
+    """The heartbeat key of client_id, or '' when the id is no valid client id."""
+    try:
+        return k.alive(client_id)
+    except ConfigError:
+        return ""
 
 
 def client_heartbeats(r: redis.Redis, run_id: str, client_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -178,7 +188,7 @@ def client_heartbeats(r: redis.Redis, run_id: str, client_ids: list[str]) -> dic
     if not client_ids:
         return {}
     k = keys.RunKeys(run_id)
-    return _records(client_ids, r.mget([k.alive(c) for c in client_ids]))
+    return _records(client_ids, guarded.strings(r, [k.alive(c) for c in client_ids]))
 
 
 def count_alive_clients(r: redis.Redis, run_id: str, client_ids: list[str] | None = None) -> int:

@@ -142,9 +142,14 @@ def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str) -> str | Non
 def recover_orphans(r: redis.Redis, settings: Settings, queues: list[str]) -> list[str]:
     """Re-enqueue runs on these queues that were started but have no driver and no standby."""
     recovered = []
-    for run_id in list_runs(r, limit=200):
+    for run_id in list_runs(r, limit=200):  # ids that are no valid run id are skipped there
         store = RunStore(r, run_id)
-        state = store.state()
+        try:
+            state = store.state()
+            float(state.get("created_at") or 0)
+        except (redis.ResponseError, ValueError) as exc:  # a state key written around fedq
+            log.warning("run %s: unreadable state, not recovered: %s", run_id, exc)
+            continue
         if not state or state.get("status") in ENDED or state.get("queue", settings.queue) not in queues:
             continue
         if not state.get("started_at"):

@@ -86,6 +86,10 @@ class Verifier:
         self._keys = dict(keys)
         self._max_examples = dict(max_examples or {})
 
+    def knows(self, client_id: str) -> bool:
+        """Whether client_id is in the registry (only those may join a run that needs signatures)."""
+        return client_id in self._keys
+
     def max_examples(self, client_id: str) -> int | None:
         """The most samples the operator lets this client claim in one update (None: no limit
         provisioned; the rows it joined with still cap it)."""

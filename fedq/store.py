@@ -26,6 +26,7 @@ from fedq.spec import RunSpec
 MAX_REFUSED = 10_000  # refusal log is capped so a flood of bad pushes cannot fill Redis
 MAX_EVENTS = 10_000
 MAX_PUSHES = 100_000
+DRAIN_BATCH = 10_000  # inbox entries drained per call
 
 OPEN, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
 ENDED = (FINISHED, FAILED)
@@ -78,6 +79,24 @@ redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], 'verdict')
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[3], '*', 'event', 'admitted', 'client', ARGV[1])
 return 1
+"""
+
+# Wake-ups are hints that any client may push, as many and as large as it likes: the aggregator
+# drains them here, so that a flood naming one client costs one small reply, and entries that
+# cannot be client ids never leave Redis.
+# KEYS[1]: the run's inbox; ARGV[1]: most entries popped in one call
+# Returns the distinct entries of at most 64 bytes among those popped, in order.
+_DRAIN = """
+local seen, out = {}, {}
+for i = 1, tonumber(ARGV[1]) do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  if string.len(id) <= 64 and not seen[id] then
+    seen[id] = true
+    out[#out + 1] = id
+  end
+end
+return out
 """
 
 # The aggregator's read of one client's update for a round. The client owns the key, so it may
@@ -398,6 +417,7 @@ class RunStore:
         self._join = r.register_script(_JOIN)
         self._admit = r.register_script(_ADMIT)
         self._read_update = r.register_script(_READ_UPDATE)
+        self._drain = r.register_script(_DRAIN)
         self._push = r.register_script(_PUSH)
         self._open = r.register_script(_OPEN_TRAINING)
         self._commit = r.register_script(_COMMIT)
@@ -616,10 +636,20 @@ class RunStore:
                                            "started_at": time.time(), "updated_at": time.time()})
         self.r.xadd(self.k.events, {"event": "started", "driver": driver}, maxlen=MAX_EVENTS, approximate=True)
 
-    def pop_inbox(self, block_seconds: float) -> str | None:
-        """Next client id that stored something, or None after block_seconds."""
+    def pop_inbox(self, block_seconds: float) -> list[str]:
+        """The distinct client ids that woke us (in order), or [] after block_seconds.
+
+        The inbox is drained in Redis first (duplicates and entries that cannot be ids dropped
+        there); only when it is empty does this block, on BLPOP."""
+        ids = [_s(i) or "" for i in self._drain(keys=[self.k.inbox], args=[DRAIN_BATCH])]
+        if ids:
+            return ids
         item = self.r.blpop([self.k.inbox], timeout=block_seconds)
-        return None if item is None else _s(item[1])
+        if item is None:
+            return []
+        first = _s(item[1]) or ""
+        rest = [i for i in (_s(x) or "" for x in self._drain(keys=[self.k.inbox], args=[DRAIN_BATCH])) if i != first]
+        return [first, *rest] if len(first) <= 64 else rest
 
     def join_request(self, client_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(record, statistics) a client filed with join(), or None when it filed none or filed

@@ -163,10 +163,13 @@ def run_renderable(d: dict[str, Any]) -> RenderableType:
                            justify="right" if col in ("shard", "pushed", "samples", "loss", "acc") else "left")
     for c in d["client_table"]:
         reasons = ", ".join(f"{k} x{v}" for k, v in c["refused_reasons"].items())
-        clients.add_row(c["client_id"], str(c["shard"]), Text(c["liveness"], style=_LIVENESS_STYLE[c["liveness"]]),
+        # Text, not markup: ids, records and refusals may hold whatever a client wrote.
+        clients.add_row(Text(c["client_id"]), Text(str(c["shard"])),
+                        Text(c["liveness"], style=_LIVENESS_STYLE[c["liveness"]]),
                         _ago(c["last_seen"], now), "-" if c["last_round"] is None else str(c["last_round"]),
-                        str(c["num_examples"] if c["num_examples"] is not None else c.get("rows", "-")),
-                        _num(c["loss"]), _num(c["accuracy"]), f"{c['refused']} ({reasons})" if c["refused"] else "0")
+                        Text(str(c["num_examples"] if c["num_examples"] is not None else c.get("rows", "-"))),
+                        _num(c["loss"]), _num(c["accuracy"]),
+                        Text(f"{c['refused']} ({reasons})" if c["refused"] else "0"))
     parts.append(clients)
     if d["round_metrics"]:
         parts.append(rounds_table(d["round_metrics"][-15:]))
@@ -176,8 +179,8 @@ def run_renderable(d: dict[str, Any]) -> RenderableType:
         for col in ("time", "client", "round", "reason", "detail"):
             refused.add_column(col)
         for x in d["refusals"][-10:]:
-            refused.add_row(_short(x.get("time")), str(x.get("client")), str(x.get("round")), str(x.get("reason")),
-                            str(x.get("detail", "")))
+            refused.add_row(_short(x.get("time")), Text(str(x.get("client"))), Text(str(x.get("round"))),
+                            Text(str(x.get("reason"))), Text(str(x.get("detail", ""))))
         parts.append(refused)
     return Group(*parts)
 

@@ -40,3 +40,15 @@ def build_wrong_output(input_shape: tuple[int, ...], num_classes: int) -> Any:
 
 def build_broken(input_shape: tuple[int, ...], num_classes: int) -> Any:
     raise RuntimeError("no model today")
+
+
+def build_wide(input_shape: tuple[int, ...], num_classes: int) -> Any:
+    """A wide MLP of about 300k parameters (1.2 MB of float32): big enough that the bytes the
+    aggregator reads are dominated by updates, small enough to build in a blink."""
+    import keras
+
+    model = keras.Sequential([keras.Input(shape=input_shape), keras.layers.Dense(1024, activation="relu"),
+                              keras.layers.Dense(256, activation="relu"),
+                              keras.layers.Dense(num_classes, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model

@@ -6,6 +6,7 @@ Plain JSON-able dicts: ``runs_overview`` for the list of runs, ``run_detail`` fo
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from typing import Any
@@ -124,12 +125,15 @@ def _client_table(st: dict[str, Any], joined: dict[str, dict[str, Any]],
         candidates = [st["round"] + 1 if cid in open_pushed else None, last_round, (beat or {}).get("round")]
         known = [int(x) for x in candidates if isinstance(x, (int, float))]
         pushed = max(known) if known else None
-        seen = [t for t in (rec.get("joined_at"), cm.get("push_time"), (beat or {}).get("time")) if t]
+        # Join records and heartbeats are the clients' own writing: only numbers count as times.
+        seen = [t for t in (_time(rec.get("joined_at")), cm.get("push_time"), _time((beat or {}).get("time"))) if t]
         row = {
             "client_id": cid,
-            "shard": rec.get("shard"), "num_shards": rec.get("num_shards"), "rows": rec.get("rows"),
-            "host": rec.get("host") or (beat or {}).get("host"), "pid": rec.get("pid") or (beat or {}).get("pid"),
-            "joined_at": rec.get("joined_at"),
+            "shard": _scalar(rec.get("shard")), "num_shards": _scalar(rec.get("num_shards")),
+            "rows": _scalar(rec.get("rows")),
+            "host": _scalar(rec.get("host") or (beat or {}).get("host")),
+            "pid": _scalar(rec.get("pid") or (beat or {}).get("pid")),
+            "joined_at": _time(rec.get("joined_at")),
             "alive": beat is not None,
             # alive: heartbeat present; left: no heartbeat once the run ended; gone: none while it runs.
             "liveness": "alive" if beat is not None else ("left" if ended else "gone"),
@@ -142,6 +146,22 @@ def _client_table(st: dict[str, Any], joined: dict[str, dict[str, Any]],
         }
         rows.append(row)
     return rows
+
+
+def _time(value: Any) -> float | None:
+    """A client-written timestamp, if it is a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _scalar(value: Any) -> str | int | float | None:
+    """A client-written field as a short scalar (nested or long values are not shown)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else None
+    return value[:100] if isinstance(value, str) else None
 
 
 def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
@@ -157,7 +177,7 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
     open_round = None
     open_pushed: set[str] = set()
     if st["status"] not in ENDED and st["phase"] == "train":
-        open_pushed = set(store.update_seqs(st["round"] + 1))
+        open_pushed = {cid for cid, seq in store.update_seqs(st["round"] + 1).items() if seq.isdigit()}
         open_round = {"round": st["round"] + 1, "pushed": sorted(open_pushed)}
     all_refused = store.refused()
     refused_total = len(all_refused)

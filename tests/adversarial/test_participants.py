@@ -1,0 +1,312 @@
+"""A malicious client, logged in as its own ACL user, against a run with two honest clients.
+
+Each scenario asserts: the run finishes; every round's committed model is the float64 FedAvg
+of the honest updates (plus Mallory's, at the weight the rules allow, when hers was valid); the
+bytes the aggregator read stay within 1.1 x (the update bytes it judged) plus one read of the
+global model and a small allowance per round; the dashboard's reads and ``fedq status`` do not
+fail. ``pytest tests/adversarial`` prints the table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+from collections import Counter
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import redis
+from rich.console import Console
+
+from arena import CONFINED, HONEST, MALLORY, ROWS, Arena, Run
+from fedq import acl, transfer
+from fedq.dashboard import snapshot
+from fedq.keys import RunKeys
+from fedq.signing import Signer, new_keys
+from fedq.store import list_runs, newest_open_run
+from fedq.view import status_renderable
+from helpers import cli_env, fedq_cmd
+
+pytestmark = pytest.mark.slow
+
+NOPERM = (redis.exceptions.NoPermissionError, redis.exceptions.ResponseError)
+SLACK_PER_ROUND = 256 << 10  # state, metrics, spec, scaler, wake-ups: small reads of a round
+Extra = Callable[[int], list[tuple[list[np.ndarray], int]]]
+
+
+def _mean(models: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
+    """FedAvg in float64, written here, independent of fedq.aggregate."""
+    total = float(sum(n for _, n in models))
+    out = []
+    for i, ref in enumerate(models[0][0]):
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        for tensors, n in models:
+            acc += tensors[i].astype(np.float64) * n
+        out.append((acc / total).astype(ref.dtype))
+    return out
+
+
+def _tools_survive(run: Run) -> None:
+    """What the dashboard and fedq status read of the run, through the dashboard's ACL user."""
+    dash = run.arena.connect(acl.DASHBOARD_USER)
+    detail = snapshot.run_detail(dash, run.run_id)
+    json.dumps(detail)  # the API answers it as JSON
+    assert run.run_id in {r["run_id"] for r in snapshot.runs_overview(dash)["runs"]}
+    Console(file=io.StringIO(), width=100).print(status_renderable(dash, run.run_id))
+
+
+def _check(run: Run, attack: str, extra: Extra | None = None, weights: dict[str, int] | None = None,
+           refold_allowance: int = 0) -> dict[str, Any]:
+    state = run.finish()
+    assert state["status"] == "finished", state
+    metrics = run.store.metrics()
+    assert [m["round"] for m in metrics] == list(range(1, run.spec.rounds + 1))
+    _, _, final = transfer.read_global(run.store)
+    lost = accepted = 0
+    weights = weights or {}
+    for m in metrics:
+        rnd = m["round"]
+        lost += sum(cid not in m["clients"] for cid in HONEST)
+        accepted += MALLORY in m["clients"]
+        models = [(run.honest[c].pushed[rnd], weights.get(c, run.honest[c].n)) for c in HONEST]
+        if MALLORY in m["clients"]:
+            assert extra is not None, f"round {rnd} counted Mallory's update"
+            models += extra(rnd)
+        committed = run.honest["site-a"].seen.get(rnd + 1, final) if rnd < run.spec.rounds else final
+        for got, want in zip(committed, _mean(models), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert lost == 0
+    judged = run.store.judged()
+    model_bytes = sum(t.nbytes for t in final)
+    bound = 1.1 * sum(int(j["bytes"]) for j in judged) + model_bytes + SLACK_PER_ROUND * run.spec.rounds
+    bound += refold_allowance
+    assert run.bytes_read[0] <= bound, (run.bytes_read[0], bound)
+    _tools_survive(run)
+    outcomes = Counter(j["outcome"] for j in judged if j["client"] == MALLORY)
+    refused = Counter(x["reason"] for x in run.store.refused()
+                      if x["client"] == MALLORY and x.get("stage") != "aggregate")  # those are in judged
+    outcome = ", ".join(f"{k} x{v}" for k, v in sorted((outcomes + refused).items() - {("accepted", 0)}))
+    ROWS.append({"attack": attack, "outcome": (outcome or "nothing reached it")[:30], "run": state["status"],
+                 "lost": lost, "accepted": accepted, "read": run.bytes_read[0], "bound": bound})
+    return {"metrics": metrics, "judged": judged, "outcomes": outcomes, "refused": refused}
+
+
+def _round_open(run: Run, round_no: int) -> None:
+    run.wait(lambda: run.store.state().get("phase") == "train" and run.store.committed_round() == round_no - 1,
+             f"round {round_no} to open")
+
+
+def test_every_client_key_with_every_redis_type(arena: Arena) -> None:
+    run = Run(arena, "adv-types")
+    assert run.mallory_joins() == "joined"
+    _round_open(run, 1)
+    k, m = RunKeys(run.run_id), run.mallory
+    writers = {
+        "string": lambda key: m.set(key, "x"),
+        "list": lambda key: m.rpush(key, "x", "y"),
+        "set": lambda key: m.sadd(key, "x"),
+        "zset": lambda key: m.zadd(key, {"x": 1}),
+        "hash": lambda key: m.hset(key, mapping={"payload": "junk", "seq": "1"}),
+        "stream": lambda key: m.xadd(key, {"x": "y"}),
+    }
+    own = [k.update(MALLORY, 1), k.update(MALLORY, 2), k.evaluation(MALLORY), k.client_refused(MALLORY),
+           k.client_pushes(MALLORY), k.alive(MALLORY), k.update_part(MALLORY, 1, "p", 0)]
+    made = set()
+    for kind, write in writers.items():
+        for key in own:
+            m.delete(key)
+            try:
+                write(key)
+                made.add(kind)
+            except NOPERM:
+                pass  # her ACL user has no SADD or ZADD: those types she cannot make
+        m.rpush(k.inbox, MALLORY)
+        _tools_survive(run)  # a wrong type anywhere under Mallory's prefix, read mid-round
+    m.delete(k.joined(MALLORY))
+    m.set(k.joined(MALLORY), "not a hash")  # her join record, replaced after admission
+    m.rpush(k.inbox, MALLORY)
+    assert made == {"string", "list", "hash", "stream"}
+    out = _check(run, "every client key x every Redis type")
+    assert out["outcomes"]["malformed"] >= 1 and out["outcomes"]["accepted"] == 0
+
+
+def test_sequence_numbers_that_are_not_numbers(arena: Arena) -> None:
+    run = Run(arena, "adv-seq")
+    assert run.mallory_joins() == "joined"
+    _round_open(run, 1)
+    k, m = RunKeys(run.run_id), run.mallory
+    payload, _ = run.mallory_update(1, 10)
+    for seq in ("abc", "99999999999999999999999", "-1", "1e3", ""):
+        m.delete(k.update(MALLORY, 1))
+        m.hset(k.update(MALLORY, 1), mapping={"payload": payload, "seq": seq})
+        m.rpush(k.inbox, MALLORY)
+    out = _check(run, "sequence numbers that are not numbers")
+    assert out["outcomes"]["accepted"] == 0 and out["outcomes"]["malformed"] >= 1
+
+
+def test_values_far_over_the_caps_are_never_read(arena: Arena) -> None:
+    run = Run(arena, "adv-huge")
+    assert run.mallory_joins() == "joined"
+    _round_open(run, 1)
+    k, m = RunKeys(run.run_id), run.mallory
+    huge = b"\0" * (20 << 20)  # the run's cap is 4 MiB
+    m.hset(k.update(MALLORY, 1), mapping={"payload": huge, "seq": "1"})
+    m.hset(k.joined(MALLORY), "stats", huge)
+    m.set(k.evaluation(MALLORY), huge)
+    m.set(k.alive(MALLORY), huge)
+    m.rpush(k.client_refused(MALLORY), huge)
+    m.rpush(k.inbox, MALLORY)
+    out = _check(run, "20 MiB values in every key")
+    assert out["outcomes"]["too_large"] == 1 and out["outcomes"]["accepted"] == 0
+    assert run.bytes_read[0] < 20 << 20
+
+
+def test_ten_thousand_wake_ups_cost_no_reads(arena: Arena) -> None:
+    run = Run(arena, "adv-wake")
+    assert run.mallory_joins() == "joined"
+    _round_open(run, 1)
+    k, m = RunKeys(run.run_id), run.mallory
+    payload, mine = run.mallory_update(1, 10)
+    assert run.m.push_update(MALLORY, 1, payload, 4 << 20) == "ok"
+    run.wait(lambda: any(j["client"] == MALLORY for j in run.store.judged()), "Mallory's update to be judged")
+    pipe = m.pipeline(transaction=False)
+    for i in range(10_000):
+        pipe.rpush(k.inbox, MALLORY if i % 2 else "site-a")
+    pipe.execute()
+    out = _check(run, "10,000 wake-ups", extra=lambda rnd: [(mine, 10)] if rnd == 1 else [])
+    assert out["outcomes"] == Counter({"accepted": 1})
+
+
+def test_a_member_flood_cannot_keep_honest_clients_out(arena: Arena) -> None:
+    run = Run(arena, "adv-flood", clients=2)
+    k, m = RunKeys(run.run_id), run.mallory
+    with pytest.raises(NOPERM):
+        m.sadd(k.members, *[f"junk-{i}" for i in range(1000)])
+    m.rpush(k.inbox, *[f"junk-{i}" for i in range(1000)], "<script>", "x" * 200, "site-a", "site-b")
+    out = _check(run, "member flood (1,000 ids)")
+    assert sorted(run.store.member_ids()) == sorted(HONEST)
+    assert out["outcomes"].get("accepted", 0) == 0
+    assert run.mallory_joins() in ("run_full", "run_finished")  # no place left for her either
+
+
+def test_count_inflation_refused_above_the_provisioned_limit(arena: Arena, tmp_path) -> None:
+    private, registry = new_keys([*HONEST, MALLORY], max_examples=1000)
+    registry["limits"][MALLORY] = {"max_examples": 50}  # type: ignore[index]
+    (tmp_path / "client-keys.json").write_text(json.dumps(registry))
+    signers = {cid: _signer(tmp_path, cid, pem) for cid, pem in private.items()}
+    run = Run(arena, "adv-limit", signers=signers, client_keys=str(tmp_path / "client-keys.json"))
+    assert run.mallory_joins(rows=10 ** 9) == "joined"
+    _round_open(run, 1)
+    payload, _ = run.mallory_update(1, 10 ** 9, signer=signers[MALLORY])
+    assert run.m.push_update(MALLORY, 1, payload, 4 << 20) == "ok"
+    out = _check(run, "claims 10^9 rows (limit 50)")
+    assert out["outcomes"] == Counter({"bad_num_examples": 1})
+
+
+def _signer(tmp_path, cid: str, pem: bytes) -> Signer:
+    path = tmp_path / f"{cid}.key"
+    path.write_bytes(pem)
+    return Signer.from_file(path)
+
+
+def test_count_inflation_capped_by_max_client_share(arena: Arena) -> None:
+    run = Run(arena, "adv-share", spec_extra={"max_client_share": 0.5})
+    assert run.mallory_joins(rows=10 ** 9) == "joined"
+    tensors: dict[int, list[np.ndarray]] = {}
+    for rnd in (1, 2):
+        _round_open(run, rnd)
+        payload, tensors[rnd] = run.mallory_update(rnd, 10 ** 9, scale=3.0)
+        assert run.m.push_update(MALLORY, rnd, payload, 4 << 20) == "ok"
+    honest = sum(HONEST.values())  # a share of 0.5: Mallory weighs what the others weigh together
+    out = _check(run, "claims 10^9 rows (share cap 0.5)", extra=lambda rnd: [(tensors[rnd], honest)],
+                 refold_allowance=2 * (2 << 20) * run.spec.rounds)
+    for m in out["metrics"]:
+        assert m["capped_weights"] == {MALLORY: honest}
+
+
+def test_the_audit_trail_is_out_of_reach(arena: Arena) -> None:
+    run = Run(arena, "adv-audit")
+    assert run.mallory_joins() == "joined"
+    _round_open(run, 1)
+    k, m = RunKeys(run.run_id), run.mallory
+    payload, mine = run.mallory_update(1, 10)
+    assert run.m.push_update(MALLORY, 1, payload, 4 << 20) == "ok"
+    m.delete(k.client_pushes(MALLORY))  # her own log: hers to forge, and nobody audits with it
+    m.xadd(k.client_pushes(MALLORY), {"client": "site-a", "round": 1, "digest": "forged", "outcome": "ok"})
+    for attempt in (lambda: m.xadd(k.judged, {"client": "site-a", "outcome": "accepted"}),
+                    lambda: m.delete(k.judged), lambda: m.xrange(k.judged), lambda: m.rpush(k.refused, "{}"),
+                    lambda: m.lpush(k.metrics, "{}")):
+        with pytest.raises(NOPERM):
+            attempt()
+    out = _check(run, "audit tampering", extra=lambda rnd: [(mine, 10)] if rnd == 1 else [])
+    accepted = {(j["round"], j["client"]): j["digest"] for j in out["judged"] if j["outcome"] == "accepted"}
+    for m_ in out["metrics"]:
+        for cid, info in m_["clients"].items():
+            assert accepted[(str(m_["round"]), cid)] == info["digest"]
+
+
+def test_re_pushing_is_capped(arena: Arena) -> None:
+    # A fourth place nobody takes keeps the round open until its deadline: time for every push.
+    run = Run(arena, "adv-repush", clients=4, rounds=1)
+    assert run.mallory_joins() == "joined"
+    _round_open(run, 1)
+    pushes = 0
+    for i in range(8):
+        payload, _ = run.mallory_update(1, 10, scale=1.0 + i)
+        if run.m.push_update(MALLORY, 1, payload, 4 << 20) != "ok":
+            break
+        pushes += 1
+        run.wait(lambda: sum(j["client"] == MALLORY for j in run.store.judged()) >= min(i + 1, 5),
+                 f"Mallory's push {i + 1} to be judged")
+    assert pushes == 8
+    # Each version read replaces the last and rebuilds the sum: at most FEDQ_MAX_PUSHES_PER_ROUND of them.
+    out = _check(run, "8 re-pushes in a round", refold_allowance=4 * 3 * (2 << 20))
+    versions_read = sum(1 for j in out["judged"] if j["client"] == MALLORY and int(j["bytes"]) > 0)
+    assert versions_read == run.settings.max_pushes_per_round
+    assert out["outcomes"]["too_many_pushes"] == 1
+
+
+def test_a_user_confined_to_another_run_cannot_touch_this_one(arena: Arena) -> None:
+    run = Run(arena, "adv-confined")
+    k = RunKeys(run.run_id)
+    confined = arena.connect(CONFINED)  # fedq acl --run elsewhere: her rules name no key of this run
+    _round_open(run, 1)
+    payload, _ = run.mallory_update(1, 10)
+    attempts = {
+        "join": lambda: run.m.__class__(confined, run.run_id).join(CONFINED, {"shard": 0}, {"count": [1]}),
+        "push": lambda: run.m.__class__(confined, run.run_id).push_update(CONFINED, 1, payload, 4 << 20),
+        "wake the aggregator": lambda: confined.rpush(k.inbox, CONFINED),
+        "read the global model": lambda: confined.get(k.global_model),
+        "write under her prefix here": lambda: confined.set(k.alive(CONFINED), "1"),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(NOPERM):
+            attempt()
+            pytest.fail(f"a user confined to another run could {what}")
+    # Mallory (any run) is no member of this one: her pushes are refused at the door.
+    assert run.m.push_update(MALLORY, 1, payload, 4 << 20) in ("unknown_client", "run_not_training")
+    _check(run, "not a member / confined elsewhere")
+
+
+def test_ids_that_are_no_ids_in_shared_structures(arena: Arena) -> None:
+    """A party with raw write access (no ACLs) puts ids that cannot exist into the run index and
+    a member set: every reader skips them."""
+    r = arena.agg
+    r.zadd("fedq:runs", {"<script>alert(1)</script>": 1, "a:b{c}": 2, "x" * 300: 3})
+    try:
+        ids = list_runs(r)
+        assert all(i.startswith("adv-") for i in ids)
+        assert newest_open_run(r, "site-a") is None or newest_open_run(r, "site-a").startswith("adv-")
+        dash = arena.connect(acl.DASHBOARD_USER)
+        overview = snapshot.runs_overview(dash)
+        assert {x["run_id"] for x in overview["runs"]} <= set(ids)
+        env = cli_env(arena.url(acl.DASHBOARD_USER))
+        for args in (("status",), *(("status", "--run", i) for i in ids[:3])):
+            done = subprocess.run(fedq_cmd(*args), env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+    finally:
+        r.zrem("fedq:runs", "<script>alert(1)</script>", "a:b{c}", "x" * 300)
+    assert os.environ.get("FEDQ_REDIS_URL", "") != arena.url(acl.DASHBOARD_USER)
