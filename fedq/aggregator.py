@@ -32,6 +32,9 @@ from fedq.store import ENDED, LeaseLost, RunStore, StoredUpdate, connect
 log = logging.getLogger("fedq.aggregator")
 
 
+LIVENESS_CHECK_SECONDS = 0.5  # how often a round due updates looks at its members' heartbeats
+
+
 class RoundTimeout(FedqError):
     """Not all expected messages arrived before the round deadline."""
 
@@ -61,6 +64,9 @@ class _Round:
     reads: dict[str, int] = field(default_factory=dict)  # client id -> versions read this round
     weights: dict[str, int] = field(default_factory=dict)  # client id -> capped weight (--max-client-share)
     template: list[protocol.TensorSpec] = field(default_factory=list)  # the model's tensors
+    gone: set[str] = field(default_factory=set)  # members due an update whose heartbeat expired
+    settled: bool = False  # the last liveness check found nobody left to wait for
+    checked_alive: float = 0.0  # time.monotonic() of that check
     recorded: set[tuple[str, str]] = field(default_factory=set)  # (client, version) in the audit trail
     fold_seconds: float = 0.0
     last_arrival: float = 0.0
@@ -102,6 +108,7 @@ class Aggregator:
         # With a registry of client keys, every update must carry a valid signature.
         self.verifier = Verifier.from_file(settings.client_keys) if settings.client_keys else None
         self._renewed = 0.0
+        self._seen_alive: set[str] = set()  # clients whose heartbeat this driver has seen
 
     def run(self) -> dict[str, Any]:
         """Drive the run to its end (standing by while another aggregator drives it).
@@ -425,8 +432,10 @@ class Aggregator:
                      f"{fed['fed_eval_accuracy']:.4f}" if fed else "-")
 
     def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
-                     on_wake: Callable[[str], None], expected: int | None = None, quorum: int | None = None) -> None:
-        """Block until all expected clients answered, or a deadline passes with at least the quorum.
+                     on_wake: Callable[[str], None], expected: int | None = None, quorum: int | None = None,
+                     settled: Callable[[int], bool] | None = None) -> None:
+        """Block until all expected clients answered, or a deadline passes with at least the quorum,
+        or settled(quorum) says nobody else can answer (the rest are gone) with the quorum in.
 
         expected and quorum default to the run's; a round that samples clients expects only those.
         Below the quorum at a deadline, wait again (spec.round_retries times), then fail."""
@@ -434,7 +443,7 @@ class Aggregator:
         quorum = spec.quorum if quorum is None else quorum
         deadline = time.monotonic() + spec.round_timeout
         retries = spec.round_retries
-        while have() < expected:
+        while have() < expected and not (settled is not None and settled(quorum)):
             self._tick()
             if time.monotonic() > deadline:
                 got = have()
@@ -468,7 +477,7 @@ class Aggregator:
             request = self.store.join_request(cid)  # a wake-up naming nobody costs one small read
             if request is None:
                 return
-            if not self._registered(cid):
+            if not self._registered(cid) or not self._shard_plan_agrees(spec, cid, request[0]):
                 return
             try:
                 st = FeatureStats.from_dict(request[1])
@@ -504,10 +513,24 @@ class Aggregator:
         self.store.refuse_join(cid, "unknown_key", f"client {cid!r} is not in the client registry (FEDQ_CLIENT_KEYS)")
         return False
 
+    def _shard_plan_agrees(self, spec: RunSpec, cid: str, record: dict[str, Any]) -> bool:
+        """A client dealing itself a shard of the run's data must use the run's shard count
+        (one shard per client); others overlap or skip rows. Clients with rows of their own
+        (own_data) shard as they please."""
+        n = record.get("num_shards")
+        if record.get("own_data") is True or n is None or n == spec.clients:
+            return True
+        detail = f"--num-shards {n!r} does not match the run's {spec.clients} shards (one per client)"
+        log.warning("run %s: refusing client %s: %s", self.run_id, cid, detail)
+        self.store.refuse_join(cid, "shard_plan", detail)
+        return False
+
     def _admit_late(self, rnd: _Round, cid: str) -> None:
         """A client asking to join while training runs: admitted while there is room (it uses
         the published scaler and trains from the next round it sees)."""
-        if self.store.join_request(cid) is not None and self._registered(cid) and self.store.admit(cid):
+        request = self.store.join_request(cid)
+        if request is not None and self._registered(cid) and self._shard_plan_agrees(self.store.spec(), cid, request[0]) \
+                and self.store.admit(cid):
             log.info("run %s: admitted %s while training", self.run_id, cid)
             rnd.joined = self._joined()
 
@@ -544,7 +567,8 @@ class Aggregator:
         rescan()  # a resumed round: fold what is already stored
         expected = rnd.expected(spec)
         self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan, woken,
-                          expected=expected, quorum=min(spec.quorum, expected))
+                          expected=expected, quorum=min(spec.quorum, expected),
+                          settled=lambda quorum: self._settled(rnd, quorum))
         # Close the round, then take in whatever was stored before the close: after this no
         # push can change it, so what we commit is exactly what was accepted.
         self.store.close_round(round_no)
@@ -567,6 +591,26 @@ class Aggregator:
                     ", ".join(sorted(c for c in counts if weights[c] != counts[c])), spec.max_client_share)
         rnd.weights = weights
         self._refold(rnd, round_no, template)
+
+    def _settled(self, rnd: _Round, quorum: int) -> bool:
+        """Whether the round can close before its deadline: the quorum is in and every member
+        still due an update is gone (its heartbeat, seen before, has expired). Slow but live
+        clients keep the round open until the deadline; members are looked up every half second."""
+        if rnd.responded < quorum:
+            return False
+        now = time.monotonic()
+        if now - rnd.checked_alive < LIVENESS_CHECK_SECONDS:
+            return rnd.settled
+        rnd.checked_alive = now
+        due = sorted(c for c in (rnd.selected if rnd.selected is not None else rnd.joined)
+                     if c not in rnd.folded and c not in rnd.refused)
+        beats = heartbeat.client_heartbeats(self.r, self.run_id, due)
+        self._seen_alive.update(beats)
+        rnd.gone = {c for c in due if c in self._seen_alive and c not in beats}
+        rnd.settled = set(due) <= rnd.gone
+        if rnd.settled and due:
+            log.warning("run %s: closing the round without %s: heartbeat expired", self.run_id, ", ".join(due))
+        return rnd.settled
 
     def _joined(self) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
@@ -754,6 +798,10 @@ class Aggregator:
             "fold_seconds": rnd.fold_seconds,
             "eval_seconds": eval_seconds,
             "refused": len(rnd.refused),
+            # Members due an update that the round closed without, and why.
+            "missing": {cid: "heartbeat expired" if cid in rnd.gone else "no update by the deadline"
+                        for cid in sorted(rnd.selected if rnd.selected is not None else rnd.joined)
+                        if cid not in rnd.folded and cid not in rnd.refused},
             # --max-client-share: the weights used where a claimed count was lowered
             "capped_weights": {cid: w for cid, w in sorted(rnd.weights.items())
                                if cid in rnd.folded and w != rnd.folded[cid].num_examples},

@@ -122,6 +122,10 @@ class Client:
         """Join run_id, train every round, and return the run's final state."""
         st = RunStore(self.r, run_id)
         spec = st.spec()
+        if self.data is None and self.num_shards is not None and self.num_shards != spec.clients:
+            # Shards of the run's own data are dealt per client: another count overlaps or skips rows.
+            raise ConfigError(f"--num-shards {self.num_shards} does not match run {run_id}, which deals its data "
+                              f"into {spec.clients} shards (one per client): leave --num-shards out")
         num_shards = self.num_shards or spec.clients
         if not 0 <= self.shard < num_shards:
             raise ConfigError(f"shard {self.shard} is out of range for {num_shards} shards (0..{num_shards - 1})")
@@ -133,7 +137,7 @@ class Client:
         x, y = part.x, part.y
         self._val_raw = (part.x_val, part.y_val)  # held-out rows for federated evaluation
         # rows: the training rows (they cap the update's sample count); labels: the shard's histogram.
-        record = {"shard": self.shard, "num_shards": num_shards, "rows": int(len(y)),
+        record = {"shard": self.shard, "num_shards": num_shards, "own_data": self.data is not None, "rows": int(len(y)),
                   "val_rows": int(len(part.y_val)), "labels": part.label_counts(), "partition": data.partition,
                   "host": socket.gethostname(), "pid": os.getpid(), "joined_at": time.time()}
         outcome = st.join(self.client_id, record, feature_stats(x).to_dict())
@@ -146,10 +150,12 @@ class Client:
             outcome = st.wait_admitted(self.client_id, timeout=5 * self.settings.block_seconds,
                                        block_seconds=self.settings.block_seconds)
         if outcome not in ("joined", "rejoined"):
-            raise JoinRefused(f"{self.client_id} could not join run {run_id}: {outcome.replace('_', ' ')}", outcome)
+            why = outcome if ":" in outcome else outcome.replace("_", " ")  # a verdict carries its detail
+            raise JoinRefused(f"{self.client_id} could not join run {run_id}: {why}", outcome.split(":", 1)[0])
         log.info("%s %s run %s with %d rows (shard %d of %d)", self.client_id, outcome, run_id,
                  len(y), self.shard, num_shards)
-        self._beat = heartbeat.client_heartbeat(self.r, run_id, self.client_id, shard=self.shard).start()
+        self._beat = heartbeat.client_heartbeat(self.r, run_id, self.client_id, ttl=self.settings.heartbeat_seconds,
+                                                shard=self.shard).start()
         try:
             return self._train_rounds(st, spec, x, y)
         finally:

@@ -45,6 +45,9 @@ class Settings:
     # Seconds an aggregator's lease on a run lasts without renewal: how soon a standby
     # takes over a run whose driver died.
     lease_seconds: float = 15.0
+    # Seconds a client's heartbeat outlives its last refresh (refreshed every third of it): how
+    # soon a round stops waiting for a client that died.
+    heartbeat_seconds: float = 15.0
     # Reconnect attempts (with exponential backoff, capped at 3 s) when Redis goes away.
     reconnect_retries: int = 20
     # TensorFlow threads per client process (0 = TensorFlow's default, one pool per core).
@@ -106,7 +109,8 @@ class Settings:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
                 f"FEDQ_REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
-        for name in ("block_seconds", "socket_timeout", "connect_timeout", "wait_seconds", "lease_seconds"):
+        for name in ("block_seconds", "socket_timeout", "connect_timeout", "wait_seconds", "lease_seconds",
+                     "heartbeat_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.redis_username and not self.redis_password_file:
@@ -121,6 +125,8 @@ class Settings:
             raise ConfigError("FEDQ_TLS_CERT and FEDQ_TLS_KEY go together")
         if (self.tls_ca_cert or self.tls_cert) and not self.redis_url.startswith("rediss://"):
             raise ConfigError("TLS files are set but FEDQ_REDIS_URL is not a rediss:// URL")
+        if self.max_pushes_per_round < 1:
+            raise ConfigError(f"max_pushes_per_round must be at least 1, got {self.max_pushes_per_round}")
         if self.chunk_bytes < 0 or 0 < self.chunk_bytes < 1024:
             raise ConfigError(f"chunk_bytes must be 0 (never split) or at least 1024, got {self.chunk_bytes}")
         if self.lease_seconds < 3 * self.block_seconds:

@@ -680,7 +680,7 @@ class RunStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.srem(self.k.members, client_id)
         pipe.delete(self.k.joined(client_id))
-        pipe.hset(self.k.joined(client_id), "verdict", reason)
+        pipe.hset(self.k.joined(client_id), "verdict", f"{reason}: {detail}"[:500])
         pipe.execute()
 
     def stats(self) -> dict[str, dict[str, Any]]:

@@ -151,7 +151,9 @@ def run_renderable(d: dict[str, Any]) -> RenderableType:
     head = Text(f"run {d['run_id']}: {d['status']}" + (f" ({d['reason']})" if d.get("reason") else ""),
                 style="bold " + _STATUS_STYLE.get(d["status"] or "", ""))
     driver = ", ".join(f"{a['name']} (alive)" for a in d["aggregators"]) or d.get("driver") or "-"
-    facts = Text(f"{phase_text(d)}\ncreated {_when(d['created_at'])}  started {_when(d['started_at'])}  "
+    who = (f"clients {d['joined']} / {d['clients']} joined" if d["status"] in ("finished", "failed")
+           else f"clients {d['alive']} / {d['clients']} alive ({d['joined']} joined)")
+    facts = Text(f"{phase_text(d)}\n{who}  created {_when(d['created_at'])}  started {_when(d['started_at'])}  "
                  f"finished {_when(d['finished_at'])}  aggregator {driver}")
     parts: list[RenderableType] = [head, facts]
     if d["final"]["test_accuracy"] is not None:

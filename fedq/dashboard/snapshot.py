@@ -188,6 +188,8 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
         "run_id": run_id,
         **st,
         "joined": len(joined),
+        # Joined clients with a live heartbeat: a client that died stops counting TTL seconds later.
+        "alive": sum(1 for cid in joined if cid in beats),
         "spec": spec,
         "open_round": open_round,
         "round_metrics": [_round_row(m) for m in metrics],

@@ -74,6 +74,25 @@ def test_client_that_never_returns_closes_rounds_at_the_deadline_with_the_quorum
     assert any(m["num_updates"] == 2 for m in later)
 
 
+def test_a_dead_client_stops_holding_rounds_once_its_heartbeat_expires(federation) -> None:
+    """A 30 s deadline that a dead client would otherwise cost every round: once its heartbeat
+    (2 s here) expires, rounds close as soon as the live clients are in."""
+    fed = federation(clients=3, rounds=6, min_clients=2, round_timeout=30, run_id="liveness")
+    fed.env["FEDQ_HEARTBEAT_SECONDS"] = "2"
+    fed.aggregator()
+    for k in range(3):
+        fed.client(k)
+    fed.wait_round(2)
+    fed.signal("client-2", signal.SIGKILL)
+    _finish_clean(fed, "client dies: rounds follow liveness", "client-0", "client-1")
+    metrics = fed.store.metrics()
+    before = metrics[1]["seconds"]  # round 2: all three in (round 1 also builds each client's model)
+    after = sorted(m["seconds"] for m in metrics[3:])  # rounds 4-6: client-2 long gone
+    assert all(m["missing"] == {"client-2": "heartbeat expired"} for m in metrics[3:]), metrics[3:]
+    assert all(sorted(m["clients"]) == ["client-0", "client-1"] for m in metrics[3:])
+    assert after[len(after) // 2] <= 2.5 * before, (before, after)  # not the 30 s deadline
+
+
 def test_below_quorum_fails_with_a_clear_reason(federation) -> None:
     fed = federation(clients=2, rounds=3, round_timeout=2, run_id="no-quorum")
     fed.env["FEDQ_LOG_LEVEL"] = "INFO"

@@ -190,7 +190,11 @@
     bar.className = "bar" + (d.status === "finished" ? " done" : d.status === "failed" ? " failed" : "");
     setText("phase", phaseText(d));
     setText("rounds-done", d.round + " / " + d.rounds);
-    setText("clients-joined", d.joined + " / " + d.clients);
+    // Alive / expected while the run goes on (a dead client stops counting when its heartbeat
+    // expires); joined / expected once it has ended.
+    setText("clients-joined", d.status === "finished" || d.status === "failed"
+      ? d.joined + " / " + d.clients + " joined"
+      : d.alive + " / " + d.clients + " alive (" + d.joined + " joined)");
     setText("final-acc", num(d.final.test_accuracy));
     setText("final-loss", num(d.final.test_loss));
     setText("created", when(d.created_at));

@@ -1,0 +1,104 @@
+"""Reads of client-writable keys (fedq.guarded, the store's update guard) and capped weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from fedq import guarded
+from fedq.aggregate import capped_weights
+from fedq.spec import RunSpec
+from fedq.store import RunStore, list_runs
+
+TYPES = {
+    "string": lambda r, k: r.set(k, "v"),
+    "list": lambda r, k: r.rpush(k, "v"),
+    "set": lambda r, k: r.sadd(k, "v"),
+    "zset": lambda r, k: r.zadd(k, {"v": 1}),
+    "hash": lambda r, k: r.hset(k, "f", "v"),
+    "stream": lambda r, k: r.xadd(k, {"f": "v"}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_each_reader_takes_its_own_type_and_reads_anything_else_as_absent(r: redis.Redis, kind: str) -> None:
+    TYPES[kind](r, "k")
+    assert (guarded.strings(r, ["k"]) == [b"v"]) == (kind == "string")
+    assert (guarded.lists(r, ["k"]) == [[b"v"]]) == (kind == "list")
+    assert (guarded.hash_fields(r, ["k"], ["f"]) == [[b"v"]]) == (kind == "hash")
+    got = guarded.streams(r, ["k"])
+    assert (len(got[0]) == 1) == (kind == "stream")
+
+
+def test_values_over_the_cap_are_not_read(r: redis.Redis) -> None:
+    r.set("big", b"x" * 5000)
+    r.set("small", b"y" * 10)
+    assert guarded.strings(r, ["big", "small", "absent"], cap=1000) == [None, b"y" * 10, None]
+    r.rpush("biglist", b"x" * 100_000)
+    r.hset("bighash", "f", b"x" * 100_000)
+    assert guarded.lists(r, ["biglist"], cap=10_000) == [[]]
+    assert guarded.hash_fields(r, ["bighash"], ["f"], cap=10_000) == [[None]]
+
+
+def test_capped_weights_meet_the_cap_and_leave_the_rest() -> None:
+    assert capped_weights({"a": 100, "b": 300}, 1.0) == {"a": 100, "b": 300}
+    w = capped_weights({"a": 100, "b": 300, "m": 10 ** 9}, 0.5)
+    assert w == {"a": 100, "b": 300, "m": 400}
+    w = capped_weights({"a": 1, "b": 1, "c": 1, "d": 1000, "e": 1000}, 0.3)
+    assert max(w.values()) / sum(w.values()) <= 0.3 + 1e-9
+    assert (w["a"], w["b"], w["c"]) == (1, 1, 1)
+    # A cap no weighting can meet (0.2 of 3 models): the smallest possible share, equal weights.
+    assert capped_weights({"a": 5, "b": 7, "c": 9}, 0.2) == {"a": 5, "b": 5, "c": 5}
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = {f"c{i}": int(x) for i, x in enumerate(rng.integers(1, 10 ** 6, rng.integers(2, 12)))}
+        share = float(rng.uniform(1 / len(counts), 1))
+        w = capped_weights(counts, share)
+        assert max(w.values()) <= share * sum(w.values()) + 1e-9
+        assert all(w[k] == counts[k] or w[k] == max(w.values()) for k in counts)  # only the largest lowered
+    with pytest.raises(ValueError):
+        capped_weights({"a": 1}, 0)
+
+
+def test_max_client_share_is_validated() -> None:
+    from fedq.errors import ConfigError
+
+    assert RunSpec(max_client_share=0.5).validate().max_client_share == 0.5
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(ConfigError, match="max client share"):
+            RunSpec(max_client_share=bad).validate()
+
+
+def test_the_update_guard_checks_type_sequence_and_size_in_redis(r: redis.Redis) -> None:
+    store = RunStore(r, "guard")
+    key = store.k.update("c0", 1)
+    assert store.read_update(1, "c0", "", 100).kind == "none"
+    r.set(key, "x")
+    assert (store.read_update(1, "c0", "", 100).kind, store.update_seqs(1, ["c0"])) == ("wrong_type", {"c0": "!wrong_type"})
+    r.delete(key)
+    for seq in ("abc", "-1", "1" * 20):
+        r.hset(key, mapping={"payload": b"p", "seq": seq})
+        assert store.read_update(1, "c0", "", 100).kind == "bad_seq"
+    r.hset(key, mapping={"payload": b"p" * 1000, "seq": "3"})
+    got = store.read_update(1, "c0", "", 100)
+    assert (got.kind, got.seq, got.size, got.payload) == ("too_large", "3", 1000, None)
+    assert store.read_update(1, "c0", "3", 100).kind == "seen"  # judged: nothing travels
+    r.hset(key, "payload", b"ok")
+    got = store.read_update(1, "c0", "", 100)
+    assert (got.kind, got.seq, got.payload) == ("ok", "3", b"ok")
+    assert store.read_update(1, "bad id!", "", 100).kind == "none"
+
+
+def test_wake_ups_are_drained_deduplicated_and_filtered_in_redis(r: redis.Redis) -> None:
+    store = RunStore(r, "drain")
+    r.rpush(store.k.inbox, *(["c0", "c1"] * 5000), "x" * 100, "c2")
+    assert store.pop_inbox(0.1) == ["c0", "c1"]  # 10,000 entries a call: one reply of two ids
+    assert store.pop_inbox(0.1) == ["c2"]  # the 100-byte entry never left Redis
+    assert store.pop_inbox(0.1) == []
+
+
+def test_run_index_entries_that_are_no_run_ids_are_skipped(r: redis.Redis) -> None:
+    RunStore(r, "good-run").create(RunSpec(run_id="good-run"))
+    r.zadd("fedq:runs", {"<script>": 1, "a:b": 2, "": 3})
+    assert list_runs(r) == ["good-run"]
