@@ -165,6 +165,32 @@ def test_client_shard_out_of_range_is_a_usage_error(redis_url: str) -> None:
     assert "0..2" in line
 
 
+def test_client_whose_shard_count_differs_from_the_run_is_refused_naming_both(redis_url: str) -> None:
+    _submit(redis_url, "--run-id", "three-shards", "--clients", "3")
+    proc = fedq("client", "--shard", "0", "--num-shards", "2", "--run", "three-shards", "--once", env=_env(redis_url))
+    line = assert_error_line(proc, "--num-shards 2", "3 shards")
+    assert "three-shards" in line
+
+
+def test_a_join_with_another_shard_plan_is_refused_by_the_aggregator(r: redis.Redis, redis_url: str) -> None:
+    """Written around the client's own check (an older client, a hand-made join): the aggregator
+    refuses it with the reason, and the client finds the verdict under its own key."""
+    from fedq.settings import Settings
+    from fedq.aggregator import Aggregator
+    from fedq.spec import RunSpec
+    from fedq.store import RunStore
+
+    store = RunStore(r, "plan")
+    store.create(RunSpec(clients=3, rounds=1, run_id="plan", round_timeout=1, round_retries=0))
+    assert store.join("c0", {"shard": 0, "num_shards": 2}, {"count": [1]}) == "requested"
+    settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2)
+    state = Aggregator(r, settings, "plan").run()  # nobody else comes: the run fails joining
+    assert state["status"] == "failed"
+    verdict = store.wait_admitted("c0", timeout=1)
+    assert verdict.startswith("shard_plan:") and "2" in verdict and "3 shards" in verdict, verdict
+    assert [x["reason"] for x in store.refused()] == ["shard_plan"]
+
+
 def test_client_csv_without_label_column_is_a_usage_error(redis_url: str, labelled_csv: Path) -> None:
     proc = fedq("client", "--shard", "0", "--once", "--csv", str(labelled_csv), env=_env(redis_url))
     assert_usage_error(proc, "--label-column")
