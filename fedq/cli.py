@@ -28,10 +28,18 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def _stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM/SIGINT, which Kubernetes and Ctrl-C send, for loops to check."""
+    """An event set by SIGTERM/SIGINT, which Kubernetes and Ctrl-C send, for loops to check.
+
+    A process whose parent died (a killed `fedq run`, whose private Redis went with it) gets a
+    few seconds to stop, then ends, rather than retrying a Redis that is gone."""
+    from fedq.lifecycle import exit_soon, parent_died
+
     stop = threading.Event()
+    parent = os.getppid()
 
     def handler(signum: int, _frame: Any) -> None:
+        if not stop.is_set() and parent_died(parent):
+            exit_soon()
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -316,6 +324,12 @@ def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str |
         c.serve(once=once)
     except Stopped:
         logging.getLogger("fedq.client").info("stopped by signal")
+        # Its run is left cleanly (heartbeat gone); skip the interpreter's teardown, which with
+        # TensorFlow loaded takes a second or two of a stop that should be prompt.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()

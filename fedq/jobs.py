@@ -13,6 +13,7 @@ import redis
 from rq import Queue, Worker
 
 from fedq.heartbeat import aggregator_heartbeat
+from fedq.lifecycle import die_with_parent, exit_soon, parent_died
 from fedq.settings import Settings
 from fedq.spec import RunSpec
 from fedq.store import ENDED, RunStore, connect, list_runs
@@ -95,9 +96,20 @@ def describe(spec: RunSpec) -> dict[str, Any]:
 
 
 class FedqWorker(Worker):
-    """An rq worker that stops runs gracefully and recovers runs whose driver died."""
+    """An rq worker that stops runs gracefully and recovers runs whose driver died.
+
+    Its work horse ends with it: rq forks the horse into a process group of its own (so Ctrl-C
+    in a terminal does not reach it) and PR_SET_PDEATHSIG does not pass through fork, so the
+    horse asks for its own signal when the worker exits. A worker whose parent died (fedq run
+    was killed, and its private Redis with it) stops within seconds instead of retrying a Redis
+    that is gone."""
 
     fedq_settings: Settings
+    _fedq_parent: int = 0
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        self._fedq_parent = os.getppid()
+        return super().work(*args, **kwargs)
 
     def request_stop(self, signum: int, frame: Any) -> None:
         # rq's warm shutdown waits for the job, which for a federation may be hours: tell the
@@ -107,11 +119,28 @@ class FedqWorker(Worker):
                 os.kill(self.horse_pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        if self._fedq_parent and parent_died(self._fedq_parent):
+            log.warning("worker %s: its parent is gone; stopping within seconds", self.name)
+            exit_soon(before=self._kill_horse_now)
         super().request_stop(signum, frame)
+
+    def _kill_horse_now(self) -> None:
+        """SIGKILL the horse's process group (the horse and the initial model's builder)."""
+        if self.horse_pid:
+            try:
+                os.killpg(self.horse_pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def setup_work_horse_signals(self) -> None:
         from fedq.aggregator import HORSE_STOP
 
+        worker = os.getppid()
+        # In the horse, right after the fork. SIGKILL: a worker that died without stopping its
+        # horse (killed, out of memory) cannot see the run released; the lease expires instead.
+        die_with_parent(signal.SIGKILL)
+        if parent_died(worker):  # the worker was gone before die_with_parent took effect
+            os._exit(1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda *_: HORSE_STOP.set())
 
