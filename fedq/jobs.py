@@ -132,6 +132,18 @@ class FedqWorker(Worker):
             except (ProcessLookupError, PermissionError):
                 pass
 
+    def perform_job(self, job: Any, queue: Queue, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return super().perform_job(job, queue, *args, **kwargs)
+        finally:
+            _run_ended_metrics()  # in the horse: its run has no clients any more
+
+    def execute_job(self, job: Any, queue: Queue) -> None:
+        try:
+            super().execute_job(job, queue)
+        finally:
+            _run_ended_metrics()  # in the worker: also when the horse was killed
+
     def setup_work_horse_signals(self) -> None:
         from fedq.aggregator import HORSE_STOP
 
@@ -150,6 +162,14 @@ class FedqWorker(Worker):
             recover_orphans(self.connection, self.fedq_settings, [q.name for q in self.queues])
         except redis.RedisError as exc:
             log.warning("orphan recovery skipped: %s", exc)
+
+
+def _run_ended_metrics() -> None:
+    """A run's gauges drop to 0 when its driving ends (Prometheus would keep the last value)."""
+    from fedq import metrics
+
+    if metrics.multiprocess_enabled():
+        metrics.set_clients_alive(0)
 
 
 def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str) -> str | None:

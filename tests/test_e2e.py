@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from helpers import cli_env, fedq_cmd, seed_data_dir
+from helpers import SEED_DATA_MISSING, cli_env, fedq_cmd, seed_data_dir
 from fedq import protocol
 from fedq.data import load_dataset, split_indices
 from fedq.store import RunStore
@@ -108,7 +108,7 @@ def test_fedq_run_with_its_own_redis(tmp_path: Path) -> None:
     assert model.input_shape == (None, len(scaler["mean"]), 1)
 
 
-@pytest.mark.skipif(seed_data_dir() is None, reason="the seed's hemodialysis CSVs are not available")
+@pytest.mark.skipif(seed_data_dir() is None, reason=SEED_DATA_MISSING)
 @pytest.mark.parametrize("clients", [2, 3])
 def test_acceptance_hemodialysis(clients: int, tmp_path: Path) -> None:
     data = seed_data_dir()
