@@ -17,11 +17,12 @@ import redis
 
 from fedq.data import load_dataset
 from fedq.partition import check_partition
-from fedq.errors import DataError, FedqError
+from fedq.errors import FedqError
 from fedq.jobs import submit_run
+from fedq.models import check_model, import_builder, model_kind
 from fedq.lifecycle import die_with_parent
 from fedq.localredis import LocalRedis
-from fedq.report import write_report
+from fedq.report import clear_outputs, write_report
 from fedq.settings import Settings
 from fedq.spec import RunSpec
 from fedq.store import ENDED, RunStore, connect
@@ -30,11 +31,25 @@ log = logging.getLogger("fedq.run")
 
 
 def check_data(spec: RunSpec) -> None:
-    """Fail fast, in this process, on data that the clients could not load or shard."""
+    """Fail fast, in this process, on data that the clients could not load or shard, and on a
+    model that cannot be imported or built for the data's shape (one line, before anything starts)."""
     ds = load_dataset(spec.data)
     check_partition(spec.data, spec.clients)  # every client gets rows under the chosen partition
-    if ds.num_features < 5 and spec.model == "seed":
-        raise DataError(f"the seed network needs at least 5 features, the data has {ds.num_features}")
+    check_model(spec.model, ds.num_features, ds.num_classes)
+
+
+def data_paths(spec: RunSpec) -> list[str]:
+    """The files the run's data is read from (none for built-in and synthetic data)."""
+    return [p for p in (spec.data.csv, spec.data.normal_csv, spec.data.abnormal_csv) if p]
+
+
+def check_submitted(spec: RunSpec) -> None:
+    """check_data where the data is readable here; else (the data lives with the clients) the
+    model's module is still imported, so that a typo fails now rather than in the aggregator."""
+    if all(os.path.exists(p) for p in data_paths(spec)):
+        check_data(spec)
+    elif model_kind(spec.model) == "builder":
+        import_builder(spec.model)
 
 
 # A payload or part of many MB is a fresh buffer that glibc maps anew, and faulting it in
@@ -140,6 +155,7 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
     spec.validate()
     check_data(spec)
     out.mkdir(parents=True, exist_ok=True)
+    clear_outputs(out)  # a run that fails before its report must not leave a previous run's files
     with contextlib.ExitStack() as stack:
         stack.enter_context(interrupted_by_signals())
         if not use_env_redis:
