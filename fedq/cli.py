@@ -290,7 +290,9 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
         spec = _run_spec(kw)
         check_submitted(spec)
         # A private queue, so that this worker drives exactly the run it created, then exits.
-        queue = f"fedq-once-{spec.run_id}"
+        from fedq.jobs import ONCE_QUEUE_PREFIX
+
+        queue = f"{ONCE_QUEUE_PREFIX}{spec.run_id}"
         submit_run(r, settings, spec, queue=queue)
         click.echo(spec.run_id)
         burst = True

@@ -21,6 +21,9 @@ from fedq.store import ENDED, RunStore, connect, list_runs
 log = logging.getLogger("fedq.jobs")
 
 JOB_FUNC = "fedq.aggregator.drive_run"
+# `fedq aggregator --clients N` creates its run on a queue of its own (fedq-once-<run>), which no
+# other worker serves: when that driver dies, any worker takes the run over on its own queue.
+ONCE_QUEUE_PREFIX = "fedq-once-"
 
 
 def submit_run(r: redis.Redis, settings: Settings, spec: RunSpec, *, queue: str | None = None,
@@ -172,8 +175,10 @@ def _run_ended_metrics() -> None:
         metrics.set_clients_alive(0)
 
 
-def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str) -> str | None:
-    """Enqueue a job that takes over run_id, once per lease period; returns the job id."""
+def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str, queue: str | None = None) -> str | None:
+    """Enqueue a job that takes over run_id, once per lease period; returns the job id.
+
+    queue: where (default: the run's own queue); a run moved to another queue records it."""
     store = RunStore(r, run_id)
     state = store.state()
     if not state or state.get("status") in ENDED:
@@ -181,7 +186,10 @@ def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str) -> str | Non
     if not r.set(store.k.resume_lock, "1", nx=True, px=int(settings.lease_seconds * 2000)):
         return None  # someone just did
     job_id = f"{run_id}-resume-{int(time.time() * 1000)}"
-    Queue(state.get("queue") or settings.queue, connection=r).enqueue_call(
+    target = queue or state.get("queue") or settings.queue
+    if target != state.get("queue"):
+        r.hset(store.k.state, "queue", target)  # later recoveries, and fedq status, see where it went
+    Queue(target, connection=r).enqueue_call(
         JOB_FUNC, args=(run_id,), job_id=job_id, timeout=settings.job_timeout, at_front=True,
         result_ttl=7 * 24 * 3600, failure_ttl=30 * 24 * 3600, description=f"fedq resume {run_id}")
     log.info("enqueued %s to take over run %s", job_id, run_id)
@@ -189,12 +197,16 @@ def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str) -> str | Non
 
 
 def recover_orphans(r: redis.Redis, settings: Settings, queues: list[str]) -> list[str]:
-    """Re-enqueue runs on these queues that were started but have no driver and no standby."""
+    """Re-enqueue runs that were started but have no driver and no standby: runs on these queues,
+    and runs of a `fedq aggregator --clients N` whose driver died (onto the first of queues)."""
     recovered = []
     for run_id in list_runs(r, limit=200):
         store = RunStore(r, run_id)
         state = store.state()
-        if not state or state.get("status") in ENDED or state.get("queue", settings.queue) not in queues:
+        if not state or state.get("status") in ENDED:
+            continue
+        queue = state.get("queue") or settings.queue
+        if queue not in queues and not queue.startswith(ONCE_QUEUE_PREFIX):
             continue
         if not state.get("started_at"):
             # Never driven: only an orphan if its job was lost between create and enqueue.
@@ -204,6 +216,6 @@ def recover_orphans(r: redis.Redis, settings: Settings, queues: list[str]) -> li
         if r.exists(store.k.lease) or r.exists(store.k.standby):
             continue
         log.warning("run %s has no live driver (last: %s); recovering it", run_id, state.get("driver"))
-        if enqueue_resume(r, settings, run_id):
+        if enqueue_resume(r, settings, run_id, queue=None if queue in queues else queues[0]):
             recovered.append(run_id)
     return recovered
