@@ -93,7 +93,7 @@ def print_report(report: dict[str, Any], out: Path | None = None) -> None:
         from fedq.report import written
 
         files = written(out)
-        if report["status"] != "finished":
+        if report["status"] not in ("finished", "queued", "running"):  # failed: say why, above, not "wrote"
             console.print(f"details in {out / 'report.json'}" if files else "no report was written")
         else:
             console.print(f"wrote {', '.join(files)} to {out}")
