@@ -28,10 +28,18 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def _stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM/SIGINT, which Kubernetes and Ctrl-C send, for loops to check."""
+    """An event set by SIGTERM/SIGINT, which Kubernetes and Ctrl-C send, for loops to check.
+
+    A process whose parent died (a killed `fedq run`, whose private Redis went with it) gets a
+    few seconds to stop, then ends, rather than retrying a Redis that is gone."""
+    from fedq.lifecycle import exit_soon, parent_died
+
     stop = threading.Event()
+    parent = os.getppid()
 
     def handler(signum: int, _frame: Any) -> None:
+        if not stop.is_set() and parent_died(parent):
+            exit_soon()
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -105,7 +113,8 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
             click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True),
             click.option("--learning-rate", type=float, default=0.01, show_default=True),
             click.option("--model", default="seed", show_default=True,
-                         help="Model: 'seed' (the Kubeflow example's CNN), 'package.module:build_fn' (returns a "
+                         help="Model: 'seed' (the Kubeflow example's CNN; 5+ features), 'mlp' (a small dense "
+                              "network, any number of features), 'package.module:build_fn' (returns a "
                               "compiled Keras model given input shape and class count) or path/model.keras."),
             click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
                          help="Seed of split, shards and weights."),
@@ -245,8 +254,11 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     from fedq.jobs import submit_run
     from fedq.store import RunStore, connect
 
+    from fedq.runner import check_submitted
+
     settings = _settings(ctx)
     spec = _run_spec(kw)
+    check_submitted(spec)  # the model builds for the data, before anything is stored
     r = connect(settings)
     if if_absent and RunStore(r, spec.run_id).exists():
         logging.getLogger("fedq.submit").info("run %s exists already; not submitting it again", spec.run_id)
@@ -276,9 +288,14 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
     if kw["clients"] is not None or kw["rounds"] is not None:
         if kw["clients"] is None or kw["rounds"] is None:
             raise click.UsageError("--clients and --rounds go together")
+        from fedq.runner import check_submitted
+
         spec = _run_spec(kw)
+        check_submitted(spec)
         # A private queue, so that this worker drives exactly the run it created, then exits.
-        queue = f"fedq-once-{spec.run_id}"
+        from fedq.jobs import ONCE_QUEUE_PREFIX
+
+        queue = f"{ONCE_QUEUE_PREFIX}{spec.run_id}"
         submit_run(r, settings, spec, queue=queue)
         click.echo(spec.run_id)
         burst = True
@@ -319,6 +336,12 @@ def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str |
         c.serve(once=once)
     except Stopped:
         logging.getLogger("fedq.client").info("stopped by signal")
+        # Its run is left cleanly (heartbeat gone); skip the interpreter's teardown, which with
+        # TensorFlow loaded takes a second or two of a stop that should be prompt.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()

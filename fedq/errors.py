@@ -19,6 +19,16 @@ class DataError(FedqError):
     """A dataset could not be loaded or partitioned (missing file, unknown column, bad shard)."""
 
 
+# Every reason an UpdateRejected carries (what a refusal records, and the `reason` label of
+# fedq_updates_refused_total, which starts at 0 for each so that alerts have data from the start).
+# tests/test_metrics.py checks that every UpdateRejected raised in fedq/ uses one of these.
+REFUSAL_REASONS = (
+    "bad_compression", "bad_metrics", "bad_num_examples", "bad_part", "bad_parts", "bad_scales",
+    "bad_signature", "non_finite", "not_selected", "too_large", "undecodable", "unknown_client",
+    "unknown_key", "unsigned", "wrong_client", "wrong_dtype", "wrong_round", "wrong_run", "wrong_shape",
+)
+
+
 class UpdateRejected(FedqError):
     """A client update failed validation; ``reason`` is a short machine-readable code."""
 

@@ -13,6 +13,7 @@ import redis
 from rq import Queue, Worker
 
 from fedq.heartbeat import aggregator_heartbeat
+from fedq.lifecycle import die_with_parent, exit_soon, parent_died
 from fedq.settings import Settings
 from fedq.spec import RunSpec
 from fedq.store import ENDED, RunStore, connect, list_runs
@@ -20,6 +21,9 @@ from fedq.store import ENDED, RunStore, connect, list_runs
 log = logging.getLogger("fedq.jobs")
 
 JOB_FUNC = "fedq.aggregator.drive_run"
+# `fedq aggregator --clients N` creates its run on a queue of its own (fedq-once-<run>), which no
+# other worker serves: when that driver dies, any worker takes the run over on its own queue.
+ONCE_QUEUE_PREFIX = "fedq-once-"
 
 
 def submit_run(r: redis.Redis, settings: Settings, spec: RunSpec, *, queue: str | None = None,
@@ -95,9 +99,20 @@ def describe(spec: RunSpec) -> dict[str, Any]:
 
 
 class FedqWorker(Worker):
-    """An rq worker that stops runs gracefully and recovers runs whose driver died."""
+    """An rq worker that stops runs gracefully and recovers runs whose driver died.
+
+    Its work horse ends with it: rq forks the horse into a process group of its own (so Ctrl-C
+    in a terminal does not reach it) and PR_SET_PDEATHSIG does not pass through fork, so the
+    horse asks for its own signal when the worker exits. A worker whose parent died (fedq run
+    was killed, and its private Redis with it) stops within seconds instead of retrying a Redis
+    that is gone."""
 
     fedq_settings: Settings
+    _fedq_parent: int = 0
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        self._fedq_parent = os.getppid()
+        return super().work(*args, **kwargs)
 
     def request_stop(self, signum: int, frame: Any) -> None:
         # rq's warm shutdown waits for the job, which for a federation may be hours: tell the
@@ -107,11 +122,40 @@ class FedqWorker(Worker):
                 os.kill(self.horse_pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        if self._fedq_parent and parent_died(self._fedq_parent):
+            log.warning("worker %s: its parent is gone; stopping within seconds", self.name)
+            exit_soon(before=self._kill_horse_now)
         super().request_stop(signum, frame)
+
+    def _kill_horse_now(self) -> None:
+        """SIGKILL the horse's process group (the horse and the initial model's builder)."""
+        if self.horse_pid:
+            try:
+                os.killpg(self.horse_pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def perform_job(self, job: Any, queue: Queue, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return super().perform_job(job, queue, *args, **kwargs)
+        finally:
+            _run_ended_metrics()  # in the horse: its run has no clients any more
+
+    def execute_job(self, job: Any, queue: Queue) -> None:
+        try:
+            super().execute_job(job, queue)
+        finally:
+            _run_ended_metrics()  # in the worker: also when the horse was killed
 
     def setup_work_horse_signals(self) -> None:
         from fedq.aggregator import HORSE_STOP
 
+        worker = os.getppid()
+        # In the horse, right after the fork. SIGKILL: a worker that died without stopping its
+        # horse (killed, out of memory) cannot see the run released; the lease expires instead.
+        die_with_parent(signal.SIGKILL)
+        if parent_died(worker):  # the worker was gone before die_with_parent took effect
+            os._exit(1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda *_: HORSE_STOP.set())
 
@@ -123,8 +167,18 @@ class FedqWorker(Worker):
             log.warning("orphan recovery skipped: %s", exc)
 
 
-def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str) -> str | None:
-    """Enqueue a job that takes over run_id, once per lease period; returns the job id."""
+def _run_ended_metrics() -> None:
+    """A run's gauges drop to 0 when its driving ends (Prometheus would keep the last value)."""
+    from fedq import metrics
+
+    if metrics.multiprocess_enabled():
+        metrics.set_clients_alive(0)
+
+
+def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str, queue: str | None = None) -> str | None:
+    """Enqueue a job that takes over run_id, once per lease period; returns the job id.
+
+    queue: where (default: the run's own queue); a run moved to another queue records it."""
     store = RunStore(r, run_id)
     state = store.state()
     if not state or state.get("status") in ENDED:
@@ -132,7 +186,10 @@ def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str) -> str | Non
     if not r.set(store.k.resume_lock, "1", nx=True, px=int(settings.lease_seconds * 2000)):
         return None  # someone just did
     job_id = f"{run_id}-resume-{int(time.time() * 1000)}"
-    Queue(state.get("queue") or settings.queue, connection=r).enqueue_call(
+    target = queue or state.get("queue") or settings.queue
+    if target != state.get("queue"):
+        r.hset(store.k.state, "queue", target)  # later recoveries, and fedq status, see where it went
+    Queue(target, connection=r).enqueue_call(
         JOB_FUNC, args=(run_id,), job_id=job_id, timeout=settings.job_timeout, at_front=True,
         result_ttl=7 * 24 * 3600, failure_ttl=30 * 24 * 3600, description=f"fedq resume {run_id}")
     log.info("enqueued %s to take over run %s", job_id, run_id)
@@ -140,7 +197,8 @@ def enqueue_resume(r: redis.Redis, settings: Settings, run_id: str) -> str | Non
 
 
 def recover_orphans(r: redis.Redis, settings: Settings, queues: list[str]) -> list[str]:
-    """Re-enqueue runs on these queues that were started but have no driver and no standby."""
+    """Re-enqueue runs that were started but have no driver and no standby: runs on these queues,
+    and runs of a `fedq aggregator --clients N` whose driver died (onto the first of queues)."""
     recovered = []
     for run_id in list_runs(r, limit=200):  # ids that are no valid run id are skipped there
         store = RunStore(r, run_id)
@@ -150,7 +208,10 @@ def recover_orphans(r: redis.Redis, settings: Settings, queues: list[str]) -> li
         except (redis.ResponseError, ValueError) as exc:  # a state key written around fedq
             log.warning("run %s: unreadable state, not recovered: %s", run_id, exc)
             continue
-        if not state or state.get("status") in ENDED or state.get("queue", settings.queue) not in queues:
+        if not state or state.get("status") in ENDED:
+            continue
+        queue = state.get("queue") or settings.queue
+        if queue not in queues and not queue.startswith(ONCE_QUEUE_PREFIX):
             continue
         if not state.get("started_at"):
             # Never driven: only an orphan if its job was lost between create and enqueue.
@@ -160,6 +221,6 @@ def recover_orphans(r: redis.Redis, settings: Settings, queues: list[str]) -> li
         if r.exists(store.k.lease) or r.exists(store.k.standby):
             continue
         log.warning("run %s has no live driver (last: %s); recovering it", run_id, state.get("driver"))
-        if enqueue_resume(r, settings, run_id):
+        if enqueue_resume(r, settings, run_id, queue=None if queue in queues else queues[0]):
             recovered.append(run_id)
     return recovered

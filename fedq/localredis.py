@@ -1,13 +1,18 @@
 """A private Redis-compatible server for ``fedq run`` when no FEDQ_REDIS_URL is set.
 
-It listens on a unix socket only (no TCP port), keeps nothing on disk, and is tied to
-the lifetime of the process that started it: on Linux the kernel sends it SIGTERM when
-its parent dies, so even a SIGKILLed ``fedq run`` leaves no server behind.
+It listens on a unix socket only (no TCP port), keeps nothing on disk, and lives in a private
+temporary directory that goes with it. The server runs under a small guard process
+(``python -m fedq.localredis``), in a session of its own so that Ctrl-C in the terminal does not
+take Redis away before the aggregator and the clients have stopped. The guard:
+
+- dies with ``fedq run`` (PR_SET_PDEATHSIG), and the server dies with the guard;
+- on SIGTERM, SIGINT or SIGHUP, and whenever the server exits, stops the server and removes the
+  directory, so a SIGKILLed ``fedq run`` leaves neither a server nor a directory behind.
 """
 
 from __future__ import annotations
 
-import ctypes
+import os
 import shutil
 import signal
 import subprocess
@@ -19,17 +24,9 @@ from pathlib import Path
 import redis
 
 from fedq.errors import FedqError
+from fedq.lifecycle import die_with_parent, parent_died
 
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """preexec_fn: ask Linux to SIGTERM this child when its parent exits (no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
+__all__ = ["LocalRedis", "die_with_parent", "find_server"]
 
 
 def find_server() -> str:
@@ -65,14 +62,19 @@ class LocalRedis:
         args = [self.binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
                 "--save", "", "--appendonly", "no", "--dir", str(self.dir),
                 "--logfile", str(self.dir / "server.log"), "--daemonize", "no"]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        guard = [sys.executable, "-m", "fedq.localredis", str(os.getpid()), str(self.dir), *args]
+        self.proc = subprocess.Popen(guard, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise FedqError(f"{self.binary} exited with code {self.proc.returncode}; "
-                                f"see {self.dir / 'server.log'}")
+                log_path = self.dir / "server.log"
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:] if log_path.exists() else []
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise FedqError(f"{self.binary} exited with code {self.proc.returncode}"
+                                + (": " + " | ".join(tail) if tail else ""))
             try:
                 if client.ping():
                     return self.url
@@ -82,7 +84,7 @@ class LocalRedis:
         raise FedqError(f"{self.binary} did not answer within {timeout:g} s")
 
     def stop(self) -> None:
-        """Stop the server and remove its directory."""
+        """Stop the server (its guard stops it and removes the directory) and remove the directory."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -98,3 +100,47 @@ class LocalRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def guard(parent: int, directory: Path, args: list[str]) -> int:
+    """Run the server args until it exits or this process is signalled, then remove directory.
+
+    A server that failed on its own leaves the directory (its server.log) to LocalRedis.start,
+    which reports the log and removes it."""
+    die_with_parent()
+    proc: subprocess.Popen[bytes] | None = None
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    keep = False
+    try:
+        if parent_died(parent):  # fedq run was gone before die_with_parent took effect
+            return 1
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        if stopping:  # signalled while the server was being started
+            proc.terminate()
+        code = proc.wait()
+        keep = code != 0 and not stopping and not parent_died(parent)
+        return code
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(guard(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]))

@@ -22,6 +22,8 @@ import tempfile
 import threading
 from typing import Any
 
+from fedq.errors import REFUSAL_REASONS
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NAMESPACE = "fedq"
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -63,6 +65,8 @@ class AggregatorMetrics:
         self.rounds_completed = Counter("rounds_completed", "Federated rounds committed.", **kw)
         self.updates_accepted = Counter("updates_accepted", "Client updates validated and aggregated.", **kw)
         self.updates_refused = Counter("updates_refused", "Client updates refused, by reason.", ["reason"], **kw)
+        for reason in REFUSAL_REASONS:  # every reason exists, at 0, before its first refusal
+            self.updates_refused.labels(reason=reason)
         self.round_duration = Histogram("round_duration_seconds", "Wall time of a committed round.",
                                         buckets=ROUND_BUCKETS, **kw)
         self.bytes_received = Counter("bytes_received", "Bytes of client updates read by the aggregator.", **kw)
@@ -151,6 +155,9 @@ def start_metrics_server(port: int, host: str = "0.0.0.0") -> MetricsServer:
     if multiprocess_enabled():
         from prometheus_client import multiprocess
 
+        # This process's own families, at 0, so that /metrics is never empty: a worker serves
+        # before its first work horse has counted anything (an unset gauge is not served).
+        default().set_clients_alive(0)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:

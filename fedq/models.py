@@ -4,6 +4,9 @@ the CLI, the rq worker parent and the tests of pure modules start fast.
 ``--model`` takes one of:
 
 - ``seed``: the Kubeflow example's Conv1D network (input ``(features, 1)``, softmax output);
+  it needs at least 5 features;
+- ``mlp``: a small dense network (input ``(features,)``, one hidden layer of 16 ReLU units,
+  softmax output) for data of any width, e.g. iris's 4 features;
 - ``package.module:build_fn``: ``build_fn(input_shape, num_classes)`` returns a compiled Keras
   model; ``input_shape`` is ``(features,)``. The module must be importable on the aggregator and
   on every client (installed, on ``PYTHONPATH``, or in the working directory);
@@ -33,19 +36,22 @@ from fedq.evaluation import classification_metrics, to_probabilities
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-MODELS = ("seed",)
+MODELS = ("seed", "mlp")  # built in
+SEED_MIN_FEATURES = 5  # Conv1D(kernel 3) then MaxPooling1D(3) needs 5 positions to leave one output
 _BUILDER = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 
 def model_kind(name: str) -> str:
-    """'seed', 'builder' (module:function) or 'file' (a .keras path); ConfigError otherwise."""
+    """'seed' or 'mlp' (built in), 'builder' (module:function) or 'file' (a .keras path);
+    ConfigError otherwise."""
     if name in MODELS:
-        return "seed"
+        return name
     if isinstance(name, str) and name.endswith(".keras"):
         return "file"
     if isinstance(name, str) and _BUILDER.match(name):
         return "builder"
-    raise ConfigError(f"unknown model {name!r}: use 'seed', 'package.module:build_fn' or a path to a .keras file")
+    raise ConfigError(f"unknown model {name!r}: use 'seed', 'mlp', 'package.module:build_fn' or a path to a "
+                      ".keras file")
 
 
 def check_model_arg(name: str) -> str:
@@ -79,6 +85,8 @@ def build_model(name: str, num_features: int, num_classes: int, seed: int) -> "k
     kind = model_kind(name)
     if kind == "seed":
         return _seed_network(keras, num_features, num_classes)
+    if kind == "mlp":
+        return _mlp(keras, num_features, num_classes)
     if kind == "file":
         check_model_arg(name)
         try:
@@ -89,7 +97,7 @@ def build_model(name: str, num_features: int, num_classes: int, seed: int) -> "k
         except Exception as exc:  # Keras raises many types for a bad file; all mean the same here
             raise ConfigError(f"cannot load model {name}: {type(exc).__name__}: {exc}") from None
     else:
-        fn = _import_builder(name)
+        fn = import_builder(name)
         try:
             model = fn((num_features,), num_classes)
         except Exception as exc:  # the user's code: report it as one clear line
@@ -98,7 +106,8 @@ def build_model(name: str, num_features: int, num_classes: int, seed: int) -> "k
     return model
 
 
-def _import_builder(name: str) -> Any:
+def import_builder(name: str) -> Any:
+    """The build function a 'package.module:build_fn' model names; ConfigError if it cannot be had."""
     module_name, _, fn_name = name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -136,11 +145,26 @@ def _check_io(model: Any, name: str, num_features: int, num_classes: int) -> Non
                           f"(use {num_classes} softmax units{' or 1 sigmoid unit' if num_classes == 2 else ''})")
 
 
+def check_seed_width(num_features: int) -> None:
+    """ConfigError, with the way forward, when the seed network cannot take data this narrow."""
+    if num_features < SEED_MIN_FEATURES:
+        raise ConfigError(f"the seed network needs at least {SEED_MIN_FEATURES} features, the data has "
+                          f"{num_features}: use --model mlp (a small dense network for any number of features)")
+
+
+def check_model(name: str, num_features: int, num_classes: int) -> None:
+    """Import and build the model on the data's shape, here and now: ConfigError naming what is
+    wrong, before any process starts. The seed and mlp networks are checked without TensorFlow."""
+    kind = model_kind(name)
+    if kind == "seed":
+        check_seed_width(num_features)
+    elif kind != "mlp":
+        build_model(name, num_features, num_classes, seed=0)
+
+
 def _seed_network(keras: Any, num_features: int, num_classes: int) -> "keras.Model":
     """The Kubeflow example's network, with the input width taken from the data."""
-    # Conv1D(kernel 3) then MaxPooling1D(3) needs at least 5 positions to leave one output.
-    if num_features < 5:
-        raise ConfigError(f"the seed network needs at least 5 features, the data has {num_features}")
+    check_seed_width(num_features)
     layers = keras.layers
     return keras.Sequential([
         keras.Input(shape=(num_features, 1)),
@@ -150,6 +174,16 @@ def _seed_network(keras: Any, num_features: int, num_classes: int) -> "keras.Mod
         layers.Dense(8, activation="relu"),
         layers.Dense(num_classes, activation="softmax"),
     ], name="seed_cnn")
+
+
+def _mlp(keras: Any, num_features: int, num_classes: int) -> "keras.Model":
+    """A small dense network for tabular data of any width (the seed network needs 5 features)."""
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input(shape=(num_features,)),
+        layers.Dense(16, activation="relu"),
+        layers.Dense(num_classes, activation="softmax"),
+    ], name="mlp")
 
 
 def compile_model(model: "keras.Model", optimizer: str, learning_rate: float) -> "keras.Model":

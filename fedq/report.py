@@ -125,10 +125,27 @@ def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
     return model_path, scaler_path
 
 
+# What write_report may write into a directory; any of them left from an earlier run is removed.
+OUTPUT_FILES = ("report.json", "curves.png", "model.keras", "scaler.json")
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove a previous run's report files from out (logs and other files stay)."""
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def written(out: Path) -> list[str]:
+    """The report files in out, in OUTPUT_FILES order (after write_report: exactly what it wrote)."""
+    return [name for name in OUTPUT_FILES if (out / name).is_file()]
+
+
 def write_report(store: RunStore, out: Path, with_model: bool = True) -> dict[str, Any]:
-    """Write report.json, curves.png (once a round committed) and, when the run finished, model.keras."""
+    """Write report.json, curves.png (once a round committed) and, when the run finished, model.keras
+    and scaler.json; a previous run's files there are removed first, so the directory never mixes runs."""
     report = build_report(store)  # first: an unknown run must not leave an empty directory behind
     out.mkdir(parents=True, exist_ok=True)
+    clear_outputs(out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_curves(report["rounds"], out / "curves.png", title=f"run {store.run_id}")
     if with_model and report["status"] == FINISHED:

@@ -5,18 +5,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import redis
 
 from fedq.data import load_dataset
 from fedq.partition import check_partition
-from fedq.errors import DataError, FedqError
+from fedq.errors import FedqError
 from fedq.jobs import submit_run
-from fedq.localredis import LocalRedis, die_with_parent
-from fedq.report import write_report
+from fedq.models import check_model, import_builder, model_kind
+from fedq.lifecycle import die_with_parent
+from fedq.localredis import LocalRedis
+from fedq.report import clear_outputs, write_report
 from fedq.settings import Settings
 from fedq.spec import RunSpec
 from fedq.store import ENDED, RunStore, connect
@@ -25,11 +31,25 @@ log = logging.getLogger("fedq.run")
 
 
 def check_data(spec: RunSpec) -> None:
-    """Fail fast, in this process, on data that the clients could not load or shard."""
+    """Fail fast, in this process, on data that the clients could not load or shard, and on a
+    model that cannot be imported or built for the data's shape (one line, before anything starts)."""
     ds = load_dataset(spec.data)
     check_partition(spec.data, spec.clients)  # every client gets rows under the chosen partition
-    if ds.num_features < 5 and spec.model == "seed":
-        raise DataError(f"the seed network needs at least 5 features, the data has {ds.num_features}")
+    check_model(spec.model, ds.num_features, ds.num_classes)
+
+
+def data_paths(spec: RunSpec) -> list[str]:
+    """The files the run's data is read from (none for built-in and synthetic data)."""
+    return [p for p in (spec.data.csv, spec.data.normal_csv, spec.data.abnormal_csv) if p]
+
+
+def check_submitted(spec: RunSpec) -> None:
+    """check_data where the data is readable here; else (the data lives with the clients) the
+    model's module is still imported, so that a typo fails now rather than in the aggregator."""
+    if all(os.path.exists(p) for p in data_paths(spec)):
+        check_data(spec)
+    elif model_kind(spec.model) == "builder":
+        import_builder(spec.model)
 
 
 # A payload or part of many MB is a fresh buffer that glibc maps anew, and faulting it in
@@ -79,14 +99,46 @@ class Processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 2.0) -> None:
+        """SIGTERM every child, SIGKILL those still there after grace seconds, and reap them.
+
+        The grace is short: on a stop, the run is marked failed first, so a work horse need not
+        release it (one still starting up, importing TensorFlow, would take longer)."""
         for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()
-        self.wait(10)
+        self.wait(grace)
         for p in self.procs.values():
             if p.poll() is None:
                 p.kill()
+        self.wait(5)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def interrupted_by_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt here, once, so that cleanup runs.
+
+    Python's default for SIGTERM and SIGHUP ends the process on the spot, leaving the children to
+    their parent-death signal and the private Redis's directory behind. After the first signal
+    the others are ignored, so that a second Ctrl-C cannot cut the cleanup short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bool,
@@ -103,7 +155,9 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
     spec.validate()
     check_data(spec)
     out.mkdir(parents=True, exist_ok=True)
+    clear_outputs(out)  # a run that fails before its report must not leave a previous run's files
     with contextlib.ExitStack() as stack:
+        stack.enter_context(interrupted_by_signals())
         if not use_env_redis:
             server = stack.enter_context(LocalRedis())
             settings = settings.with_(redis_url=server.url)
@@ -124,7 +178,14 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
             procs.start(name, args)
         on_event(f"run {spec.run_id}: aggregator and {spec.clients} clients started (logs in {out / 'logs'})")
         store = RunStore(r, spec.run_id)
-        _follow(store, procs, settings, on_round, on_progress)
+        try:
+            _follow(store, procs, settings, on_round, on_progress)
+        except KeyboardInterrupt:
+            # In a shared Redis the run must not look like one whose driver died (a worker would
+            # take it over, and wait for clients that are gone).
+            with contextlib.suppress(redis.RedisError):
+                store.fail("interrupted: fedq run was stopped")
+            raise
         procs.wait(30)
         return write_report(store, out)
     raise AssertionError("unreachable")  # pragma: no cover

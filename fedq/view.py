@@ -90,9 +90,13 @@ def print_report(report: dict[str, Any], out: Path | None = None) -> None:
     if report.get("refused"):
         console.print(f"{len(report['refused'])} update(s) refused; see report.json")
     if out is not None:
-        files = [p.name for p in (out / "report.json", out / "curves.png", out / "model.keras", out / "scaler.json")
-                 if p.exists()]
-        console.print(f"wrote {', '.join(files)} to {out}")
+        from fedq.report import written
+
+        files = written(out)
+        if report["status"] not in ("finished", "queued", "running"):  # failed: say why, above, not "wrote"
+            console.print(f"details in {out / 'report.json'}" if files else "no report was written")
+        else:
+            console.print(f"wrote {', '.join(files)} to {out}")
 
 
 def _when(ts: str | float | None) -> str:

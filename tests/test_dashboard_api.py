@@ -150,12 +150,14 @@ def test_redis_going_away_is_a_503_and_the_api_recovers(tmp_path: Path) -> None:
         assert get_json(dash.url("/api/runs"))[0] == 503
         assert http_get(dash.url("/runs/before"))[0] == 200  # the page itself loads and shows a banner
         status, health = get_json(dash.url("/api/health"))
-        assert status == 200 and health["redis"] is False and "unreachable" in health["error"]
+        assert status == 503 and health["ok"] is False and health["redis"] is False
+        assert "unreachable" in health["error"]
         server.start()
         make_run(redis.Redis.from_url(server.url), "after")
         status, body = wait_for("the API to recover", lambda: (s := get_json(dash.url("/api/runs")))[0] == 200 and s,
                                 timeout=15)
         assert [x["run_id"] for x in body["runs"]] == ["after"]
+        assert get_json(dash.url("/api/health")) == (200, {"ok": True, "redis": True})
         assert dash.proc.poll() is None, "the dashboard must survive Redis going away"
     finally:
         dash.stop()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import seed_data_dir
+from helpers import ROOT, SEED_DATA_MISSING, seed_data_dir
 
 from fedq.data import (
     DataSpec,
@@ -396,7 +399,7 @@ def test_feature_stats_from_dict_validation(change: dict, needle: str) -> None:
 # ---------------------------------------------------------------- optional real data
 
 
-@pytest.mark.skipif(seed_data_dir() is None, reason="the seed's hemodialysis CSVs are not available")
+@pytest.mark.skipif(seed_data_dir() is None, reason=SEED_DATA_MISSING)
 def test_real_seed_data() -> None:
     root = seed_data_dir()
     spec = seed_spec(str(root / "normal.csv"), str(root / "abnormal.csv"))
@@ -408,3 +411,15 @@ def test_real_seed_data() -> None:
     mean, std = scaler_from_stats(feature_stats(ds.x[train]))
     z = standardize(ds.x[test], mean, std)
     assert np.all(np.isfinite(z)) and np.all(np.abs(z) < 1e3)
+
+
+def test_seed_data_skips_name_the_setting(tmp_path: Path) -> None:
+    # With the setting pointing at a directory without the CSVs, the tests that need them skip
+    # and say how to provide them.
+    env = dict(os.environ, FEDQ_SEED_DATA_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                           "tests/test_data.py::test_real_seed_data", "tests/test_e2e.py::test_acceptance_hemodialysis"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert "3 skipped" in done.stdout and len(skips) == 2, done.stdout + done.stderr
+    assert all("set FEDQ_SEED_DATA_DIR to the directory" in line for line in skips), skips

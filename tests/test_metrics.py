@@ -4,6 +4,7 @@ and values counted in forked children (as rq work horses do) served by the paren
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedq import metrics
+from fedq.errors import REFUSAL_REASONS
 from helpers import free_port
 from test_dashboard_support import http_get, wait_for
 
@@ -118,6 +120,52 @@ def test_values_counted_in_forked_children_reach_the_parents_metrics(tmp_path: P
         assert value(p, "fedq_rounds_completed_total") == 2
         assert value(p, "fedq_round_duration_seconds_sum") == 2.0
         assert value(p, "fedq_clients_alive") == 4  # the most recent value set
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_every_refusal_reason_exists_at_zero_before_any_refusal() -> None:
+    p = samples(metrics.AggregatorMetrics().exposition().decode())
+    for reason in REFUSAL_REASONS:
+        assert value(p, "fedq_updates_refused_total", reason=reason) == 0, reason
+
+
+def test_refusal_reasons_list_every_reason_fedq_raises() -> None:
+    # The reasons are literals at the raise sites; the list the metrics start from must not miss one.
+    raised = set()
+    for path in (Path(metrics.__file__).parent).rglob("*.py"):
+        raised |= set(re.findall(r'UpdateRejected\(\s*"([a-z_]+)"', path.read_text()))
+    assert raised and raised <= set(REFUSAL_REASONS), sorted(raised - set(REFUSAL_REASONS))
+
+
+IDLE_SERVER = """
+import sys, time
+from fedq import metrics
+metrics.prepare_multiprocess()
+server = metrics.start_metrics_server(int(sys.argv[1]), "127.0.0.1")
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_metrics_of_a_worker_that_drove_nothing_yet_are_not_empty(tmp_path: Path) -> None:
+    # An rq worker's server before its first work horse: every family is there, at 0.
+    port = free_port()
+    script = tmp_path / "idle_server.py"
+    script.write_text(textwrap.dedent(IDLE_SERVER))
+    (tmp_path / "multiproc").mkdir()
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "multiproc"))
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        status, body, _ = wait_for("/metrics", lambda: http_get(f"http://127.0.0.1:{port}/metrics"), timeout=20)
+        p = samples(body.decode())
+        assert status == 200
+        assert value(p, "fedq_rounds_completed_total") == 0
+        assert value(p, "fedq_updates_accepted_total") == 0
+        assert value(p, "fedq_clients_alive") == 0
+        assert value(p, "fedq_updates_refused_total", reason="non_finite") == 0
     finally:
         proc.kill()
         proc.wait(timeout=10)

@@ -12,6 +12,8 @@ fedq/client.py (see fedq/metrics.py and fedq/heartbeat.py for the calls).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 from collections import Counter
@@ -28,7 +30,7 @@ from fedq.settings import Settings
 from fedq.spec import RunSpec
 from fedq.store import RunStore
 from helpers import cli_env, free_port
-from test_dashboard_support import Proc, http_get
+from test_dashboard_support import Proc, http_get, wait_for
 from test_metrics import samples, value
 
 pytestmark = pytest.mark.slow
@@ -84,18 +86,25 @@ def federation(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
 
     thread = threading.Thread(target=run_bad, daemon=True)
     thread.start()
-    seen: dict[str, Any] = {"clients": set(), "aggregators": {}}
+    seen: dict[str, Any] = {"clients": set(), "aggregators": {}, "clients_alive": set()}
+    scrape = functools.partial(http_get, f"http://127.0.0.1:{port}/metrics")
     try:
         deadline = time.monotonic() + 240
         while store.state().get("status") not in ("finished", "failed") and time.monotonic() < deadline:
             if store.state().get("phase") == "train":
                 seen["clients"] |= set(heartbeat.alive_clients(r, RUN))
             seen["aggregators"].update(heartbeat.alive_aggregators(r))
+            with contextlib.suppress(OSError):  # the server may not listen yet
+                seen["clients_alive"].add(value(samples(scrape()[1].decode()), "fedq_clients_alive"))
             time.sleep(0.2)
         thread.join(timeout=60)
         for p in procs[1:]:
             assert p.wait(60) == 0, p.text()[-3000:]
-        status, body, _ = http_get(f"http://127.0.0.1:{port}/metrics")
+        # The run's gauges drop once its driver is done (shortly after the run's state says so).
+        with contextlib.suppress(AssertionError):
+            wait_for("fedq_clients_alive to drop to 0",
+                     lambda: value(samples(scrape()[1].decode()), "fedq_clients_alive") == 0, timeout=20)
+        status, body, _ = scrape()
         seen["after"] = set(heartbeat.alive_clients(r, RUN))
         yield {"r": r, "store": store, "seen": seen, "metrics_status": status, "metrics": body.decode(),
                "bad_errors": bad_errors, "aggregator": procs[0]}
@@ -128,7 +137,8 @@ def test_metrics_endpoint_counts_match_the_run(federation: dict[str, Any]) -> No
     # Every update read was pushed once here, so the bytes read are the bytes the push log recorded.
     pushed = sum(int(x["bytes"]) for x in store.pushes() if x.get("outcome") == "ok")
     assert value(p, "fedq_bytes_received_total") == pushed > 0
-    assert value(p, "fedq_clients_alive") == 3
+    assert 3 in federation["seen"]["clients_alive"], "while the run trained, its 3 clients were alive"
+    assert value(p, "fedq_clients_alive") == 0, "after the run ended, no client of it is alive"
 
 
 def test_clients_and_the_aggregator_kept_heartbeats(federation: dict[str, Any]) -> None:

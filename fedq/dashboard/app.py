@@ -103,7 +103,8 @@ def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS) -> F
             r.ping()
             return jsonify({"ok": True, "redis": True})
         except redis.RedisError as exc:
-            return jsonify({"ok": True, "redis": False, "error": _redis_down(exc)})
+            # Not healthy: a load balancer or probe must see it without parsing the body.
+            return jsonify({"ok": False, "redis": False, "error": _redis_down(exc)}), 503
 
     @app.errorhandler(404)
     def not_found(_exc: Exception) -> Any:
