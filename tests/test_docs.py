@@ -174,9 +174,9 @@ def parse(args: list[str], tmp: Path) -> click.Context:
     ctx: click.Context | None = None
     path = ["fedq"]
     while True:
-        if isinstance(cmd, click.Group) and not args and ctx is not None:
-            return ctx  # a group named on its own, as prose does: `fedq k8s`
         args = _fill_placeholders(cmd, args, tmp)
+        if isinstance(cmd, click.Group) and not args:
+            return ctx or click.Context(cmd)  # a group named on its own, as prose does: `fedq k8s`
         ctx = cmd.make_context(" ".join(path), list(args), parent=ctx, resilient_parsing=False)
         if not isinstance(cmd, click.Group):
             return ctx
