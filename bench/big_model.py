@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.round_overhead import MODELS, _descendants, _hwm_kib, _role, tcp_redis, wait_all  # noqa: E402
-from fedq.jobs import submit_run  # noqa: E402
-from fedq.localredis import die_with_parent  # noqa: E402
-from fedq.runner import with_huge_pages  # noqa: E402
+from fedq.roles.jobs import submit_run  # noqa: E402
+from fedq.roles.localredis import die_with_parent  # noqa: E402
+from fedq.roles.runner import with_huge_pages  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
-from fedq.spec import RunSpec  # noqa: E402
-from fedq.store import RunStore, connect  # noqa: E402
+from fedq.learning.spec import RunSpec  # noqa: E402
+from fedq.protocol.store import RunStore, connect  # noqa: E402
 
 MODELS = {**MODELS, "250m": "bench.bench_models:dense_250m"}
 
@@ -85,7 +85,7 @@ def run(model: str, clients: int, rounds: int, chunk_bytes: int) -> dict[str, ob
 
 
 def _parameters(store: RunStore) -> int:
-    from fedq import transfer
+    from fedq.protocol import transfer
 
     return sum(math.prod(t.shape) for t in transfer.global_template(store)[1])
 

@@ -2,10 +2,10 @@
 
 For each model size, one realistic update (see ``delta``) goes the way a round sends it:
 
-- encode: the client's side, ``protocol.compress_update`` (delta from the global model,
-  quantisation, the error measurement it reports) and ``protocol.encode_update`` (the envelope);
+- encode: the client's side, ``messages.compress_update`` (delta from the global model,
+  quantisation, the error measurement it reports) and ``messages.encode_update`` (the envelope);
   for float32 only the envelope;
-- decode: the aggregator's side, ``protocol.validate_update`` (envelope, checks, global + delta);
+- decode: the aggregator's side, ``messages.validate_update`` (envelope, checks, global + delta);
 - bytes: the whole payload, and its ratio to the float32 payload;
 - error: ||decoded delta - delta|| / ||delta|| over the model (what the client reports), for
   Gaussian and for heavy-tailed deltas with outliers (see ``delta``).
@@ -20,7 +20,7 @@ import statistics
 
 import numpy as np
 
-from fedq import compress, protocol
+from fedq.protocol import compress, messages
 from micro import best  # bench/ is the script's directory, so its sibling imports directly
 
 
@@ -63,20 +63,20 @@ def bench(params: int, kind: str, repeat: int, blocks: list[int]) -> list[tuple[
     """(encoding, payload bytes, encode s, decode s, relative error): float32, float16, int8 per block."""
     names, g = model(params)
     local = [a + b for a, b in zip(g, delta(g, kind))]
-    template = protocol.template_of(names, g)
+    template = messages.template_of(names, g)
     rows = []
     for enc, block in [("none", 0), ("float16", 0), *(("int8", b) for b in blocks)]:
         def encode() -> tuple[bytes, float]:
             if enc == "none":
-                return protocol.encode_update("run", 1, "c0", 100, {}, names, local), 0.0
-            packed = protocol.compress_update(names, local, g, enc, block or compress.DEFAULT_BLOCK)
-            return (protocol.encode_update("run", 1, "c0", 100, packed.metrics, packed.names, packed.tensors,
+                return messages.encode_update("run", 1, "c0", 100, {}, names, local), 0.0
+            packed = messages.compress_update(names, local, g, enc, block or compress.DEFAULT_BLOCK)
+            return (messages.encode_update("run", 1, "c0", 100, packed.metrics, packed.names, packed.tensors,
                                            None, packed.descriptor), packed.metrics["compression_error"])
 
         payload, error = encode()
 
         def decode() -> None:
-            protocol.validate_update(payload, run_id="run", round_no=1, client_id="c0", template=template,
+            messages.validate_update(payload, run_id="run", round_no=1, client_id="c0", template=template,
                                      compression=enc, base=g)
 
         # Interleaved, so that both sides see the same machine load.

@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from fedq import codec
-from fedq.aggregate import FedAvg
+from fedq.protocol import codec
+from fedq.learning.aggregate import FedAvg
 
 
 def model(params: int, seed: int = 0) -> list[np.ndarray]:
@@ -92,13 +92,13 @@ def bench_aggregate(params: int, repeat: int, n: int = 8) -> tuple[float, float]
 
 def _codec_in_child(params: int, repeat: int, huge_pages: bool) -> tuple[float, float]:
     """bench_codec in a fresh process with or without glibc's huge-page tunable, which is set
-    at process start (fedq.runner.with_huge_pages: what fedq run and the image give fedq)."""
+    at process start (fedq.roles.runner.with_huge_pages: what fedq run and the image give fedq)."""
     import json
     import os
     import subprocess
     import sys
 
-    from fedq.runner import with_huge_pages
+    from fedq.roles.runner import with_huge_pages
 
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env = with_huge_pages(env) if huge_pages else env

@@ -37,16 +37,16 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedq import codec, protocol, transfer  # noqa: E402
-from fedq.aggregate import FedAvg  # noqa: E402
-from fedq.client import Client  # noqa: E402
-from fedq.jobs import submit_run  # noqa: E402
-from fedq.localredis import die_with_parent, find_server  # noqa: E402
-from fedq.runner import with_huge_pages  # noqa: E402
+from fedq.protocol import codec, messages, transfer  # noqa: E402
+from fedq.learning.aggregate import FedAvg  # noqa: E402
+from fedq.roles.client import Client  # noqa: E402
+from fedq.roles.jobs import submit_run  # noqa: E402
+from fedq.roles.localredis import die_with_parent, find_server  # noqa: E402
+from fedq.roles.runner import with_huge_pages  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
-from fedq.spec import RunSpec  # noqa: E402
-from fedq.store import RunStore, connect  # noqa: E402
-from fedq.swarm import client_commands, noise_trainers  # noqa: E402
+from fedq.learning.spec import RunSpec  # noqa: E402
+from fedq.protocol.store import RunStore, connect  # noqa: E402
+from fedq.roles.swarm import client_commands, noise_trainers  # noqa: E402
 
 MODELS = {"seed": "seed", "1m": "bench.bench_models:dense_1m", "25m": "bench.bench_models:dense_25m"}
 
@@ -183,7 +183,7 @@ def floor_one(r: redis.Redis, tensors: list[np.ndarray], names: list[str], repea
     acc = FedAvg(tensors)
     for i in range(repeat):
         t0 = time.perf_counter()
-        payload = protocol.encode_update("floor", 1, "c", 10, {}, names, tensors)
+        payload = messages.encode_update("floor", 1, "c", 10, {}, names, tensors)
         r.hset(store.k.update("c", 1), "payload", payload)
         got = r.hget(store.k.update("c", 1), "payload")
         env = codec.decode(got)
@@ -266,7 +266,7 @@ def main() -> None:
                            central_eval=not args.no_central_eval)
         seed = ""
         if args.seed_compare:
-            from fedq.models import build_model  # the same model's tensors, for the seed's transport
+            from fedq.learning.models import build_model  # the same model's tensors, for the seed's transport
 
             tensors = build_model(MODELS[args.model], 30, 2, 0).get_weights()
             row["seed_s"] = measure_seed(n, tensors, max(3, args.rounds // 2))

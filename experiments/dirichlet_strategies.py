@@ -2,7 +2,7 @@
 
 By default every run is a real federation: ``fedq run`` (its own Redis, an aggregator and N
 client processes), the same command a user types; ``--simulate`` runs the same math in one
-process (fedq.simulation), which is faster. The seed sets the data split, the partition, the
+process (fedq.roles.simulation), which is faster. The seed sets the data split, the partition, the
 initial weights and the shuffling. Not part of the test suite (it takes minutes).
 
     python experiments/dirichlet_strategies.py                      # 5 seeds x fedavg, fedprox, fedadam
@@ -35,10 +35,10 @@ def run_cli(strategy: str, seed: int, args: argparse.Namespace, out: Path) -> fl
 
 
 def run_sim(strategies: list[str], seed: int, args: argparse.Namespace) -> dict[str, float]:
-    from fedq.data import DataSpec
-    from fedq.simulation import Federation
-    from fedq.spec import RunSpec
-    from fedq.strategies import StrategySpec
+    from fedq.learning.data import DataSpec
+    from fedq.roles.simulation import Federation
+    from fedq.learning.spec import RunSpec
+    from fedq.learning.strategies import StrategySpec
 
     out = {}
     for strategy in strategies:

@@ -2,7 +2,7 @@
 
 The shape of McMahan et al. (2017), Table 2 / Figure 2: with the same clients, model, optimizer
 (plain SGD) and learning rate, letting each client do more local work per round cuts the rounds
-needed by one to two orders of magnitude. In-process simulation (fedq.simulation) of the seed
+needed by one to two orders of magnitude. In-process simulation (fedq.roles.simulation) of the seed
 network on the built-in data, IID shards; tests/test_fedsgd.py checks one seed of it.
 
     python experiments/fedsgd_vs_fedavg.py --seeds 0 1 2 --target 0.95
@@ -14,8 +14,8 @@ import argparse
 import dataclasses
 import time
 
-from fedq.simulation import Federation, rounds_to
-from fedq.spec import RunSpec
+from fedq.roles.simulation import Federation, rounds_to
+from fedq.learning.spec import RunSpec
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 One of 5 clients (the last) replaces its update: ``scale`` sends its honest update times -10,
 ``noise`` sends the global model plus Gaussian noise (std 3). In-process simulation
-(fedq.simulation) of the seed network on the built-in data, IID shards; tests/test_poisoning.py
+(fedq.roles.simulation) of the seed network on the built-in data, IID shards; tests/test_poisoning.py
 checks seed 0 of it.
 
     python experiments/poisoning.py --seeds 0 1 2
@@ -15,9 +15,9 @@ import dataclasses
 
 import numpy as np
 
-from fedq.simulation import Federation, gaussian_noise, scaled_update
-from fedq.spec import RunSpec
-from fedq.strategies import StrategySpec
+from fedq.roles.simulation import Federation, gaussian_noise, scaled_update
+from fedq.learning.spec import RunSpec
+from fedq.learning.strategies import StrategySpec
 
 ATTACKS = {"none": None, "scale": scaled_update(-10.0), "noise": gaussian_noise(3.0)}
 

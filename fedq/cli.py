@@ -14,12 +14,12 @@ from typing import Any, Callable
 
 import click
 
-from fedq.data import DataSpec, seed_spec
+from fedq.learning.data import DataSpec, seed_spec
 from fedq.clitools import EXIT_ERROR, fail_cleanly
-from fedq.compress import ENCODINGS
+from fedq.protocol.compress import ENCODINGS
 from fedq.errors import ConfigError, FedqError
 from fedq.settings import Settings
-from fedq.spec import OPTIMIZERS, RunSpec, new_run_id
+from fedq.learning.spec import OPTIMIZERS, RunSpec, new_run_id
 
 
 
@@ -32,7 +32,7 @@ def _stop_on_signals() -> threading.Event:
 
     A process whose parent died (a killed `fedq run`, whose private Redis went with it) gets a
     few seconds to stop, then ends, rather than retrying a Redis that is gone."""
-    from fedq.lifecycle import exit_soon, parent_died
+    from fedq.roles.lifecycle import exit_soon, parent_died
 
     stop = threading.Event()
     parent = os.getppid()
@@ -141,10 +141,10 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
 
 
 def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
-    """Strategy, client sampling, partitioning and evaluation options of a run (fedq.strategies)."""
-    from fedq.data import PARTITIONS
-    from fedq.privacy import DEFAULT_DELTA, MODES
-    from fedq.strategies import STRATEGIES
+    """Strategy, client sampling, partitioning and evaluation options of a run (fedq.learning.strategies)."""
+    from fedq.learning.data import PARTITIONS
+    from fedq.learning.privacy import DEFAULT_DELTA, MODES
+    from fedq.learning.strategies import STRATEGIES
 
     pos = click.FloatRange(min=0, min_open=True)
     return [
@@ -188,8 +188,8 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
 def _run_spec(kw: dict[str, Any]) -> RunSpec:
     import dataclasses
 
-    from fedq.models import resolve_model_arg
-    from fedq.strategies import StrategySpec
+    from fedq.learning.models import resolve_model_arg
+    from fedq.learning.strategies import StrategySpec
 
     data = _data_spec(kw.pop("normal_csv"), kw.pop("abnormal_csv"), kw.pop("csv_path"), kw.pop("label_column"),
                       kw.pop("missing_value"), kw.pop("test_fraction"), kw["seed"], default=True)
@@ -230,8 +230,8 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
 @fail_cleanly
 def run(ctx: click.Context, out: Path, **kw: Any) -> None:
     """Run a whole federation on this machine: Redis, an aggregator and N clients."""
-    from fedq.runner import run_local
-    from fedq.view import RunProgress, print_event, print_report, print_round
+    from fedq.roles.runner import run_local
+    from fedq.ops.view import RunProgress, print_event, print_report, print_round
 
     spec = _run_spec(kw)
     with RunProgress(spec.rounds, spec.clients) as progress:  # silent when stdout is not a terminal
@@ -251,10 +251,10 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
 @fail_cleanly
 def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     """Enqueue a run for an aggregator worker and print its id."""
-    from fedq.jobs import submit_run
-    from fedq.store import RunStore, connect
+    from fedq.roles.jobs import submit_run
+    from fedq.protocol.store import RunStore, connect
 
-    from fedq.runner import check_submitted
+    from fedq.roles.runner import check_submitted
 
     settings = _settings(ctx)
     spec = _run_spec(kw)
@@ -280,20 +280,20 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
 def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port: int | None, metrics_host: str,
                **kw: Any) -> None:
     """Serve runs from the queue as an rq worker; with --clients/--rounds, create one run and drive it."""
-    from fedq.jobs import run_worker, submit_run
-    from fedq.store import connect
+    from fedq.roles.jobs import run_worker, submit_run
+    from fedq.protocol.store import connect
 
     settings = _settings(ctx)
     r = connect(settings)
     if kw["clients"] is not None or kw["rounds"] is not None:
         if kw["clients"] is None or kw["rounds"] is None:
             raise click.UsageError("--clients and --rounds go together")
-        from fedq.runner import check_submitted
+        from fedq.roles.runner import check_submitted
 
         spec = _run_spec(kw)
         check_submitted(spec)
         # A private queue, so that this worker drives exactly the run it created, then exits.
-        from fedq.jobs import ONCE_QUEUE_PREFIX
+        from fedq.roles.jobs import ONCE_QUEUE_PREFIX
 
         queue = f"{ONCE_QUEUE_PREFIX}{spec.run_id}"
         submit_run(r, settings, spec, queue=queue)
@@ -301,7 +301,7 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
         burst = True
     run_worker(r, settings, queue=queue, burst=burst, metrics_port=metrics_port, metrics_host=metrics_host)
     if kw["clients"] is not None:
-        from fedq.store import RunStore
+        from fedq.protocol.store import RunStore
 
         state = RunStore(r, spec.run_id).state()
         if state.get("status") != "finished":  # the run this command created must have succeeded
@@ -320,8 +320,8 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
 def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str | None, once: bool,
            client_id: str | None, **kw: Any) -> None:
     """Join runs and train on this client's own data."""
-    from fedq.client import Client, Stopped
-    from fedq.store import connect
+    from fedq.roles.client import Client, Stopped
+    from fedq.protocol.store import connect
 
     if num_shards is not None and shard >= num_shards:
         raise click.BadParameter(f"{shard} is out of range for --num-shards {num_shards} (0..{num_shards - 1})",
@@ -335,7 +335,7 @@ def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str |
     try:
         c.serve(once=once)
     except Stopped:
-        logging.getLogger("fedq.client").info("stopped by signal")
+        logging.getLogger("fedq.roles.client").info("stopped by signal")
         # Its run is left cleanly (heartbeat gone); skip the interpreter's teardown, which with
         # TensorFlow loaded takes a second or two of a stop that should be prompt.
         logging.shutdown()
@@ -353,9 +353,9 @@ def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str |
 @fail_cleanly
 def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float) -> None:
     """Show runs and their progress: clients, liveness, rounds, refusals (reads Redis only)."""
-    from fedq.dashboard.readonly import connect_readonly
-    from fedq.store import connect
-    from fedq.view import console, status_renderable, watch_status
+    from fedq.ops.dashboard.readonly import connect_readonly
+    from fedq.protocol.store import connect
+    from fedq.ops.view import console, status_renderable, watch_status
 
     settings = _settings(ctx)
     connect(settings).close()  # fails fast, with the URL (password hidden), when Redis is unreachable
@@ -380,7 +380,7 @@ def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float)
 @fail_cleanly
 def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: float) -> None:
     """Serve the web dashboard: runs, rounds, clients, live charts (reads Redis only)."""
-    from fedq.dashboard.app import serve
+    from fedq.ops.dashboard.app import serve
 
     click.echo(f"fedq dashboard on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
     serve(_settings(ctx), host=host, port=port, threads=threads, refresh_seconds=refresh)
@@ -393,9 +393,9 @@ def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: f
 @fail_cleanly
 def report(ctx: click.Context, run_id: str, out: Path) -> None:
     """Write a run's report.json and, when finished, model.keras into a directory."""
-    from fedq.report import write_report
-    from fedq.store import RunStore, connect
-    from fedq.view import print_report
+    from fedq.roles.report import write_report
+    from fedq.protocol.store import RunStore, connect
+    from fedq.ops.view import print_report
 
     print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out), out)
 
@@ -417,9 +417,9 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
     """Many lightweight clients (numpy updates, no TensorFlow) against the real aggregator and protocol."""
     import dataclasses
 
-    from fedq.runner import run_local
-    from fedq.swarm import client_commands
-    from fedq.view import print_event, print_report, print_round
+    from fedq.roles.runner import run_local
+    from fedq.roles.swarm import client_commands
+    from fedq.ops.view import print_event, print_report, print_round
 
     own_data = any(kw.get(k) for k in ("normal_csv", "abnormal_csv", "csv_path"))
     spec = _run_spec(kw)
@@ -448,7 +448,7 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
 @fail_cleanly
 def sim_worker(ctx: click.Context, run_id: str, first: int, count: int, scale: float) -> None:
     """Internal: run simulated clients first..first+count-1 of a run as threads."""
-    from fedq.swarm import run_worker
+    from fedq.roles.swarm import run_worker
 
     failed = run_worker(_settings(ctx), run_id, first, count, scale)
     if failed:
@@ -474,7 +474,7 @@ def keys_new(clients: int, out: Path, namespace: str | None, max_examples: int |
 
     Give each client its own <id>.key (FEDQ_SIGNING_KEY) and the aggregator client-keys.json
     (FEDQ_CLIENT_KEYS); the aggregator then refuses any update without a valid signature."""
-    from fedq.signing import new_keys, secrets_yaml
+    from fedq.protocol.signing import new_keys, secrets_yaml
 
     private, registry = new_keys([f"client-{k}" for k in range(clients)], max_examples)
     out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +507,7 @@ def acl_cmd(clients: int | None, client_ids: str | None, run_id: str, fmt: str, 
     itself to the run and ring the inbox); the aggregator owns fedq and rq keys; the dashboard
     only reads. Each process then connects as its user: FEDQ_REDIS_URL=redis://<user>:<password>@host,
     or FEDQ_REDIS_USERNAME=<user> with FEDQ_REDIS_PASSWORD_FILE=<a file holding the password>."""
-    from fedq import acl
+    from fedq.ops import acl
 
     if client_ids:
         ids = [c.strip() for c in client_ids.split(",") if c.strip()]
@@ -540,8 +540,8 @@ def acl_cmd(clients: int | None, client_ids: str | None, run_id: str, fmt: str, 
         click.echo("\n".join([*(u.setuser() for u in users), "ACL SETUSER default off"]))
 
 
-# Deployment: `fedq k8s ...` and `fedq kfp compile` (click code in fedq/k8s.py).
-from fedq.k8s import k8s_group, kfp_group  # noqa: E402
+# Deployment: `fedq k8s ...` and `fedq kfp compile` (click code in fedq/ops/k8s.py).
+from fedq.ops.k8s import k8s_group, kfp_group  # noqa: E402
 
 main.add_command(k8s_group)
 main.add_command(kfp_group)

@@ -265,7 +265,7 @@ def render_cli() -> str:
     """docs/reference/cli.md."""
     from fedq.cli import main
 
-    out = [GENERATED.format(source="the click command tree (fedq/cli.py, fedq/k8s.py)"),
+    out = [GENERATED.format(source="the click command tree (fedq/cli.py, fedq/ops/k8s.py)"),
            "# Command line\n",
            "Every command of `fedq`, with every option, its type, default and help text. "
            "`-h` / `--help` works everywhere; `fedq --version` prints the version. Options of the "

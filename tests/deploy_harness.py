@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import redis
 import yaml
 
-from fedq.localredis import find_server
+from fedq.roles.localredis import find_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -536,7 +536,7 @@ def stop(procs: list[Proc]) -> None:
 
 def wait_for_run(procs: list[Proc], r: redis.Redis, run_id: str, timeout: float) -> dict[str, str]:
     """Block until the run ends; fail at once when a process exits with an error."""
-    from fedq.store import ENDED, RunStore
+    from fedq.protocol.store import ENDED, RunStore
 
     store = RunStore(r, run_id)
     deadline = time.monotonic() + timeout

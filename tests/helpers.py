@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from fedq.localredis import find_server
+from fedq.roles.localredis import find_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,12 +14,13 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from fedq import acl, protocol
+from fedq.ops import acl
+from fedq.protocol import messages
 from fedq.cli import main
-from fedq.dashboard import snapshot
-from fedq.keys import RunKeys
-from fedq.spec import RunSpec
-from fedq.store import RunStore
+from fedq.ops.dashboard import snapshot
+from fedq.protocol.keys import RunKeys
+from fedq.learning.spec import RunSpec
+from fedq.protocol.store import RunStore
 from helpers import RedisServer
 
 CLIENTS = ["client-0", "client-1"]
@@ -78,11 +79,11 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
     assert agg_store.acquire_lease("driver", 30)
     assert agg_store.admit("client-0") and agg_store.admit("client-1")
     names = ["w", "b"]
-    assert agg_store.open_training(b"scaler", protocol.encode_global("acl-own", 0, names, weights))
+    assert agg_store.open_training(b"scaler", messages.encode_global("acl-own", 0, names, weights))
     assert s0.global_payload() is not None and s0.state()["phase"] == "train"
 
     def update(cid: str) -> bytes:
-        return protocol.encode_update("acl-own", 1, cid, 5, {}, names, weights)
+        return messages.encode_update("acl-own", 1, cid, 5, {}, names, weights)
 
     assert s0.push_update("client-0", 1, update("client-0"), 1 << 20) == "ok"
     assert s1.push_update("client-1", 1, update("client-1"), 1 << 20) == "ok"
@@ -115,7 +116,7 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
             attempt()
             pytest.fail(f"a client could {what}")
     # Nothing of the above landed: the global model and client-1's update are as written.
-    assert agg_store.global_payload() == protocol.encode_global("acl-own", 0, names, weights)
+    assert agg_store.global_payload() == messages.encode_global("acl-own", 0, names, weights)
     stored = agg_store.read_update(1, "client-1", "", 1 << 20)
     assert (stored.payload, stored.seq) == (update("client-1"), "1")
     assert agg_store.member_ids() == CLIENTS
@@ -200,7 +201,7 @@ def test_fedq_acl_bad_input_is_a_clear_error(args: list[str], message: str) -> N
 def test_a_process_connects_as_its_user_from_a_password_file(federation_users, tmp_path: Path) -> None:
     from fedq.errors import ConfigError
     from fedq.settings import Settings
-    from fedq.store import connect, redact
+    from fedq.protocol.store import connect, redact
 
     server, users = federation_users
     user = users["client-1"]

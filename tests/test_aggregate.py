@@ -1,4 +1,4 @@
-"""Tests for fedq.aggregate: streaming FedAvg against a float64 numpy reference, and metric averaging."""
+"""Tests for fedq.learning.aggregate: streaming FedAvg against a float64 numpy reference, and metric averaging."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from fedq.aggregate import FedAvg, fedavg, weighted_metrics
+from fedq.learning.aggregate import FedAvg, fedavg, weighted_metrics
 
 TOL = 1e-6
 

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from fedq import chunking, codec, protocol, transfer
-from fedq.aggregate import FedAvg, fedavg
+from fedq.protocol import chunking, codec, messages, transfer
+from fedq.learning.aggregate import FedAvg, fedavg
 from fedq.errors import CodecError
 from fedq.settings import Settings
-from fedq.signing import Signer, Verifier, new_keys
-from fedq.store import RunStore
+from fedq.protocol.signing import Signer, Verifier, new_keys
+from fedq.protocol.store import RunStore
 from test_rounds import Harness, harness_factory  # noqa: F401  (fixture used by name)
 
 CHUNK = 1024  # the smallest chunk: the seed model (330 parameters) goes in two parts
@@ -135,7 +135,7 @@ def _push_damaged(h: Harness, cid: str, n: int, names: list[str], tensors: list[
             continue
         bad = {"tampered": b"not the part", "oversized": payload + b"\0" * (1 << 20)}.get(damage)
         h.store.put_part(h.store.k.update_part(cid, 1, "feedbeef", index), bad if index == 1 and bad else payload)
-    head = protocol.encode_update_head(h.store.run_id, 1, cid, n, {}, names, [t.shape for t in tensors], layout,
+    head = messages.encode_update_head(h.store.run_id, 1, cid, n, {}, names, [t.shape for t in tensors], layout,
                                        "feedbeef")
     assert h.store.push_update(cid, 1, head, h.settings.max_update_bytes, part_id="feedbeef") == "ok"
 
@@ -177,7 +177,7 @@ def test_signed_updates_in_parts_verify_and_forged_heads_do_not(harness_factory,
 
 
 def test_an_update_in_parts_over_the_cap_is_refused_before_it_is_sent(redis_url, r) -> None:
-    from fedq.spec import RunSpec
+    from fedq.learning.spec import RunSpec
 
     st = RunStore(r, "t-parts-cap")
     st.create(RunSpec(clients=1, rounds=1))

@@ -176,9 +176,9 @@ def test_a_join_with_another_shard_plan_is_refused_by_the_aggregator(r: redis.Re
     """Written around the client's own check (an older client, a hand-made join): the aggregator
     refuses it with the reason, and the client finds the verdict under its own key."""
     from fedq.settings import Settings
-    from fedq.aggregator import Aggregator
-    from fedq.spec import RunSpec
-    from fedq.store import RunStore
+    from fedq.roles.aggregator import Aggregator
+    from fedq.learning.spec import RunSpec
+    from fedq.protocol.store import RunStore
 
     store = RunStore(r, "plan")
     store.create(RunSpec(clients=3, rounds=1, run_id="plan", round_timeout=1, round_retries=0))

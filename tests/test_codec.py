@@ -1,4 +1,4 @@
-"""Tests for fedq.codec: round trips, strict validation, and fuzzing of decode."""
+"""Tests for fedq.protocol.codec: round trips, strict validation, and fuzzing of decode."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedq.codec import (
+from fedq.protocol.codec import (
     ALIGN,
     MAGIC,
     SUPPORTED_DTYPES,

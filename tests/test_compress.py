@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedq import codec, compress, protocol
+from fedq.protocol import codec, compress, messages
 from fedq.errors import ConfigError, UpdateRejected
-from fedq.signing import Signer, Verifier, new_keys
-from fedq.spec import RunSpec
+from fedq.protocol.signing import Signer, Verifier, new_keys
+from fedq.learning.spec import RunSpec
 
 EPS32 = float(np.finfo(np.float32).eps)
 NAMES = ["000:dense/kernel", "001:dense/bias", "002:steps"]
@@ -29,7 +29,7 @@ def _trained(g: list[np.ndarray], seed: int = 1) -> list[np.ndarray]:
 
 
 GLOBAL = _model()
-TEMPLATE = protocol.template_of(NAMES, GLOBAL)
+TEMPLATE = messages.template_of(NAMES, GLOBAL)
 
 
 # --- the encodings ----------------------------------------------------------------------------
@@ -112,18 +112,18 @@ def test_the_spec_validates_compression() -> None:
 # --- the wire ----------------------------------------------------------------------------------
 
 def _payload(encoding: str, weights: list[np.ndarray] | None = None, block: int = 256,
-             signer: Signer | None = None) -> tuple[bytes, protocol.Compressed]:
-    packed = protocol.compress_update(NAMES, weights or _trained(GLOBAL), GLOBAL, encoding, block)
+             signer: Signer | None = None) -> tuple[bytes, messages.Compressed]:
+    packed = messages.compress_update(NAMES, weights or _trained(GLOBAL), GLOBAL, encoding, block)
     sig = None
     if signer is not None:
         sig = signer.sign("run", 1, "c0", 10, packed.names, packed.tensors, packed.descriptor)
-    payload = protocol.encode_update("run", 1, "c0", 10, {"loss": 0.1, **packed.metrics}, packed.names,
+    payload = messages.encode_update("run", 1, "c0", 10, {"loss": 0.1, **packed.metrics}, packed.names,
                                      packed.tensors, sig, packed.descriptor)
     return payload, packed
 
 
-def _check(payload: bytes, compression: str = "int8") -> protocol.Update:
-    return protocol.validate_update(payload, run_id="run", round_no=1, client_id="c0", template=TEMPLATE,
+def _check(payload: bytes, compression: str = "int8") -> messages.Update:
+    return messages.validate_update(payload, run_id="run", round_no=1, client_id="c0", template=TEMPLATE,
                                     compression=compression, base=GLOBAL)
 
 
@@ -146,7 +146,7 @@ def test_the_aggregator_reconstructs_global_plus_delta(encoding: str, bound: flo
 
 
 def test_float32_weights_are_accepted_in_a_compressed_run_but_not_the_reverse() -> None:
-    plain = protocol.encode_update("run", 1, "c0", 10, {}, NAMES, _trained(GLOBAL))
+    plain = messages.encode_update("run", 1, "c0", 10, {}, NAMES, _trained(GLOBAL))
     assert _check(plain, "int8").encoding == "none"
     with pytest.raises(UpdateRejected) as err:
         _check(_payload("int8")[0], "none")

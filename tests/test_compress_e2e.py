@@ -18,11 +18,11 @@ ROUNDS, EPOCHS, SEED = 2, 2, 0
 
 def _float32_reference() -> float:
     """Final test accuracy of the same federation without compression, computed in this process
-    by fedq.simulation (the same split, scaler, trainers and FedAvg; it reproduces a real
+    by fedq.roles.simulation (the same split, scaler, trainers and FedAvg; it reproduces a real
     `fedq run`'s figures, and is quicker than a second federation of processes)."""
-    from fedq.data import DataSpec
-    from fedq.simulation import Federation
-    from fedq.spec import RunSpec
+    from fedq.learning.data import DataSpec
+    from fedq.roles.simulation import Federation
+    from fedq.learning.spec import RunSpec
 
     spec = RunSpec(clients=2, rounds=ROUNDS, local_epochs=EPOCHS, seed=SEED, data=DataSpec(seed=SEED))
     return Federation.build(spec).run()[-1]["test_accuracy"]

@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from fedq import codec, compress, protocol
-from fedq.aggregate import fedavg
+from fedq.protocol import codec, compress, messages
+from fedq.learning.aggregate import fedavg
 from test_rounds import Harness, harness_factory  # noqa: F401 (fixture)
 
 N_GOOD = (100, 300)
@@ -25,9 +25,9 @@ def _local(g: list[np.ndarray], seed: int) -> list[np.ndarray]:
 
 
 def _packed(h: Harness, cid: str, rnd: int, n: int, names: list[str], g: list[np.ndarray],
-            local: list[np.ndarray], encoding: str = "int8") -> tuple[bytes, protocol.Compressed]:
-    packed = protocol.compress_update(names, local, g, encoding, BLOCK)
-    payload = protocol.encode_update(h.store.run_id, rnd, cid, n, {"loss": 0.5, **packed.metrics}, packed.names,
+            local: list[np.ndarray], encoding: str = "int8") -> tuple[bytes, messages.Compressed]:
+    packed = messages.compress_update(names, local, g, encoding, BLOCK)
+    payload = messages.encode_update(h.store.run_id, rnd, cid, n, {"loss": 0.5, **packed.metrics}, packed.names,
                                      packed.tensors, None, packed.descriptor)
     return payload, packed
 
@@ -111,7 +111,7 @@ def test_compressed_rounds_refuse_malformed_payloads_and_report_the_error(harnes
 def test_signed_compressed_updates_verify_and_a_changed_block_size_does_not(harness_factory, tmp_path) -> None:
     import json
 
-    from fedq.signing import Signer, new_keys
+    from fedq.protocol.signing import Signer, new_keys
 
     private, registry = new_keys(["c0", "c1", "c2"])
     for cid, pem in private.items():
@@ -121,10 +121,10 @@ def test_signed_compressed_updates_verify_and_a_changed_block_size_does_not(harn
                         client_keys=str(tmp_path / "keys.json"))
     _, names, g = h.global_model()
     for i, cid in enumerate(("c0", "c1", "c2")):
-        packed = protocol.compress_update(names, _local(g, i), g, "int8", 150)
+        packed = messages.compress_update(names, _local(g, i), g, "int8", 150)
         sig = Signer.from_file(tmp_path / f"{cid}.key").sign(h.store.run_id, 1, cid, 50, packed.names,
                                                              packed.tensors, packed.descriptor)
-        payload = protocol.encode_update(h.store.run_id, 1, cid, 50, packed.metrics, packed.names, packed.tensors,
+        payload = messages.encode_update(h.store.run_id, 1, cid, 50, packed.metrics, packed.names, packed.tensors,
                                          sig, packed.descriptor)
         if cid == "c2":
             # The dense kernel's 288 values make 2 blocks of 150 as of 200 (every other tensor one):

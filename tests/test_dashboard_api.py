@@ -10,10 +10,10 @@ from typing import Any, Iterator
 import pytest
 import redis
 
-from fedq import heartbeat
-from fedq.dashboard.readonly import ReadOnlyRedis, ReadOnlyViolation
-from fedq.report import build_report
-from fedq.store import RunStore
+from fedq.protocol import heartbeat
+from fedq.ops.dashboard.readonly import ReadOnlyRedis, ReadOnlyViolation
+from fedq.roles.report import build_report
+from fedq.protocol.store import RunStore
 from helpers import RedisServer
 from test_dashboard_support import Dashboard, Federation, get_json, http_get, make_run, wait_for
 

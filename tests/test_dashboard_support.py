@@ -127,8 +127,8 @@ def make_run(r: Any, run_id: str, *, clients: int = 2, rounds: int = 3, committe
 
     committed rounds get made-up metrics; pushed clients have an update stored for the open
     round; refused is (client, round, reason) records. Returns the metrics committed."""
-    from fedq.spec import RunSpec
-    from fedq.store import RunStore
+    from fedq.learning.spec import RunSpec
+    from fedq.protocol.store import RunStore
 
     store = RunStore(r, run_id)
     store.create(RunSpec(clients=clients, rounds=rounds, run_id=run_id))

@@ -1,4 +1,4 @@
-"""Tests for fedq.data: loading, splitting, sharding and federated feature statistics."""
+"""Tests for fedq.learning.data: loading, splitting, sharding and federated feature statistics."""
 
 from __future__ import annotations
 
@@ -12,21 +12,8 @@ import pytest
 
 from helpers import ROOT, SEED_DATA_MISSING, seed_data_dir
 
-from fedq.data import (
-    DataSpec,
-    Dataset,
-    FeatureStats,
-    combine_stats,
-    feature_stats,
-    load_dataset,
-    load_shard,
-    load_test,
-    scaler_from_stats,
-    seed_spec,
-    shard_indices,
-    split_indices,
-    standardize,
-)
+from fedq.learning.data import DataSpec, Dataset, FeatureStats, combine_stats, feature_stats, load_dataset, load_test, scaler_from_stats, seed_spec, shard_indices, split_indices, standardize
+from fedq.learning.partition import load_shard
 from fedq.errors import DataError
 
 NUM_COLS = 17

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 
 from deploy_api import Recorder, api_client, collection_path, config_map_obj, namespace_obj
 from deploy_harness import (ROOT, cli_env, fedq_cmd, free_port, parse_fedq, read_image)
-from fedq import k8s as k8s_cli
-from fedq.k8s_apply import Cluster, down, status, to_model, up
-from fedq.k8s_manifests import Federation, build
+from fedq.ops import k8s as k8s_cli
+from fedq.ops.k8s_apply import Cluster, down, status, to_model, up
+from fedq.ops.k8s_manifests import Federation, build
 
 NS = "fl"
 TIMEOUT = 120
@@ -103,7 +103,7 @@ def test_up_with_a_new_run_replaces_the_previous_runs_jobs() -> None:
 
 
 def test_up_with_acl_users_and_tls_applies_their_secrets_and_no_password_secret() -> None:
-    from fedq.k8s_apply import ClusterError
+    from fedq.ops.k8s_apply import ClusterError
 
     passwords = {"fedq-aggregator": "agg-pass-1", "fedq-dashboard": "dash-pass-1",
                  **{f"client-{k}": f"client-pass-{k}" for k in range(3)}}
@@ -126,7 +126,7 @@ def test_up_with_acl_users_and_tls_applies_their_secrets_and_no_password_secret(
 
 
 def test_up_refuses_a_namespace_that_does_not_exist() -> None:
-    from fedq.k8s_apply import ClusterError
+    from fedq.ops.k8s_apply import ClusterError
 
     rec = Recorder()  # GET namespace: 404
     with pytest.raises(ClusterError, match="namespace fl does not exist"):
@@ -135,7 +135,7 @@ def test_up_refuses_a_namespace_that_does_not_exist() -> None:
 
 
 def test_up_reports_a_refusal_of_the_api_server_in_one_line() -> None:
-    from fedq.k8s_apply import ClusterError
+    from fedq.ops.k8s_apply import ClusterError
 
     rec = Recorder().on("GET", f"/api/v1/namespaces/{NS}", 200, namespace_obj(NS))
     rec.on("POST", f"/api/v1/namespaces/{NS}/configmaps", 403)
@@ -171,8 +171,8 @@ def _status_recorder() -> Recorder:
 
 def test_status_shows_pods_jobs_and_the_runs_progress_read_from_redis(redis_url: str, r: redis.Redis,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedq.spec import RunSpec
-    from fedq.store import RunStore
+    from fedq.learning.spec import RunSpec
+    from fedq.protocol.store import RunStore
 
     RunStore(r, "k8s-run").create(RunSpec(clients=2, rounds=3, run_id="k8s-run"))
     r.hset("fedq:{k8s-run}:state", mapping={"status": "running", "round": 1})

@@ -22,7 +22,7 @@ from deploy_harness import (COMPOSE_FILE, DEPLOY, KUBECTL, OVERLAYS, ParseError,
                             compose_env, compose_services, container_argv, container_env, fedq_cmd,
                             fedq_command_exists, is_fedq_service, kustomize, make_pki, parse_fedq, read_image,
                             render_secure_overlay)
-from fedq import k8s_manifests
+from fedq.ops import k8s_manifests
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the kustomize "
                                    "overlays); .ci/run installs it where a package is available")
@@ -196,7 +196,7 @@ def test_fedq_k8s_manifest_equals_kustomize_over_deploy_base(tmp_path: Path) -> 
 
 
 def test_manifest_with_a_secret_passes_our_checks_and_the_clients_models() -> None:
-    from fedq.k8s_apply import to_model
+    from fedq.ops.k8s_apply import to_model
 
     docs = k8s_manifests.build(k8s_manifests.Federation(clients=4, namespace="x", redis_password="p4ssw0rd-ok"))
     assert deploy_checks.problems(docs) == []
@@ -206,7 +206,7 @@ def test_manifest_with_a_secret_passes_our_checks_and_the_clients_models() -> No
 
 @needs_kubectl
 def test_every_rendered_resource_is_accepted_by_the_clients_models(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    from fedq.k8s_apply import to_model
+    from fedq.ops.k8s_apply import to_model
 
     for docs in rendered.values():
         for doc in docs:
@@ -215,7 +215,7 @@ def test_every_rendered_resource_is_accepted_by_the_clients_models(rendered: dic
 
 def test_the_clients_models_reject_a_misspelt_field() -> None:
     from fedq.errors import ConfigError
-    from fedq.k8s_apply import to_model
+    from fedq.ops.k8s_apply import to_model
 
     doc = k8s_manifests.clients_job(k8s_manifests.Federation())
     doc["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"

@@ -28,8 +28,8 @@ from deploy_harness import (DEPLOY, KUBECTL, REDIS_IMAGE, LocalRedis, Proc, comp
                             container_argv, container_env, free_port, is_fedq_service, kustomize, map_hosts,
                             make_pki, mount_sources, read_image, render_secure_overlay, rewrite_paths, secret_volume,
                             start, stop, tmpdir, wait_for_run, wait_one_shots)
-from fedq import protocol
-from fedq.store import RunStore
+from fedq.protocol import messages
+from fedq.protocol.store import RunStore
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the overlays)")]
@@ -112,7 +112,7 @@ def _assert_final_model(redis: LocalRedis, run_id: str, state: dict[str, str], c
     rounds = store.metrics()
     assert [m["round"] for m in rounds] == list(range(1, int(state["rounds"]) + 1))
     assert all(sorted(m["clients"]) == sorted(clients) for m in rounds), rounds
-    g_round, _, tensors = protocol.decode_global(store.global_payload(), run_id)
+    g_round, _, tensors = messages.decode_global(store.global_payload(), run_id)
     assert g_round == int(state["rounds"]) and tensors and all(np.isfinite(t).all() for t in tensors)
     final = json.loads(state["final"])
     assert 0.5 < final["test_accuracy"] <= 1.0, final
@@ -167,7 +167,7 @@ def test_secure_overlay_pods_run_a_federation_each_as_its_own_user_over_tls(tmp_
     from urllib.parse import unquote, urlsplit
 
     from fedq.settings import Settings
-    from fedq.store import tls_options
+    from fedq.protocol.store import tls_options
 
     docs, _ = render_secure_overlay(tmp_path, make_pki(tmp_path / "pki"))
     redis, procs, probes = _pods_as_processes(docs, tmp_path, overrides={"FEDQ_ROUNDS": "1", "FEDQ_LOCAL_EPOCHS": "1"})
@@ -185,7 +185,7 @@ def test_secure_overlay_pods_run_a_federation_each_as_its_own_user_over_tls(tmp_
 
 def _site_data(tmp: Path, parts: int) -> list[Path]:
     """Each site's own train.csv: a disjoint part of the built-in data's training rows."""
-    from fedq.data import DataSpec, load_dataset, split_indices
+    from fedq.learning.data import DataSpec, load_dataset, split_indices
 
     spec = DataSpec()
     ds = load_dataset(spec)

@@ -32,14 +32,15 @@ from deploy_harness import (COMPOSE_FILE, COMPOSE_SECURE_FILE, DEPLOY, KUBECTL, 
                             container_env, fedq_cmd, is_fedq_service, kustomize, local_redis_cli, make_pki, map_hosts,
                             mount_sources, parse_fedq, read_image, render_secure_overlay, rewrite_paths, run_shell,
                             secret_volume, tmpdir)
-from fedq import acl, k8s_manifests, protocol
+from fedq.ops import acl, k8s_manifests
+from fedq.protocol import messages
 from fedq.errors import ConfigError
-from fedq.k8s_apply import redis_cli_command, to_model
-from fedq.k8s_manifests import Federation, build
-from fedq.keys import RunKeys
+from fedq.ops.k8s_apply import redis_cli_command, to_model
+from fedq.ops.k8s_manifests import Federation, build
+from fedq.protocol.keys import RunKeys
 from fedq.settings import Settings
-from fedq.spec import RunSpec
-from fedq.store import RunStore, connect
+from fedq.learning.spec import RunSpec
+from fedq.protocol.store import RunStore, connect
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("redis-cli") is None,
                                 reason="openssl (certificates) and redis-cli (the probes) are needed")
@@ -244,7 +245,7 @@ def test_secure_overlay_renders_what_fedq_k8s_manifest_prints(tmp_path: Path, pk
 # --- run: Redis as its container says, each role as its pod would connect -----------------------------
 def _kwargs(settings: Settings) -> dict[str, Any]:
     """redis.Redis arguments of a fedq process's settings (its URL's user and password, its TLS files)."""
-    from fedq.store import tls_options
+    from fedq.protocol.store import tls_options
 
     url = urlsplit(settings.redis_url)
     kw: dict[str, Any] = {"username": unquote(url.username) if url.username else None,
@@ -328,7 +329,7 @@ def test_rendered_pods_reach_redis_as_their_roles_and_nothing_else(deployed: Dep
                 client.hset(k.update(f"client-{1 - index}", 1), "payload", b"forged")
     assert store.acquire_lease("driver", 30)
     weights = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
-    assert store.open_training(b"scaler", protocol.encode_global("secure-run", 0, ["w", "b"], weights))
+    assert store.open_training(b"scaler", messages.encode_global("secure-run", 0, ["w", "b"], weights))
     for client in clients:
         assert RunStore(client, "secure-run").global_payload() is not None
         if v["acl"]:
@@ -343,7 +344,7 @@ def test_rendered_pods_reach_redis_as_their_roles_and_nothing_else(deployed: Dep
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(**{**_kwargs(agg_settings), "username": None, "password": None},
                         host="127.0.0.1", port=deployed.redis.port, socket_timeout=5, retry=NO_RETRY).ping()
-    assert store.global_payload() == protocol.encode_global("secure-run", 0, ["w", "b"], weights)
+    assert store.global_payload() == messages.encode_global("secure-run", 0, ["w", "b"], weights)
 
     if v["tls"]:
         # No plain port: a redis:// connection to Redis's port is refused, and so is TLS without

@@ -12,9 +12,10 @@ import pytest
 import redis
 
 from helpers import SEED_DATA_MISSING, cli_env, fedq_cmd, seed_data_dir
-from fedq import protocol
-from fedq.data import load_dataset, split_indices
-from fedq.store import RunStore
+from fedq.protocol import messages
+from fedq.learning.data import load_dataset, split_indices
+from fedq.protocol.store import RunStore
+from fedq.learning.spec import load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -53,10 +54,10 @@ def test_aggregator_and_two_clients_through_the_cli(redis_url: str, r: redis.Red
     assert [m["round"] for m in rounds] == [1, 2]
     assert all(m["num_updates"] == 2 and sorted(m["clients"]) == ["client-0", "client-1"] for m in rounds)
     # The shards together are exactly the training split: true sample counts, nothing counted twice.
-    spec = store.spec()
+    spec = load_spec(store)
     train, _ = split_indices(load_dataset(spec.data).y, spec.data.test_fraction, spec.data.seed)
     assert rounds[0]["num_examples"] == sum(c["rows"] for c in store.clients().values()) == len(train)
-    g_round, _, tensors = protocol.decode_global(store.global_payload(), "cli-run")
+    g_round, _, tensors = messages.decode_global(store.global_payload(), "cli-run")
     assert g_round == 2 and all(np.isfinite(t).all() for t in tensors)
     final = json.loads(state["final"])
     assert final["test_accuracy"] > 0.85
@@ -82,7 +83,7 @@ def test_submit_then_worker_burst(redis_url: str, r: redis.Redis, tmp_path: Path
     procs["aggregator"] = _start(["aggregator", "--burst"], env, tmp_path / "aggregator.log")
     _finish(procs, tmp_path)
     assert RunStore(r, run_id).state()["status"] == "finished"
-    from fedq.jobs import job_status
+    from fedq.roles.jobs import job_status
 
     assert job_status(r, run_id) == "finished"
 

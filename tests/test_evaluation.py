@@ -1,4 +1,4 @@
-"""fedq.evaluation: central metrics against scikit-learn, federated combination, message checks."""
+"""fedq.learning.evaluation: central metrics against scikit-learn, federated combination, message checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, log_loss, precision_score, recall_score, roc_auc_score
 
-from fedq import evaluation
+from fedq.learning import evaluation
 from fedq.errors import UpdateRejected
 
 

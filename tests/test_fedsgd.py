@@ -9,8 +9,8 @@ import dataclasses
 
 import pytest
 
-from fedq.simulation import Federation, rounds_to
-from fedq.spec import RunSpec
+from fedq.roles.simulation import Federation, rounds_to
+from fedq.learning.spec import RunSpec
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Reads of client-writable keys (fedq.guarded, the store's update guard) and capped weights."""
+"""Reads of client-writable keys (fedq.protocol.guarded, the store's update guard) and capped weights."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import redis
 
-from fedq import guarded
-from fedq.aggregate import capped_weights
-from fedq.spec import RunSpec
-from fedq.store import RunStore, list_runs
+from fedq.protocol import guarded
+from fedq.learning.aggregate import capped_weights
+from fedq.learning.spec import RunSpec
+from fedq.protocol.store import RunStore, list_runs
 
 TYPES = {
     "string": lambda r, k: r.set(k, "v"),

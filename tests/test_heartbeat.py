@@ -12,7 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from fedq import heartbeat, keys
+from fedq.protocol import heartbeat, keys
 from helpers import cli_env, free_port
 from test_dashboard_support import Proc, wait_for
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedq import keys
+from fedq.protocol import keys
 from fedq.errors import ConfigError
 
 

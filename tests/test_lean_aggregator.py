@@ -11,15 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedq import chunking, codec, transfer
-from fedq.aggregate import FedAvg, fedavg
-from fedq.aggregator import Aggregator
-from fedq.data import feature_stats, load_dataset, load_shard
-from fedq.models import build_model, weight_names
+from fedq.protocol import chunking, codec, transfer
+from fedq.learning.aggregate import FedAvg, fedavg
+from fedq.roles.aggregator import Aggregator
+from fedq.learning.data import feature_stats, load_dataset
+from fedq.learning.partition import load_shard
+from fedq.learning.models import build_model, weight_names
 from fedq.settings import Settings
-from fedq.spec import RunSpec
-from fedq.store import RunStore, connect
-from fedq.strategies import Strategy, StrategySpec
+from fedq.learning.spec import RunSpec
+from fedq.protocol.store import RunStore, connect
+from fedq.learning.strategies import Strategy, StrategySpec
 from test_chunking import CHUNK, _push, _push_damaged
 from test_rounds import harness_factory  # noqa: F401  (fixture used by name)
 
@@ -75,7 +76,7 @@ def _lean(harness_factory, monkeypatch, run_id: str, rounds: int):
     def no_build(*_a, **_k):
         raise AssertionError("the lean aggregator built a Keras model in its own process")
 
-    monkeypatch.setattr("fedq.aggregator.build_model", no_build)
+    monkeypatch.setattr("fedq.roles.aggregator.build_model", no_build)
     h = harness_factory(rounds, run_id, {"central_eval": False}, chunk_bytes=CHUNK)
     g_round, names, g = transfer.read_global(h.store)
     assert g_round == 0 and codec.decode(h.store.global_payload()).meta["parts"]["count"] == 2
@@ -140,7 +141,7 @@ def test_a_model_that_fails_to_build_in_the_child_fails_the_run_with_its_reason(
 def test_simulated_clients_of_a_process_share_one_fetch_of_each_global_model(harness_factory) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from fedq.swarm import SharedGlobal
+    from fedq.roles.swarm import SharedGlobal
 
     h = harness_factory(2, "t-shared-global", chunk_bytes=CHUNK)
     shared = SharedGlobal()
@@ -164,7 +165,7 @@ def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch) 
     driver' that never came. The aggregator now renews between updates and between parts."""
     import time
 
-    from fedq.strategies import Strategy as S
+    from fedq.learning.strategies import Strategy as S
 
     slow = S.add_part
 

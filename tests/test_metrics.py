@@ -13,7 +13,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedq import metrics
+from fedq.roles import metrics
 from fedq.errors import REFUSAL_REASONS
 from helpers import free_port
 from test_dashboard_support import http_get, wait_for
@@ -85,7 +85,7 @@ def test_metrics_server_serves_the_module_counters() -> None:
 
 FORKING_SERVER = """
 import os, sys, time
-from fedq import metrics
+from fedq.roles import metrics
 metrics.prepare_multiprocess()
 server = metrics.start_metrics_server(int(sys.argv[1]), "127.0.0.1")
 for k in range(2):  # two work horses, one after the other, as an rq worker runs two runs
@@ -141,7 +141,7 @@ def test_refusal_reasons_list_every_reason_fedq_raises() -> None:
 
 IDLE_SERVER = """
 import sys, time
-from fedq import metrics
+from fedq.roles import metrics
 metrics.prepare_multiprocess()
 server = metrics.start_metrics_server(int(sys.argv[1]), "127.0.0.1")
 print("ready", flush=True)

@@ -6,8 +6,8 @@ The run: an aggregator worker started with --metrics-port, two real clients, and
 client (in this process, through the real client loop) whose training yields NaN weights,
 so that the aggregator refuses its update every round with reason ``non_finite``.
 
-These checks need the counting calls in fedq/aggregator.py and the client heartbeat in
-fedq/client.py (see fedq/metrics.py and fedq/heartbeat.py for the calls).
+These checks need the counting calls in fedq/roles/aggregator.py and the client heartbeat in
+fedq/roles/client.py (see fedq/roles/metrics.py and fedq/protocol/heartbeat.py for the calls).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 import redis
 
-from fedq import heartbeat, protocol
-from fedq.client import Client
-from fedq.jobs import submit_run
+from fedq.protocol import heartbeat, messages
+from fedq.roles.client import Client
+from fedq.roles.jobs import submit_run
 from fedq.settings import Settings
-from fedq.spec import RunSpec
-from fedq.store import RunStore
+from fedq.learning.spec import RunSpec
+from fedq.protocol.store import RunStore
 from helpers import cli_env, free_port
 from test_dashboard_support import Proc, http_get, wait_for
 from test_metrics import samples, value
@@ -43,7 +43,7 @@ class NanTrainer:
     """Trains nothing and returns NaN weights: an update the aggregator must refuse."""
 
     def __init__(self, store: RunStore, num_examples: int) -> None:
-        _, self.names, tensors = protocol.decode_global(store.global_payload(), store.run_id)
+        _, self.names, tensors = messages.decode_global(store.global_payload(), store.run_id)
         self.shapes = [(t.shape, t.dtype) for t in tensors]
         self.num_examples = num_examples
 

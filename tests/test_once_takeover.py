@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from fedq.store import RunStore
+from fedq.protocol.store import RunStore
 from helpers import cli_env, fedq_cmd
 from proctree import Tracker
 

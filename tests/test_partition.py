@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedq.data import DataSpec, load_dataset, load_shard, shard_indices, split_indices
+from fedq.learning.data import DataSpec, load_dataset, shard_indices, split_indices
+from fedq.learning.partition import load_shard
 from fedq.errors import DataError
-from fedq.partition import (dirichlet_partition, label_partition, load_client_data, partition_indices,
+from fedq.learning.partition import (dirichlet_partition, label_partition, load_client_data, partition_indices,
                             validation_split)
 
 
@@ -114,7 +115,7 @@ def test_data_spec_partition_fields_are_checked() -> None:
 
 
 def test_check_partition_fails_fast_with_the_reason() -> None:
-    from fedq.partition import check_partition
+    from fedq.learning.partition import check_partition
 
     check_partition(DataSpec(partition="dirichlet", alpha=0.3, val_fraction=0.2), 5)
     with pytest.raises(DataError, match="larger --alpha"):
@@ -123,7 +124,7 @@ def test_check_partition_fails_fast_with_the_reason() -> None:
 
 def test_the_partition_is_computed_once_for_all_the_clients_of_a_process() -> None:
     """A simulation's clients share a process: each must not recompute every shard (N x N)."""
-    from fedq.partition import _partition
+    from fedq.learning.partition import _partition
 
     spec = DataSpec(source="synthetic", rows=400, features=3, seed=11)
     _partition.cache_clear()

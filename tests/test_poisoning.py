@@ -1,6 +1,6 @@
 """Poisoning: 1 of 5 clients sends its update scaled by -10. FedAvg collapses; FedMedian, trimmed
 mean and Krum stay within 3 points of clean FedAvg. Real Keras training of the seed network on the
-built-in data, in one process (fedq.simulation: the same data split, scaler, trainer and strategies
+built-in data, in one process (fedq.roles.simulation: the same data split, scaler, trainer and strategies
 as a run, without Redis; test_strategies_rounds.py covers the strategies on the round protocol)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import dataclasses
 
 import pytest
 
-from fedq.simulation import Federation, gaussian_noise, scaled_update
-from fedq.spec import RunSpec
-from fedq.strategies import StrategySpec
+from fedq.roles.simulation import Federation, gaussian_noise, scaled_update
+from fedq.learning.spec import RunSpec
+from fedq.learning.strategies import StrategySpec
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""fedq.privacy against statistics and against dp-accounting itself: the noise has the configured
+"""fedq.learning.privacy against statistics and against dp-accounting itself: the noise has the configured
 scale, clipping bounds every client's effect, epsilon is what Google's accountant says, and bad DP
 settings are refused with a clear reason. Pure numpy: no Redis, no TensorFlow."""
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedq import privacy
+from fedq.learning import privacy
 from fedq.errors import ConfigError
-from fedq.privacy import CentralDP, NoisyMean
-from fedq.spec import RunSpec
-from fedq.strategies import Strategy, StrategySpec
+from fedq.learning.privacy import CentralDP, NoisyMean
+from fedq.learning.spec import RunSpec
+from fedq.learning.strategies import Strategy, StrategySpec
 
 SHAPES = [(150, 100), (40,), (3, 3)]
 P = 0.999999  # the chi-square bounds below fail a correct implementation once in 500,000 runs

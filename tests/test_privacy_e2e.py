@@ -24,15 +24,16 @@ import numpy as np
 import pytest
 import redis
 
-from fedq import codec, privacy
-from fedq.aggregator import Aggregator
-from fedq.client import Client
-from fedq.report import write_report
+from fedq.protocol import codec
+from fedq.learning import privacy
+from fedq.roles.aggregator import Aggregator
+from fedq.roles.client import Client
+from fedq.roles.report import write_report
 from fedq.settings import Settings
-from fedq.spec import RunSpec
-from fedq.store import RunStore, connect
-from fedq.trainer import KerasTrainer
-from fedq.view import print_report
+from fedq.learning.spec import RunSpec, load_spec
+from fedq.protocol.store import RunStore, connect
+from fedq.learning.trainer import KerasTrainer
+from fedq.ops.view import print_report
 from test_cli_errors import _env, assert_error_line, fedq
 from test_privacy import _assert_std, _flat
 from test_rounds import _wait
@@ -175,7 +176,7 @@ def test_dp_options_reach_the_spec_through_submit(redis_url: str, r: redis.Redis
                 "--dp-delta", "1e-7", "--strategy", "krum", "--byzantine", "0", "--run-id", "dp-sub",
                 env=_env(redis_url))
     assert proc.returncode == 0, proc.stderr
-    spec = RunStore(r, "dp-sub").spec()
+    spec = load_spec(RunStore(r, "dp-sub"))
     assert (spec.dp, spec.dp_clip, spec.dp_noise, spec.dp_delta) == ("local", 2.0, 1.5, 1e-7)
 
 

@@ -5,25 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedq import protocol
+from fedq.protocol import messages
 from fedq.errors import UpdateRejected
 
 NAMES = ["w", "b"]
 TENSORS = [np.ones((3, 2), np.float32), np.zeros(2, np.float32)]
-TEMPLATE = protocol.template_of(NAMES, TENSORS)
+TEMPLATE = messages.template_of(NAMES, TENSORS)
 
 
 def _update(**over: object) -> bytes:
     args = {"run_id": "run", "round_no": 1, "client_id": "c0", "num_examples": 10}
     args.update(over)
-    return protocol.encode_update(args["run_id"], args["round_no"], args["client_id"], args["num_examples"],
+    return messages.encode_update(args["run_id"], args["round_no"], args["client_id"], args["num_examples"],
                                   {"loss": 0.1}, NAMES, TENSORS)
 
 
-def _check(payload: bytes, **over: object) -> protocol.Update:
+def _check(payload: bytes, **over: object) -> messages.Update:
     kw = {"run_id": "run", "round_no": 1, "client_id": "c0", "template": TEMPLATE}
     kw.update(over)
-    return protocol.validate_update(payload, **kw)
+    return messages.validate_update(payload, **kw)
 
 
 def test_a_valid_update_passes_with_its_digest() -> None:
@@ -42,7 +42,7 @@ def test_a_sample_count_above_the_joined_rows_is_refused() -> None:
 
 @pytest.mark.parametrize("bad_round", [True, 1.0, "1"])
 def test_a_round_that_only_looks_equal_is_refused(bad_round: object) -> None:
-    from fedq import codec
+    from fedq.protocol import codec
 
     env = codec.decode(_update())
     payload = codec.encode("update", env.tensors, meta={**env.meta, "round": bad_round}, names=env.names)

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import redis
 
-from fedq import codec, protocol
-from fedq.aggregate import fedavg
-from fedq.aggregator import Aggregator, AggregatorStopped
-from fedq.data import feature_stats, load_shard
+from fedq.protocol import codec, messages
+from fedq.learning.aggregate import fedavg
+from fedq.roles.aggregator import Aggregator, AggregatorStopped
+from fedq.learning.data import feature_stats
+from fedq.learning.partition import load_shard
 from fedq.settings import Settings
-from fedq.spec import RunSpec
-from fedq.store import RunStore, connect
+from fedq.learning.spec import RunSpec
+from fedq.protocol.store import RunStore, connect
 
 N_GOOD = (100, 300)  # sample counts of the two valid clients: very unequal on purpose
 
@@ -66,11 +67,11 @@ class Harness:
             pass  # the test ended before the run did
 
     def global_model(self) -> tuple[int, list[str], list[np.ndarray]]:
-        return protocol.decode_global(self.store.global_payload(), self.store.run_id)
+        return messages.decode_global(self.store.global_payload(), self.store.run_id)
 
     def update(self, cid: str, round_no: int, n: int, tensors: list[np.ndarray], names: list[str],
                signature: bytes | None = None, **meta_over: object) -> bytes:
-        payload = protocol.encode_update(self.store.run_id, round_no, cid, n, {"loss": 0.5, "accuracy": 0.8},
+        payload = messages.encode_update(self.store.run_id, round_no, cid, n, {"loss": 0.5, "accuracy": 0.8},
                                          names, tensors, signature)
         if not meta_over:
             return payload

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedq.aggregate import fedavg
-from fedq.signing import Signer
+from fedq.learning.aggregate import fedavg
+from fedq.protocol.signing import Signer
 from helpers import cli_env, fedq_cmd
 from test_rounds import _noisy, harness_factory  # noqa: F401 (fixture)
 
@@ -66,7 +66,7 @@ def test_unsigned_forged_replayed_and_unknown_updates_are_refused(harness_factor
 
 
 def test_a_signed_federation_through_the_cli(redis_url: str, r, tmp_path: Path) -> None:
-    from fedq.store import RunStore
+    from fedq.protocol.store import RunStore
 
     keydir = _keys(tmp_path / "keys")
     base = cli_env(redis_url)

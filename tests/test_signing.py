@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fedq.errors import ConfigError, UpdateRejected
-from fedq.signing import Signer, Verifier, new_keys, secrets_yaml, tensors_digest
+from fedq.protocol.signing import Signer, Verifier, new_keys, secrets_yaml, tensors_digest
 
 NAMES = ["dense/kernel", "dense/bias"]
 TENSORS = [np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros(4, np.float32)]

@@ -15,9 +15,9 @@ import pytest
 import redis
 from rich.console import Console
 
-from fedq import heartbeat
-from fedq.store import RunStore
-from fedq.view import RunProgress
+from fedq.protocol import heartbeat
+from fedq.protocol.store import RunStore
+from fedq.ops.view import RunProgress
 from helpers import RedisServer, cli_env, fedq_cmd
 from test_dashboard_support import make_run
 

@@ -1,4 +1,4 @@
-"""fedq.strategies against plain numpy references: combiners, server optimisers, clipping,
+"""fedq.learning.strategies against plain numpy references: combiners, server optimisers, clipping,
 server-state round trips, sampling, spec checks, and the streaming memory bound."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedq.aggregate import fedavg
+from fedq.learning.aggregate import fedavg
 from fedq.errors import CodecError, ConfigError
-from fedq.strategies import (STRATEGIES, Strategy, StrategySpec, aggregate_all, clip_update, held_bytes,
+from fedq.learning.strategies import (STRATEGIES, Strategy, StrategySpec, aggregate_all, clip_update, held_bytes,
                              sample_size, select_clients)
-from fedq.strategies.robust import Krum
+from fedq.learning.strategies.robust import Krum
 
 SHAPES = [(4, 3), (3,), (2, 2, 2)]
 

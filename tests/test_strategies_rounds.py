@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import redis
 
-from fedq import codec, evaluation, protocol
-from fedq.aggregator import Aggregator, AggregatorStopped
-from fedq.data import DataSpec, feature_stats, load_shard
+from fedq.protocol import codec, messages
+from fedq.learning import evaluation
+from fedq.roles.aggregator import Aggregator, AggregatorStopped
+from fedq.learning.data import DataSpec, feature_stats
+from fedq.learning.partition import load_shard
 from fedq.settings import Settings
-from fedq.spec import RunSpec
-from fedq.store import RunStore, connect
-from fedq.strategies import Strategy, StrategySpec, aggregate_all
+from fedq.learning.spec import RunSpec, load_spec
+from fedq.protocol.store import RunStore, connect
+from fedq.learning.strategies import Strategy, StrategySpec, aggregate_all
 from test_rounds import _wait, wait_committed
 
 
@@ -62,11 +64,11 @@ class Run:
         assert not self.threads[-1].is_alive()
 
     def global_model(self) -> tuple[int, list[str], list[np.ndarray]]:
-        return protocol.decode_global(self.store.global_payload(), self.spec.run_id)
+        return messages.decode_global(self.store.global_payload(), self.spec.run_id)
 
     def push(self, cid: str, round_no: int, tensors: list[np.ndarray], n: int, **metrics: float) -> str:
         _, names, _ = self.global_model()
-        payload = protocol.encode_update(self.spec.run_id, round_no, cid, n, {"loss": 0.5, "accuracy": 0.8, **metrics},
+        payload = messages.encode_update(self.spec.run_id, round_no, cid, n, {"loss": 0.5, "accuracy": 0.8, **metrics},
                                          names, tensors)
         return self.store.push_update(cid, round_no, payload, self.settings.max_update_bytes)
 
@@ -175,7 +177,7 @@ def test_sampled_rounds_train_only_the_chosen_clients(make_run) -> None:
     refusals = [(x["reason"], x["stage"]) for x in run.store.refused()]
     assert refusals == [("not_selected", "push")] * 2
     # The choice is a function of (seed, round, sorted joined ids) only.
-    from fedq.strategies import select_clients
+    from fedq.learning.strategies import select_clients
     assert set(select_clients([f"c{k}" for k in range(4)], 0.5, 3, 2)) == set(run.store.metrics()[1]["selected"])
 
 
@@ -232,7 +234,7 @@ def test_spec_round_trips_through_redis_with_strategy_and_sampling(r: redis.Redi
                    strategy=StrategySpec(name="trimmed-mean", trim_fraction=0.3, clip_norm=2.0)).validate()
     store = RunStore(r, spec.run_id)
     store.create(spec)
-    assert store.spec() == spec and store.spec().clients_per_round == 3
+    assert load_spec(store) == spec and load_spec(store).clients_per_round == 3
     old = dataclasses.replace(spec, run_id="t-old").to_dict()
     del old["strategy"], old["fraction_fit"]  # a spec written before strategies existed
     assert RunSpec.from_dict(old).strategy == StrategySpec() and RunSpec.from_dict(old).fraction_fit == 1.0

@@ -13,7 +13,7 @@ import pytest
 
 from fedq.errors import ConfigError, RedisUnavailable
 from fedq.settings import Settings
-from fedq.store import connect
+from fedq.protocol.store import connect
 from helpers import RedisServer, cli_env, fedq_cmd, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")

@@ -11,7 +11,7 @@ import redis
 
 from fedq.errors import FedqError
 from fedq.settings import Settings
-from fedq.store import redact, tls_options
+from fedq.protocol.store import redact, tls_options
 
 
 def main() -> int:

@@ -19,13 +19,15 @@ from typing import Any, Callable
 import numpy as np
 import redis
 
-from fedq import acl, protocol, transfer
-from fedq.aggregator import Aggregator, AggregatorStopped
-from fedq.data import feature_stats, load_shard
+from fedq.ops import acl
+from fedq.protocol import messages, transfer
+from fedq.roles.aggregator import Aggregator, AggregatorStopped
+from fedq.learning.data import feature_stats
+from fedq.learning.partition import load_shard
 from fedq.settings import Settings
-from fedq.signing import Signer
-from fedq.spec import RunSpec
-from fedq.store import ENDED, RunStore
+from fedq.protocol.signing import Signer
+from fedq.learning.spec import RunSpec
+from fedq.protocol.store import ENDED, RunStore
 from helpers import RedisServer
 
 HONEST = {"site-a": 100, "site-b": 300}  # sample counts, unequal on purpose
@@ -150,7 +152,7 @@ class Run:
         try:
             st = RunStore(self.arena.connect(h.cid), self.run_id)
             x, _ = load_shard(self.spec.data, shard, 2)
-            outcome = st.join_and_wait(h.cid, {"shard": shard, "num_shards": 2, "rows": 10_000},
+            outcome = st.join_and_wait(h.cid, {"shard": shard, "num_shards": 2, "own_data": True, "rows": 10_000},
                                        feature_stats(x).to_dict(), timeout=60)
             assert outcome == "joined", f"{h.cid} could not join: {outcome}"
             rng = np.random.default_rng(shard)
@@ -167,7 +169,7 @@ class Run:
                     mine = [(t + rng.normal(0, 0.05, t.shape)).astype(t.dtype) for t in g]
                     signer = self.signers.get(h.cid)
                     sig = None if signer is None else signer.sign(self.run_id, nxt, h.cid, h.n, names, mine)
-                    payload = protocol.encode_update(self.run_id, nxt, h.cid, h.n, {"loss": 0.5, "accuracy": 0.8},
+                    payload = messages.encode_update(self.run_id, nxt, h.cid, h.n, {"loss": 0.5, "accuracy": 0.8},
                                                      names, mine, sig)
                     outcome = st.push_update(h.cid, nxt, payload, self.settings.max_update_bytes)
                     assert outcome == "ok", f"{h.cid} round {nxt}: {outcome}"
@@ -201,7 +203,7 @@ class Run:
         _, names, g = self.global_now()
         mine = [(t * scale + 0.5).astype(t.dtype) for t in g]
         sig = None if signer is None else signer.sign(self.run_id, round_no, MALLORY, n, names, mine)
-        return protocol.encode_update(self.run_id, round_no, MALLORY, n, {"loss": 0.1}, names, mine, sig), mine
+        return messages.encode_update(self.run_id, round_no, MALLORY, n, {"loss": 0.1}, names, mine, sig), mine
 
     # --- the end ----------------------------------------------------------------------------
     def finish(self, timeout: float = 120) -> dict[str, str]:

@@ -22,12 +22,13 @@ import redis
 from rich.console import Console
 
 from arena import CONFINED, HONEST, MALLORY, ROWS, Arena, Run
-from fedq import acl, transfer
-from fedq.dashboard import snapshot
-from fedq.keys import RunKeys
-from fedq.signing import Signer, new_keys
-from fedq.store import list_runs, newest_open_run
-from fedq.view import status_renderable
+from fedq.ops import acl
+from fedq.protocol import transfer
+from fedq.ops.dashboard import snapshot
+from fedq.protocol.keys import RunKeys
+from fedq.protocol.signing import Signer, new_keys
+from fedq.protocol.store import list_runs, newest_open_run
+from fedq.ops.view import status_renderable
 from helpers import cli_env, fedq_cmd
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ Extra = Callable[[int], list[tuple[list[np.ndarray], int]]]
 
 
 def _mean(models: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
-    """FedAvg in float64, written here, independent of fedq.aggregate."""
+    """FedAvg in float64, written here, independent of fedq.learning.aggregate."""
     total = float(sum(n for _, n in models))
     out = []
     for i, ref in enumerate(models[0][0]):

@@ -22,9 +22,9 @@ import numpy as np
 import redis
 
 from helpers import RedisServer, cli_env, fedq_cmd
-from fedq import codec, protocol
-from fedq.aggregate import fedavg
-from fedq.store import RunStore
+from fedq.protocol import codec, messages
+from fedq.learning.aggregate import fedavg
+from fedq.protocol.store import RunStore
 
 ROWS: list[dict] = []  # the suite's summary table, printed by conftest at the end
 
@@ -185,7 +185,7 @@ class Federation:
             env = codec.decode(payload)
             models.append((list(env.tensors), env.meta["num_examples"]))
         expected = fedavg(models)
-        _, _, final = protocol.decode_global(self.store.global_payload(), self.run_id)
+        _, _, final = messages.decode_global(self.store.global_payload(), self.run_id)
         for got, want in zip(final, expected):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 

@@ -44,7 +44,7 @@ def test_aggregator_sigkill_mid_round_then_a_new_aggregator(federation) -> None:
     assert fed.store.state()["driver"] != driver_before
     # rq's own record of the dead worker's job is not left "started": the surviving worker's
     # maintenance marks it abandoned once its heartbeat lapses (rq adds 60 s to that).
-    from fedq.jobs import job_status
+    from fedq.roles.jobs import job_status
 
     fed.wait(lambda: job_status(fed.r, "agg-kill") not in ("started", None), "rq to settle the dead job", 150)
 
@@ -139,7 +139,7 @@ def test_two_aggregators_racing_for_one_run(federation) -> None:
     from rq import Queue
 
     # A second job for the same run: two workers each take one and race for the lease.
-    Queue("fedq-runs", connection=fed.r).enqueue_call("fedq.aggregator.drive_run", args=("race",),
+    Queue("fedq-runs", connection=fed.r).enqueue_call("fedq.roles.jobs.drive_run", args=("race",),
                                                      job_id="race-duplicate")
     fed.aggregator("agg-a")
     fed.aggregator("agg-b")

@@ -7,7 +7,7 @@ whose reason fits the damage that was done, and after all of that the round must
 commit the exact FedAvg of the valid updates that c0 and c1 push.
 
 The expected reasons come from two places that must agree. Each mutation states which
-reasons it can cause, written down here without asking fedq. ``protocol.validate_update``
+reasons it can cause, written down here without asking fedq. ``messages.validate_update``
 acts as the oracle for the exact reason, and also spots the rare random byte flip that
 happens to leave a valid update; such payloads are not written, because a valid c2 update
 would be folded into the round.
@@ -32,8 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedq import codec, protocol
-from fedq.aggregate import fedavg
+from fedq.protocol import codec, messages
+from fedq.learning.aggregate import fedavg
 from fedq.errors import UpdateRejected
 from test_rounds import Harness, harness_factory  # noqa: F401  (harness_factory is a fixture used by name)
 
@@ -67,7 +67,7 @@ class Ctx:
     run_id: str
     names: list[str]
     tensors: list[np.ndarray]
-    template: list[protocol.TensorSpec]
+    template: list[messages.TensorSpec]
 
     @classmethod
     def of(cls, h: Harness) -> "Ctx":
@@ -76,7 +76,7 @@ class Ctx:
         tensors = [np.array(t) for t in g]
         assert all(t.dtype == np.dtype("<f4") for t in tensors), "the fuzz assumes a float32 model"
         assert len(tensors) >= 2
-        return cls(h.store.run_id, list(names), tensors, protocol.template_of(names, g))
+        return cls(h.store.run_id, list(names), tensors, messages.template_of(names, g))
 
 
 def _entry(name: Any, arr: np.ndarray, dtype: str | None = None) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def _envelope(ctx: Ctx, client: str, nonce: int) -> dict[str, Any]:
     ignores) keeps otherwise equal payloads distinct, so each one is a new version."""
     meta = {"run": ctx.run_id, "round": ROUND, "client": client, "num_examples": 64,
             "metrics": {"loss": 0.5, "accuracy": 0.75}, "nonce": nonce}
-    return {"v": codec.V1, "kind": protocol.KIND_UPDATE, "meta": meta,
+    return {"v": codec.V1, "kind": messages.KIND_UPDATE, "meta": meta,
             "tensors": [_entry(n, t) for n, t in zip(ctx.names, ctx.tensors)]}
 
 
@@ -116,7 +116,7 @@ def _oracle(ctx: Ctx, cid: str, payload: bytes) -> str | None:
     if cid not in JOINED:
         return "unknown_client"
     try:
-        protocol.validate_update(payload, run_id=ctx.run_id, round_no=ROUND, client_id=cid,
+        messages.validate_update(payload, run_id=ctx.run_id, round_no=ROUND, client_id=cid,
                                  template=ctx.template)
     except UpdateRejected as exc:
         return exc.reason
@@ -246,7 +246,7 @@ def op_metrics(rng, env, ctx, idx) -> set[str]:
     elif pick == 1:  # one value that is not a finite number
         meta["metrics"] = {**meta["metrics"], rng.choice(["loss", "accuracy", "f1"]): rng.choice(BAD_METRIC_VALUES)}
     elif pick == 2:  # more than MAX_METRICS numbers
-        meta["metrics"] = {f"m{i}": float(i) for i in range(protocol.MAX_METRICS + 1 + rng.randrange(50))}
+        meta["metrics"] = {f"m{i}": float(i) for i in range(messages.MAX_METRICS + 1 + rng.randrange(50))}
     else:  # a non-str key: the codec refuses it before validation sees the metrics
         meta["metrics"] = {**meta["metrics"], rng.choice([b"loss", b"\xff"]): 0.5}
         return {"undecodable"}
@@ -581,7 +581,7 @@ def _bad_metrics(draw: Any) -> Any:
     if pick == 1:
         good = draw(st.dictionaries(st.text(max_size=8), _FINITE, max_size=8))
         return {**good, draw(st.text(max_size=8)): draw(_BAD_METRIC_VALUE)}
-    return {f"m{i}": 0.5 for i in range(draw(st.integers(protocol.MAX_METRICS + 1, protocol.MAX_METRICS + 40)))}
+    return {f"m{i}": 0.5 for i in range(draw(st.integers(messages.MAX_METRICS + 1, messages.MAX_METRICS + 40)))}
 
 
 HYP_FIELDS = ("version", "kind", "run", "round", "client", "num_examples", "metrics", "non_finite",
@@ -604,7 +604,7 @@ def _hyp_case(ctx: Ctx) -> st.SearchStrategy:
             _set(env, "v", draw(_FIELD.filter(lambda v: not (type(v) is int and v == codec.V1))))
             expected.add("undecodable")
         if "kind" in broken:
-            _set(env, "kind", draw(_FIELD.filter(lambda v: v != protocol.KIND_UPDATE)))
+            _set(env, "kind", draw(_FIELD.filter(lambda v: v != messages.KIND_UPDATE)))
             expected.add("undecodable")
         if "run" in broken:
             _set(meta, "run", draw(_FIELD.filter(lambda v: not (isinstance(v, str) and v == ctx.run_id))))

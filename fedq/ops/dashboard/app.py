@@ -1,0 +1,130 @@
+"""The dashboard web application (Flask, served by waitress): pages and a JSON API, reads only."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import redis
+from flask import Flask, Response, jsonify, render_template, request
+
+from fedq.protocol import keys
+from fedq.ops.dashboard import snapshot
+from fedq.ops.dashboard.readonly import connect_readonly
+from fedq.errors import ConfigError, RunNotFound
+from fedq.settings import Settings
+
+log = logging.getLogger("fedq.ops.dashboard")
+
+REFRESH_SECONDS = 2.0  # how often an open page asks for news
+# Everything the page loads comes from this server: clusters are often air-gapped.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe data: NaN and infinities (which JSON cannot carry) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _error(status: int, message: str) -> Response:
+    resp = jsonify({"error": message, "status": status})
+    resp.status_code = status
+    return resp
+
+
+def _redis_down(exc: Exception) -> str:
+    return f"Redis is unreachable: {type(exc).__name__}: {exc}"
+
+
+def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS) -> Flask:
+    """The dashboard app over a (read-only) Redis client."""
+    app = Flask(__name__, static_folder="static", template_folder="templates")
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    refresh_ms = int(refresh_seconds * 1000)
+
+    def api(fn: Callable[[], Any]) -> Response:
+        try:
+            return jsonify(_clean(fn()))
+        except (RunNotFound, ConfigError) as exc:  # an invalid id names no run either
+            return _error(404, str(exc))
+        except redis.RedisError as exc:
+            log.warning("API %s: %s", request.path, exc)
+            return _error(503, _redis_down(exc))
+
+    @app.after_request
+    def headers(resp: Response) -> Response:
+        resp.headers["Content-Security-Policy"] = CSP
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        if request.path.startswith("/api/"):
+            resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    @app.get("/")
+    def runs_page() -> str:
+        return render_template("runs.html", refresh_ms=refresh_ms)
+
+    @app.get("/runs/<run_id>")
+    def run_page(run_id: str) -> Any:
+        try:
+            keys.check_run_id(run_id)
+            exists = bool(r.exists(keys.RunKeys(run_id).spec))
+        except ConfigError:
+            exists = False
+        except redis.RedisError as exc:
+            # Serve the page anyway: it shows the banner and fills in once Redis is back.
+            log.warning("run page %s: %s", run_id, exc)
+            exists = True
+        if not exists:
+            return render_template("error.html", status=404, title="Run not found",
+                                   message=f"There is no run {run_id!r} in Redis."), 404
+        return render_template("run.html", run_id=run_id, refresh_ms=refresh_ms)
+
+    @app.get("/api/runs")
+    def api_runs() -> Response:
+        limit = request.args.get("limit", default=snapshot.RUNS_LISTED, type=int)
+        return api(lambda: snapshot.runs_overview(r, limit=max(1, min(limit or 1, 1000))))
+
+    @app.get("/api/runs/<run_id>")
+    def api_run(run_id: str) -> Response:
+        return api(lambda: snapshot.run_detail(r, run_id))
+
+    @app.get("/api/health")
+    def api_health() -> Response:
+        try:
+            r.ping()
+            return jsonify({"ok": True, "redis": True})
+        except redis.RedisError as exc:
+            # Not healthy: a load balancer or probe must see it without parsing the body.
+            return jsonify({"ok": False, "redis": False, "error": _redis_down(exc)}), 503
+
+    @app.errorhandler(404)
+    def not_found(_exc: Exception) -> Any:
+        if request.path.startswith("/api/"):
+            return _error(404, f"no such endpoint {request.path}")
+        return render_template("error.html", status=404, title="Not found",
+                               message=f"Nothing here: {request.path}"), 404
+
+    @app.errorhandler(405)
+    def not_allowed(_exc: Exception) -> Any:
+        return _error(405, "read-only: only GET is served")
+
+    return app
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8050, threads: int = 8,
+          refresh_seconds: float = REFRESH_SECONDS) -> None:
+    """Serve the dashboard with waitress until the process is stopped."""
+    from waitress import serve as waitress_serve
+
+    app = create_app(connect_readonly(settings), refresh_seconds=refresh_seconds)
+    log.info("dashboard on http://%s:%d/ (reads Redis only)", host, port)
+    waitress_serve(app, host=host, port=port, threads=threads, ident="fedq-dashboard")

@@ -1,0 +1,267 @@
+"""Terminal output of the CLI (rich): round lines, report tables, run listings."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import redis
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from fedq.errors import RunNotFound
+from fedq.protocol.store import RunStore
+
+# Logs and pipes are not 80-column terminals: give tables room there unless COLUMNS says otherwise.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 140)
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def print_event(text: str) -> None:
+    console.print(f"[dim]{text}[/dim]")
+
+
+def print_round(total: int, m: dict[str, Any]) -> None:
+    """One line per committed round, as it commits."""
+    console.print(f"round {m['round']}/{total}: {m['num_updates']} updates, {m['num_examples']} examples, "
+                  f"train acc {_num(m.get('train_accuracy'))}, test acc {_num(m.get('test_accuracy'))}, "
+                  f"{_num(m.get('seconds'), '.2f')} s"
+                  + (f", ε {m['dp_epsilon']:.3g} (δ {m['dp_delta']:g})" if m.get("dp_epsilon") is not None else ""))
+
+
+# Columns shown only when some round has them (binary tasks, federated evaluation, DP).
+_OPTIONAL = (("test auc", "test_auc"), ("fed acc", "fed_eval_accuracy"), ("dp ε", "dp_epsilon"))
+
+
+def rounds_table(rounds: list[dict[str, Any]]) -> Table:
+    table = Table(title="rounds")
+    optional = [(title, key) for title, key in _OPTIONAL if any(m.get(key) is not None for m in rounds)]
+    for col in ("round", "updates", "examples", "train loss", "train acc", "test loss", "test acc",
+                *(title for title, _ in optional), "seconds", "overhead ms"):
+        table.add_column(col, justify="right")
+    for m in rounds:
+        over = m.get("overhead_seconds")
+        table.add_row(str(m["round"]), str(m["num_updates"]), str(m["num_examples"]), _num(m.get("train_loss")),
+                      _num(m.get("train_accuracy")), _num(m.get("test_loss")), _num(m.get("test_accuracy")),
+                      *(_num(m.get(key)) for _, key in optional),
+                      _num(m.get("seconds"), ".2f"), "-" if over is None else f"{over * 1000:.0f}")
+    return table
+
+
+def print_report(report: dict[str, Any], out: Path | None = None) -> None:
+    """The per-round table, the final test accuracy and where the files are."""
+    console.print(rounds_table(report["rounds"]))
+    if report["status"] == "finished":
+        f = report["final"]
+        if f.get("test_accuracy") is None and (report.get("spec") or {}).get("central_eval") is False:
+            console.print(f"[bold]run {report['run_id']} finished[/bold] (no central evaluation: "
+                          f"--no-central-eval)")
+        else:
+            console.print(f"[bold]final test accuracy {_num(f['test_accuracy'])}[/bold] "
+                          f"(test loss {_num(f['test_loss'])}) — run {report['run_id']} finished")
+        extras = {k: v for k, v in (report.get("final_evaluation") or {}).items() if isinstance(v, (int, float))}
+        if extras:
+            console.print("final evaluation: " + ", ".join(f"{k} {_num(v)}" for k, v in extras.items()))
+    else:
+        console.print(f"[bold red]run {report['run_id']} {report['status']}[/bold red]: {report.get('reason') or ''}")
+    dp = report.get("privacy") or {}
+    if dp.get("mode") not in (None, "off"):
+        eps = dp.get("epsilon")
+        console.print(f"differential privacy ({dp['mode']}): ε {'-' if eps is None else f'{eps:.3g}'} at δ "
+                      f"{dp['delta']:g} after {dp['rounds']} rounds (clip {dp['clip']:g}, noise multiplier "
+                      f"{dp['noise_multiplier']:g})")
+    comp = report.get("compression") or {}
+    if comp.get("encoding") not in (None, "none") and comp.get("ratio") is not None:
+        console.print(f"updates as {comp['encoding']}: tensors {comp['tensor_bytes']:,} bytes, {comp['ratio']:.3f} "
+                      f"of float32 ({comp['payload_bytes']:,} bytes with metadata); relative error of the deltas max "
+                      f"{_num(comp.get('error_max'), '.2e')}, mean {_num(comp.get('error_mean'), '.2e')}")
+    if report.get("refused"):
+        console.print(f"{len(report['refused'])} update(s) refused; see report.json")
+    if out is not None:
+        from fedq.roles.report import written
+
+        files = written(out)
+        if report["status"] not in ("finished", "queued", "running"):  # failed: say why, above, not "wrote"
+            console.print(f"details in {out / 'report.json'}" if files else "no report was written")
+        else:
+            console.print(f"wrote {', '.join(files)} to {out}")
+
+
+def _when(ts: str | float | None) -> str:
+    return "-" if not ts else dt.datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(ts: float | None) -> str:
+    """A time in few columns: the clock time today, else the date."""
+    if not ts:
+        return "-"
+    t = dt.datetime.fromtimestamp(ts)
+    return t.strftime("%H:%M:%S") if t.date() == dt.date.today() else t.strftime("%Y-%m-%d")
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return "-"
+    secs = max(0.0, now - ts)
+    return f"{secs:.0f} s ago" if secs < 60 else f"{secs / 60:.0f} min ago" if secs < 3600 else _when(ts)
+
+
+_STATUS_STYLE = {"running": "blue", "queued": "yellow", "finished": "green", "failed": "bold red"}
+_LIVENESS_STYLE = {"alive": "green", "gone": "bold red", "left": "dim"}
+
+
+def runs_renderable(overview: dict[str, Any]) -> RenderableType:
+    """The runs list and the live aggregators (what the dashboard's front page shows)."""
+    table = Table(title="runs (newest first)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # Ids must stay whole to be copied: the other columns give way on a narrow terminal.
+    table.add_column("run", no_wrap=True, overflow="ignore",
+                     min_width=max([len(x["run_id"]) for x in overview["runs"]] + [3]))
+    for col in ("status", "clients", "rounds", "started", "finished", "test acc"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("clients", "rounds", "test acc") else "left")
+    for run in overview["runs"]:
+        status = run["status"] or "?"
+        table.add_row(run["run_id"], Text(status, style=_STATUS_STYLE.get(status, "")),
+                      f"{run['joined']}/{run['clients']}", f"{run['round']}/{run['rounds']}",
+                      _short(run["started_at"]), _short(run["finished_at"]), _num(run["final_test_accuracy"]))
+    parts: list[RenderableType] = [table]
+    if overview["aggregators"]:
+        agg = Table(title="aggregators alive", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in ("name", "host", "pid", "driving", "last heartbeat"):
+            agg.add_column(col, no_wrap=col == "name")
+        for a in overview["aggregators"]:
+            agg.add_row(a["name"], str(a.get("host", "-")), str(a.get("pid", "-")), a.get("run") or "idle",
+                        _ago(a.get("time"), overview["time"]))
+        parts.append(agg)
+    return Group(*parts)
+
+
+def run_renderable(d: dict[str, Any]) -> RenderableType:
+    """One run: where it stands, its clients (liveness, last push, local metrics), rounds, refusals."""
+    from fedq.ops.dashboard.snapshot import phase_text
+
+    now = d["time"]
+    head = Text(f"run {d['run_id']}: {d['status']}" + (f" ({d['reason']})" if d.get("reason") else ""),
+                style="bold " + _STATUS_STYLE.get(d["status"] or "", ""))
+    driver = ", ".join(f"{a['name']} (alive)" for a in d["aggregators"]) or d.get("driver") or "-"
+    who = (f"clients {d['joined']} / {d['clients']} joined" if d["status"] in ("finished", "failed")
+           else f"clients {d['alive']} / {d['clients']} alive ({d['joined']} joined)")
+    facts = Text(f"{phase_text(d)}\n{who}  created {_when(d['created_at'])}  started {_when(d['started_at'])}  "
+                 f"finished {_when(d['finished_at'])}  aggregator {driver}")
+    parts: list[RenderableType] = [head, facts]
+    if d["final"]["test_accuracy"] is not None:
+        parts.append(Text(f"final test accuracy {_num(d['final']['test_accuracy'])} "
+                          f"(test loss {_num(d['final']['test_loss'])})", style="bold"))
+    clients = Table(title="clients", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("client", "shard", "liveness", "last seen", "pushed", "samples", "loss", "acc", "refused"):
+        clients.add_column(col, no_wrap=col != "refused",
+                           justify="right" if col in ("shard", "pushed", "samples", "loss", "acc") else "left")
+    for c in d["client_table"]:
+        reasons = ", ".join(f"{k} x{v}" for k, v in c["refused_reasons"].items())
+        # Text, not markup: ids, records and refusals may hold whatever a client wrote.
+        clients.add_row(Text(c["client_id"]), Text(str(c["shard"])),
+                        Text(c["liveness"], style=_LIVENESS_STYLE[c["liveness"]]),
+                        _ago(c["last_seen"], now), "-" if c["last_round"] is None else str(c["last_round"]),
+                        Text(str(c["num_examples"] if c["num_examples"] is not None else c.get("rows", "-"))),
+                        _num(c["loss"]), _num(c["accuracy"]),
+                        Text(f"{c['refused']} ({reasons})" if c["refused"] else "0"))
+    parts.append(clients)
+    if d["round_metrics"]:
+        parts.append(rounds_table(d["round_metrics"][-15:]))
+    if d["refusals"]:
+        refused = Table(title=f"refused updates ({d['refused_total']}, newest last)", box=box.SIMPLE_HEAD,
+                        pad_edge=False, collapse_padding=True)
+        for col in ("time", "client", "round", "reason", "detail"):
+            refused.add_column(col)
+        for x in d["refusals"][-10:]:
+            refused.add_row(_short(x.get("time")), Text(str(x.get("client"))), Text(str(x.get("round"))),
+                            Text(str(x.get("reason"))), Text(str(x.get("detail", ""))))
+        parts.append(refused)
+    return Group(*parts)
+
+
+def status_renderable(r: redis.Redis, run_id: str | None) -> RenderableType:
+    """What `fedq status` shows: one run, or the runs list."""
+    from fedq.ops.dashboard import snapshot
+
+    return run_renderable(snapshot.run_detail(r, run_id)) if run_id else runs_renderable(snapshot.runs_overview(r))
+
+
+def watch_status(r: redis.Redis, run_id: str | None, interval: float, stop: threading.Event) -> None:
+    """Redraw the status every interval seconds until stop is set; rides out Redis going away.
+
+    On a terminal the table is redrawn in place; otherwise it is printed again each time.
+    """
+    def frame() -> RenderableType:
+        stamp = Text(f"{dt.datetime.now():%H:%M:%S} - every {interval:g} s, Ctrl-C to stop", style="dim")
+        try:
+            return Group(status_renderable(r, run_id), stamp)
+        except redis.RedisError as exc:
+            return Group(Panel(f"Redis is unreachable: {exc}\nretrying every {interval:g} s",
+                               title="Redis unreachable", style="bold red"), stamp)
+        except RunNotFound as exc:
+            return Group(Panel(str(exc), style="yellow"), stamp)
+
+    if console.is_terminal:
+        with Live(frame(), console=console, auto_refresh=False, transient=False) as live:
+            while not stop.wait(interval):
+                live.update(frame(), refresh=True)
+    else:
+        console.print(frame())
+        while not stop.wait(interval):
+            console.rule()
+            console.print(frame())
+
+
+class RunProgress:
+    """Progress of `fedq run` (joins, rounds, updates in); nothing at all when not a terminal."""
+
+    def __init__(self, rounds: int, clients: int, out: Console | None = None) -> None:
+        self.console = out or console
+        self.enabled = self.console.is_terminal
+        self.rounds, self.clients = rounds, clients
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=self.console,
+                                 transient=True, disable=not self.enabled)
+        self.task = self.progress.add_task("starting", total=rounds)
+
+    def __enter__(self) -> "RunProgress":
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def describe(self, state: dict[str, str], joined: int, pushed: int) -> str:
+        committed = int(state.get("round") or 0)
+        if state.get("phase") in (None, "join"):
+            return f"waiting for clients: {joined}/{self.clients} joined"
+        if state.get("status") in ("finished", "failed"):
+            return f"run {state['status']}"
+        return f"round {committed + 1}/{self.rounds}: {pushed}/{self.clients} updates in"
+
+    def update(self, store: RunStore) -> None:
+        """Read where the run stands (only when shown) and redraw."""
+        if not self.enabled:
+            return
+        try:
+            state = store.state()
+            committed = int(state.get("round") or 0)
+            joined = store.num_clients()
+            pushed = len(store.update_seqs(committed + 1)) if state.get("phase") == "train" else 0
+        except redis.RedisError:
+            return  # the runner's own loop reports a lost Redis
+        self.progress.update(self.task, completed=committed, description=self.describe(state, joined, pushed))

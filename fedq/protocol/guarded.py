@@ -1,0 +1,141 @@
+"""Reads of keys a client can write: type and size are checked before the value is fetched.
+
+A client's ACL user owns everything under ``fedq:{run}:c:<client>:*``: any of those keys may
+hold any Redis type, of any size, with any content. Readers (aggregator, dashboard,
+``fedq status``, worker maintenance) go through these helpers, which never raise on a value
+of the wrong type and never transfer more than a cap: a bad key reads as absent and is logged
+once. Every helper is a single pipeline of read commands (GETRANGE, MEMORY USAGE, ...), so the
+read-only dashboard client and its ACL user may use them too.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import redis
+
+log = logging.getLogger("fedq.protocol.guarded")
+
+# A small record (join record, heartbeat, evaluation, refusal): far more than any honest one.
+RECORD_CAP = 1 << 20
+# A client's list or stream as a whole (refusals, push audit), as MEMORY USAGE counts it.
+COLLECTION_CAP = 64 << 20
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, what: str) -> None:
+    """Log one warning per key and kind of problem (a flood of bad keys must not flood the log)."""
+    tag = f"{key}\0{what}"
+    if tag in _warned:
+        return
+    if len(_warned) < 10_000:
+        _warned.add(tag)
+    log.warning("ignoring %s: %s", key, what)
+
+
+def _name(key: bytes | str) -> str:
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+
+
+def strings(r: redis.Redis, keys: Sequence[str], cap: int = RECORD_CAP) -> list[bytes | None]:
+    """The string value of each key, or None when absent, of another type or over cap bytes.
+
+    GETRANGE reads at most cap + 1 bytes, so an oversized value costs cap bytes, never its size."""
+    if not keys:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for key in keys:
+        pipe.getrange(key, 0, cap)
+    out: list[bytes | None] = []
+    for key, value in zip(keys, pipe.execute(raise_on_error=False)):
+        if isinstance(value, Exception):
+            warn_once(key, f"not a string ({value})")
+            out.append(None)
+        elif not value:
+            out.append(None)  # GETRANGE answers "" for a missing key
+        elif len(value) > cap:
+            warn_once(key, f"larger than {cap} bytes")
+            out.append(None)
+        else:
+            out.append(bytes(value) if not isinstance(value, bytes) else value)
+    return out
+
+
+def _sizes(r: redis.Redis, keys: Sequence[str], kind: str) -> list[int | None]:
+    """MEMORY USAGE of each key that has the expected type (None: absent or another type)."""
+    pipe = r.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+        pipe.memory_usage(key, samples=0)
+    replies = pipe.execute(raise_on_error=False)
+    out: list[int | None] = []
+    for i, key in enumerate(keys):
+        kind_reply, size = replies[2 * i], replies[2 * i + 1]
+        found = _name(kind_reply) if isinstance(kind_reply, (bytes, str)) else "?"
+        if found == "none":
+            out.append(None)
+        elif found != kind:
+            warn_once(key, f"a {found}, not a {kind}")
+            out.append(None)
+        else:
+            out.append(size if isinstance(size, int) else None)
+    return out
+
+
+def lists(r: redis.Redis, keys: Sequence[str], last: int = 1000,
+          cap: int = COLLECTION_CAP) -> list[list[bytes]]:
+    """The last `last` items of each list; [] for a key that is absent, not a list, or over cap."""
+    if not keys:
+        return []
+    sizes = _sizes(r, keys, "list")
+    pipe = r.pipeline(transaction=False)
+    wanted = []
+    for key, size in zip(keys, sizes):
+        if size is not None and size > cap:
+            warn_once(key, f"a list of {size} bytes, over {cap}")
+        elif size is not None:
+            pipe.lrange(key, -last, -1)
+            wanted.append(key)
+    got = dict(zip(wanted, pipe.execute(raise_on_error=False))) if wanted else {}
+    return [v if isinstance(v := got.get(key), list) else [] for key in keys]
+
+
+def streams(r: redis.Redis, keys: Sequence[str], last: int = 10_000,
+            cap: int = COLLECTION_CAP) -> list[list[tuple[Any, dict[Any, Any]]]]:
+    """The last `last` entries of each stream, oldest first; [] for a key that is absent, not a
+    stream, or over cap."""
+    if not keys:
+        return []
+    sizes = _sizes(r, keys, "stream")
+    pipe = r.pipeline(transaction=False)
+    wanted = []
+    for key, size in zip(keys, sizes):
+        if size is not None and size > cap:
+            warn_once(key, f"a stream of {size} bytes, over {cap}")
+        elif size is not None:
+            pipe.xrevrange(key, count=last)
+            wanted.append(key)
+    got = dict(zip(wanted, pipe.execute(raise_on_error=False))) if wanted else {}
+    return [list(reversed(v)) if isinstance(v := got.get(key), list) else [] for key in keys]
+
+
+def hash_fields(r: redis.Redis, keys: Sequence[str], fields: Sequence[str],
+                cap: int = RECORD_CAP) -> list[list[bytes | None]]:
+    """The given fields of each hash; all None for a key that is absent, not a hash, or over cap
+    (the whole hash, as MEMORY USAGE counts it)."""
+    if not keys:
+        return []
+    sizes = _sizes(r, keys, "hash")
+    pipe = r.pipeline(transaction=False)
+    wanted = []
+    for key, size in zip(keys, sizes):
+        if size is not None and size > cap:
+            warn_once(key, f"a hash of {size} bytes, over {cap}")
+        elif size is not None:
+            pipe.hmget(key, list(fields))
+            wanted.append(key)
+    got = dict(zip(wanted, pipe.execute(raise_on_error=False))) if wanted else {}
+    none: list[bytes | None] = [None] * len(fields)
+    return [v if isinstance(v := got.get(key), list) else list(none) for key in keys]

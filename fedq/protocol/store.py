@@ -1,0 +1,891 @@
+"""Redis operations of the round protocol: one class per run, atomic steps as Lua scripts.
+
+Tensors travel as codec envelopes; small records (spec, state, metrics, refusals,
+client records) are JSON so that ``redis-cli`` and the dashboard can read them.
+Every blocking call here takes an explicit timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol, Sequence
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from fedq.protocol import guarded, keys
+from fedq.errors import ConfigError, FedqError, RedisUnavailable, RunNotFound
+from fedq.settings import Settings
+
+MAX_REFUSED = 10_000  # refusal log is capped so a flood of bad pushes cannot fill Redis
+MAX_EVENTS = 10_000
+MAX_PUSHES = 100_000
+DRAIN_BATCH = 10_000  # inbox entries drained per call
+
+OPEN, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
+ENDED = (FINISHED, FAILED)
+
+# Scripts that clients run declare only keys the client owns (Redis ACLs demand write access to
+# every declared key); the run's shared keys are named from ARGV's key base instead, each one
+# checked against the client's ACL as it is used. They share the run's hash tag, so they live
+# in the same cluster slot as the declared keys.
+_JOIN = """
+-- A client asks to join (run by the client, as its own ACL user).
+-- KEYS[1]: the client's join hash (its own key)
+-- ARGV[1]: client id; ARGV[2]: join record (JSON); ARGV[3]: feature statistics (JSON);
+-- ARGV[4]: the run's key base
+-- The member set is the aggregator's alone: this only files the request under the client's own
+-- key and wakes the aggregator, which admits it (fedq.protocol.store.RunStore.admit). Returns requested,
+-- rejoined (already a member), run_full (a hint: the aggregator decides), run_<status> or no_such_run.
+local base = ARGV[4]
+local state, members, inbox = base .. ':state', base .. ':members', base .. ':inbox'
+local st = redis.call('HMGET', state, 'status', 'phase', 'clients')
+if not st[1] then return 'no_such_run' end
+if st[1] == 'finished' or st[1] == 'failed' then return 'run_' .. st[1] end
+if redis.call('SISMEMBER', members, ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'record', ARGV[2])
+  if st[2] == 'join' then
+    redis.call('HSET', KEYS[1], 'stats', ARGV[3])
+    redis.call('RPUSH', inbox, ARGV[1])
+  end
+  return 'rejoined'
+end
+if redis.call('SCARD', members) >= tonumber(st[3]) then return 'run_full' end
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'stats', ARGV[3])
+redis.call('HDEL', KEYS[1], 'verdict')
+redis.call('RPUSH', inbox, ARGV[1])
+return 'requested'
+"""
+
+# The aggregator admits a client that asked to join (it alone writes the member set).
+# KEYS[1]: state; KEYS[2]: members; KEYS[3]: the client's join hash; KEYS[4]: lease; KEYS[5]: events
+# ARGV[1]: client id; ARGV[2]: driver ('' = unfenced, for tools); ARGV[3]: events cap;
+# ARGV[4]: the verdict to record when the run is full
+# Returns 1 (admitted, or a member already), 0 (run full: verdict written), -1 (lease lost).
+_ADMIT = """
+if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then return -1 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'clients') or '0') then
+  redis.call('HSET', KEYS[3], 'verdict', ARGV[4])
+  return 0
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], 'verdict')
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[3], '*', 'event', 'admitted', 'client', ARGV[1])
+return 1
+"""
+
+# Wake-ups are hints that any client may push, as many and as large as it likes: the aggregator
+# drains them here, so that a flood naming one client costs one small reply, and entries that
+# cannot be client ids never leave Redis.
+# KEYS[1]: the run's inbox; ARGV[1]: most entries popped in one call
+# Returns the distinct entries of at most 64 bytes among those popped, in order.
+_DRAIN = """
+local seen, out = {}, {}
+for i = 1, tonumber(ARGV[1]) do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  if string.len(id) <= 64 and not seen[id] then
+    seen[id] = true
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# The aggregator's read of one client's update for a round. The client owns the key, so it may
+# hold any type, size and content: type and size are checked here, before anything travels,
+# and a version already judged costs a few bytes.
+# KEYS[1]: the client's update hash for the round
+# ARGV[1]: the push sequence number already judged ('' when none); ARGV[2]: size cap in bytes
+# Returns {'none'} | {'wrong_type', type} | {'bad_seq', raw} | {'seen', seq}
+#       | {'too_large', seq, size} | {'bad_parts', seq} | {'ok', seq, payload or false, parts}
+_READ_UPDATE = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' then return {'none'} end
+if t ~= 'hash' then return {'wrong_type', t} end
+local seq = redis.call('HGET', KEYS[1], 'seq')
+if not seq or string.len(seq) > 15 or not string.match(seq, '^%d+$') then
+  return {'bad_seq', string.sub(seq or '', 1, 32)}
+end
+if seq == ARGV[1] then return {'seen', seq} end
+local size = redis.call('HSTRLEN', KEYS[1], 'payload')
+if size > tonumber(ARGV[2]) then return {'too_large', seq, size} end
+if redis.call('HSTRLEN', KEYS[1], 'parts') > 64 then return {'bad_parts', seq} end
+return {'ok', seq, redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET', KEYS[1], 'parts') or ''}
+"""
+
+# Stores an update under the client's own key (a re-push replaces it, its seq counts versions)
+# and wakes the aggregator; refuses, and records why, when the round is not the open one.
+_PUSH = """
+local base, want = ARGV[9], tonumber(ARGV[2])
+local st = redis.call('HMGET', base .. ':state', 'status', 'phase', 'round', 'closed')
+if not st[1] then return 'no_such_run' end
+local selected = base .. ':selected:' .. want
+local reason, detail
+if st[1] ~= 'running' or st[2] ~= 'train' then
+  reason = 'run_not_training'; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
+elseif redis.call('SISMEMBER', base .. ':members', ARGV[1]) == 0 then
+  reason = 'unknown_client'; detail = 'client has not joined this run'
+elseif want <= math.max(tonumber(st[3]), tonumber(st[4] or '0')) then
+  reason = 'round_closed'; detail = 'round ' .. ARGV[2] .. ' has closed'
+elseif want > tonumber(st[3]) + 1 then
+  reason = 'round_not_open'; detail = 'open round is ' .. (tonumber(st[3]) + 1)
+elseif redis.call('EXISTS', selected) == 1 and redis.call('SISMEMBER', selected, ARGV[1]) == 0 then
+  reason = 'not_selected'; detail = 'client is not among those chosen to train in round ' .. ARGV[2]
+elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
+  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5] .. ' (FEDQ_MAX_UPDATE_BYTES)'
+end
+local outcome = reason or 'ok'
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'client', ARGV[1], 'round', ARGV[2],
+           'digest', ARGV[7], 'outcome', outcome, 'bytes', string.len(ARGV[3]))
+if reason then
+  redis.call('RPUSH', KEYS[2], cjson.encode({client=ARGV[1], round=want, reason=reason,
+                                             detail=detail, time=tonumber(ARGV[4]), stage='push'}))
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
+  return reason
+end
+-- The sequence number tells the aggregator which version of an update it folded.
+redis.call('HSET', KEYS[1], 'payload', ARGV[3], 'parts', ARGV[10])
+redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('RPUSH', base .. ':inbox', ARGV[1])
+return 'ok'
+"""
+
+# Closing a round stops further pushes for it, so that what the aggregator folded is final.
+_CLOSE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'round'))
+if cur + 1 ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'closed', ARGV[1])
+return 1
+"""
+
+_OPEN_TRAINING = """
+if redis.call('GET', KEYS[6]) ~= ARGV[5] then return -1 end
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase')
+if (st[1] ~= 'queued' and st[1] ~= 'running') or st[2] ~= 'join' then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[2])
+if ARGV[6] ~= '' then
+  for _, id in ipairs(cjson.decode(ARGV[6])) do redis.call('SADD', KEYS[7], id) end
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'phase', 'train', 'round', 0, 'updated_at', ARGV[3])
+redis.call('DEL', KEYS[4])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'event', 'training', 'round', 0)
+return 1
+"""
+
+# The round commit: global model, round counter and metrics in one atomic step. It only
+# applies on top of the previous round, so a replayed or duplicated commit is a no-op.
+_COMMIT = """
+if redis.call('GET', KEYS[6]) ~= ARGV[8] then return -1 end
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
+if st[1] ~= 'running' or st[2] ~= 'train' then return 0 end
+if tonumber(st[3]) + 1 ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'round', ARGV[1], 'updated_at', ARGV[5])
+-- KEYS[10..]: the round's update of each client that joined.
+-- The previous round's record gains its federated evaluation, which rode on this round's updates.
+if ARGV[12] ~= '' and redis.call('LLEN', KEYS[3]) > 0 then redis.call('LSET', KEYS[3], -1, ARGV[12]) end
+redis.call('RPUSH', KEYS[3], ARGV[3])
+-- The last ARGV[13] keys are stale global-model parts, deleted whatever keep_updates says.
+local stale = tonumber(ARGV[13])
+if ARGV[9] ~= '1' then
+  redis.call('DEL', KEYS[8])
+  for i = 10, #KEYS - stale do redis.call('DEL', KEYS[i]) end
+end
+for i = #KEYS - stale + 1, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('DEL', KEYS[4])
+-- Server optimiser state moves with the global model: a new driver resumes the two together.
+if ARGV[10] ~= '' then redis.call('SET', KEYS[7], ARGV[10]) end
+if ARGV[11] ~= '' then
+  for _, id in ipairs(cjson.decode(ARGV[11])) do redis.call('SADD', KEYS[9], id) end
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'event', 'round', 'round', ARGV[1])
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[5], 'final', ARGV[6])
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'event', 'finished', 'round', ARGV[1])
+elseif ARGV[4] == '2' then
+  redis.call('HSET', KEYS[1], 'phase', 'eval')
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'event', 'evaluate', 'round', ARGV[1])
+end
+return 1
+"""
+
+
+# Lease renewal and release only act for the holder: a driver that lost its lease (paused,
+# partitioned) can neither extend nor delete the new driver's lease.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'released')
+  return 1
+end
+return 0
+"""
+
+_FAIL = """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return -1 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'phase', 'done', 'reason', ARGV[1],
+           'finished_at', ARGV[2], 'updated_at', ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'event', 'failed', 'reason', ARGV[1])
+return 1
+"""
+
+
+# Final evaluation (runs with validation rows): after the last commit, clients evaluate the last
+# global model and store the result under their id (a re-push replaces it).
+_PUSH_EVAL = """
+local base = ARGV[7]
+local st = redis.call('HMGET', base .. ':state', 'status', 'phase', 'round')
+if not st[1] then return 'no_such_run' end
+local selected = base .. ':selected:' .. (tonumber(ARGV[2]) + 1)
+local reason, detail
+if st[1] ~= 'running' or st[2] ~= 'eval' then
+  reason = 'run_not_evaluating'; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
+elseif tonumber(st[3]) ~= tonumber(ARGV[2]) then
+  reason = 'wrong_round'; detail = 'the last committed round is ' .. tostring(st[3])
+elseif redis.call('SISMEMBER', base .. ':members', ARGV[1]) == 0 then
+  reason = 'unknown_client'; detail = 'client has not joined this run'
+elseif redis.call('EXISTS', selected) == 1 and redis.call('SISMEMBER', selected, ARGV[1]) == 0 then
+  reason = 'not_selected'; detail = 'client is not among those chosen to evaluate'
+elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
+  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5] .. ' (FEDQ_MAX_UPDATE_BYTES)'
+end
+if reason then
+  redis.call('RPUSH', KEYS[2], cjson.encode({client=ARGV[1], round=tonumber(ARGV[2]), reason=reason,
+                                             detail=detail, time=tonumber(ARGV[4]), stage='evaluate'}))
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
+  return reason
+end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('RPUSH', base .. ':inbox', ARGV[1])
+return 'ok'
+"""
+
+# Ends the final-evaluation phase: the last round's record gains its federated evaluation.
+_FINISH_EVAL = """
+if redis.call('GET', KEYS[5]) ~= ARGV[6] then return -1 end
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
+if st[1] ~= 'running' or st[2] ~= 'eval' or tonumber(st[3]) ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[2] ~= '' and redis.call('LLEN', KEYS[2]) > 0 then redis.call('LSET', KEYS[2], -1, ARGV[2]) end
+redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[3],
+           'updated_at', ARGV[3], 'final', ARGV[4])
+redis.call('DEL', KEYS[3], KEYS[6])
+for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', 'finished', 'round', ARGV[1])
+return 1
+"""
+
+
+class LeaseLost(FedqError):
+    """This aggregator no longer holds the run's lease; another one drives it now."""
+
+
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """redis-py's TLS arguments for a rediss:// URL: verify the server, present our certificate."""
+    if not settings.redis_url.startswith("rediss://"):
+        return {}
+    opts: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    if settings.tls_ca_cert:
+        opts["ssl_ca_certs"] = settings.tls_ca_cert
+    if settings.tls_cert:
+        opts.update(ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
+    return opts
+
+
+def _client(settings: Settings, retries: int) -> redis.Redis:
+    try:
+        return redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.socket_timeout,
+            socket_connect_timeout=settings.connect_timeout,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=3.0, base=0.1), retries=retries),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            **tls_options(settings),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bad Redis URL {redact(settings.redis_url)!r}: {exc}") from None
+
+
+def connect(settings: Settings, check: bool = True) -> redis.Redis:
+    """A Redis client for settings.redis_url with timeouts and reconnect backoff.
+
+    The returned client rides out a Redis restart (reconnect_retries with backoff); the
+    start-up check does not, so that a wrong URL is reported in seconds."""
+    client = _client(settings, settings.reconnect_retries)
+    if check:
+        probe = _client(settings, retries=3)
+        try:
+            probe.ping()
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"cannot reach Redis at {redact(settings.redis_url)}: {exc}") from None
+        finally:
+            probe.close()
+    return client
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _s(raw: bytes | str | None) -> str | None:
+    # Keys and fields may have been written around the protocol: never let bad bytes crash a loop.
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+
+
+def _json_object(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A JSON object, or None for anything else (absent, not JSON, not an object)."""
+    if raw is None:
+        return None
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _json_list(raws: list[bytes]) -> list[dict[str, Any]]:
+    """Decode a list of JSON records, skipping any that are not JSON objects."""
+    return [rec for rec in map(_json_object, raws) if rec is not None]
+
+
+def _refusal(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """A refusal record with the fields readers use, of the types they expect (a client's own
+    list may hold anything); None when it is not one."""
+    try:
+        when = float(rec.get("time") or 0)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(when):
+        return None
+    return {**rec, "time": when, "client": str(rec.get("client", ""))[:64], "reason": str(rec.get("reason", ""))[:64],
+            "detail": str(rec.get("detail", ""))[:500]}
+
+
+def valid_client_id(client_id: str | None) -> bool:
+    """Whether client_id is a valid key component (ids in shared structures may be anything)."""
+    try:
+        keys.check_client_id(client_id or "")
+    except ConfigError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """What RunStore.read_update found: kind is ok, none, seen, or what is wrong with the key."""
+
+    kind: str
+    seq: str = ""
+    payload: bytes | None = None
+    parts: str = ""
+    size: int = 0
+
+
+def _stream_order(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (_s(entry_id) or "0-0").partition("-")
+    return int(ms), int(seq or 0)
+
+
+class SpecRecord(Protocol):
+    """What the store needs of a run spec (fedq.learning.spec.RunSpec): its counts and its record."""
+
+    rounds: int
+    clients: int
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class RunStore:
+    """Reads and writes one run's keys."""
+
+    def __init__(self, r: redis.Redis, run_id: str) -> None:
+        self.r = r
+        self.run_id = run_id
+        self.k = keys.RunKeys(run_id)
+        self._join = r.register_script(_JOIN)
+        self._admit = r.register_script(_ADMIT)
+        self._read_update = r.register_script(_READ_UPDATE)
+        self._drain = r.register_script(_DRAIN)
+        self._push = r.register_script(_PUSH)
+        self._open = r.register_script(_OPEN_TRAINING)
+        self._commit = r.register_script(_COMMIT)
+        self._close = r.register_script(_CLOSE)
+        self._renew = r.register_script(_RENEW)
+        self._release = r.register_script(_RELEASE)
+        self._fail = r.register_script(_FAIL)
+        self._push_eval = r.register_script(_PUSH_EVAL)
+        self._finish_eval = r.register_script(_FINISH_EVAL)
+        self.driver: str | None = None  # set by acquire_lease; fences this store's writes
+
+    # --- creation and reading -------------------------------------------------------
+    def create(self, spec: SpecRecord, queue: str = "") -> None:
+        """Store a new run's spec and queued state; ConfigError if the id is taken."""
+        now = time.time()
+        if not self.r.set(self.k.spec, json.dumps(spec.to_dict()), nx=True):
+            raise ConfigError(f"run {self.run_id} already exists")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k.state, mapping={"status": OPEN, "phase": "join", "round": 0,
+                                         "rounds": spec.rounds, "clients": spec.clients,
+                                         "queue": queue, "created_at": now, "updated_at": now})
+        pipe.zadd(keys.RUNS, {self.run_id: now})
+        pipe.xadd(self.k.events, {"event": "created"}, maxlen=MAX_EVENTS, approximate=True)
+        pipe.execute()
+        self.r.xadd(keys.EVENTS, {"event": "created", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+
+    def exists(self) -> bool:
+        return bool(self.r.exists(self.k.spec))
+
+    def spec_record(self) -> dict[str, Any]:
+        """The run's spec as stored (fedq.learning.spec.load_spec makes it a RunSpec);
+        RunNotFound when there is no such run."""
+        raw = self.r.get(self.k.spec)
+        if raw is None:
+            raise RunNotFound(f"no run {self.run_id!r} in Redis")
+        record = _json_object(raw)
+        if record is None:
+            raise RunNotFound(f"run {self.run_id!r} has no readable spec in Redis")
+        return record
+
+    def state(self) -> dict[str, str]:
+        """The state hash as str -> str (empty when the run does not exist)."""
+        return {_s(k): _s(v) for k, v in self.r.hgetall(self.k.state).items()}
+
+    def committed_round(self) -> int:
+        return int(_s(self.r.hget(self.k.state, "round")) or 0)
+
+    def member_ids(self) -> list[str]:
+        """Ids of the clients that joined, sorted (ids that are no valid client id are skipped)."""
+        return sorted(cid for cid in map(_s, self.r.smembers(self.k.members)) if valid_client_id(cid))
+
+    def _joined_field(self, field: str) -> dict[str, dict[str, Any]]:
+        ids = self.member_ids()
+        # The join hash is the client's own key: any type or size; a bad one reads as absent.
+        values = guarded.hash_fields(self.r, [self.k.joined(cid) for cid in ids], [field])
+        decoded = {cid: _json_object(v[0]) for cid, v in zip(ids, values)}
+        return {cid: rec for cid, rec in decoded.items() if rec is not None}
+
+    def clients(self) -> dict[str, dict[str, Any]]:
+        """Client id -> join record (shard, host, pid, rows) of every client that joined."""
+        return self._joined_field("record")
+
+    def num_clients(self) -> int:
+        return int(self.r.scard(self.k.members))
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.r.lrange(self.k.metrics, 0, -1)]
+
+    def _client_keys(self, kind: str, limit: int = 10_000) -> list[str]:
+        """Per-client keys of one kind in this run, found by SCAN (not the member set: a client
+        that never joined can still have been refused); names that are not exactly
+        fedq:{run}:c:<valid id>:<kind> are skipped."""
+        found: set[str] = set()
+        for key in self.r.scan_iter(match=self.k.client_keys_pattern(kind), count=1000):
+            name = _s(key) or ""
+            cid = self.k.client_of(name)
+            if valid_client_id(cid) and name == f"{self.k.client_base(cid)}:{kind}":
+                found.add(name)
+                if len(found) >= limit:
+                    break
+        return sorted(found)
+
+    def refused(self) -> list[dict[str, Any]]:
+        """Every refusal, oldest first: those at the door (each client's own list, read
+        defensively: any type, size or content) and those of the aggregator."""
+        own = guarded.lists(self.r, [self.k.refused], last=MAX_REFUSED)
+        theirs = guarded.lists(self.r, self._client_keys("refused"), last=1000)
+        records = [_refusal(rec) for raws in [*own, *theirs] for rec in _json_list(raws)]
+        return sorted((rec for rec in records if rec is not None), key=lambda rec: rec["time"])
+
+    def global_payload(self) -> bytes | None:
+        return self.r.get(self.k.global_model)
+
+    def scaler_payload(self) -> bytes | None:
+        return self.r.get(self.k.scaler)
+
+    # --- client side ------------------------------------------------------------------
+    def join(self, client_id: str, record: dict[str, Any], stats: dict[str, Any]) -> str:
+        """Ask to join with a record and feature statistics; returns requested (the aggregator
+        admits: see wait_admitted), rejoined, or a refusal code."""
+        return _s(self._join(keys=[self.k.joined(client_id)],
+                             args=[client_id, json.dumps(record), json.dumps(stats), self.k.base]))
+
+    def wait_admitted(self, client_id: str, timeout: float, block_seconds: float = 1.0) -> str:
+        """After join() answered requested: block until the aggregator admits the client
+        ('joined') or refuses it (its reason), or the run ends; 'join_timeout' after timeout."""
+        deadline = time.monotonic() + timeout
+        last = "0-0"
+        while True:
+            if self.r.sismember(self.k.members, client_id):
+                return "joined"
+            verdict = _s(self.r.hget(self.k.joined(client_id), "verdict"))
+            if verdict:
+                return verdict
+            status = _s(self.r.hget(self.k.state, "status"))
+            if status is None:
+                return "no_such_run"
+            if status in ENDED:
+                return f"run_{status}"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "join_timeout"
+            last, _ = self.wait_event(last, min(block_seconds, left))
+
+    def join_and_wait(self, client_id: str, record: dict[str, Any], stats: dict[str, Any],
+                      timeout: float = 60.0) -> str:
+        """join(), then wait_admitted() when the request was filed: joined, rejoined or why not."""
+        outcome = self.join(client_id, record, stats)
+        return self.wait_admitted(client_id, timeout) if outcome == "requested" else outcome
+
+    def push_update(self, client_id: str, round_no: int, payload: bytes, max_bytes: int, part_id: str = "") -> str:
+        """Store an update (or the head of one sent in parts, with its push id) for the open
+        round; 'ok' or the refusal code (also recorded)."""
+        return _s(self._push(
+            keys=[self.k.update(client_id, round_no), self.k.client_refused(client_id),
+                  self.k.client_pushes(client_id)],
+            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED,
+                  hashlib.sha256(payload).hexdigest(), MAX_PUSHES, self.k.base, part_id]))
+
+    def refuse_push(self, client_id: str, round_no: int, reason: str, detail: str) -> str:
+        """Record a push the client refused itself before sending (too large in parts)."""
+        now = time.time()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(self.k.client_pushes(client_id), {"client": client_id, "round": round_no, "digest": "",
+                                                    "outcome": reason, "bytes": 0},
+                  maxlen=MAX_PUSHES, approximate=True)
+        pipe.rpush(self.k.client_refused(client_id), json.dumps(
+            {"client": client_id, "round": round_no, "reason": reason, "detail": detail, "time": now,
+             "stage": "push"}))
+        pipe.ltrim(self.k.client_refused(client_id), -MAX_REFUSED, -1)
+        pipe.execute()
+        return reason
+
+    def put_part(self, key: str, payload: bytes) -> None:
+        """Store one part of a model sent in parts (before the head that lists it)."""
+        self.r.set(key, payload)
+
+    def drop_parts(self, part_keys: Iterable[str]) -> None:
+        """Delete parts no head refers to any more."""
+        batch = list(part_keys)
+        for i in range(0, len(batch), 1000):
+            self.r.delete(*batch[i:i + 1000])
+
+    def part_id(self, client_id: str, round_no: int) -> str:
+        """Push id of the client's stored update for the round ('' when it travelled whole)."""
+        return _s(self.r.hget(self.k.update(client_id, round_no), "parts")) or ""
+
+    def pushes(self) -> list[dict[str, str]]:
+        """The push log of every client, oldest first: written by the clients themselves (their
+        view of what they sent), so read defensively and never used to audit the run."""
+        entries = [(_stream_order(eid), {_s(k): _s(v) for k, v in fields.items()})
+                   for reply in guarded.streams(self.r, self._client_keys("pushes")) for eid, fields in reply]
+        return [fields for _order, fields in sorted(entries, key=lambda e: e[0])]
+
+    def judged(self) -> list[dict[str, str]]:
+        """The aggregator's record of every update version it judged (client, round, seq,
+        digest, outcome, bytes), oldest first: the run's audit trail, out of the clients' reach."""
+        return [{_s(k): _s(v) for k, v in fields.items()} for _eid, fields in self.r.xrange(self.k.judged)]
+
+    def record_judged(self, client_id: str, round_no: int, seq: str, digest: str, outcome: str,
+                      nbytes: int) -> None:
+        """Append one judgement to the audit trail."""
+        self.r.xadd(self.k.judged, {"client": client_id, "round": round_no, "seq": seq, "digest": digest,
+                                    "outcome": outcome, "bytes": nbytes}, maxlen=MAX_PUSHES, approximate=True)
+
+    def wait_event(self, last_id: str, block_seconds: float) -> tuple[str, list[dict[str, str]]]:
+        """Block up to block_seconds for run events after last_id; returns (new last id, events)."""
+        reply = self.r.xread({self.k.events: last_id}, block=max(1, int(block_seconds * 1000)), count=100)
+        events: list[dict[str, str]] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                last_id = _s(entry_id)
+                events.append({_s(k): _s(v) for k, v in fields.items()})
+        return last_id, events
+
+    # --- aggregator side ----------------------------------------------------------------
+    def acquire_lease(self, driver: str, ttl: float) -> bool:
+        """Take the run's lease if nobody holds it; this store then fences its writes with it."""
+        if self.r.set(self.k.lease, driver, nx=True, px=int(ttl * 1000)):
+            self.driver = driver
+            return True
+        return False
+
+    def lease_holder(self) -> str | None:
+        return _s(self.r.get(self.k.lease))
+
+    def renew_lease(self, ttl: float) -> None:
+        """Extend our lease; LeaseLost when another driver holds it (or nobody does)."""
+        if not self._renew(keys=[self.k.lease], args=[self.driver or "", int(ttl * 1000)]):
+            raise LeaseLost(f"run {self.run_id}: lease lost (now held by {self.lease_holder()!r})")
+
+    def release_lease(self) -> bool:
+        """Give the lease up so that a standby takes over at once."""
+        done = bool(self._release(keys=[self.k.lease, self.k.events], args=[self.driver or "", MAX_EVENTS]))
+        self.driver = None
+        return done
+
+    def mark_started(self, driver: str) -> None:
+        self.r.hset(self.k.state, mapping={"status": RUNNING, "driver": driver,
+                                           "started_at": time.time(), "updated_at": time.time()})
+        self.r.xadd(self.k.events, {"event": "started", "driver": driver}, maxlen=MAX_EVENTS, approximate=True)
+
+    def pop_inbox(self, block_seconds: float) -> list[str]:
+        """The distinct client ids that woke us (in order), or [] after block_seconds.
+
+        The inbox is drained in Redis first (duplicates and entries that cannot be ids dropped
+        there); only when it is empty does this block, on BLPOP."""
+        ids = [_s(i) or "" for i in self._drain(keys=[self.k.inbox], args=[DRAIN_BATCH])]
+        if ids:
+            return ids
+        item = self.r.blpop([self.k.inbox], timeout=block_seconds)
+        if item is None:
+            return []
+        first = _s(item[1]) or ""
+        rest = [i for i in (_s(x) or "" for x in self._drain(keys=[self.k.inbox], args=[DRAIN_BATCH])) if i != first]
+        return [first, *rest] if len(first) <= 64 else rest
+
+    def join_request(self, client_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(record, statistics) a client filed with join(), or None when it filed none or filed
+        something that is not two JSON objects within the size cap (or the id is invalid)."""
+        if not valid_client_id(client_id):
+            return None
+        [(record, stats)] = guarded.hash_fields(self.r, [self.k.joined(client_id)], ["record", "stats"])
+        rec, st = _json_object(record), _json_object(stats)
+        return None if rec is None or st is None else (rec, st)
+
+    def join_requests(self, limit: int = 10_000) -> list[str]:
+        """Ids of clients with a join hash in this run (members or not), found by SCAN."""
+        return [self.k.client_of(key) for key in self._client_keys("join", limit)]
+
+    def admit(self, client_id: str) -> bool:
+        """Make a client that asked to join a member (fenced by the lease when driving);
+        False when the run is full (the client finds that verdict under its join key)."""
+        done = self._admit(keys=[self.k.state, self.k.members, self.k.joined(client_id), self.k.lease, self.k.events],
+                           args=[client_id, self.driver or "", MAX_EVENTS, "run_full"])
+        if done == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost while admitting {client_id}")
+        return bool(done)
+
+    def refuse_join(self, client_id: str, reason: str, detail: str) -> None:
+        """Refuse a join request: recorded with the run's refusals, and the verdict written under
+        the client's join key (where its wait_admitted finds it); a member is dropped."""
+        self.record_refused(client_id, 0, reason, detail)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(self.k.members, client_id)
+        pipe.delete(self.k.joined(client_id))
+        pipe.hset(self.k.joined(client_id), "verdict", f"{reason}: {detail}"[:500])
+        pipe.execute()
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Client id -> feature statistics of every client that joined."""
+        return self._joined_field("stats")
+
+    def read_update(self, round_no: int, client_id: str, judged: str, max_bytes: int) -> StoredUpdate:
+        """A client's stored update for the round, checked in Redis before anything travels: its
+        type, its sequence number, its size (against max_bytes); judged is the sequence number
+        already judged, whose payload is then not sent again (kind 'seen')."""
+        if not valid_client_id(client_id):
+            return StoredUpdate("none")
+        reply = self._read_update(keys=[self.k.update(client_id, round_no)], args=[judged, max_bytes])
+        kind = _s(reply[0]) or "none"
+        if kind == "ok":
+            return StoredUpdate("ok", _s(reply[1]) or "", reply[2] or None, _s(reply[3]) or "")
+        if kind == "too_large":
+            return StoredUpdate(kind, _s(reply[1]) or "", size=int(reply[2]))
+        return StoredUpdate(kind, _s(reply[1]) if len(reply) > 1 else "")
+
+    def update_seq(self, round_no: int, client_id: str) -> str:
+        """The version marker of a client's stored update (see update_seqs)."""
+        return self.update_seqs(round_no, [client_id]).get(client_id, "")
+
+    def update_seqs(self, round_no: int, ids: Sequence[str] | None = None) -> dict[str, str]:
+        """Client id -> version marker of its stored update for the round: the push sequence
+        number, or a marker naming what is wrong with the key (so that it is judged once)."""
+        ids = self.member_ids() if ids is None else [c for c in ids if valid_client_id(c)]
+        pipe = self.r.pipeline(transaction=False)
+        for cid in ids:
+            pipe.hget(self.k.update(cid, round_no), "seq")
+        out: dict[str, str] = {}
+        for cid, v in zip(ids, pipe.execute(raise_on_error=False)):
+            if isinstance(v, Exception):
+                out[cid] = "!wrong_type"
+            elif v is not None:
+                text = _s(v) or ""
+                out[cid] = text if text.isdigit() and len(text) <= 15 else "!bad_seq:" + text[:32]
+        return out
+
+    def close_round(self, round_no: int) -> None:
+        """Refuse further pushes for the round (fenced by the lease)."""
+        if self._close(keys=[self.k.state, self.k.lease], args=[round_no, self.driver or ""]) == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before closing round {round_no}")
+
+    def record_refused(self, client_id: str, round_no: int, reason: str, detail: str) -> None:
+        rec = {"client": client_id, "round": round_no, "reason": reason, "detail": detail,
+               "time": time.time(), "stage": "aggregate"}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(self.k.refused, json.dumps(rec))
+        pipe.ltrim(self.k.refused, -MAX_REFUSED, -1)
+        pipe.execute()
+
+    def open_training(self, scaler: bytes, initial_global: bytes, selected: list[str] | None = None) -> bool:
+        """Write the scaler and the initial global model and open round 1, atomically
+        (with round 1's chosen clients when rounds sample them)."""
+        done = self._open(keys=[self.k.state, self.k.scaler, self.k.global_model, self.k.inbox,
+                                self.k.events, self.k.lease, self.k.selected(1)],
+                          args=[scaler, initial_global, time.time(), MAX_EVENTS, self.driver or "",
+                                json.dumps(selected) if selected is not None else ""])
+        if done == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before training opened")
+        return bool(done)
+
+    def commit_round(self, round_no: int, global_payload: bytes, metrics: dict[str, Any],
+                     final: dict[str, Any] | None = None, keep_updates: bool = False, *,
+                     server_state: bytes | None = None, next_selected: list[str] | None = None,
+                     previous_metrics: dict[str, Any] | None = None, evaluate: bool = False,
+                     update_parts: Sequence[str] = (), stale_parts: Sequence[str] = ()) -> bool:
+        """Commit a round (and finish the run when final is given); False if already committed.
+
+        The round's updates go (unless keep_updates), with update_parts, the parts of the updates
+        sent in parts; stale_parts (global-model parts no head refers to any more) go always.
+
+        In the same atomic step: the strategy's server state, the next round's chosen clients,
+        the previous round's record with its federated evaluation, and, with evaluate, the
+        final-evaluation phase instead of the end. Fenced by the lease: LeaseLost if another
+        aggregator took the run over meanwhile."""
+        done = self._commit(
+            keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.inbox, self.k.events,
+                  self.k.lease, self.k.server_state, self.k.selected(round_no), self.k.selected(round_no + 1),
+                  *[self.k.update(cid, round_no) for cid in self.member_ids()], *update_parts, *stale_parts],
+            args=[round_no, global_payload, json.dumps(metrics),
+                  "2" if evaluate else "1" if final is not None else "0",
+                  time.time(), json.dumps(final or {}), MAX_EVENTS, self.driver or "",
+                  "1" if keep_updates else "0", server_state or b"",
+                  json.dumps(next_selected) if next_selected is not None else "",
+                  json.dumps(previous_metrics) if previous_metrics is not None else "", len(stale_parts)])
+        if done == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before committing round {round_no}")
+        ok = bool(done)
+        if ok and final is not None:
+            self.r.xadd(keys.EVENTS, {"event": "finished", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+        return ok
+
+    # --- strategies, client sampling, final evaluation --------------------------------------
+    def server_state_payload(self) -> bytes | None:
+        """The strategy's server state saved with the last commit (None: none saved)."""
+        return self.r.get(self.k.server_state)
+
+    def selected(self, round_no: int) -> set[str] | None:
+        """Clients chosen to train in the round; None when the round does not sample clients."""
+        members = self.r.smembers(self.k.selected(round_no))
+        return {_s(m) for m in members} if members else None
+
+    def is_selected(self, round_no: int, client_id: str) -> bool:
+        """Whether client_id is chosen for a sampled round (False once the round's set is gone)."""
+        return bool(self.r.sismember(self.k.selected(round_no), client_id))
+
+    def last_metrics(self) -> dict[str, Any] | None:
+        """The newest committed round's record."""
+        raw = self.r.lindex(self.k.metrics, -1)
+        return None if raw is None else json.loads(raw)
+
+    def push_eval(self, client_id: str, round_no: int, payload: bytes, max_bytes: int) -> str:
+        """Store a client's evaluation of the last global model; 'ok' or the refusal code (recorded)."""
+        return _s(self._push_eval(
+            keys=[self.k.evaluation(client_id), self.k.client_refused(client_id)],
+            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED, self.k.base]))
+
+    def evals(self) -> dict[str, bytes]:
+        """Client id -> stored evaluation payload (final-evaluation phase); a key of another
+        type or over the record cap reads as absent."""
+        ids = self.member_ids()
+        values = guarded.strings(self.r, [self.k.evaluation(cid) for cid in ids])
+        return {cid: v for cid, v in zip(ids, values) if v is not None}
+
+    def finish_evaluation(self, round_no: int, last_metrics: dict[str, Any] | None,
+                          final: dict[str, Any]) -> bool:
+        """End the final-evaluation phase and the run (fenced by the lease)."""
+        done = self._finish_eval(
+            keys=[self.k.state, self.k.metrics, self.k.inbox, self.k.events, self.k.lease,
+                  self.k.selected(round_no + 1), *[self.k.evaluation(cid) for cid in self.member_ids()]],
+            args=[round_no, json.dumps(last_metrics) if last_metrics is not None else "", time.time(),
+                  json.dumps(final), MAX_EVENTS, self.driver or ""])
+        if done == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before finishing round {round_no}'s evaluation")
+        if done:
+            self.r.xadd(keys.EVENTS, {"event": "finished", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+        return bool(done)
+
+    def fail(self, reason: str) -> bool:
+        """Mark the run failed with a reason that clients, CLI and dashboard show.
+
+        A driver only fails a run while it holds the lease; others (fedq run, tests) always may."""
+        done = self._fail(keys=[self.k.state, self.k.lease, self.k.events],
+                          args=[reason, time.time(), MAX_EVENTS, self.driver or ""])
+        if done == -1:
+            return False
+        self.r.xadd(keys.EVENTS, {"event": "failed", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+        return True
+
+
+def list_runs(r: redis.Redis, newest_first: bool = True, limit: int = 100) -> list[str]:
+    """Run ids by creation time; an entry that is no valid run id is skipped (logged once)."""
+    ids = r.zrevrange(keys.RUNS, 0, limit - 1) if newest_first else r.zrange(keys.RUNS, 0, limit - 1)
+    out = []
+    for raw in ids:
+        run_id = _s(raw) or ""
+        try:
+            keys.check_run_id(run_id)
+        except ConfigError:
+            guarded.warn_once(keys.RUNS, f"entry {run_id[:80]!r} is no valid run id")
+            continue
+        out.append(run_id)
+    return out
+
+
+def newest_open_run(r: redis.Redis, client_id: str, skip: set[str] = frozenset()) -> str | None:
+    """The newest run a client may join: not ended, and still joining (or already joined by it)."""
+    for run_id in list_runs(r, limit=50):
+        if run_id in skip:
+            continue
+        store = RunStore(r, run_id)
+        st = store.state()
+        if not st or st.get("status") in ENDED:
+            continue
+        joined = r.sismember(store.k.members, client_id)
+        if joined or (st.get("phase") == "join" and store.num_clients() < int(st.get("clients", 0))):
+            return run_id
+    return None
+
+
+def last_global_event_id(r: redis.Redis) -> str:
+    """Id of the newest entry in the global event stream ('0-0' when empty)."""
+    entries = r.xrevrange(keys.EVENTS, count=1)
+    return _s(entries[0][0]) if entries else "0-0"
+
+
+def wait_global_event(r: redis.Redis, last_id: str, block_seconds: float) -> str:
+    """Block up to block_seconds for any global event after last_id; returns the new last id."""
+    reply = r.xread({keys.EVENTS: last_id}, block=max(1, int(block_seconds * 1000)), count=100)
+    for _stream, entries in reply or []:
+        for entry_id, _fields in entries:
+            last_id = _s(entry_id)
+    return last_id

@@ -1,0 +1,884 @@
+"""The aggregator: drives one run's rounds (fedq.roles.jobs.drive_run is the rq job that runs it)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+import redis
+
+from fedq.protocol import chunking, codec, heartbeat, messages, transfer
+from fedq.learning import evaluation, privacy
+from fedq.roles import metrics as fedq_metrics
+from fedq.learning.aggregate import capped_weights, weighted_metrics
+from fedq.learning.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
+from fedq.errors import CodecError, ConfigError, DataError, FedqError, UpdateRejected
+from fedq.roles.localredis import die_with_parent
+from fedq.learning.strategies import Strategy, held_bytes, select_clients
+from fedq.learning.models import build_model, evaluate, weight_names
+from fedq.settings import Settings
+from fedq.protocol.signing import Verifier
+from fedq.learning.spec import RunSpec, load_spec
+from fedq.protocol.store import ENDED, LeaseLost, RunStore, StoredUpdate, connect
+
+log = logging.getLogger("fedq.roles.aggregator")
+
+
+LIVENESS_CHECK_SECONDS = 0.5  # how often a round due updates looks at its members' heartbeats
+
+
+class RoundTimeout(FedqError):
+    """Not all expected messages arrived before the round deadline."""
+
+
+class AggregatorStopped(FedqError):
+    """The aggregator was asked to stop; the run stays as it is for another driver to resume."""
+
+
+class RunVanished(FedqError):
+    """The run's keys disappeared from Redis (restarted without persistence, or flushed)."""
+
+
+@dataclass
+class _Round:
+    """What one round has folded and refused so far (small: digests and counts, not models)."""
+
+    acc: Strategy  # streaming for the FedAvg family (memory one model); robust ones hold N
+    joined: dict[str, int | None]  # client id -> rows it joined with (None: not reported)
+    base: list[np.ndarray] = field(default_factory=list)  # the global model the round trains from
+    compression: str = "none"  # the run's encoding of updates (fedq.protocol.compress)
+    selected: set[str] | None = None  # the clients chosen to train (None: every joined client)
+    folded: dict[str, messages.Update] = field(default_factory=dict)
+    refused: set[str] = field(default_factory=set)
+    # client id -> version of its update last judged: its push sequence number, or a marker of
+    # what was wrong with its key, so that each version is judged (and read) exactly once.
+    versions: dict[str, str] = field(default_factory=dict)
+    reads: dict[str, int] = field(default_factory=dict)  # client id -> versions read this round
+    weights: dict[str, int] = field(default_factory=dict)  # client id -> capped weight (--max-client-share)
+    template: list[messages.TensorSpec] = field(default_factory=list)  # the model's tensors
+    gone: set[str] = field(default_factory=set)  # members due an update whose heartbeat expired
+    settled: bool = False  # the last liveness check found nobody left to wait for
+    checked_alive: float = 0.0  # time.monotonic() of that check
+    recorded: set[tuple[str, str]] = field(default_factory=set)  # (client, version) in the audit trail
+    fold_seconds: float = 0.0
+    last_arrival: float = 0.0
+    part_keys: set[str] = field(default_factory=set)  # parts of updates judged: deleted at commit
+
+    @property
+    def responded(self) -> int:
+        return len(self.folded) + len(self.refused)
+
+    def expected(self, spec: RunSpec) -> int:
+        return spec.clients if self.selected is None else len(self.selected)
+
+
+@dataclass
+class _Prepared:
+    """What driving a run needs, built before taking the lease (the slow part)."""
+
+    ds: Any
+    test_idx: np.ndarray
+    model: Any = None  # the Keras model for central evaluation; None without it
+    names: list[str] = field(default_factory=list)  # the model's weight names (with a model)
+    strategy: Strategy | None = None  # None until the model's shapes are known
+
+
+class Aggregator:
+    """Drives a run from its join phase to its last round; all state lives in Redis.
+
+    Only the holder of the run's lease drives it; every write that moves the run on is
+    fenced by that lease, so a paused or partitioned former driver cannot commit."""
+
+    def __init__(self, r: redis.Redis, settings: Settings, run_id: str,
+                 stop: threading.Event | None = None, driver: str | None = None) -> None:
+        self.r = r
+        self.settings = settings
+        self.store = RunStore(r, run_id)
+        self.run_id = run_id
+        self.stop = stop or threading.Event()
+        self.driver = driver or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # With a registry of client keys, every update must carry a valid signature.
+        self.verifier = Verifier.from_file(settings.client_keys) if settings.client_keys else None
+        self._renewed = 0.0
+        self._seen_alive: set[str] = set()  # clients whose heartbeat this driver has seen
+
+    def run(self) -> dict[str, Any]:
+        """Drive the run to its end (standing by while another aggregator drives it).
+
+        Returns the final state. Failures are written to Redis; a stop request releases the
+        lease (so a standby takes over at once) and raises AggregatorStopped."""
+        try:
+            spec = load_spec(self.store)
+            # The slow part (data, TensorFlow, the model) comes before the lease, so a loaded
+            # machine cannot make the lease lapse before the first renewal, and a standby is
+            # ready to drive the moment it takes over.
+            prepared = self._prepare(spec)
+            if not self._acquire():
+                return self.store.state()
+            return self._run(spec, prepared)
+        except (DataError, CodecError, ConfigError, RoundTimeout) as exc:
+            log.error("run %s failed: %s", self.run_id, exc)
+            self.store.fail(str(exc))
+            return self.store.state()
+        except RunVanished as exc:
+            self._tombstone(exc)
+            raise
+        except LeaseLost as exc:
+            # A Redis restarted without persistence loses the lease along with the run: that
+            # is not a hand-over, and nobody else would ever record why the run ended.
+            if not self.r.exists(self.store.k.spec):
+                vanished = self._vanished()
+                self._tombstone(vanished)
+                raise vanished from exc
+            log.warning("%s; leaving the run to its new driver", exc)
+            return self.store.state()
+        finally:
+            if self.store.driver is not None and self.store.release_lease():
+                log.info("run %s: lease released by %s", self.run_id, self.driver)
+
+    def _tombstone(self, exc: RunVanished) -> None:
+        """Mark a vanished run failed, so that clients and the dashboard see why it ended."""
+        log.error("%s", exc)
+        self.store.driver = None
+        self.store.fail(str(exc))
+
+    def _acquire(self) -> bool:
+        """Take the lease, standing by (blocking on the run's events) while another holds it."""
+        last = "$"
+        announced = False
+        while True:
+            state = self.store.state()
+            if not state:
+                raise RunVanished(f"run {self.run_id} has no state in Redis")
+            if state.get("status") in ENDED:
+                log.info("run %s already %s", self.run_id, state["status"])
+                return False
+            if self.store.acquire_lease(self.driver, self.settings.lease_seconds):
+                self._renewed = time.monotonic()
+                return True
+            if not announced:
+                log.info("run %s is driven by %s; standing by", self.run_id, self.store.lease_holder())
+                announced = True
+            self.r.set(self.store.k.standby, self.driver, px=int(self.settings.lease_seconds * 1000))
+            if self.stop.is_set():
+                raise AggregatorStopped(f"aggregator stopped while standing by for run {self.run_id}")
+            last, _ = self.store.wait_event(last, self.settings.block_seconds)
+
+    def _tick(self) -> None:
+        """Called between blocking calls: honour stop requests and keep the lease alive."""
+        if self.stop.is_set():
+            raise AggregatorStopped(f"aggregator stopped; run {self.run_id} left for another driver")
+        if time.monotonic() - self._renewed > self.settings.lease_seconds / 3:
+            self.store.renew_lease(self.settings.lease_seconds)
+            self._renewed = time.monotonic()
+
+    def _vanished(self) -> RunVanished:
+        return RunVanished(f"run {self.run_id} vanished from Redis (restarted without persistence, "
+                           f"or flushed); it cannot continue")
+
+    def _check_exists(self) -> None:
+        if not self.r.exists(self.store.k.spec):
+            raise self._vanished()
+
+    def _prepare(self, spec: RunSpec) -> _Prepared:
+        """The test split, the model and the strategy: everything driving needs, built once.
+        Without central evaluation the aggregator has no use for the Keras model: it never
+        loads TensorFlow, and the strategy waits for the model's shapes (_strategy_for)."""
+        ds = load_dataset(spec.data)
+        _, test_idx = split_indices(ds.y, spec.data.test_fraction, spec.data.seed)
+        if not spec.central_eval:
+            return _Prepared(ds, test_idx)
+        model = build_model(spec.model, ds.num_features, ds.num_classes, spec.seed)
+        weights = model.get_weights()
+        strategy = Strategy(spec.strategy, weights, dp=spec.central_dp)
+        self._check_memory(spec, strategy, weights)
+        return _Prepared(ds, test_idx, model, weight_names(model), strategy)
+
+    def _strategy_for(self, spec: RunSpec, template: list[messages.TensorSpec]) -> Strategy:
+        """The strategy for a model known by its shapes alone. The zero tensors cost no memory
+        until written: numpy maps large zero arrays lazily, and a streaming strategy never
+        writes its template."""
+        zeros = [np.zeros(t.shape, dtype=np.dtype(t.dtype)) for t in template]
+        strategy = Strategy(spec.strategy, zeros, dp=spec.central_dp)
+        self._check_memory(spec, strategy, zeros)
+        return strategy
+
+    def _initial_global(self, spec: RunSpec, num_features: int, num_classes: int) -> bytes:
+        """The initial global model's payload, built by a child process that writes its parts
+        and exits: initialising a Keras model takes several times its size (3.3 GB at peak for
+        250M parameters), which then never enters the aggregator's own memory."""
+        ctx = multiprocessing.get_context("spawn")
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=write_initial_global, name="fedq-initial-model", daemon=True,
+                           args=(self.settings, self.run_id, num_features, num_classes, send))
+        proc.start()
+        send.close()
+        answered = False
+        try:
+            while not recv.poll(self.settings.block_seconds):  # at most a third of the lease
+                if not proc.is_alive() and not recv.poll(0):
+                    raise ConfigError(f"building the initial model {spec.model!r} failed: its process "
+                                      f"exited with code {proc.exitcode}")
+                self._tick()  # keeps the lease while the child works; honours stop requests
+            ok, value = recv.recv()
+            answered = True
+        finally:
+            if not answered:
+                proc.kill()  # stopped or failed: its model is of no use now
+            # Having answered, the child exits on its own; its teardown (TensorFlow's, freeing the
+            # model) can take seconds on a loaded machine, which are not waited for here: a wait
+            # without renewing the lease once cost it. Until the work horse ends, an exited child
+            # is a zombie: a process-table entry, no memory.
+            proc.join(timeout=0)
+            recv.close()
+        if not ok:
+            raise ConfigError(value)
+        return value
+
+    def _run(self, spec: RunSpec, prepared: _Prepared) -> dict[str, Any]:
+        ds, test_idx, model = prepared.ds, prepared.test_idx, prepared.model
+        state = self.store.state()
+        self.store.mark_started(self.driver)
+        log.info("driving run %s (%s at round %s): %d clients (quorum %d), %d rounds", self.run_id,
+                 state.get("phase"), state.get("round"), spec.clients, spec.quorum, spec.rounds)
+        if state.get("phase") == "join":
+            mean, std = self._collect_joins(spec, ds.num_features)
+            scaler = messages.encode_scaler(mean, std, {
+                "num_features": ds.num_features, "num_classes": ds.num_classes,
+                "class_names": list(ds.class_names), "feature_names": list(ds.feature_names)})
+            if model is None:
+                initial = self._initial_global(spec, ds.num_features, ds.num_classes)
+            else:
+                initial, _ = transfer.encode_global(self.store, 0, prepared.names, model.get_weights(),
+                                                    self.settings.chunk_bytes)
+            self.store.open_training(scaler, initial, self._select(spec, 1))
+            log.info("run %s: training open; initial global model written", self.run_id)
+        else:
+            mean, std, _ = messages.decode_scaler(self.store.scaler_payload())
+        x_test = standardize(ds.x[test_idx], mean, std)
+        y_test = ds.y[test_idx]
+
+        g_tensors: list[np.ndarray] | None = None
+        if model is not None:  # the model is read whole anyway: its template comes with it
+            round_no, g_names, g_tensors = transfer.read_global(self.store)
+            template = messages.template_of(g_names, g_tensors)
+        else:
+            round_no, template = transfer.global_template(self.store)
+        strategy = prepared.strategy or self._strategy_for(spec, template)
+        # Lean: no central evaluation, and the next global model is the plain mean of the
+        # updates, so no round needs the previous one; when it travels in parts it is written
+        # out slice by slice from the float64 sum. Memory: that sum and a part, whatever N is.
+        lean = model is None and strategy.streams_result and spec.compression == "none"
+        stream = lean and chunking.should_chunk(template, self.settings.chunk_bytes)
+        g_names = [t.name for t in template]
+        if g_tensors is None and not lean:
+            g_tensors = transfer.read_global(self.store)[2]
+        # Server optimiser state (momentum, Adam moments) was committed with this global model.
+        strategy.load_state(self.store.server_state_payload(), round_no)
+        fed_eval = spec.data.val_fraction > 0
+        round_started = time.time()
+        while round_no < spec.rounds:
+            round_no += 1
+            strategy.begin_round(g_tensors, noise_rng=self._noise_rng(spec, round_no))
+            rnd = self._collect_round(spec, round_no, template, strategy, g_tensors or [])
+            if stream:
+                weights = None
+                payload, written = transfer.encode_global_from(self.store, round_no, template, strategy.result_slice,
+                                                               self.settings.chunk_bytes, on_part=self._tick)
+            else:
+                weights = strategy.result()
+                payload, written = transfer.encode_global(self.store, round_no, g_names, weights,
+                                                          self.settings.chunk_bytes, on_part=self._tick)
+            t_eval = time.perf_counter()
+            test: dict[str, Any] = {}
+            if model is not None and weights is not None:
+                model.set_weights(weights)
+                test = evaluate(model, x_test, y_test, ds.num_classes)
+            eval_seconds = time.perf_counter() - t_eval
+            metrics = self._round_metrics(rnd, round_no, test, round_started, eval_seconds)
+            metrics["compression"] = _compression_summary(rnd, template)
+            metrics.update(_test_extras(test))
+            metrics.update(spec.privacy_metrics(round_no))  # epsilon spent so far (DP runs)
+            if strategy.round_info():
+                metrics["strategy"] = strategy.round_info()
+            if rnd.selected is not None:
+                metrics["selected"] = sorted(rnd.selected)
+            # A global model's parts live two rounds, so a client still reading the previous
+            # one is not cut short; those of two rounds back go with this commit.
+            stale = [self.store.k.global_part(round_no - 2, k) for k in range(len(written))] if round_no >= 2 else []
+            last = round_no == spec.rounds
+            final = _final(metrics) if last and not fed_eval else None
+            self._tick()
+            t_commit = time.perf_counter()
+            committed = self.store.commit_round(
+                round_no, payload, metrics, final, keep_updates=spec.keep_updates,
+                server_state=strategy.state_bytes(round_no),
+                next_selected=self._select(spec, round_no + 1) if not last or fed_eval else None,
+                previous_metrics=self._with_fed_eval(rnd, round_no) if fed_eval else None,
+                evaluate=last and fed_eval, update_parts=sorted(rnd.part_keys), stale_parts=stale)
+            if committed:
+                fedq_metrics.observe_round(metrics["seconds"])
+            log.info("run %s round %d/%d: %d updates, %d examples, test accuracy %s (commit %.1f ms)%s",
+                     self.run_id, round_no, spec.rounds, metrics["num_updates"], metrics["num_examples"],
+                     "-" if "accuracy" not in test else f"{test['accuracy']:.4f}",
+                     (time.perf_counter() - t_commit) * 1000,
+                     "" if committed else " [already committed]")
+            round_started = time.time()
+            g_tensors = weights
+        if fed_eval and self.store.state().get("phase") == "eval":
+            self._final_evaluation(spec, round_no)
+        return self.store.state()
+
+    # --- strategies, sampling, federated evaluation -----------------------------------------
+    def _noise_rng(self, spec: RunSpec, round_no: int) -> np.random.Generator | None:
+        """Central DP: the round's noise source (keyed by FEDQ_DP_NOISE_KEY when set); else None."""
+        if spec.central_dp is None:
+            return None
+        return privacy.noise_rng(self.settings.dp_noise_key, self.run_id, spec.seed, round_no)
+
+    def _check_memory(self, spec: RunSpec, strategy: Strategy, template: list[np.ndarray]) -> None:
+        """Refuse a run whose robust strategy would hold more than the cap in memory."""
+        if not strategy.holds_all:
+            return
+        n = spec.clients_per_round
+        need = held_bytes(template, n)
+        cap = spec.strategy.max_held_mb * 2 ** 20
+        if need > cap:
+            raise ConfigError(
+                f"strategy {spec.strategy.name} holds all {n} updates of a round in memory: {n} x "
+                f"{need / n / 2 ** 20:.2f} MiB = {need / 2 ** 20:.1f} MiB exceeds the cap of "
+                f"{spec.strategy.max_held_mb:g} MiB (--max-held-mb); use fewer clients per round "
+                f"(--fraction-fit), a smaller model, or a streaming strategy such as fedavg")
+
+    def _select(self, spec: RunSpec, round_no: int) -> list[str] | None:
+        """The clients chosen for round_no (None: every client trains), from the joined ids."""
+        if not spec.sampled:
+            return None
+        return select_clients(self.store.clients(), spec.fraction_fit, spec.seed, round_no)
+
+    def _with_fed_eval(self, rnd: _Round, round_no: int) -> dict[str, Any] | None:
+        """The previous round's record with the federated evaluation its global model got from
+        the clients of this round (each evaluated the global model it trained from)."""
+        if round_no < 2:
+            return None
+        prev = self.store.last_metrics()
+        if prev is None or prev.get("round") != round_no - 1:
+            return None
+        records = self.store.clients()
+        items = []
+        for upd in rnd.folded.values():
+            if "eval_examples" not in upd.metrics:
+                continue
+            try:
+                items.append(evaluation.check_eval_metrics(upd.metrics, records.get(upd.client_id, {}).get("val_rows")))
+            except UpdateRejected as exc:  # the update itself stands; only its evaluation is ignored
+                log.warning("run %s round %d: ignoring %s's evaluation: %s", self.run_id, round_no,
+                            upd.client_id, exc)
+        fed = evaluation.combine(items)
+        return {**prev, **fed} if fed else None
+
+    def _final_evaluation(self, spec: RunSpec, round_no: int) -> None:
+        """Collect the clients' evaluations of the last global model, then finish the run."""
+        selected = self.store.selected(round_no + 1) if spec.sampled else None
+        expected = spec.clients if selected is None else len(selected)
+        good: dict[str, dict[str, float]] = {}
+        refused: set[str] = set()
+        judged: dict[str, bytes] = {}
+
+        def scan(_cid: str | None = None) -> None:
+            self._check_exists()
+            records = self.store.clients()
+            for cid, raw in self.store.evals().items():
+                if judged.get(cid) == raw:
+                    continue
+                judged[cid] = raw
+                try:
+                    if cid not in records:
+                        raise UpdateRejected("unknown_client", f"client {cid!r} has not joined run {self.run_id}")
+                    good[cid] = evaluation.validate_eval(raw, run_id=self.run_id, round_no=round_no, client_id=cid,
+                                                         max_examples=records[cid].get("val_rows"))
+                    refused.discard(cid)
+                except UpdateRejected as exc:
+                    log.warning("run %s: refused evaluation from %s: %s", self.run_id, cid, exc)
+                    self.store.record_refused(cid, round_no, exc.reason, exc.detail)
+                    good.pop(cid, None)
+                    refused.add(cid)
+
+        scan()
+        try:
+            self._wait_quorum(spec, "final evaluation", lambda: len(good) + len(refused), scan, scan,
+                              expected=expected, quorum=min(spec.quorum, expected))
+        except RoundTimeout as exc:  # the model is trained; a missing evaluation must not fail the run
+            log.warning("run %s: %s; finishing with the evaluations that came", self.run_id, exc)
+        scan()
+        fed = evaluation.combine(good.values())
+        last = self.store.last_metrics()
+        if last is not None and last.get("round") == round_no:
+            last = {**last, **fed}
+        else:
+            last = None
+        final = {**_final(last or {"round": round_no}), **fed}
+        self._tick()
+        if self.store.finish_evaluation(round_no, last, final):
+            log.info("run %s: final federated evaluation from %d clients: accuracy %s", self.run_id, len(good),
+                     f"{fed['fed_eval_accuracy']:.4f}" if fed else "-")
+
+    def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
+                     on_wake: Callable[[str], None], expected: int | None = None, quorum: int | None = None,
+                     settled: Callable[[int], bool] | None = None) -> None:
+        """Block until all expected clients answered, or a deadline passes with at least the quorum,
+        or settled(quorum) says nobody else can answer (the rest are gone) with the quorum in.
+
+        expected and quorum default to the run's; a round that samples clients expects only those.
+        Below the quorum at a deadline, wait again (spec.round_retries times), then fail."""
+        expected = spec.clients if expected is None else expected
+        quorum = spec.quorum if quorum is None else quorum
+        deadline = time.monotonic() + spec.round_timeout
+        retries = spec.round_retries
+        while have() < expected and not (settled is not None and settled(quorum)):
+            self._tick()
+            if time.monotonic() > deadline:
+                got = have()
+                if got >= quorum:
+                    log.warning("run %s: %s: deadline passed with %d of %d; closing with the quorum (%d)",
+                                self.run_id, what, got, expected, quorum)
+                    return
+                if retries == 0:
+                    raise RoundTimeout(f"{what}: only {got} of {expected} (quorum {quorum}) after "
+                                       f"{spec.round_timeout:g} s and {spec.round_retries} more waits")
+                retries -= 1
+                deadline = time.monotonic() + spec.round_timeout
+                log.warning("run %s: %s: %d of %d, below the quorum of %d; waiting again (%d waits left)",
+                            self.run_id, what, got, expected, quorum, retries)
+            woken = self.store.pop_inbox(self.settings.block_seconds)
+            if not woken:
+                on_idle()
+            for cid in woken:
+                on_wake(cid)
+
+    def _collect_joins(self, spec: RunSpec, num_features: int) -> tuple[np.ndarray, np.ndarray]:
+        """Admit clients that asked to join with valid statistics, until all the run's clients
+        are in (or the quorum at the deadline). Only the aggregator writes the member set, so ids
+        pushed into the inbox or anywhere else by somebody cannot take an honest client's place."""
+        good: dict[str, FeatureStats] = {}
+        turned_away: set[str] = set()
+
+        def judge(cid: str) -> None:
+            if cid in good or cid in turned_away:
+                return
+            request = self.store.join_request(cid)  # a wake-up naming nobody costs one small read
+            if request is None:
+                return
+            if not self._registered(cid) or not self._shard_plan_agrees(spec, cid, request[0]):
+                return
+            try:
+                st = FeatureStats.from_dict(request[1])
+                if len(st.count) != num_features:
+                    raise DataError(f"{len(st.count)} features, the run's data has {num_features}")
+            except (DataError, TypeError, KeyError, ValueError) as exc:
+                self._refuse_join(cid, str(exc))
+                return
+            if self.store.admit(cid):
+                good[cid] = st
+            else:
+                turned_away.add(cid)
+                log.warning("run %s: client %s asked to join a full run", self.run_id, cid)
+
+        def scan() -> None:  # idle moments re-read every request: wake-ups are only hints
+            self._check_exists()
+            for cid in self.store.join_requests():
+                judge(cid)
+
+        scan()
+        self._wait_quorum(spec, "joining", lambda: len(good), scan, judge)
+        return scaler_from_stats(combine_stats(list(good.values())))
+
+    def _refuse_join(self, cid: str, detail: str) -> None:
+        log.warning("run %s: refusing client %s: bad statistics: %s", self.run_id, cid, detail)
+        self.store.refuse_join(cid, "bad_stats", detail)
+
+    def _registered(self, cid: str) -> bool:
+        """With a client registry (signed updates), only its clients may join; others are refused."""
+        if self.verifier is None or self.verifier.knows(cid):
+            return True
+        log.warning("run %s: refusing client %s: not in the client registry", self.run_id, cid)
+        self.store.refuse_join(cid, "unknown_key", f"client {cid!r} is not in the client registry (FEDQ_CLIENT_KEYS)")
+        return False
+
+    def _shard_plan_agrees(self, spec: RunSpec, cid: str, record: dict[str, Any]) -> bool:
+        """A client dealing itself a shard of the run's data must use the run's shard count
+        (one shard per client); others overlap or skip rows. Clients with rows of their own
+        (own_data) shard as they please."""
+        n = record.get("num_shards")
+        if record.get("own_data") is True or n is None or n == spec.clients:
+            return True
+        detail = f"--num-shards {n!r} does not match the run's {spec.clients} shards (one per client)"
+        log.warning("run %s: refusing client %s: %s", self.run_id, cid, detail)
+        self.store.refuse_join(cid, "shard_plan", detail)
+        return False
+
+    def _admit_late(self, rnd: _Round, cid: str) -> None:
+        """A client asking to join while training runs: admitted while there is room (it uses
+        the published scaler and trains from the next round it sees)."""
+        request = self.store.join_request(cid)
+        if request is not None and self._registered(cid) and self._shard_plan_agrees(load_spec(self.store), cid, request[0]) \
+                and self.store.admit(cid):
+            log.info("run %s: admitted %s while training", self.run_id, cid)
+            rnd.joined = self._joined()
+
+    def _collect_round(self, spec: RunSpec, round_no: int, template: list[messages.TensorSpec],
+                       strategy: Strategy, base: list[np.ndarray]) -> _Round:
+        """Block until every joined (or chosen) client has a stored update for the round (valid or
+        refused), or the deadline passes with the quorum. strategy has begun the round; base is
+        the global model it started from (compressed updates are deltas from it)."""
+        rnd = _Round(acc=strategy, joined=self._joined(), base=base, compression=spec.compression, template=template)
+        if spec.sampled:
+            rnd.selected = self.store.selected(round_no)
+            if rnd.selected is None:  # written with the commit that opened the round; never absent
+                raise RoundTimeout(f"round {round_no}: the clients chosen to train are missing from Redis")
+
+        def rescan() -> None:
+            # Wake-ups are hints; the sequence numbers are the truth. An idle moment re-reads
+            # them, so a wake-up lost to a dropped connection costs a second, not the round.
+            self._check_exists()
+            rnd.joined = self._joined()  # late joiners count from now on
+            fedq_metrics.set_clients_alive(heartbeat.count_alive_clients(self.r, self.run_id, sorted(rnd.joined)))
+            if len(rnd.joined) < spec.clients:  # room left: look for requests to join
+                for cid in self.store.join_requests():
+                    if cid not in rnd.joined:
+                        self._admit_late(rnd, cid)
+            for cid, seq in self.store.update_seqs(round_no).items():
+                if rnd.versions.get(cid) != seq:
+                    self._consider(rnd, round_no, cid, template)
+
+        def woken(cid: str) -> None:
+            if cid not in rnd.joined and len(rnd.joined) < spec.clients:
+                self._admit_late(rnd, cid)
+            self._consider(rnd, round_no, cid, template)
+
+        rescan()  # a resumed round: fold what is already stored
+        expected = rnd.expected(spec)
+        self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan, woken,
+                          expected=expected, quorum=min(spec.quorum, expected),
+                          settled=lambda quorum: self._settled(rnd, quorum))
+        # Close the round, then take in whatever was stored before the close: after this no
+        # push can change it, so what we commit is exactly what was accepted.
+        self.store.close_round(round_no)
+        rescan()
+        if not rnd.folded:
+            raise RoundTimeout(f"round {round_no}: every update was refused")
+        self._cap_shares(spec, rnd, round_no, template)
+        return rnd
+
+    def _cap_shares(self, spec: RunSpec, rnd: _Round, round_no: int, template: list[messages.TensorSpec]) -> None:
+        """--max-client-share: lower the weight of any update that would carry more than the
+        share of the mean, then rebuild the sum with those weights (only when one binds)."""
+        if spec.max_client_share is None:
+            return
+        counts = {cid: upd.num_examples for cid, upd in rnd.folded.items()}
+        weights = capped_weights(counts, spec.max_client_share)
+        if weights == counts:
+            return
+        log.warning("run %s round %d: capping the weight of %s at a share of %g", self.run_id, round_no,
+                    ", ".join(sorted(c for c in counts if weights[c] != counts[c])), spec.max_client_share)
+        rnd.weights = weights
+        self._refold(rnd, round_no, template)
+
+    def _settled(self, rnd: _Round, quorum: int) -> bool:
+        """Whether the round can close before its deadline: the quorum is in and every member
+        still due an update is gone (its heartbeat, seen before, has expired). Slow but live
+        clients keep the round open until the deadline; members are looked up every half second."""
+        if rnd.responded < quorum:
+            return False
+        now = time.monotonic()
+        if now - rnd.checked_alive < LIVENESS_CHECK_SECONDS:
+            return rnd.settled
+        rnd.checked_alive = now
+        due = sorted(c for c in (rnd.selected if rnd.selected is not None else rnd.joined)
+                     if c not in rnd.folded and c not in rnd.refused)
+        beats = heartbeat.client_heartbeats(self.r, self.run_id, due)
+        self._seen_alive.update(beats)
+        rnd.gone = {c for c in due if c in self._seen_alive and c not in beats}
+        rnd.settled = set(due) <= rnd.gone
+        if rnd.settled and due:
+            log.warning("run %s: closing the round without %s: heartbeat expired", self.run_id, ", ".join(due))
+        return rnd.settled
+
+    def _joined(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for cid, rec in self.store.clients().items():
+            rows = rec.get("rows")
+            out[cid] = rows if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0 else None
+        return out
+
+    def _judge(self, rnd: _Round, round_no: int, cid: str, template: list[messages.TensorSpec],
+               observe: bool = True) -> messages.Update | None:
+        """Read and validate a client's current update; records and returns None on refusal.
+
+        Each version is read once: Redis checks the key's type, sequence number and size before
+        anything travels, and a version already judged costs a few bytes whatever wakes us."""
+        judged = rnd.versions.get(cid, "")
+        if observe and rnd.reads.get(cid, 0) >= self.settings.max_pushes_per_round:
+            self._too_many_pushes(rnd, round_no, cid, judged)
+            return None
+        got = self.store.read_update(round_no, cid, judged if judged.isdigit() else "",
+                                     self.settings.max_update_bytes)
+        if got.kind in ("none", "seen"):
+            return None
+        version = got.seq if got.kind == "ok" else f"!{got.kind}:{got.seq}"
+        if version == judged:
+            return None  # the same bad key as before: recorded once already
+        rnd.versions[cid] = version
+        if observe:  # a rebuild re-reads what was judged: that is not the client's doing
+            rnd.reads[cid] = rnd.reads.get(cid, 0) + 1
+        payload = got.payload or b""
+        try:
+            if got.kind != "ok":
+                raise UpdateRejected(*_key_problem(got, self.settings.max_update_bytes))
+            if cid not in rnd.joined:
+                raise UpdateRejected("unknown_client", f"client {cid!r} has not joined run {self.run_id}")
+            if rnd.selected is not None and cid not in rnd.selected:
+                raise UpdateRejected("not_selected", f"client {cid!r} is not among those chosen for round {round_no}")
+            upd = messages.validate_update(payload, run_id=self.run_id, round_no=round_no,
+                                            client_id=cid, template=template, max_examples=self._max_examples(rnd, cid),
+                                            compression=rnd.compression, base=rnd.base)
+            if self.verifier is not None:
+                # The signature covers what travelled: a compressed update's codes, scales and
+                # encoding; an update in parts, the digests of its parts.
+                digest = None if upd.layout is None else messages.parts_digest(
+                    upd.names or [], [t.shape for t in template], upd.layout)
+                self.verifier.verify(self.run_id, round_no, cid, upd.num_examples,
+                                     upd.wire_names or upd.names or [],
+                                     upd.tensors if upd.wire_tensors is None else upd.wire_tensors,
+                                     upd.signature, upd.compression, digest)
+        except UpdateRejected as exc:
+            if observe:
+                fedq_metrics.observe_update(False, exc.reason, len(payload))
+            self._record_judged(rnd, round_no, cid, version, got.seq, codec.digest(payload) if payload else "",
+                                exc.reason, len(payload))  # bytes read: none when Redis refused the key
+            self._refuse(rnd, round_no, cid, exc)
+            if rnd.folded.pop(cid, None) is not None:
+                self._refold(rnd, round_no, template)  # its earlier, valid version no longer counts
+            return None
+        if observe:
+            fedq_metrics.observe_update(True, None, len(payload))
+        self._record_judged(rnd, round_no, cid, version, got.seq, upd.digest, "accepted", len(payload))
+        return upd
+
+    def _record_judged(self, rnd: _Round, round_no: int, cid: str, version: str, seq: str, digest: str,
+                       outcome: str, nbytes: int) -> None:
+        """One line of the audit trail per version judged (a rebuild's re-reading adds none)."""
+        if (cid, version) in rnd.recorded:
+            return
+        rnd.recorded.add((cid, version))
+        self.store.record_judged(cid, round_no, seq, digest, outcome, nbytes)
+
+    def _max_examples(self, rnd: _Round, cid: str) -> int | None:
+        """The most samples cid may claim: the rows it joined with (its own claim) and, when the
+        operator provisioned one, its limit in the client registry, whichever is lower."""
+        limits = [n for n in (rnd.joined.get(cid), self.verifier and self.verifier.max_examples(cid))
+                  if isinstance(n, int)]
+        return min(limits) if limits else None
+
+    def _too_many_pushes(self, rnd: _Round, round_no: int, cid: str, judged: str) -> None:
+        """Past max_pushes_per_round a client's newer versions are refused unread (once), and
+        any version of it already folded leaves the round."""
+        seq = self.store.update_seq(round_no, cid)
+        if not seq or seq == judged or judged.startswith("!too_many_pushes"):
+            return
+        rnd.versions[cid] = "!too_many_pushes"
+        exc = UpdateRejected("too_many_pushes", f"more than {self.settings.max_pushes_per_round} versions "
+                             f"pushed for round {round_no} (FEDQ_MAX_PUSHES_PER_ROUND)")
+        self.store.record_judged(cid, round_no, seq, "", exc.reason, 0)
+        self._refuse(rnd, round_no, cid, exc)
+        if rnd.folded.pop(cid, None) is not None:
+            self._refold(rnd, round_no, rnd.template)
+
+    def _refuse(self, rnd: _Round, round_no: int, cid: str, exc: UpdateRejected) -> None:
+        """Log and record a refused update; it counts as a response when the client was due one."""
+        log.warning("run %s round %d: refused update from %s: %s", self.run_id, round_no, cid, exc)
+        self.store.record_refused(cid, round_no, exc.reason, exc.detail)
+        if cid in rnd.joined and (rnd.selected is None or cid in rnd.selected):
+            rnd.refused.add(cid)
+
+    def _consider(self, rnd: _Round, round_no: int, cid: str, template: list[messages.TensorSpec]) -> None:
+        """Validate and fold one client's stored update, once per version."""
+        self._tick()  # a rescan folds many updates in a row: keep the lease through them
+        t0 = time.perf_counter()
+        upd = self._judge(rnd, round_no, cid, template)
+        if upd is not None:
+            rnd.refused.discard(cid)
+            replaced = cid in rnd.folded
+            rnd.folded[cid] = _strip(upd)  # keep metadata only: memory stays one model, not N
+            if replaced:
+                self._refold(rnd, round_no, template)  # a re-push replaces: rebuild without the old one
+            elif not self._fold(rnd, round_no, upd, template):
+                self._refold(rnd, round_no, template)  # a bad part: take out what it added
+            rnd.last_arrival = time.time()
+        rnd.fold_seconds += time.perf_counter() - t0
+
+    def _refold(self, rnd: _Round, round_no: int, template: list[messages.TensorSpec]) -> None:
+        """Recompute the running sum from the current stored updates of the folded clients."""
+        clean = False
+        while not clean:  # a part that fails mid-rebuild leaves some of it behind: start over
+            rnd.acc.reset()
+            clean = True
+            for cid in list(rnd.folded):
+                self._tick()
+                # Out of folded and versions first: judge the current version afresh, and a
+                # refusal here must not start another rebuild.
+                del rnd.folded[cid]
+                rnd.versions.pop(cid, None)
+                upd = self._judge(rnd, round_no, cid, template, observe=False)  # counted when it arrived
+                if upd is not None:
+                    rnd.folded[cid] = _strip(upd)
+                    if not self._fold(rnd, round_no, upd, template):
+                        clean = False
+                        break
+
+    def _fold(self, rnd: _Round, round_no: int, upd: messages.Update, template: list[messages.TensorSpec]) -> bool:
+        """Add an accepted update to the round's sum: whole, or part by part as its parts are
+        read (memory: one part). False when a part was missing or bad: the update is then
+        refused (unless a newer push replaced it meanwhile), and the sum holds some of it, so
+        the caller rebuilds."""
+        weight = rnd.weights.get(upd.client_id, upd.num_examples)
+        if upd.layout is None:
+            rnd.acc.add(upd.tensors, weight, upd.client_id)
+            return True
+        rnd.part_keys.update(transfer.update_part_keys(self.store, upd))
+        try:
+            if rnd.acc.streams_parts:
+                def fold(offset: int, values: np.ndarray) -> None:
+                    self._tick()  # a model of a GB is many parts and seconds: renew as we go
+                    rnd.acc.add_part(offset, values, weight)
+
+                transfer.fold_parts(self.store, upd, fold)
+                rnd.acc.count_update(weight, upd.client_id)
+            else:
+                rnd.acc.add(transfer.assemble(self.store, upd, template, on_part=self._tick), weight,
+                            upd.client_id)
+            return True
+        except UpdateRejected as exc:
+            cid = upd.client_id
+            rnd.folded.pop(cid, None)
+            if rnd.versions.get(cid) == self.store.update_seq(round_no, cid):  # not superseded: this version itself is bad
+                fedq_metrics.observe_update(False, exc.reason, 0)
+                self._refuse(rnd, round_no, cid, exc)
+            else:
+                rnd.versions.pop(cid, None)  # judge the newer push when its wake-up comes
+            return False
+
+    def _round_metrics(self, rnd: _Round, round_no: int, test: dict[str, float],
+                       round_started: float, eval_seconds: float) -> dict[str, Any]:
+        updates = sorted(rnd.folded.values(), key=lambda u: u.client_id)
+        train = weighted_metrics((u.metrics, u.num_examples) for u in updates)
+        last = max(updates, key=lambda u: u.metrics.get("push_time", 0.0))
+        seconds = time.time() - round_started
+        return {
+            "round": round_no,
+            "num_updates": len(updates),
+            "num_examples": rnd.acc.total_examples,
+            "train_loss": train.get("loss"),
+            "train_accuracy": train.get("accuracy"),
+            "test_loss": test.get("loss"),  # None: no central evaluation (--no-central-eval)
+            "test_accuracy": test.get("accuracy"),
+            "seconds": seconds,
+            # Wall time of the round that was neither the last-arriving client's training nor its
+            # one-off model set-up (first round only): the cost of the round machinery itself.
+            "overhead_seconds": seconds - last.metrics.get("train_seconds", 0.0)
+            - last.metrics.get("setup_seconds", 0.0),
+            "fold_seconds": rnd.fold_seconds,
+            "eval_seconds": eval_seconds,
+            "refused": len(rnd.refused),
+            # Members due an update that the round closed without, and why.
+            "missing": {cid: "heartbeat expired" if cid in rnd.gone else "no update by the deadline"
+                        for cid in sorted(rnd.selected if rnd.selected is not None else rnd.joined)
+                        if cid not in rnd.folded and cid not in rnd.refused},
+            # --max-client-share: the weights used where a claimed count was lowered
+            "capped_weights": {cid: w for cid, w in sorted(rnd.weights.items())
+                               if cid in rnd.folded and w != rnd.folded[cid].num_examples},
+            "clients": {u.client_id: {"num_examples": u.num_examples, "digest": u.digest, **u.metrics}
+                        for u in updates},
+        }
+
+
+def _key_problem(got: StoredUpdate, max_bytes: int) -> tuple[str, str]:
+    """The refusal (reason, detail) for an update key that failed the checks made in Redis."""
+    if got.kind == "too_large":
+        return "too_large", f"{got.size} bytes exceeds the cap of {max_bytes} (FEDQ_MAX_UPDATE_BYTES)"
+    if got.kind == "wrong_type":
+        return "malformed", f"the update key holds a Redis {got.seq}, not a hash"
+    if got.kind == "bad_seq":
+        return "malformed", f"the update's sequence number {got.seq!r} is not a whole number"
+    if got.kind == "bad_parts":
+        return "malformed", "the update's push id is not one fedq writes"
+    return "malformed", f"the update key could not be read ({got.kind})"
+
+
+def _test_extras(test: dict[str, Any]) -> dict[str, Any]:
+    """Central evaluation beyond loss and accuracy (binary tasks: auc, precision, recall, f1)."""
+    return {f"test_{k}": v for k, v in test.items() if k not in ("loss", "accuracy")}
+
+
+def _final(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The run's final record from its last round's metrics."""
+    keep = ("test_loss", "test_accuracy", "test_auc", "test_precision", "test_recall", "test_f1",
+            "dp_epsilon", "dp_delta")
+    return {"round": metrics.get("round"), **{k: metrics[k] for k in keep if k in metrics}}
+
+
+def _strip(upd: messages.Update) -> messages.Update:
+    return replace(upd, tensors=[], names=None, wire_names=None, wire_tensors=None, signature=None)
+
+
+def _compression_summary(rnd: _Round, template: list[messages.TensorSpec]) -> dict[str, Any]:
+    """Bytes on the wire and compression error of a round's accepted updates.
+
+    payload_bytes are the stored envelopes (metadata included), tensor_bytes the tensors in them,
+    float32_bytes what those tensors weigh as the model's own weights; ratio is tensor_bytes /
+    float32_bytes. The errors are what the clients measured on their own deltas
+    (||decoded - delta|| / ||delta||): reports, which the aggregator has no delta to check against."""
+    updates = list(rnd.folded.values())
+    model_bytes = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in template)
+    errors = [u.metrics["compression_error"] for u in updates
+              if u.encoding != "none" and "compression_error" in u.metrics]
+    tensors = sum(u.tensor_bytes for u in updates)
+    raw = model_bytes * len(updates)
+    return {
+        "encoding": rnd.compression,
+        "compressed_updates": sum(u.encoding != "none" for u in updates),
+        "payload_bytes": sum(u.payload_bytes for u in updates),
+        "tensor_bytes": tensors,
+        "float32_bytes": raw,
+        "ratio": tensors / raw if raw else None,
+        "error_max": max(errors) if errors else None,
+        "error_mean": sum(errors) / len(errors) if errors else None,
+    }
+
+
+def write_initial_global(settings: Settings, run_id: str, num_features: int, num_classes: int,
+                         conn: Any) -> None:
+    """Child process of Aggregator._initial_global: build the run's model, write the initial
+    global model's parts and send back (True, payload to commit), or (False, why it failed)."""
+    die_with_parent()  # an aggregator killed mid-build takes its builder with it
+    try:
+        store = RunStore(connect(settings), run_id)
+        spec = load_spec(store)
+        model = build_model(spec.model, num_features, num_classes, spec.seed)
+        weights, names = model.get_weights(), weight_names(model)
+        del model  # Keras' variables go before the parts are made
+        payload, _ = transfer.encode_global(store, 0, names, weights, settings.chunk_bytes)
+        conn.send((True, payload))
+    except Exception as exc:  # noqa: BLE001 - reported to the aggregator, which fails the run
+        conn.send((False, f"building the initial model failed: {type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()

@@ -1,0 +1,128 @@
+"""``fedq simulate``: hundreds to thousands of lightweight clients against the real protocol.
+
+Each simulated client is the real client loop (join with statistics of its own rows, fetch the
+global model, push an update, follow the round counter) with local training replaced by numpy:
+the update is the global weights plus small seeded noise. Many such clients share a process as
+threads, so a federation of 1,000 clients fits on one machine; the aggregator is the real one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from fedq.protocol import transfer
+from fedq.roles.client import Client
+from fedq.learning.data import load_dataset
+from fedq.settings import Settings
+from fedq.learning.spec import RunSpec, load_spec
+from fedq.protocol.store import RunStore, connect
+
+log = logging.getLogger("fedq.simulate")
+
+
+class NoiseTrainer:
+    """Training without TensorFlow: returns the global weights plus N(0, scale) noise."""
+
+    def __init__(self, names: list[str], num_examples: int, seed: int, scale: float = 1e-3) -> None:
+        self.names = names
+        self.num_examples = num_examples
+        self.rng = np.random.default_rng(seed)
+        self.scale = scale
+        self._w: list[np.ndarray] = []
+
+    def load(self, tensors: list[np.ndarray]) -> None:
+        self._w = tensors
+
+    def train(self, round_no: int) -> dict[str, float]:
+        return {"loss": float(self.rng.uniform(0.1, 0.5)), "accuracy": float(self.rng.uniform(0.7, 0.9))}
+
+    def weights(self) -> list[np.ndarray]:
+        if self.scale == 0:
+            return self._w  # no training at all: the update is the global model (benchmarks)
+        return [(t + self.rng.normal(0.0, self.scale, t.shape)).astype(t.dtype) if t.dtype.kind == "f" else t
+                for t in self._w]
+
+
+class SharedGlobal:
+    """The global model fetched once per round for all the simulated clients of a process,
+    instead of once per client: with N clients in a process, one copy of the model, not N.
+    The tensors are made read-only, as every client holds the same arrays."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[int, list[str], list[np.ndarray]]] = {}
+        self.fetches = 0
+
+    def read(self, store: RunStore) -> tuple[int, list[str], list[np.ndarray]]:
+        """(round, names, tensors) of the run's current global model (transfer.read_global)."""
+        committed = store.committed_round()  # the state and the global model move in one commit
+        with self._lock:  # the others wait for the one fetch rather than each making their own
+            cached = self._cache.get(store.run_id)
+            if cached is not None and cached[0] == committed:
+                return cached
+            round_no, names, tensors = transfer.read_global(store)
+            for t in tensors:
+                t.flags.writeable = False
+            self._cache[store.run_id] = (round_no, names, tensors)
+            self.fetches += 1
+            return self._cache[store.run_id]
+
+
+def noise_trainers(store: RunStore, scale: float = 1e-3, shared: SharedGlobal | None = None) -> Any:
+    """A Client trainer_factory making NoiseTrainers for the run in store; with shared, the
+    weight names come from the process's one fetch of the global model."""
+    def factory(spec: RunSpec, num_features: int, num_classes: int, x: Any, y: Any, shard: int,
+                stop: threading.Event) -> NoiseTrainer:
+        if shared is not None:
+            names = shared.read(store)[1]
+        else:
+            names = [t.name for t in transfer.global_template(store)[1]]  # names only: no parts read
+        return NoiseTrainer(names, len(y), seed=spec.seed * 1_000_003 + shard, scale=scale)
+
+    return factory
+
+
+def client_commands(spec: RunSpec, processes: int, scale: float = 1e-3) -> list[tuple[str, list[str]]]:
+    """`fedq sim-worker` commands that split the run's shards over `processes` processes."""
+    parts = np.array_split(np.arange(spec.clients), max(1, min(processes, spec.clients)))
+    return [(f"sim-worker-{i}", ["sim-worker", "--run", spec.run_id, "--first", str(int(p[0])),
+                                 "--count", str(len(p)), "--scale", repr(scale)]) for i, p in enumerate(parts) if len(p)]
+
+
+def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: float = 1e-3) -> int:
+    """Run shards first..first+count-1 as threads; returns how many clients failed. scale is
+    the noise of their updates (0: each sends the global model back, a no-op round)."""
+    from threadpoolctl import threadpool_limits
+
+    # Hundreds of threads each calling into a multi-threaded BLAS would each get its pools and
+    # buffers; one BLAS thread per process, and the dataset loaded once before the threads start.
+    threadpool_limits(1)
+    r0 = connect(settings)
+    load_dataset(load_spec(RunStore(r0, run_id)).data)
+    r0.close()
+    failures: list[str] = []
+    shared = SharedGlobal()
+
+    def one(shard: int) -> None:
+        r = connect(settings)
+        try:
+            Client(r, settings, shard, run_id=run_id,
+                   trainer_factory=noise_trainers(RunStore(r, run_id), scale, shared),
+                   global_reader=shared.read).serve(once=True)
+        except Exception as exc:  # noqa: BLE001 - counted and reported; one client must not stop the rest
+            log.error("client-%d failed: %s", shard, exc)
+            failures.append(f"client-{shard}")
+        finally:
+            r.close()
+
+    threads = [threading.Thread(target=one, args=(k,), name=f"client-{k}", daemon=True)
+               for k in range(first, first + count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(failures)
