@@ -150,7 +150,7 @@ class Run:
         try:
             st = RunStore(self.arena.connect(h.cid), self.run_id)
             x, _ = load_shard(self.spec.data, shard, 2)
-            outcome = st.join_and_wait(h.cid, {"shard": shard, "num_shards": 2, "rows": 10_000},
+            outcome = st.join_and_wait(h.cid, {"shard": shard, "num_shards": 2, "own_data": True, "rows": 10_000},
                                        feature_stats(x).to_dict(), timeout=60)
             assert outcome == "joined", f"{h.cid} could not join: {outcome}"
             rng = np.random.default_rng(shard)
