@@ -427,7 +427,7 @@ def test_image_health_check_reaches_redis_or_fails(redis_url: str) -> None:
 
 
 def test_readme_documents_deploying() -> None:
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
     for needle in ("docker build -f workers/Dockerfile", "docker compose up", "kubectl apply -k deploy/overlays/dev",
                    "fedq k8s up", "fedq kfp compile"):
         assert needle in text, needle

@@ -22,13 +22,15 @@ import redis
 from rich.console import Console
 
 from arena import CONFINED, HONEST, MALLORY, ROWS, Arena, Run
+from fedq.learning.data import feature_stats
+from fedq.learning.partition import load_shard
 from fedq.ops import acl
-from fedq.protocol import transfer
 from fedq.ops.dashboard import snapshot
+from fedq.ops.view import status_renderable
+from fedq.protocol import heartbeat, transfer
 from fedq.protocol.keys import RunKeys
 from fedq.protocol.signing import Signer, new_keys
-from fedq.protocol.store import list_runs, newest_open_run
-from fedq.ops.view import status_renderable
+from fedq.protocol.store import RunStore, list_runs, newest_open_run
 from helpers import cli_env, fedq_cmd
 
 pytestmark = pytest.mark.slow
@@ -250,8 +252,13 @@ def test_the_audit_trail_is_out_of_reach(arena: Arena) -> None:
 
 
 def test_re_pushing_is_capped(arena: Arena) -> None:
-    # A fourth place nobody takes keeps the round open until its deadline: time for every push.
+    # A fourth member that is alive but never pushes keeps the round open until its deadline:
+    # time for every push.
     run = Run(arena, "adv-repush", clients=4, rounds=1)
+    idle = RunStore(arena.agg, run.run_id)
+    beat = heartbeat.client_heartbeat(arena.agg, run.run_id, "idle", ttl=30).start()
+    x, _ = load_shard(run.spec.data, 1, 2)
+    assert idle.join_and_wait("idle", {"shard": 1, "own_data": True, "rows": 10}, feature_stats(x).to_dict()) == "joined"
     assert run.mallory_joins() == "joined"
     _round_open(run, 1)
     pushes = 0
@@ -265,6 +272,8 @@ def test_re_pushing_is_capped(arena: Arena) -> None:
     assert pushes == 8
     # Each version read replaces the last and rebuilds the sum: at most FEDQ_MAX_PUSHES_PER_ROUND of them.
     out = _check(run, "8 re-pushes in a round", refold_allowance=4 * 3 * (2 << 20))
+    beat.stop()
+    assert out["metrics"][0]["missing"] == {"idle": "no update by the deadline"}
     versions_read = sum(1 for j in out["judged"] if j["client"] == MALLORY and int(j["bytes"]) > 0)
     assert versions_read == run.settings.max_pushes_per_round
     assert out["outcomes"]["too_many_pushes"] == 1
