@@ -22,16 +22,6 @@ class DataError(FedqError):
 # Every reason an UpdateRejected carries (what a refusal records, and the `reason` label of
 # fedq_updates_refused_total, which starts at 0 for each so that alerts have data from the start).
 # tests/test_metrics.py checks that every UpdateRejected raised in fedq/ uses one of these.
-REFUSAL_REASONS = (
-    "bad_compression", "bad_metrics", "bad_num_examples", "bad_part", "bad_parts", "bad_scales",
-    "bad_signature", "malformed", "non_finite", "not_selected", "too_large", "too_many_pushes", "undecodable",
-    "unknown_client", "unknown_key", "unsigned", "wrong_client", "wrong_dtype", "wrong_round", "wrong_run",
-    "wrong_shape",
-)
-# Reasons a join request is refused for (recorded with the run's refusals, round 0).
-JOIN_REFUSAL_REASONS = ("bad_stats", "shard_plan", "unknown_key")
-
-
 class UpdateRejected(FedqError):
     """A client update failed validation; ``reason`` is a short machine-readable code."""
 

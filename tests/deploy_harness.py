@@ -536,7 +536,8 @@ def stop(procs: list[Proc]) -> None:
 
 def wait_for_run(procs: list[Proc], r: redis.Redis, run_id: str, timeout: float) -> dict[str, str]:
     """Block until the run ends; fail at once when a process exits with an error."""
-    from fedq.protocol.store import ENDED, RunStore
+    from fedq.protocol.store import RunStore
+    from fedq.protocol.vocabulary import ENDED
 
     store = RunStore(r, run_id)
     deadline = time.monotonic() + timeout

@@ -128,7 +128,8 @@ def make_run(r: Any, run_id: str, *, clients: int = 2, rounds: int = 3, committe
     committed rounds get made-up metrics; pushed clients have an update stored for the open
     round; refused is (client, round, reason) records. Returns the metrics committed."""
     from fedq.learning.spec import RunSpec
-    from fedq.protocol.store import RunStore
+    from fedq.protocol.store import Commit, RunStore
+    from fedq.protocol.vocabulary import Phase
 
     store = RunStore(r, run_id)
     store.create(RunSpec(clients=clients, rounds=rounds, run_id=run_id))
@@ -151,7 +152,8 @@ def make_run(r: Any, run_id: str, *, clients: int = 2, rounds: int = 3, committe
                                          "push_time": time.time()} for k in range(clients)}}
         final = ({"test_loss": m["test_loss"], "test_accuracy": m["test_accuracy"], "round": rnd}
                  if rnd == rounds else None)
-        assert store.commit_round(rnd, f"global-{rnd}".encode(), m, final)
+        assert store.commit_round(Commit(round=rnd, global_payload=f"global-{rnd}".encode(), metrics=m, final=final,
+                                         after=Phase.DONE if final is not None else Phase.TRAIN))
         done.append(m)
     for cid in pushed:
         assert store.push_update(cid, committed + 1, b"an update", 1 << 20) == "ok"

@@ -14,7 +14,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedq.roles import metrics
-from fedq.errors import REFUSAL_REASONS
+from fedq.protocol.vocabulary import Refusal
+
+REFUSAL_REASONS = tuple(Refusal)
 from helpers import free_port
 from test_dashboard_support import http_get, wait_for
 

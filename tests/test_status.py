@@ -16,7 +16,7 @@ import redis
 from rich.console import Console
 
 from fedq.protocol import heartbeat
-from fedq.protocol.store import RunStore
+from fedq.protocol.store import Commit, RunStore
 from fedq.ops.view import RunProgress
 from helpers import RedisServer, cli_env, fedq_cmd
 from test_dashboard_support import make_run
@@ -88,8 +88,8 @@ def test_status_watch_follows_the_run_and_rides_out_redis_going_away(tmp_path: P
             store = RunStore(r, "watched")
             store.acquire_lease("test-driver-2", 60) or r.set(store.k.lease, "test-driver-2")
             store.driver = "test-driver-2"
-            store.commit_round(2, b"g2", {"round": 2, "num_updates": 2, "num_examples": 201, "test_accuracy": 0.9,
-                                          "clients": {}})
+            store.commit_round(Commit(round=2, global_payload=b"g2", metrics={
+                "round": 2, "num_updates": 2, "num_examples": 201, "test_accuracy": 0.9, "clients": {}}))
             _read_until(proc, "(2 committed)", 10, seen)  # the new round shows without a restart
             server.kill()
             seen.clear()

@@ -18,7 +18,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from fedq.protocol import guarded, keys
+from fedq.protocol import guarded, keys, scripts
+from fedq.protocol.vocabulary import ENDED, Event, Join, Phase, Read, Status
 from fedq.errors import ConfigError, FedqError, RedisUnavailable, RunNotFound
 from fedq.settings import Settings
 
@@ -26,269 +27,6 @@ MAX_REFUSED = 10_000  # refusal log is capped so a flood of bad pushes cannot fi
 MAX_EVENTS = 10_000
 MAX_PUSHES = 100_000
 DRAIN_BATCH = 10_000  # inbox entries drained per call
-
-OPEN, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
-ENDED = (FINISHED, FAILED)
-
-# Scripts that clients run declare only keys the client owns (Redis ACLs demand write access to
-# every declared key); the run's shared keys are named from ARGV's key base instead, each one
-# checked against the client's ACL as it is used. They share the run's hash tag, so they live
-# in the same cluster slot as the declared keys.
-_JOIN = """
--- A client asks to join (run by the client, as its own ACL user).
--- KEYS[1]: the client's join hash (its own key)
--- ARGV[1]: client id; ARGV[2]: join record (JSON); ARGV[3]: feature statistics (JSON);
--- ARGV[4]: the run's key base
--- The member set is the aggregator's alone: this only files the request under the client's own
--- key and wakes the aggregator, which admits it (fedq.protocol.store.RunStore.admit). Returns requested,
--- rejoined (already a member), run_full (a hint: the aggregator decides), run_<status> or no_such_run.
-local base = ARGV[4]
-local state, members, inbox = base .. ':state', base .. ':members', base .. ':inbox'
-local st = redis.call('HMGET', state, 'status', 'phase', 'clients')
-if not st[1] then return 'no_such_run' end
-if st[1] == 'finished' or st[1] == 'failed' then return 'run_' .. st[1] end
-if redis.call('SISMEMBER', members, ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'record', ARGV[2])
-  if st[2] == 'join' then
-    redis.call('HSET', KEYS[1], 'stats', ARGV[3])
-    redis.call('RPUSH', inbox, ARGV[1])
-  end
-  return 'rejoined'
-end
-if redis.call('SCARD', members) >= tonumber(st[3]) then return 'run_full' end
-redis.call('HSET', KEYS[1], 'record', ARGV[2], 'stats', ARGV[3])
-redis.call('HDEL', KEYS[1], 'verdict')
-redis.call('RPUSH', inbox, ARGV[1])
-return 'requested'
-"""
-
-# The aggregator admits a client that asked to join (it alone writes the member set).
-# KEYS[1]: state; KEYS[2]: members; KEYS[3]: the client's join hash; KEYS[4]: lease; KEYS[5]: events
-# ARGV[1]: client id; ARGV[2]: driver ('' = unfenced, for tools); ARGV[3]: events cap;
-# ARGV[4]: the verdict to record when the run is full
-# Returns 1 (admitted, or a member already), 0 (run full: verdict written), -1 (lease lost).
-_ADMIT = """
-if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then return -1 end
-if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'clients') or '0') then
-  redis.call('HSET', KEYS[3], 'verdict', ARGV[4])
-  return 0
-end
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], 'verdict')
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[3], '*', 'event', 'admitted', 'client', ARGV[1])
-return 1
-"""
-
-# Wake-ups are hints that any client may push, as many and as large as it likes: the aggregator
-# drains them here, so that a flood naming one client costs one small reply, and entries that
-# cannot be client ids never leave Redis.
-# KEYS[1]: the run's inbox; ARGV[1]: most entries popped in one call
-# Returns the distinct entries of at most 64 bytes among those popped, in order.
-_DRAIN = """
-local seen, out = {}, {}
-for i = 1, tonumber(ARGV[1]) do
-  local id = redis.call('LPOP', KEYS[1])
-  if not id then break end
-  if string.len(id) <= 64 and not seen[id] then
-    seen[id] = true
-    out[#out + 1] = id
-  end
-end
-return out
-"""
-
-# The aggregator's read of one client's update for a round. The client owns the key, so it may
-# hold any type, size and content: type and size are checked here, before anything travels,
-# and a version already judged costs a few bytes.
-# KEYS[1]: the client's update hash for the round
-# ARGV[1]: the push sequence number already judged ('' when none); ARGV[2]: size cap in bytes
-# Returns {'none'} | {'wrong_type', type} | {'bad_seq', raw} | {'seen', seq}
-#       | {'too_large', seq, size} | {'bad_parts', seq} | {'ok', seq, payload or false, parts}
-_READ_UPDATE = """
-local t = redis.call('TYPE', KEYS[1])['ok']
-if t == 'none' then return {'none'} end
-if t ~= 'hash' then return {'wrong_type', t} end
-local seq = redis.call('HGET', KEYS[1], 'seq')
-if not seq or string.len(seq) > 15 or not string.match(seq, '^%d+$') then
-  return {'bad_seq', string.sub(seq or '', 1, 32)}
-end
-if seq == ARGV[1] then return {'seen', seq} end
-local size = redis.call('HSTRLEN', KEYS[1], 'payload')
-if size > tonumber(ARGV[2]) then return {'too_large', seq, size} end
-if redis.call('HSTRLEN', KEYS[1], 'parts') > 64 then return {'bad_parts', seq} end
-return {'ok', seq, redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET', KEYS[1], 'parts') or ''}
-"""
-
-# Stores an update under the client's own key (a re-push replaces it, its seq counts versions)
-# and wakes the aggregator; refuses, and records why, when the round is not the open one.
-_PUSH = """
-local base, want = ARGV[9], tonumber(ARGV[2])
-local st = redis.call('HMGET', base .. ':state', 'status', 'phase', 'round', 'closed')
-if not st[1] then return 'no_such_run' end
-local selected = base .. ':selected:' .. want
-local reason, detail
-if st[1] ~= 'running' or st[2] ~= 'train' then
-  reason = 'run_not_training'; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
-elseif redis.call('SISMEMBER', base .. ':members', ARGV[1]) == 0 then
-  reason = 'unknown_client'; detail = 'client has not joined this run'
-elseif want <= math.max(tonumber(st[3]), tonumber(st[4] or '0')) then
-  reason = 'round_closed'; detail = 'round ' .. ARGV[2] .. ' has closed'
-elseif want > tonumber(st[3]) + 1 then
-  reason = 'round_not_open'; detail = 'open round is ' .. (tonumber(st[3]) + 1)
-elseif redis.call('EXISTS', selected) == 1 and redis.call('SISMEMBER', selected, ARGV[1]) == 0 then
-  reason = 'not_selected'; detail = 'client is not among those chosen to train in round ' .. ARGV[2]
-elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
-  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5] .. ' (FEDQ_MAX_UPDATE_BYTES)'
-end
-local outcome = reason or 'ok'
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'client', ARGV[1], 'round', ARGV[2],
-           'digest', ARGV[7], 'outcome', outcome, 'bytes', string.len(ARGV[3]))
-if reason then
-  redis.call('RPUSH', KEYS[2], cjson.encode({client=ARGV[1], round=want, reason=reason,
-                                             detail=detail, time=tonumber(ARGV[4]), stage='push'}))
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
-  return reason
-end
--- The sequence number tells the aggregator which version of an update it folded.
-redis.call('HSET', KEYS[1], 'payload', ARGV[3], 'parts', ARGV[10])
-redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('RPUSH', base .. ':inbox', ARGV[1])
-return 'ok'
-"""
-
-# Closing a round stops further pushes for it, so that what the aggregator folded is final.
-_CLOSE = """
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'round'))
-if cur + 1 ~= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'closed', ARGV[1])
-return 1
-"""
-
-_OPEN_TRAINING = """
-if redis.call('GET', KEYS[6]) ~= ARGV[5] then return -1 end
-local st = redis.call('HMGET', KEYS[1], 'status', 'phase')
-if (st[1] ~= 'queued' and st[1] ~= 'running') or st[2] ~= 'join' then return 0 end
-redis.call('SET', KEYS[2], ARGV[1])
-redis.call('SET', KEYS[3], ARGV[2])
-if ARGV[6] ~= '' then
-  for _, id in ipairs(cjson.decode(ARGV[6])) do redis.call('SADD', KEYS[7], id) end
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'phase', 'train', 'round', 0, 'updated_at', ARGV[3])
-redis.call('DEL', KEYS[4])
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'event', 'training', 'round', 0)
-return 1
-"""
-
-# The round commit: global model, round counter and metrics in one atomic step. It only
-# applies on top of the previous round, so a replayed or duplicated commit is a no-op.
-_COMMIT = """
-if redis.call('GET', KEYS[6]) ~= ARGV[8] then return -1 end
-local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
-if st[1] ~= 'running' or st[2] ~= 'train' then return 0 end
-if tonumber(st[3]) + 1 ~= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[1], 'round', ARGV[1], 'updated_at', ARGV[5])
--- KEYS[10..]: the round's update of each client that joined.
--- The previous round's record gains its federated evaluation, which rode on this round's updates.
-if ARGV[12] ~= '' and redis.call('LLEN', KEYS[3]) > 0 then redis.call('LSET', KEYS[3], -1, ARGV[12]) end
-redis.call('RPUSH', KEYS[3], ARGV[3])
--- The last ARGV[13] keys are stale global-model parts, deleted whatever keep_updates says.
-local stale = tonumber(ARGV[13])
-if ARGV[9] ~= '1' then
-  redis.call('DEL', KEYS[8])
-  for i = 10, #KEYS - stale do redis.call('DEL', KEYS[i]) end
-end
-for i = #KEYS - stale + 1, #KEYS do redis.call('DEL', KEYS[i]) end
-redis.call('DEL', KEYS[4])
--- Server optimiser state moves with the global model: a new driver resumes the two together.
-if ARGV[10] ~= '' then redis.call('SET', KEYS[7], ARGV[10]) end
-if ARGV[11] ~= '' then
-  for _, id in ipairs(cjson.decode(ARGV[11])) do redis.call('SADD', KEYS[9], id) end
-end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'event', 'round', 'round', ARGV[1])
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[5], 'final', ARGV[6])
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'event', 'finished', 'round', ARGV[1])
-elseif ARGV[4] == '2' then
-  redis.call('HSET', KEYS[1], 'phase', 'eval')
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'event', 'evaluate', 'round', ARGV[1])
-end
-return 1
-"""
-
-
-# Lease renewal and release only act for the holder: a driver that lost its lease (paused,
-# partitioned) can neither extend nor delete the new driver's lease.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', 'released')
-  return 1
-end
-return 0
-"""
-
-_FAIL = """
-if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return -1 end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'phase', 'done', 'reason', ARGV[1],
-           'finished_at', ARGV[2], 'updated_at', ARGV[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'event', 'failed', 'reason', ARGV[1])
-return 1
-"""
-
-
-# Final evaluation (runs with validation rows): after the last commit, clients evaluate the last
-# global model and store the result under their id (a re-push replaces it).
-_PUSH_EVAL = """
-local base = ARGV[7]
-local st = redis.call('HMGET', base .. ':state', 'status', 'phase', 'round')
-if not st[1] then return 'no_such_run' end
-local selected = base .. ':selected:' .. (tonumber(ARGV[2]) + 1)
-local reason, detail
-if st[1] ~= 'running' or st[2] ~= 'eval' then
-  reason = 'run_not_evaluating'; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
-elseif tonumber(st[3]) ~= tonumber(ARGV[2]) then
-  reason = 'wrong_round'; detail = 'the last committed round is ' .. tostring(st[3])
-elseif redis.call('SISMEMBER', base .. ':members', ARGV[1]) == 0 then
-  reason = 'unknown_client'; detail = 'client has not joined this run'
-elseif redis.call('EXISTS', selected) == 1 and redis.call('SISMEMBER', selected, ARGV[1]) == 0 then
-  reason = 'not_selected'; detail = 'client is not among those chosen to evaluate'
-elseif string.len(ARGV[3]) > tonumber(ARGV[5]) then
-  reason = 'too_large'; detail = string.len(ARGV[3]) .. ' bytes exceeds the cap of ' .. ARGV[5] .. ' (FEDQ_MAX_UPDATE_BYTES)'
-end
-if reason then
-  redis.call('RPUSH', KEYS[2], cjson.encode({client=ARGV[1], round=tonumber(ARGV[2]), reason=reason,
-                                             detail=detail, time=tonumber(ARGV[4]), stage='evaluate'}))
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
-  return reason
-end
-redis.call('SET', KEYS[1], ARGV[3])
-redis.call('RPUSH', base .. ':inbox', ARGV[1])
-return 'ok'
-"""
-
-# Ends the final-evaluation phase: the last round's record gains its federated evaluation.
-_FINISH_EVAL = """
-if redis.call('GET', KEYS[5]) ~= ARGV[6] then return -1 end
-local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
-if st[1] ~= 'running' or st[2] ~= 'eval' or tonumber(st[3]) ~= tonumber(ARGV[1]) then return 0 end
-if ARGV[2] ~= '' and redis.call('LLEN', KEYS[2]) > 0 then redis.call('LSET', KEYS[2], -1, ARGV[2]) end
-redis.call('HSET', KEYS[1], 'status', 'finished', 'phase', 'done', 'finished_at', ARGV[3],
-           'updated_at', ARGV[3], 'final', ARGV[4])
-redis.call('DEL', KEYS[3], KEYS[6])
-for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', 'finished', 'round', ARGV[1])
-return 1
-"""
 
 
 class LeaseLost(FedqError):
@@ -394,11 +132,28 @@ def valid_client_id(client_id: str | None) -> bool:
 class StoredUpdate:
     """What RunStore.read_update found: kind is ok, none, seen, or what is wrong with the key."""
 
-    kind: str
+    kind: Read
     seq: str = ""
     payload: bytes | None = None
     parts: str = ""
     size: int = 0
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One round's commit, by name: RunStore.commit_round writes it all in one atomic step."""
+
+    round: int
+    global_payload: bytes  # the next global model (or the head of its parts, written before)
+    metrics: dict[str, Any]  # the round's record
+    after: Phase = Phase.TRAIN  # TRAIN: the next round opens; EVAL: final evaluation; DONE: the run ends
+    final: dict[str, Any] | None = None  # the run's final record (with DONE)
+    keep_updates: bool = False  # keep the round's updates (and their parts) for audit
+    server_state: bytes | None = None  # the strategy's server optimiser state after this round
+    next_selected: list[str] | None = None  # the clients chosen for the next round (sampled runs)
+    previous_metrics: dict[str, Any] | None = None  # the previous round's record, now with its federated evaluation
+    update_parts: Sequence[str] = ()  # parts of the round's updates sent in parts (deleted with them)
+    stale_parts: Sequence[str] = ()  # global-model parts no head refers to any more (always deleted)
 
 
 def _stream_order(entry_id: bytes | str) -> tuple[int, int]:
@@ -422,19 +177,19 @@ class RunStore:
         self.r = r
         self.run_id = run_id
         self.k = keys.RunKeys(run_id)
-        self._join = r.register_script(_JOIN)
-        self._admit = r.register_script(_ADMIT)
-        self._read_update = r.register_script(_READ_UPDATE)
-        self._drain = r.register_script(_DRAIN)
-        self._push = r.register_script(_PUSH)
-        self._open = r.register_script(_OPEN_TRAINING)
-        self._commit = r.register_script(_COMMIT)
-        self._close = r.register_script(_CLOSE)
-        self._renew = r.register_script(_RENEW)
-        self._release = r.register_script(_RELEASE)
-        self._fail = r.register_script(_FAIL)
-        self._push_eval = r.register_script(_PUSH_EVAL)
-        self._finish_eval = r.register_script(_FINISH_EVAL)
+        self._join = r.register_script(scripts.JOIN)
+        self._admit = r.register_script(scripts.ADMIT)
+        self._read_update = r.register_script(scripts.READ_UPDATE)
+        self._drain = r.register_script(scripts.DRAIN)
+        self._push = r.register_script(scripts.PUSH)
+        self._open = r.register_script(scripts.OPEN_TRAINING)
+        self._commit = r.register_script(scripts.COMMIT)
+        self._close = r.register_script(scripts.CLOSE)
+        self._renew = r.register_script(scripts.RENEW)
+        self._release = r.register_script(scripts.RELEASE)
+        self._fail = r.register_script(scripts.FAIL)
+        self._push_eval = r.register_script(scripts.PUSH_EVAL)
+        self._finish_eval = r.register_script(scripts.FINISH_EVAL)
         self.driver: str | None = None  # set by acquire_lease; fences this store's writes
 
     # --- creation and reading -------------------------------------------------------
@@ -444,13 +199,13 @@ class RunStore:
         if not self.r.set(self.k.spec, json.dumps(spec.to_dict()), nx=True):
             raise ConfigError(f"run {self.run_id} already exists")
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.k.state, mapping={"status": OPEN, "phase": "join", "round": 0,
+        pipe.hset(self.k.state, mapping={"status": Status.QUEUED, "phase": Phase.JOIN, "round": 0,
                                          "rounds": spec.rounds, "clients": spec.clients,
                                          "queue": queue, "created_at": now, "updated_at": now})
         pipe.zadd(keys.RUNS, {self.run_id: now})
-        pipe.xadd(self.k.events, {"event": "created"}, maxlen=MAX_EVENTS, approximate=True)
+        pipe.xadd(self.k.events, {"event": Event.CREATED}, maxlen=MAX_EVENTS, approximate=True)
         pipe.execute()
-        self.r.xadd(keys.EVENTS, {"event": "created", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+        self.r.xadd(keys.EVENTS, {"event": Event.CREATED, "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
 
     def exists(self) -> bool:
         return bool(self.r.exists(self.k.spec))
@@ -526,8 +281,9 @@ class RunStore:
     def join(self, client_id: str, record: dict[str, Any], stats: dict[str, Any]) -> str:
         """Ask to join with a record and feature statistics; returns requested (the aggregator
         admits: see wait_admitted), rejoined, or a refusal code."""
+        named = {"client": client_id, "state": self.k.state, "members": self.k.members, "inbox": self.k.inbox}
         return _s(self._join(keys=[self.k.joined(client_id)],
-                             args=[client_id, json.dumps(record), json.dumps(stats), self.k.base]))
+                             args=[json.dumps(named), json.dumps(record), json.dumps(stats)])) or ""
 
     def wait_admitted(self, client_id: str, timeout: float, block_seconds: float = 1.0) -> str:
         """After join() answered requested: block until the aggregator admits the client
@@ -536,34 +292,35 @@ class RunStore:
         last = "0-0"
         while True:
             if self.r.sismember(self.k.members, client_id):
-                return "joined"
+                return Join.JOINED
             verdict = _s(self.r.hget(self.k.joined(client_id), "verdict"))
             if verdict:
                 return verdict
             status = _s(self.r.hget(self.k.state, "status"))
             if status is None:
-                return "no_such_run"
+                return Join.NO_SUCH_RUN
             if status in ENDED:
-                return f"run_{status}"
+                return Join.RUN_FINISHED if status == Status.FINISHED else Join.RUN_FAILED
             left = deadline - time.monotonic()
             if left <= 0:
-                return "join_timeout"
+                return Join.TIMEOUT
             last, _ = self.wait_event(last, min(block_seconds, left))
 
     def join_and_wait(self, client_id: str, record: dict[str, Any], stats: dict[str, Any],
                       timeout: float = 60.0) -> str:
         """join(), then wait_admitted() when the request was filed: joined, rejoined or why not."""
         outcome = self.join(client_id, record, stats)
-        return self.wait_admitted(client_id, timeout) if outcome == "requested" else outcome
+        return self.wait_admitted(client_id, timeout) if outcome == Join.REQUESTED else outcome
 
     def push_update(self, client_id: str, round_no: int, payload: bytes, max_bytes: int, part_id: str = "") -> str:
         """Store an update (or the head of one sent in parts, with its push id) for the open
         round; 'ok' or the refusal code (also recorded)."""
-        return _s(self._push(
-            keys=[self.k.update(client_id, round_no), self.k.client_refused(client_id),
-                  self.k.client_pushes(client_id)],
-            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED,
-                  hashlib.sha256(payload).hexdigest(), MAX_PUSHES, self.k.base, part_id]))
+        named = {"client": client_id, "round": int(round_no), "now": time.time(), "max_bytes": int(max_bytes),
+                 "refused_max": MAX_REFUSED, "pushes_max": MAX_PUSHES, "digest": hashlib.sha256(payload).hexdigest(),
+                 "part_id": part_id, "state": self.k.state, "members": self.k.members,
+                 "selected": self.k.selected(round_no), "inbox": self.k.inbox}
+        return _s(self._push(keys=[self.k.update(client_id, round_no), self.k.client_refused(client_id),
+                                   self.k.client_pushes(client_id)], args=[json.dumps(named), payload])) or ""
 
     def refuse_push(self, client_id: str, round_no: int, reason: str, detail: str) -> str:
         """Record a push the client refused itself before sending (too large in parts)."""
@@ -644,9 +401,9 @@ class RunStore:
         return done
 
     def mark_started(self, driver: str) -> None:
-        self.r.hset(self.k.state, mapping={"status": RUNNING, "driver": driver,
+        self.r.hset(self.k.state, mapping={"status": Status.RUNNING, "driver": driver,
                                            "started_at": time.time(), "updated_at": time.time()})
-        self.r.xadd(self.k.events, {"event": "started", "driver": driver}, maxlen=MAX_EVENTS, approximate=True)
+        self.r.xadd(self.k.events, {"event": Event.STARTED, "driver": driver}, maxlen=MAX_EVENTS, approximate=True)
 
     def pop_inbox(self, block_seconds: float) -> list[str]:
         """The distinct client ids that woke us (in order), or [] after block_seconds.
@@ -679,8 +436,10 @@ class RunStore:
     def admit(self, client_id: str) -> bool:
         """Make a client that asked to join a member (fenced by the lease when driving);
         False when the run is full (the client finds that verdict under its join key)."""
+        named = {"client": client_id, "driver": self.driver or "", "events_max": MAX_EVENTS,
+                 "verdict": f"{Join.RUN_FULL}: the run has all its clients"}
         done = self._admit(keys=[self.k.state, self.k.members, self.k.joined(client_id), self.k.lease, self.k.events],
-                           args=[client_id, self.driver or "", MAX_EVENTS, "run_full"])
+                           args=[json.dumps(named)])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost while admitting {client_id}")
         return bool(done)
@@ -704,14 +463,14 @@ class RunStore:
         type, its sequence number, its size (against max_bytes); judged is the sequence number
         already judged, whose payload is then not sent again (kind 'seen')."""
         if not valid_client_id(client_id):
-            return StoredUpdate("none")
+            return StoredUpdate(Read.NONE)
         reply = self._read_update(keys=[self.k.update(client_id, round_no)], args=[judged, max_bytes])
-        kind = _s(reply[0]) or "none"
-        if kind == "ok":
-            return StoredUpdate("ok", _s(reply[1]) or "", reply[2] or None, _s(reply[3]) or "")
-        if kind == "too_large":
+        kind = Read(_s(reply[0]) or Read.NONE)
+        if kind == Read.OK:
+            return StoredUpdate(kind, _s(reply[1]) or "", reply[2] or None, _s(reply[3]) or "")
+        if kind == Read.TOO_LARGE:
             return StoredUpdate(kind, _s(reply[1]) or "", size=int(reply[2]))
-        return StoredUpdate(kind, _s(reply[1]) if len(reply) > 1 else "")
+        return StoredUpdate(kind, (_s(reply[1]) or "") if len(reply) > 1 else "")
 
     def update_seq(self, round_no: int, client_id: str) -> str:
         """The version marker of a client's stored update (see update_seqs)."""
@@ -749,43 +508,34 @@ class RunStore:
     def open_training(self, scaler: bytes, initial_global: bytes, selected: list[str] | None = None) -> bool:
         """Write the scaler and the initial global model and open round 1, atomically
         (with round 1's chosen clients when rounds sample them)."""
+        named = {"driver": self.driver or "", "now": time.time(), "events_max": MAX_EVENTS, "selected": selected}
         done = self._open(keys=[self.k.state, self.k.scaler, self.k.global_model, self.k.inbox,
                                 self.k.events, self.k.lease, self.k.selected(1)],
-                          args=[scaler, initial_global, time.time(), MAX_EVENTS, self.driver or "",
-                                json.dumps(selected) if selected is not None else ""])
+                          args=[json.dumps(named), scaler, initial_global])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before training opened")
         return bool(done)
 
-    def commit_round(self, round_no: int, global_payload: bytes, metrics: dict[str, Any],
-                     final: dict[str, Any] | None = None, keep_updates: bool = False, *,
-                     server_state: bytes | None = None, next_selected: list[str] | None = None,
-                     previous_metrics: dict[str, Any] | None = None, evaluate: bool = False,
-                     update_parts: Sequence[str] = (), stale_parts: Sequence[str] = ()) -> bool:
-        """Commit a round (and finish the run when final is given); False if already committed.
-
-        The round's updates go (unless keep_updates), with update_parts, the parts of the updates
-        sent in parts; stale_parts (global-model parts no head refers to any more) go always.
-
-        In the same atomic step: the strategy's server state, the next round's chosen clients,
-        the previous round's record with its federated evaluation, and, with evaluate, the
-        final-evaluation phase instead of the end. Fenced by the lease: LeaseLost if another
-        aggregator took the run over meanwhile."""
+    def commit_round(self, commit: Commit) -> bool:
+        """Commit a round in one atomic step (see Commit for what it carries); False when the
+        run is not at the round before it (a replay, or a round already committed). Fenced by
+        the lease: LeaseLost if another aggregator took the run over meanwhile."""
+        updates = [self.k.update(cid, commit.round) for cid in self.member_ids()] + list(commit.update_parts)
+        named = {"round": commit.round, "driver": self.driver or "", "now": time.time(), "events_max": MAX_EVENTS,
+                 "keep_updates": commit.keep_updates, "updates": len(updates), "after": commit.after,
+                 "final": json.dumps(commit.final or {}), "next_selected": commit.next_selected,
+                 "previous_metrics": "" if commit.previous_metrics is None else json.dumps(commit.previous_metrics)}
         done = self._commit(
             keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.inbox, self.k.events,
-                  self.k.lease, self.k.server_state, self.k.selected(round_no), self.k.selected(round_no + 1),
-                  *[self.k.update(cid, round_no) for cid in self.member_ids()], *update_parts, *stale_parts],
-            args=[round_no, global_payload, json.dumps(metrics),
-                  "2" if evaluate else "1" if final is not None else "0",
-                  time.time(), json.dumps(final or {}), MAX_EVENTS, self.driver or "",
-                  "1" if keep_updates else "0", server_state or b"",
-                  json.dumps(next_selected) if next_selected is not None else "",
-                  json.dumps(previous_metrics) if previous_metrics is not None else "", len(stale_parts)])
+                  self.k.lease, self.k.server_state, self.k.selected(commit.round), self.k.selected(commit.round + 1),
+                  *updates, *commit.stale_parts],
+            args=[json.dumps(named), commit.global_payload, json.dumps(commit.metrics), commit.server_state or b""])
         if done == -1:
-            raise LeaseLost(f"run {self.run_id}: lease lost before committing round {round_no}")
+            raise LeaseLost(f"run {self.run_id}: lease lost before committing round {commit.round}")
         ok = bool(done)
-        if ok and final is not None:
-            self.r.xadd(keys.EVENTS, {"event": "finished", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+        if ok and commit.after == Phase.DONE:
+            self.r.xadd(keys.EVENTS, {"event": Event.FINISHED, "run": self.run_id}, maxlen=MAX_EVENTS,
+                        approximate=True)
         return ok
 
     # --- strategies, client sampling, final evaluation --------------------------------------
@@ -809,9 +559,11 @@ class RunStore:
 
     def push_eval(self, client_id: str, round_no: int, payload: bytes, max_bytes: int) -> str:
         """Store a client's evaluation of the last global model; 'ok' or the refusal code (recorded)."""
-        return _s(self._push_eval(
-            keys=[self.k.evaluation(client_id), self.k.client_refused(client_id)],
-            args=[client_id, round_no, payload, time.time(), max_bytes, MAX_REFUSED, self.k.base]))
+        named = {"client": client_id, "round": int(round_no), "now": time.time(), "max_bytes": int(max_bytes),
+                 "refused_max": MAX_REFUSED, "state": self.k.state, "members": self.k.members,
+                 "selected": self.k.selected(round_no + 1), "inbox": self.k.inbox}
+        return _s(self._push_eval(keys=[self.k.evaluation(client_id), self.k.client_refused(client_id)],
+                                  args=[json.dumps(named), payload])) or ""
 
     def evals(self) -> dict[str, bytes]:
         """Client id -> stored evaluation payload (final-evaluation phase); a key of another
@@ -826,23 +578,25 @@ class RunStore:
         done = self._finish_eval(
             keys=[self.k.state, self.k.metrics, self.k.inbox, self.k.events, self.k.lease,
                   self.k.selected(round_no + 1), *[self.k.evaluation(cid) for cid in self.member_ids()]],
-            args=[round_no, json.dumps(last_metrics) if last_metrics is not None else "", time.time(),
-                  json.dumps(final), MAX_EVENTS, self.driver or ""])
+            args=[json.dumps({"round": round_no, "now": time.time(), "events_max": MAX_EVENTS,
+                              "driver": self.driver or "", "final": json.dumps(final),
+                              "last_metrics": "" if last_metrics is None else json.dumps(last_metrics)})])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before finishing round {round_no}'s evaluation")
         if done:
-            self.r.xadd(keys.EVENTS, {"event": "finished", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+            self.r.xadd(keys.EVENTS, {"event": Event.FINISHED, "run": self.run_id}, maxlen=MAX_EVENTS,
+                        approximate=True)
         return bool(done)
 
     def fail(self, reason: str) -> bool:
         """Mark the run failed with a reason that clients, CLI and dashboard show.
 
         A driver only fails a run while it holds the lease; others (fedq run, tests) always may."""
-        done = self._fail(keys=[self.k.state, self.k.lease, self.k.events],
-                          args=[reason, time.time(), MAX_EVENTS, self.driver or ""])
+        named = {"reason": reason, "now": time.time(), "events_max": MAX_EVENTS, "driver": self.driver or ""}
+        done = self._fail(keys=[self.k.state, self.k.lease, self.k.events], args=[json.dumps(named)])
         if done == -1:
             return False
-        self.r.xadd(keys.EVENTS, {"event": "failed", "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
+        self.r.xadd(keys.EVENTS, {"event": Event.FAILED, "run": self.run_id}, maxlen=MAX_EVENTS, approximate=True)
         return True
 
 
@@ -871,7 +625,7 @@ def newest_open_run(r: redis.Redis, client_id: str, skip: set[str] = frozenset()
         if not st or st.get("status") in ENDED:
             continue
         joined = r.sismember(store.k.members, client_id)
-        if joined or (st.get("phase") == "join" and store.num_clients() < int(st.get("clients", 0))):
+        if joined or (st.get("phase") == Phase.JOIN and store.num_clients() < int(st.get("clients", 0))):
             return run_id
     return None
 

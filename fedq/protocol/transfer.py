@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import redis
@@ -40,13 +40,16 @@ class Pushed:
 
 def push_update(st: RunStore, client_id: str, round_no: int, num_examples: int, metrics: Mapping[str, float],
                 names: Sequence[str], tensors: Sequence[np.ndarray], *, chunk_bytes: int, max_bytes: int,
-                signer: Signer | None = None) -> Pushed:
-    """Push one update, in parts when it is larger than chunk_bytes; returns the outcome."""
-    if not chunking.should_chunk(tensors, chunk_bytes):
+                signer: Signer | None = None, compression: Mapping[str, Any] | None = None) -> Pushed:
+    """Encode, sign and push one update; returns the outcome. names/tensors are what travels: the
+    weights, or with compression (its descriptor, fedq.protocol.messages.compress_update) the
+    encoded delta, which always travels whole. float32 weights larger than chunk_bytes travel
+    in parts."""
+    if compression is not None or not chunking.should_chunk(tensors, chunk_bytes):
         signature = None if signer is None else signer.sign(st.run_id, round_no, client_id, num_examples,
-                                                            names, tensors)
+                                                            names, tensors, compression)
         payload = messages.encode_update(st.run_id, round_no, client_id, num_examples, metrics, names,
-                                         tensors, signature)
+                                         tensors, signature, compression)
         return Pushed(st.push_update(client_id, round_no, payload, max_bytes), len(payload), 0)
     total = sum(t.nbytes for t in tensors)
     if total > max_bytes:

@@ -28,7 +28,8 @@ from fedq.learning.models import build_model, evaluate, weight_names
 from fedq.settings import Settings
 from fedq.protocol.signing import Verifier
 from fedq.learning.spec import RunSpec, load_spec
-from fedq.protocol.store import ENDED, LeaseLost, RunStore, StoredUpdate, connect
+from fedq.protocol.store import Commit, LeaseLost, RunStore, StoredUpdate, connect
+from fedq.protocol.vocabulary import ENDED, Phase, Read, Refusal
 
 log = logging.getLogger("fedq.roles.aggregator")
 
@@ -79,6 +80,24 @@ class _Round:
 
     def expected(self, spec: RunSpec) -> int:
         return spec.clients if self.selected is None else len(self.selected)
+
+
+@dataclass
+class _Driving:
+    """What the rounds of one driving session share (small; the models live in the strategy)."""
+
+    spec: RunSpec
+    model: Any  # the Keras model for central evaluation; None without it
+    num_classes: int
+    template: list[messages.TensorSpec]
+    strategy: Strategy
+    stream: bool  # the next global model is written slice by slice from the sum (lean, in parts)
+    x_test: np.ndarray
+    y_test: np.ndarray
+    round_no: int  # the last committed round
+    global_tensors: list[np.ndarray] | None  # the global model rounds train from (None when lean)
+    fed_eval: bool
+    round_started: float
 
 
 @dataclass
@@ -245,28 +264,43 @@ class Aggregator:
         return value
 
     def _run(self, spec: RunSpec, prepared: _Prepared) -> dict[str, Any]:
-        ds, test_idx, model = prepared.ds, prepared.test_idx, prepared.model
+        """Open training (after the join phase) or resume, then drive the rounds left."""
         state = self.store.state()
         self.store.mark_started(self.driver)
         log.info("driving run %s (%s at round %s): %d clients (quorum %d), %d rounds", self.run_id,
                  state.get("phase"), state.get("round"), spec.clients, spec.quorum, spec.rounds)
-        if state.get("phase") == "join":
-            mean, std = self._collect_joins(spec, ds.num_features)
-            scaler = messages.encode_scaler(mean, std, {
-                "num_features": ds.num_features, "num_classes": ds.num_classes,
-                "class_names": list(ds.class_names), "feature_names": list(ds.feature_names)})
-            if model is None:
-                initial = self._initial_global(spec, ds.num_features, ds.num_classes)
-            else:
-                initial, _ = transfer.encode_global(self.store, 0, prepared.names, model.get_weights(),
-                                                    self.settings.chunk_bytes)
-            self.store.open_training(scaler, initial, self._select(spec, 1))
-            log.info("run %s: training open; initial global model written", self.run_id)
+        if state.get("phase") == Phase.JOIN:
+            mean, std = self._open_training(spec, prepared)
         else:
             mean, std, _ = messages.decode_scaler(self.store.scaler_payload())
-        x_test = standardize(ds.x[test_idx], mean, std)
-        y_test = ds.y[test_idx]
+        drive = self._driving(spec, prepared, mean, std)
+        while drive.round_no < spec.rounds:
+            drive.round_no += 1
+            self._drive_round(drive)
+        if drive.fed_eval and self.store.state().get("phase") == Phase.EVAL:
+            self._final_evaluation(spec, drive.round_no)
+        return self.store.state()
 
+    def _open_training(self, spec: RunSpec, prepared: _Prepared) -> tuple[np.ndarray, np.ndarray]:
+        """The join phase: admit clients, combine their statistics, write the scaler and the
+        initial global model, open round 1. Returns the scaler's mean and std."""
+        ds, model = prepared.ds, prepared.model
+        mean, std = self._collect_joins(spec, ds.num_features)
+        scaler = messages.encode_scaler(mean, std, {
+            "num_features": ds.num_features, "num_classes": ds.num_classes,
+            "class_names": list(ds.class_names), "feature_names": list(ds.feature_names)})
+        if model is None:
+            initial = self._initial_global(spec, ds.num_features, ds.num_classes)
+        else:
+            initial, _ = transfer.encode_global(self.store, 0, prepared.names, model.get_weights(),
+                                                self.settings.chunk_bytes)
+        self.store.open_training(scaler, initial, self._select(spec, 1))
+        log.info("run %s: training open; initial global model written", self.run_id)
+        return mean, std
+
+    def _driving(self, spec: RunSpec, prepared: _Prepared, mean: np.ndarray, std: np.ndarray) -> _Driving:
+        """Everything the rounds share, read from Redis as the last commit left it."""
+        ds, model = prepared.ds, prepared.model
         g_tensors: list[np.ndarray] | None = None
         if model is not None:  # the model is read whole anyway: its template comes with it
             round_no, g_names, g_tensors = transfer.read_global(self.store)
@@ -278,65 +312,87 @@ class Aggregator:
         # updates, so no round needs the previous one; when it travels in parts it is written
         # out slice by slice from the float64 sum. Memory: that sum and a part, whatever N is.
         lean = model is None and strategy.streams_result and spec.compression == "none"
-        stream = lean and chunking.should_chunk(template, self.settings.chunk_bytes)
-        g_names = [t.name for t in template]
         if g_tensors is None and not lean:
             g_tensors = transfer.read_global(self.store)[2]
         # Server optimiser state (momentum, Adam moments) was committed with this global model.
         strategy.load_state(self.store.server_state_payload(), round_no)
-        fed_eval = spec.data.val_fraction > 0
-        round_started = time.time()
-        while round_no < spec.rounds:
-            round_no += 1
-            strategy.begin_round(g_tensors, noise_rng=self._noise_rng(spec, round_no))
-            rnd = self._collect_round(spec, round_no, template, strategy, g_tensors or [])
-            if stream:
-                weights = None
-                payload, written = transfer.encode_global_from(self.store, round_no, template, strategy.result_slice,
-                                                               self.settings.chunk_bytes, on_part=self._tick)
-            else:
-                weights = strategy.result()
-                payload, written = transfer.encode_global(self.store, round_no, g_names, weights,
-                                                          self.settings.chunk_bytes, on_part=self._tick)
-            t_eval = time.perf_counter()
-            test: dict[str, Any] = {}
-            if model is not None and weights is not None:
-                model.set_weights(weights)
-                test = evaluate(model, x_test, y_test, ds.num_classes)
-            eval_seconds = time.perf_counter() - t_eval
-            metrics = self._round_metrics(rnd, round_no, test, round_started, eval_seconds)
-            metrics["compression"] = _compression_summary(rnd, template)
-            metrics.update(_test_extras(test))
-            metrics.update(spec.privacy_metrics(round_no))  # epsilon spent so far (DP runs)
-            if strategy.round_info():
-                metrics["strategy"] = strategy.round_info()
-            if rnd.selected is not None:
-                metrics["selected"] = sorted(rnd.selected)
-            # A global model's parts live two rounds, so a client still reading the previous
-            # one is not cut short; those of two rounds back go with this commit.
-            stale = [self.store.k.global_part(round_no - 2, k) for k in range(len(written))] if round_no >= 2 else []
-            last = round_no == spec.rounds
-            final = _final(metrics) if last and not fed_eval else None
-            self._tick()
-            t_commit = time.perf_counter()
-            committed = self.store.commit_round(
-                round_no, payload, metrics, final, keep_updates=spec.keep_updates,
-                server_state=strategy.state_bytes(round_no),
-                next_selected=self._select(spec, round_no + 1) if not last or fed_eval else None,
-                previous_metrics=self._with_fed_eval(rnd, round_no) if fed_eval else None,
-                evaluate=last and fed_eval, update_parts=sorted(rnd.part_keys), stale_parts=stale)
-            if committed:
-                fedq_metrics.observe_round(metrics["seconds"])
-            log.info("run %s round %d/%d: %d updates, %d examples, test accuracy %s (commit %.1f ms)%s",
-                     self.run_id, round_no, spec.rounds, metrics["num_updates"], metrics["num_examples"],
-                     "-" if "accuracy" not in test else f"{test['accuracy']:.4f}",
-                     (time.perf_counter() - t_commit) * 1000,
-                     "" if committed else " [already committed]")
-            round_started = time.time()
-            g_tensors = weights
-        if fed_eval and self.store.state().get("phase") == "eval":
-            self._final_evaluation(spec, round_no)
-        return self.store.state()
+        return _Driving(spec=spec, model=model, num_classes=ds.num_classes, template=template, strategy=strategy,
+                        stream=lean and chunking.should_chunk(template, self.settings.chunk_bytes),
+                        x_test=standardize(ds.x[prepared.test_idx], mean, std), y_test=ds.y[prepared.test_idx],
+                        round_no=round_no, global_tensors=g_tensors, fed_eval=spec.data.val_fraction > 0,
+                        round_started=time.time())
+
+    def _drive_round(self, drive: _Driving) -> None:
+        """One round, as stages: collect (judge and fold) -> write the next global model ->
+        evaluate it -> record -> commit."""
+        spec, round_no, strategy = drive.spec, drive.round_no, drive.strategy
+        strategy.begin_round(drive.global_tensors, noise_rng=self._noise_rng(spec, round_no))
+        rnd = self._collect_round(spec, round_no, drive.template, strategy, drive.global_tensors or [])
+        weights, payload, parts = self._write_global(drive)
+        test, eval_seconds = self._evaluate(drive, weights)
+        metrics = self._record(drive, rnd, test, eval_seconds)
+        self._commit(drive, rnd, payload, parts, metrics)
+        log.info("run %s round %d/%d: %d updates, %d examples, test accuracy %s", self.run_id, round_no,
+                 spec.rounds, metrics["num_updates"], metrics["num_examples"],
+                 "-" if "accuracy" not in test else f"{test['accuracy']:.4f}")
+        drive.round_started = time.time()
+        drive.global_tensors = weights
+
+    def _write_global(self, drive: _Driving) -> tuple[list[np.ndarray] | None, bytes, int]:
+        """The next global model written to Redis (its parts first, when it has any): returns the
+        weights (None when streamed slice by slice from the sum), the payload to commit and the
+        number of parts."""
+        if drive.stream:
+            payload, written = transfer.encode_global_from(self.store, drive.round_no, drive.template,
+                                                           drive.strategy.result_slice, self.settings.chunk_bytes,
+                                                           on_part=self._tick)
+            return None, payload, len(written)
+        weights = drive.strategy.result()
+        payload, written = transfer.encode_global(self.store, drive.round_no, [t.name for t in drive.template],
+                                                  weights, self.settings.chunk_bytes, on_part=self._tick)
+        return weights, payload, len(written)
+
+    def _evaluate(self, drive: _Driving, weights: list[np.ndarray] | None) -> tuple[dict[str, Any], float]:
+        """Central evaluation of the new global model on the held-out test split ({} without it)."""
+        t0 = time.perf_counter()
+        if drive.model is None or weights is None:
+            return {}, 0.0
+        drive.model.set_weights(weights)
+        return evaluate(drive.model, drive.x_test, drive.y_test, drive.num_classes), time.perf_counter() - t0
+
+    def _record(self, drive: _Driving, rnd: _Round, test: dict[str, Any], eval_seconds: float) -> dict[str, Any]:
+        """The round's record (fedq:{run}:metrics, report.json's rounds)."""
+        metrics = self._round_metrics(rnd, drive.round_no, test, drive.round_started, eval_seconds)
+        metrics["compression"] = _compression_summary(rnd, drive.template)
+        metrics.update(_test_extras(test))
+        metrics.update(drive.spec.privacy_metrics(drive.round_no))  # epsilon spent so far (DP runs)
+        if drive.strategy.round_info():
+            metrics["strategy"] = drive.strategy.round_info()
+        if rnd.selected is not None:
+            metrics["selected"] = sorted(rnd.selected)
+        return metrics
+
+    def _commit(self, drive: _Driving, rnd: _Round, payload: bytes, parts: int, metrics: dict[str, Any]) -> None:
+        """Commit the round: the global model, counter, record, server state and the next
+        round's chosen clients in one fenced step."""
+        spec, round_no = drive.spec, drive.round_no
+        # A global model's parts live two rounds, so a client still reading the previous one is
+        # not cut short; those of two rounds back go with this commit.
+        stale = [self.store.k.global_part(round_no - 2, k) for k in range(parts)] if round_no >= 2 else []
+        last = round_no == spec.rounds
+        after = Phase.TRAIN if not last else Phase.EVAL if drive.fed_eval else Phase.DONE
+        self._tick()
+        committed = self.store.commit_round(Commit(
+            round=round_no, global_payload=payload, metrics=metrics, after=after,
+            final=_final(metrics) if after == Phase.DONE else None, keep_updates=spec.keep_updates,
+            server_state=drive.strategy.state_bytes(round_no),
+            next_selected=self._select(spec, round_no + 1) if after != Phase.DONE else None,
+            previous_metrics=self._with_fed_eval(rnd, round_no) if drive.fed_eval else None,
+            update_parts=sorted(rnd.part_keys), stale_parts=stale))
+        if committed:
+            fedq_metrics.observe_round(metrics["seconds"])
+        else:
+            log.info("run %s round %d was committed already", self.run_id, round_no)
 
     # --- strategies, sampling, federated evaluation -----------------------------------------
     def _noise_rng(self, spec: RunSpec, round_no: int) -> np.random.Generator | None:
@@ -403,7 +459,7 @@ class Aggregator:
                 judged[cid] = raw
                 try:
                     if cid not in records:
-                        raise UpdateRejected("unknown_client", f"client {cid!r} has not joined run {self.run_id}")
+                        raise UpdateRejected(Refusal.UNKNOWN_CLIENT, f"client {cid!r} has not joined run {self.run_id}")
                     good[cid] = evaluation.validate_eval(raw, run_id=self.run_id, round_no=round_no, client_id=cid,
                                                          max_examples=records[cid].get("val_rows"))
                     refused.discard(cid)
@@ -504,14 +560,14 @@ class Aggregator:
 
     def _refuse_join(self, cid: str, detail: str) -> None:
         log.warning("run %s: refusing client %s: bad statistics: %s", self.run_id, cid, detail)
-        self.store.refuse_join(cid, "bad_stats", detail)
+        self.store.refuse_join(cid, Refusal.BAD_STATS, detail)
 
     def _registered(self, cid: str) -> bool:
         """With a client registry (signed updates), only its clients may join; others are refused."""
         if self.verifier is None or self.verifier.knows(cid):
             return True
         log.warning("run %s: refusing client %s: not in the client registry", self.run_id, cid)
-        self.store.refuse_join(cid, "unknown_key", f"client {cid!r} is not in the client registry (FEDQ_CLIENT_KEYS)")
+        self.store.refuse_join(cid, Refusal.UNKNOWN_KEY, f"client {cid!r} is not in the client registry (FEDQ_CLIENT_KEYS)")
         return False
 
     def _shard_plan_agrees(self, spec: RunSpec, cid: str, record: dict[str, Any]) -> bool:
@@ -523,7 +579,7 @@ class Aggregator:
             return True
         detail = f"--num-shards {n!r} does not match the run's {spec.clients} shards (one per client)"
         log.warning("run %s: refusing client %s: %s", self.run_id, cid, detail)
-        self.store.refuse_join(cid, "shard_plan", detail)
+        self.store.refuse_join(cid, Refusal.SHARD_PLAN, detail)
         return False
 
     def _admit_late(self, rnd: _Round, cid: str) -> None:
@@ -622,57 +678,72 @@ class Aggregator:
 
     def _judge(self, rnd: _Round, round_no: int, cid: str, template: list[messages.TensorSpec],
                observe: bool = True) -> messages.Update | None:
-        """Read and validate a client's current update; records and returns None on refusal.
-
-        Each version is read once: Redis checks the key's type, sequence number and size before
-        anything travels, and a version already judged costs a few bytes whatever wakes us."""
-        judged = rnd.versions.get(cid, "")
-        if observe and rnd.reads.get(cid, 0) >= self.settings.max_pushes_per_round:
-            self._too_many_pushes(rnd, round_no, cid, judged)
+        """Judge a client's current update, as stages: read (checked in Redis) -> check (the
+        key, membership, selection) -> decode and validate -> verify the signature. Records the
+        judgement; returns the update, or None when there was nothing new or it was refused."""
+        got = self._read(rnd, round_no, cid, observe)
+        if got is None:
             return None
-        got = self.store.read_update(round_no, cid, judged if judged.isdigit() else "",
-                                     self.settings.max_update_bytes)
-        if got.kind in ("none", "seen"):
-            return None
-        version = got.seq if got.kind == "ok" else f"!{got.kind}:{got.seq}"
-        if version == judged:
-            return None  # the same bad key as before: recorded once already
-        rnd.versions[cid] = version
-        if observe:  # a rebuild re-reads what was judged: that is not the client's doing
-            rnd.reads[cid] = rnd.reads.get(cid, 0) + 1
         payload = got.payload or b""
         try:
-            if got.kind != "ok":
-                raise UpdateRejected(*_key_problem(got, self.settings.max_update_bytes))
-            if cid not in rnd.joined:
-                raise UpdateRejected("unknown_client", f"client {cid!r} has not joined run {self.run_id}")
-            if rnd.selected is not None and cid not in rnd.selected:
-                raise UpdateRejected("not_selected", f"client {cid!r} is not among those chosen for round {round_no}")
-            upd = messages.validate_update(payload, run_id=self.run_id, round_no=round_no,
-                                            client_id=cid, template=template, max_examples=self._max_examples(rnd, cid),
-                                            compression=rnd.compression, base=rnd.base)
-            if self.verifier is not None:
-                # The signature covers what travelled: a compressed update's codes, scales and
-                # encoding; an update in parts, the digests of its parts.
-                digest = None if upd.layout is None else messages.parts_digest(
-                    upd.names or [], [t.shape for t in template], upd.layout)
-                self.verifier.verify(self.run_id, round_no, cid, upd.num_examples,
-                                     upd.wire_names or upd.names or [],
-                                     upd.tensors if upd.wire_tensors is None else upd.wire_tensors,
-                                     upd.signature, upd.compression, digest)
+            self._admissible(rnd, round_no, cid, got)
+            upd = messages.validate_update(payload, run_id=self.run_id, round_no=round_no, client_id=cid,
+                                           template=template, max_examples=self._max_examples(rnd, cid),
+                                           compression=rnd.compression, base=rnd.base)
+            self._verify(round_no, upd, template)
         except UpdateRejected as exc:
             if observe:
                 fedq_metrics.observe_update(False, exc.reason, len(payload))
-            self._record_judged(rnd, round_no, cid, version, got.seq, codec.digest(payload) if payload else "",
-                                exc.reason, len(payload))  # bytes read: none when Redis refused the key
+            self._record_judged(rnd, round_no, cid, rnd.versions[cid], got.seq,
+                                codec.digest(payload) if payload else "", exc.reason, len(payload))
             self._refuse(rnd, round_no, cid, exc)
             if rnd.folded.pop(cid, None) is not None:
                 self._refold(rnd, round_no, template)  # its earlier, valid version no longer counts
             return None
         if observe:
             fedq_metrics.observe_update(True, None, len(payload))
-        self._record_judged(rnd, round_no, cid, version, got.seq, upd.digest, "accepted", len(payload))
+        self._record_judged(rnd, round_no, cid, rnd.versions[cid], got.seq, upd.digest, "accepted", len(payload))
         return upd
+
+    def _read(self, rnd: _Round, round_no: int, cid: str, observe: bool) -> StoredUpdate | None:
+        """Stage read: the client's update if it is a version not judged yet (None otherwise).
+        Each version is read once: Redis checks the key's type, sequence number and size before
+        anything travels, and a version already judged costs a few bytes whatever wakes us."""
+        judged = rnd.versions.get(cid, "")
+        if observe and rnd.reads.get(cid, 0) >= self.settings.max_pushes_per_round:
+            self._too_many_pushes(rnd, round_no, cid, judged)
+            return None
+        got = self.store.read_update(round_no, cid, judged if judged.isdigit() else "", self.settings.max_update_bytes)
+        if got.kind in (Read.NONE, Read.SEEN):
+            return None
+        version = got.seq if got.kind == Read.OK else f"!{got.kind}:{got.seq}"
+        if version == judged:
+            return None  # the same bad key as before: recorded once already
+        rnd.versions[cid] = version
+        if observe:  # a rebuild re-reads what was judged: that is not the client's doing
+            rnd.reads[cid] = rnd.reads.get(cid, 0) + 1
+        return got
+
+    def _admissible(self, rnd: _Round, round_no: int, cid: str, got: StoredUpdate) -> None:
+        """Stage check: UpdateRejected unless the key was sound and the client is due an update."""
+        if got.kind != Read.OK:
+            raise UpdateRejected(*_key_problem(got, self.settings.max_update_bytes))
+        if cid not in rnd.joined:
+            raise UpdateRejected(Refusal.UNKNOWN_CLIENT, f"client {cid!r} has not joined run {self.run_id}")
+        if rnd.selected is not None and cid not in rnd.selected:
+            raise UpdateRejected(Refusal.NOT_SELECTED, f"client {cid!r} is not among those chosen for round {round_no}")
+
+    def _verify(self, round_no: int, upd: messages.Update, template: list[messages.TensorSpec]) -> None:
+        """Stage verify: with a client registry, UpdateRejected unless the signature holds. It
+        covers what travelled: a compressed update's codes, scales and encoding; an update in
+        parts, the digests of its parts."""
+        if self.verifier is None:
+            return
+        digest = None if upd.layout is None else messages.parts_digest(
+            upd.names or [], [t.shape for t in template], upd.layout)
+        self.verifier.verify(self.run_id, round_no, upd.client_id, upd.num_examples, upd.wire_names or upd.names or [],
+                             upd.tensors if upd.wire_tensors is None else upd.wire_tensors, upd.signature,
+                             upd.compression, digest)
 
     def _record_judged(self, rnd: _Round, round_no: int, cid: str, version: str, seq: str, digest: str,
                        outcome: str, nbytes: int) -> None:
@@ -696,7 +767,7 @@ class Aggregator:
         if not seq or seq == judged or judged.startswith("!too_many_pushes"):
             return
         rnd.versions[cid] = "!too_many_pushes"
-        exc = UpdateRejected("too_many_pushes", f"more than {self.settings.max_pushes_per_round} versions "
+        exc = UpdateRejected(Refusal.TOO_MANY_PUSHES, f"more than {self.settings.max_pushes_per_round} versions "
                              f"pushed for round {round_no} (FEDQ_MAX_PUSHES_PER_ROUND)")
         self.store.record_judged(cid, round_no, seq, "", exc.reason, 0)
         self._refuse(rnd, round_no, cid, exc)
@@ -813,15 +884,15 @@ class Aggregator:
 
 def _key_problem(got: StoredUpdate, max_bytes: int) -> tuple[str, str]:
     """The refusal (reason, detail) for an update key that failed the checks made in Redis."""
-    if got.kind == "too_large":
-        return "too_large", f"{got.size} bytes exceeds the cap of {max_bytes} (FEDQ_MAX_UPDATE_BYTES)"
-    if got.kind == "wrong_type":
-        return "malformed", f"the update key holds a Redis {got.seq}, not a hash"
-    if got.kind == "bad_seq":
-        return "malformed", f"the update's sequence number {got.seq!r} is not a whole number"
-    if got.kind == "bad_parts":
-        return "malformed", "the update's push id is not one fedq writes"
-    return "malformed", f"the update key could not be read ({got.kind})"
+    if got.kind == Read.TOO_LARGE:
+        return Refusal.TOO_LARGE, f"{got.size} bytes exceeds the cap of {max_bytes} (FEDQ_MAX_UPDATE_BYTES)"
+    if got.kind == Read.WRONG_TYPE:
+        return Refusal.MALFORMED, f"the update key holds a Redis {got.seq}, not a hash"
+    if got.kind == Read.BAD_SEQ:
+        return Refusal.MALFORMED, f"the update's sequence number {got.seq!r} is not a whole number"
+    if got.kind == Read.BAD_PARTS:
+        return Refusal.MALFORMED, "the update's push id is not one fedq writes"
+    return Refusal.MALFORMED, f"the update key could not be read ({got.kind})"
 
 
 def _test_extras(test: dict[str, Any]) -> dict[str, Any]:

@@ -21,10 +21,13 @@ from fedq.learning.data import DataSpec, feature_stats, standardize
 from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.settings import Settings
 from fedq.learning.spec import RunSpec, load_spec
-from fedq.protocol.store import FAILED, FINISHED, RunStore
+from fedq.protocol.store import RunStore
+from fedq.protocol.vocabulary import Join, Phase, Push, Status
 from fedq.protocol.signing import Signer
 from fedq.learning.partition import load_client_data
 from fedq.learning.trainer import KerasTrainer, Trainer
+
+STALE_GLOBAL = "stale_global"  # our own outcome: the global model moved on while we read it
 
 log = logging.getLogger("fedq.roles.client")
 
@@ -175,34 +178,34 @@ class Client:
             if not state:
                 raise RunFailed(_vanished(st.run_id))
             status = state.get("status")
-            if status == FINISHED:
+            if status == Status.FINISHED:
                 log.info("%s: run %s finished", self.client_id, st.run_id)
                 return state
-            if status == FAILED:
+            if status == Status.FAILED:
                 raise RunFailed(f"run {st.run_id} failed: {state.get('reason', 'no reason recorded')}")
             committed = int(state.get("round", 0))
-            if state.get("phase") == "train" and committed + 1 > pushed and spec.sampled \
+            if state.get("phase") == Phase.TRAIN and committed + 1 > pushed and spec.sampled \
                     and not st.is_selected(committed + 1, self.client_id):
                 log.info("%s: not chosen to train in round %d; waiting for the next", self.client_id, committed + 1)
                 pushed = committed + 1  # this round is done for us
                 continue
-            if state.get("phase") == "eval" and not evaluated:
+            if state.get("phase") == Phase.EVAL and not evaluated:
                 evaluated = True  # one evaluation of the last global model; then wait for the end
                 trainer = trainer or self._prepare(st, spec, x_raw, y)
                 self._final_eval(st, spec, trainer, committed)
                 continue
-            if state.get("phase") == "train" and committed + 1 > pushed:
+            if state.get("phase") == Phase.TRAIN and committed + 1 > pushed:
                 setup = 0.0
                 if trainer is None:
                     t0 = time.perf_counter()
                     trainer = self._prepare(st, spec, x_raw, y)
                     setup = time.perf_counter() - t0
                 result = self._do_round(st, spec, trainer, committed + 1, setup)
-                if result == "ok":
+                if result == Push.OK:
                     pushed = committed + 1
-                elif result == "no_such_run":
+                elif result == Push.NO_SUCH_RUN:
                     raise RunFailed(_vanished(st.run_id))
-                elif result not in ("round_closed", "round_not_open", "stale_global", "run_not_training"):
+                elif result not in (Push.ROUND_CLOSED, Push.ROUND_NOT_OPEN, STALE_GLOBAL, Push.RUN_NOT_TRAINING):
                     # Retryable outcomes loop back to re-read the state (which may say the run ended).
                     raise FedqError(f"{self.client_id}: update for round {committed + 1} refused: {result}")
                 progress_deadline = time.monotonic() + self.settings.wait_seconds
@@ -226,70 +229,77 @@ class Client:
                                     self.shard, self.stop)
 
     def _do_round(self, st: RunStore, spec: RunSpec, trainer: Trainer, round_no: int, setup_seconds: float) -> str:
-        """Fetch the global model, train locally, push the update; returns the push outcome.
-
-        With local DP the update is clipped and noised here, so only the noised model leaves.
-        With compression (float16, int8) the update is the delta from the global model the
-        round trained from, encoded so; its error and the bytes saved go into the metrics."""
+        """One round, as stages: fetch the global model -> train -> privatise (local DP) ->
+        encode (compression) -> sign and push (transfer.push_update). Returns the push outcome."""
         t0 = time.perf_counter()
-        try:
-            g_round, names, tensors = self.read_global(st)
-        except transfer.PartsGone:
-            return "stale_global"  # the commit moved on twice while we read; look again
-        if g_round != round_no - 1:
-            return "stale_global"  # the commit moved on between our reads; look again
-        if names != trainer.names:
-            raise FedqError(f"{self.client_id}: the global model's layers do not match the local model")
-        trainer.load(tensors)
+        base = self._fetch(st, trainer, round_no)
+        if base is None:
+            return STALE_GLOBAL  # the commit moved on while we read; look again
         fetch_seconds = time.perf_counter() - t0
         # Federated evaluation of the global model this round starts from (the last round's model).
         evaluated = self._evaluate(trainer) if round_no >= 2 else {}
-
         t1 = time.perf_counter()
         metrics = trainer.train(round_no)
         train_seconds = time.perf_counter() - t1
         metrics.update(evaluated)
         self._check_stop()
-
         t2 = time.perf_counter()
-        weights = trainer.weights()
-        if spec.dp == "local" and spec.dp_clip is not None and spec.dp_noise is not None:
-            # Fresh OS entropy: noise the aggregator could regenerate would protect nothing.
-            weights = privacy.privatize(weights, tensors, spec.dp_clip, spec.dp_noise, self._dp_rng)
-        wire_names, wire_tensors, descriptor = names, weights, None
-        if spec.compression != "none":
-            try:
-                packed = messages.compress_update(names, weights, tensors, spec.compression)
-                wire_names, wire_tensors, descriptor = packed.names, packed.tensors, packed.descriptor
-                metrics.update(packed.metrics)
-            except CompressionError as exc:
-                # float32 weights are always accepted; the aggregator judges them as usual.
-                log.warning("%s round %d: cannot encode the update as %s (%s); sending float32 weights",
-                            self.client_id, round_no, spec.compression, exc)
-                metrics["compression_fallback"] = 1.0
+        weights = self._privatise(spec, trainer.weights(), base)
+        names, tensors, compression = self._encode(spec, round_no, trainer.names, weights, base, metrics)
         metrics.update(train_seconds=train_seconds, fetch_seconds=fetch_seconds, setup_seconds=setup_seconds,
                        push_time=time.time())
-        if descriptor is None:  # float32 weights: whole, or in parts when large
-            pushed = transfer.push_update(st, self.client_id, round_no, trainer.num_examples, metrics, names,
-                                          weights, chunk_bytes=self.settings.chunk_bytes,
-                                          max_bytes=self.settings.max_update_bytes, signer=self.signer)
-            result, nbytes, note = pushed.outcome, pushed.nbytes, f" in {pushed.parts} parts" if pushed.parts else ""
-        else:  # a compressed delta travels whole (a quarter or half of the model's bytes)
-            signature = None
-            if self.signer is not None:
-                signature = self.signer.sign(st.run_id, round_no, self.client_id, trainer.num_examples,
-                                             wire_names, wire_tensors, descriptor)
-            payload = messages.encode_update(st.run_id, round_no, self.client_id, trainer.num_examples, metrics,
-                                             wire_names, wire_tensors, signature, descriptor)
-            result = st.push_update(self.client_id, round_no, payload, self.settings.max_update_bytes)
-            nbytes = len(payload)
-            note = f" as {spec.compression} (relative error {metrics['compression_error']:.2e})"
-        if result == "ok" and self._beat is not None:
+        pushed = transfer.push_update(st, self.client_id, round_no, trainer.num_examples, metrics, names, tensors,
+                                      chunk_bytes=self.settings.chunk_bytes, max_bytes=self.settings.max_update_bytes,
+                                      signer=self.signer, compression=compression)
+        if pushed.outcome == Push.OK and self._beat is not None:
             self._beat.update(round=round_no, last_push=time.time())
+        note = f" in {pushed.parts} parts" if pushed.parts else ""
+        if compression is not None:
+            note = f" as {spec.compression} (relative error {metrics['compression_error']:.2e})"
         log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes%s in %.1f ms (%s)",
                  self.client_id, round_no, metrics["loss"], metrics.get("accuracy", float("nan")), train_seconds,
-                 nbytes, note, (time.perf_counter() - t2) * 1000, result)
-        return result
+                 pushed.nbytes, note, (time.perf_counter() - t2) * 1000, pushed.outcome)
+        return pushed.outcome
+
+    def _fetch(self, st: RunStore, trainer: Trainer, round_no: int) -> list[np.ndarray] | None:
+        """Stage 1: load the global model of round_no - 1 into the trainer and return it (None
+        when the commit moved on while we read: the round is not ours to train any more)."""
+        try:
+            g_round, names, tensors = self.read_global(st)
+        except transfer.PartsGone:
+            return None  # the commit moved on twice while we read
+        if g_round != round_no - 1:
+            return None
+        if names != trainer.names:
+            raise FedqError(f"{self.client_id}: the global model's layers do not match the local model")
+        trainer.load(tensors)
+        return tensors
+
+    def _privatise(self, spec: RunSpec, weights: list[np.ndarray], base: list[np.ndarray]) -> list[np.ndarray]:
+        """Stage 3: with local DP, the update clipped and noised, so only the noised model leaves."""
+        if spec.dp == "local" and spec.dp_clip is not None and spec.dp_noise is not None:
+            # Fresh OS entropy: noise the aggregator could regenerate would protect nothing.
+            return privacy.privatize(weights, base, spec.dp_clip, spec.dp_noise, self._dp_rng)
+        return weights
+
+    def _encode(self, spec: RunSpec, round_no: int, names: list[str], weights: list[np.ndarray],
+                base: list[np.ndarray], metrics: dict[str, float],
+                ) -> tuple[list[str], list[np.ndarray], dict[str, Any] | None]:
+        """Stage 4: what travels. With compression (float16, int8), the delta from the global
+        model the round trained from, encoded so (its error and bytes go into metrics); float32
+        weights otherwise, or when the delta cannot be encoded."""
+        if spec.compression == "none":
+            return names, weights, None
+        try:
+            packed = messages.compress_update(names, weights, base, spec.compression)
+        except CompressionError as exc:
+            # float32 weights are always accepted; the aggregator judges them as usual.
+            log.warning("%s round %d: cannot encode the update as %s (%s); sending float32 weights",
+                        self.client_id, round_no, spec.compression, exc)
+            metrics["compression_fallback"] = 1.0
+            return names, weights, None
+        metrics.update(packed.metrics)
+        return list(packed.names), list(packed.tensors), dict(packed.descriptor)
 
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:
         """eval_* metrics of the loaded model on this client's held-out rows ({} when it has none)."""

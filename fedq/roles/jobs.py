@@ -19,7 +19,8 @@ from fedq.roles.aggregator import Aggregator, AggregatorStopped, RunVanished
 from fedq.roles.lifecycle import die_with_parent, exit_soon, parent_died
 from fedq.settings import Settings
 from fedq.learning.spec import RunSpec
-from fedq.protocol.store import ENDED, RunStore, connect, list_runs
+from fedq.protocol.store import RunStore, connect, list_runs
+from fedq.protocol.vocabulary import ENDED, Status
 
 log = logging.getLogger("fedq.roles.jobs")
 
@@ -249,7 +250,7 @@ def drive_run(run_id: str) -> dict[str, Any]:
         log.exception("run %s: aggregator crashed", run_id)
         RunStore(r, run_id).fail(f"aggregator crashed: {type(exc).__name__}: {exc}")
         raise
-    if state.get("status") == "failed":
+    if state.get("status") == Status.FAILED:
         # The run is marked failed with its reason already; the job fails too, so that rq's
         # log and registries say so rather than "Job OK".
         raise RunEndedFailed(f"run {run_id} failed: {state.get('reason') or 'no reason recorded'}")

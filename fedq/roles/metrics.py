@@ -22,7 +22,7 @@ import tempfile
 import threading
 from typing import Any
 
-from fedq.errors import REFUSAL_REASONS
+from fedq.protocol.vocabulary import Refusal
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NAMESPACE = "fedq"
@@ -65,7 +65,7 @@ class AggregatorMetrics:
         self.rounds_completed = Counter("rounds_completed", "Federated rounds committed.", **kw)
         self.updates_accepted = Counter("updates_accepted", "Client updates validated and aggregated.", **kw)
         self.updates_refused = Counter("updates_refused", "Client updates refused, by reason.", ["reason"], **kw)
-        for reason in REFUSAL_REASONS:  # every reason exists, at 0, before its first refusal
+        for reason in Refusal:  # every reason exists, at 0, before its first refusal
             self.updates_refused.labels(reason=reason)
         self.round_duration = Histogram("round_duration_seconds", "Wall time of a committed round.",
                                         buckets=ROUND_BUCKETS, **kw)

@@ -13,7 +13,8 @@ from fedq.errors import FedqError
 from fedq.roles.plots import write_curves
 from fedq.learning.privacy import ACCOUNTANT, GUARANTEES
 from fedq.learning.spec import RunSpec, load_spec
-from fedq.protocol.store import FINISHED, RunStore
+from fedq.protocol.store import RunStore
+from fedq.protocol.vocabulary import Status
 
 ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_accuracy",
                 "test_loss", "test_accuracy", "seconds", "overhead_seconds")
@@ -148,6 +149,6 @@ def write_report(store: RunStore, out: Path, with_model: bool = True) -> dict[st
     clear_outputs(out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_curves(report["rounds"], out / "curves.png", title=f"run {store.run_id}")
-    if with_model and report["status"] == FINISHED:
+    if with_model and report["status"] == Status.FINISHED:
         save_model(store, out)
     return report

@@ -25,7 +25,8 @@ from fedq.roles.localredis import LocalRedis
 from fedq.roles.report import clear_outputs, write_report
 from fedq.settings import Settings
 from fedq.learning.spec import RunSpec
-from fedq.protocol.store import ENDED, RunStore, connect
+from fedq.protocol.store import RunStore, connect
+from fedq.protocol.vocabulary import ENDED
 
 log = logging.getLogger("fedq.run")
 

@@ -27,7 +27,8 @@ from fedq.learning.partition import load_shard
 from fedq.settings import Settings
 from fedq.protocol.signing import Signer
 from fedq.learning.spec import RunSpec
-from fedq.protocol.store import ENDED, RunStore
+from fedq.protocol.store import RunStore
+from fedq.protocol.vocabulary import ENDED
 from helpers import RedisServer
 
 HONEST = {"site-a": 100, "site-b": 300}  # sample counts, unequal on purpose

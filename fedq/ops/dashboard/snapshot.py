@@ -15,7 +15,8 @@ import redis
 
 from fedq.protocol import heartbeat
 from fedq.errors import RunNotFound
-from fedq.protocol.store import ENDED, RunStore, list_runs
+from fedq.protocol.store import RunStore, list_runs
+from fedq.protocol.vocabulary import ENDED
 
 RUNS_LISTED = 100
 REFUSED_READ = 1000  # newest refusals read per poll (the log itself keeps up to 10 000)
