@@ -136,8 +136,10 @@ def test_every_refusal_reason_exists_at_zero_before_any_refusal() -> None:
 def test_refusal_reasons_list_every_reason_fedq_raises() -> None:
     # The reasons are literals at the raise sites; the list the metrics start from must not miss one.
     raised = set()
-    for path in (Path(metrics.__file__).parent).rglob("*.py"):
-        raised |= set(re.findall(r'UpdateRejected\(\s*"([a-z_]+)"', path.read_text()))
+    for path in Path(metrics.__file__).parents[1].rglob("*.py"):  # all of fedq/
+        text = path.read_text()
+        raised |= set(re.findall(r'UpdateRejected\(\s*"([a-z_]+)"', text))
+        raised |= {Refusal[name].value for name in re.findall(r"UpdateRejected\(\s*Refusal\.([A-Z_]+)", text)}
     assert raised and raised <= set(REFUSAL_REASONS), sorted(raised - set(REFUSAL_REASONS))
 
 
