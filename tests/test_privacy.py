@@ -217,3 +217,23 @@ def test_central_dp_strategy_needs_the_rounds_noise_source() -> None:
         s.begin_round(glob)
     with pytest.raises(ConfigError):
         Strategy(StrategySpec(name="krum"), glob, dp=CentralDP(1.0, 1.0, 5))
+
+
+def test_central_dp_strategy_never_streams_and_draws_its_noise_from_the_round_rng() -> None:
+    """Strategy.result() must hand NoisyMean the round's generator on every path: the streaming
+    path (no global model) called result() with no rng, which only a type: ignore kept quiet."""
+    glob = _zeros()
+    s = Strategy(StrategySpec(), glob, dp=CentralDP(1.0, 1.0, 2))
+    assert not s.streams_result and not s.streams_parts
+    with pytest.raises(ValueError, match="begin_round"):
+        s.result()  # before any round: a clear error, never a TypeError about a missing rng
+    with pytest.raises(ValueError, match="global model"):
+        s.begin_round(None, noise_rng=np.random.default_rng(0))
+    results = []
+    for seed in (1, 1, 2):
+        s.begin_round(glob, noise_rng=np.random.default_rng(seed))
+        s.add(_zeros(), 10, "a")
+        results.append(_flat(s.result()))
+    np.testing.assert_array_equal(results[0], results[1])
+    assert not np.array_equal(results[0], results[2])
+    assert np.abs(results[0]).max() > 0  # zero updates, so all of it is the round's noise

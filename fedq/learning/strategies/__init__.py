@@ -256,6 +256,7 @@ class Strategy:
         self._global = None if global_weights is None else [np.asarray(g) for g in global_weights]
         self._noise_rng = noise_rng
         if isinstance(self._combine, NoisyMean):
+            assert self._global is not None  # central DP never streams its result (checked above)
             self._combine.begin(self._global)
         self.reset()
 
@@ -310,16 +311,17 @@ class Strategy:
 
     def result(self) -> list[np.ndarray]:
         """The next global model. Advances the server optimiser: call once per round."""
+        combine = self._combine
+        if isinstance(combine, NoisyMean):
+            # Central DP never streams: it needs the round's global model and noise source.
+            if self._global is None or self._noise_rng is None:
+                raise ValueError("begin_round() with the global model and noise_rng must come before result()")
+            return self._server.step(self._global, combine.result(self._noise_rng))
         if self._global is None:
             if not self.streams_result:
                 raise ValueError("begin_round() must come before result()")
-            return self._combine.result()  # type: ignore[union-attr]
-        if isinstance(self._combine, NoisyMean):
-            assert self._noise_rng is not None  # begin_round checked it
-            combined = self._combine.result(self._noise_rng)
-        else:
-            combined = self._combine.result()
-        return self._server.step(self._global, combined)
+            return combine.result()
+        return self._server.step(self._global, combine.result())
 
     def round_info(self) -> dict[str, Any]:
         """What the round's metrics record about the strategy (clipped clients, Krum's choice)."""

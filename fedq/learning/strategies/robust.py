@@ -73,6 +73,10 @@ class Buffered:
         """Tensor i of every held update as one float64 array of shape (n, *shape)."""
         return np.stack([np.asarray(ts[i], dtype=np.float64) for ts, _, _ in self._items])
 
+    def result(self) -> list[np.ndarray]:
+        """The round's combined model (each robust combiner defines its own)."""
+        raise NotImplementedError
+
     def _check(self) -> None:
         if not self._items:
             raise ValueError("no updates were aggregated")
