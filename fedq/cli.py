@@ -9,22 +9,23 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal, overload
 
 import click
 
-from fedq.learning.data import DataSpec, seed_spec
 from fedq.clitools import EXIT_ERROR, fail_cleanly
-from fedq.protocol.compress import ENCODINGS
 from fedq.errors import ConfigError, FedqError
-from fedq.settings import Settings
+from fedq.learning.data import DataSpec, seed_spec
 from fedq.learning.spec import OPTIMIZERS, RunSpec, new_run_id
-
+from fedq.protocol.compress import ENCODINGS
+from fedq.settings import Settings
 
 
 def _settings(ctx: click.Context) -> Settings:
-    return ctx.obj["settings"]
+    settings: Settings = ctx.obj["settings"]
+    return settings
 
 
 def _stop_on_signals() -> threading.Event:
@@ -65,6 +66,18 @@ def data_options(required: bool) -> Callable[[Callable[..., Any]], Callable[...,
     return deco
 
 
+@overload
+def _data_spec(normal_csv: str | None, abnormal_csv: str | None, csv_path: str | None,
+               label_column: str | None, missing_value: float | None, test_fraction: float | None,
+               seed: int, default: Literal[True]) -> DataSpec: ...
+
+
+@overload
+def _data_spec(normal_csv: str | None, abnormal_csv: str | None, csv_path: str | None,
+               label_column: str | None, missing_value: float | None, test_fraction: float | None,
+               seed: int, default: bool) -> DataSpec | None: ...
+
+
 def _data_spec(normal_csv: str | None, abnormal_csv: str | None, csv_path: str | None,
                label_column: str | None, missing_value: float | None, test_fraction: float | None,
                seed: int, default: bool) -> DataSpec | None:
@@ -99,7 +112,7 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
     With creating=False (the aggregator), --clients and --rounds are optional: given, they
     create a run; absent, the command serves the queue."""
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        sized = {"show_default": True} if creating else {}
+        sized: dict[str, Any] = {"show_default": True} if creating else {}
         for opt in reversed([
             click.option("--clients", type=click.IntRange(1), default=2 if creating else None,
                          help="Clients per round (N)." if creating else "Create a run with N clients and drive it now.",
@@ -230,8 +243,8 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
 @fail_cleanly
 def run(ctx: click.Context, out: Path, **kw: Any) -> None:
     """Run a whole federation on this machine: Redis, an aggregator and N clients."""
-    from fedq.roles.runner import run_local
     from fedq.ops.view import RunProgress, print_event, print_report, print_round
+    from fedq.roles.runner import run_local
 
     spec = _run_spec(kw)
     with RunProgress(spec.rounds, spec.clients) as progress:  # silent when stdout is not a terminal
@@ -251,9 +264,8 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
 @fail_cleanly
 def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     """Enqueue a run for an aggregator worker and print its id."""
-    from fedq.roles.jobs import submit_run
     from fedq.protocol.store import RunStore, connect
-
+    from fedq.roles.jobs import submit_run
     from fedq.roles.runner import check_submitted
 
     settings = _settings(ctx)
@@ -280,8 +292,8 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
 def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port: int | None, metrics_host: str,
                **kw: Any) -> None:
     """Serve runs from the queue as an rq worker; with --clients/--rounds, create one run and drive it."""
-    from fedq.roles.jobs import run_worker, submit_run
     from fedq.protocol.store import connect
+    from fedq.roles.jobs import run_worker, submit_run
 
     settings = _settings(ctx)
     r = connect(settings)
@@ -320,8 +332,8 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
 def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str | None, once: bool,
            client_id: str | None, **kw: Any) -> None:
     """Join runs and train on this client's own data."""
-    from fedq.roles.client import Client, Stopped
     from fedq.protocol.store import connect
+    from fedq.roles.client import Client, Stopped
 
     if num_shards is not None and shard >= num_shards:
         raise click.BadParameter(f"{shard} is out of range for --num-shards {num_shards} (0..{num_shards - 1})",
@@ -354,8 +366,8 @@ def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str |
 def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float) -> None:
     """Show runs and their progress: clients, liveness, rounds, refusals (reads Redis only)."""
     from fedq.ops.dashboard.readonly import connect_readonly
-    from fedq.protocol.store import connect
     from fedq.ops.view import console, status_renderable, watch_status
+    from fedq.protocol.store import connect
 
     settings = _settings(ctx)
     connect(settings).close()  # fails fast, with the URL (password hidden), when Redis is unreachable
@@ -393,9 +405,9 @@ def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: f
 @fail_cleanly
 def report(ctx: click.Context, run_id: str, out: Path) -> None:
     """Write a run's report.json and, when finished, model.keras into a directory."""
-    from fedq.roles.report import write_report
-    from fedq.protocol.store import RunStore, connect
     from fedq.ops.view import print_report
+    from fedq.protocol.store import RunStore, connect
+    from fedq.roles.report import write_report
 
     print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out), out)
 
@@ -417,9 +429,9 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
     """Many lightweight clients (numpy updates, no TensorFlow) against the real aggregator and protocol."""
     import dataclasses
 
+    from fedq.ops.view import print_event, print_report, print_round
     from fedq.roles.runner import run_local
     from fedq.roles.swarm import client_commands
-    from fedq.ops.view import print_event, print_report, print_round
 
     own_data = any(kw.get(k) for k in ("normal_csv", "abnormal_csv", "csv_path"))
     spec = _run_spec(kw)

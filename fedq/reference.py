@@ -11,9 +11,10 @@ import inspect
 import io
 import sys
 import tokenize
-from dataclasses import MISSING, fields
+from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
@@ -102,7 +103,7 @@ def setting_rows() -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     index: dict[str, int] = {}
     for f in fields(Settings):
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default_factory() if callable(f.default_factory) else f.default
         var, kind, shown = f"FEDQ_{f.name.upper()}", type(default).__name__, _default_text(f.name, default)
         lead = SETTING_GROUPS.get(f.name)
         if lead in index:
@@ -176,7 +177,7 @@ def render_settings() -> str:
 
 
 # --- CLI -----------------------------------------------------------------------------------------
-def _range_text(t: click.types._NumberRangeBase) -> str:  # type: ignore[name-defined]
+def _range_text(t: click.types._NumberRangeBase) -> str:
     parts = []
     if t.min is not None:
         parts.append(f"{'>' if t.min_open else '>='} {t.min}")

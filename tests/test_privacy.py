@@ -5,14 +5,15 @@ settings are refused with a clear reason. Pure numpy: no Redis, no TensorFlow.""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import dp_accounting
 import numpy as np
 import pytest
 from scipy import stats
 
-from fedq.learning import privacy
 from fedq.errors import ConfigError
+from fedq.learning import privacy
 from fedq.learning.privacy import CentralDP, NoisyMean
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy, StrategySpec
@@ -154,9 +155,9 @@ def test_epsilon_is_dp_accountings_rdp_figure_and_a_known_value() -> None:
 
 def test_epsilon_grows_with_rounds_and_falls_with_noise() -> None:
     by_round = [privacy.epsilon(1.0, r, 1e-5) for r in range(1, 8)]
-    assert all(a < b for a, b in zip(by_round, by_round[1:]))
+    assert all(a < b for a, b in itertools.pairwise(by_round))
     by_noise = [privacy.epsilon(z, 5, 1e-5) for z in (0.5, 1.0, 2.0, 4.0)]
-    assert all(a > b for a, b in zip(by_noise, by_noise[1:]))
+    assert all(a > b for a, b in itertools.pairwise(by_noise))
     assert privacy.epsilon(1.0, 5, 1e-3) < privacy.epsilon(1.0, 5, 1e-6)
 
 

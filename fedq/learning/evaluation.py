@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,9 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float 
 def client_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """What a client reports about the global model on its validation rows (eval_* numbers)."""
     m = classification_metrics(probs, y)
-    out = {"eval_loss": float(m["loss"]), "eval_accuracy": float(m["accuracy"]), "eval_examples": float(len(y))}
+    loss, accuracy = m["loss"], m["accuracy"]
+    assert loss is not None and accuracy is not None  # only auc can be None
+    out = {"eval_loss": float(loss), "eval_accuracy": float(accuracy), "eval_examples": float(len(y))}
     if probs.shape[1] == 2:
         out.update({f"eval_{k}": float(v) for k, v in confusion(probs, y).items()})
     return out

@@ -31,17 +31,18 @@ on that noisy model (post-processing: DP-FedAdam etc. keep the guarantee).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from fedq.protocol import codec
 from fedq.errors import CodecError, ConfigError
 from fedq.learning.privacy import CentralDP, NoisyMean
 from fedq.learning.strategies.robust import Buffered, Mean, make_combiner
 from fedq.learning.strategies.sampling import sample_size, select_clients
 from fedq.learning.strategies.server import ServerStep, make_server_step
+from fedq.protocol import codec
 
 __all__ = ["STRATEGIES", "Strategy", "StrategySpec", "aggregate_all", "clip_update", "held_bytes",
            "sample_size", "select_clients"]
@@ -121,13 +122,14 @@ class StrategySpec:
         """The FedProx proximal coefficient client training uses (0: none)."""
         return self.value("mu")
 
-    def resolved(self) -> "StrategySpec":
+    def resolved(self) -> StrategySpec:
         """The spec with every default made explicit (what a report shows)."""
         used = set(_DEFAULTS.get(self.name, {})) | {n for n in _OPTIONAL if getattr(self, n) is not None}
-        return replace(self, **{n: self.value(n) for n in used})
+        values: dict[str, Any] = {n: self.value(n) for n in used}
+        return replace(self, **values)
 
     # --- checks and (de)serialisation -------------------------------------------------------
-    def validate(self, expected_clients: int) -> "StrategySpec":
+    def validate(self, expected_clients: int) -> StrategySpec:
         """ConfigError naming the first bad field; expected_clients: updates a round plans for."""
         if self.name not in _PARTS:
             raise ConfigError(f"unknown strategy {self.name!r}; choose one of {', '.join(STRATEGIES)}")
@@ -151,14 +153,15 @@ class StrategySpec:
                               f"got {self.krum_keep!r}")
         if self.combiner == "krum" and expected_clients < 2 * self.byzantine + 3:
             raise ConfigError(f"{self.name} with byzantine {self.byzantine} needs at least "
-                              f"{2 * self.byzantine + 3} clients per round (n > 2f + 2), the run has {expected_clients}")
+                              f"{2 * self.byzantine + 3} clients per round (n > 2f + 2), "
+                              f"the run has {expected_clients}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "StrategySpec":
+    def from_dict(cls, raw: Mapping[str, Any]) -> StrategySpec:
         """Inverse of to_dict; unknown fields are an error."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"strategy spec must be a mapping, got {type(raw).__name__}")

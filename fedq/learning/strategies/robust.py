@@ -18,7 +18,8 @@ sample count it claims, because a malicious client could claim any count:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class Mean(FedAvg):
 
     holds_all = False
 
-    def add(self, tensors: Sequence[np.ndarray], num_examples: int, client_id: str = "") -> None:  # type: ignore[override]
+    def add(self, tensors: Sequence[np.ndarray], num_examples: int, client_id: str = "") -> None:
         super().add(tensors, num_examples)
 
     def info(self) -> dict[str, Any]:
@@ -153,7 +154,7 @@ class Krum(Buffered):
         # round closed with fewer updates than planned (quorum) still has a defined score.
         k = min(max(n - self.byzantine - 2, 1), n - 1)
         others = np.sort(dist + np.diag(np.full(n, np.inf)), axis=1)[:, :k]
-        return others.sum(axis=1)
+        return np.asarray(others.sum(axis=1))
 
     def result(self) -> list[np.ndarray]:
         self._check()
