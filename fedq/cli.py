@@ -48,14 +48,59 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+# --- help panels -------------------------------------------------------------------------
+# `fedq run --help` and its kin take forty-odd options: their help lists them in these titled
+# panels, in this order (keys are the options' parameter names). An option of a PanelCommand that
+# no panel names is listed under OTHER_PANEL; tests/test_cli_help.py keeps that to --help.
+HELP_PANELS: dict[str, tuple[str, ...]] = {
+    "Data": ("normal_csv", "abnormal_csv", "csv_path", "label_column", "missing_value", "test_fraction",
+             "partition", "alpha", "rows_per_client", "features"),
+    "Federation": ("clients", "rounds", "fraction_fit", "round_timeout", "min_clients", "round_retries"),
+    "Client training": ("local_epochs", "batch_size", "optimizer", "learning_rate", "model", "seed"),
+    "Strategy": ("strategy", "server_lr", "server_momentum", "beta1", "beta2", "tau", "mu", "trim_fraction",
+                 "byzantine", "krum_keep", "clip_norm", "max_held_mb", "max_client_share"),
+    "Privacy": ("dp", "dp_clip", "dp_noise", "dp_delta"),
+    "Evaluation": ("central_eval", "val_fraction"),
+    "Transport": ("compression", "keep_updates"),
+    "Client": ("shard", "num_shards", "client_id", "once"),
+    "Worker": ("queue", "burst", "metrics_port", "metrics_host"),
+    "Run control": ("run_id", "if_absent", "out", "processes"),
+}
+OTHER_PANEL = "Other options"
+_PANEL_OF = {name: title for title, names in HELP_PANELS.items() for name in names}
+
+
+class PanelCommand(click.Command):
+    """A click command whose --help lists its options in the titled panels of HELP_PANELS.
+
+    Only the help changes: parsing, option names and defaults are click's as usual."""
+
+    def panels(self, ctx: click.Context) -> list[tuple[str, list[click.Parameter]]]:
+        """(title, parameters) of every non-empty panel, in HELP_PANELS order, OTHER_PANEL last."""
+        grouped: dict[str, list[click.Parameter]] = {}
+        for param in self.get_params(ctx):
+            grouped.setdefault(_PANEL_OF.get(param.name or "", OTHER_PANEL), []).append(param)
+        return [(title, grouped[title]) for title in (*HELP_PANELS, OTHER_PANEL) if title in grouped]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for title, params in self.panels(ctx):
+            records = [rec for rec in (p.get_help_record(ctx) for p in params) if rec is not None]
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
 # --- shared options ----------------------------------------------------------------------
 def data_options(required: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Options that choose the data: seed CSV pair, one labelled CSV, or the built-in dataset."""
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         for opt in reversed([
-            click.option("--normal-csv", type=click.Path(dir_okay=False), help="Seed format: rows of class 0 (normal)."),
-            click.option("--abnormal-csv", type=click.Path(dir_okay=False), help="Seed format: rows of class 1 (abnormal)."),
-            click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="One CSV with a header and a label column."),
+            click.option("--normal-csv", type=click.Path(dir_okay=False),
+                         help="Seed format: rows of class 0 (normal)."),
+            click.option("--abnormal-csv", type=click.Path(dir_okay=False),
+                         help="Seed format: rows of class 1 (abnormal)."),
+            click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+                         help="One CSV with a header and a label column."),
             click.option("--label-column", help="Label column of --csv."),
             click.option("--missing-value", type=float, help="Value meaning missing (seed CSVs: -1)."),
             click.option("--test-fraction", type=float, default=0.2 if required else None, show_default=required,
@@ -113,7 +158,7 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
     create a run; absent, the command serves the queue."""
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         sized: dict[str, Any] = {"show_default": True} if creating else {}
-        for opt in reversed([
+        options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
             click.option("--clients", type=click.IntRange(1), default=2 if creating else None,
                          help="Clients per round (N)." if creating else "Create a run with N clients and drive it now.",
                          **sized),
@@ -132,7 +177,8 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
             click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
                          help="Seed of split, shards and weights."),
             click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0,
-                         show_default=True, help="Seconds a round waits for all updates before closing with the quorum."),
+                         show_default=True,
+                         help="Seconds a round waits for all updates before closing with the quorum."),
             click.option("--min-clients", type=click.IntRange(1),
                          help="Quorum: updates a round needs at its deadline (default: all clients)."),
             click.option("--round-retries", type=click.IntRange(0), default=2, show_default=True,
@@ -147,7 +193,8 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
                               "only the float64 sum of the updates (models of a GB and more)."),
             *strategy_options(),
             click.option("--run-id", help="Id of the new run (default: time + random)."),
-        ]):
+        ]
+        for opt in reversed(options):
             fn = opt(fn)
         return data_options(required=True)(fn)
     return deco
@@ -163,10 +210,12 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
     return [
         click.option("--strategy", type=click.Choice(STRATEGIES), default="fedavg", show_default=True,
                      help="How updates become the next global model."),
-        click.option("--server-lr", type=pos, help="Server learning rate (fedavgm 1.0; fedadam/fedyogi/fedadagrad 0.1)."),
+        click.option("--server-lr", type=pos,
+                     help="Server learning rate (fedavgm 1.0; fedadam/fedyogi/fedadagrad 0.1)."),
         click.option("--server-momentum", type=click.FloatRange(0, 1, max_open=True), help="fedavgm's momentum (0.5)."),
         click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), help="Adaptive: first-moment decay (0.9)."),
-        click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), help="fedadam/fedyogi: second-moment decay (0.99)."),
+        click.option("--beta2", type=click.FloatRange(0, 1, max_open=True),
+                     help="fedadam/fedyogi: second-moment decay (0.99)."),
         click.option("--tau", type=pos, help="Adaptive: adaptivity, added to sqrt(v) (1e-3)."),
         click.option("--mu", type=click.FloatRange(min=0), help="FedProx proximal term in client training "
                                                                  "(fedprox 0.1; usable with any strategy)."),
@@ -175,14 +224,16 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
         click.option("--byzantine", type=click.IntRange(0), default=1, show_default=True,
                      help="krum/multi-krum: clients assumed malicious (f)."),
         click.option("--krum-keep", type=click.IntRange(1), help="krum/multi-krum: updates averaged (1 / n - f)."),
-        click.option("--clip-norm", type=pos, help="Clip each update's L2 norm (model - global) to this (any strategy)."),
+        click.option("--clip-norm", type=pos,
+                     help="Clip each update's L2 norm (model - global) to this (any strategy)."),
         click.option("--max-held-mb", type=pos, default=1024.0, show_default=True,
                      help="Robust strategies hold a round's N updates: refuse runs needing more MiB."),
         click.option("--fraction-fit", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
                      help="Share of clients that train each round (a seeded choice per round)."),
         click.option("--partition", type=click.Choice(PARTITIONS), default="iid", show_default=True,
                      help="How training rows are dealt to clients (simulations)."),
-        click.option("--alpha", type=pos, default=0.5, show_default=True, help="Dirichlet concentration of --partition dirichlet."),
+        click.option("--alpha", type=pos, default=0.5, show_default=True,
+                     help="Dirichlet concentration of --partition dirichlet."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
                      help="Share of each client's rows held out for federated evaluation (0: none)."),
         click.option("--max-client-share", type=click.FloatRange(0, 1, min_open=True),
@@ -235,7 +286,7 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
                "redis_from_env": bool(redis_url)}
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @run_options()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-out"),
               show_default=True, help="Directory for report.json, model.keras and logs.")
@@ -256,7 +307,7 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
         sys.exit(EXIT_ERROR)
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @run_options()
 @click.option("--if-absent", is_flag=True,
               help="When a run with --run-id exists already, print its id and succeed (a re-run Job).")
@@ -279,7 +330,7 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     click.echo(submit_run(r, settings, spec))
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @click.option("--queue", help="rq queue to serve (default: FEDQ_QUEUE or fedq-runs).")
 @click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="FEDQ_METRICS_PORT",
@@ -320,7 +371,7 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
             raise FedqError(f"run {spec.run_id} {state.get('status')}: {state.get('reason') or 'not finished'}")
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @click.option("--shard", type=click.IntRange(0), required=True, help="This client's shard, 0-based.")
 @click.option("--num-shards", type=click.IntRange(1), help="Shards in all (default: the run's client count).")
 @click.option("--run", "run_id", help="Run to join (default: the newest open run, waiting for one).")
@@ -412,7 +463,7 @@ def report(ctx: click.Context, run_id: str, out: Path) -> None:
     print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out), out)
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @run_options()
 @click.option("--rows-per-client", type=click.IntRange(10), default=100, show_default=True,
               help="Synthetic rows per client (when no data file is given).")

@@ -247,8 +247,17 @@ def _command_section(path: tuple[str, ...], cmd: click.Command) -> list[str]:
     if isinstance(cmd, click.Group):
         subs = sorted(cmd.commands)
         out.append("Commands: " + ", ".join(f"[`{s}`](#{_anchor((*path, s))})" for s in subs) + ".\n")
-    params = [p for p in cmd.params if not (isinstance(p, click.Option) and p.name in ("help", "version"))]
-    if params:
+    from fedq.cli import PanelCommand
+
+    # A command whose --help shows panels gets one table per panel, under the same titles.
+    panels = cmd.panels(ctx) if isinstance(cmd, PanelCommand) else [("", cmd.params)]
+    for title, all_params in panels:
+        params = [p for p in all_params if p in cmd.params  # not click's own --help
+                  and not (isinstance(p, click.Option) and p.name in ("help", "version"))]
+        if not params:
+            continue
+        if title:
+            out.append(f"**{title}**\n")
         out += ["| option | type | default | help |", "| --- | --- | --- | --- |"]
         for p in params:
             help_cell = _cell(getattr(p, "help", None) or "")
