@@ -28,8 +28,6 @@ REFUSAL_REASONS = (
     "unknown_client", "unknown_key", "unsigned", "wrong_client", "wrong_dtype", "wrong_round", "wrong_run",
     "wrong_shape",
 )
-# Reasons a join request is refused for (recorded with the run's refusals, round 0).
-JOIN_REFUSAL_REASONS = ("bad_stats", "shard_plan", "unknown_key")
 
 
 class UpdateRejected(FedqError):

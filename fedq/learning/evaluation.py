@@ -155,10 +155,3 @@ def check_eval_metrics(metrics: Any, max_examples: int | None) -> dict[str, floa
     if any(k in out for k in COUNT_KEYS) and sum(out.get(k, 0.0) for k in COUNT_KEYS) != n:
         raise UpdateRejected("bad_metrics", "confusion counts do not add up to the rows evaluated")
     return out
-
-
-def summarize(values: Iterable[float]) -> dict[str, Any]:
-    """mean, std, min, max of a list of numbers (for experiment tables)."""
-    arr = np.asarray(list(values), dtype=np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-            "min": float(arr.min()), "max": float(arr.max()), "n": int(len(arr))}

@@ -217,11 +217,6 @@ def weight_names(model: keras.Model) -> list[str]:
             for i, w in enumerate(model.weights)]
 
 
-def to_model_input(x: np.ndarray) -> np.ndarray:
-    """(n, d) features to the (n, d, 1) float32 layout the Conv1D network expects."""
-    return np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1, 1)
-
-
 def model_input(model: keras.Model, x: np.ndarray) -> np.ndarray:
     """(n, d) features in the layout the model takes: (n, d, 1) for the seed network, (n, d) for most."""
     dims = list(model.input_shape[1:])

@@ -132,7 +132,6 @@ class Krum(Buffered):
         self.byzantine = byzantine
         self.keep = keep  # None: n - f (Multi-Krum's usual choice)
         self._selected: list[str] = []
-        self._scores: list[float] = []
 
     def distances(self) -> np.ndarray:
         """(n, n) squared Euclidean distances between the held updates, over all tensors."""
@@ -165,7 +164,6 @@ class Krum(Buffered):
         # Stable order: ties go to the earlier-added update, deterministically.
         best = np.argsort(score, kind="stable")[:keep]
         self._selected = [self._items[b][2] for b in best]
-        self._scores = [float(s) for s in score]
         acc = FedAvg(self._items[0][0])
         for b in best:
             ts, num, _ = self._items[b]
