@@ -9,22 +9,23 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal, overload
 
 import click
 
-from fedq.learning.data import DataSpec, seed_spec
 from fedq.clitools import EXIT_ERROR, fail_cleanly
-from fedq.protocol.compress import ENCODINGS
 from fedq.errors import ConfigError, FedqError
-from fedq.settings import Settings
+from fedq.learning.data import DataSpec, seed_spec
 from fedq.learning.spec import OPTIMIZERS, RunSpec, new_run_id
-
+from fedq.protocol.compress import ENCODINGS
+from fedq.settings import Settings
 
 
 def _settings(ctx: click.Context) -> Settings:
-    return ctx.obj["settings"]
+    settings: Settings = ctx.obj["settings"]
+    return settings
 
 
 def _stop_on_signals() -> threading.Event:
@@ -47,14 +48,59 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+# --- help panels -------------------------------------------------------------------------
+# `fedq run --help` and its kin take forty-odd options: their help lists them in these titled
+# panels, in this order (keys are the options' parameter names). An option of a PanelCommand that
+# no panel names is listed under OTHER_PANEL; tests/test_cli_help.py keeps that to --help.
+HELP_PANELS: dict[str, tuple[str, ...]] = {
+    "Data": ("normal_csv", "abnormal_csv", "csv_path", "label_column", "missing_value", "test_fraction",
+             "partition", "alpha", "rows_per_client", "features"),
+    "Federation": ("clients", "rounds", "fraction_fit", "round_timeout", "min_clients", "round_retries"),
+    "Client training": ("local_epochs", "batch_size", "optimizer", "learning_rate", "model", "seed"),
+    "Strategy": ("strategy", "server_lr", "server_momentum", "beta1", "beta2", "tau", "mu", "trim_fraction",
+                 "byzantine", "krum_keep", "clip_norm", "max_held_mb", "max_client_share"),
+    "Privacy": ("dp", "dp_clip", "dp_noise", "dp_delta"),
+    "Evaluation": ("central_eval", "val_fraction"),
+    "Transport": ("compression", "keep_updates"),
+    "Client": ("shard", "num_shards", "client_id", "once"),
+    "Worker": ("queue", "burst", "metrics_port", "metrics_host"),
+    "Run control": ("run_id", "if_absent", "out", "processes"),
+}
+OTHER_PANEL = "Other options"
+_PANEL_OF = {name: title for title, names in HELP_PANELS.items() for name in names}
+
+
+class PanelCommand(click.Command):
+    """A click command whose --help lists its options in the titled panels of HELP_PANELS.
+
+    Only the help changes: parsing, option names and defaults are click's as usual."""
+
+    def panels(self, ctx: click.Context) -> list[tuple[str, list[click.Parameter]]]:
+        """(title, parameters) of every non-empty panel, in HELP_PANELS order, OTHER_PANEL last."""
+        grouped: dict[str, list[click.Parameter]] = {}
+        for param in self.get_params(ctx):
+            grouped.setdefault(_PANEL_OF.get(param.name or "", OTHER_PANEL), []).append(param)
+        return [(title, grouped[title]) for title in (*HELP_PANELS, OTHER_PANEL) if title in grouped]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for title, params in self.panels(ctx):
+            records = [rec for rec in (p.get_help_record(ctx) for p in params) if rec is not None]
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
 # --- shared options ----------------------------------------------------------------------
 def data_options(required: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Options that choose the data: seed CSV pair, one labelled CSV, or the built-in dataset."""
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         for opt in reversed([
-            click.option("--normal-csv", type=click.Path(dir_okay=False), help="Seed format: rows of class 0 (normal)."),
-            click.option("--abnormal-csv", type=click.Path(dir_okay=False), help="Seed format: rows of class 1 (abnormal)."),
-            click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="One CSV with a header and a label column."),
+            click.option("--normal-csv", type=click.Path(dir_okay=False),
+                         help="Seed format: rows of class 0 (normal)."),
+            click.option("--abnormal-csv", type=click.Path(dir_okay=False),
+                         help="Seed format: rows of class 1 (abnormal)."),
+            click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+                         help="One CSV with a header and a label column."),
             click.option("--label-column", help="Label column of --csv."),
             click.option("--missing-value", type=float, help="Value meaning missing (seed CSVs: -1)."),
             click.option("--test-fraction", type=float, default=0.2 if required else None, show_default=required,
@@ -63,6 +109,18 @@ def data_options(required: bool) -> Callable[[Callable[..., Any]], Callable[...,
             fn = opt(fn)
         return fn
     return deco
+
+
+@overload
+def _data_spec(normal_csv: str | None, abnormal_csv: str | None, csv_path: str | None,
+               label_column: str | None, missing_value: float | None, test_fraction: float | None,
+               seed: int, default: Literal[True]) -> DataSpec: ...
+
+
+@overload
+def _data_spec(normal_csv: str | None, abnormal_csv: str | None, csv_path: str | None,
+               label_column: str | None, missing_value: float | None, test_fraction: float | None,
+               seed: int, default: bool) -> DataSpec | None: ...
 
 
 def _data_spec(normal_csv: str | None, abnormal_csv: str | None, csv_path: str | None,
@@ -99,8 +157,8 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
     With creating=False (the aggregator), --clients and --rounds are optional: given, they
     create a run; absent, the command serves the queue."""
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        sized = {"show_default": True} if creating else {}
-        for opt in reversed([
+        sized: dict[str, Any] = {"show_default": True} if creating else {}
+        options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
             click.option("--clients", type=click.IntRange(1), default=2 if creating else None,
                          help="Clients per round (N)." if creating else "Create a run with N clients and drive it now.",
                          **sized),
@@ -119,7 +177,8 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
             click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
                          help="Seed of split, shards and weights."),
             click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0,
-                         show_default=True, help="Seconds a round waits for all updates before closing with the quorum."),
+                         show_default=True,
+                         help="Seconds a round waits for all updates before closing with the quorum."),
             click.option("--min-clients", type=click.IntRange(1),
                          help="Quorum: updates a round needs at its deadline (default: all clients)."),
             click.option("--round-retries", type=click.IntRange(0), default=2, show_default=True,
@@ -134,7 +193,8 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
                               "only the float64 sum of the updates (models of a GB and more)."),
             *strategy_options(),
             click.option("--run-id", help="Id of the new run (default: time + random)."),
-        ]):
+        ]
+        for opt in reversed(options):
             fn = opt(fn)
         return data_options(required=True)(fn)
     return deco
@@ -150,10 +210,12 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
     return [
         click.option("--strategy", type=click.Choice(STRATEGIES), default="fedavg", show_default=True,
                      help="How updates become the next global model."),
-        click.option("--server-lr", type=pos, help="Server learning rate (fedavgm 1.0; fedadam/fedyogi/fedadagrad 0.1)."),
+        click.option("--server-lr", type=pos,
+                     help="Server learning rate (fedavgm 1.0; fedadam/fedyogi/fedadagrad 0.1)."),
         click.option("--server-momentum", type=click.FloatRange(0, 1, max_open=True), help="fedavgm's momentum (0.5)."),
         click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), help="Adaptive: first-moment decay (0.9)."),
-        click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), help="fedadam/fedyogi: second-moment decay (0.99)."),
+        click.option("--beta2", type=click.FloatRange(0, 1, max_open=True),
+                     help="fedadam/fedyogi: second-moment decay (0.99)."),
         click.option("--tau", type=pos, help="Adaptive: adaptivity, added to sqrt(v) (1e-3)."),
         click.option("--mu", type=click.FloatRange(min=0), help="FedProx proximal term in client training "
                                                                  "(fedprox 0.1; usable with any strategy)."),
@@ -162,14 +224,16 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
         click.option("--byzantine", type=click.IntRange(0), default=1, show_default=True,
                      help="krum/multi-krum: clients assumed malicious (f)."),
         click.option("--krum-keep", type=click.IntRange(1), help="krum/multi-krum: updates averaged (1 / n - f)."),
-        click.option("--clip-norm", type=pos, help="Clip each update's L2 norm (model - global) to this (any strategy)."),
+        click.option("--clip-norm", type=pos,
+                     help="Clip each update's L2 norm (model - global) to this (any strategy)."),
         click.option("--max-held-mb", type=pos, default=1024.0, show_default=True,
                      help="Robust strategies hold a round's N updates: refuse runs needing more MiB."),
         click.option("--fraction-fit", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
                      help="Share of clients that train each round (a seeded choice per round)."),
         click.option("--partition", type=click.Choice(PARTITIONS), default="iid", show_default=True,
                      help="How training rows are dealt to clients (simulations)."),
-        click.option("--alpha", type=pos, default=0.5, show_default=True, help="Dirichlet concentration of --partition dirichlet."),
+        click.option("--alpha", type=pos, default=0.5, show_default=True,
+                     help="Dirichlet concentration of --partition dirichlet."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
                      help="Share of each client's rows held out for federated evaluation (0: none)."),
         click.option("--max-client-share", type=click.FloatRange(0, 1, min_open=True),
@@ -222,7 +286,7 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
                "redis_from_env": bool(redis_url)}
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @run_options()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-out"),
               show_default=True, help="Directory for report.json, model.keras and logs.")
@@ -230,8 +294,8 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
 @fail_cleanly
 def run(ctx: click.Context, out: Path, **kw: Any) -> None:
     """Run a whole federation on this machine: Redis, an aggregator and N clients."""
-    from fedq.roles.runner import run_local
     from fedq.ops.view import RunProgress, print_event, print_report, print_round
+    from fedq.roles.runner import run_local
 
     spec = _run_spec(kw)
     with RunProgress(spec.rounds, spec.clients) as progress:  # silent when stdout is not a terminal
@@ -243,7 +307,7 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
         sys.exit(EXIT_ERROR)
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @run_options()
 @click.option("--if-absent", is_flag=True,
               help="When a run with --run-id exists already, print its id and succeed (a re-run Job).")
@@ -251,9 +315,8 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
 @fail_cleanly
 def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     """Enqueue a run for an aggregator worker and print its id."""
-    from fedq.roles.jobs import submit_run
     from fedq.protocol.store import RunStore, connect
-
+    from fedq.roles.jobs import submit_run
     from fedq.roles.runner import check_submitted
 
     settings = _settings(ctx)
@@ -267,7 +330,7 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     click.echo(submit_run(r, settings, spec))
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @click.option("--queue", help="rq queue to serve (default: FEDQ_QUEUE or fedq-runs).")
 @click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="FEDQ_METRICS_PORT",
@@ -280,8 +343,8 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
 def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port: int | None, metrics_host: str,
                **kw: Any) -> None:
     """Serve runs from the queue as an rq worker; with --clients/--rounds, create one run and drive it."""
-    from fedq.roles.jobs import run_worker, submit_run
     from fedq.protocol.store import connect
+    from fedq.roles.jobs import run_worker, submit_run
 
     settings = _settings(ctx)
     r = connect(settings)
@@ -308,7 +371,7 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
             raise FedqError(f"run {spec.run_id} {state.get('status')}: {state.get('reason') or 'not finished'}")
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @click.option("--shard", type=click.IntRange(0), required=True, help="This client's shard, 0-based.")
 @click.option("--num-shards", type=click.IntRange(1), help="Shards in all (default: the run's client count).")
 @click.option("--run", "run_id", help="Run to join (default: the newest open run, waiting for one).")
@@ -320,8 +383,8 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
 def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str | None, once: bool,
            client_id: str | None, **kw: Any) -> None:
     """Join runs and train on this client's own data."""
-    from fedq.roles.client import Client, Stopped
     from fedq.protocol.store import connect
+    from fedq.roles.client import Client, Stopped
 
     if num_shards is not None and shard >= num_shards:
         raise click.BadParameter(f"{shard} is out of range for --num-shards {num_shards} (0..{num_shards - 1})",
@@ -354,8 +417,8 @@ def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str |
 def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float) -> None:
     """Show runs and their progress: clients, liveness, rounds, refusals (reads Redis only)."""
     from fedq.ops.dashboard.readonly import connect_readonly
-    from fedq.protocol.store import connect
     from fedq.ops.view import console, status_renderable, watch_status
+    from fedq.protocol.store import connect
 
     settings = _settings(ctx)
     connect(settings).close()  # fails fast, with the URL (password hidden), when Redis is unreachable
@@ -393,14 +456,14 @@ def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: f
 @fail_cleanly
 def report(ctx: click.Context, run_id: str, out: Path) -> None:
     """Write a run's report.json and, when finished, model.keras into a directory."""
-    from fedq.roles.report import write_report
-    from fedq.protocol.store import RunStore, connect
     from fedq.ops.view import print_report
+    from fedq.protocol.store import RunStore, connect
+    from fedq.roles.report import write_report
 
     print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out), out)
 
 
-@main.command()
+@main.command(cls=PanelCommand)
 @run_options()
 @click.option("--rows-per-client", type=click.IntRange(10), default=100, show_default=True,
               help="Synthetic rows per client (when no data file is given).")
@@ -417,9 +480,9 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
     """Many lightweight clients (numpy updates, no TensorFlow) against the real aggregator and protocol."""
     import dataclasses
 
+    from fedq.ops.view import print_event, print_report, print_round
     from fedq.roles.runner import run_local
     from fedq.roles.swarm import client_commands
-    from fedq.ops.view import print_event, print_report, print_round
 
     own_data = any(kw.get(k) for k in ("normal_csv", "abnormal_csv", "csv_path"))
     spec = _run_spec(kw)

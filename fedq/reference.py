@@ -11,9 +11,10 @@ import inspect
 import io
 import sys
 import tokenize
-from dataclasses import MISSING, fields
+from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
@@ -102,7 +103,7 @@ def setting_rows() -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     index: dict[str, int] = {}
     for f in fields(Settings):
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default_factory() if callable(f.default_factory) else f.default
         var, kind, shown = f"FEDQ_{f.name.upper()}", type(default).__name__, _default_text(f.name, default)
         lead = SETTING_GROUPS.get(f.name)
         if lead in index:
@@ -176,7 +177,7 @@ def render_settings() -> str:
 
 
 # --- CLI -----------------------------------------------------------------------------------------
-def _range_text(t: click.types._NumberRangeBase) -> str:  # type: ignore[name-defined]
+def _range_text(t: click.types._NumberRangeBase) -> str:
     parts = []
     if t.min is not None:
         parts.append(f"{'>' if t.min_open else '>='} {t.min}")
@@ -246,8 +247,17 @@ def _command_section(path: tuple[str, ...], cmd: click.Command) -> list[str]:
     if isinstance(cmd, click.Group):
         subs = sorted(cmd.commands)
         out.append("Commands: " + ", ".join(f"[`{s}`](#{_anchor((*path, s))})" for s in subs) + ".\n")
-    params = [p for p in cmd.params if not (isinstance(p, click.Option) and p.name in ("help", "version"))]
-    if params:
+    from fedq.cli import PanelCommand
+
+    # A command whose --help shows panels gets one table per panel, under the same titles.
+    panels = cmd.panels(ctx) if isinstance(cmd, PanelCommand) else [("", cmd.params)]
+    for title, all_params in panels:
+        params = [p for p in all_params if p in cmd.params  # not click's own --help
+                  and not (isinstance(p, click.Option) and p.name in ("help", "version"))]
+        if not params:
+            continue
+        if title:
+            out.append(f"**{title}**\n")
         out += ["| option | type | default | help |", "| --- | --- | --- | --- |"]
         for p in params:
             help_cell = _cell(getattr(p, "help", None) or "")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from fedq.errors import ConfigError
@@ -66,7 +67,7 @@ class Settings:
     dp_noise_key: str = field(default="", repr=False)  # a secret: kept out of reprs and logs
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from FEDQ_<FIELD> variables, then non-None keyword overrides."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
@@ -83,7 +84,7 @@ class Settings:
         settings.validate()
         return settings.with_credentials()
 
-    def with_credentials(self) -> "Settings":
+    def with_credentials(self) -> Settings:
         """With redis_password_file set: redis_url carrying redis_username and the file's password
         (replacing any credentials in it, so doing it twice changes nothing)."""
         if not self.redis_password_file:
@@ -100,7 +101,7 @@ class Settings:
         userinfo = f"{quote(self.redis_username, safe='')}:{quote(password, safe='')}"
         return replace(self, redis_url=urlunsplit(parts._replace(netloc=f"{userinfo}@{host}")))
 
-    def with_(self, **changes: Any) -> "Settings":
+    def with_(self, **changes: Any) -> Settings:
         """Copy with some fields changed."""
         return replace(self, **changes)
 

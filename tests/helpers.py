@@ -48,7 +48,7 @@ class RedisServer:
                     return
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("test redis-server did not start")
+                    raise RuntimeError("test redis-server did not start") from None
                 time.sleep(0.05)
 
     def kill(self, sig: int = 9) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -17,8 +17,10 @@ TOL = 1e-6
 # Several tensors: a 0-d tensor, a zero-size tensor and odd shapes next to ordinary ones.
 SHAPES: list[tuple[int, ...]] = [(), (0,), (3, 0, 2), (7,), (5, 3), (2, 3, 5), (1, 1, 1, 4), (13, 1)]
 
+F32 = np.dtype(np.float32)
 
-def _models(rng: np.random.Generator, n_models: int, dtype: np.dtype = np.dtype(np.float32),
+
+def _models(rng: np.random.Generator, n_models: int, dtype: np.dtype = F32,
             shapes: Sequence[tuple[int, ...]] = SHAPES) -> list[list[np.ndarray]]:
     """Random models of the given dtype; tensors have different scales so relative error matters."""
     models = []

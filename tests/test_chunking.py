@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
+from test_rounds import Harness, harness_factory  # noqa: F401  (fixture used by name)
 
-from fedq.protocol import chunking, codec, messages, transfer
-from fedq.learning.aggregate import FedAvg, fedavg
 from fedq.errors import CodecError
-from fedq.settings import Settings
+from fedq.learning.aggregate import FedAvg, fedavg
+from fedq.protocol import chunking, codec, messages, transfer
 from fedq.protocol.signing import Signer, Verifier, new_keys
 from fedq.protocol.store import RunStore
-from test_rounds import Harness, harness_factory  # noqa: F401  (fixture used by name)
+from fedq.settings import Settings
 
 CHUNK = 1024  # the smallest chunk: the seed model (330 parameters) goes in two parts
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-
 from helpers import cli_env, fedq_cmd, free_port
 
 TIMEOUT = 120
@@ -175,10 +174,10 @@ def test_client_whose_shard_count_differs_from_the_run_is_refused_naming_both(re
 def test_a_join_with_another_shard_plan_is_refused_by_the_aggregator(r: redis.Redis, redis_url: str) -> None:
     """Written around the client's own check (an older client, a hand-made join): the aggregator
     refuses it with the reason, and the client finds the verdict under its own key."""
-    from fedq.settings import Settings
-    from fedq.roles.aggregator import Aggregator
     from fedq.learning.spec import RunSpec
     from fedq.protocol.store import RunStore
+    from fedq.roles.aggregator import Aggregator
+    from fedq.settings import Settings
 
     store = RunStore(r, "plan")
     store.create(RunSpec(clients=3, rounds=1, run_id="plan", round_timeout=1, round_retries=0))

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fedq.errors import CodecError, FedqError
 from fedq.protocol.codec import (
     ALIGN,
     MAGIC,
@@ -26,7 +27,6 @@ from fedq.protocol.codec import (
     pack_obj,
     unpack_obj,
 )
-from fedq.errors import CodecError, FedqError
 
 ALL_DTYPES = sorted(SUPPORTED_DTYPES)
 
@@ -251,7 +251,7 @@ def test_encode_bad_names_kind_and_tensors() -> None:
         encode("m", [np.zeros(1), np.zeros(1)], names=["a", "a"])
     with pytest.raises(CodecError, match="kind must be a str"):
         encode(5, [])  # type: ignore[arg-type]
-    with pytest.raises(CodecError, match="tensor 'x': expected numpy.ndarray, got list"):
+    with pytest.raises(CodecError, match=r"tensor 'x': expected numpy\.ndarray, got list"):
         encode("m", [[1, 2]], names=["x"])  # type: ignore[list-item]
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedq.protocol import codec, compress, messages
 from fedq.errors import ConfigError, UpdateRejected
-from fedq.protocol.signing import Signer, Verifier, new_keys
 from fedq.learning.spec import RunSpec
+from fedq.protocol import codec, compress, messages
+from fedq.protocol.signing import Signer, Verifier, new_keys
 
 EPS32 = float(np.finfo(np.float32).eps)
 NAMES = ["000:dense/kernel", "001:dense/bias", "002:steps"]
@@ -130,7 +130,7 @@ def _check(payload: bytes, compression: str = "int8") -> messages.Update:
 @pytest.mark.parametrize("encoding,bound", [("float16", 1e-3), ("int8", 2e-2)])
 def test_the_aggregator_reconstructs_global_plus_delta(encoding: str, bound: float) -> None:
     local = _trained(GLOBAL)
-    payload, packed = _payload(encoding, local)
+    payload, _packed = _payload(encoding, local)
     upd = _check(payload, encoding)
     assert upd.names == NAMES and [t.dtype for t in upd.tensors] == [np.float32, np.float32, np.int64]
     assert upd.encoding == encoding and upd.payload_bytes == len(payload)

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import cli_env, fedq_cmd
 
 pytestmark = pytest.mark.slow
@@ -21,8 +20,8 @@ def _float32_reference() -> float:
     by fedq.roles.simulation (the same split, scaler, trainers and FedAvg; it reproduces a real
     `fedq run`'s figures, and is quicker than a second federation of processes)."""
     from fedq.learning.data import DataSpec
-    from fedq.roles.simulation import Federation
     from fedq.learning.spec import RunSpec
+    from fedq.roles.simulation import Federation
 
     spec = RunSpec(clients=2, rounds=ROUNDS, local_epochs=EPOCHS, seed=SEED, data=DataSpec(seed=SEED))
     return Federation.build(spec).run()[-1]["test_accuracy"]

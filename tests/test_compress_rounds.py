@@ -7,13 +7,13 @@ recorded with its reason, and the round record reports the bytes on the wire and
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-
-from fedq.protocol import codec, compress, messages
-from fedq.learning.aggregate import fedavg
 from test_rounds import Harness, harness_factory  # noqa: F401 (fixture)
+
+from fedq.learning.aggregate import fedavg
+from fedq.protocol import codec, compress, messages
 
 N_GOOD = (100, 300)
 BLOCK = 16  # small blocks, so that the seed network's tensors have several each

@@ -9,12 +9,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import ROOT, SEED_DATA_MISSING, seed_data_dir
 
-from fedq.learning.data import DataSpec, Dataset, FeatureStats, combine_stats, feature_stats, load_dataset, load_test, scaler_from_stats, seed_spec, shard_indices, split_indices, standardize
-from fedq.learning.partition import load_shard
 from fedq.errors import DataError
+from fedq.learning.data import (
+    Dataset,
+    DataSpec,
+    FeatureStats,
+    combine_stats,
+    feature_stats,
+    load_dataset,
+    load_test,
+    scaler_from_stats,
+    seed_spec,
+    shard_indices,
+    split_indices,
+    standardize,
+)
+from fedq.learning.partition import load_shard
 
 NUM_COLS = 17
 
@@ -131,7 +143,7 @@ def test_seed_empty_cells_are_missing(tmp_path: Path) -> None:
 def test_seed_column_count_mismatch(tmp_path: Path) -> None:
     normal = _write_seed_csv(tmp_path / "n.csv", [["1"] * 17] * 3)
     abnormal = _write_seed_csv(tmp_path / "a.csv", [["1"] * 16] * 3)
-    with pytest.raises(DataError, match="17.*16"):
+    with pytest.raises(DataError, match=r"17.*16"):
         load_dataset(seed_spec(str(normal), str(abnormal)))
 
 
@@ -405,7 +417,8 @@ def test_seed_data_skips_name_the_setting(tmp_path: Path) -> None:
     # and say how to provide them.
     env = dict(os.environ, FEDQ_SEED_DATA_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                           "tests/test_data.py::test_real_seed_data", "tests/test_e2e.py::test_acceptance_hemodialysis"],
+                           "tests/test_data.py::test_real_seed_data",
+                           "tests/test_e2e.py::test_acceptance_hemodialysis"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
     assert "3 skipped" in done.stdout and len(skips) == 2, done.stdout + done.stderr

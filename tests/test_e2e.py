@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-
 from helpers import SEED_DATA_MISSING, cli_env, fedq_cmd, seed_data_dir
-from fedq.protocol import messages
+
 from fedq.learning.data import load_dataset, split_indices
-from fedq.protocol.store import RunStore
 from fedq.learning.spec import load_spec
+from fedq.protocol import messages
+from fedq.protocol.store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def _finish(procs: dict[str, subprocess.Popen], logs: Path, timeout: float = 300
         except subprocess.TimeoutExpired:
             for q in procs.values():
                 q.kill()
-            raise AssertionError(f"{name} did not finish; log:\n{(logs / f'{name}.log').read_text()}")
+            raise AssertionError(f"{name} did not finish; log:\n{(logs / f'{name}.log').read_text()}") from None
         assert code == 0, f"{name} exited {code}; log:\n{(logs / f'{name}.log').read_text()}"
 
 

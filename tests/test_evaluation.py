@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, log_loss, precision_score, recall_score, roc_auc_score
 
-from fedq.learning import evaluation
 from fedq.errors import UpdateRejected
+from fedq.learning import evaluation
 
 
 def _probs(n: int, seed: int, classes: int = 2) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,8 @@ import dataclasses
 
 import pytest
 
-from fedq.roles.simulation import Federation, rounds_to
 from fedq.learning.spec import RunSpec
+from fedq.roles.simulation import Federation, rounds_to
 
 pytestmark = pytest.mark.slow
 

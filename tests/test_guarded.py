@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import redis
 
-from fedq.protocol import guarded
 from fedq.learning.aggregate import capped_weights
 from fedq.learning.spec import RunSpec
+from fedq.protocol import guarded
 from fedq.protocol.store import RunStore, list_runs
 
 TYPES = {
@@ -75,7 +75,8 @@ def test_the_update_guard_checks_type_sequence_and_size_in_redis(r: redis.Redis)
     key = store.k.update("c0", 1)
     assert store.read_update(1, "c0", "", 100).kind == "none"
     r.set(key, "x")
-    assert (store.read_update(1, "c0", "", 100).kind, store.update_seqs(1, ["c0"])) == ("wrong_type", {"c0": "!wrong_type"})
+    got = (store.read_update(1, "c0", "", 100).kind, store.update_seqs(1, ["c0"]))
+    assert got == ("wrong_type", {"c0": "!wrong_type"})
     r.delete(key)
     for seq in ("abc", "-1", "1" * 20):
         r.hset(key, mapping={"payload": b"p", "seq": seq})

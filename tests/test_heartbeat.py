@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import redis
+from helpers import cli_env, free_port
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from test_dashboard_support import Proc, wait_for
 
 from fedq.protocol import heartbeat, keys
-from helpers import cli_env, free_port
-from test_dashboard_support import Proc, wait_for
 
 
 def test_client_heartbeat_is_a_key_with_expiry_that_stays_while_refreshed(r: redis.Redis) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedq.protocol import keys
 from fedq.errors import ConfigError
+from fedq.protocol import keys
 
 
 @pytest.mark.parametrize("bad", ["", "c2 ", " c2", "c2\x00", "c0:c1", "{t}", "*", "c?", "c[0]", "c0\nc1",

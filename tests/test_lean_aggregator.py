@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from fedq.protocol import chunking, codec, transfer
-from fedq.learning.aggregate import FedAvg, fedavg
-from fedq.roles.aggregator import Aggregator
-from fedq.learning.data import feature_stats, load_dataset
-from fedq.learning.partition import load_shard
-from fedq.learning.models import build_model, weight_names
-from fedq.settings import Settings
-from fedq.learning.spec import RunSpec
-from fedq.protocol.store import RunStore, connect
-from fedq.learning.strategies import Strategy, StrategySpec
 from test_chunking import CHUNK, _push, _push_damaged
 from test_rounds import harness_factory  # noqa: F401  (fixture used by name)
+
+from fedq.learning.aggregate import FedAvg, fedavg
+from fedq.learning.data import feature_stats, load_dataset
+from fedq.learning.models import build_model, weight_names
+from fedq.learning.partition import load_shard
+from fedq.learning.spec import RunSpec
+from fedq.learning.strategies import Strategy, StrategySpec
+from fedq.protocol import chunking, codec, transfer
+from fedq.protocol.store import RunStore, connect
+from fedq.roles.aggregator import Aggregator
+from fedq.settings import Settings
 
 
 def _model(rng: np.random.Generator) -> list[np.ndarray]:

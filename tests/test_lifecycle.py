@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import cli_env, fedq_cmd
 from proctree import Proc, Tracker
 

@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedq.learning.data import DataSpec
 from fedq.errors import ConfigError
+from fedq.learning.data import DataSpec
 from fedq.learning.models import build_model, check_model_arg, evaluate, resolve_model_arg, weight_names
-from fedq.roles.simulation import Federation
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import StrategySpec
 from fedq.learning.trainer import KerasTrainer
+from fedq.roles.simulation import Federation
 
 
 def _trainer(spec: RunSpec, x: np.ndarray, y: np.ndarray, classes: int = 2) -> KerasTrainer:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import redis
-
-from fedq.protocol.store import RunStore
 from helpers import cli_env, fedq_cmd
 from proctree import Tracker
+
+from fedq.protocol.store import RunStore
 
 RUN = "once-then-plain"
 ROUNDS = 4

@@ -7,11 +7,16 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedq.learning.data import DataSpec, load_dataset, shard_indices, split_indices
-from fedq.learning.partition import load_shard
 from fedq.errors import DataError
-from fedq.learning.partition import (dirichlet_partition, label_partition, load_client_data, partition_indices,
-                            validation_split)
+from fedq.learning.data import DataSpec, load_dataset, shard_indices, split_indices
+from fedq.learning.partition import (
+    dirichlet_partition,
+    label_partition,
+    load_client_data,
+    load_shard,
+    partition_indices,
+    validation_split,
+)
 
 
 def _labels(n: int = 600, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +79,7 @@ def test_iid_is_the_existing_sharding() -> None:
     train, _ = split_indices(ds.y, spec.test_fraction, spec.seed)
     shards = partition_indices(spec, ds.y, train, 3)
     assert all(np.array_equal(s, shard_indices(train, 3, k, spec.seed)) for k, s in enumerate(shards))
-    x, y = load_shard(spec, 1, 3)
+    _x, y = load_shard(spec, 1, 3)
     assert np.array_equal(y, ds.y[shards[1]])
     data = load_client_data(spec, 1, 3)  # no validation rows by default: the same rows train
     assert np.array_equal(data.y, y) and len(data.y_val) == 0
@@ -100,7 +105,7 @@ def test_client_data_label_histogram_and_partition_spec() -> None:
     ds = load_dataset(spec)
     train, _ = split_indices(ds.y, spec.test_fraction, spec.seed)
     assert sum(len(p.y) + len(p.y_val) for p in parts) == len(train)
-    x, y = load_shard(spec, 3, 5)
+    _x, y = load_shard(spec, 3, 5)
     assert len(y) == len(parts[3].y) + len(parts[3].y_val)
 
 

@@ -9,9 +9,9 @@ import dataclasses
 
 import pytest
 
-from fedq.roles.simulation import Federation, gaussian_noise, scaled_update
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import StrategySpec
+from fedq.roles.simulation import Federation, gaussian_noise, scaled_update
 
 pytestmark = pytest.mark.slow
 

@@ -5,14 +5,15 @@ settings are refused with a clear reason. Pure numpy: no Redis, no TensorFlow.""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import dp_accounting
 import numpy as np
 import pytest
 from scipy import stats
 
-from fedq.learning import privacy
 from fedq.errors import ConfigError
+from fedq.learning import privacy
 from fedq.learning.privacy import CentralDP, NoisyMean
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy, StrategySpec
@@ -154,9 +155,9 @@ def test_epsilon_is_dp_accountings_rdp_figure_and_a_known_value() -> None:
 
 def test_epsilon_grows_with_rounds_and_falls_with_noise() -> None:
     by_round = [privacy.epsilon(1.0, r, 1e-5) for r in range(1, 8)]
-    assert all(a < b for a, b in zip(by_round, by_round[1:]))
+    assert all(a < b for a, b in itertools.pairwise(by_round))
     by_noise = [privacy.epsilon(z, 5, 1e-5) for z in (0.5, 1.0, 2.0, 4.0)]
-    assert all(a > b for a, b in zip(by_noise, by_noise[1:]))
+    assert all(a > b for a, b in itertools.pairwise(by_noise))
     assert privacy.epsilon(1.0, 5, 1e-3) < privacy.epsilon(1.0, 5, 1e-6)
 
 
@@ -217,3 +218,23 @@ def test_central_dp_strategy_needs_the_rounds_noise_source() -> None:
         s.begin_round(glob)
     with pytest.raises(ConfigError):
         Strategy(StrategySpec(name="krum"), glob, dp=CentralDP(1.0, 1.0, 5))
+
+
+def test_central_dp_strategy_never_streams_and_draws_its_noise_from_the_round_rng() -> None:
+    """Strategy.result() must hand NoisyMean the round's generator on every path: the streaming
+    path (no global model) called result() with no rng, which only a type: ignore kept quiet."""
+    glob = _zeros()
+    s = Strategy(StrategySpec(), glob, dp=CentralDP(1.0, 1.0, 2))
+    assert not s.streams_result and not s.streams_parts
+    with pytest.raises(ValueError, match="begin_round"):
+        s.result()  # before any round: a clear error, never a TypeError about a missing rng
+    with pytest.raises(ValueError, match="global model"):
+        s.begin_round(None, noise_rng=np.random.default_rng(0))
+    results = []
+    for seed in (1, 1, 2):
+        s.begin_round(glob, noise_rng=np.random.default_rng(seed))
+        s.add(_zeros(), 10, "a")
+        results.append(_flat(s.result()))
+    np.testing.assert_array_equal(results[0], results[1])
+    assert not np.array_equal(results[0], results[2])
+    assert np.abs(results[0]).max() > 0  # zero updates, so all of it is the round's noise

@@ -17,27 +17,28 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 import redis
-
-from fedq.protocol import codec
-from fedq.learning import privacy
-from fedq.roles.aggregator import Aggregator
-from fedq.roles.client import Client
-from fedq.roles.report import write_report
-from fedq.settings import Settings
-from fedq.learning.spec import RunSpec, load_spec
-from fedq.protocol.store import RunStore, connect
-from fedq.learning.trainer import KerasTrainer
-from fedq.ops.view import print_report
 from test_cli_errors import _env, assert_error_line, fedq
 from test_privacy import _assert_std, _flat
 from test_rounds import _wait
 from test_strategies_rounds import Run
+
+from fedq.learning import privacy
+from fedq.learning.spec import RunSpec, load_spec
+from fedq.learning.trainer import KerasTrainer
+from fedq.ops.view import print_report
+from fedq.protocol import codec
+from fedq.protocol.store import RunStore, connect
+from fedq.roles.aggregator import Aggregator
+from fedq.roles.client import Client
+from fedq.roles.report import write_report
+from fedq.settings import Settings
 
 pytestmark = pytest.mark.slow
 KEY = "test-noise-key"
@@ -94,7 +95,7 @@ class RecordingTrainer(KerasTrainer):
     in threads of one process take turns to train (Keras' random seed is process-wide)."""
 
     lock = threading.Lock()
-    seen: dict[tuple[str, int], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    seen: ClassVar[dict[tuple[str, int], tuple[list[np.ndarray], list[np.ndarray]]]] = {}
 
     def load(self, tensors: list[np.ndarray]) -> None:
         self._global = [np.array(t) for t in tensors]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedq.protocol import messages
 from fedq.errors import UpdateRejected
+from fedq.protocol import messages
 
 NAMES = ["w", "b"]
 TENSORS = [np.ones((3, 2), np.float32), np.zeros(2, np.float32)]

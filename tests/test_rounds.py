@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 import redis
 
-from fedq.protocol import codec, messages
 from fedq.learning.aggregate import fedavg
-from fedq.roles.aggregator import Aggregator, AggregatorStopped
 from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
-from fedq.settings import Settings
 from fedq.learning.spec import RunSpec
+from fedq.protocol import codec, messages
 from fedq.protocol.store import RunStore, connect
+from fedq.roles.aggregator import Aggregator, AggregatorStopped
+from fedq.settings import Settings
 
 N_GOOD = (100, 300)  # sample counts of the two valid clients: very unequal on purpose
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import redis
-
-from fedq.protocol.store import RunStore
 from helpers import ROOT, cli_env, fedq_cmd
 from test_cli_errors import _env, assert_error_line, fedq
+
+from fedq.protocol.store import RunStore
 
 
 def _iris_csv(path: Path) -> Path:

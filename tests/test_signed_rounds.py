@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from helpers import cli_env, fedq_cmd
+from test_rounds import _noisy, harness_factory  # noqa: F401 (fixture)
 
 from fedq.learning.aggregate import fedavg
 from fedq.protocol.signing import Signer
-from helpers import cli_env, fedq_cmd
-from test_rounds import _noisy, harness_factory  # noqa: F401 (fixture)
 
 
 def _keys(tmp_path: Path) -> Path:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from helpers import RedisServer, cli_env, fedq_cmd
 from rich.console import Console
+from test_dashboard_support import make_run
 
+from fedq.ops.view import RunProgress
 from fedq.protocol import heartbeat
 from fedq.protocol.store import Commit, RunStore
-from fedq.ops.view import RunProgress
-from helpers import RedisServer, cli_env, fedq_cmd
-from test_dashboard_support import make_run
 
 
 def _env(redis_url: str) -> dict[str, str]:

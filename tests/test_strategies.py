@@ -12,10 +12,18 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedq.learning.aggregate import fedavg
 from fedq.errors import CodecError, ConfigError
-from fedq.learning.strategies import (STRATEGIES, Strategy, StrategySpec, aggregate_all, clip_update, held_bytes,
-                             sample_size, select_clients)
+from fedq.learning.aggregate import fedavg
+from fedq.learning.strategies import (
+    STRATEGIES,
+    Strategy,
+    StrategySpec,
+    aggregate_all,
+    clip_update,
+    held_bytes,
+    sample_size,
+    select_clients,
+)
 from fedq.learning.strategies.robust import Krum
 
 SHAPES = [(4, 3), (3,), (2, 2, 2)]

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, cli_env, fedq_cmd
 from test_cli_errors import _env, assert_error_line, fedq
 

@@ -7,22 +7,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import redis
+from test_rounds import _wait, wait_committed
 
-from fedq.protocol import codec, messages
 from fedq.learning import evaluation
-from fedq.roles.aggregator import Aggregator, AggregatorStopped
 from fedq.learning.data import DataSpec, feature_stats
 from fedq.learning.partition import load_shard
-from fedq.settings import Settings
 from fedq.learning.spec import RunSpec, load_spec
-from fedq.protocol.store import RunStore, connect
 from fedq.learning.strategies import Strategy, StrategySpec, aggregate_all
-from test_rounds import _wait, wait_committed
+from fedq.protocol import codec, messages
+from fedq.protocol.store import RunStore, connect
+from fedq.roles.aggregator import Aggregator, AggregatorStopped
+from fedq.settings import Settings
 
 
 class Run:

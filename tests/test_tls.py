@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-
+from helpers import RedisServer, cli_env, fedq_cmd, free_port
 
 from fedq.errors import ConfigError, RedisUnavailable
-from fedq.settings import Settings
 from fedq.protocol.store import connect
-from helpers import RedisServer, cli_env, fedq_cmd, free_port
+from fedq.settings import Settings
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")
 

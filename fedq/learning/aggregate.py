@@ -7,7 +7,7 @@ of clients, and updates are folded in as they arrive.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,7 +47,8 @@ class FedAvg:
         """Fold one part of a model sent in parts: a slice of its flattened parameters starting
         at ``offset``. Call count_model() once every part of that model is in."""
         if offset < 0 or offset + values.size > self._starts[-1]:
-            raise ValueError(f"part [{offset}, {offset + values.size}) outside the model's {self._starts[-1]} parameters")
+            raise ValueError(f"part [{offset}, {offset + values.size}) outside the model's "
+                             f"{self._starts[-1]} parameters")
         for i, (lo, hi, src) in slices_at(self._starts, offset, values.size):
             self._fold(self._flat[i][lo:hi], values[src:src + hi - lo], num_examples)
 

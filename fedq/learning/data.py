@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -63,7 +64,7 @@ class DataSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DataSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
         """Build a spec from a dict; unknown keys or wrongly typed values raise DataError."""
         if not isinstance(d, Mapping):
             raise DataError(f"data spec must be a mapping, got {type(d).__name__}")
@@ -209,8 +210,9 @@ def _numeric_matrix(df: pd.DataFrame, path: str, names: Sequence[str]) -> np.nda
 
 def _load_seed(spec: DataSpec) -> Dataset:
     """Load the normal (class 0) / abnormal (class 1) CSV pair, which has no header row."""
-    normal_path = os.fspath(spec.normal_csv)  # type: ignore[arg-type]
-    abnormal_path = os.fspath(spec.abnormal_csv)  # type: ignore[arg-type]
+    assert spec.normal_csv and spec.abnormal_csv  # load_dataset validated the spec
+    normal_path = os.fspath(spec.normal_csv)
+    abnormal_path = os.fspath(spec.abnormal_csv)
     normal = _read_csv(normal_path, "normal CSV", header=None)
     abnormal = _read_csv(abnormal_path, "abnormal CSV", header=None)
     if normal.shape[1] != abnormal.shape[1]:
@@ -258,7 +260,8 @@ def _encode_labels(labels: pd.Series, column: str, path: str) -> tuple[np.ndarra
 
 def _load_csv(spec: DataSpec) -> Dataset:
     """Load a headed CSV: one label column, every other column a numeric feature."""
-    path = os.fspath(spec.csv)  # type: ignore[arg-type]
+    assert spec.csv  # load_dataset validated the spec
+    path = os.fspath(spec.csv)
     df = _read_csv(path, "CSV", header=0)
     # Header cells like "a, label" carry stray spaces that users never mean as part of the name.
     df.columns = [str(c).strip() for c in df.columns]
@@ -418,7 +421,7 @@ class FeatureStats:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureStats":
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureStats:
         """Rebuild from to_dict output, rejecting anything inconsistent with DataError."""
         if not isinstance(d, Mapping):
             raise DataError(f"feature stats must be a mapping, got {type(d).__name__}")
@@ -525,4 +528,4 @@ def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
         )
     z = (x - mean) / std
     z[np.isnan(z)] = 0.0
-    return z.astype(np.float32)
+    return np.asarray(z, dtype=np.float32)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,9 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float 
 def client_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """What a client reports about the global model on its validation rows (eval_* numbers)."""
     m = classification_metrics(probs, y)
-    out = {"eval_loss": float(m["loss"]), "eval_accuracy": float(m["accuracy"]), "eval_examples": float(len(y))}
+    loss, accuracy = m["loss"], m["accuracy"]
+    assert loss is not None and accuracy is not None  # only auc can be None
+    out = {"eval_loss": float(loss), "eval_accuracy": float(accuracy), "eval_examples": float(len(y))}
     if probs.shape[1] == 2:
         out.update({f"eval_{k}": float(v) for k, v in confusion(probs, y).items()})
     return out
@@ -152,10 +155,3 @@ def check_eval_metrics(metrics: Any, max_examples: int | None) -> dict[str, floa
     if any(k in out for k in COUNT_KEYS) and sum(out.get(k, 0.0) for k in COUNT_KEYS) != n:
         raise UpdateRejected("bad_metrics", "confusion counts do not add up to the rows evaluated")
     return out
-
-
-def summarize(values: Iterable[float]) -> dict[str, Any]:
-    """mean, std, min, max of a list of numbers (for experiment tables)."""
-    arr = np.asarray(list(values), dtype=np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-            "min": float(arr.min()), "max": float(arr.max()), "n": int(len(arr))}

@@ -71,12 +71,12 @@ def _keras() -> Any:
     # oneDNN's reordered float sums make runs irreproducible and print a banner; the seed's
     # small network gains nothing from it.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    import keras  # noqa: WPS433 (lazy on purpose)
+    import keras  # lazy on purpose: importing TensorFlow takes seconds
 
     return keras
 
 
-def build_model(name: str, num_features: int, num_classes: int, seed: int) -> "keras.Model":
+def build_model(name: str, num_features: int, num_classes: int, seed: int) -> keras.Model:
     """The run's model; the same (name, shape, seed) gives the same initial weights.
 
     The seed network comes back uncompiled; a model of your own as its builder or file made it."""
@@ -162,7 +162,7 @@ def check_model(name: str, num_features: int, num_classes: int) -> None:
         build_model(name, num_features, num_classes, seed=0)
 
 
-def _seed_network(keras: Any, num_features: int, num_classes: int) -> "keras.Model":
+def _seed_network(keras: Any, num_features: int, num_classes: int) -> keras.Model:
     """The Kubeflow example's network, with the input width taken from the data."""
     check_seed_width(num_features)
     layers = keras.layers
@@ -176,7 +176,7 @@ def _seed_network(keras: Any, num_features: int, num_classes: int) -> "keras.Mod
     ], name="seed_cnn")
 
 
-def _mlp(keras: Any, num_features: int, num_classes: int) -> "keras.Model":
+def _mlp(keras: Any, num_features: int, num_classes: int) -> keras.Model:
     """A small dense network for tabular data of any width (the seed network needs 5 features)."""
     layers = keras.layers
     return keras.Sequential([
@@ -186,7 +186,7 @@ def _mlp(keras: Any, num_features: int, num_classes: int) -> "keras.Model":
     ], name="mlp")
 
 
-def compile_model(model: "keras.Model", optimizer: str, learning_rate: float) -> "keras.Model":
+def compile_model(model: keras.Model, optimizer: str, learning_rate: float) -> keras.Model:
     """Compile for integer class labels (the seed's one-hot labels, without the one-hot)."""
     keras = _keras()
     classes = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
@@ -200,14 +200,14 @@ def compile_model(model: "keras.Model", optimizer: str, learning_rate: float) ->
     return model
 
 
-def ensure_compiled(model: "keras.Model", optimizer: str, learning_rate: float) -> "keras.Model":
+def ensure_compiled(model: keras.Model, optimizer: str, learning_rate: float) -> keras.Model:
     """Keep a model's own compilation; compile an uncompiled one with the run's optimizer."""
     if getattr(model, "compiled", False) and getattr(model, "optimizer", None) is not None:
         return model
     return compile_model(model, optimizer, learning_rate)
 
 
-def weight_names(model: "keras.Model") -> list[str]:
+def weight_names(model: keras.Model) -> list[str]:
     """Stable names of the model's weights, in get_weights() order.
 
     Keras numbers auto-named layers per process (dense, dense_1, ...), so the same architecture
@@ -217,12 +217,7 @@ def weight_names(model: "keras.Model") -> list[str]:
             for i, w in enumerate(model.weights)]
 
 
-def to_model_input(x: np.ndarray) -> np.ndarray:
-    """(n, d) features to the (n, d, 1) float32 layout the Conv1D network expects."""
-    return np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1, 1)
-
-
-def model_input(model: "keras.Model", x: np.ndarray) -> np.ndarray:
+def model_input(model: keras.Model, x: np.ndarray) -> np.ndarray:
     """(n, d) features in the layout the model takes: (n, d, 1) for the seed network, (n, d) for most."""
     dims = list(model.input_shape[1:])
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -231,7 +226,7 @@ def model_input(model: "keras.Model", x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), *dims)
 
 
-def predict_proba(model: "keras.Model", x: np.ndarray, num_classes: int, batch: int = 8192) -> np.ndarray:
+def predict_proba(model: keras.Model, x: np.ndarray, num_classes: int, batch: int = 8192) -> np.ndarray:
     """(n, C) class probabilities of the model on standardised rows x."""
     parts = [np.asarray(model(model_input(model, x[i:i + batch]), training=False))
              for i in range(0, len(x), batch)]
@@ -239,7 +234,7 @@ def predict_proba(model: "keras.Model", x: np.ndarray, num_classes: int, batch: 
     return to_probabilities(raw, num_classes)
 
 
-def evaluate(model: "keras.Model", x: np.ndarray, y: np.ndarray, num_classes: int | None = None) -> dict[str, Any]:
+def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, num_classes: int | None = None) -> dict[str, Any]:
     """Loss and accuracy of a model on (x, y), and for binary tasks auc, precision, recall and f1."""
     if len(x) == 0:
         return {"loss": float("nan"), "accuracy": float("nan")}

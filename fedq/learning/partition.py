@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedq.learning.data import DataSpec, _check_seed, _is_int, _is_number, load_dataset, shard_indices, split_indices
 from fedq.errors import DataError
+from fedq.learning.data import DataSpec, _check_seed, _is_int, _is_number, load_dataset, shard_indices, split_indices
 
 # A Dirichlet draw that leaves a client fewer rows than this is drawn again (at most _MAX_DRAWS times).
 MIN_PARTITION_ROWS = 2
@@ -118,7 +118,8 @@ class ClientData:
 
     def label_counts(self) -> list[int]:
         """Rows per class over the client's whole shard (training and validation rows)."""
-        return np.bincount(np.concatenate([self.y, self.y_val]), minlength=self.num_classes).astype(int).tolist()
+        counts = np.bincount(np.concatenate([self.y, self.y_val]), minlength=self.num_classes)
+        return [int(c) for c in counts]
 
 
 _PARTITION_LOCK = threading.Lock()

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
-from fedq.learning import privacy
-from fedq.protocol.compress import ENCODINGS
-from fedq.learning.data import DataSpec
-from fedq.protocol.store import RunStore
 from fedq.errors import ConfigError
-from fedq.protocol.keys import check_run_id
+from fedq.learning import privacy
+from fedq.learning.data import DataSpec
 from fedq.learning.models import check_model_arg
 from fedq.learning.strategies import StrategySpec, sample_size
+from fedq.protocol.compress import ENCODINGS
+from fedq.protocol.keys import check_run_id
+from fedq.protocol.store import RunStore
 
 MAX_CLIENTS = 10_000
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
@@ -69,7 +70,7 @@ class RunSpec:
     # are the clients' own claims, so a client claiming 10^9 rows would otherwise capture the mean.
     max_client_share: float | None = None
 
-    def validate(self) -> "RunSpec":
+    def validate(self) -> RunSpec:
         """Raise ConfigError naming the first bad field; return self for chaining."""
         check_run_id(self.run_id)
         if not 1 <= self.clients <= MAX_CLIENTS:
@@ -149,7 +150,7 @@ class RunSpec:
         return out
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "RunSpec":
+    def from_dict(cls, raw: Mapping[str, Any]) -> RunSpec:
         """Inverse of to_dict; unknown fields are an error (a newer writer, or a typo)."""
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known

@@ -91,7 +91,7 @@ class KerasTrainer:
         return out
 
     def weights(self) -> list[np.ndarray]:
-        return self.model.get_weights()
+        return [np.asarray(w) for w in self.model.get_weights()]
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """eval_* metrics of the loaded model on standardised held-out rows (x: (n, features))."""

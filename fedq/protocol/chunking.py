@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from fedq.protocol import codec
 from fedq.errors import CodecError
+from fedq.protocol import codec
 
 KIND_PART = "part"
 MIN_CHUNK_BYTES = 1024  # smaller parts would only multiply round trips
 MAX_PARTS = 100_000  # bounds the head's digest list (a 10 TB model at 100 MB a part)
+
+
+def _positive_int(raw: dict[str, Any], name: str) -> int:
+    """raw[name] as a positive int; CodecError naming parts.<name> otherwise."""
+    v = raw.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise CodecError(f"parts.{name} must be a positive integer, got {v!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -43,14 +52,12 @@ class Layout:
                 "part_elements": self.part_elements, "digests": list(self.digests)}
 
     @classmethod
-    def from_meta(cls, raw: Any, *, elements: int, dtype: str) -> "Layout":
+    def from_meta(cls, raw: Any, *, elements: int, dtype: str) -> Layout:
         """Check a head's ``parts`` record against the model it claims to carry."""
         if not isinstance(raw, dict):
             raise CodecError("parts must be a map")
-        count, got, dt, per, digests = (raw.get(k) for k in ("count", "elements", "dtype", "part_elements", "digests"))
-        for name, v in (("count", count), ("elements", got), ("part_elements", per)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise CodecError(f"parts.{name} must be a positive integer, got {v!r}")
+        count, got, per = (_positive_int(raw, name) for name in ("count", "elements", "part_elements"))
+        dt, digests = raw.get("dtype"), raw.get("digests")
         if got != elements:
             raise CodecError(f"parts carry {got} parameters, the model has {elements}")
         if dt != dtype:
@@ -60,7 +67,7 @@ class Layout:
         if (not isinstance(digests, list) or len(digests) != count
                 or not all(isinstance(d, str) and len(d) == 64 for d in digests)):
             raise CodecError(f"parts.digests must be {count} SHA-256 hex digests")
-        return cls(count, elements, dt, per, tuple(digests))
+        return cls(count, elements, dtype, per, tuple(digests))
 
     def span(self, index: int) -> tuple[int, int]:
         """(offset, length) of part ``index`` in the flat parameter vector."""

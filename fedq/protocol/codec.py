@@ -69,7 +69,8 @@ _INT_MAX: int = 2**64 - 1
 _DIM_MAX: int = int(np.iinfo(np.intp).max)
 
 _ENVELOPE_FIELDS: frozenset[str] = frozenset({"v", "kind", "meta", "tensors"})
-_TENSOR_FIELDS: dict[int, tuple[str, ...]] = {V1: ("name", "dtype", "shape", "data"), VERSION: ("name", "dtype", "shape")}
+_TENSOR_FIELDS: dict[int, tuple[str, ...]] = {V1: ("name", "dtype", "shape", "data"),
+                                              VERSION: ("name", "dtype", "shape")}
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _tensor_bytes(name: str, tensor: Any) -> tuple[str, list[int], memoryview]:
     contiguous = arr.astype(le_dtype, order="C", copy=False)
     # reshape(-1) on a C-contiguous array is a view (also turns 0-d into 1-d),
     # and the uint8 view gives msgpack a flat byte buffer to pack as bin.
-    raw = memoryview(contiguous.reshape(-1).view(np.uint8))
+    raw = contiguous.reshape(-1).view(np.uint8).data
     return le_dtype.str, [int(d) for d in arr.shape], raw
 
 
@@ -386,9 +387,10 @@ def pack_obj(obj: Any) -> bytes:
     """Pack a small plain object (e.g. a metadata dict) as msgpack."""
     _check_plain(obj, "object")
     try:
-        return msgpack.packb(obj, use_bin_type=True)
+        packed: bytes = msgpack.packb(obj, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"could not pack object: {exc}") from exc
+    return packed
 
 
 def unpack_obj(raw: bytes) -> Any:

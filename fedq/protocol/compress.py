@@ -80,7 +80,7 @@ def quantize_int8(x: np.ndarray, block: int = DEFAULT_BLOCK) -> tuple[np.ndarray
         src, dst, sc = flat[start:stop], codes[start:stop], scales[b0:b1]
         done = 0
         for piece_src, piece_dst in zip(_as_blocks(src, block), _as_blocks(dst, block)):
-            if piece_src is None or piece_src.size == 0:
+            if piece_src is None or piece_dst is None or piece_src.size == 0:  # src and dst: same sizes
                 continue
             k = piece_src.shape[0]
             # max |x| without an |x| temporary: the larger of max and -min.
@@ -149,7 +149,7 @@ def to_float16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def from_float16(half: np.ndarray, scale: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
     """float32 ``half * scale`` (plus ``base`` when given)."""
-    out = np.multiply(half, scale.astype(np.float32, copy=False).reshape(()), dtype=np.float32)
+    out: np.ndarray = np.multiply(half, scale.astype(np.float32, copy=False).reshape(()), dtype=np.float32)
     if base is not None:
         out += base
     return out

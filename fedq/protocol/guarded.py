@@ -11,7 +11,8 @@ read-only dashboard client and its ACL user may use them too.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import redis
 

@@ -15,12 +15,13 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis
 
-from fedq.protocol import guarded, keys
 from fedq.errors import ConfigError
+from fedq.protocol import guarded, keys
 
 log = logging.getLogger("fedq.protocol.heartbeat")
 
@@ -83,7 +84,7 @@ class Heartbeat:
         self._failing = False
         return True
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         """Write the first heartbeat and start refreshing it in a daemon thread."""
         if self._thread is not None:
             return self
@@ -127,7 +128,7 @@ class Heartbeat:
         self._thread.join(timeout=timeout)
         self._thread = None
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         return self.start()
 
     def __exit__(self, *_exc: Any) -> None:
@@ -153,7 +154,7 @@ def _scan_names(r: redis.Redis, pattern: str) -> list[str]:
     return sorted({k.decode() if isinstance(k, bytes) else k for k in r.scan_iter(match=pattern, count=SCAN_COUNT)})
 
 
-def _records(ids: list[str], raws: list[bytes | None]) -> dict[str, dict[str, Any]]:
+def _records(ids: list[str], raws: Sequence[bytes | str | None]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for ident, raw in zip(ids, raws):
         if raw is None:  # expired between SCAN and GET

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from fedq.errors import ConfigError
 
 PREFIX = "fedq"
-QUEUE = "fedq-runs"  # rq queue name; rq itself owns the rq:queue:* keys
 
 RUNS = f"{PREFIX}:runs"  # sorted set: run id -> creation time (newest last)
 EVENTS = f"{PREFIX}:events"  # stream: run created / started / finished, for waiting clients
@@ -198,7 +197,3 @@ class RunKeys:
         return [self.spec, self.state, self.members, self.scaler, self.global_model, self.inbox,
                 self.metrics, self.refused, self.events, self.lease, self.standby, self.resume_lock,
                 self.server_state, self.judged]
-
-    @property
-    def selected_pattern(self) -> str:
-        return f"{self.base}:selected:*"

@@ -6,15 +6,16 @@ import hashlib
 import math
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
 
+from fedq.errors import CodecError, UpdateRejected
 from fedq.protocol import codec, compress
 from fedq.protocol.chunking import Layout
-from fedq.errors import CodecError, UpdateRejected
 
 KIND_GLOBAL = "global"
 KIND_UPDATE = "update"
@@ -230,7 +231,8 @@ def _parts_meta(raw: Any, template: Sequence[TensorSpec] | None) -> tuple[list[s
             raise CodecError("this model's tensors differ in dtype: it cannot travel in parts")
         dtype = dtypes.pop()
     else:
-        dtype = raw.get("dtype") if isinstance(raw.get("dtype"), str) else ""
+        given = raw.get("dtype")
+        dtype = given if isinstance(given, str) else ""
         if dtype not in ("<f4", "<f8", "<f2"):
             raise CodecError(f"parts of dtype {dtype!r} are not supported")
     elements = sum(math.prod(s) for s in shapes_t)
@@ -397,9 +399,11 @@ def _check_tensors(names: Sequence[str], tensors: Sequence[np.ndarray],
         if name != spec.name:
             raise UpdateRejected("wrong_shape", f"tensor {name!r} where the model has {spec.name!r}")
         if t.dtype.str != spec.dtype:
-            raise UpdateRejected("wrong_dtype", f"tensor {name!r} is {t.dtype.name}, expected {np.dtype(spec.dtype).name}")
+            raise UpdateRejected("wrong_dtype",
+                                 f"tensor {name!r} is {t.dtype.name}, expected {np.dtype(spec.dtype).name}")
         if tuple(t.shape) != spec.shape:
-            raise UpdateRejected("wrong_shape", f"tensor {name!r} has shape {list(t.shape)}, expected {list(spec.shape)}")
+            raise UpdateRejected("wrong_shape",
+                                 f"tensor {name!r} has shape {list(t.shape)}, expected {list(spec.shape)}")
         if t.dtype.kind == "f" and not np.isfinite(t).all():
             raise UpdateRejected("non_finite", f"tensor {name!r} contains NaN or infinity")
 

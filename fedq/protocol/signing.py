@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -34,7 +35,7 @@ def tensors_digest(names: Sequence[str], tensors: Sequence[np.ndarray]) -> bytes
     for name, t in zip(names, tensors, strict=True):
         arr = np.ascontiguousarray(t, dtype=np.dtype(t.dtype).newbyteorder("<"))
         h.update(msgpack.packb([name, arr.dtype.str, list(arr.shape)]))
-        h.update(memoryview(arr).cast("B") if arr.size else b"")
+        h.update(arr.data.cast("B") if arr.size else b"")
     return h.digest()
 
 
@@ -47,7 +48,8 @@ def signed_message(run_id: str, round_no: int, client_id: str, num_examples: int
     fields: list[Any] = [CONTEXT, run_id, int(round_no), client_id, int(num_examples), digest]
     if compression is not None:
         fields.append([str(compression.get("encoding")), int(compression.get("block", 0))])
-    return msgpack.packb(fields, use_bin_type=True)
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return packed
 
 
 class Signer:
@@ -57,7 +59,7 @@ class Signer:
         self._key = key
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Signer":
+    def from_file(cls, path: str | Path) -> Signer:
         try:
             key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
@@ -96,7 +98,7 @@ class Verifier:
         return self._max_examples.get(client_id)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Verifier":
+    def from_file(cls, path: str | Path) -> Verifier:
         """Load a registry written by ``fedq keys new``: JSON with "clients" {client id: base64 raw
         public key} and, optionally, "limits" {client id: {"max_examples": N}}."""
         try:

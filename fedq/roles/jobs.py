@@ -14,13 +14,13 @@ import redis
 from rq import Queue, Worker
 
 from fedq.errors import FedqError
+from fedq.learning.spec import RunSpec
 from fedq.protocol.heartbeat import aggregator_heartbeat
+from fedq.protocol.store import ENDED, RunStore, connect, list_runs
+from fedq.protocol.vocabulary import ENDED, Status
 from fedq.roles.aggregator import Aggregator, AggregatorStopped, RunVanished
 from fedq.roles.lifecycle import die_with_parent, exit_soon, parent_died
 from fedq.settings import Settings
-from fedq.learning.spec import RunSpec
-from fedq.protocol.store import RunStore, connect, list_runs
-from fedq.protocol.vocabulary import ENDED, Status
 
 log = logging.getLogger("fedq.roles.jobs")
 
@@ -35,7 +35,9 @@ def submit_run(r: redis.Redis, settings: Settings, spec: RunSpec, *, queue: str 
     """Store a new run and enqueue it for an aggregator worker; returns the run id."""
     spec.validate()
     q = Queue(queue or settings.queue, connection=r)
-    RunStore(r, spec.run_id).create(spec, queue=q.name)
+    # store.SpecRecord declares rounds/clients settable, RunSpec is frozen: the ignore goes (warn_unused_ignores
+    # says when) once SpecRecord's members are read-only (fedq/protocol/store.py is being rewritten).
+    RunStore(r, spec.run_id).create(spec, queue=q.name)  # type: ignore[arg-type]
     q.enqueue_call(JOB_FUNC, args=(spec.run_id,), job_id=spec.run_id, timeout=settings.job_timeout,
                    result_ttl=7 * 24 * 3600, failure_ttl=30 * 24 * 3600, at_front=at_front,
                    description=f"fedq run {spec.run_id} ({spec.clients} clients, {spec.rounds} rounds)")

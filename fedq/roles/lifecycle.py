@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("fedq.roles.lifecycle")
 

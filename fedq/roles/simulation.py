@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from fedq.learning import privacy
 from fedq.learning.data import combine_stats, feature_stats, load_dataset, scaler_from_stats, split_indices, standardize
-from fedq.protocol import messages
 from fedq.learning.evaluation import combine
 from fedq.learning.models import build_model, evaluate, weight_names
 from fedq.learning.partition import load_client_data
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy, select_clients
 from fedq.learning.trainer import KerasTrainer
+from fedq.protocol import messages
 
 # (trained tensors, global tensors, rng) -> the tensors the attacker sends instead
 Attack = Callable[[list[np.ndarray], list[np.ndarray], np.random.Generator], list[np.ndarray]]
@@ -61,7 +62,7 @@ class Federation:
     label_counts: list[list[int]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, spec: RunSpec, trainer_factory: Callable[..., Any] = KerasTrainer) -> "Federation":
+    def build(cls, spec: RunSpec, trainer_factory: Callable[..., Any] = KerasTrainer) -> Federation:
         """Load every client's shard, the federated scaler, one trainer per client and the model."""
         spec.validate()
         ds = load_dataset(spec.data)
@@ -92,7 +93,7 @@ class Federation:
         global_ = [np.array(w) for w in self.initial]
         names = weight_names(self.model)
         template = messages.template_of(names, global_)
-        out = []
+        out: list[dict[str, Any]] = []
         for round_no in range(1, rounds + 1):
             t0 = time.perf_counter()
             chosen = select_clients(ids, spec.fraction_fit, spec.seed, round_no)

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from fedq.protocol import transfer
-from fedq.roles.client import Client
 from fedq.learning.data import load_dataset
-from fedq.settings import Settings
 from fedq.learning.spec import RunSpec, load_spec
+from fedq.protocol import transfer
 from fedq.protocol.store import RunStore, connect
+from fedq.roles.client import Client
+from fedq.settings import Settings
 
 log = logging.getLogger("fedq.simulate")
 
@@ -90,7 +90,8 @@ def client_commands(spec: RunSpec, processes: int, scale: float = 1e-3) -> list[
     """`fedq sim-worker` commands that split the run's shards over `processes` processes."""
     parts = np.array_split(np.arange(spec.clients), max(1, min(processes, spec.clients)))
     return [(f"sim-worker-{i}", ["sim-worker", "--run", spec.run_id, "--first", str(int(p[0])),
-                                 "--count", str(len(p)), "--scale", repr(scale)]) for i, p in enumerate(parts) if len(p)]
+                                 "--count", str(len(p)), "--scale", repr(scale)])
+                 for i, p in enumerate(parts) if len(p)]
 
 
 def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: float = 1e-3) -> int:
@@ -113,7 +114,7 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
             Client(r, settings, shard, run_id=run_id,
                    trainer_factory=noise_trainers(RunStore(r, run_id), scale, shared),
                    global_reader=shared.read).serve(once=True)
-        except Exception as exc:  # noqa: BLE001 - counted and reported; one client must not stop the rest
+        except Exception as exc:  # counted and reported; one client must not stop the rest
             log.error("client-%d failed: %s", shard, exc)
             failures.append(f"client-{shard}")
         finally:

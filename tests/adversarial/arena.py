@@ -12,24 +12,25 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import redis
+from helpers import RedisServer
 
-from fedq.ops import acl
-from fedq.protocol import messages, transfer
-from fedq.roles.aggregator import Aggregator, AggregatorStopped
 from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
-from fedq.settings import Settings
-from fedq.protocol.signing import Signer
 from fedq.learning.spec import RunSpec
+from fedq.ops import acl
+from fedq.protocol import messages, transfer
+from fedq.protocol.signing import Signer
 from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import ENDED
-from helpers import RedisServer
+from fedq.roles.aggregator import Aggregator, AggregatorStopped
+from fedq.settings import Settings
 
 HONEST = {"site-a": 100, "site-b": 300}  # sample counts, unequal on purpose
 MALLORY = "mallory"
@@ -88,7 +89,8 @@ class Arena:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.users = {u.name: u for u in acl.users(USERS)}
-        self.users[CONFINED] = acl.User(CONFINED, "confined-" + "x" * 24, acl.client_rules(CONFINED, run_id="elsewhere"))
+        self.users[CONFINED] = acl.User(CONFINED, "confined-" + "x" * 24,
+                                        acl.client_rules(CONFINED, run_id="elsewhere"))
         (tmp / "users.acl").write_text(acl.aclfile(self.users.values()))
         self.server = RedisServer("--aclfile", str(tmp / "users.acl"), ping=False)
         self.agg = self.connect(acl.AGGREGATOR_USER)
@@ -146,7 +148,7 @@ class Run:
             self.result = self.aggregator.run()
         except AggregatorStopped:
             pass
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
+        except BaseException as exc:  # the test reports it
             self.crash = exc
 
     def _client(self, h: Honest, shard: int) -> None:
@@ -177,7 +179,7 @@ class Run:
                     h.pushed[nxt] = mine
                     continue
                 last, _ = st.wait_event(last, 0.2)
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
+        except BaseException as exc:  # the test reports it
             h.error = exc
 
     # --- Mallory's tools --------------------------------------------------------------------

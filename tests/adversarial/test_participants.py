@@ -14,14 +14,16 @@ import json
 import os
 import subprocess
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
+from arena import CONFINED, HONEST, MALLORY, ROWS, Arena, Run
+from helpers import cli_env, fedq_cmd
 from rich.console import Console
 
-from arena import CONFINED, HONEST, MALLORY, ROWS, Arena, Run
 from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
 from fedq.ops import acl
@@ -31,7 +33,6 @@ from fedq.protocol import heartbeat, transfer
 from fedq.protocol.keys import RunKeys
 from fedq.protocol.signing import Signer, new_keys
 from fedq.protocol.store import RunStore, list_runs, newest_open_run
-from helpers import cli_env, fedq_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -258,7 +259,8 @@ def test_re_pushing_is_capped(arena: Arena) -> None:
     idle = RunStore(arena.agg, run.run_id)
     beat = heartbeat.client_heartbeat(arena.agg, run.run_id, "idle", ttl=30).start()
     x, _ = load_shard(run.spec.data, 1, 2)
-    assert idle.join_and_wait("idle", {"shard": 1, "own_data": True, "rows": 10}, feature_stats(x).to_dict()) == "joined"
+    joined = idle.join_and_wait("idle", {"shard": 1, "own_data": True, "rows": 10}, feature_stats(x).to_dict())
+    assert joined == "joined"
     assert run.mallory_joins() == "joined"
     _round_open(run, 1)
     pushes = 0
@@ -267,7 +269,7 @@ def test_re_pushing_is_capped(arena: Arena) -> None:
         if run.m.push_update(MALLORY, 1, payload, 4 << 20) != "ok":
             break
         pushes += 1
-        run.wait(lambda: sum(j["client"] == MALLORY for j in run.store.judged()) >= min(i + 1, 5),
+        run.wait(lambda i=i: sum(j["client"] == MALLORY for j in run.store.judged()) >= min(i + 1, 5),
                  f"Mallory's push {i + 1} to be judged")
     assert pushes == 8
     # Each version read replaces the last and rebuilds the sum: at most FEDQ_MAX_PUSHES_PER_ROUND of them.

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-
 from harness import ROWS, Federation
 
 
@@ -28,7 +28,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     tr.section("fault suite")
-    head = f"{'scenario':<42} {'outcome':<9} {'rounds':>6} {'accepted':>8} {'refused':>7} {'lost':>4} {'double':>6} {'seconds':>7}"
+    head = (f"{'scenario':<42} {'outcome':<9} {'rounds':>6} {'accepted':>8} {'refused':>7} {'lost':>4} "
+            f"{'double':>6} {'seconds':>7}")
     tr.write_line(head)
     for row in ROWS:
         tr.write_line(f"{row['scenario']:<42} {row['outcome']:<9} {row['rounds']:>6} {row['accepted']:>8} "

@@ -14,16 +14,16 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import redis
-
 from helpers import RedisServer, cli_env, fedq_cmd
-from fedq.protocol import codec, messages
+
 from fedq.learning.aggregate import fedavg
+from fedq.protocol import codec, messages
 from fedq.protocol.store import RunStore
 
 ROWS: list[dict] = []  # the suite's summary table, printed by conftest at the end

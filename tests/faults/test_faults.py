@@ -14,7 +14,6 @@ import threading
 import time
 
 import pytest
-
 from harness import Federation
 
 pytestmark = pytest.mark.slow

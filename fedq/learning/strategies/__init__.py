@@ -31,17 +31,18 @@ on that noisy model (post-processing: DP-FedAdam etc. keep the guarantee).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from fedq.protocol import codec
 from fedq.errors import CodecError, ConfigError
 from fedq.learning.privacy import CentralDP, NoisyMean
 from fedq.learning.strategies.robust import Buffered, Mean, make_combiner
 from fedq.learning.strategies.sampling import sample_size, select_clients
 from fedq.learning.strategies.server import ServerStep, make_server_step
+from fedq.protocol import codec
 
 __all__ = ["STRATEGIES", "Strategy", "StrategySpec", "aggregate_all", "clip_update", "held_bytes",
            "sample_size", "select_clients"]
@@ -121,13 +122,14 @@ class StrategySpec:
         """The FedProx proximal coefficient client training uses (0: none)."""
         return self.value("mu")
 
-    def resolved(self) -> "StrategySpec":
+    def resolved(self) -> StrategySpec:
         """The spec with every default made explicit (what a report shows)."""
         used = set(_DEFAULTS.get(self.name, {})) | {n for n in _OPTIONAL if getattr(self, n) is not None}
-        return replace(self, **{n: self.value(n) for n in used})
+        values: dict[str, Any] = {n: self.value(n) for n in used}
+        return replace(self, **values)
 
     # --- checks and (de)serialisation -------------------------------------------------------
-    def validate(self, expected_clients: int) -> "StrategySpec":
+    def validate(self, expected_clients: int) -> StrategySpec:
         """ConfigError naming the first bad field; expected_clients: updates a round plans for."""
         if self.name not in _PARTS:
             raise ConfigError(f"unknown strategy {self.name!r}; choose one of {', '.join(STRATEGIES)}")
@@ -151,14 +153,15 @@ class StrategySpec:
                               f"got {self.krum_keep!r}")
         if self.combiner == "krum" and expected_clients < 2 * self.byzantine + 3:
             raise ConfigError(f"{self.name} with byzantine {self.byzantine} needs at least "
-                              f"{2 * self.byzantine + 3} clients per round (n > 2f + 2), the run has {expected_clients}")
+                              f"{2 * self.byzantine + 3} clients per round (n > 2f + 2), "
+                              f"the run has {expected_clients}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "StrategySpec":
+    def from_dict(cls, raw: Mapping[str, Any]) -> StrategySpec:
         """Inverse of to_dict; unknown fields are an error."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"strategy spec must be a mapping, got {type(raw).__name__}")
@@ -256,6 +259,7 @@ class Strategy:
         self._global = None if global_weights is None else [np.asarray(g) for g in global_weights]
         self._noise_rng = noise_rng
         if isinstance(self._combine, NoisyMean):
+            assert self._global is not None  # central DP never streams its result (checked above)
             self._combine.begin(self._global)
         self.reset()
 
@@ -310,16 +314,17 @@ class Strategy:
 
     def result(self) -> list[np.ndarray]:
         """The next global model. Advances the server optimiser: call once per round."""
+        combine = self._combine
+        if isinstance(combine, NoisyMean):
+            # Central DP never streams: it needs the round's global model and noise source.
+            if self._global is None or self._noise_rng is None:
+                raise ValueError("begin_round() with the global model and noise_rng must come before result()")
+            return self._server.step(self._global, combine.result(self._noise_rng))
         if self._global is None:
             if not self.streams_result:
                 raise ValueError("begin_round() must come before result()")
-            return self._combine.result()  # type: ignore[union-attr]
-        if isinstance(self._combine, NoisyMean):
-            assert self._noise_rng is not None  # begin_round checked it
-            combined = self._combine.result(self._noise_rng)
-        else:
-            combined = self._combine.result()
-        return self._server.step(self._global, combined)
+            return combine.result()
+        return self._server.step(self._global, combine.result())
 
     def round_info(self) -> dict[str, Any]:
         """What the round's metrics record about the strategy (clipped clients, Krum's choice)."""

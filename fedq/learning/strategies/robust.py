@@ -18,7 +18,8 @@ sample count it claims, because a malicious client could claim any count:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class Mean(FedAvg):
 
     holds_all = False
 
-    def add(self, tensors: Sequence[np.ndarray], num_examples: int, client_id: str = "") -> None:  # type: ignore[override]
+    def add(self, tensors: Sequence[np.ndarray], num_examples: int, client_id: str = "") -> None:
         super().add(tensors, num_examples)
 
     def info(self) -> dict[str, Any]:
@@ -72,6 +73,10 @@ class Buffered:
     def _stack(self, i: int) -> np.ndarray:
         """Tensor i of every held update as one float64 array of shape (n, *shape)."""
         return np.stack([np.asarray(ts[i], dtype=np.float64) for ts, _, _ in self._items])
+
+    def result(self) -> list[np.ndarray]:
+        """The round's combined model (each robust combiner defines its own)."""
+        raise NotImplementedError
 
     def _check(self) -> None:
         if not self._items:
@@ -127,7 +132,6 @@ class Krum(Buffered):
         self.byzantine = byzantine
         self.keep = keep  # None: n - f (Multi-Krum's usual choice)
         self._selected: list[str] = []
-        self._scores: list[float] = []
 
     def distances(self) -> np.ndarray:
         """(n, n) squared Euclidean distances between the held updates, over all tensors."""
@@ -149,7 +153,7 @@ class Krum(Buffered):
         # round closed with fewer updates than planned (quorum) still has a defined score.
         k = min(max(n - self.byzantine - 2, 1), n - 1)
         others = np.sort(dist + np.diag(np.full(n, np.inf)), axis=1)[:, :k]
-        return others.sum(axis=1)
+        return np.asarray(others.sum(axis=1))
 
     def result(self) -> list[np.ndarray]:
         self._check()
@@ -160,7 +164,6 @@ class Krum(Buffered):
         # Stable order: ties go to the earlier-added update, deterministically.
         best = np.argsort(score, kind="stable")[:keep]
         self._selected = [self._items[b][2] for b in best]
-        self._scores = [float(s) for s in score]
         acc = FedAvg(self._items[0][0])
         for b in best:
             ts, num, _ = self._items[b]

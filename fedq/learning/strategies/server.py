@@ -16,7 +16,8 @@ stopped. Integer tensors (counters, seeds) are never optimised: they take the co
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
