@@ -1,0 +1,326 @@
+"""Direct tests of the guarantees the README states, each written so that breaking it fails here.
+
+- Fencing: a driver whose lease was taken over can neither commit, close, open training,
+  finish evaluation, admit nor fail the run, and what it tried changes nothing in Redis.
+- Ordering: a commit only applies on top of the previous round (once); a commit that skips a
+  round, or replays one, is refused and changes nothing.
+- Refusal at the protocol layer: NaN or infinity in any float tensor, in any position, whole or
+  compressed, is UpdateRejected('non_finite') (or 'bad_scales' for a compressed update's scales).
+- Weighting: the model a real round commits is the sample-weighted mean, checked against a
+  float64 reference written here (not fedq's own fedavg), with counts so unequal that an
+  unweighted mean fails the same check.
+
+The store tests use RunStore's public methods only, never its scripts' arguments.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from fedq.errors import UpdateRejected
+from fedq.protocol import messages
+from fedq.protocol.store import LeaseLost, RunStore
+
+RUN = "t-guard"
+NAMES = ["w", "b"]
+
+
+class _Spec:
+    """What RunStore.create needs of a run spec (fedq.learning.spec.RunSpec has more)."""
+
+    def __init__(self, rounds: int = 3, clients: int = 2) -> None:
+        self.rounds, self.clients = rounds, clients
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "clients": self.clients}
+
+
+def _snapshot(r: redis.Redis) -> dict[bytes, bytes]:
+    """Every key of the database and its serialized value (streams, hashes, lists included)."""
+    return {key: r.dump(key) for key in sorted(r.scan_iter(count=1000))}
+
+
+def _global(round_no: int, value: float) -> bytes:
+    return messages.encode_global(RUN, round_no, NAMES, [np.full((2, 2), value, np.float32),
+                                                         np.full(2, value, np.float32)])
+
+
+def _take_over(r: redis.Redis, old: RunStore) -> RunStore:
+    """Let old's lease lapse and a new driver take the run, the way a standby does."""
+    r.pexpire(old.k.lease, 1)
+    deadline = time.monotonic() + 5
+    new = RunStore(r, RUN)
+    while not new.acquire_lease("driver-b", 30):
+        assert time.monotonic() < deadline, "the lapsed lease was never free"
+        time.sleep(0.005)
+    assert new.lease_holder() == "driver-b" and old.driver == "driver-a"
+    return new
+
+
+def _running(r: redis.Redis, rounds: int = 3) -> RunStore:
+    """A run in its training phase, driven by driver-a, with clients c0 and c1 admitted."""
+    store = RunStore(r, RUN)
+    store.create(_Spec(rounds=rounds))
+    assert store.acquire_lease("driver-a", 30)
+    for cid in ("c0", "c1"):
+        assert store.join(cid, {"shard": 0}, {}) == "requested"
+        assert store.admit(cid)
+    assert store.open_training(b"scaler", _global(0, 0.0))
+    assert store.state()["phase"] == "train" and store.committed_round() == 0
+    return store
+
+
+def _commit(store: RunStore, round_no: int, **kw: Any) -> bool:
+    return store.commit_round(round_no, _global(round_no, float(round_no)), {"round": round_no}, **kw)
+
+
+# --- fencing: a stale driver changes nothing ---------------------------------------------------
+
+STALE_STEPS: dict[str, Callable[[RunStore], Any]] = {
+    "commit_round": lambda s: _commit(s, 1),
+    "commit_round (final)": lambda s: _commit(s, 1, final={"test_accuracy": 1.0}),
+    "close_round": lambda s: s.close_round(1),
+    "admit": lambda s: s.admit("c2"),
+}
+
+
+@pytest.mark.parametrize("step", STALE_STEPS)
+def test_a_driver_whose_lease_was_taken_over_is_refused_and_changes_nothing(r: redis.Redis, step: str) -> None:
+    old = _running(r)
+    if step == "admit":
+        assert old.join("c2", {"shard": 0}, {}) in ("requested", "run_full")
+    new = _take_over(r, old)
+    before = _snapshot(r)
+    with pytest.raises(LeaseLost, match="lease lost"):
+        STALE_STEPS[step](old)
+    assert _snapshot(r) == before
+    # The refusal is the fence, not a broken run: the new driver's commit applies.
+    assert _commit(new, 1) and new.committed_round() == 1
+
+
+def test_a_stale_driver_cannot_open_training(r: redis.Redis) -> None:
+    old = RunStore(r, RUN)
+    old.create(_Spec())
+    assert old.acquire_lease("driver-a", 30)
+    new = _take_over(r, old)
+    before = _snapshot(r)
+    with pytest.raises(LeaseLost):
+        old.open_training(b"scaler", _global(0, 9.0))
+    assert _snapshot(r) == before
+    assert new.open_training(b"scaler", _global(0, 0.0)) and new.state()["phase"] == "train"
+
+
+def test_a_stale_driver_cannot_finish_the_evaluation(r: redis.Redis) -> None:
+    old = _running(r, rounds=1)
+    assert _commit(old, 1, final={}, evaluate=True)
+    assert old.state()["phase"] == "eval"
+    new = _take_over(r, old)
+    before = _snapshot(r)
+    with pytest.raises(LeaseLost):
+        old.finish_evaluation(1, None, {"test_accuracy": 0.1})
+    assert _snapshot(r) == before
+    assert new.finish_evaluation(1, None, {"test_accuracy": 0.9})
+    assert new.state()["status"] == "finished"
+
+
+def test_a_stale_driver_cannot_fail_the_run_nor_touch_the_new_lease(r: redis.Redis) -> None:
+    old = _running(r)
+    new = _take_over(r, old)
+    before = _snapshot(r)
+    assert old.fail("stale driver thinks the run is lost") is False
+    with pytest.raises(LeaseLost):
+        old.renew_lease(60)
+    assert old.release_lease() is False
+    assert _snapshot(r) == before
+    assert new.lease_holder() == "driver-b" and 0 < r.pttl(new.k.lease) <= 30_000
+    assert new.fail("the real driver gives up") and new.state()["status"] == "failed"
+
+
+def test_a_store_that_never_held_the_lease_cannot_commit(r: redis.Redis) -> None:
+    _running(r)
+    before = _snapshot(r)
+    with pytest.raises(LeaseLost):
+        _commit(RunStore(r, RUN), 1)  # no driver at all: '' is no lease
+    intruder = RunStore(r, RUN)
+    intruder.driver = "driver-x"  # claims to drive without having acquired
+    with pytest.raises(LeaseLost):
+        _commit(intruder, 1)
+    assert _snapshot(r) == before
+
+
+# --- ordering: only on top of the previous round, exactly once -----------------------------------
+
+def test_a_commit_applies_on_top_of_the_previous_round_exactly_once(r: redis.Redis) -> None:
+    store = _running(r)
+    assert _commit(store, 1)
+    assert store.committed_round() == 1 and [m["round"] for m in store.metrics()] == [1]
+    assert messages.decode_global(store.global_payload(), RUN)[0] == 1
+    after_first = _snapshot(r)
+    assert _commit(store, 1) is False  # the same commit again (a retry after a lost reply)
+    assert _snapshot(r) == after_first
+    assert _commit(store, 2) and store.committed_round() == 2
+    assert [m["round"] for m in store.metrics()] == [1, 2]
+
+
+@pytest.mark.parametrize("attempt", [0, 1, 3, 4])
+def test_a_commit_that_skips_or_replays_a_round_is_refused_and_changes_nothing(r: redis.Redis, attempt: int) -> None:
+    store = _running(r)
+    assert _commit(store, 1)  # R = 1 is committed: only 2 may follow
+    before = _snapshot(r)
+    assert _commit(store, attempt) is False
+    assert _commit(store, attempt, final={"test_accuracy": 1.0}) is False
+    assert _snapshot(r) == before
+    assert store.committed_round() == 1 and store.state()["status"] == "running"
+
+
+def test_no_commit_outside_training(r: redis.Redis) -> None:
+    store = _running(r, rounds=1)
+    assert _commit(store, 1, final={}, evaluate=True)  # phase eval now
+    before = _snapshot(r)
+    assert _commit(store, 2) is False
+    assert _snapshot(r) == before
+    assert store.finish_evaluation(1, None, {})
+    before = _snapshot(r)
+    assert _commit(store, 2) is False  # finished
+    assert store.finish_evaluation(1, None, {}) is False  # and it finishes once
+    assert _snapshot(r) == before
+
+
+def test_finish_evaluation_only_for_the_last_committed_round(r: redis.Redis) -> None:
+    store = _running(r, rounds=2)
+    assert _commit(store, 1)
+    assert _commit(store, 2, final={}, evaluate=True)
+    before = _snapshot(r)
+    for wrong in (1, 3):
+        assert store.finish_evaluation(wrong, None, {}) is False
+    assert _snapshot(r) == before
+    assert store.finish_evaluation(2, None, {})
+
+
+def test_closing_a_round_stops_pushes_for_it_and_only_the_open_round_closes(r: redis.Redis) -> None:
+    store = _running(r)
+    payload = b"x" * 10
+    before = _snapshot(r)
+    store.close_round(2)  # not the open round: no effect
+    assert _snapshot(r) == before
+    assert store.push_update("c0", 1, payload, 1000) == "ok"
+    store.close_round(1)
+    assert store.push_update("c1", 1, payload, 1000) == "round_closed"
+    assert _commit(store, 1)
+    assert store.push_update("c1", 2, payload, 1000) == "ok"
+
+
+def test_a_push_is_only_for_the_open_round(r: redis.Redis) -> None:
+    store = _running(r)
+    assert _commit(store, 1)
+    assert store.push_update("c0", 1, b"u", 1000) == "round_closed"
+    assert store.push_update("c0", 3, b"u", 1000) == "round_not_open"
+    assert store.push_update("c0", 2, b"u", 1000) == "ok"
+    assert store.push_update("stranger", 2, b"u", 1000) == "unknown_client"
+    assert store.push_update("c1", 2, b"u" * 11, 10) == "too_large"
+
+
+def test_a_stale_driver_cannot_admit_past_the_member_cap(r: redis.Redis) -> None:
+    store = RunStore(r, RUN)
+    store.create(_Spec(clients=1))
+    assert store.acquire_lease("driver-a", 30)
+    for cid in ("c0", "c1"):
+        assert store.join(cid, {"shard": 0}, {}) in ("requested", "run_full")
+    assert store.admit("c0") is True
+    assert store.admit("c1") is False  # run full: its verdict is written, no member added
+    assert store.member_ids() == ["c0"]
+
+
+# --- refusal at the protocol layer: NaN and infinity ---------------------------------------------
+
+FLOATS = [np.float16, np.float32, np.float64]
+BAD = [np.nan, np.inf, -np.inf]
+
+
+def _template(dtype: type) -> tuple[list[np.ndarray], list[messages.TensorSpec]]:
+    tensors = [np.ones((3, 4), dtype), np.zeros(5, dtype), np.full((1,), 2.0, dtype)]
+    return tensors, messages.template_of(["a", "b", "c"], tensors)
+
+
+def _validate(payload: bytes, template: list[messages.TensorSpec], **kw: Any) -> messages.Update:
+    return messages.validate_update(payload, run_id=RUN, round_no=1, client_id="c0", template=template, **kw)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("bad", BAD, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("tensor, index", [(0, 0), (0, 7), (0, 11), (1, 4), (2, 0)])
+def test_a_non_finite_value_anywhere_is_refused(dtype: type, bad: float, tensor: int, index: int) -> None:
+    tensors, template = _template(dtype)
+    clean = messages.encode_update(RUN, 1, "c0", 10, {}, ["a", "b", "c"], tensors)
+    assert _validate(clean, template).num_examples == 10
+    tensors[tensor].flat[index] = bad
+    payload = messages.encode_update(RUN, 1, "c0", 10, {}, ["a", "b", "c"], tensors)
+    with pytest.raises(UpdateRejected) as err:
+        _validate(payload, template)
+    assert err.value.reason == "non_finite"
+    assert repr("abc"[tensor]) in err.value.detail
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8"])
+@pytest.mark.parametrize("bad", BAD, ids=["nan", "inf", "-inf"])
+def test_a_non_finite_compressed_update_is_refused(encoding: str, bad: float) -> None:
+    base, template = _template(np.float32)
+    names = ["a", "b", "c"]
+    comp = messages.compress_update(names, [t + 0.5 for t in base], base, encoding)
+
+    def send(tensors: list[np.ndarray]) -> messages.Update:
+        payload = messages.encode_update(RUN, 1, "c0", 10, {}, comp.names, tensors, compression=comp.descriptor)
+        return _validate(payload, template, compression=encoding, base=base)
+
+    np.testing.assert_allclose(send(comp.tensors).tensors[0], base[0] + 0.5, atol=0.01)
+    wire = [t.copy() for t in comp.tensors]
+    scales_at = len(names)
+    wire[scales_at + 1][0] = bad  # a scale of tensor b
+    with pytest.raises(UpdateRejected) as err:
+        send(wire)
+    assert err.value.reason == "bad_scales" and "NaN or infinity" in err.value.detail
+    if encoding == "float16":  # the values themselves travel as float16: NaN fits in them
+        wire = [t.copy() for t in comp.tensors]
+        wire[0].flat[5] = bad
+        with pytest.raises(UpdateRejected) as err:
+            send(wire)
+        assert err.value.reason == "non_finite"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_a_finite_delta_that_overflows_on_the_global_model_is_refused() -> None:
+    base, template = _template(np.float32)
+    base = [t.copy() for t in base]
+    base[0].flat[3] = np.finfo(np.float32).max
+    names = ["a", "b", "c"]
+    comp = messages.compress_update(names, base, [np.zeros_like(t) for t in base], "float16")
+    # A finite delta (1.0 x 1e38) that is infinite once added to float32's largest value.
+    wire = [t.copy() for t in comp.tensors]
+    wire[0][...] = np.float16(1.0)
+    wire[len(names)][0] = np.float32(1e38)
+    payload = messages.encode_update(RUN, 1, "c0", 10, {}, comp.names, wire, compression=comp.descriptor)
+    with pytest.raises(UpdateRejected) as err:
+        _validate(payload, template, compression="float16", base=base)
+    assert err.value.reason == "non_finite"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_a_non_finite_metric_is_refused(bad: float) -> None:
+    tensors, template = _template(np.float32)
+    payload = messages.encode_update(RUN, 1, "c0", 10, {"loss": bad}, ["a", "b", "c"], tensors)
+    with pytest.raises(UpdateRejected) as err:
+        _validate(payload, template)
+    assert err.value.reason == "bad_metrics"
+
+
+def test_integer_tensors_have_no_non_finite_values_to_refuse() -> None:
+    tensors = [np.ones((2, 2), np.float32), np.array([7, -3], np.int64)]
+    template = messages.template_of(["w", "step"], tensors)
+    payload = messages.encode_update(RUN, 1, "c0", 10, {}, ["w", "step"], tensors)
+    assert _validate(payload, template).tensors[1].tolist() == [7, -3]
