@@ -488,3 +488,32 @@ def test_the_acceptance_test_skips_naming_the_setting(tmp_path, monkeypatch) -> 
     (tmp_path / "normal.csv").write_text("")
     (tmp_path / "abnormal.csv").write_text("")
     assert seed_data_dir() == tmp_path
+
+
+# --- weighting: survivors of the mutation run in aggregate.py ------------------------------------
+
+def test_capped_weights_refuses_what_it_cannot_honour() -> None:
+    from fedq.learning.aggregate import capped_weights
+
+    for share in (0, -0.1, 1.5, 2):
+        with pytest.raises(ValueError, match=r"max_share must be in \(0, 1\]"):
+            capped_weights({"a": 1, "b": 2}, share)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="counts must be positive"):
+            capped_weights({"a": bad, "b": 5}, 0.5)
+
+
+def test_a_cap_below_two_rounds_down_so_the_share_holds() -> None:
+    from fedq.learning.aggregate import capped_weights
+
+    # Cap 0.6 x 1 / 0.4 = 1.5: the big claim gets weight 1 (a share of 1/2); 2 would be 2/3 > 0.6.
+    assert capped_weights({"a": 1, "c": 1000}, 0.6) == {"a": 1, "c": 1}
+
+
+def test_fedavg_of_nothing_and_metrics_of_no_samples() -> None:
+    from fedq.learning.aggregate import fedavg, weighted_metrics
+
+    with pytest.raises(ValueError, match="no models to aggregate"):
+        fedavg([])
+    assert weighted_metrics([({"loss": 1.0}, 0)]) == {}
+    assert weighted_metrics([({"loss": 1.0}, 1), ({"loss": 4.0}, 3)]) == {"loss": 3.25}
