@@ -517,3 +517,33 @@ def test_fedavg_of_nothing_and_metrics_of_no_samples() -> None:
         fedavg([])
     assert weighted_metrics([({"loss": 1.0}, 0)]) == {}
     assert weighted_metrics([({"loss": 1.0}, 1), ({"loss": 4.0}, 3)]) == {"loss": 3.25}
+
+
+# --- fencing and refusal: survivors of the mutation run in store.py and messages.py -------------
+
+def test_a_held_lease_is_not_taken_and_renewal_extends_it_by_its_ttl(r: redis.Redis) -> None:
+    a, b = RunStore(r, RUN), RunStore(r, RUN)
+    assert a.acquire_lease("driver-a", 5)
+    assert b.acquire_lease("driver-b", 5) is False and b.driver is None
+    assert a.lease_holder() == "driver-a"
+    a.renew_lease(60)
+    assert 55_000 < r.pttl(a.k.lease) <= 60_000
+    b.driver = "driver-b"
+    with pytest.raises(LeaseLost, match="held by 'driver-a'"):
+        b.renew_lease(60)
+
+
+@pytest.mark.parametrize("change, reason, words", [
+    (lambda names, ts: (names[:1], ts[:1]), "wrong_shape", "has 1 tensors, the model has 2"),
+    (lambda names, ts: (["x", names[1]], ts), "wrong_shape", "'x' where the model has 'w'"),
+    (lambda names, ts: (names, [ts[0].astype(np.float64), ts[1]]), "wrong_dtype", "float64, expected float32"),
+    (lambda names, ts: (names, [ts[0], np.zeros(3, np.float32)]), "wrong_shape", "shape [3], expected [2]"),
+])
+def test_an_update_unlike_the_model_is_refused_with_its_reason(change, reason: str, words: str) -> None:
+    tensors = [np.ones((2, 2), np.float32), np.zeros(2, np.float32)]
+    template = messages.template_of(NAMES, tensors)
+    names, sent = change(NAMES, tensors)
+    payload = messages.encode_update(RUN, 1, "c0", 10, {}, names, sent)
+    with pytest.raises(UpdateRejected) as err:
+        _validate(payload, template)
+    assert err.value.reason == reason and words in err.value.detail
