@@ -18,7 +18,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -133,7 +133,7 @@ def _probe(port: int) -> None:
 
 
 def _run(redis: LocalRedis, procs: list[Proc], probes: dict[str, int], run_id: str, tmp: Path,
-         clients: list[str]) -> float:
+         clients: list[str], check: Callable[[RunStore], None] | None = None) -> float:
     redis.start()
     try:
         start(procs, tmp / "logs", tmpdir(tmp, "cwd"))
@@ -143,6 +143,8 @@ def _run(redis: LocalRedis, procs: list[Proc], probes: dict[str, int], run_id: s
             _probe(port)
         wait_for_run(procs, redis.client(), run_id, 1)  # long-running ones are still up
         accuracy = _assert_final_model(redis, run_id, state, clients)
+        if check is not None:
+            check(RunStore(redis.client(), run_id))
     finally:
         stop(procs)
         redis.stop()
@@ -184,14 +186,16 @@ def test_secure_overlay_pods_run_a_federation_each_as_its_own_user_over_tls(tmp_
 
 
 def _site_data(tmp: Path, parts: int) -> list[Path]:
-    """Each site's own train.csv: a disjoint part of the built-in data's training rows."""
+    """Each site's own train.csv: a disjoint part of the built-in data's training rows, of
+    unequal sizes (site k holds k + 1 shares), so that a site counted with another's rows shows."""
     from fedq.learning.data import DataSpec, load_dataset, split_indices
 
     spec = DataSpec()
     ds = load_dataset(spec)
     train, _ = split_indices(ds.y, spec.test_fraction, spec.seed)
     dirs = []
-    for k, idx in enumerate(np.array_split(train, parts)):
+    cuts = [len(train) * sum(range(1, k + 2)) // sum(range(1, parts + 1)) for k in range(parts - 1)]
+    for k, idx in enumerate(np.split(train, cuts)):
         d = tmpdir(tmp, f"site-{k}")
         header = ",".join([*[f"f{j}" for j in range(ds.num_features)], "label"])
         rows = [",".join([*(repr(float(v)) for v in ds.x[i]), str(int(ds.y[i]))]) for i in idx]
@@ -207,7 +211,26 @@ def test_sites_overlay_pods_train_on_their_own_volumes(tmp_path: Path) -> None:
     redis, procs, probes = _pods_as_processes(docs, tmp_path, claims,
                                               overrides={"FEDQ_ROUNDS": "1", "FEDQ_LOCAL_EPOCHS": "1"})
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
-    _run(redis, procs, probes, config["FEDQ_RUN_ID"], tmp_path, ["site-a", "site-b"])
+    _run(redis, procs, probes, config["FEDQ_RUN_ID"], tmp_path, ["site-a", "site-b"],
+         check=lambda store: _each_site_trained_on_its_own_rows(store, {"site-a": site_a, "site-b": site_b}))
+
+
+def _each_site_trained_on_its_own_rows(store: RunStore, sites: dict[str, Path]) -> None:
+    """Every update of a site counts the training rows of its own train.csv (its file's rows less
+    the test split its client holds out: --csv with the default --test-fraction and seed 0),
+    and the site joined with that many rows."""
+    from fedq.learning.data import DataSpec, split_indices
+
+    want = {}
+    for site, d in sites.items():
+        labels = np.array([int(line.rsplit(",", 1)[1]) for line in (d / "train.csv").read_text().splitlines()[1:]])
+        fit, _ = split_indices(labels, DataSpec().test_fraction, 0)
+        want[site] = len(fit)
+    assert len(set(want.values())) == len(want), f"sites of equal size prove nothing: {want}"
+    assert {cid: rec["rows"] for cid, rec in store.clients().items()} == want
+    for m in store.metrics():
+        assert {cid: c["num_examples"] for cid, c in m["clients"].items()} == want, m["clients"]
+        assert m["num_examples"] == sum(want.values())
 
 
 def test_compose_services_run_a_federation(tmp_path: Path) -> None:
