@@ -26,7 +26,8 @@ import redis
 
 from fedq.errors import UpdateRejected
 from fedq.protocol import messages
-from fedq.protocol.store import LeaseLost, RunStore
+from fedq.protocol.store import Commit, LeaseLost, RunStore
+from fedq.protocol.vocabulary import Phase
 
 RUN = "t-guard"
 NAMES = ["w", "b"]
@@ -77,8 +78,10 @@ def _running(r: redis.Redis, rounds: int = 3) -> RunStore:
     return store
 
 
-def _commit(store: RunStore, round_no: int, **kw: Any) -> bool:
-    return store.commit_round(round_no, _global(round_no, float(round_no)), {"round": round_no}, **kw)
+def _commit(store: RunStore, round_no: int, final: dict[str, Any] | None = None, evaluate: bool = False) -> bool:
+    after = Phase.EVAL if evaluate else Phase.DONE if final is not None else Phase.TRAIN
+    return store.commit_round(Commit(round=round_no, global_payload=_global(round_no, float(round_no)),
+                                     metrics={"round": round_no}, after=after, final=final))
 
 
 # --- fencing: a stale driver changes nothing ---------------------------------------------------

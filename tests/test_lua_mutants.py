@@ -1,6 +1,6 @@
 """Hand-written mutants of the store's Lua steps: each one must fail the guarantee tests.
 
-Python mutation tools (mutmut) do not mutate the Lua inside store.py's string constants, so the
+Python mutation tools (mutmut) do not mutate the Lua inside fedq/protocol/scripts.py's strings, so the
 fences and round checks are mutated here: the script text is patched (one small breaking change),
 every store check of test_guarantees runs against a real Redis, and at least one must fail. A
 mutant that no longer matches its script fails too, so that a rewrite of the scripts brings this
@@ -16,34 +16,34 @@ import pytest
 import redis
 
 import test_guarantees as g
-from fedq.protocol import store
+from fedq.protocol import scripts
 
 FENCE = r"^if [^\n]*redis\.call\('GET', [^\n]*\) ~= [^\n]* then return -1 end\n"
 
 # (script, pattern, replacement): each pattern must match exactly once in its script.
 MUTANTS: dict[str, tuple[str, str, str]] = {
-    "commit: no lease fence": ("_COMMIT", FENCE, ""),
-    "commit: fence inverted": ("_COMMIT", r"(redis\.call\('GET', [^\n]*\)) ~= ([^\n]* then return -1)", r"\1 == \2"),
-    "commit: not only on top of the previous round": ("_COMMIT", r"^if tonumber\(st\[3\]\) \+ 1 ~= [^\n]*\n", ""),
-    "commit: skips a round": ("_COMMIT", r"\+ 1 ~= tonumber", "+ 2 ~= tonumber"),
-    "commit: may run ahead": ("_COMMIT", r"\+ 1 ~= (tonumber)", r"+ 1 > \1"),
-    "commit: a replay counts as done": ("_COMMIT", r"(\+ 1 ~= [^\n]*) then return 0 end", r"\1 then return 1 end"),
-    "commit: outside training": ("_COMMIT", r"^if st\[1\] ~= 'running' or st\[2\] ~= 'train' then return 0 end\n", ""),
-    "close: no lease fence": ("_CLOSE", FENCE, ""),
-    "close: any round": ("_CLOSE", r"^if cur \+ 1 ~= [^\n]*\n", ""),
-    "open_training: no lease fence": ("_OPEN_TRAINING", FENCE, ""),
-    "open_training: outside joining": ("_OPEN_TRAINING", r"^if \(st\[1\][^\n]*then return 0 end\n", ""),
-    "finish_evaluation: no lease fence": ("_FINISH_EVAL", FENCE, ""),
-    "finish_evaluation: any round": ("_FINISH_EVAL", r" or tonumber\(st\[3\]\) ~= tonumber\([^)]*\)", ""),
-    "finish_evaluation: outside evaluation": ("_FINISH_EVAL", r" or st\[2\] ~= 'eval'", ""),
-    "fail: no lease fence": ("_FAIL", FENCE, ""),
-    "admit: no lease fence": ("_ADMIT", FENCE, ""),
-    "admit: past the member cap": ("_ADMIT", r"^if redis\.call\('SCARD'[^\n]*\n[^\n]*\n\s*return 0\nend\n", ""),
-    "renew: for anyone": ("_RENEW", r"^if redis\.call\('GET', KEYS\[1\]\) == ARGV\[1\] then", "if true then"),
-    "release: for anyone": ("_RELEASE", r"^if redis\.call\('GET', KEYS\[1\]\) == ARGV\[1\] then", "if true then"),
-    "push: into a closed round": ("_PUSH", r"want <= math\.max", "want < math.max"),
-    "push: into a round not yet open": ("_PUSH", r"want > tonumber\(st\[3\]\) \+ 1", "want > tonumber(st[3]) + 2"),
-    "push: from a stranger": ("_PUSH", r"'SISMEMBER', base \.\. ':members', ARGV\[1\]\) == 0", "'SISMEMBER', base .. ':members', ARGV[1]) == 2"),
+    "commit: no lease fence": ("COMMIT", FENCE, ""),
+    "commit: fence inverted": ("COMMIT", r"(redis\.call\('GET', [^\n]*\)) ~= ([^\n]* then return -1)", r"\1 == \2"),
+    "commit: not only on top of the previous round": ("COMMIT", r"^if tonumber\(st\[3\]\) \+ 1 ~= [^\n]*\n", ""),
+    "commit: skips a round": ("COMMIT", r"\+ 1 ~= a\.round", "+ 2 ~= a.round"),
+    "commit: may run ahead": ("COMMIT", r"\+ 1 ~= (a\.round)", r"+ 1 > \1"),
+    "commit: a replay counts as done": ("COMMIT", r"(\+ 1 ~= a\.round) then return 0 end", r"\1 then return 1 end"),
+    "commit: outside training": ("COMMIT", r"^if st\[1\] ~= STATUS_RUNNING or st\[2\] ~= PHASE_TRAIN then return 0 end\n", ""),
+    "close: no lease fence": ("CLOSE", FENCE, ""),
+    "close: any round": ("CLOSE", r"^if cur \+ 1 ~= [^\n]*\n", ""),
+    "open_training: no lease fence": ("OPEN_TRAINING", FENCE, ""),
+    "open_training: outside joining": ("OPEN_TRAINING", r"^if \(st\[1\][^\n]*then return 0 end\n", ""),
+    "finish_evaluation: no lease fence": ("FINISH_EVAL", FENCE, ""),
+    "finish_evaluation: any round": ("FINISH_EVAL", r" or tonumber\(st\[3\]\) ~= a\.round", ""),
+    "finish_evaluation: outside evaluation": ("FINISH_EVAL", r" or st\[2\] ~= PHASE_EVAL", ""),
+    "fail: no lease fence": ("FAIL", FENCE, ""),
+    "admit: no lease fence": ("ADMIT", FENCE, ""),
+    "admit: past the member cap": ("ADMIT", r"^if redis\.call\('SCARD'[^\n]*\n[^\n]*\n\s*return 0\nend\n", ""),
+    "renew: for anyone": ("RENEW", r"^if redis\.call\('GET', KEYS\[1\]\) == ARGV\[1\] then", "if true then"),
+    "release: for anyone": ("RELEASE", r"^if redis\.call\('GET', KEYS\[1\]\) == ARGV\[1\] then", "if true then"),
+    "push: into a closed round": ("PUSH", r"a\.round <= math\.max", "a.round < math.max"),
+    "push: into a round not yet open": ("PUSH", r"a\.round > committed \+ 1", "a.round > committed + 2"),
+    "push: from a stranger": ("PUSH", r"'SISMEMBER', a\.members, a\.client\) == 0", "'SISMEMBER', a.members, a.client) == 2"),
 }
 
 
@@ -84,8 +84,8 @@ def test_the_unmutated_scripts_pass_every_check(r: redis.Redis) -> None:
 @pytest.mark.parametrize("mutant", MUTANTS)
 def test_each_lua_mutant_fails_a_guarantee_test(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, mutant: str) -> None:
     script, pattern, replacement = MUTANTS[mutant]
-    text = getattr(store, script)
+    text = getattr(scripts, script)
     mutated, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
     assert count == 1, f"mutant {mutant!r} matches {count} places in {script}: bring it up to date with the script"
-    monkeypatch.setattr(store, script, mutated)
+    monkeypatch.setattr(scripts, script, mutated)  # RunStore registers the scripts it finds there
     assert _failures(r), f"mutant {mutant!r} survived: no guarantee test fails with it"
