@@ -317,11 +317,11 @@ def client_curves(metrics: list[dict[str, Any]], times: dict[int, float]) -> dic
 def aggregator_identity(r: redis.Redis, store: RunStore, st: dict[str, Any],
                         workers: list[dict[str, Any]]) -> dict[str, Any]:
     """Who drives the run, by the id the driver writes into the state (the same before and after
-    the run ends): alive while it holds the run's lease; the workers whose heartbeat names the run."""
+    the run ends): alive while the run goes on and it holds the run's lease; the workers whose heartbeat names the run."""
     driver = st["driver"]
     holder = _s(r.get(store.k.lease))
     host = driver.split(":")[0] if driver else None
-    return {"id": driver, "host": host, "alive": bool(driver) and holder == driver,
+    return {"id": driver, "host": host, "alive": bool(driver) and holder == driver and st["status"] not in ENDED,
             "lease_holder": holder, "workers": [w["name"] for w in workers]}
 
 
