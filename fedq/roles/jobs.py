@@ -63,7 +63,8 @@ def run_worker(r: redis.Redis, settings: Settings, *, queue: str | None = None, 
         from fedq.roles import metrics
 
         metrics.prepare_multiprocess()  # work horses count in their own processes; this one adds up
-        server = metrics.start_metrics_server(metrics_port, metrics_host)
+        server = metrics.start_metrics_server(metrics_port, metrics_host, r=connect(settings, check=False),
+                                              runs=lambda: [_current_run(worker)])
         log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, server.port)
     # Its own connection: the thread must not share a pool with the worker across its forks.
     beat = aggregator_heartbeat(connect(settings, check=False), worker.name, queue=q.name,
