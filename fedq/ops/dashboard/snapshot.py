@@ -356,7 +356,10 @@ def spec_changes(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-DOWNLOADS = ("report.json", "curves.png", "scaler.json", "weights.npz", "model.keras")
+# What the dashboard serves of a finished run (read from Redis, never from disk). model.keras is
+# not among them: building it needs TensorFlow, which the dashboard does without; weights.npz
+# and scaler.json carry the same numbers, and `fedq report --out DIR` writes model.keras.
+DOWNLOADS = ("report.json", "curves.png", "scaler.json", "weights.npz")
 
 
 def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
@@ -402,16 +405,34 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
         "refusals": refused,
         "aggregators": driving,
         "aggregator": aggregator_identity(r, store, st, driving),
-        # Files the dashboard serves for a finished run (model.keras only where TensorFlow is installed).
-        "downloads": list(available_downloads()) if st["status"] == "finished" else [],
+        "downloads": list(DOWNLOADS) if st["status"] == "finished" else [],
         "time": now,
     }
 
 
-def available_downloads() -> tuple[str, ...]:
-    import importlib.util
-
-    return DOWNLOADS if importlib.util.find_spec("tensorflow") is not None else DOWNLOADS[:-1]
+def compare(r: redis.Redis, run_ids: list[str]) -> dict[str, Any]:
+    """Runs side by side: each run's test curves (by round, and by minutes since its start) and
+    the spec settings that are not the same in all of them."""
+    runs = []
+    for run_id in run_ids:
+        store = _store(r, run_id)
+        spec = _json(r.get(store.k.spec))
+        raw = store.state()
+        if spec is None or not raw:
+            raise RunNotFound(f"no run {run_id!r}")
+        st = _state(raw)
+        metrics = store.metrics()
+        times = round_times(_events(r, store))
+        runs.append({"run_id": run_id, "status": st["status"], "round": st["round"], "rounds": st["rounds"],
+                     "started_at": st["started_at"], "test": test_summary(metrics),
+                     "curve": [{"round": m.get("round"), "ended_at": times.get(m.get("round")),  # type: ignore[arg-type]
+                                **{f"test_{k}": m.get(f"test_{k}") for k in ("accuracy", "loss")}} for m in metrics],
+                     "spec": _flatten(spec)})
+    keys_all = sorted({k for x in runs for k in x["spec"]} - {"run_id"})
+    differ = [k for k in keys_all if len({json.dumps(x["spec"].get(k), sort_keys=True) for x in runs}) > 1]
+    return {"runs": [{k: v for k, v in x.items() if k != "spec"} for x in runs],
+            "spec_differences": [{"key": k, "values": [x["spec"].get(k) for x in runs]} for k in differ],
+            "time": time.time()}
 
 
 def redis_info(r: redis.Redis) -> dict[str, Any]:
