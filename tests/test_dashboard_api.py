@@ -231,6 +231,8 @@ def test_downloads_of_a_finished_run_are_built_from_redis(dash: Dashboard, r: re
     assert json.loads(body)["rounds"] == build_report(store)["rounds"]
     status, body, headers = http_get(dash.url("/runs/downloaded/files/curves.png"))
     assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n" and headers["Content-Type"] == "image/png"
+    status, timed, _ = http_get(dash.url("/runs/downloaded/files/curves.png?axis=time"))
+    assert status == 200 and timed[:8] == b"\x89PNG\r\n\x1a\n" and timed != body  # minutes, not rounds
     status, body, _ = http_get(dash.url("/runs/downloaded/files/scaler.json"))
     assert status == 200 and json.loads(body)["class_names"] == ["a", "b"]
     status, body, _ = http_get(dash.url("/runs/downloaded/files/weights.npz"))

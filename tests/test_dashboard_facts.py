@@ -111,3 +111,11 @@ def test_spec_shown_as_changes_from_the_defaults(r: redis.Redis, ro: ReadOnlyRed
     assert changes["clients"]["value"] == 3 and changes["rounds"]["value"] == 4
     assert "run_id" not in changes and "batch_size" not in changes and "strategy.name" not in changes
     assert len(changes) < 8
+
+
+def test_an_overfitting_run_is_pointed_out(r: redis.Redis, ro: ReadOnlyRedis) -> None:
+    make_run(r, "overfit-run", rounds=6)
+    for k, tl in enumerate([0.5, 0.4, 0.45, 0.5, 0.55], start=1):
+        commit(r, "overfit-run", k, acc=0.8, loss=tl, train_loss=1 / k)
+    note = snapshot.run_detail(ro, "overfit-run")["overfitting"]
+    assert note and "test loss rose for 3 rounds" in note

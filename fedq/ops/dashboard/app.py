@@ -27,7 +27,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 COMPARE_MAX = 8  # runs one comparison overlays
 
 
-def _make_file(store: RunStore, name: str) -> tuple[bytes, str]:
+def _make_file(store: RunStore, name: str, time_axis: bool = False) -> tuple[bytes, str]:
     """(body, MIME type) of one download, built from what Redis holds (reads only)."""
     import json
     import tempfile
@@ -41,7 +41,8 @@ def _make_file(store: RunStore, name: str) -> tuple[bytes, str]:
     if name == "curves.png":
         with tempfile.TemporaryDirectory(prefix="fedq-curves-") as tmp:
             path = report.write_curves(report.build_report(store)["rounds"], Path(tmp) / "curves.png",
-                                       title=f"run {store.run_id}")
+                                       title=f"run {store.run_id}",
+                                       times=snapshot.run_times(store.r, store) if time_axis else None)
             if path is None:
                 raise FedqError(f"run {store.run_id} has no committed round to plot")
             return path.read_bytes(), "image/png"
@@ -151,7 +152,7 @@ def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS) -> F
                 raise RunNotFound(f"no run {run_id!r}")
             if state.get("status") != FINISHED:
                 return _error(409, f"run {run_id} is {state.get('status')}: files are served once it finished")
-            body, mime = _make_file(store, name)
+            body, mime = _make_file(store, name, time_axis=request.args.get("axis") == "time")
         except (RunNotFound, ConfigError) as exc:
             return _error(404, str(exc))
         except FedqError as exc:

@@ -16,6 +16,7 @@ import redis
 from fedq.protocol import heartbeat
 from fedq.errors import RunNotFound
 from fedq.protocol.store import ENDED, RunStore, list_runs
+from fedq.roles.plots import overfitting
 
 RUNS_LISTED = 100
 REFUSED_READ = 1000  # newest refusals read per poll (the log itself keeps up to 10 000)
@@ -212,6 +213,12 @@ def _events(r: redis.Redis, store: RunStore) -> list[tuple[float, dict[str, str]
     return out
 
 
+def run_times(r: redis.Redis, store: RunStore) -> dict[int, float]:
+    """Round -> seconds from the run's first start to its commit (curves.png's time axis)."""
+    start = _num(_s(r.hget(store.k.state, "started_at")))
+    return {k: t - start for k, t in round_times(_events(r, store)).items()} if start else {}
+
+
 def round_times(events: list[tuple[float, dict[str, str]]]) -> dict[int, float]:
     """Round -> when it was committed (the store's own 'round' event)."""
     out: dict[int, float] = {}
@@ -397,6 +404,8 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
         "open_round": open_round,
         "round_metrics": rows,
         "test": test_summary(metrics),
+        # Test loss rising for some rounds while train loss falls (the same note curves.png draws).
+        "overfitting": overfitting(metrics),
         "progress": progress(st, rows, now),
         "events": timeline(metrics, events, all_refused, times),
         "client_curves": client_curves(metrics, times),

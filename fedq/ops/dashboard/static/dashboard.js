@@ -325,7 +325,17 @@
       li.appendChild(link);
       dl.appendChild(li);
     });
+    if (d.downloads.indexOf("curves.png") >= 0) {
+      var li2 = document.createElement("li"), timed = document.createElement("a");
+      timed.href = encodeURIComponent(d.run_id) + "/files/curves.png?axis=time";
+      timed.textContent = "curves.png (wall-clock axis)";
+      timed.setAttribute("download", d.run_id + "-curves-time.png");
+      li2.appendChild(timed);
+      dl.appendChild(li2);
+    }
     $("downloads-section").hidden = !d.downloads.length;
+    $("overfit").hidden = !d.overfitting;
+    setText("overfit", d.overfitting ? "⚠ " + d.overfitting : "");
 
     setText("events-count", d.events.length ? "(" + d.events.length + ")" : "");
     fillTable($("events-table"), d.events.slice().reverse(), 4, "none", function (tr, e) {
