@@ -205,3 +205,21 @@ def test_run_gauges_build_info_and_process_metrics_for_running_runs_only(r, redi
     finally:
         server.close()
         hb.stop()
+
+
+def test_the_example_grafana_dashboard_uses_only_metrics_fedq_serves(r) -> None:
+    import json
+
+    from prometheus_client import generate_latest
+
+    from test_dashboard_support import make_run
+
+    make_run(r, "grafana-run", rounds=3, committed=1)
+    text = generate_latest(metrics.served_registry(r, lambda: ["grafana-run"])).decode()
+    served = {s[0] for s in samples(text)}
+    board = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "fedq-dashboard.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+    used = {m for e in exprs for m in re.findall(r"\b(fedq_[a-z_]+|process_[a-z_]+)", e)}
+    assert used and used <= served, used - served
+    assert {"fedq_run_round", "fedq_run_last_test_accuracy", "fedq_run_clients_alive", "fedq_build_info"} <= used
