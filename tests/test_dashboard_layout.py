@@ -5,7 +5,6 @@ errors; screenshots go to test-artifacts/."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest

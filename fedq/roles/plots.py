@@ -6,6 +6,7 @@ the run looks overfitted (test loss rising for OVERFIT_ROUNDS rounds while train
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -40,8 +41,8 @@ def overfitting(rounds: Sequence[dict[str, Any]], k: int = OVERFIT_ROUNDS) -> st
     if len(seen) < k + 1:
         return None
     tail = seen[-(k + 1):]
-    test_up = all(b["test_loss"] > a["test_loss"] for a, b in zip(tail, tail[1:]))
-    train_down = all(b["train_loss"] < a["train_loss"] for a, b in zip(tail, tail[1:]))
+    test_up = all(b["test_loss"] > a["test_loss"] for a, b in pairwise(tail))
+    train_down = all(b["train_loss"] < a["train_loss"] for a, b in pairwise(tail))
     if not (test_up and train_down):
         return None
     return (f"possible overfitting: test loss rose for {k} rounds ({tail[0]['test_loss']:.4f} to "
