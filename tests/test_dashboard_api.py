@@ -207,3 +207,62 @@ def test_api_during_and_after_a_real_federation(redis_url: str, r: redis.Redis, 
     status, listing = get_json(dash.url("/api/runs"))
     (run,) = [x for x in listing["runs"] if x["run_id"] == "live-api"]
     assert run["status"] == "finished" and run["final_test_accuracy"] == report["final"]["test_accuracy"]
+
+
+def test_downloads_of_a_finished_run_are_built_from_redis(dash: Dashboard, r: redis.Redis) -> None:
+    import io
+    import json
+
+    import numpy as np
+
+    from fedq.protocol import messages
+
+    make_run(r, "downloaded", rounds=2, committed=2)
+    store = RunStore(r, "downloaded")
+    # a real global model and scaler, as the aggregator writes them
+    tensors = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(3, dtype=np.float32)]
+    r.set(store.k.global_model, messages.encode_global("downloaded", 2, ["dense/kernel", "dense/bias"], tensors))
+    r.set(store.k.scaler, messages.encode_scaler(np.zeros(3), np.ones(3), {"num_features": 3, "num_classes": 2,
+                                                                           "class_names": ["a", "b"]}))
+    status, d = get_json(dash.url("/api/runs/downloaded"))
+    assert d["downloads"] == ["report.json", "curves.png", "scaler.json", "weights.npz"]
+    status, body, headers = http_get(dash.url("/runs/downloaded/files/report.json"))
+    assert status == 200 and "attachment" in headers["Content-Disposition"]
+    assert json.loads(body)["rounds"] == build_report(store)["rounds"]
+    status, body, headers = http_get(dash.url("/runs/downloaded/files/curves.png"))
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n" and headers["Content-Type"] == "image/png"
+    status, timed, _ = http_get(dash.url("/runs/downloaded/files/curves.png?axis=time"))
+    assert status == 200 and timed[:8] == b"\x89PNG\r\n\x1a\n" and timed != body  # minutes, not rounds
+    status, body, _ = http_get(dash.url("/runs/downloaded/files/scaler.json"))
+    assert status == 200 and json.loads(body)["class_names"] == ["a", "b"]
+    status, body, _ = http_get(dash.url("/runs/downloaded/files/weights.npz"))
+    w = np.load(io.BytesIO(body))
+    assert status == 200 and list(w["names"]) == ["dense/kernel", "dense/bias"] and int(w["round"]) == 2
+    assert np.array_equal(w["0"], tensors[0]) and np.array_equal(w["1"], tensors[1])
+    # a running run offers nothing yet; unknown names and runs are errors naming what was wrong
+    make_run(r, "not-done", rounds=3, committed=1)
+    assert get_json(dash.url("/api/runs/not-done"))[1]["downloads"] == []
+    status, err = get_json(dash.url("/runs/not-done/files/report.json"))
+    assert status == 409 and "running" in err["error"]
+    status, err = get_json(dash.url("/runs/downloaded/files/secrets.txt"))
+    assert status == 404 and "secrets.txt" in err["error"]
+    assert get_json(dash.url("/runs/nosuch/files/report.json"))[0] == 404
+
+
+def test_compare_overlays_test_curves_and_lists_spec_differences(dash: Dashboard, r: redis.Redis) -> None:
+    from fedq.learning.spec import RunSpec
+
+    make_run(r, "cmp-a", clients=2, rounds=3, committed=3)
+    store = RunStore(r, "cmp-b")
+    store.create(RunSpec(clients=2, rounds=3, run_id="cmp-b", learning_rate=0.001))
+    status, d = get_json(dash.url("/api/compare?runs=cmp-a,cmp-b"))
+    assert status == 200
+    assert [x["run_id"] for x in d["runs"]] == ["cmp-a", "cmp-b"]
+    a = RunStore(r, "cmp-a").metrics()
+    assert [m["test_accuracy"] for m in d["runs"][0]["curve"]] == [m["test_accuracy"] for m in a]
+    assert d["runs"][1]["curve"] == []
+    assert d["spec_differences"] == [{"key": "learning_rate", "values": [0.01, 0.001]}]
+    assert get_json(dash.url("/api/compare?runs=cmp-a"))[0] == 400
+    assert get_json(dash.url("/api/compare?runs=cmp-a,nosuch"))[0] == 404
+    status, body, _ = http_get(dash.url("/compare?runs=cmp-a,cmp-b"))
+    assert status == 200 and b"Compare runs" in body

@@ -170,6 +170,60 @@ def test_metrics_of_a_worker_that_drove_nothing_yet_are_not_empty(tmp_path: Path
         assert value(p, "fedq_updates_accepted_total") == 0
         assert value(p, "fedq_clients_alive") == 0
         assert value(p, "fedq_updates_refused_total", reason="non_finite") == 0
+        # multiprocess mode keeps the serving process's own metrics and says which fedq it is
+        assert value(p, "process_resident_memory_bytes") and value(p, "process_start_time_seconds")
+        assert [k for k in p if k[0] == "fedq_build_info"]
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_run_gauges_build_info_and_process_metrics_for_running_runs_only(r, redis_url: str) -> None:
+    import redis as redis_lib
+
+    from fedq.protocol import heartbeat
+    from fedq.protocol.store import RunStore
+    from test_dashboard_support import make_run
+
+    make_run(r, "gauged", clients=2, rounds=3, committed=1)
+    make_run(r, "gauged-done", clients=2, rounds=1, committed=1)  # finished: never served
+    driven = ["gauged", "gauged-done"]
+    hb = heartbeat.client_heartbeat(r, "gauged", "client-0", ttl=30).start()
+    server = metrics.start_metrics_server(0, "127.0.0.1", r=redis_lib.Redis.from_url(redis_url),
+                                          runs=lambda: list(driven))
+    try:
+        p = samples(http_get(f"http://127.0.0.1:{server.port}/metrics")[1].decode())
+        last = RunStore(r, "gauged").metrics()[-1]
+        lv = {"run": "gauged", "strategy": "fedavg"}
+        assert value(p, "fedq_run_round", **lv) == 1 and value(p, "fedq_run_rounds", **lv) == 3
+        assert value(p, "fedq_run_last_test_accuracy", **lv) == last["test_accuracy"]
+        assert value(p, "fedq_run_last_test_loss", **lv) == last["test_loss"]
+        assert value(p, "fedq_run_clients_alive", **lv) == 1 and value(p, "fedq_run_clients_expected", **lv) == 2
+        assert not [k for k in p if dict(k[1]).get("run") == "gauged-done"]
+        (build,) = [dict(k[1]) for k in p if k[0] == "fedq_build_info"]
+        assert build["version"] and build["python"]
+        assert value(p, "process_resident_memory_bytes")
+        driven.clear()  # the worker drives nothing now: the run's series are gone
+        p = samples(http_get(f"http://127.0.0.1:{server.port}/metrics")[1].decode())
+        assert not [k for k in p if k[0].startswith("fedq_run_")]
+    finally:
+        server.close()
+        hb.stop()
+
+
+def test_the_example_grafana_dashboard_uses_only_metrics_fedq_serves(r) -> None:
+    import json
+
+    from prometheus_client import generate_latest
+
+    from test_dashboard_support import make_run
+
+    make_run(r, "grafana-run", rounds=3, committed=1)
+    text = generate_latest(metrics.served_registry(r, lambda: ["grafana-run"])).decode()
+    served = {s[0] for s in samples(text)}
+    board = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "fedq-dashboard.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+    used = {m for e in exprs for m in re.findall(r"\b(fedq_[a-z_]+|process_[a-z_]+)", e)}
+    assert used and used <= served, used - served
+    assert {"fedq_run_round", "fedq_run_last_test_accuracy", "fedq_run_clients_alive", "fedq_build_info"} <= used

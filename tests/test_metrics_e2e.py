@@ -95,7 +95,11 @@ def federation(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
                 seen["clients"] |= set(heartbeat.alive_clients(r, RUN))
             seen["aggregators"].update(heartbeat.alive_aggregators(r))
             with contextlib.suppress(OSError):  # the server may not listen yet
-                seen["clients_alive"].add(value(samples(scrape()[1].decode()), "fedq_clients_alive"))
+                now = samples(scrape()[1].decode())
+                seen["clients_alive"].add(value(now, "fedq_clients_alive"))
+                seen.setdefault("run_round", set()).add(value(now, "fedq_run_round", run=RUN, strategy="fedavg"))
+                seen.setdefault("run_expected", set()).add(
+                    value(now, "fedq_run_clients_expected", run=RUN, strategy="fedavg"))
             time.sleep(0.2)
         thread.join(timeout=60)
         for p in procs[1:]:
@@ -147,3 +151,12 @@ def test_clients_and_the_aggregator_kept_heartbeats(federation: dict[str, Any]) 
     assert seen["after"] == set(), "clients that left cleanly removed their heartbeats"
     (agg,) = seen["aggregators"].values()
     assert agg["role"] == "aggregator" and agg["pid"] == federation["aggregator"].proc.pid
+
+
+def test_per_run_gauges_while_the_worker_drives_the_run_and_none_after(federation: dict[str, Any]) -> None:
+    seen = federation["seen"]
+    assert {0.0, 1.0} & seen["run_round"], seen["run_round"]  # served while the run trained
+    assert 3.0 in seen["run_expected"]
+    after = samples(federation["metrics"])
+    assert not [k for k in after if k[0].startswith("fedq_run_")], "a finished run's series must end"
+    assert [k for k in after if k[0] == "fedq_build_info"] and value(after, "process_resident_memory_bytes")

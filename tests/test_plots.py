@@ -55,3 +55,29 @@ def test_fedq_report_command_lists_curves_png(redis_url: str, r: redis.Redis, tm
     assert done.returncode == 0, done.stderr
     assert (out / "curves.png").exists() and (out / "report.json").exists()
     assert "curves.png" in done.stdout
+
+
+def test_best_round_marked_and_overfitting_noted(tmp_path: Path) -> None:
+    from fedq.roles.plots import best_round, overfitting
+
+    # train loss keeps falling; test loss is lowest at round 3, then rises three rounds running
+    test_loss = [0.9, 0.6, 0.4, 0.45, 0.5, 0.6]
+    rounds = [{"round": k + 1, "train_loss": 1 / (k + 1), "test_loss": tl, "train_accuracy": 0.7 + k / 20,
+               "test_accuracy": 0.9 - abs(k - 2) / 20} for k, tl in enumerate(test_loss)]
+    assert best_round(rounds) == 3
+    note = overfitting(rounds)
+    assert note and "test loss rose for 3 rounds" in note and "best round 3" in note
+    assert overfitting(rounds[:5]) is None  # only two rounds of rising test loss
+    steady = [dict(m, test_loss=1 / m["round"]) for m in rounds]
+    assert overfitting(steady) is None
+    assert best_round([{"round": 1, "test_loss": 0.5}, {"round": 2, "test_loss": 0.3}]) == 2
+
+    plain = write_curves(rounds, tmp_path / "plain.png")
+    timed = write_curves(rounds, tmp_path / "timed.png", times={k: 30.0 * k for k in range(1, 7)})
+    assert png_size(plain) == png_size(timed) == (1000, 400)
+    assert plain.read_bytes() != timed.read_bytes()
+
+
+def test_curves_with_a_time_axis_skip_rounds_without_a_time(tmp_path: Path) -> None:
+    rounds = [{"round": k, "train_loss": 1 / k, "test_loss": 1.1 / k} for k in range(1, 4)]
+    assert png_size(write_curves(rounds, tmp_path / "t.png", times={2: 60.0, 3: 120.0})) == (1000, 400)

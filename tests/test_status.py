@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -56,9 +57,9 @@ def test_status_of_a_run_shows_clients_liveness_pushes_and_refusals(redis_url: s
     assert "run one-run: running" in out
     assert "round 2 of 3 open: 1 of 2 updates in (1 committed)" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith("client-")}
-    # client, shard, liveness, last seen ("N s ago"), last round pushed, samples, ...
-    assert rows["client-0"][1:3] == ["0", "alive"] and rows["client-0"][4:7] == ["s", "ago", "2"]  # pushed round 2
-    assert rows["client-1"][1:3] == ["1", "gone"] and rows["client-1"][6] == "1"
+    # client, shard, liveness, last seen ("N s"), last round pushed, samples, ...
+    assert rows["client-0"][1:3] == ["0", "alive"] and rows["client-0"][4:6] == ["s", "2"]  # pushed round 2
+    assert rows["client-1"][1:3] == ["1", "gone"] and rows["client-1"][5] == "1"
     assert "non_finite" in out and "refused updates (1" in out
 
 
@@ -157,3 +158,37 @@ def test_fedq_run_on_a_terminal_shows_progress(redis_url: str, tmp_path: Path) -
     assert "waiting for clients" in out or "updates in" in out, out[-3000:]
     assert "final test accuracy" in out
     assert (tmp_path / "out" / "curves.png").exists()
+
+
+def test_status_of_a_long_run_fits_80_columns_with_the_newest_rounds(redis_url: str, r: redis.Redis) -> None:
+    make_run(r, "long-run", clients=3, rounds=30, committed=20, refused=(("client-1", 3, "non_finite"),))
+    env = cli_env(redis_url)
+    env["COLUMNS"] = "80"
+    proc = subprocess.run(fedq_cmd("status", "--run", "long-run"), env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in proc.stdout, "no header or cell is cut short at 80 columns"
+    assert "rounds (last 8 of 20; 12 earlier not shown)" in proc.stdout
+    shown = [int(line.split()[0]) for line in lines if re.match(r"^ *\d+ +3 +303 ", line)]
+    assert shown == list(range(13, 21))
+    assert "elapsed" in proc.stdout and "ETA" in proc.stdout and "aggregator test-driver (alive)" in proc.stdout
+
+
+def test_overhead_leaves_out_the_wait_for_a_client_that_is_gone(r: redis.Redis) -> None:
+    from fedq.ops.dashboard import snapshot
+    from fedq.ops.view import run_renderable
+
+    make_run(r, "waited-run", rounds=3)
+    store = RunStore(r, "waited-run")
+    store.driver = "test-driver"
+    c0 = {"num_examples": 10, "loss": 0.4, "accuracy": 0.9, "train_seconds": 1.0, "push_time": time.time() - 20}
+    assert store.commit_round(1, b"g1", {"round": 1, "num_updates": 1, "num_examples": 10, "test_accuracy": 0.8,
+                                         "seconds": 21.5, "overhead_seconds": 20.5, "eval_seconds": 0.3,
+                                         "missing": {"client-1": "heartbeat expired"}, "clients": {"client-0": c0}})
+    out = io.StringIO()
+    Console(file=out, width=80, force_terminal=False).print(run_renderable(snapshot.run_detail(r, "waited-run")))
+    (row,) = [line.split() for line in out.getvalue().splitlines() if re.match(r"^ *1 +1 +10 ", line)]
+    overhead_ms = int(row[-1].rstrip("*"))
+    assert row[-1].endswith("*") and 300 <= overhead_ms < 2000, row  # not the 20 500 ms recorded
+    assert "overhead excludes the wait" in out.getvalue()

@@ -43,20 +43,36 @@ def print_round(total: int, m: dict[str, Any]) -> None:
 
 # Columns shown only when some round has them (binary tasks, federated evaluation, DP).
 _OPTIONAL = (("test auc", "test_auc"), ("fed acc", "fed_eval_accuracy"), ("dp ε", "dp_epsilon"))
+# The same, in few columns (fedq status at 80 columns).
+_COMPACT = {"round": "rnd", "updates": "upd", "examples": "ex", "train loss": "tr loss", "train acc": "tr acc",
+            "test loss": "te loss", "test acc": "te acc", "test auc": "auc", "fed acc": "fed acc", "dp ε": "ε",
+            "seconds": "s", "overhead ms": "ovh ms"}
+ROUNDS_SHOWN = 8  # rounds fedq status lists (the newest); the rest are counted
 
 
-def rounds_table(rounds: list[dict[str, Any]]) -> Table:
-    table = Table(title="rounds")
+def rounds_table(rounds: list[dict[str, Any]], *, compact: bool = False, total: int | None = None) -> Table:
+    """The rounds as a table; compact: short headers and no frame (fits 80 columns). total: how many
+    rounds there are when rounds is only the newest of them (the title counts the rest)."""
+    earlier = (total or len(rounds)) - len(rounds)
+    title = f"rounds (last {len(rounds)} of {total}; {earlier} earlier not shown)" if earlier > 0 else "rounds"
+    table = (Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True) if compact
+             else Table(title=title))
     optional = [(title, key) for title, key in _OPTIONAL if any(m.get(key) is not None for m in rounds)]
     for col in ("round", "updates", "examples", "train loss", "train acc", "test loss", "test acc",
                 *(title for title, _ in optional), "seconds", "overhead ms"):
-        table.add_column(col, justify="right")
+        table.add_column(_COMPACT[col] if compact else col, justify="right", no_wrap=compact)
     for m in rounds:
         over = m.get("overhead_seconds")
+        waited = m.get("waited_seconds")
+        # A round closed without some client: its overhead leaves out the wait for them (marked *).
+        mark = "*" if waited else ""
         table.add_row(str(m["round"]), str(m["num_updates"]), str(m["num_examples"]), _num(m.get("train_loss")),
                       _num(m.get("train_accuracy")), _num(m.get("test_loss")), _num(m.get("test_accuracy")),
                       *(_num(m.get(key)) for _, key in optional),
-                      _num(m.get("seconds"), ".2f"), "-" if over is None else f"{over * 1000:.0f}")
+                      _num(m.get("seconds"), ".1f" if compact else ".2f"),
+                      "-" if over is None else f"{over * 1000:.0f}{mark}")
+    if any(m.get("waited_seconds") for m in rounds):
+        table.caption = "* round closed without a client: overhead excludes the wait for it"
     return table
 
 
@@ -147,44 +163,75 @@ def runs_renderable(overview: dict[str, Any]) -> RenderableType:
     return Group(*parts)
 
 
-def run_renderable(d: dict[str, Any]) -> RenderableType:
-    """One run: where it stands, its clients (liveness, last push, local metrics), rounds, refusals."""
+def _span(seconds: float | None) -> str:
+    """A duration in few columns: 42 s, 12 min, 3.4 h."""
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def test_line(t: dict[str, Any]) -> str:
+    """Latest and best central test metrics: 'test acc 0.91 (best 0.93 @3) · loss ...'."""
+    parts = []
+    for key, short in (("accuracy", "acc"), ("loss", "loss"), ("auc", "auc"), ("precision", "prec"),
+                       ("recall", "rec"), ("f1", "f1")):
+        last, best = t["latest"].get(key), t["best"].get(key)
+        if last is None:
+            continue
+        same = best is None or best["round"] == last["round"]
+        parts.append(f"{short} {last['value']:.4f}" + ("" if same else f" (best {best['value']:.4f} @{best['round']})"))
+    return ("test " + " · ".join(parts)) if parts else ""
+
+
+def run_renderable(d: dict[str, Any], rounds_shown: int = ROUNDS_SHOWN) -> RenderableType:
+    """One run: where it stands, its clients (liveness, last push, local metrics), rounds, refusals.
+
+    Fits 80 columns: short headers, the newest rounds_shown rounds with a count of the rest."""
     from fedq.ops.dashboard.snapshot import phase_text
 
     now = d["time"]
+    ended = d["status"] in ("finished", "failed")
     head = Text(f"run {d['run_id']}: {d['status']}" + (f" ({d['reason']})" if d.get("reason") else ""),
                 style="bold " + _STATUS_STYLE.get(d["status"] or "", ""))
-    driver = ", ".join(f"{a['name']} (alive)" for a in d["aggregators"]) or d.get("driver") or "-"
-    who = (f"clients {d['joined']} / {d['clients']} joined" if d["status"] in ("finished", "failed")
-           else f"clients {d['alive']} / {d['clients']} alive ({d['joined']} joined)")
-    facts = Text(f"{phase_text(d)}\n{who}  created {_when(d['created_at'])}  started {_when(d['started_at'])}  "
-                 f"finished {_when(d['finished_at'])}  aggregator {driver}")
-    parts: list[RenderableType] = [head, facts]
-    if d["final"]["test_accuracy"] is not None:
-        parts.append(Text(f"final test accuracy {_num(d['final']['test_accuracy'])} "
-                          f"(test loss {_num(d['final']['test_loss'])})", style="bold"))
+    agg = d.get("aggregator") or {}
+    driver = agg.get("id") or "-"
+    driver += " (alive)" if agg.get("alive") else "" if ended else " (no lease)" if agg.get("id") else ""
+    who = (f"clients {d['joined']}/{d['clients']} joined" if ended
+           else f"clients {d['alive']}/{d['clients']} alive ({d['joined']} joined)")
+    p = d.get("progress") or {}
+    timing = f"elapsed {_span(p.get('elapsed_seconds'))}"
+    if p.get("eta_seconds") is not None:
+        timing += f", ETA {_span(p['eta_seconds'])}"
+    started = f"started {_when(d['started_at'])}" + (f", resumed {_when(d['resumed_at'])}" if d.get("resumed_at") else "")
+    lines = [phase_text(d), f"{who} · {timing}", started + (f", finished {_when(d['finished_at'])}" if ended else ""),
+             f"aggregator {driver}"]
+    parts: list[RenderableType] = [head, Text("\n".join(lines))]
+    tl = test_line(d["test"]) if d.get("test") else ""
+    if tl:
+        parts.append(Text(tl, style="bold"))
     clients = Table(title="clients", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for col in ("client", "shard", "liveness", "last seen", "pushed", "samples", "loss", "acc", "refused"):
-        clients.add_column(col, no_wrap=col != "refused",
-                           justify="right" if col in ("shard", "pushed", "samples", "loss", "acc") else "left")
+    for col in ("client", "shard", "liveness", "seen", "pushed", "samples", "loss", "acc", "refused"):
+        clients.add_column(col, no_wrap=True, overflow="ellipsis" if col == "client" else "fold",
+                           justify="right" if col in ("shard", "pushed", "samples", "loss", "acc", "refused")
+                           else "left")
     for c in d["client_table"]:
-        reasons = ", ".join(f"{k} x{v}" for k, v in c["refused_reasons"].items())
-        # Text, not markup: ids, records and refusals may hold whatever a client wrote.
+        # Text, not markup: ids and records may hold whatever a client wrote.
         clients.add_row(Text(c["client_id"]), Text(str(c["shard"])),
                         Text(c["liveness"], style=_LIVENESS_STYLE[c["liveness"]]),
-                        _ago(c["last_seen"], now), "-" if c["last_round"] is None else str(c["last_round"]),
+                        _ago(c["last_seen"], now).replace(" ago", ""),
+                        "-" if c["last_round"] is None else str(c["last_round"]),
                         Text(str(c["num_examples"] if c["num_examples"] is not None else c.get("rows", "-"))),
-                        _num(c["loss"]), _num(c["accuracy"]),
-                        Text(f"{c['refused']} ({reasons})" if c["refused"] else "0"))
+                        _num(c["loss"]), _num(c["accuracy"]), str(c["refused"]))
     parts.append(clients)
-    if d["round_metrics"]:
-        parts.append(rounds_table(d["round_metrics"][-15:]))
+    rows = d["round_metrics"]
+    if rows:
+        parts.append(rounds_table(rows[-rounds_shown:] if rounds_shown else rows, compact=True, total=len(rows)))
     if d["refusals"]:
         refused = Table(title=f"refused updates ({d['refused_total']}, newest last)", box=box.SIMPLE_HEAD,
                         pad_edge=False, collapse_padding=True)
         for col in ("time", "client", "round", "reason", "detail"):
-            refused.add_column(col)
-        for x in d["refusals"][-10:]:
+            refused.add_column(col, no_wrap=col != "detail")
+        for x in d["refusals"][-5:]:
             refused.add_row(_short(x.get("time")), Text(str(x.get("client"))), Text(str(x.get("round"))),
                             Text(str(x.get("reason"))), Text(str(x.get("detail", ""))))
         parts.append(refused)

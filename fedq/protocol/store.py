@@ -401,8 +401,11 @@ class RunStore:
         return done
 
     def mark_started(self, driver: str) -> None:
-        self.r.hset(self.k.state, mapping={"status": Status.RUNNING, "driver": driver,
-                                           "started_at": time.time(), "updated_at": time.time()})
+        """Running under driver; started_at is the first start only (a resume sets resumed_at)."""
+        now = time.time()
+        first = self.r.hsetnx(self.k.state, "started_at", now)
+        self.r.hset(self.k.state, mapping={"status": Status.RUNNING, "driver": driver, "updated_at": now,
+                                           **({} if first else {"resumed_at": now})})
         self.r.xadd(self.k.events, {"event": Event.STARTED, "driver": driver}, maxlen=MAX_EVENTS, approximate=True)
 
     def pop_inbox(self, block_seconds: float) -> list[str]:

@@ -16,7 +16,7 @@ from rq import Queue, Worker
 from fedq.errors import FedqError
 from fedq.learning.spec import RunSpec
 from fedq.protocol.heartbeat import aggregator_heartbeat
-from fedq.protocol.store import ENDED, RunStore, connect, list_runs
+from fedq.protocol.store import RunStore, connect, list_runs
 from fedq.protocol.vocabulary import ENDED, Status
 from fedq.roles.aggregator import Aggregator, AggregatorStopped, RunVanished
 from fedq.roles.lifecycle import die_with_parent, exit_soon, parent_died
@@ -66,7 +66,8 @@ def run_worker(r: redis.Redis, settings: Settings, *, queue: str | None = None, 
         from fedq.roles import metrics
 
         metrics.prepare_multiprocess()  # work horses count in their own processes; this one adds up
-        server = metrics.start_metrics_server(metrics_port, metrics_host)
+        server = metrics.start_metrics_server(metrics_port, metrics_host, r=connect(settings, check=False),
+                                              runs=lambda: [_current_run(worker)])
         log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, server.port)
     # Its own connection: the thread must not share a pool with the worker across its forks.
     beat = aggregator_heartbeat(connect(settings, check=False), worker.name, queue=q.name,

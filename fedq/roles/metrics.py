@@ -127,6 +127,90 @@ def set_clients_alive(n: int) -> None:
     default().set_clients_alive(n)
 
 
+class RunGauges:
+    """A scrape-time collector of where the runs an aggregator drives stand, read from Redis.
+
+    Gauges labelled by run and strategy: current round, rounds planned, last test accuracy and
+    loss, clients alive and expected. Only runs that ``runs()`` names and that are still running
+    are served, so the label sets stay bounded (one run per worker at a time) and a finished
+    run's series end with it. Read at scrape time: no per-process value files, so forked work
+    horses need nothing of their own."""
+
+    def __init__(self, r: Any, runs: Any) -> None:
+        self.r = r
+        self.runs = runs
+
+    def describe(self) -> list[Any]:
+        return []  # no fixed samples: registering must not scrape Redis
+
+    def collect(self) -> Any:
+        import json
+
+        from prometheus_client.core import GaugeMetricFamily
+
+        from fedq.protocol import heartbeat, keys
+
+        labels = ["run", "strategy"]
+        fams = {
+            "round": GaugeMetricFamily("fedq_run_round", "Rounds committed so far, per running run.", labels=labels),
+            "rounds": GaugeMetricFamily("fedq_run_rounds", "Rounds the running run will train.", labels=labels),
+            "acc": GaugeMetricFamily("fedq_run_last_test_accuracy", "Central test accuracy of the last "
+                                     "committed round.", labels=labels),
+            "loss": GaugeMetricFamily("fedq_run_last_test_loss", "Central test loss of the last committed round.",
+                                      labels=labels),
+            "alive": GaugeMetricFamily("fedq_run_clients_alive", "Joined clients with a live heartbeat.",
+                                       labels=labels),
+            "expected": GaugeMetricFamily("fedq_run_clients_expected", "Clients the run expects.", labels=labels),
+        }
+        try:
+            run_ids = [x for x in (self.runs() or []) if x]
+        except Exception:  # a scrape must not fail on the worker's bookkeeping
+            run_ids = []
+        for run_id in run_ids:
+            try:
+                k = keys.RunKeys(run_id)
+                state = {_str(a): _str(b) for a, b in self.r.hgetall(k.state).items()}
+                if state.get("status") != "running":
+                    continue
+                spec = json.loads(self.r.get(k.spec) or "{}")
+                last = self.r.lindex(k.metrics, -1)
+                m = json.loads(last) if last else {}
+                members = sorted(_str(x) for x in self.r.smembers(k.members))
+                alive = heartbeat.count_alive_clients(self.r, run_id, members)
+            except Exception:  # Redis away, a run that vanished: serve the others
+                continue
+            lv = [run_id, str((spec.get("strategy") or {}).get("name", "fedavg"))]
+            fams["round"].add_metric(lv, float(state.get("round") or 0))
+            fams["rounds"].add_metric(lv, float(spec.get("rounds") or 0))
+            for key, fam in (("test_accuracy", "acc"), ("test_loss", "loss")):
+                if isinstance(m.get(key), (int, float)):
+                    fams[fam].add_metric(lv, float(m[key]))
+            fams["alive"].add_metric(lv, float(alive))
+            fams["expected"].add_metric(lv, float(spec.get("clients") or 0))
+        yield from fams.values()
+
+
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class BuildInfo:
+    """fedq_build_info{version, python} 1: which fedq a scraped process runs."""
+
+    def describe(self) -> list[Any]:
+        return list(self.collect())
+
+    def collect(self) -> Any:
+        import platform
+
+        from prometheus_client.core import InfoMetricFamily
+
+        from fedq import __version__
+
+        yield InfoMetricFamily("fedq_build", "The fedq version and Python of this process.",
+                               value={"version": __version__, "python": platform.python_version()})
+
+
 class MetricsServer:
     """A running /metrics endpoint; ``close`` stops it."""
 
@@ -144,23 +228,52 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0") -> MetricsServer:
-    """Serve /metrics on host:port in a daemon thread (port 0: any free port).
+def served_registry(r: Any = None, runs: Any = None) -> Any:
+    """The registry /metrics serves: fedq's counters (in multiprocess mode, what every process
+    wrote), this process's process_* and python_* metrics, fedq_build_info and, given a Redis
+    client and a callable naming the runs driven, the per-run gauges (RunGauges)."""
+    from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-    In multiprocess mode it serves what every process wrote into the shared directory
-    (the worker's forked work horses included); otherwise the default() registry.
-    """
-    from prometheus_client import CollectorRegistry, start_http_server
-
+    registry = CollectorRegistry()
     if multiprocess_enabled():
         from prometheus_client import multiprocess
 
         # This process's own families, at 0, so that /metrics is never empty: a worker serves
         # before its first work horse has counted anything (an unset gauge is not served).
         default().set_clients_alive(0)
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
-        registry = default().registry
-    server, thread = start_http_server(port, addr=host, registry=registry)
+        registry.register(_Forward(default().registry))
+    # The serving process's own figures (multiprocess mode has no such files: added here).
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(BuildInfo())
+    if r is not None and runs is not None:
+        registry.register(RunGauges(r, runs))
+    return registry
+
+
+class _Forward:
+    """Serves another registry's families (fedq's counters) inside the served one."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        return self.registry.collect()
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0", *, r: Any = None, runs: Any = None) -> MetricsServer:
+    """Serve /metrics on host:port in a daemon thread (port 0: any free port).
+
+    In multiprocess mode it serves what every process wrote into the shared directory
+    (the worker's forked work horses included); otherwise the default() registry. With r and
+    runs (a callable returning the run ids being driven), also the per-run gauges."""
+    from prometheus_client import start_http_server
+
+    server, thread = start_http_server(port, addr=host, registry=served_registry(r, runs))
     return MetricsServer(server, thread)

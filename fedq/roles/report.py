@@ -117,13 +117,33 @@ def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
     model.save(model_path)
     # The model expects standardised inputs: ship the statistics it was trained with.
     scaler_path = out / "scaler.json"
-    scaler_path.write_text(json.dumps({
-        "mean": mean.tolist(), "std": std.tolist(), "feature_names": meta.get("feature_names"),
-        "class_names": meta.get("class_names"),
-        "note": "standardise inputs as (x - mean) / std, with missing values set to 0, "
-                f"and reshape to the model's input shape (n, {', '.join(str(d) for d in model.input_shape[1:])})"},
-        indent=2))
+    scaler_path.write_text(json.dumps(scaler_document(mean, std, meta, model.input_shape[1:]), indent=2))
     return model_path, scaler_path
+
+
+def scaler_document(mean: np.ndarray, std: np.ndarray, meta: dict[str, Any],
+                    input_shape: tuple[Any, ...] | None = None) -> dict[str, Any]:
+    """What scaler.json holds: the input statistics the model was trained with, and how to apply them."""
+    shape = f" and reshape to the model's input shape (n, {', '.join(str(d) for d in input_shape)})" \
+        if input_shape else ""
+    return {"mean": mean.tolist(), "std": std.tolist(), "feature_names": meta.get("feature_names"),
+            "class_names": meta.get("class_names"),
+            "note": f"standardise inputs as (x - mean) / std, with missing values set to 0{shape}"}
+
+
+def weights_npz(store: RunStore) -> bytes:
+    """The run's global model as a numpy .npz (no TensorFlow needed): arrays '0', '1', ... in the
+    order of model.get_weights(), and 'names' (the tensor names), 'round' (the round it is from)."""
+    import io
+
+    payload = store.global_payload()
+    if payload is None:
+        raise FedqError(f"run {store.run_id} has no global model yet")
+    round_no, names, tensors = transfer.read_global(store, payload)
+    buf = io.BytesIO()
+    np.savez(buf, **{str(k): np.asarray(t) for k, t in enumerate(tensors)},
+             names=np.array(list(names or []), dtype=str), round=np.array(round_no))
+    return buf.getvalue()
 
 
 # What write_report may write into a directory; any of them left from an earlier run is removed.

@@ -9,10 +9,12 @@ from typing import Any, Callable
 import redis
 from flask import Flask, Response, jsonify, render_template, request
 
-from fedq.protocol import keys
+from fedq.errors import ConfigError, FedqError, RunNotFound
 from fedq.ops.dashboard import snapshot
 from fedq.ops.dashboard.readonly import connect_readonly
-from fedq.errors import ConfigError, RunNotFound
+from fedq.protocol import keys
+from fedq.protocol.store import RunStore
+from fedq.protocol.vocabulary import Status
 from fedq.settings import Settings
 
 log = logging.getLogger("fedq.ops.dashboard")
@@ -21,6 +23,37 @@ REFRESH_SECONDS = 2.0  # how often an open page asks for news
 # Everything the page loads comes from this server: clusters are often air-gapped.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+COMPARE_MAX = 8  # runs one comparison overlays
+
+
+def _make_file(store: RunStore, name: str, time_axis: bool = False) -> tuple[bytes, str]:
+    """(body, MIME type) of one download, built from what Redis holds (reads only)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from fedq.protocol import messages
+    from fedq.roles import report
+
+    if name == "report.json":
+        return json.dumps(_clean(report.build_report(store)), indent=2).encode(), "application/json"
+    if name == "curves.png":
+        with tempfile.TemporaryDirectory(prefix="fedq-curves-") as tmp:
+            path = report.write_curves(report.build_report(store)["rounds"], Path(tmp) / "curves.png",
+                                       title=f"run {store.run_id}",
+                                       times=snapshot.run_times(store.r, store) if time_axis else None)
+            if path is None:
+                raise FedqError(f"run {store.run_id} has no committed round to plot")
+            return path.read_bytes(), "image/png"
+    if name == "scaler.json":
+        raw = store.scaler_payload()
+        if raw is None:
+            raise FedqError(f"run {store.run_id} has no scaler")
+        mean, std, meta = messages.decode_scaler(raw)
+        return json.dumps(report.scaler_document(mean, std, meta), indent=2).encode(), "application/json"
+    return report.weights_npz(store), "application/octet-stream"
 
 
 def _clean(value: Any) -> Any:
@@ -96,6 +129,40 @@ def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS) -> F
     @app.get("/api/runs/<run_id>")
     def api_run(run_id: str) -> Response:
         return api(lambda: snapshot.run_detail(r, run_id))
+
+    @app.get("/compare")
+    def compare_page() -> str:
+        return render_template("compare.html", refresh_ms=refresh_ms)
+
+    @app.get("/api/compare")
+    def api_compare() -> Response:
+        ids = [x for x in (request.args.get("runs") or "").split(",") if x]
+        if not 2 <= len(ids) <= COMPARE_MAX:
+            return _error(400, f"name 2 to {COMPARE_MAX} runs to compare as ?runs=a,b (got {len(ids)})")
+        return api(lambda: snapshot.compare(r, ids))
+
+    @app.get("/runs/<run_id>/files/<name>")
+    def download(run_id: str, name: str) -> Response:
+        """A finished run's report.json, curves.png, scaler.json or weights.npz, made from Redis."""
+        if name not in snapshot.DOWNLOADS:
+            return _error(404, f"no file {name!r}: a run offers {', '.join(snapshot.DOWNLOADS)}")
+        try:
+            store = RunStore(r, run_id)
+            state = store.state()
+            if not state:
+                raise RunNotFound(f"no run {run_id!r}")
+            if state.get("status") != Status.FINISHED:
+                return _error(409, f"run {run_id} is {state.get('status')}: files are served once it finished")
+            body, mime = _make_file(store, name, time_axis=request.args.get("axis") == "time")
+        except (RunNotFound, ConfigError) as exc:
+            return _error(404, str(exc))
+        except FedqError as exc:
+            return _error(409, str(exc))
+        except redis.RedisError as exc:
+            return _error(503, _redis_down(exc))
+        resp = Response(body, mimetype=mime)
+        resp.headers["Content-Disposition"] = f'attachment; filename="{run_id}-{name}"'
+        return resp
 
     @app.get("/api/health")
     def api_health() -> Response:

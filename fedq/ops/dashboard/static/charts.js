@@ -1,8 +1,10 @@
 /* fedq dashboard charts: small line charts drawn as inline SVG, no library.
  *
- * fedqChart.draw(container, {series: [{name, cls, points: [[x, y], ...]}], xLabel, yLabel})
+ * fedqChart.draw(container, {series: [{name, cls | color, label, points: [[x, y, round], ...]}], xLabel, yLabel,
+ *                            marks: [{x, kind, text}], best: {x, y, text}, xIsTime})
  * replaces the container's <svg> with a new one. Each point is a <circle> carrying
- * data-series, data-round and data-value, so tests and scripts can read the numbers.
+ * data-series, data-round and data-value, so tests and scripts can read the numbers; marks are
+ * vertical lines (data-kind) with their text as a tooltip; best is a ring round one point.
  */
 (function () {
   "use strict";
@@ -67,10 +69,16 @@
       el("line", { x1: M.left, x2: M.left + pw, y1: sy(v), y2: sy(v), "class": "gridline" }, grid);
       text(grid, M.left - 6, sy(v) + 4, fmt(v, yt.step), { "text-anchor": "end" });
     });
-    var xt = ticks(x0, x1, Math.min(10, x1 - x0));
-    xt.values.filter(function (v) { return Number.isInteger(v); }).forEach(function (v) {
+    var xt = ticks(x0, x1, opts.xIsTime ? 6 : Math.min(10, x1 - x0));
+    xt.values.filter(function (v) { return opts.xIsTime || Number.isInteger(v); }).forEach(function (v) {
       el("line", { x1: sx(v), x2: sx(v), y1: M.top + ph, y2: M.top + ph + 4 }, grid);
-      text(grid, sx(v), M.top + ph + 16, String(v), { "text-anchor": "middle" });
+      text(grid, sx(v), M.top + ph + 16, opts.xIsTime ? fmt(v, xt.step) : String(v), { "text-anchor": "middle" });
+    });
+    (opts.marks || []).forEach(function (m) {
+      if (m.x === null || m.x === undefined || m.x < x0 || m.x > x1) { return; }
+      var line = el("line", { x1: sx(m.x), x2: sx(m.x), y1: M.top, y2: M.top + ph, "class": "mark mark-" + m.kind,
+        "data-kind": m.kind, "data-x": m.x }, svg);
+      el("title", {}, line).textContent = m.text;
     });
     el("line", { x1: M.left, x2: M.left + pw, y1: M.top + ph, y2: M.top + ph }, grid);
     el("line", { x1: M.left, x2: M.left, y1: M.top, y2: M.top + ph }, grid);
@@ -81,18 +89,30 @@
     opts.series.forEach(function (s) {
       if (!s.points.length) { return; }
       var g = el("g", { "class": "series", "data-series": s.name }, svg);
-      el("polyline", { "class": "series-" + s.cls, points: s.points.map(function (p) { return sx(p[0]) + "," + sy(p[1]); }).join(" ") }, g);
+      var line = el("polyline", { "class": s.cls ? "series-" + s.cls : "series-any",
+        points: s.points.map(function (p) { return sx(p[0]) + "," + sy(p[1]); }).join(" ") }, g);
+      if (s.color) { line.setAttribute("stroke", s.color); }
       s.points.forEach(function (p) {
-        var c = el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 3.5, "class": "pt-" + s.cls,
-          "data-series": s.name, "data-round": p[0], "data-value": p[1] }, g);
-        el("title", {}, c).textContent = s.label + ", round " + p[0] + ": " + p[1].toFixed(4);
+        var rnd = p.length > 2 ? p[2] : p[0];
+        var c = el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: s.color ? 2.5 : 3.5, "class": s.cls ? "pt-" + s.cls : "pt-any",
+          "data-series": s.name, "data-round": rnd, "data-value": p[1] }, g);
+        if (s.color) { c.setAttribute("fill", s.color); }
+        el("title", {}, c).textContent = s.label + ", round " + rnd + ": " + p[1].toFixed(4);
       });
       var last = s.points[s.points.length - 1];
       var lg = el("g", { "class": "legend" }, svg);
-      el("rect", { x: legendX, y: 6, width: 10, height: 10, "class": "legend-" + s.cls }, lg);
-      text(lg, legendX + 14, 15, s.label + " " + last[1].toFixed(4), { "class": "legend-label", "data-series": s.name });
-      legendX += 170;
+      var box = el("rect", { x: legendX, y: 6, width: 10, height: 10, "class": s.cls ? "legend-" + s.cls : "" }, lg);
+      if (s.color) { box.setAttribute("fill", s.color); }
+      var label = opts.legendValues === false ? s.label : s.label + " " + last[1].toFixed(4);
+      text(lg, legendX + 14, 15, label, { "class": "legend-label", "data-series": s.name });
+      legendX += Math.max(70, 14 + 6.5 * label.length + 12);
     });
+    if (opts.best && opts.best.x >= x0 && opts.best.x <= x1) {
+      var ring = el("circle", { cx: sx(opts.best.x), cy: sy(opts.best.y), r: 7, "class": "best",
+        "data-round": opts.best.round, "data-value": opts.best.y }, svg);
+      el("title", {}, ring).textContent = opts.best.text;
+      text(svg, sx(opts.best.x), sy(opts.best.y) - 10, "best", { "text-anchor": "middle", "class": "best-label" });
+    }
     if (old) { container.replaceChild(svg, old); } else { container.appendChild(svg); }
     return svg;
   }

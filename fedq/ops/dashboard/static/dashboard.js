@@ -114,8 +114,25 @@
   }
 
   /* --- all runs ------------------------------------------------------------------- */
+  var picked = {};
+  if (page === "runs") {
+    $("compare-btn").addEventListener("click", function () {
+      window.location.href = "compare?runs=" + Object.keys(picked).map(encodeURIComponent).join(",");
+    });
+  }
   function renderRuns(d) {
-    fillTable($("runs-table"), d.runs, 8, "no runs in Redis yet", function (tr, run) {
+    fillTable($("runs-table"), d.runs, 9, "no runs in Redis yet", function (tr, run) {
+      var pick = document.createElement("input");
+      pick.type = "checkbox";
+      pick.className = "pick";
+      pick.value = run.run_id;
+      pick.checked = !!picked[run.run_id];
+      pick.setAttribute("aria-label", "compare " + run.run_id);
+      pick.addEventListener("change", function () {
+        if (pick.checked) { picked[run.run_id] = true; } else { delete picked[run.run_id]; }
+        $("compare-btn").disabled = Object.keys(picked).length < 2;
+      });
+      td(tr, pick);
       var a = document.createElement("a");
       a.href = "runs/" + encodeURIComponent(run.run_id);
       a.textContent = run.run_id;
@@ -167,10 +184,44 @@
     return d.phase + ": round " + d.round + " of " + d.rounds;
   }
 
-  function series(rounds, key) {
+  var PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563",
+                 "#65a30d", "#ea580c"];
+  var axis = "round";  // or "time": minutes since the run started
+
+  function xOf(m, t0) {
+    if (axis === "time") { return (m.ended_at && t0) ? (m.ended_at - t0) / 60 : null; }
+    return m.round;
+  }
+
+  function series(rounds, key, t0) {
     var pts = [];
-    rounds.forEach(function (m) { if (m[key] !== null && m[key] !== undefined) { pts.push([m.round, m[key]]); } });
+    rounds.forEach(function (m) {
+      var x = xOf(m, t0);
+      if (m[key] !== null && m[key] !== undefined && x !== null) { pts.push([x, m[key], m.round]); }
+    });
     return pts;
+  }
+
+  function marksOf(d, t0) {
+    return d.events.map(function (e) {
+      return { kind: e.kind, text: e.text, x: axis === "time" ? (e.time && t0 ? (e.time - t0) / 60 : null) : e.round };
+    });
+  }
+
+  function bestOf(d, key, t0) {
+    var b = d.test.best[key];
+    if (!b) { return null; }
+    var m = d.round_metrics.filter(function (r) { return r.round === b.round; })[0];
+    if (!m) { return null; }
+    var x = xOf(m, t0);
+    return x === null ? null : { x: x, y: b.value, round: b.round, text: "best test " + key + " " + b.value.toFixed(4) + ", round " + b.round };
+  }
+
+  function dur(seconds) {
+    if (seconds === null || seconds === undefined) { return "–"; }
+    if (seconds < 90) { return Math.round(seconds) + " s"; }
+    if (seconds < 5400) { return Math.round(seconds / 60) + " min"; }
+    return (seconds / 3600).toFixed(1) + " h";
   }
 
   function flatten(obj, prefix, out) {
@@ -182,7 +233,48 @@
     return out;
   }
 
+  function show(v) { return v !== null && typeof v === "object" ? JSON.stringify(v) : String(v); }
+
+  var last = null;  // the latest answer, redrawn when the axis changes
+
+  function drawCharts(d) {
+    var rm = d.round_metrics, t0 = d.started_at, marks = marksOf(d, t0);
+    var xLabel = axis === "time" ? "minutes since start" : "round";
+    window.fedqChart.draw($("chart-accuracy"), { yLabel: "accuracy", xLabel: xLabel, xIsTime: axis === "time",
+      marks: marks, best: bestOf(d, "accuracy", t0), series: [
+      { name: "train_accuracy", cls: "train", label: "train", points: series(rm, "train_accuracy", t0) },
+      { name: "test_accuracy", cls: "test", label: "test", points: series(rm, "test_accuracy", t0) }] });
+    window.fedqChart.draw($("chart-loss"), { yLabel: "loss", xLabel: xLabel, clampZero: true, xIsTime: axis === "time",
+      marks: marks, best: bestOf(d, "loss", t0), series: [
+      { name: "train_loss", cls: "train", label: "train", points: series(rm, "train_loss", t0) },
+      { name: "test_loss", cls: "test", label: "test", points: series(rm, "test_loss", t0) }] });
+    var ids = Object.keys(d.client_curves).sort();
+    ["loss", "accuracy"].forEach(function (key) {
+      window.fedqChart.draw($("chart-client-" + key), { yLabel: "local " + key, xLabel: xLabel, clampZero: key === "loss",
+        xIsTime: axis === "time", marks: marks, legendValues: false,
+        series: ids.map(function (cid, k) {
+          var pts = [];
+          d.client_curves[cid].forEach(function (p) {
+            var x = axis === "time" ? (p.time && t0 ? (p.time - t0) / 60 : null) : p.round;
+            if (x !== null && p[key] !== null && p[key] !== undefined) { pts.push([x, p[key], p.round]); }
+          });
+          return { name: "client " + cid + " " + key, color: PALETTE[k % PALETTE.length], label: cid, points: pts };
+        }) });
+    });
+  }
+
+  Array.prototype.forEach.call(document.querySelectorAll("button.axis-toggle"), function (btn) {
+    btn.addEventListener("click", function () {
+      axis = btn.getAttribute("data-axis");
+      Array.prototype.forEach.call(document.querySelectorAll("button.axis-toggle"), function (b) {
+        b.classList.toggle("active", b === btn);
+      });
+      if (last) { (page === "compare" ? drawCompare : drawCharts)(last); }
+    });
+  });
+
   function renderRun(d) {
+    last = d;
     var ended = d.status === "finished" || d.status === "failed";
     badge($("status"), d.status);
     var bar = $("progress-bar");
@@ -192,30 +284,69 @@
     setText("rounds-done", d.round + " / " + d.rounds);
     // Alive / expected while the run goes on (a dead client stops counting when its heartbeat
     // expires); joined / expected once it has ended.
-    setText("clients-joined", d.status === "finished" || d.status === "failed"
+    setText("clients-joined", ended
       ? d.joined + " / " + d.clients + " joined"
       : d.alive + " / " + d.clients + " alive (" + d.joined + " joined)");
-    setText("final-acc", num(d.final.test_accuracy));
-    setText("final-loss", num(d.final.test_loss));
+    setText("elapsed", dur(d.progress.elapsed_seconds));
+    setText("eta", d.progress.eta_seconds === null ? (ended ? "done" : "–")
+      : dur(d.progress.eta_seconds) + " (at " + when(d.progress.eta_at).slice(11) + ")");
+    var latest = d.test.latest, best = d.test.best;
+    setText("final-acc", latest.accuracy ? num(latest.accuracy.value) : "–");
+    setText("final-loss", latest.loss ? num(latest.loss.value) : "–");
+    [["accuracy", "best-acc"], ["loss", "best-loss"], ["auc", "best-auc"], ["precision", "best-precision"],
+     ["recall", "best-recall"], ["f1", "best-f1"]].forEach(function (kv) {
+      var b = best[kv[0]], l = latest[kv[0]];
+      setText(kv[1], b ? "best " + num(b.value) + " @ round " + b.round : "");
+      if (l && kv[0] !== "accuracy" && kv[0] !== "loss") { setText("latest-" + kv[0], num(l.value)); }
+      var box = document.querySelector('#test-metrics [data-metric="' + kv[0] + '"]');
+      if (box) { box.hidden = !l; }
+    });
     setText("created", when(d.created_at));
     setText("started", when(d.started_at));
+    $("resumed-fact").hidden = !d.resumed_at;
+    setText("resumed", when(d.resumed_at));
     setText("finished", when(d.finished_at));
-    var agg = d.aggregators.length ? d.aggregators.map(function (a) { return a.name + " (alive)"; }).join(", ")
-      : (d.driver ? d.driver + (ended ? "" : " (no heartbeat)") : "–");
-    setText("driver", agg);
+    var a = d.aggregator;
+    setText("driver", a.id ? a.id + (a.alive ? " (alive" + (a.workers.length ? ", worker " + a.workers.join(", ") : "") + ")"
+      : ended ? "" : " (no lease: waiting for a driver)") : "–");
     var reason = $("reason");
     reason.hidden = !d.reason;
     reason.textContent = d.reason ? "reason: " + d.reason : "";
     document.title = "run " + d.run_id + " (" + d.status + ") · fedq dashboard";
 
-    var rm = d.round_metrics;
-    window.fedqChart.draw($("chart-accuracy"), { yLabel: "accuracy", series: [
-      { name: "train_accuracy", cls: "train", label: "train", points: series(rm, "train_accuracy") },
-      { name: "test_accuracy", cls: "test", label: "test", points: series(rm, "test_accuracy") }] });
-    window.fedqChart.draw($("chart-loss"), { yLabel: "loss", clampZero: true, series: [
-      { name: "train_loss", cls: "train", label: "train", points: series(rm, "train_loss") },
-      { name: "test_loss", cls: "test", label: "test", points: series(rm, "test_loss") }] });
+    drawCharts(d);
+    var dl = $("downloads");
+    while (dl.firstChild) { dl.removeChild(dl.firstChild); }
+    d.downloads.forEach(function (name) {
+      var li = document.createElement("li"), link = document.createElement("a");
+      link.href = encodeURIComponent(d.run_id) + "/files/" + name;
+      link.textContent = name;
+      link.setAttribute("download", d.run_id + "-" + name);
+      li.appendChild(link);
+      dl.appendChild(li);
+    });
+    if (d.downloads.indexOf("curves.png") >= 0) {
+      var li2 = document.createElement("li"), timed = document.createElement("a");
+      timed.href = encodeURIComponent(d.run_id) + "/files/curves.png?axis=time";
+      timed.textContent = "curves.png (wall-clock axis)";
+      timed.setAttribute("download", d.run_id + "-curves-time.png");
+      li2.appendChild(timed);
+      dl.appendChild(li2);
+    }
+    $("downloads-section").hidden = !d.downloads.length;
+    $("overfit").hidden = !d.overfitting;
+    setText("overfit", d.overfitting ? "⚠ " + d.overfitting : "");
 
+    setText("events-count", d.events.length ? "(" + d.events.length + ")" : "");
+    fillTable($("events-table"), d.events.slice().reverse(), 4, "none", function (tr, e) {
+      tr.setAttribute("data-kind", e.kind);
+      td(tr, String(e.round), "num");
+      td(tr, when(e.time));
+      td(tr, span("", "key mark-" + e.kind)).appendChild(document.createTextNode(e.kind));
+      td(tr, e.text, "wrap");
+    });
+
+    var rm = d.round_metrics;
     fillTable($("clients-table"), d.client_table, 11, "no client joined yet", function (tr, c) {
       tr.setAttribute("data-client", c.client_id);
       td(tr, c.client_id, "mono");
@@ -235,7 +366,7 @@
       td(tr, c.refused ? c.refused + " (" + reasons.join(", ") + ")" : "0", c.refused ? "reasons wrap" : "");
     });
 
-    fillTable($("rounds-table"), rm.slice().reverse(), 10, "no round committed yet", function (tr, m) {
+    fillTable($("rounds-table"), rm.slice().reverse(), 12, "no round committed yet", function (tr, m) {
       td(tr, String(m.round), "num");
       td(tr, String(m.num_updates), "num");
       td(tr, String(m.num_examples), "num");
@@ -244,7 +375,10 @@
       td(tr, num(m.test_loss), "num");
       td(tr, num(m.test_accuracy), "num");
       td(tr, num(m.seconds, 2), "num");
+      var ov = td(tr, num(m.overhead_seconds, 2) + (m.waited_seconds ? "*" : ""), "num");
+      if (m.waited_seconds) { ov.title = "waited " + num(m.waited_seconds, 1) + " s for clients that never came (not counted)"; }
       td(tr, m.refused === null || m.refused === undefined ? "–" : String(m.refused), "num");
+      td(tr, Object.keys(m.missing || {}).map(function (c) { return c + " (" + m.missing[c] + ")"; }).join(", "), "wrap");
       td(tr, num(m.dp_epsilon, 3), "num");  // "–" unless the run has differential privacy
     });
 
@@ -258,11 +392,66 @@
       td(tr, x.detail || "", "wrap");
     });
 
-    fillTable($("spec-table"), flatten(d.spec || {}, "", []), 2, "no spec", function (tr, kv) {
-      td(tr, kv[0]);
-      td(tr, kv[1], "mono wrap");
+    fillTable($("spec-changes"), d.spec_changes, 3, "a default run", function (tr, c) {
+      td(tr, c.key);
+      td(tr, show(c.value), "mono wrap");
+      td(tr, c.default === undefined ? "–" : show(c.default), "mono wrap");
     });
+    if ($("spec-full").open || !$("spec-table").querySelector("tr")) {
+      fillTable($("spec-table"), flatten(d.spec || {}, "", []), 2, "no spec", function (tr, kv) {
+        td(tr, kv[0]);
+        td(tr, kv[1], "mono wrap");
+      });
+    }
     return ended ? ENDED_REFRESH_MS : refreshMs;
+  }
+
+  /* --- compare runs ----------------------------------------------------------------- */
+  function renderCompare(d) {
+    last = d;
+    setText("compare-runs", d.runs.map(function (x) { return x.run_id; }).join(" · "));
+    drawCompare(d);
+    fillTable($("compare-results"), d.runs, 6, "no runs", function (tr, x) {
+      var a = document.createElement("a");
+      a.href = "runs/" + encodeURIComponent(x.run_id);
+      a.textContent = x.run_id;
+      td(tr, a, "mono");
+      var b = span(""); badge(b, x.status); td(tr, b);
+      td(tr, x.round + " / " + x.rounds);
+      var l = x.test.latest.accuracy, ba = x.test.best.accuracy, bl = x.test.best.loss;
+      td(tr, l ? num(l.value) : "–", "num");
+      td(tr, ba ? num(ba.value) + " (" + ba.round + ")" : "–", "num");
+      td(tr, bl ? num(bl.value) + " (" + bl.round + ")" : "–", "num");
+    });
+    var head = $("compare-spec").querySelector("thead");
+    while (head.firstChild) { head.removeChild(head.firstChild); }
+    var htr = document.createElement("tr");
+    ["setting"].concat(d.runs.map(function (x) { return x.run_id; })).forEach(function (t) {
+      var th = document.createElement("th"); th.textContent = t; htr.appendChild(th);
+    });
+    head.appendChild(htr);
+    fillTable($("compare-spec"), d.spec_differences, d.runs.length + 1, "the specs are the same", function (tr, c) {
+      td(tr, c.key);
+      c.values.forEach(function (v) { td(tr, v === undefined || v === null ? "–" : show(v), "mono wrap"); });
+    });
+    var ended = d.runs.every(function (x) { return x.status === "finished" || x.status === "failed"; });
+    return ended ? ENDED_REFRESH_MS : refreshMs;
+  }
+
+  function drawCompare(d) {
+    ["accuracy", "loss"].forEach(function (key) {
+      window.fedqChart.draw($("compare-" + key), { yLabel: "test " + key, clampZero: key === "loss",
+        xLabel: axis === "time" ? "minutes since start" : "round", xIsTime: axis === "time", legendValues: false,
+        series: d.runs.map(function (x, k) {
+          var pts = [];
+          x.curve.forEach(function (m) {
+            var px = axis === "time" ? (m.ended_at && x.started_at ? (m.ended_at - x.started_at) / 60 : null) : m.round;
+            var v = m["test_" + key];
+            if (px !== null && v !== null && v !== undefined) { pts.push([px, v, m.round]); }
+          });
+          return { name: x.run_id + " test_" + key, color: PALETTE[k % PALETTE.length], label: x.run_id, points: pts };
+        }) });
+    });
   }
 
   if (page === "runs") {
@@ -270,5 +459,7 @@
   } else if (page === "run") {
     var runId = body.getAttribute("data-run-id");
     poll("../api/runs/" + encodeURIComponent(runId), function (d) { return renderRun(d); });
+  } else if (page === "compare") {
+    poll("api/compare" + window.location.search, renderCompare);
   }
 })();

@@ -1,0 +1,99 @@
+"""Every dashboard page at desktop and phone width in headless Chromium: no horizontal page
+overflow (wide tables scroll inside their cards), the run page's essentials present, no script
+errors; screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import pytest
+import redis
+
+from fedq.protocol.store import RunStore
+from helpers import RedisServer
+from test_dashboard_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, make_run, wait_for
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
+
+WIDTHS = {"desktop": (1300, 900), "phone": (390, 844)}
+OVERFLOW = """() => ({page: document.documentElement.scrollWidth, view: window.innerWidth,
+  wide: [...document.querySelectorAll('main *')].filter((n) => n.closest('.scroll') === null
+        && n.getBoundingClientRect().right > window.innerWidth + 1).map((n) => n.tagName + '#' + n.id + '.' + n.className)
+        .slice(0, 5)})"""
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Dashboard, redis.Redis]]:
+    server = RedisServer()
+    r = redis.Redis.from_url(server.url)
+    make_run(r, "a-finished-run-with-a-rather-long-identifier", clients=3, rounds=4, committed=4,
+             refused=(("client-1", 2, "non_finite"),))
+    make_run(r, "a-running-run", clients=3, rounds=6, committed=3, pushed=("client-0",))
+    store = RunStore(r, "a-running-run")
+    store.driver = "test-driver"
+    # a round closed without client-2, whose heartbeat expired
+    store.commit_round(4, b"g4", {"round": 4, "num_updates": 2, "num_examples": 201, "test_accuracy": 0.7,
+                                  "test_loss": 0.5, "train_loss": 0.2, "seconds": 3.0, "overhead_seconds": 2.0,
+                                  "missing": {"client-2": "heartbeat expired"},
+                                  "clients": {"client-0": {"num_examples": 100, "loss": 0.2, "accuracy": 0.9,
+                                                           "push_time": time.time()}}})
+    dash = Dashboard(server.url, tmp_path_factory.mktemp("layout"), refresh=0.5)
+    yield dash, r
+    dash.stop()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+PAGES = {"runs": "/", "run": "/runs/a-running-run", "finished": "/runs/a-finished-run-with-a-rather-long-identifier",
+         "compare": "/compare?runs=a-running-run,a-finished-run-with-a-rather-long-identifier"}
+
+
+@pytest.mark.parametrize("width", sorted(WIDTHS))
+@pytest.mark.parametrize("name", sorted(PAGES))
+def test_no_horizontal_overflow(site: tuple[Dashboard, redis.Redis], browser: Any, name: str, width: str) -> None:
+    dash, _ = site
+    w, h = WIDTHS[width]
+    page = browser.new_page(viewport={"width": w, "height": h})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(dash.url(PAGES[name]))
+        # filled in: the first table has rows from the API
+        wait_for("the page to fill", lambda: page.evaluate(
+            "() => !document.querySelector('table tbody tr td') ? false : "
+            "!/loading/.test(document.querySelector('table tbody').textContent)"), timeout=15)
+        page.wait_for_timeout(300)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}-{width}.png"), full_page=True)
+        got = page.evaluate(OVERFLOW)
+        if name == "run":
+            facts = page.evaluate("""() => ({acc: document.getElementById('final-acc').textContent,
+              best: document.getElementById('best-acc').textContent, eta: document.getElementById('eta').textContent,
+              marks: [...document.querySelectorAll('#chart-accuracy line.mark')].map((l) => l.dataset.kind),
+              bestRing: document.querySelectorAll('#chart-accuracy circle.best').length,
+              clientSeries: document.querySelectorAll('#chart-client-loss g.series').length,
+              aucShown: document.querySelector('#test-metrics [data-metric=auc]').offsetParent !== null,
+              resumedShown: document.getElementById('resumed-fact').offsetParent !== null})""")
+            assert facts["acc"] == "0.7000" and facts["best"].startswith("best ") and facts["eta"] != "–", facts
+            assert "quorum" in facts["marks"] and "lost" in facts["marks"], facts
+            assert facts["bestRing"] == 1 and facts["clientSeries"] == 3, facts
+            assert not facts["aucShown"] and not facts["resumedShown"], "no AUC measured, never resumed: not shown"
+            page.click("#axis-time")
+            page.wait_for_timeout(200)
+            assert page.evaluate("() => document.querySelector('#chart-accuracy svg').textContent"
+                                 ".includes('minutes since start')")
+    finally:
+        page.close()
+    assert not errors, errors
+    assert got["page"] <= got["view"], f"{name} at {w} px is {got['page']} px wide: {got['wide']}"
