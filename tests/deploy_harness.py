@@ -417,7 +417,9 @@ class LocalRedis:
         redis-server first on PATH and these flags after its own."""
         args = list(self.argv)
         if args[:2] == ["sh", "-c"]:
-            assert "--tls-port" not in args, "a TLS Redis started by a script: not needed yet"
+            if "--tls-port" in args:
+                args[args.index("--tls-port") + 1] = str(self.port)
+                return [*args, "--bind", "127.0.0.1"]
             return [*args, "--port", str(self.port), "--bind", "127.0.0.1"]
         assert Path(args[0]).name == "redis-server", f"the Redis container runs {args[0]}, not redis-server"
         if "--tls-port" in args:

@@ -360,7 +360,8 @@ def test_kfp_pipeline_compiles_offline_with_an_aggregator_and_n_clients(tmp_path
                            "--local-epochs", "2", "--image", "registry.example.com/fedq:0.1.0", "-o", str(out)],
                           env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
-    spec = yaml.safe_load(out.read_text())
+    # The pipeline spec, then kfp-kubernetes' platform spec (the Redis Secret's mounts).
+    spec = next(yaml.safe_load_all(out.read_text()))
     assert spec["pipelineInfo"]["name"] == "fedq-federation"
     root = spec["root"]
     params = root["inputDefinitions"]["parameters"]

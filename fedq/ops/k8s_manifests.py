@@ -758,9 +758,9 @@ def json_patch(old: Any, new: Any, path: list[str | int] | None = None) -> list[
     return [{"op": "replace", "path": _pointer(path), "value": new}]
 
 
-def _secret_generator(name: str, **sources: Any) -> dict[str, Any]:
+def _secret_generator(name: str, component: str = "redis", **sources: Any) -> dict[str, Any]:
     return {"name": name, **sources,
-            "options": {"disableNameSuffixHash": True, "labels": _labels(Federation(), "redis")}}
+            "options": {"disableNameSuffixHash": True, "labels": _labels(Federation(), component)}}
 
 
 def secure_overlay_files() -> dict[str, str]:
@@ -788,7 +788,7 @@ def secure_overlay_files() -> dict[str, str]:
         "secretGenerator": [
             _secret_generator(ACL_SECRET, files=[f"{acl_users.ACL_FILE}={d}/{acl_users.ACL_FILE}"]),
             _secret_generator(USERS_SECRET, envs=[f"{d}/{acl_users.PASSWORDS_FILE}"]),
-            _secret_generator(DASHBOARD_SECRET, files=[f"token={d}/{DASHBOARD_TOKEN_FILE}"]),
+            _secret_generator(DASHBOARD_SECRET, "dashboard", files=[f"token={d}/{DASHBOARD_TOKEN_FILE}"]),
             _secret_generator(DEFAULT_TLS_SECRET, type="kubernetes.io/tls",
                               files=[f"{k}={d}/{k}" for k in TLS_KEYS]),
         ],
