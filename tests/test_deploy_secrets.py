@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
