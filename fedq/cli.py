@@ -439,14 +439,20 @@ def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float)
               help="Request threads of the server.")
 @click.option("--refresh", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
               help="Seconds between updates of an open page.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="FEDQ_DASHBOARD_TOKEN_FILE",
+              help="File holding an access token every request must present (Bearer, or basic auth's "
+                   "password); required when --host is not a loopback address (env FEDQ_DASHBOARD_TOKEN_FILE).")
 @click.pass_context
 @fail_cleanly
-def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: float) -> None:
+def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: float,
+              token_file: Path | None) -> None:
     """Serve the web dashboard: runs, rounds, clients, live charts (reads Redis only)."""
-    from fedq.ops.dashboard.app import serve
+    from fedq.ops.dashboard.app import check_auth, read_token, serve
 
+    token = read_token(token_file) if token_file is not None else None
+    check_auth(host, token)
     click.echo(f"fedq dashboard on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
-    serve(_settings(ctx), host=host, port=port, threads=threads, refresh_seconds=refresh)
+    serve(_settings(ctx), host=host, port=port, threads=threads, refresh_seconds=refresh, token=token)
 
 
 @main.command()

@@ -412,8 +412,15 @@ class LocalRedis:
 
     def server_argv(self) -> list[str]:
         """The container's own flags, then this machine's: loopback only and a free port (the TLS
-        port when the container serves TLS, keeping its plain port off)."""
+        port when the container serves TLS, keeping its plain port off). A container that starts
+        Redis through ``sh -c SCRIPT redis-server ARGS`` runs the same, with this machine's
+        redis-server first on PATH and these flags after its own."""
         args = list(self.argv)
+        if args[:2] == ["sh", "-c"]:
+            if "--tls-port" in args:
+                args[args.index("--tls-port") + 1] = str(self.port)
+                return [*args, "--bind", "127.0.0.1"]
+            return [*args, "--port", str(self.port), "--bind", "127.0.0.1"]
         assert Path(args[0]).name == "redis-server", f"the Redis container runs {args[0]}, not redis-server"
         if "--tls-port" in args:
             args[args.index("--tls-port") + 1] = str(self.port)
@@ -424,8 +431,15 @@ class LocalRedis:
         args = list(self.argv)
         if "--requirepass" in args:
             self.password = args[args.index("--requirepass") + 1]
+        env = None
+        if args[:2] == ["sh", "-c"]:
+            # The password file the script feeds Redis (already a local path): the test's own password.
+            found = re.search(r"requirepass \$\(cat (\S+)\)", args[2])
+            if found:
+                self.password = Path(found.group(1)).read_text().strip()
+            env = {**os.environ, "PATH": f"{Path(find_server()).parent}{os.pathsep}{os.environ['PATH']}"}
         self.proc = subprocess.Popen(self.server_argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     cwd=self.data_dir)
+                                     cwd=self.data_dir, env=env)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -489,11 +503,16 @@ def render_secure_overlay(tmp: Path, pki: Path, clients: int = 2) -> tuple[list[
     assert done.returncode == 0, done.stderr
     for name in ("ca.crt", "tls.crt", "tls.key"):
         shutil.copy(pki / name, secrets_dir / name)
+    (secrets_dir / "dashboard-token").write_text("secure-overlay-dashboard-token\n")
     return kustomize(copy / "overlays" / "secure"), secrets_dir
 
 
 def rewrite_paths(value: str, mounts: dict[str, Path]) -> str:
     """A container path under a mount, as the local directory standing in for that mount."""
+    if "\n" in value or " " in value:  # a shell script: every path in it under a mount
+        for mount, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+            value = re.sub(re.escape(mount.rstrip("/")) + r"(?=[/\s)\"']|$)", str(local), value)
+        return value
     for mount, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
         if value == mount or value.startswith(mount.rstrip("/") + "/"):
             return str(local) + value[len(mount.rstrip("/")):]

@@ -44,8 +44,8 @@ def test_up_creates_every_resource_with_the_clients_own_request_objects() -> Non
     from kubernetes import client
 
     rec = Recorder().on("GET", f"/api/v1/namespaces/{NS}", 200, namespace_obj(NS))
-    actions = up(_cluster(rec), _fed(redis_password="secret-pass-1"))
-    expected = build(_fed(namespace=NS, redis_password="secret-pass-1"))
+    actions = up(_cluster(rec), _fed(redis_password="secret-pass-1", dashboard_token="dashboard-token-0123"))
+    expected = build(_fed(namespace=NS, redis_password="secret-pass-1", dashboard_token="dashboard-token-0123"))
 
     posts = [c for c in rec.calls if c.method == "POST"]
     assert [(c.path, c.body["kind"], c.body["metadata"]["name"]) for c in posts] == \
@@ -71,6 +71,8 @@ def test_up_again_patches_what_exists_keeps_the_secret_and_this_runs_jobs() -> N
            config_map_obj(NS, {"FEDQ_RUN_ID": "run-a"}))
     rec.on("GET", f"/api/v1/namespaces/{NS}/secrets/fedq-redis", 200,
            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fedq-redis"}, "data": {"password": "eA=="}})
+    rec.on("GET", f"/api/v1/namespaces/{NS}/secrets/fedq-dashboard-auth", 200,
+           {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fedq-dashboard-auth"}, "data": {"token": "eA=="}})
     for job in ("fedq-submit", "fedq-clients"):
         rec.on("GET", f"/apis/batch/v1/namespaces/{NS}/jobs/{job}", 200,
                {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job}})
@@ -78,7 +80,7 @@ def test_up_again_patches_what_exists_keeps_the_secret_and_this_runs_jobs() -> N
         if r["kind"] != "Job":
             rec.on("POST", _path(r), 409)
     actions = {str(a) for a in up(_cluster(rec), _fed())}
-    assert "secret/fedq-redis kept" in actions
+    assert {"secret/fedq-redis kept", "secret/fedq-dashboard-auth kept"} <= actions
     assert {"job/fedq-submit kept", "job/fedq-clients kept"} <= actions
     assert "deployment/fedq-aggregator configured" in actions
     patches = [c for c in rec.calls if c.method == "PATCH"]
@@ -113,8 +115,11 @@ def test_up_with_acl_users_and_tls_applies_their_secrets_and_no_password_secret(
            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "my-tls"}, "type": "kubernetes.io/tls"})
     actions = [str(a) for a in up(_cluster(rec), fed)]
     posts = [c.body for c in rec.calls if c.method == "POST"]
-    assert posts == build(replace(fed, namespace=NS))
-    assert actions[:2] == ["secret/fedq-redis-acl created", "secret/fedq-redis-users created"]
+    # The dashboard's token Secret first (made up: none was given), then the federation.
+    assert posts[0]["metadata"]["name"] == "fedq-dashboard-auth" and len(posts[0]["data"]["token"]) > 20
+    assert posts[1:] == build(replace(fed, namespace=NS))
+    assert actions[:3] == ["secret/fedq-dashboard-auth created", "secret/fedq-redis-acl created",
+                           "secret/fedq-redis-users created"]
     assert ("GET", f"/api/v1/namespaces/{NS}/secrets/fedq-redis") not in rec.paths("GET")
     assert not any(c.body["metadata"]["name"] in ("fedq-redis", "my-tls") for c in rec.calls
                    if c.method == "POST" and c.body["kind"] == "Secret")
@@ -216,7 +221,8 @@ def test_down_deletes_what_carries_fedqs_label_and_keeps_data_on_request() -> No
     actions = [str(a) for a in down(_cluster(rec))]
     assert actions == ["job/fedq-submit deleted", "job/fedq-clients deleted", "deployment/fedq-aggregator deleted",
                        "deployment/fedq-dashboard deleted", "statefulset/fedq-redis deleted",
-                       "service/fedq-redis deleted", "service/fedq-dashboard deleted",
+                       "service/fedq-redis deleted", "service/fedq-aggregator-metrics deleted",
+                       "service/fedq-dashboard deleted",
                        "networkpolicy/fedq-redis deleted", "configmap/fedq-config deleted",
                        "secret/fedq-redis deleted", "persistentvolumeclaim/data-fedq-redis-0 deleted"]
     deletes = [c for c in rec.calls if c.method == "DELETE"]
@@ -304,7 +310,7 @@ def test_manifest_prints_resources_that_kubectl_would_apply() -> None:
     done = _fedq("k8s", "manifest", "--clients", "4", "--rounds", "3", "--image", "fedq:0.1.0", "--namespace", "fl")
     assert done.returncode == 0, done.stderr
     docs = [d for d in yaml.safe_load_all(done.stdout) if d]
-    assert [d["kind"] for d in docs][:2] == ["Secret", "ConfigMap"]
+    assert [d["kind"] for d in docs][:3] == ["Secret", "Secret", "ConfigMap"]
     clients = next(d for d in docs if d["metadata"]["name"] == "fedq-clients")
     assert clients["spec"]["completions"] == clients["spec"]["parallelism"] == 4
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
@@ -354,7 +360,8 @@ def test_kfp_pipeline_compiles_offline_with_an_aggregator_and_n_clients(tmp_path
                            "--local-epochs", "2", "--image", "registry.example.com/fedq:0.1.0", "-o", str(out)],
                           env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
-    spec = yaml.safe_load(out.read_text())
+    # The pipeline spec, then kfp-kubernetes' platform spec (the Redis Secret's mounts).
+    spec = next(yaml.safe_load_all(out.read_text()))
     assert spec["pipelineInfo"]["name"] == "fedq-federation"
     root = spec["root"]
     params = root["inputDefinitions"]["parameters"]

@@ -11,6 +11,7 @@ import copy
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import yaml
 
 import deploy_checks
 from deploy_harness import (COMPOSE_FILE, DEPLOY, KUBECTL, OVERLAYS, ParseError, cli_env, compose_argv,
-                            compose_env, compose_services, container_argv, container_env, fedq_cmd,
+                            compose_env, compose_project, compose_secret_mounts, compose_services, mount_sources,
+                            rewrite_paths, secret_volume, container_argv, container_env, fedq_cmd,
                             fedq_command_exists, is_fedq_service, kustomize, make_pki, parse_fedq, read_image,
                             render_secure_overlay)
 from fedq.ops import k8s_manifests
@@ -133,7 +135,7 @@ def test_our_checks_catch_what_schema_validation_lets_through(rendered: dict[str
     elif mutation == "unknown kind":
         job["kind"] = "Jobs"
     elif mutation == "missing Secret":
-        container["env"][0]["valueFrom"]["secretKeyRef"]["name"] = "fedq-redis-password"
+        next(v for v in pod["volumes"] if "secret" in v)["secret"]["secretName"] = "fedq-redis-password"
     elif mutation == "Service selecting nothing":
         changed = next(d for d in docs if _key(d) == ("Service", "fedq-redis"))
         changed["spec"]["selector"]["app.kubernetes.io/component"] = "rediss"
@@ -198,7 +200,8 @@ def test_fedq_k8s_manifest_equals_kustomize_over_deploy_base(tmp_path: Path) -> 
 def test_manifest_with_a_secret_passes_our_checks_and_the_clients_models() -> None:
     from fedq.ops.k8s_apply import to_model
 
-    docs = k8s_manifests.build(k8s_manifests.Federation(clients=4, namespace="x", redis_password="p4ssw0rd-ok"))
+    docs = k8s_manifests.build(k8s_manifests.Federation(clients=4, namespace="x", redis_password="p4ssw0rd-ok",
+                                                          dashboard_token="a-dashboard-token-1234"))
     assert deploy_checks.problems(docs) == []
     for doc in docs:
         to_model(doc)  # the kubernetes client's own request objects take every field
@@ -225,17 +228,24 @@ def test_the_clients_models_reject_a_misspelt_field() -> None:
 
 # --- every container command, through fedq's own parser -----------------------------------------
 def _k8s_commands(docs: list[dict[str, Any]]) -> list[tuple[str, list[str], dict[str, str]]]:
+    """Each fedq container's argv and environment, its Secret volumes written as the kubelet would
+    (into a temporary directory) and the paths in its environment pointing there."""
     image = read_image()
     out = []
-    for d in docs:
+    tmp = Path(tempfile.mkdtemp(prefix="fedq-k8s-cmds-"))
+    for i, d in enumerate(docs):
         spec = deploy_checks.pod_spec(d)
         if spec is None:
             continue
         indexed = d["kind"] == "Job" and d["spec"].get("completionMode") == "Indexed"
+        volumes = {v["name"]: (secret_volume(v, docs, tmp / f"{i}-{v['name']}") if "secret" in v
+                               else tmp / f"{i}-{v['name']}") for v in spec.get("volumes", [])}
         for c in spec["containers"]:
             if not deploy_checks.is_fedq_image(c["image"]):
                 continue
             env = container_env(c, docs, {"JOB_COMPLETION_INDEX": "0"} if indexed else {})
+            mounts = mount_sources(c, volumes, env)
+            env = {k: rewrite_paths(v, mounts) for k, v in env.items()}
             out.append((f"{deploy_checks.kn(d)}/{c['name']}", container_argv(c, image, env), env))
     return out
 
@@ -261,9 +271,13 @@ def test_every_kubernetes_container_command_parses(rendered: dict[str, list[dict
 
 def test_every_compose_command_parses() -> None:
     image = read_image()
-    services = compose_services({})
-    commands = [(name, compose_argv(svc, image), {**image.env, **compose_env(svc)})
-                for name, svc in services.items() if is_fedq_service(svc)]
+    project = compose_project({})
+    commands = []
+    for name, svc in project["services"].items():
+        if is_fedq_service(svc):
+            mounts = compose_secret_mounts(svc, project)
+            env = {k: rewrite_paths(v, mounts) for k, v in {**image.env, **compose_env(svc)}.items()}
+            commands.append((name, compose_argv(svc, image), env))
     assert {argv[1] for _, argv, _ in commands} == {"aggregator", "submit", "client", "dashboard"}
     assert _parse_all(commands) == {}
 
@@ -301,7 +315,7 @@ def test_the_dashboard_command_exists() -> None:
 # --- compose file structure ----------------------------------------------------------------------
 COMPOSE_SERVICE_KEYS = {"image", "build", "command", "entrypoint", "environment", "depends_on", "restart",
                         "read_only", "tmpfs", "cap_drop", "security_opt", "volumes", "healthcheck", "ports",
-                        "pull_policy", "user"}
+                        "pull_policy", "user", "secrets", "expose", "profiles"}
 
 
 def test_compose_file_structure() -> None:
@@ -321,7 +335,9 @@ def test_compose_file_structure() -> None:
             source = vol.split(":")[0]
             assert source.startswith((".", "/")) or source in declared_volumes, f"{name}: volume {source} undeclared"
     redis = services["redis"]
-    assert "--requirepass" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    # The password reaches Redis from the mounted secret, never as an argument.
+    assert redis["command"][:2] == ["sh", "-c"] and "requirepass $(cat /run/secrets/redis-password)" in redis["command"][2]
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert any(v.split(":")[0] in declared_volumes and v.split(":")[1] == "/data" for v in redis["volumes"])
     clients = {n: s for n, s in services.items() if is_fedq_service(s) and s["command"][0] == "client"}
     shards = sorted(int(s["command"][s["command"].index("--shard") + 1]) for s in clients.values())

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 import deploy_checks
-from deploy_harness import (DEPLOY, KUBECTL, REDIS_IMAGE, LocalRedis, Proc, compose_argv, compose_env, compose_services,
-                            container_argv, container_env, free_port, is_fedq_service, kustomize, map_hosts,
+from deploy_harness import (DEPLOY, KUBECTL, REDIS_IMAGE, LocalRedis, Proc, compose_argv, compose_env, compose_project,
+                            compose_secret_mounts, container_argv, container_env, free_port, is_fedq_service, kustomize, map_hosts,
                             make_pki, mount_sources, read_image, render_secure_overlay, rewrite_paths, secret_volume,
                             start, stop, tmpdir, wait_for_run, wait_one_shots)
 from fedq.protocol import messages
@@ -46,6 +46,8 @@ def _loopback_listen(argv: list[str]) -> tuple[list[str], int | None]:
         if a == "--port":
             port = free_port()
             argv[i + 1] = str(port)
+        if a == "--metrics-port":
+            argv[i + 1] = str(free_port())
     return argv, port
 
 
@@ -236,11 +238,14 @@ def _each_site_trained_on_its_own_rows(store: RunStore, sites: dict[str, Path]) 
 def test_compose_services_run_a_federation(tmp_path: Path) -> None:
     image = read_image()
     variables = {"FEDQ_ROUNDS": "1", "FEDQ_LOCAL_EPOCHS": "1"}  # as an .env file beside it would
-    services = compose_services(variables)
+    project = compose_project(variables)
+    # `docker compose up` starts no service of a profile (Prometheus: --profile metrics).
+    services = {n: s for n, s in project["services"].items() if not s.get("profiles")}
     volumes: dict[str, Path] = {}
 
     def mounts_of(name: str, svc: dict[str, Any]) -> dict[str, Path]:
-        out = {t: tmpdir(tmp_path, f"{name}-tmpfs") for t in svc.get("tmpfs", [])}
+        out: dict[str, Path] = dict(compose_secret_mounts(svc, project))
+        out.update({t: tmpdir(tmp_path, f"{name}-tmpfs") for t in svc.get("tmpfs", [])})
         for v in svc.get("volumes", []):
             source, target = v.split(":")[:2]
             volumes.setdefault(source, tmpdir(tmp_path, f"volume-{source.strip('./') or 'root'}"))

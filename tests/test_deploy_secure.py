@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -85,7 +86,7 @@ def _render(variant: str, passwords: dict[str, str], pki: Path, clients: int = 2
     v = VARIANTS[variant]
     fed = Federation(clients=clients, namespace="fl", run_id="secure-run", acl=v["acl"],
                      acl_passwords=passwords if v["acl"] else None, tls_secret=TLS_SECRET if v["tls"] else None,
-                     redis_password=None if v["acl"] else "plain-pass-123")
+                     redis_password=None if v["acl"] else "plain-pass-123", dashboard_token="secure-dashboard-token")
     docs = build(fed)
     return docs + [_tls_secret(pki)] if v["tls"] else docs
 
@@ -151,6 +152,9 @@ def test_every_file_a_pod_names_is_mounted_from_a_secret_key(variant: str, passw
                 env = container_env(c, docs, {"JOB_COMPLETION_INDEX": str(index)} if indexed else {})
                 mounts = mount_sources(c, volumes, env)
                 named = [a for a in container_argv(c, REDIS_IMAGE, env) if a.startswith("/etc/")]
+                # Paths a start-up script reads (Redis' password file).
+                named += [p for a in container_argv(c, REDIS_IMAGE, env) if "\n" in a
+                          for p in re.findall(r"/etc/[\w./-]+", a)]
                 named += [v for k, v in env.items() if k.startswith("FEDQ_") and v.startswith("/etc/")]
                 for path in named:
                     local = Path(rewrite_paths(path, mounts))
@@ -160,8 +164,9 @@ def test_every_file_a_pod_names_is_mounted_from_a_secret_key(variant: str, passw
                     # The mounted password is this user's own.
                     file = Path(rewrite_paths(env["FEDQ_REDIS_PASSWORD_FILE"], mounts))
                     assert file.read_text() == passwords[env["FEDQ_REDIS_USERNAME"]]
-    # Redis's ACL file and TLS files; each fedq pod's password file and TLS files (two client pods).
-    assert checked == {"acl+tls": 4 + 4 * 5, "acl": 1 + 5, "tls": 3 + 3 * 5, "plain": 0}[variant]
+    # Redis's ACL (or password) file and TLS files; each fedq pod's password file and TLS files (two
+    # client pods), and the dashboard's token file.
+    assert checked == {"acl+tls": 4 + 4 * 5 + 1, "acl": 1 + 5 + 1, "tls": 4 + 4 * 5 + 1, "plain": 1 + 5 + 1}[variant]
 
 
 def test_our_checks_catch_a_client_pod_without_its_password(passwords: dict[str, str], pki: Path) -> None:
@@ -187,11 +192,17 @@ def test_fedq_k8s_manifest_options(acl_dir: Path, passwords: dict[str, str]) -> 
 
     done = manifest("--acl-passwords", file, "--tls-secret", TLS_SECRET, "--namespace", "fl")
     assert done.returncode == 0, done.stderr
-    expected = build(Federation(namespace="fl", run_id="r1", acl=True, acl_passwords=passwords, tls_secret=TLS_SECRET))
-    assert [d for d in yaml.safe_load_all(done.stdout) if d] == expected
+    printed = [d for d in yaml.safe_load_all(done.stdout) if d]
+    token = base64.b64decode(printed[2]["data"]["token"]).decode()  # a new random one
+    expected = build(Federation(namespace="fl", run_id="r1", acl=True, acl_passwords=passwords, tls_secret=TLS_SECRET,
+                                dashboard_token=token))
+    assert printed == expected
     without = [d for d in yaml.safe_load_all(manifest("--acl-passwords", file, "--no-secret").stdout) if d]
-    assert not any(d["kind"] == "Secret" for d in without) and len(without) == len(expected) - 2
-    for args, message in [(("--acl-passwords", file, "--redis-password", "abcdefgh1"), "exclude each other"),
+    assert not any(d["kind"] == "Secret" for d in without) and len(without) == len(expected) - 3
+    password_file = acl_dir.parent / "redis-password"
+    password_file.write_text("abcdefgh1\n")
+    for args, message in [(("--acl-passwords", file, "--redis-password-file", str(password_file)),
+                           "exclude each other"),
                           (("--acl-passwords", file, "--clients", "3"), "lack client-2"),
                           (("--tls-secret", "Not_A_Name"), "not a valid Kubernetes name")]:
         bad = manifest(*args)
@@ -227,7 +238,7 @@ def test_secure_overlay_renders_what_fedq_k8s_manifest_prints(tmp_path: Path, pk
     assert deploy_checks.problems(docs) == []
     file_passwords = acl.parse_passwords((secrets_dir / acl.PASSWORDS_FILE).read_text())
     fed = Federation(namespace=k8s_manifests.SECURE_NAMESPACE, acl=True, acl_passwords=file_passwords,
-                     tls_secret=TLS_SECRET)
+                     tls_secret=TLS_SECRET, dashboard_token=(secrets_dir / "dashboard-token").read_text().strip())
 
     def normal(d: dict[str, Any]) -> dict[str, Any]:
         if d["kind"] == "Secret":  # kustomize wraps base64 lines; compare what they hold
@@ -238,6 +249,8 @@ def test_secure_overlay_renders_what_fedq_k8s_manifest_prints(tmp_path: Path, pk
     printed = {(d["kind"], d["metadata"]["name"]): normal(d) for d in build(fed)}
     assert set(rendered) - set(printed) == {("Namespace", k8s_manifests.SECURE_NAMESPACE), ("Secret", TLS_SECRET)}
     for key, doc in printed.items():
+        if key == ("Secret", k8s_manifests.DASHBOARD_SECRET):  # the file's line, with its newline
+            doc = {**doc, "data": {"token": doc["data"]["token"] + b"\n"}}
         assert rendered[key] == doc, f"{key} differs between the overlay and fedq k8s manifest"
     assert rendered[("Secret", TLS_SECRET)]["type"] == "kubernetes.io/tls"
 
@@ -400,7 +413,8 @@ def test_compose_override_gives_each_service_its_own_user(acl_dir: Path, passwor
         assert env["FEDQ_REDIS_USERNAME"] == user
         assert "@" not in env["FEDQ_REDIS_URL"], "no password in the URL"
         secrets = compose_secret_mounts(svc, project)
-        assert secrets == {env["FEDQ_REDIS_PASSWORD_FILE"]: acl_dir / f"{user}.password"}, name
+        own = {k: v for k, v in secrets.items() if k != "/run/secrets/dashboard-token"}
+        assert own == {env["FEDQ_REDIS_PASSWORD_FILE"]: acl_dir / f"{user}.password"}, name
         argv = compose_argv(svc, image)
         if argv[1] == "client":
             assert f"client-{argv[argv.index('--shard') + 1]}" == user
@@ -408,9 +422,9 @@ def test_compose_override_gives_each_service_its_own_user(acl_dir: Path, passwor
         local = {k: rewrite_paths(v, secrets) for k, v in {**image.env, **env}.items()}
         parse_fedq(argv, local)
         assert Settings.from_env(env=local).redis_url == f"redis://{user}:{passwords[user]}@redis:6379/0"
-    # The plain `docker compose up` is untouched: one password, no secrets.
+    # The plain `docker compose up`: one password, from a secret file too.
     plain = compose_project({})["services"]
-    assert "--requirepass" in plain["redis"]["command"] and not any("secrets" in s for s in plain.values())
+    assert "requirepass $(cat /run/secrets/redis-password)" in plain["redis"]["command"][2]
 
 
 def test_compose_override_runs_as_it_says(acl_dir: Path, tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ def _federation_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--image", default=DEFAULT_IMAGE, show_default=True,
                      help="The fedq image (docker build -f workers/Dockerfile)."),
         click.option("--run-id", help="Id of the run the Jobs create and join (default: time + random)."),
+        click.option("--instance", default="fedq", show_default=True,
+                     help="The federation's name: prefixes every resource and labels it "
+                          "(app.kubernetes.io/instance), so that two federations share a namespace."),
     ]):
         fn = opt(fn)
     return fn
@@ -40,6 +43,30 @@ def _secure_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "Redis loads their digests; each pod connects as its own user."),
         click.option("--tls-secret", help="TLS: an existing Secret with ca.crt, tls.crt and tls.key "
                                           "(e.g. fedq-redis-tls); Redis then serves TLS only."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _read_secret_file(path: Path | None, what: str) -> str | None:
+    """A secret from a file (first line, stripped): secrets are never command-line arguments."""
+    if path is None:
+        return None
+    try:
+        value = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not value or "\n" in value:
+        raise ConfigError(f"{what} file {path} must hold one line (it is {'empty' if not value else 'several'})")
+    return value
+
+
+def _secret_file_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([
+        click.option("--redis-password-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                     help="File holding the Redis password of a new Secret (default: a new random one)."),
+        click.option("--dashboard-token-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                     help="File holding the dashboard's access token of a new Secret (default: a new random one)."),
     ]):
         fn = opt(fn)
     return fn
@@ -58,12 +85,14 @@ def _read_acl_passwords(path: Path | None) -> dict[str, str] | None:
 
 def _federation(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None,
                 namespace: str | None, redis_password: str | None = None,
-                acl_passwords: dict[str, str] | None = None, tls_secret: str | None = None) -> Federation:
+                acl_passwords: dict[str, str] | None = None, tls_secret: str | None = None,
+                instance: str = "fedq", dashboard_token: str | None = None) -> Federation:
     from fedq.learning.spec import new_run_id
 
     return Federation(clients=clients, rounds=rounds, local_epochs=local_epochs, image=image,
                       namespace=namespace, run_id=run_id or new_run_id(), redis_password=redis_password,
-                      acl=acl_passwords is not None, acl_passwords=acl_passwords, tls_secret=tls_secret).validate()
+                      acl=acl_passwords is not None, acl_passwords=acl_passwords, tls_secret=tls_secret,
+                      instance=instance, dashboard_token=dashboard_token).validate()
 
 
 # --- cluster access --------------------------------------------------------------------------
@@ -125,45 +154,53 @@ def k8s_group() -> None:
 @k8s_group.command("manifest")
 @_federation_options
 @click.option("--namespace", help="Namespace of every resource (default: none, kubectl's current one).")
-@click.option("--redis-password", help="Password in the Redis Secret (default: a new random one).")
-@click.option("--no-secret", is_flag=True, help="Leave the Redis Secret out (it exists already); with "
+@_secret_file_options
+@click.option("--no-secret", is_flag=True, help="Leave the Secrets out (they exist already); with "
                                                "--acl-passwords, the ACL Secrets (the file is only checked).")
+@click.option("--service-monitor", is_flag=True,
+              help="Add a ServiceMonitor of the aggregators' /metrics (needs the Prometheus Operator's CRD).")
 @_secure_options
 @fail_cleanly(squash=True)
-def manifest(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None,
-             namespace: str | None, redis_password: str | None, no_secret: bool, acl_passwords: Path | None,
-             tls_secret: str | None) -> None:
+def manifest(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None, instance: str,
+             namespace: str | None, redis_password_file: Path | None, dashboard_token_file: Path | None,
+             no_secret: bool, service_monitor: bool, acl_passwords: Path | None, tls_secret: str | None) -> None:
     """Print the federation's resources as YAML (for kubectl apply -f -)."""
     from dataclasses import replace
 
     from fedq.ops.k8s_apply import new_password
 
     passwords = _read_acl_passwords(acl_passwords)
+    redis_password = _read_secret_file(redis_password_file, "Redis password")
     if passwords is not None and redis_password is not None:
-        raise ConfigError("--redis-password and --acl-passwords exclude each other (ACL users have their own)")
+        raise ConfigError("--redis-password-file and --acl-passwords exclude each other (ACL users have their own)")
     password = None if no_secret or passwords is not None else (redis_password or new_password())
-    fed = _federation(clients, rounds, local_epochs, image, run_id, namespace, password, passwords, tls_secret)
+    token = None if no_secret else (_read_secret_file(dashboard_token_file, "dashboard token") or new_password())
+    fed = _federation(clients, rounds, local_epochs, image, run_id, namespace, password, passwords, tls_secret,
+                      instance, token)
     if no_secret:
         fed = replace(fed, acl_passwords=None)  # checked above, left out here
-    click.echo(to_yaml(build(fed)), nl=False)
+    click.echo(to_yaml(build(fed, service_monitor_too=service_monitor)), nl=False)
 
 
 @k8s_group.command("up")
 @_federation_options
 @_cluster_options
-@click.option("--redis-password", help="Password of a new Redis Secret (default: random; an existing one is kept).")
+@_secret_file_options
 @_secure_options
 @fail_cleanly(squash=True)
-def up(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None, namespace: str | None,
-       kubeconfig: str | None, context: str | None, redis_password: str | None, acl_passwords: Path | None,
-       tls_secret: str | None) -> None:
-    """Create or update the federation in the cluster of the current kubeconfig."""
+def up(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | None, instance: str,
+       namespace: str | None, kubeconfig: str | None, context: str | None, redis_password_file: Path | None,
+       dashboard_token_file: Path | None, acl_passwords: Path | None, tls_secret: str | None) -> None:
+    """Create or update the federation in the cluster of the current kubeconfig (an existing
+    Secret is kept; a new run's Jobs replace the finished ones of the last)."""
     from fedq.ops.k8s_apply import up as apply_up
 
     passwords = _read_acl_passwords(acl_passwords)
+    redis_password = _read_secret_file(redis_password_file, "Redis password")
     if passwords is not None and redis_password is not None:
-        raise ConfigError("--redis-password and --acl-passwords exclude each other (ACL users have their own)")
-    fed = _federation(clients, rounds, local_epochs, image, run_id, None, redis_password, passwords, tls_secret)
+        raise ConfigError("--redis-password-file and --acl-passwords exclude each other (ACL users have their own)")
+    fed = _federation(clients, rounds, local_epochs, image, run_id, None, redis_password, passwords, tls_secret,
+                      instance, _read_secret_file(dashboard_token_file, "dashboard token"))
     cluster = _kube(kubeconfig, context, namespace)
     for action in apply_up(cluster, fed):
         click.echo(str(action))
@@ -220,13 +257,15 @@ def _run_line(run_id: str | None, state: dict[str, str] | None) -> str:
 @k8s_group.command("down")
 @_cluster_options
 @click.option("--keep-data", is_flag=True, help="Keep Redis' volume and password Secret.")
+@click.option("--instance", help="Only this federation's resources (default: every fedq federation here).")
 @fail_cleanly(squash=True)
-def down(namespace: str | None, kubeconfig: str | None, context: str | None, keep_data: bool) -> None:
+def down(namespace: str | None, kubeconfig: str | None, context: str | None, keep_data: bool,
+         instance: str | None) -> None:
     """Delete the federation's resources from the namespace."""
     from fedq.ops.k8s_apply import down as apply_down
 
     cluster = _kube(kubeconfig, context, namespace)
-    actions = apply_down(cluster, keep_data=keep_data)
+    actions = apply_down(cluster, keep_data=keep_data, instance=instance)
     for action in actions:
         click.echo(str(action))
     if not actions:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 from fedq.errors import ConfigError, FedqError
-from fedq.ops.k8s_manifests import CONFIG_MAP, NAME, PART_OF, REDIS_SECRET, Federation, Resource, build
+from fedq.ops.k8s_manifests import (CONFIG_MAP, INSTANCE, NAME, PART_OF, Federation, Resource, build,
+                                    dashboard_secret, redis_secret)
 
 FIELD_MANAGER = "fedq"
 # (API class, whether its objects live in a namespace) by kind; nothing else is ever applied.
@@ -37,6 +38,11 @@ _APIS = {
 _DOWN_KINDS = ("Job", "Deployment", "StatefulSet", "Service", "NetworkPolicy", "ConfigMap",
                "Secret", "PersistentVolumeClaim")
 SELECTOR = f"{PART_OF}={NAME}"
+
+
+def instance_selector(instance: str) -> str:
+    """The label selector of one federation's resources (others may share the namespace)."""
+    return f"{PART_OF}={NAME},{INSTANCE}={instance}"
 
 
 class ClusterError(FedqError):
@@ -196,9 +202,9 @@ class Cluster:
     def list(self, kind: str, label_selector: str = SELECTOR) -> list[Any]:
         return list(self._call("list", kind, label_selector=label_selector).items)
 
-    def config_data(self) -> dict[str, str]:
+    def config_data(self, name: str = CONFIG_MAP) -> dict[str, str]:
         """The data of the fedq ConfigMap in the cluster (empty when there is none)."""
-        cm = self.read("ConfigMap", CONFIG_MAP)
+        cm = self.read("ConfigMap", name)
         return dict(cm.data or {}) if cm is not None else {}
 
 
@@ -220,26 +226,33 @@ def new_password() -> str:
 def up(cluster: Cluster, fed: Federation, *, job_delete_timeout: float = 120.0,
        sleep: Callable[[float], None] = time.sleep) -> list[Action]:
     """Apply the federation's resources to the cluster's namespace; returns what happened to each."""
-    password = fed.redis_password
-    fed = replace(fed, namespace=cluster.namespace, redis_password=None).validate()
+    password, token = fed.redis_password, fed.dashboard_token
+    fed = replace(fed, namespace=cluster.namespace, redis_password=None, dashboard_token=None).validate()
     actions: list[Action] = []
     with api_errors(f"namespace {cluster.namespace}"):
         cluster.check_namespace()
-        old_run = cluster.config_data().get("FEDQ_RUN_ID")
+        old_run = cluster.config_data(fed.config_map).get("FEDQ_RUN_ID")
         if fed.tls_secret and cluster.read("Secret", fed.tls_secret) is None:
             raise ClusterError(f"no Secret {fed.tls_secret} in namespace {cluster.namespace}: create it first "
                                f"(kubectl create secret generic {fed.tls_secret} --from-file=ca.crt "
                                "--from-file=tls.crt --from-file=tls.key)")
-        if not fed.acl:  # (ACL users' Secrets are among the resources below, created or patched)
-            if cluster.read("Secret", REDIS_SECRET) is None:
-                secret = build(Federation(namespace=cluster.namespace, redis_password=password or new_password()))[0]
+        # Secrets are only ever created: Redis already runs with the password it has.
+        # (ACL users' Secrets are among the resources below, created or patched.)
+        kept_secrets = [(fed.dashboard_secret, lambda: dashboard_secret(token or new_password(), fed))]
+        if not fed.acl:
+            kept_secrets.insert(0, (fed.redis_secret, lambda: redis_secret(password or new_password(), fed)))
+        for name, make in kept_secrets:
+            if cluster.read("Secret", name) is None:
+                secret = make()
+                secret["metadata"]["namespace"] = cluster.namespace
                 cluster.create(secret)
-                actions.append(Action("Secret", REDIS_SECRET, "created"))
+                actions.append(Action("Secret", name, "created"))
             else:
-                actions.append(Action("Secret", REDIS_SECRET, "kept"))  # Redis already runs with it
+                actions.append(Action("Secret", name, "kept"))
         for res in build(fed):
             kind, name = res["kind"], res["metadata"]["name"]
-            if kind == "Job" and cluster.read("Job", name) is not None:
+            job = cluster.read("Job", name) if kind == "Job" else None
+            if job is not None:
                 if old_run == fed.run_id:
                     actions.append(Action(kind, name, "kept"))  # this run's Job: leave it be
                     continue
@@ -253,15 +266,17 @@ def up(cluster: Cluster, fed: Federation, *, job_delete_timeout: float = 120.0,
     return actions
 
 
-def down(cluster: Cluster, *, keep_data: bool = False) -> list[Action]:
-    """Delete every fedq resource of the namespace (and Redis' volume and Secret unless keep_data)."""
+def down(cluster: Cluster, *, keep_data: bool = False, instance: str | None = None) -> list[Action]:
+    """Delete every fedq resource of the namespace, or only those of one federation (instance),
+    and Redis' volume and Secret unless keep_data."""
+    selector = SELECTOR if instance is None else instance_selector(instance)
     actions: list[Action] = []
     with api_errors(f"namespace {cluster.namespace}"):
         cluster.check_namespace()
         for kind in _DOWN_KINDS:
             if keep_data and kind in ("Secret", "PersistentVolumeClaim"):
                 continue
-            for obj in cluster.list(kind):
+            for obj in cluster.list(kind, selector):
                 name = obj.metadata.name
                 if cluster.delete(kind, name):
                     actions.append(Action(kind, name, "deleted"))

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from fedq import __version__ as fedq_version
 from fedq.ops import acl as acl_users
 from fedq.errors import ConfigError
 from fedq.protocol.keys import check_run_id
@@ -44,7 +45,17 @@ DASHBOARD_PORT = 8050
 REDIS_SECRET = "fedq-redis"
 CONFIG_MAP = "fedq-config"
 REDIS_SERVICE = "fedq-redis"
-DEFAULT_IMAGE = "fedq:latest"
+# Images are tagged with fedq's version (workers/Dockerfile builds it so).
+DEFAULT_IMAGE = f"fedq:{fedq_version}"
+METRICS_PORT = 9100
+# The dashboard's access token (a Secret, mounted as a file; `fedq dashboard --token-file`).
+DASHBOARD_SECRET = "fedq-dashboard-auth"
+DASHBOARD_TOKEN_DIR = "/etc/fedq/dashboard"
+REDIS_AUTH_DIR = "/etc/redis/auth"
+# How long a finished Job (and its pods' logs) stays, and how long a run's Jobs may take at most.
+JOB_TTL_SECONDS = 86400
+JOB_DEADLINE_SECONDS = 86400
+CLIENT_RETRIES_PER_INDEX = 3
 # ACL users per role: the ACL file Redis loads (digests only) and every user's password by name.
 ACL_SECRET = "fedq-redis-acl"
 USERS_SECRET = "fedq-redis-users"
@@ -65,6 +76,10 @@ REDIS_UID, REDIS_GID = 999, 1000
 # Every fedq pod carries this label; the NetworkPolicy admits only pods with it to Redis.
 PART_OF = "app.kubernetes.io/part-of"
 COMPONENT = "app.kubernetes.io/component"
+INSTANCE = "app.kubernetes.io/instance"
+VERSION = "app.kubernetes.io/version"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "fedq"
 
 # One file of deploy/base per group of resources, in this order.
 BASE_FILES = ("config.yaml", "redis.yaml", "aggregator.yaml", "dashboard.yaml", "submit.yaml", "clients.yaml")
@@ -147,6 +162,39 @@ class Federation:
     acl_passwords: Mapping[str, str] | None = field(default=None, repr=False, hash=False)
     # An existing Secret with ca.crt, tls.crt and tls.key: Redis and every pod then use TLS.
     tls_secret: str | None = None
+    # The federation's name: every resource is named <instance>-..., and labelled and selected by
+    # app.kubernetes.io/instance, so that two federations share a namespace.
+    instance: str = NAME
+    # When given, the dashboard's token Secret is part of the output (overlays generate theirs).
+    dashboard_token: str | None = field(default=None, repr=False)
+
+    def name(self, suffix: str) -> str:
+        """The name of one of this federation's resources."""
+        return f"{self.instance}-{suffix}"
+
+    @property
+    def redis_secret(self) -> str:
+        return self.name("redis")
+
+    @property
+    def config_map(self) -> str:
+        return self.name("config")
+
+    @property
+    def redis_service(self) -> str:
+        return self.name("redis")
+
+    @property
+    def acl_secret(self) -> str:
+        return self.name("redis-acl")
+
+    @property
+    def users_secret(self) -> str:
+        return self.name("redis-users")
+
+    @property
+    def dashboard_secret(self) -> str:
+        return self.name("dashboard-auth")
 
     @property
     def client_users(self) -> list[str]:
@@ -184,22 +232,33 @@ class Federation:
             for user in self.acl_user_names:
                 if re.search(r"\s", self.acl_passwords[user]):
                     raise ConfigError(f"the ACL password of {user} contains white space")
+        if not _DNS_LABEL_RE.match(self.instance) or len(self.instance) > 40:
+            raise ConfigError(f"--instance {self.instance!r} is not a valid name (lower-case letters, digits and "
+                              "'-', at most 40 characters: it prefixes every resource's name)")
+        if self.dashboard_token is not None and not re.fullmatch(r"[\x21-\x7e]{16,256}", self.dashboard_token):
+            raise ConfigError("the dashboard token must be 16-256 printable characters without white space")
         if self.tls_secret is not None and not _DNS_SUBDOMAIN_RE.match(self.tls_secret):
             raise ConfigError(f"TLS Secret name {self.tls_secret!r} is not a valid Kubernetes name")
         return self
 
 
 # --- building blocks ---------------------------------------------------------------------
-def _labels(component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": NAME, COMPONENT: component, PART_OF: NAME}
+def _labels(fed: Federation, component: str) -> dict[str, str]:
+    """The recommended labels: which app, which federation (instance), which part, which version."""
+    return {"app.kubernetes.io/name": NAME, INSTANCE: fed.instance, COMPONENT: component, PART_OF: NAME,
+            VERSION: fedq_version, MANAGED_BY: MANAGER}
 
 
-def _selector(component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": NAME, COMPONENT: component}
+def _selector(fed: Federation, component: str) -> dict[str, str]:
+    """What a Service or workload selects: never the version (selectors are immutable)."""
+    return {"app.kubernetes.io/name": NAME, INSTANCE: fed.instance, COMPONENT: component}
 
 
-def _meta(name: str, component: str) -> dict[str, Any]:
-    return {"name": name, "labels": _labels(component)}
+def _meta(fed: Federation, suffix: str, component: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": fed.name(suffix), "labels": _labels(fed, component)}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
 
 
 def _resources(cpu_request: str, memory_request: str, cpu_limit: str, memory_limit: str) -> dict[str, Any]:
@@ -218,28 +277,20 @@ def _pod_security(uid: int, gid: int) -> dict[str, Any]:
 
 
 def _redis_env(fed: Federation, user: str | None) -> list[dict[str, Any]]:
-    """How a fedq container reaches Redis: the password Secret in the URL, or (with ACL users)
-    its own user and the mounted file of its password; with TLS, rediss:// and the mounted files."""
+    """How a fedq container reaches Redis: the Service's URL without credentials, the password
+    from a mounted file (the Secret's, or with ACL users its own user's); with TLS, rediss://."""
     scheme = "rediss" if fed.tls_secret else "redis"
-    if not fed.acl:
-        env = [
-            {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": "password"}}},
-            # $(VAR) expands the variables above it: the URL carries the Secret's password.
-            {"name": "FEDQ_REDIS_URL", "value": f"{scheme}://:$(REDIS_PASSWORD)@{REDIS_SERVICE}:{REDIS_PORT}/0"},
-        ]
-    else:
-        env = []
-        if user is None:
-            # A client pod's user is client-<its index>. The Job controller appends its own
-            # JOB_COMPLETION_INDEX after the container's variables, too late for $(...) in them:
-            # defined here first (from the same annotation), the controller leaves it be.
-            env.append({"name": "JOB_COMPLETION_INDEX",
-                        "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}})
-        env += [
-            {"name": "FEDQ_REDIS_URL", "value": f"{scheme}://{REDIS_SERVICE}:{REDIS_PORT}/0"},
-            {"name": "FEDQ_REDIS_USERNAME", "value": user or "client-$(JOB_COMPLETION_INDEX)"},
-            {"name": "FEDQ_REDIS_PASSWORD_FILE", "value": FEDQ_PASSWORD_FILE},
-        ]
+    env: list[dict[str, Any]] = []
+    if fed.acl and user is None:
+        # A client pod's user is client-<its index>. The Job controller appends its own
+        # JOB_COMPLETION_INDEX after the container's variables, too late for $(...) in them:
+        # defined here first (from the same annotation), the controller leaves it be.
+        env.append({"name": "JOB_COMPLETION_INDEX",
+                    "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}})
+    env.append({"name": "FEDQ_REDIS_URL", "value": f"{scheme}://{fed.redis_service}:{REDIS_PORT}/0"})
+    if fed.acl:
+        env.append({"name": "FEDQ_REDIS_USERNAME", "value": user or "client-$(JOB_COMPLETION_INDEX)"})
+    env.append({"name": "FEDQ_REDIS_PASSWORD_FILE", "value": FEDQ_PASSWORD_FILE})
     if fed.tls_secret:
         env += [{"name": "FEDQ_TLS_CA_CERT", "value": f"{FEDQ_TLS_DIR}/ca.crt"},
                 {"name": "FEDQ_TLS_CERT", "value": f"{FEDQ_TLS_DIR}/tls.crt"},
@@ -260,15 +311,17 @@ def _secret_volume(name: str, secret: str, items: list[str] | None = None,
 def _redis_volumes(fed: Federation, user: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, mounts) of a fedq pod for its Redis credentials and TLS files."""
     volumes, mounts = [], []
-    if fed.acl:
-        if user is None:
-            # Every client's password, each pod mounting just its own key as the password file.
-            volumes.append(_secret_volume("redis-auth", USERS_SECRET, fed.client_users))
-            mounts.append({"name": "redis-auth", "mountPath": FEDQ_PASSWORD_FILE,
-                           "subPathExpr": "client-$(JOB_COMPLETION_INDEX)", "readOnly": True})
-        else:
-            volumes.append(_secret_volume("redis-auth", USERS_SECRET, [user], ["password"]))
-            mounts.append({"name": "redis-auth", "mountPath": FEDQ_AUTH_DIR, "readOnly": True})
+    if not fed.acl:
+        volumes.append(_secret_volume("redis-auth", fed.redis_secret, ["password"]))
+        mounts.append({"name": "redis-auth", "mountPath": FEDQ_AUTH_DIR, "readOnly": True})
+    elif user is None:
+        # Every client's password, each pod mounting just its own key as the password file.
+        volumes.append(_secret_volume("redis-auth", fed.users_secret, fed.client_users))
+        mounts.append({"name": "redis-auth", "mountPath": FEDQ_PASSWORD_FILE,
+                       "subPathExpr": "client-$(JOB_COMPLETION_INDEX)", "readOnly": True})
+    else:
+        volumes.append(_secret_volume("redis-auth", fed.users_secret, [user], ["password"]))
+        mounts.append({"name": "redis-auth", "mountPath": FEDQ_AUTH_DIR, "readOnly": True})
     if fed.tls_secret:
         volumes.append(_secret_volume("redis-tls", fed.tls_secret, list(TLS_KEYS)))
         mounts.append({"name": "redis-tls", "mountPath": FEDQ_TLS_DIR, "readOnly": True})
@@ -285,7 +338,7 @@ def _fedq_container(name: str, image: str, args: list[str], resources: dict[str,
         "name": name,
         "image": image,
         "args": args,
-        "envFrom": [{"configMapRef": {"name": CONFIG_MAP}}],
+        "envFrom": [{"configMapRef": {"name": fed.config_map}}],
         "env": [
             *_redis_env(fed, user),
             # The root filesystem is read-only: Keras and TensorFlow write under $HOME and /tmp.
@@ -298,24 +351,36 @@ def _fedq_container(name: str, image: str, args: list[str], resources: dict[str,
 
 
 def _fedq_pod(component: str, containers: list[dict[str, Any]], restart: str | None = None,
-              fed: Federation | None = None, user: str | None = None) -> dict[str, Any]:
+              fed: Federation | None = None, user: str | None = None,
+              annotations: dict[str, str] | None = None,
+              extra_volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    fed = fed or Federation()
     spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "securityContext": _pod_security(FEDQ_UID, FEDQ_UID),
         "containers": containers,
         "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-                    *_redis_volumes(fed or Federation(), user)[0]],
+                    *_redis_volumes(fed, user)[0], *(extra_volumes or [])],
     }
     if restart:
         spec = {"restartPolicy": restart, **spec}
-    return {"metadata": {"labels": _labels(component)}, "spec": spec}
+    metadata: dict[str, Any] = {"labels": _labels(fed, component)}
+    if annotations:
+        metadata["annotations"] = annotations
+    return {"metadata": metadata, "spec": spec}
+
+
+def _job_lifecycle(deadline: int) -> dict[str, Any]:
+    """A finished Job is removed after a day (a new run's Jobs do not collide with it), and a Job
+    that runs longer than its deadline is stopped with its pods."""
+    return {"ttlSecondsAfterFinished": JOB_TTL_SECONDS, "activeDeadlineSeconds": deadline}
 
 
 # --- the resources -----------------------------------------------------------------------
 def config_map(fed: Federation) -> Resource:
     """FEDQ_* settings of every fedq pod, and the run that the submit and client Jobs share."""
     data = {
-        "FEDQ_QUEUE": "fedq-runs",
+        "FEDQ_QUEUE": "fedq-runs" if fed.instance == NAME else f"{fed.instance}-runs",
         "FEDQ_LOG_LEVEL": "INFO",
         "FEDQ_BLOCK_SECONDS": "1",
         "FEDQ_WAIT_SECONDS": "3600",
@@ -327,13 +392,25 @@ def config_map(fed: Federation) -> Resource:
         "FEDQ_ROUNDS": str(fed.rounds),
         "FEDQ_LOCAL_EPOCHS": str(fed.local_epochs),
     }
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(CONFIG_MAP, "config"), "data": data}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(fed, "config", "config"), "data": data}
 
 
-def redis_secret(password: str) -> Resource:
-    """The Redis password; fedq pods build FEDQ_REDIS_URL from it."""
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(REDIS_SECRET, "redis"), "type": "Opaque",
-            "data": {"password": base64.b64encode(password.encode()).decode()}}
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def redis_secret(password: str, fed: Federation | None = None) -> Resource:
+    """The Redis password; Redis and the fedq pods read it from a mounted file."""
+    fed = fed or Federation()
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(fed, "redis", "redis"), "type": "Opaque",
+            "data": {"password": _b64(password)}}
+
+
+def dashboard_secret(token: str, fed: Federation | None = None) -> Resource:
+    """The dashboard's access token (HTTP Bearer, or basic auth's password)."""
+    fed = fed or Federation()
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(fed, "dashboard-auth", "dashboard"),
+            "type": "Opaque", "data": {"token": _b64(token)}}
 
 
 def acl_secrets(fed: Federation) -> list[Resource]:
@@ -341,15 +418,11 @@ def acl_secrets(fed: Federation) -> list[Resource]:
     assert fed.acl_passwords is not None
     users = acl_users.users(fed.client_users, "*", dict(fed.acl_passwords))
     acl_file = acl_users.aclfile(users)
-
-    def b64(text: str) -> str:
-        return base64.b64encode(text.encode()).decode()
-
     return [
-        {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(ACL_SECRET, "redis"), "type": "Opaque",
-         "data": {acl_users.ACL_FILE: b64(acl_file)}},
-        {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(USERS_SECRET, "redis"), "type": "Opaque",
-         "data": {u.name: b64(u.password) for u in users}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(fed, "redis-acl", "redis"), "type": "Opaque",
+         "data": {acl_users.ACL_FILE: _b64(acl_file)}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(fed, "redis-users", "redis"), "type": "Opaque",
+         "data": {u.name: _b64(u.password) for u in users}},
     ]
 
 
@@ -365,36 +438,42 @@ def redis_cli_args(fed: Federation) -> str:
     return " ".join(parts)
 
 
-def redis_service() -> Resource:
+def redis_service(fed: Federation | None = None) -> Resource:
+    fed = fed or Federation()
     return {
-        "apiVersion": "v1", "kind": "Service", "metadata": _meta(REDIS_SERVICE, "redis"),
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(fed, "redis", "redis"),
         # Headless: the StatefulSet's governing Service; its name resolves to the Redis pod.
-        "spec": {"clusterIP": "None", "selector": _selector("redis"),
+        "spec": {"clusterIP": "None", "selector": _selector(fed, "redis"),
                  "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]},
     }
 
 
+# Redis reads its password from the mounted Secret: a config file on stdin ("redis-server -"),
+# written by the shell from the file, so that it is never an argument of any process.
+REDIS_START = ('exec redis-server - "$@" <<EOF\n'
+               f'requirepass $(cat {REDIS_AUTH_DIR}/password)\n'
+               'EOF\n')
+
+
 def redis_statefulset(fed: Federation | None = None) -> Resource:
-    """Redis with an append-only file on a PersistentVolumeClaim and the password from the Secret
-    (or, with fed.acl, the ACL file's users; with fed.tls_secret, TLS only)."""
+    """Redis with an append-only file on a PersistentVolumeClaim and the password from the Secret's
+    mounted file (or, with fed.acl, the ACL file's users; with fed.tls_secret, TLS only)."""
     fed = fed or Federation()
-    ping = 'redis-cli --no-auth-warning -a "$REDIS_PASSWORD" ping | grep -q PONG'
-    args = ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--dir", "/data"]
-    password_env = {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": "password"}}}
-    env: list[dict[str, Any]] = [password_env]
+    args = ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--dir", "/data"]
     mounts: list[dict[str, Any]] = [{"name": "data", "mountPath": "/data"}]
     volumes: list[dict[str, Any]] = []
     if fed.acl:
         args += ["--aclfile", f"{REDIS_ACL_DIR}/{acl_users.ACL_FILE}"]
         # The probes connect as the read-only dashboard user (Redis holds all the data anyway).
-        env = [{"name": "REDISCLI_AUTH",
-                "valueFrom": {"secretKeyRef": {"name": USERS_SECRET, "key": acl_users.DASHBOARD_USER}}}]
-        volumes.append(_secret_volume("acl", ACL_SECRET, [acl_users.ACL_FILE]))
+        auth = {"secretKeyRef": {"name": fed.users_secret, "key": acl_users.DASHBOARD_USER}}
+        volumes.append(_secret_volume("acl", fed.acl_secret, [acl_users.ACL_FILE]))
         mounts.append({"name": "acl", "mountPath": REDIS_ACL_DIR, "readOnly": True})
     else:
-        args += ["--requirepass", "$(REDIS_PASSWORD)"]
-        if fed.tls_secret:
-            env.append({"name": "REDISCLI_AUTH", "value": "$(REDIS_PASSWORD)"})
+        auth = {"secretKeyRef": {"name": fed.redis_secret, "key": "password"}}
+        volumes.append(_secret_volume("auth", fed.redis_secret, ["password"]))
+        mounts.append({"name": "auth", "mountPath": REDIS_AUTH_DIR, "readOnly": True})
+    # redis-cli (probes, `fedq k8s status`) takes its password from REDISCLI_AUTH, never from -a.
+    env: list[dict[str, Any]] = [{"name": "REDISCLI_AUTH", "valueFrom": auth}]
     if fed.tls_secret:
         # TLS only: no plain port, and every client must present a certificate of the CA.
         args += ["--port", "0", "--tls-port", str(REDIS_PORT), "--tls-cert-file", f"{REDIS_TLS_DIR}/tls.crt",
@@ -402,13 +481,15 @@ def redis_statefulset(fed: Federation | None = None) -> Resource:
                  "--tls-auth-clients", "yes"]
         volumes.append(_secret_volume("tls", fed.tls_secret, list(TLS_KEYS)))
         mounts.append({"name": "tls", "mountPath": REDIS_TLS_DIR, "readOnly": True})
-    if fed.acl or fed.tls_secret:
-        env.append({"name": "REDIS_CLI_ARGS", "value": redis_cli_args(fed)})
-        ping = "redis-cli $REDIS_CLI_ARGS ping | grep -q PONG"
-    container = {
-        "name": "redis",
-        "image": REDIS_IMAGE,
-        "args": args,
+    env.append({"name": "REDIS_CLI_ARGS", "value": redis_cli_args(fed)})
+    ping = "redis-cli $REDIS_CLI_ARGS ping | grep -q PONG"
+    container: dict[str, Any] = {"name": "redis", "image": REDIS_IMAGE}
+    if fed.acl:
+        container["args"] = ["redis-server", *args]
+    else:
+        container["command"] = ["sh", "-c", REDIS_START, "redis-server"]
+        container["args"] = args
+    container.update({
         "env": env,
         "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
         "readinessProbe": {"exec": {"command": ["sh", "-c", ping]},
@@ -419,49 +500,85 @@ def redis_statefulset(fed: Federation | None = None) -> Resource:
         "resources": _resources("100m", "128Mi", "1", "1Gi"),
         "securityContext": _container_security(),
         "volumeMounts": mounts,
-    }
+    })
     pod_spec: dict[str, Any] = {"automountServiceAccountToken": False,
                                 "securityContext": _pod_security(REDIS_UID, REDIS_GID),
                                 "containers": [container]}
     if volumes:
         pod_spec["volumes"] = volumes
     return {
-        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta("fedq-redis", "redis"),
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(fed, "redis", "redis"),
         "spec": {
-            "serviceName": REDIS_SERVICE,
+            "serviceName": fed.redis_service,
             "replicas": 1,
-            "selector": {"matchLabels": _selector("redis")},
-            "template": {"metadata": {"labels": _labels("redis")}, "spec": pod_spec},
+            "selector": {"matchLabels": _selector(fed, "redis")},
+            "template": {"metadata": {"labels": _labels(fed, "redis")}, "spec": pod_spec},
             "volumeClaimTemplates": [{
-                "metadata": {"name": "data", "labels": _labels("redis")},
+                "metadata": {"name": "data", "labels": _labels(fed, "redis")},
                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
             }],
         },
     }
 
 
-def redis_network_policy() -> Resource:
-    """Only pods that are part of fedq (in this namespace) reach Redis, and only on its port."""
+def redis_network_policy(fed: Federation | None = None) -> Resource:
+    """Only this federation's pods (in this namespace) reach its Redis, and only on its port."""
+    fed = fed or Federation()
     return {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta("fedq-redis", "redis"),
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(fed, "redis", "redis"),
         "spec": {
-            "podSelector": {"matchLabels": _selector("redis")},
+            "podSelector": {"matchLabels": _selector(fed, "redis")},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {PART_OF: NAME}}}],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {PART_OF: NAME, INSTANCE: fed.instance}}}],
                          "ports": [{"protocol": "TCP", "port": REDIS_PORT}]}],
         },
     }
 
 
+# Prometheus' conventional scrape annotations (honoured by the usual kubernetes_sd configs).
+SCRAPE_ANNOTATIONS = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                      "prometheus.io/path": "/metrics"}
+HEALTHCHECK = ["python", "/app/workers/healthcheck.py"]
+
+
 def aggregator_deployment(fed: Federation) -> Resource:
-    """rq workers that take runs from the queue and drive them."""
+    """rq workers that take runs from the queue and drive them, serving /metrics."""
     user = acl_users.AGGREGATOR_USER
     container = _fedq_container("aggregator", fed.image, ["aggregator"], _resources("250m", "512Mi", "1", "2Gi"),
                                 fed, user)
+    container["env"].insert(0, {"name": "FEDQ_METRICS_PORT", "value": str(METRICS_PORT)})
+    container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
+    # Ready while it reaches Redis (the image's health check); alive while it serves /metrics
+    # (a Redis outage must not restart every aggregator).
+    container["readinessProbe"] = {"exec": {"command": HEALTHCHECK}, "initialDelaySeconds": 5,
+                                   "periodSeconds": 15, "timeoutSeconds": 10}
+    container["livenessProbe"] = {"httpGet": {"path": "/metrics", "port": "metrics"}, "initialDelaySeconds": 20,
+                                  "periodSeconds": 20, "timeoutSeconds": 5, "failureThreshold": 3}
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("fedq-aggregator", "aggregator"),
-        "spec": {"replicas": 1, "selector": {"matchLabels": _selector("aggregator")},
-                 "template": _fedq_pod("aggregator", [container], fed=fed, user=user)},
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(fed, "aggregator", "aggregator"),
+        "spec": {"replicas": 1, "selector": {"matchLabels": _selector(fed, "aggregator")},
+                 "template": _fedq_pod("aggregator", [container], fed=fed, user=user,
+                                       annotations=SCRAPE_ANNOTATIONS)},
+    }
+
+
+def aggregator_metrics_service(fed: Federation) -> Resource:
+    """The aggregators' /metrics, for a ServiceMonitor (or any scraper that reads Services)."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(fed, "aggregator-metrics", "aggregator", SCRAPE_ANNOTATIONS),
+        "spec": {"selector": _selector(fed, "aggregator"),
+                 "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}]},
+    }
+
+
+def service_monitor(fed: Federation) -> Resource:
+    """The Prometheus Operator's ServiceMonitor of the aggregators (optional: needs its CRD)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+        "metadata": _meta(fed, "aggregator", "aggregator"),
+        "spec": {"selector": {"matchLabels": _selector(fed, "aggregator")},
+                 "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}]},
     }
 
 
@@ -470,20 +587,28 @@ def dashboard_deployment(fed: Federation) -> Resource:
     container = _fedq_container("dashboard", fed.image,
                                 ["dashboard", "--host", "0.0.0.0", "--port", str(DASHBOARD_PORT)],
                                 _resources("100m", "256Mi", "500m", "1Gi"), fed, user)
+    # Bound beyond 127.0.0.1, the dashboard requires its token (from the mounted Secret).
+    container["env"].insert(0, {"name": "FEDQ_DASHBOARD_TOKEN_FILE", "value": f"{DASHBOARD_TOKEN_DIR}/token"})
+    container["volumeMounts"].append({"name": "dashboard-auth", "mountPath": DASHBOARD_TOKEN_DIR, "readOnly": True})
     container["ports"] = [{"name": "http", "containerPort": DASHBOARD_PORT}]
-    container["readinessProbe"] = {"tcpSocket": {"port": "http"}, "initialDelaySeconds": 3, "periodSeconds": 10}
-    container["livenessProbe"] = {"tcpSocket": {"port": "http"}, "initialDelaySeconds": 30, "periodSeconds": 20}
+    # /api/health needs no token: 200 while Redis answers, 503 while it does not.
+    container["readinessProbe"] = {"httpGet": {"path": "/api/health", "port": "http"},
+                                   "initialDelaySeconds": 3, "periodSeconds": 10}
+    container["livenessProbe"] = {"httpGet": {"path": "/api/health", "port": "http"},
+                                  "initialDelaySeconds": 30, "periodSeconds": 30, "failureThreshold": 6}
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("fedq-dashboard", "dashboard"),
-        "spec": {"replicas": 1, "selector": {"matchLabels": _selector("dashboard")},
-                 "template": _fedq_pod("dashboard", [container], fed=fed, user=user)},
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(fed, "dashboard", "dashboard"),
+        "spec": {"replicas": 1, "selector": {"matchLabels": _selector(fed, "dashboard")},
+                 "template": _fedq_pod("dashboard", [container], fed=fed, user=user, extra_volumes=[
+                     _secret_volume("dashboard-auth", fed.dashboard_secret, ["token"])])},
     }
 
 
-def dashboard_service() -> Resource:
+def dashboard_service(fed: Federation | None = None) -> Resource:
+    fed = fed or Federation()
     return {
-        "apiVersion": "v1", "kind": "Service", "metadata": _meta("fedq-dashboard", "dashboard"),
-        "spec": {"selector": _selector("dashboard"),
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(fed, "dashboard", "dashboard"),
+        "spec": {"selector": _selector(fed, "dashboard"),
                  "ports": [{"name": "http", "port": DASHBOARD_PORT, "targetPort": "http"}]},
     }
 
@@ -496,22 +621,25 @@ def submit_job(fed: Federation) -> Resource:
     user = acl_users.AGGREGATOR_USER
     container = _fedq_container("submit", fed.image, args, _resources("100m", "256Mi", "500m", "512Mi"), fed, user)
     return {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta("fedq-submit", "submit"),
-        "spec": {"backoffLimit": 10,
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(fed, "submit", "submit"),
+        "spec": {"backoffLimit": 10, **_job_lifecycle(3600),
                  "template": _fedq_pod("submit", [container], restart="OnFailure", fed=fed, user=user)},
     }
 
 
 def clients_job(fed: Federation) -> Resource:
-    """One pod per client: pod K is shard K (the Job's completion index) and leaves after the run."""
+    """One pod per client: pod K is shard K (the Job's completion index) and leaves after the run.
+
+    A failed pod is replaced (it rejoins its run) up to CLIENT_RETRIES_PER_INDEX times per index,
+    so one failing site does not use up the retries of the others."""
     args = ["client", "--shard", "$(JOB_COMPLETION_INDEX)", "--run", "$(FEDQ_RUN_ID)", "--once"]
     container = _fedq_container("client", fed.image, args, _resources("500m", "768Mi", "1", "2Gi"), fed, None)
     return {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta("fedq-clients", "client"),
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(fed, "clients", "client"),
         "spec": {"completionMode": "Indexed", "completions": fed.clients, "parallelism": fed.clients,
-                 # Pod failures of all indexes together; a client that fails rejoins its run.
-                 "backoffLimit": 12,
-                 "template": _fedq_pod("client", [container], restart="OnFailure", fed=fed, user=None)},
+                 "backoffLimitPerIndex": CLIENT_RETRIES_PER_INDEX, **_job_lifecycle(JOB_DEADLINE_SECONDS),
+                 # Never: a failed client is a new pod (counted per index), not a restarted container.
+                 "template": _fedq_pod("client", [container], restart="Never", fed=fed, user=None)},
     }
 
 
@@ -519,24 +647,29 @@ def resources_by_file(fed: Federation) -> dict[str, list[Resource]]:
     """The resources grouped as the files of deploy/base (without a Secret)."""
     return {
         "config.yaml": [config_map(fed)],
-        "redis.yaml": [redis_service(), redis_statefulset(fed), redis_network_policy()],
-        "aggregator.yaml": [aggregator_deployment(fed)],
-        "dashboard.yaml": [dashboard_deployment(fed), dashboard_service()],
+        "redis.yaml": [redis_service(fed), redis_statefulset(fed), redis_network_policy(fed)],
+        "aggregator.yaml": [aggregator_deployment(fed), aggregator_metrics_service(fed)],
+        "dashboard.yaml": [dashboard_deployment(fed), dashboard_service(fed)],
         "submit.yaml": [submit_job(fed)],
         "clients.yaml": [clients_job(fed)],
     }
 
 
-def build(fed: Federation) -> list[Resource]:
-    """Every resource of the federation, in apply order, namespaced when fed.namespace is set."""
+def build(fed: Federation, *, service_monitor_too: bool = False) -> list[Resource]:
+    """Every resource of the federation, in apply order, namespaced when fed.namespace is set
+    (with service_monitor_too, the Prometheus Operator's ServiceMonitor last)."""
     fed.validate()
     out: list[Resource] = []
     if fed.redis_password is not None:
-        out.append(redis_secret(fed.redis_password))
+        out.append(redis_secret(fed.redis_password, fed))
     if fed.acl_passwords is not None:
         out.extend(acl_secrets(fed))
+    if fed.dashboard_token is not None:
+        out.append(dashboard_secret(fed.dashboard_token, fed))
     for name in BASE_FILES:
         out.extend(resources_by_file(fed)[name])
+    if service_monitor_too:
+        out.append(service_monitor(fed))
     if fed.namespace is not None:
         for res in out:
             meta = res["metadata"]
@@ -550,6 +683,14 @@ class _Dumper(yaml.SafeDumper):
 
     def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
         return super().increase_indent(flow, False)
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> Any:
+    # A script of several lines as a literal block, as one would write it by hand.
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
 
 
 def to_yaml(resources: Iterable[Resource]) -> str:
@@ -584,6 +725,8 @@ SECURE_NOTE = ("# Generated by `fedq k8s secure-overlay deploy/overlays/secure` 
                "change that module, not this file.\n")
 # Where the overlay's secretGenerator reads the files `fedq acl --out` and your CA make (git-ignored).
 SECURE_SECRETS_DIR = "secrets"
+# The dashboard's token there (e.g. `python -c "import secrets; print(secrets.token_urlsafe(32))"`).
+DASHBOARD_TOKEN_FILE = "dashboard-token"
 
 
 def secure_federation() -> Federation:
@@ -615,9 +758,9 @@ def json_patch(old: Any, new: Any, path: list[str | int] | None = None) -> list[
     return [{"op": "replace", "path": _pointer(path), "value": new}]
 
 
-def _secret_generator(name: str, **sources: Any) -> dict[str, Any]:
+def _secret_generator(name: str, component: str = "redis", **sources: Any) -> dict[str, Any]:
     return {"name": name, **sources,
-            "options": {"disableNameSuffixHash": True, "labels": _labels("redis")}}
+            "options": {"disableNameSuffixHash": True, "labels": _labels(Federation(), component)}}
 
 
 def secure_overlay_files() -> dict[str, str]:
@@ -645,6 +788,7 @@ def secure_overlay_files() -> dict[str, str]:
         "secretGenerator": [
             _secret_generator(ACL_SECRET, files=[f"{acl_users.ACL_FILE}={d}/{acl_users.ACL_FILE}"]),
             _secret_generator(USERS_SECRET, envs=[f"{d}/{acl_users.PASSWORDS_FILE}"]),
+            _secret_generator(DASHBOARD_SECRET, "dashboard", files=[f"token={d}/{DASHBOARD_TOKEN_FILE}"]),
             _secret_generator(DEFAULT_TLS_SECRET, type="kubernetes.io/tls",
                               files=[f"{k}={d}/{k}" for k in TLS_KEYS]),
         ],

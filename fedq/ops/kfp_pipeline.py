@@ -1,19 +1,33 @@
 """A Kubeflow Pipelines (v2) pipeline of one federation: an aggregator task and N client tasks.
 
 Every task runs a ``fedq`` command in the fedq image against the Redis named by the pipeline's
-``redis_url`` parameter; the run id is the pipeline run's own id, so each pipeline run is a new
+``redis_url`` parameter (host and port, no credentials): the password comes from the Kubernetes
+Secret ``fedq-redis`` (key ``password``), which kfp-kubernetes mounts into every task, and fedq
+reads it from the file (FEDQ_REDIS_PASSWORD_FILE), so that it is never a pipeline parameter or an
+argument of any process. The run id is the pipeline run's own id, so each pipeline run is a new
 federation. A last task writes the run's report (report.json, model.keras) as an artifact and
 returns the final test accuracy and loss as pipeline outputs. Needs the optional ``kfp`` package
-(``pip install 'fedq[kfp]'``); nothing else in fedq imports this module.
+and ``kfp-kubernetes`` (``pip install 'fedq[kfp]'``); nothing else in fedq imports this module.
 """
 
 # No `from __future__ import annotations`: kfp reads the component signatures' real types.
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 PIPELINE_NAME = "fedq-federation"
+# The Redis password: a Secret of the pipeline's namespace, mounted as a file into every task.
+REDIS_SECRET = "fedq-redis"
+SECRET_DIR = "/etc/fedq/redis-auth"
+
+
+def _with_redis_secret(task: Any, secret: str) -> Any:
+    """The task reads the Redis password from the Secret's mounted file; no caching (each run is new)."""
+    kubernetes.use_secret_as_volume(task, secret_name=secret, mount_path=SECRET_DIR, optional=False)
+    task.set_env_variable("FEDQ_REDIS_PASSWORD_FILE", f"{SECRET_DIR}/password")
+    task.set_env_variable("HOME", "/tmp")
+    return task.set_caching_options(False)
 
 # Writes the report, then the two final metrics as the task's output parameters.
 _REPORT_SCRIPT = """set -e
@@ -52,7 +66,7 @@ def _components(image: str) -> tuple[Any, Any, Any]:
     return fedq_aggregator, fedq_client, fedq_report
 
 
-def build_pipeline(clients: int, rounds: int, local_epochs: int, image: str) -> Any:
+def build_pipeline(clients: int, rounds: int, local_epochs: int, image: str, secret: str = REDIS_SECRET) -> Any:
     """The pipeline function for N = clients client tasks (a pipeline's task count is fixed)."""
     aggregator_op, client_op, report_op = _components(image)
     outputs = NamedTuple("Outputs", [("test_accuracy", float), ("test_loss", float), ("report", dsl.Artifact)])
@@ -63,21 +77,22 @@ def build_pipeline(clients: int, rounds: int, local_epochs: int, image: str) -> 
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         agg = aggregator_op(redis_url=redis_url, run_id=run_id, clients=clients, rounds=rounds,
                             local_epochs=local_epochs)
-        agg.set_display_name("aggregator").set_caching_options(False)
+        _with_redis_secret(agg.set_display_name("aggregator"), secret)
         client_tasks = []
         for k in range(clients):
             task = client_op(redis_url=redis_url, run_id=run_id, shard=k)
-            task.set_display_name(f"client-{k}").set_caching_options(False)
+            _with_redis_secret(task.set_display_name(f"client-{k}"), secret)
             client_tasks.append(task)
         rep = report_op(redis_url=redis_url, run_id=run_id).after(agg, *client_tasks)
-        rep.set_display_name("report").set_caching_options(False)
+        _with_redis_secret(rep.set_display_name("report"), secret)
         return outputs(test_accuracy=rep.outputs["test_accuracy"], test_loss=rep.outputs["test_loss"],
                        report=rep.outputs["report"])
 
     return federation
 
 
-def compile_pipeline(clients: int, rounds: int, local_epochs: int, image: str, output: Path) -> Path:
+def compile_pipeline(clients: int, rounds: int, local_epochs: int, image: str, output: Path,
+                     secret: str = REDIS_SECRET) -> Path:
     """Compile the pipeline to a KFP v2 YAML file (offline: nothing is contacted)."""
-    compiler.Compiler().compile(build_pipeline(clients, rounds, local_epochs, image), str(output))
+    compiler.Compiler().compile(build_pipeline(clients, rounds, local_epochs, image, secret), str(output))
     return output

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+import ipaddress
 import logging
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import redis
@@ -77,9 +82,71 @@ def _redis_down(exc: Exception) -> str:
     return f"Redis is unreachable: {type(exc).__name__}: {exc}"
 
 
-def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS) -> Flask:
-    """The dashboard app over a (read-only) Redis client."""
+# --- request auth ----------------------------------------------------------------------------
+# Served without a credential: probes and load balancers carry none, and it tells nothing of a run.
+OPEN_PATHS = frozenset({"/api/health"})
+AUTH_REALM = 'Basic realm="fedq dashboard", charset="UTF-8"'
+
+
+def read_token(path: str | Path) -> str:
+    """The access token in a file (its one line), or ConfigError naming the file."""
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"dashboard token file {str(path)!r} is unreadable: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ConfigError(f"dashboard token file {str(path)!r} must hold one token of at least 16 characters "
+                          "without white space")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def presented_token(header: str | None) -> str | None:
+    """The token of an Authorization header: Bearer TOKEN, or Basic with TOKEN as the password
+    (any user name: a browser's own sign-in prompt then works)."""
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2]
+    return None
+
+
+def _authorised(token: str, header: str | None) -> bool:
+    given = presented_token(header)
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS, token: str | None = None) -> Flask:
+    """The dashboard app over a (read-only) Redis client; with token, every request but
+    /api/health must present it (HTTP Bearer, or basic auth's password), else 401."""
     app = Flask(__name__, static_folder="static", template_folder="templates")
+
+    @app.before_request
+    def require_token() -> Any:
+        if token is None or request.path in OPEN_PATHS or _authorised(token, request.headers.get("Authorization")):
+            return None
+        resp = _error(401, "unauthorised: this dashboard needs its access token "
+                           "(Authorization: Bearer TOKEN, or any user name with the token as password)")
+        resp.headers["WWW-Authenticate"] = AUTH_REALM
+        return resp
+
     app.json.sort_keys = False  # type: ignore[attr-defined]
     refresh_ms = int(refresh_seconds * 1000)
 
@@ -187,11 +254,19 @@ def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS) -> F
     return app
 
 
+def check_auth(host: str, token: str | None) -> None:
+    """ConfigError when the dashboard would listen beyond this machine without a token."""
+    if token is None and not is_loopback(host):
+        raise ConfigError(f"fedq dashboard --host {host} listens beyond 127.0.0.1: give it an access token "
+                          "(--token-file FILE or FEDQ_DASHBOARD_TOKEN_FILE)")
+
+
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8050, threads: int = 8,
-          refresh_seconds: float = REFRESH_SECONDS) -> None:
+          refresh_seconds: float = REFRESH_SECONDS, token: str | None = None) -> None:
     """Serve the dashboard with waitress until the process is stopped."""
     from waitress import serve as waitress_serve
 
-    app = create_app(connect_readonly(settings), refresh_seconds=refresh_seconds)
+    check_auth(host, token)
+    app = create_app(connect_readonly(settings), refresh_seconds=refresh_seconds, token=token)
     log.info("dashboard on http://%s:%d/ (reads Redis only)", host, port)
     waitress_serve(app, host=host, port=port, threads=threads, ident="fedq-dashboard")
