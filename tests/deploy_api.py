@@ -39,7 +39,7 @@ class Recorder:
         # (method, path) -> a list of (status, body) answers, used in order (the last one repeats).
         self.script: dict[tuple[str, str], list[tuple[int, Any]]] = {}
 
-    def on(self, method: str, path: str, status: int, body: Any = None) -> "Recorder":
+    def on(self, method: str, path: str, status: int, body: Any = None) -> Recorder:
         self.script.setdefault((method, path), []).append((status, body))
         return self
 

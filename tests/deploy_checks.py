@@ -9,7 +9,8 @@ resources, one client per shard). ``problems`` returns one line per finding.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 Doc = dict[str, Any]
 

@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import redis
 import yaml
@@ -251,6 +252,13 @@ def compose_interpolate(value: Any, variables: dict[str, str]) -> Any:
     return _COMPOSE_REF.sub(sub, value)
 
 
+def _mount_target(key: str, entry: Any) -> str:
+    """Where a compose `secrets` or `volumes` entry (short or long form) lands in the container."""
+    if isinstance(entry, dict):
+        return str(entry.get("target") or entry.get("source"))
+    return entry.split(":")[1] if key == "volumes" else entry
+
+
 def _compose_merge_service(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """compose's merge of one service over another (`-f a.yml -f b.yml`): environment key by key,
     mappings (healthcheck, depends_on) key by key, secrets and volumes joined (an override's
@@ -260,12 +268,8 @@ def _compose_merge_service(base: dict[str, Any], override: dict[str, Any]) -> di
         if key == "environment":
             out[key] = {**compose_env({"environment": base.get(key, {})}), **compose_env({"environment": value})}
         elif key in ("secrets", "volumes") and key in base:
-            def target(entry: Any) -> str:
-                if isinstance(entry, dict):
-                    return str(entry.get("target") or entry.get("source"))
-                return entry.split(":")[1] if key == "volumes" else entry
-            mine = {target(e) for e in value}
-            out[key] = [e for e in base[key] if target(e) not in mine] + list(value)
+            mine = {_mount_target(key, e) for e in value}
+            out[key] = [e for e in base[key] if _mount_target(key, e) not in mine] + list(value)
         elif isinstance(value, dict) and isinstance(base.get(key), dict):
             out[key] = {**base[key], **value}
         else:

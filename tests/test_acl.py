@@ -6,22 +6,22 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import redis
 from click.testing import CliRunner
-
-from fedq.ops import acl
-from fedq.protocol import messages
-from fedq.cli import main
-from fedq.ops.dashboard import snapshot
-from fedq.protocol.keys import RunKeys
-from fedq.learning.spec import RunSpec
-from fedq.protocol.store import RunStore
 from helpers import RedisServer
+
+from fedq.cli import main
+from fedq.learning.spec import RunSpec
+from fedq.ops import acl
+from fedq.ops.dashboard import snapshot
+from fedq.protocol import messages
+from fedq.protocol.keys import RunKeys
+from fedq.protocol.store import RunStore
 
 CLIENTS = ["client-0", "client-1"]
 NOPERM = (redis.exceptions.NoPermissionError, redis.exceptions.ResponseError)
@@ -61,7 +61,7 @@ def _open_run(agg: redis.Redis, run_id: str) -> tuple[RunStore, list[np.ndarray]
 
 
 def test_the_default_user_is_off_and_wrong_passwords_are_refused(federation_users) -> None:
-    server, users = federation_users
+    server, _users = federation_users
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis(port=server.port, socket_timeout=5).ping()
     forged = acl.User("client-0", "not-the-password", ())
@@ -112,7 +112,7 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
         "rewrite the configuration": lambda: c0.config_set("appendonly", "no"),
     }
     for what, attempt in attempts.items():
-        with pytest.raises(NOPERM, match="(?i)noperm|permission|access"):
+        with pytest.raises(NOPERM, match=r"(?i)noperm|permission|access"):
             attempt()
             pytest.fail(f"a client could {what}")
     # Nothing of the above landed: the global model and client-1's update are as written.
@@ -146,9 +146,10 @@ def test_a_federation_runs_with_one_acl_user_per_process(federation_users, tmp_p
         # Models in parts as well (the seed model then travels in two): parts are keys too.
         env = {**os.environ, "FEDQ_REDIS_URL": _url(server, user), "FEDQ_TF_THREADS": "1",
                "FEDQ_BLOCK_SECONDS": "0.5", "FEDQ_CHUNK_BYTES": "1024"}
-        log = open(tmp_path / f"{user.name}.log", "w")
-        return subprocess.Popen([sys.executable, "-m", "fedq", *args], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        # The child keeps its own copy of the log's descriptor; ours closes once it is started.
+        with open(tmp_path / f"{user.name}.log", "w") as log:
+            return subprocess.Popen([sys.executable, "-m", "fedq", *args], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
 
     agg = start(users[acl.AGGREGATOR_USER], "aggregator", "--clients", "2", "--rounds", "2",
                 "--run-id", "acl-fed", "--local-epochs", "1")
@@ -200,8 +201,8 @@ def test_fedq_acl_bad_input_is_a_clear_error(args: list[str], message: str) -> N
 # --- a user and a password file instead of a URL with the password (what deployments mount) ------
 def test_a_process_connects_as_its_user_from_a_password_file(federation_users, tmp_path: Path) -> None:
     from fedq.errors import ConfigError
-    from fedq.settings import Settings
     from fedq.protocol.store import connect, redact
+    from fedq.settings import Settings
 
     server, users = federation_users
     user = users["client-1"]

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
-
-from fedq.protocol import heartbeat
-from fedq.ops.dashboard.readonly import ReadOnlyRedis, ReadOnlyViolation
-from fedq.roles.report import build_report
-from fedq.protocol.store import RunStore
 from helpers import RedisServer
 from test_dashboard_support import Dashboard, Federation, get_json, http_get, make_run, wait_for
+
+from fedq.ops.dashboard.readonly import ReadOnlyRedis, ReadOnlyViolation
+from fedq.protocol import heartbeat
+from fedq.protocol.store import RunStore
+from fedq.roles.report import build_report
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,23 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis
-
 from helpers import RedisServer, cli_env, fedq_cmd
-from test_dashboard_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, Federation, get_json, make_run, \
-    wait_for
+from test_dashboard_support import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    Dashboard,
+    Federation,
+    get_json,
+    make_run,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import redis
+from test_dashboard_support import make_run
 
 from fedq.ops.dashboard import snapshot
 from fedq.ops.dashboard.readonly import ReadOnlyRedis
 from fedq.protocol.store import RunStore
-from test_dashboard_support import make_run
 
 
 @pytest.fixture()

@@ -5,14 +5,15 @@ errors; screenshots go to test-artifacts/."""
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
-
-from fedq.protocol.store import RunStore
 from helpers import RedisServer
 from test_dashboard_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, make_run, wait_for
+
+from fedq.protocol.store import RunStore
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
 WIDTHS = {"desktop": (1300, 900), "phone": (390, 844)}
 OVERFLOW = """() => ({page: document.documentElement.scrollWidth, view: window.innerWidth,
   wide: [...document.querySelectorAll('main *')].filter((n) => n.closest('.scroll') === null
-        && n.getBoundingClientRect().right > window.innerWidth + 1).map((n) => n.tagName + '#' + n.id + '.' + n.className)
-        .slice(0, 5)})"""
+        && n.getBoundingClientRect().right > window.innerWidth + 1)
+        .map((n) => n.tagName + '#' + n.id + '.' + n.className).slice(0, 5)})"""
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from helpers import cli_env, fedq_cmd, free_port
 
@@ -66,7 +67,7 @@ class Proc:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise AssertionError(f"{self.name} did not finish in {timeout:g} s; log:\n{self.text()[-3000:]}")
+            raise AssertionError(f"{self.name} did not finish in {timeout:g} s; log:\n{self.text()[-3000:]}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -15,9 +15,9 @@ import pytest
 import redis
 import yaml
 from click.testing import CliRunner
-
 from deploy_api import Recorder, api_client, collection_path, config_map_obj, namespace_obj
-from deploy_harness import (ROOT, cli_env, fedq_cmd, free_port, parse_fedq, read_image)
+from deploy_harness import ROOT, cli_env, fedq_cmd, free_port, parse_fedq, read_image
+
 from fedq.ops import k8s as k8s_cli
 from fedq.ops.k8s_apply import Cluster, down, status, to_model, up
 from fedq.ops.k8s_manifests import Federation, build
@@ -57,7 +57,7 @@ def test_up_creates_every_resource_with_the_clients_own_request_objects() -> Non
         assert call.body == resource
         assert api.sanitize_for_serialization(to_model(call.body)) == resource
         assert call.query.get("fieldManager") == ["fedq"]
-    assert [str(a) for a in actions][0] == "secret/fedq-redis created"
+    assert str(actions[0]) == "secret/fedq-redis created"
     assert all(a.action == "created" for a in actions[1:])
     # Before creating anything: the namespace, the run configured so far, the Secret, the Jobs.
     assert rec.paths("GET")[:3] == [("GET", f"/api/v1/namespaces/{NS}"),
@@ -72,7 +72,8 @@ def test_up_again_patches_what_exists_keeps_the_secret_and_this_runs_jobs() -> N
     rec.on("GET", f"/api/v1/namespaces/{NS}/secrets/fedq-redis", 200,
            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fedq-redis"}, "data": {"password": "eA=="}})
     rec.on("GET", f"/api/v1/namespaces/{NS}/secrets/fedq-dashboard-auth", 200,
-           {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fedq-dashboard-auth"}, "data": {"token": "eA=="}})
+           {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fedq-dashboard-auth"},
+            "data": {"token": "eA=="}})
     for job in ("fedq-submit", "fedq-clients"):
         rec.on("GET", f"/apis/batch/v1/namespaces/{NS}/jobs/{job}", 200,
                {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job}})

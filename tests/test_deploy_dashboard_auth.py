@@ -10,8 +10,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from deploy_harness import cli_env, fedq_cmd, free_port
+
 from fedq.errors import ConfigError
 from fedq.ops.dashboard.app import check_auth, presented_token, read_token
 

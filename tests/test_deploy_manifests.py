@@ -15,15 +15,36 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import deploy_checks
 import pytest
 import yaml
+from deploy_harness import (
+    COMPOSE_FILE,
+    DEPLOY,
+    KUBECTL,
+    OVERLAYS,
+    ParseError,
+    cli_env,
+    compose_argv,
+    compose_env,
+    compose_project,
+    compose_secret_mounts,
+    compose_services,
+    container_argv,
+    container_env,
+    fedq_cmd,
+    fedq_command_exists,
+    is_fedq_service,
+    kustomize,
+    make_pki,
+    mount_sources,
+    parse_fedq,
+    read_image,
+    render_secure_overlay,
+    rewrite_paths,
+    secret_volume,
+)
 
-import deploy_checks
-from deploy_harness import (COMPOSE_FILE, DEPLOY, KUBECTL, OVERLAYS, ParseError, cli_env, compose_argv,
-                            compose_env, compose_project, compose_secret_mounts, compose_services, mount_sources,
-                            rewrite_paths, secret_volume, container_argv, container_env, fedq_cmd,
-                            fedq_command_exists, is_fedq_service, kustomize, make_pki, parse_fedq, read_image,
-                            render_secure_overlay)
 from fedq.ops import k8s_manifests
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the kustomize "
@@ -336,7 +357,8 @@ def test_compose_file_structure() -> None:
             assert source.startswith((".", "/")) or source in declared_volumes, f"{name}: volume {source} undeclared"
     redis = services["redis"]
     # The password reaches Redis from the mounted secret, never as an argument.
-    assert redis["command"][:2] == ["sh", "-c"] and "requirepass $(cat /run/secrets/redis-password)" in redis["command"][2]
+    assert redis["command"][:2] == ["sh", "-c"]
+    assert "requirepass $(cat /run/secrets/redis-password)" in redis["command"][2]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert any(v.split(":")[0] in declared_volumes and v.split(":")[1] == "/data" for v in redis["volumes"])
     clients = {n: s for n, s in services.items() if is_fedq_service(s) and s["command"][0] == "client"}

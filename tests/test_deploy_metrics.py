@@ -8,9 +8,9 @@ import time
 import urllib.request
 
 import yaml
+from deploy_harness import ROOT, cli_env, compose_argv, compose_services, fedq_cmd, free_port, read_image
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy_harness import ROOT, cli_env, compose_services, fedq_cmd, free_port, read_image, compose_argv
 from fedq.ops import k8s_manifests
 
 

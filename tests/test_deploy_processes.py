@@ -17,17 +17,42 @@ import json
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
-import pytest
+from typing import Any
 
 import deploy_checks
-from deploy_harness import (DEPLOY, KUBECTL, REDIS_IMAGE, LocalRedis, Proc, compose_argv, compose_env, compose_project,
-                            compose_secret_mounts, container_argv, container_env, free_port, is_fedq_service, kustomize, map_hosts,
-                            make_pki, mount_sources, read_image, render_secure_overlay, rewrite_paths, secret_volume,
-                            start, stop, tmpdir, wait_for_run, wait_one_shots)
+import numpy as np
+import pytest
+from deploy_harness import (
+    DEPLOY,
+    KUBECTL,
+    REDIS_IMAGE,
+    LocalRedis,
+    Proc,
+    compose_argv,
+    compose_env,
+    compose_project,
+    compose_secret_mounts,
+    container_argv,
+    container_env,
+    free_port,
+    is_fedq_service,
+    kustomize,
+    make_pki,
+    map_hosts,
+    mount_sources,
+    read_image,
+    render_secure_overlay,
+    rewrite_paths,
+    secret_volume,
+    start,
+    stop,
+    tmpdir,
+    wait_for_run,
+    wait_one_shots,
+)
+
 from fedq.protocol import messages
 from fedq.protocol.store import RunStore
 
@@ -170,8 +195,8 @@ def test_secure_overlay_pods_run_a_federation_each_as_its_own_user_over_tls(tmp_
     TLS only, every pod connecting as its role's user with its mounted password and certificate."""
     from urllib.parse import unquote, urlsplit
 
-    from fedq.settings import Settings
     from fedq.protocol.store import tls_options
+    from fedq.settings import Settings
 
     docs, _ = render_secure_overlay(tmp_path, make_pki(tmp_path / "pki"))
     redis, procs, probes = _pods_as_processes(docs, tmp_path, overrides={"FEDQ_ROUNDS": "1", "FEDQ_LOCAL_EPOCHS": "1"})

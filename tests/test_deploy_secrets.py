@@ -11,18 +11,36 @@ from __future__ import annotations
 import base64
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import deploy_checks
 import pytest
 import redis
 import yaml
+from deploy_harness import (
+    COMPOSE_FILE,
+    COMPOSE_SECURE_FILE,
+    DEPLOY,
+    KUBECTL,
+    OVERLAYS,
+    ROOT,
+    LocalRedis,
+    cli_env,
+    compose_project,
+    compose_secret_mounts,
+    container_argv,
+    container_env,
+    fedq_cmd,
+    kustomize,
+    make_pki,
+    mount_sources,
+    render_secure_overlay,
+    rewrite_paths,
+    secret_volume,
+)
 
-import deploy_checks
-from deploy_harness import (COMPOSE_FILE, COMPOSE_SECURE_FILE, DEPLOY, KUBECTL, OVERLAYS, ROOT, LocalRedis,
-                            cli_env, compose_project, compose_secret_mounts, container_argv, container_env,
-                            fedq_cmd, kustomize, make_pki, mount_sources, render_secure_overlay, rewrite_paths,
-                            secret_volume)
 from fedq.ops import k8s_manifests
 
 PASSWORD_REF = re.compile(r"\$\([A-Za-z0-9_]*PASSWORD[A-Za-z0-9_]*\)")

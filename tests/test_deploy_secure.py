@@ -16,32 +16,56 @@ import hashlib
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import deploy_checks
 import numpy as np
 import pytest
 import redis
 import yaml
+from deploy_harness import (
+    COMPOSE_FILE,
+    COMPOSE_SECURE_FILE,
+    DEPLOY,
+    KUBECTL,
+    REDIS_IMAGE,
+    LocalRedis,
+    cli_env,
+    compose_argv,
+    compose_env,
+    compose_project,
+    compose_secret_mounts,
+    container_argv,
+    container_env,
+    fedq_cmd,
+    is_fedq_service,
+    local_redis_cli,
+    make_pki,
+    map_hosts,
+    mount_sources,
+    parse_fedq,
+    read_image,
+    render_secure_overlay,
+    rewrite_paths,
+    run_shell,
+    secret_volume,
+    tmpdir,
+)
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-import deploy_checks
-from deploy_harness import (COMPOSE_FILE, COMPOSE_SECURE_FILE, DEPLOY, KUBECTL, REDIS_IMAGE, LocalRedis, cli_env,
-                            compose_argv, compose_env, compose_project, compose_secret_mounts, container_argv,
-                            container_env, fedq_cmd, is_fedq_service, kustomize, local_redis_cli, make_pki, map_hosts,
-                            mount_sources, parse_fedq, read_image, render_secure_overlay, rewrite_paths, run_shell,
-                            secret_volume, tmpdir)
-from fedq.ops import acl, k8s_manifests
-from fedq.protocol import messages
 from fedq.errors import ConfigError
+from fedq.learning.spec import RunSpec
+from fedq.ops import acl, k8s_manifests
 from fedq.ops.k8s_apply import redis_cli_command, to_model
 from fedq.ops.k8s_manifests import Federation, build
+from fedq.protocol import messages
 from fedq.protocol.keys import RunKeys
-from fedq.settings import Settings
-from fedq.learning.spec import RunSpec
 from fedq.protocol.store import RunStore, connect
+from fedq.settings import Settings
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("redis-cli") is None,
                                 reason="openssl (certificates) and redis-cli (the probes) are needed")
@@ -144,7 +168,8 @@ def test_every_file_a_pod_names_is_mounted_from_a_secret_key(variant: str, passw
             continue
         indexed = d["kind"] == "Job" and d["spec"].get("completionMode") == "Indexed"
         for index in range(d["spec"].get("completions", 1) if indexed else 1):
-            volumes = {t["metadata"]["name"]: tmpdir(tmp_path, "claim") for t in d["spec"].get("volumeClaimTemplates", [])}
+            volumes = {t["metadata"]["name"]: tmpdir(tmp_path, "claim")
+                       for t in d["spec"].get("volumeClaimTemplates", [])}
             for v in spec.get("volumes", []):
                 volumes[v["name"]] = (secret_volume(v, docs, tmpdir(tmp_path, v["name"])) if "secret" in v
                                       else tmpdir(tmp_path, v["name"]))
@@ -440,7 +465,8 @@ def test_compose_override_runs_as_it_says(acl_dir: Path, tmp_path: Path) -> None
 
     def env_of(name: str) -> dict[str, str]:
         secrets = compose_secret_mounts(services[name], project)
-        return {k: rewrite_paths(map_hosts(v, hosts), secrets) for k, v in {**image.env, **compose_env(services[name])}.items()}
+        merged = {**image.env, **compose_env(services[name])}
+        return {k: rewrite_paths(map_hosts(v, hosts), secrets) for k, v in merged.items()}
 
     server.client_kwargs = _kwargs(Settings.from_env(env=env_of("aggregator")))
     server.start()

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -418,7 +419,7 @@ def test_committed_models_are_the_sample_weighted_mean_in_float64(lean_run: RunS
         for cid, tensors in models.items():
             payload = messages.encode_update(store.run_id, round_no, cid, COUNTS[cid], {"loss": 1.0}, names, tensors)
             assert store.push_update(cid, round_no, payload, 1 << 30) == "ok"
-        _wait_for(lambda: store.committed_round() >= round_no, store, f"round {round_no} to commit")
+        _wait_for(lambda n=round_no: store.committed_round() >= n, store, f"round {round_no} to commit")
         committed, _, got = messages.decode_global(store.global_payload(), store.run_id)
         assert committed == round_no
         want = _reference_mean(models, COUNTS)

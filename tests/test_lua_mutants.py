@@ -10,12 +10,12 @@ list up to date instead of silently testing nothing.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import redis
-
 import test_guarantees as g
+
 from fedq.protocol import scripts
 
 FENCE = r"^if [^\n]*redis\.call\('GET', [^\n]*\) ~= [^\n]* then return -1 end\n"
@@ -28,7 +28,8 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     "commit: skips a round": ("COMMIT", r"\+ 1 ~= a\.round", "+ 2 ~= a.round"),
     "commit: may run ahead": ("COMMIT", r"\+ 1 ~= (a\.round)", r"+ 1 > \1"),
     "commit: a replay counts as done": ("COMMIT", r"(\+ 1 ~= a\.round) then return 0 end", r"\1 then return 1 end"),
-    "commit: outside training": ("COMMIT", r"^if st\[1\] ~= STATUS_RUNNING or st\[2\] ~= PHASE_TRAIN then return 0 end\n", ""),
+    "commit: outside training": ("COMMIT",
+                                 r"^if st\[1\] ~= STATUS_RUNNING or st\[2\] ~= PHASE_TRAIN then return 0 end\n", ""),
     "close: no lease fence": ("CLOSE", FENCE, ""),
     "close: any round": ("CLOSE", r"^if cur \+ 1 ~= [^\n]*\n", ""),
     "open_training: no lease fence": ("OPEN_TRAINING", FENCE, ""),
@@ -43,17 +44,18 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     "release: for anyone": ("RELEASE", r"^if redis\.call\('GET', KEYS\[1\]\) == ARGV\[1\] then", "if true then"),
     "push: into a closed round": ("PUSH", r"a\.round <= math\.max", "a.round < math.max"),
     "push: into a round not yet open": ("PUSH", r"a\.round > committed \+ 1", "a.round > committed + 2"),
-    "push: from a stranger": ("PUSH", r"'SISMEMBER', a\.members, a\.client\) == 0", "'SISMEMBER', a.members, a.client) == 2"),
+    "push: from a stranger": ("PUSH", r"'SISMEMBER', a\.members, a\.client\) == 0",
+                              "'SISMEMBER', a.members, a.client) == 2"),
 }
 
 
 def _checks() -> list[tuple[str, Callable[[redis.Redis], None]]]:
     """The store checks of test_guarantees, each a call on a freshly emptied Redis."""
+    stale = g.test_a_driver_whose_lease_was_taken_over_is_refused_and_changes_nothing
+    out_of_order = g.test_a_commit_that_skips_or_replays_a_round_is_refused_and_changes_nothing
     out: list[tuple[str, Callable[[redis.Redis], None]]] = [
-        (f"stale {step}", lambda r, step=step: g.test_a_driver_whose_lease_was_taken_over_is_refused_and_changes_nothing(r, step))
-        for step in g.STALE_STEPS]
-    out += [(f"out of order {a}", lambda r, a=a: g.test_a_commit_that_skips_or_replays_a_round_is_refused_and_changes_nothing(r, a))
-            for a in (0, 1, 3, 4)]
+        (f"stale {step}", lambda r, step=step: stale(r, step)) for step in g.STALE_STEPS]
+    out += [(f"out of order {a}", lambda r, a=a: out_of_order(r, a)) for a in (0, 1, 3, 4)]
     for fn in (g.test_a_stale_driver_cannot_open_training, g.test_a_stale_driver_cannot_finish_the_evaluation,
                g.test_a_stale_driver_cannot_fail_the_run_nor_touch_the_new_lease,
                g.test_a_store_that_never_held_the_lease_cannot_commit,

@@ -10,15 +10,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+from helpers import free_port
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from test_dashboard_support import http_get, wait_for
 
-from fedq.roles import metrics
 from fedq.protocol.vocabulary import Refusal
+from fedq.roles import metrics
 
 REFUSAL_REASONS = tuple(Refusal)
-from helpers import free_port
-from test_dashboard_support import http_get, wait_for
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -114,7 +114,7 @@ def test_values_counted_in_forked_children_reach_the_parents_metrics(tmp_path: P
     proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        status, body, _ = wait_for("/metrics", lambda: http_get(f"http://127.0.0.1:{port}/metrics"), timeout=20)
+        _status, body, _ = wait_for("/metrics", lambda: http_get(f"http://127.0.0.1:{port}/metrics"), timeout=20)
         p = samples(body.decode())
         assert value(p, "fedq_updates_accepted_total") == 2
         assert value(p, "fedq_updates_refused_total", reason="non_finite") == 2
@@ -180,10 +180,10 @@ def test_metrics_of_a_worker_that_drove_nothing_yet_are_not_empty(tmp_path: Path
 
 def test_run_gauges_build_info_and_process_metrics_for_running_runs_only(r, redis_url: str) -> None:
     import redis as redis_lib
+    from test_dashboard_support import make_run
 
     from fedq.protocol import heartbeat
     from fedq.protocol.store import RunStore
-    from test_dashboard_support import make_run
 
     make_run(r, "gauged", clients=2, rounds=3, committed=1)
     make_run(r, "gauged-done", clients=2, rounds=1, committed=1)  # finished: never served
@@ -215,7 +215,6 @@ def test_the_example_grafana_dashboard_uses_only_metrics_fedq_serves(r) -> None:
     import json
 
     from prometheus_client import generate_latest
-
     from test_dashboard_support import make_run
 
     make_run(r, "grafana-run", rounds=3, committed=1)

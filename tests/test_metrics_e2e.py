@@ -17,21 +17,22 @@ import functools
 import threading
 import time
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
-
-from fedq.protocol import heartbeat, messages
-from fedq.roles.client import Client
-from fedq.roles.jobs import submit_run
-from fedq.settings import Settings
-from fedq.learning.spec import RunSpec
-from fedq.protocol.store import RunStore
 from helpers import cli_env, free_port
 from test_dashboard_support import Proc, http_get, wait_for
 from test_metrics import samples, value
+
+from fedq.learning.spec import RunSpec
+from fedq.protocol import heartbeat, messages
+from fedq.protocol.store import RunStore
+from fedq.roles.client import Client
+from fedq.roles.jobs import submit_run
+from fedq.settings import Settings
 
 pytestmark = pytest.mark.slow
 

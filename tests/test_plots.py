@@ -8,12 +8,12 @@ import subprocess
 from pathlib import Path
 
 import redis
-
-from fedq.roles.plots import write_curves
-from fedq.roles.report import write_report
-from fedq.protocol.store import RunStore
 from helpers import cli_env, fedq_cmd
 from test_dashboard_support import make_run
+
+from fedq.protocol.store import RunStore
+from fedq.roles.plots import write_curves
+from fedq.roles.report import write_report
 
 
 def png_size(path: Path) -> tuple[int, int]:
