@@ -170,7 +170,8 @@ def render_settings() -> str:
     for var, command, opt in envvar_rows():
         out.append(f"| `{var}` | `{command}` | `{opt}` |")
     out += ["", "Docker compose and the Kubernetes manifests read further variables of their own "
-            "(`FEDQ_REDIS_PASSWORD_FILE`, `FEDQ_DASHBOARD_TOKEN_FILE`, `FEDQ_RUN_ID`, `FEDQ_CLIENTS`, `FEDQ_ROUNDS`, `FEDQ_LOCAL_EPOCHS`, "
+            "(`FEDQ_REDIS_PASSWORD_FILE`, `FEDQ_DASHBOARD_TOKEN_FILE`, `FEDQ_RUN_ID`, `FEDQ_CLIENTS`, "
+            "`FEDQ_ROUNDS`, `FEDQ_LOCAL_EPOCHS`, "
             "`FEDQ_ACL_DIR`, `FEDQ_TLS_DIR`): see [Docker compose](../how-to/docker-compose.md) and "
             "[Kubernetes](../how-to/kubernetes.md).", ""]
     return "\n".join(out)

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
-from fedq.protocol import keys
 from fedq.errors import ConfigError
+from fedq.protocol import keys
 
 AGGREGATOR_USER = "fedq-aggregator"
 DASHBOARD_USER = "fedq-dashboard"

@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from fedq.clitools import fail_cleanly
 from fedq.errors import ConfigError
-from fedq.ops.k8s_manifests import (DEFAULT_IMAGE, Federation, build, check_namespace, to_yaml, write_base,
-                                write_secure_overlay)
+from fedq.ops.k8s_manifests import (
+    DEFAULT_IMAGE,
+    Federation,
+    build,
+    check_namespace,
+    to_yaml,
+    write_base,
+    write_secure_overlay,
+)
 
 
 def _federation_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -215,7 +223,8 @@ def up(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | N
 @fail_cleanly(squash=True)
 def status(namespace: str | None, kubeconfig: str | None, context: str | None, redis_url: str | None) -> None:
     """Show the federation's pods and Jobs and its run's progress."""
-    from fedq.ops.k8s_apply import exec_run_reader, redis_run_reader, status as read_status
+    from fedq.ops.k8s_apply import exec_run_reader, redis_run_reader
+    from fedq.ops.k8s_apply import status as read_status
 
     cluster = _kube(kubeconfig, context, namespace)
     reader = redis_run_reader(redis_url) if redis_url else exec_run_reader(cluster)

@@ -13,12 +13,22 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from fedq.errors import ConfigError, FedqError
-from fedq.ops.k8s_manifests import (CONFIG_MAP, INSTANCE, NAME, PART_OF, Federation, Resource, build,
-                                    dashboard_secret, redis_secret)
+from fedq.ops.k8s_manifests import (
+    CONFIG_MAP,
+    INSTANCE,
+    NAME,
+    PART_OF,
+    Federation,
+    Resource,
+    build,
+    dashboard_secret,
+    redis_secret,
+)
 
 FIELD_MANAGER = "fedq"
 # (API class, whether its objects live in a namespace) by kind; nothing else is ever applied.
@@ -355,8 +365,8 @@ def redis_cli_command(args: str) -> str:
 def redis_run_reader(redis_url: str) -> Callable[[str], dict[str, str] | None]:
     """Read a run's state from a Redis the caller reaches (e.g. through kubectl port-forward)."""
     def read(run_id: str) -> dict[str, str] | None:
-        from fedq.settings import Settings
         from fedq.protocol.store import RunStore, connect
+        from fedq.settings import Settings
 
         return RunStore(connect(Settings.from_env(redis_url=redis_url)), run_id).state()
     return read

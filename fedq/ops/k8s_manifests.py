@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
 from fedq import __version__ as fedq_version
-from fedq.ops import acl as acl_users
 from fedq.errors import ConfigError
+from fedq.ops import acl as acl_users
 from fedq.protocol.keys import check_run_id
 
 Resource = dict[str, Any]
@@ -205,7 +206,7 @@ class Federation:
     def acl_user_names(self) -> list[str]:
         return [acl_users.AGGREGATOR_USER, acl_users.DASHBOARD_USER, *self.client_users]
 
-    def validate(self) -> "Federation":
+    def validate(self) -> Federation:
         """Raise ConfigError on the first value no cluster could run."""
         if self.clients < 1:
             raise ConfigError(f"--clients must be at least 1, got {self.clients}")
@@ -693,8 +694,9 @@ def _str(dumper: yaml.SafeDumper, value: str) -> Any:
 _Dumper.add_representer(str, _str)
 
 
-def to_yaml(resources: Iterable[Resource]) -> str:
-    """A multi-document YAML stream, as kubectl apply -f takes it."""
+def to_yaml(resources: Iterable[Resource | list[dict[str, Any]]]) -> str:
+    """A multi-document YAML stream, as kubectl apply -f takes it (a document is a resource, or
+    the operations of a JSON patch)."""
     return "---\n".join(yaml.dump(r, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
                         for r in resources)
 

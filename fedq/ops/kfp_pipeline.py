@@ -44,21 +44,25 @@ def _components(image: str) -> tuple[Any, Any, Any]:
     """The three container components, each running the fedq image."""
 
     @dsl.container_component
-    def fedq_aggregator(redis_url: str, run_id: str, clients: int, rounds: int, local_epochs: int):
+    def fedq_aggregator(redis_url: str, run_id: str, clients: int, rounds: int, local_epochs: int) -> dsl.ContainerSpec:
         """Create the run and drive it to its end (fedq aggregator --clients ... then exit)."""
         return dsl.ContainerSpec(image=image, command=["fedq"], args=[
             "--redis-url", redis_url, "aggregator", "--clients", clients, "--rounds", rounds,
             "--local-epochs", local_epochs, "--run-id", run_id])
 
     @dsl.container_component
-    def fedq_client(redis_url: str, run_id: str, shard: int):
+    def fedq_client(redis_url: str, run_id: str, shard: int) -> dsl.ContainerSpec:
         """One client: train shard `shard` in every round of the run, then leave."""
         return dsl.ContainerSpec(image=image, command=["fedq"], args=[
             "--redis-url", redis_url, "client", "--shard", shard, "--run", run_id, "--once"])
 
+    # kfp's documented way to declare an output parameter of a container component is a call,
+    # dsl.OutputPath(float), in the annotation (kfp reads it at runtime); no static type says that.
     @dsl.container_component
     def fedq_report(redis_url: str, run_id: str, report: dsl.Output[dsl.Artifact],
-                    test_accuracy: dsl.OutputPath(float), test_loss: dsl.OutputPath(float)):
+                    test_accuracy: dsl.OutputPath(float),  # type: ignore[valid-type]
+                    test_loss: dsl.OutputPath(float),  # type: ignore[valid-type]
+                    ) -> dsl.ContainerSpec:
         """The run's report.json and model.keras, and its final test metrics."""
         return dsl.ContainerSpec(image=image, command=["sh", "-c", _REPORT_SCRIPT, "fedq-report"],
                                  args=[redis_url, run_id, report.path, test_accuracy, test_loss])
@@ -69,11 +73,15 @@ def _components(image: str) -> tuple[Any, Any, Any]:
 def build_pipeline(clients: int, rounds: int, local_epochs: int, image: str, secret: str = REDIS_SECRET) -> Any:
     """The pipeline function for N = clients client tasks (a pipeline's task count is fixed)."""
     aggregator_op, client_op, report_op = _components(image)
-    outputs = NamedTuple("Outputs", [("test_accuracy", float), ("test_loss", float), ("report", dsl.Artifact)])
+
+    class Outputs(NamedTuple):
+        test_accuracy: float
+        test_loss: float
+        report: dsl.Artifact
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description=f"fedq: federated training with {clients} clients over Redis")
-    def federation(redis_url: str, rounds: int = rounds, local_epochs: int = local_epochs) -> outputs:
+    def federation(redis_url: str, rounds: int = rounds, local_epochs: int = local_epochs) -> Outputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         agg = aggregator_op(redis_url=redis_url, run_id=run_id, clients=clients, rounds=rounds,
                             local_epochs=local_epochs)
@@ -85,7 +93,7 @@ def build_pipeline(clients: int, rounds: int, local_epochs: int, image: str, sec
             client_tasks.append(task)
         rep = report_op(redis_url=redis_url, run_id=run_id).after(agg, *client_tasks)
         _with_redis_secret(rep.set_display_name("report"), secret)
-        return outputs(test_accuracy=rep.outputs["test_accuracy"], test_loss=rep.outputs["test_loss"],
+        return Outputs(test_accuracy=rep.outputs["test_accuracy"], test_loss=rep.outputs["test_loss"],
                        report=rep.outputs["report"])
 
     return federation

@@ -167,7 +167,9 @@ def _span(seconds: float | None) -> str:
     """A duration in few columns: 42 s, 12 min, 3.4 h."""
     if seconds is None:
         return "-"
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def test_line(t: dict[str, Any]) -> str:
@@ -202,7 +204,9 @@ def run_renderable(d: dict[str, Any], rounds_shown: int = ROUNDS_SHOWN) -> Rende
     timing = f"elapsed {_span(p.get('elapsed_seconds'))}"
     if p.get("eta_seconds") is not None:
         timing += f", ETA {_span(p['eta_seconds'])}"
-    started = f"started {_when(d['started_at'])}" + (f", resumed {_when(d['resumed_at'])}" if d.get("resumed_at") else "")
+    started = f"started {_when(d['started_at'])}"
+    if d.get("resumed_at"):
+        started += f", resumed {_when(d['resumed_at'])}"
     lines = [phase_text(d), f"{who} · {timing}", started + (f", finished {_when(d['finished_at'])}" if ended else ""),
              f"aggregator {driver}"]
     parts: list[RenderableType] = [head, Text("\n".join(lines))]
@@ -283,7 +287,7 @@ class RunProgress:
                                  transient=True, disable=not self.enabled)
         self.task = self.progress.add_task("starting", total=rounds)
 
-    def __enter__(self) -> "RunProgress":
+    def __enter__(self) -> RunProgress:
         if self.enabled:
             self.progress.start()
         return self
