@@ -12,7 +12,7 @@ gradient ``mu * (w - w_global)``; the reported training loss includes it.
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -36,8 +36,16 @@ class Trainer(Protocol):
     def weights(self) -> list[np.ndarray]:
         """The locally trained weights, in ``names`` order."""
 
-    # Optional: ``evaluate(x, y) -> dict`` (eval_loss, eval_accuracy, eval_examples, ...) of the
-    # loaded global model on standardised held-out rows; clients without it skip evaluation.
+    # Optional: ``evaluate(x, y) -> dict`` (Evaluates); clients without it skip evaluation.
+
+
+@runtime_checkable
+class Evaluates(Protocol):
+    """A trainer that can also evaluate the loaded global model (optional for a Trainer)."""
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """eval_* metrics (eval_loss, eval_accuracy, eval_examples, ...) of the loaded global
+        model on standardised held-out rows."""
 
 
 class KerasTrainer:

@@ -11,16 +11,17 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from fedq.errors import ConfigError, FedqError, RedisUnavailable, RunNotFound
 from fedq.protocol import guarded, keys, scripts
 from fedq.protocol.vocabulary import ENDED, Event, Join, Phase, Read, Status
-from fedq.errors import ConfigError, FedqError, RedisUnavailable, RunNotFound
 from fedq.settings import Settings
 
 MAX_REFUSED = 10_000  # refusal log is capped so a flood of bad pushes cannot fill Redis
@@ -88,6 +89,33 @@ def redact(url: str) -> str:
 def _s(raw: bytes | str | None) -> str | None:
     # Keys and fields may have been written around the protocol: never let bad bytes crash a loop.
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+
+
+def _str(raw: bytes | str | None) -> str:
+    """A key, field, member or entry id as text ('' for none: redis-py types them `bytes | str | None`)."""
+    return _s(raw) or ""
+
+
+def _fields(raw: Mapping[bytes | str, bytes | str] | None) -> dict[str, str]:
+    """A hash's or a stream entry's fields as text ({} for none)."""
+    return {_str(k): _str(v) for k, v in (raw or {}).items()}
+
+
+def as_bytes(raw: bytes | str | None) -> bytes | None:
+    """A binary value (a model, a scaler): fedq's connections leave replies undecoded (redis-py's
+    default), so it is bytes; redis-py's type also covers clients made with decode_responses."""
+    if isinstance(raw, str):
+        raise TypeError("Redis returned a binary value as text: connect without decode_responses")
+    return raw
+
+
+def _xread_entries(reply: list[list[Any]] | Mapping[Any, Any] | None) -> list[tuple[str, dict[str, str]]]:
+    """(id, fields) of every entry of an XREAD reply, oldest first. fedq's connections speak RESP2
+    (redis-py's default): [[stream, [(id, fields), ...]], ...], or nothing when the block timed out;
+    redis-py's type also covers RESP3's mapping."""
+    if isinstance(reply, Mapping):
+        raise TypeError("XREAD replied in RESP3's shape: fedq connects with RESP2 (protocol=2)")
+    return [(_str(entry_id), _fields(fields)) for _stream, entries in reply or [] for entry_id, fields in entries]
 
 
 def _json_object(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -223,14 +251,14 @@ class RunStore:
 
     def state(self) -> dict[str, str]:
         """The state hash as str -> str (empty when the run does not exist)."""
-        return {_s(k): _s(v) for k, v in self.r.hgetall(self.k.state).items()}
+        return _fields(self.r.hgetall(self.k.state))
 
     def committed_round(self) -> int:
         return int(_s(self.r.hget(self.k.state, "round")) or 0)
 
     def member_ids(self) -> list[str]:
         """Ids of the clients that joined, sorted (ids that are no valid client id are skipped)."""
-        return sorted(cid for cid in map(_s, self.r.smembers(self.k.members)) if valid_client_id(cid))
+        return sorted(cid for cid in map(_str, self.r.smembers(self.k.members)) if valid_client_id(cid))
 
     def _joined_field(self, field: str) -> dict[str, dict[str, Any]]:
         ids = self.member_ids()
@@ -272,10 +300,10 @@ class RunStore:
         return sorted((rec for rec in records if rec is not None), key=lambda rec: rec["time"])
 
     def global_payload(self) -> bytes | None:
-        return self.r.get(self.k.global_model)
+        return as_bytes(self.r.get(self.k.global_model))
 
     def scaler_payload(self) -> bytes | None:
-        return self.r.get(self.k.scaler)
+        return as_bytes(self.r.get(self.k.scaler))
 
     # --- client side ------------------------------------------------------------------
     def join(self, client_id: str, record: dict[str, Any], stats: dict[str, Any]) -> str:
@@ -353,14 +381,14 @@ class RunStore:
     def pushes(self) -> list[dict[str, str]]:
         """The push log of every client, oldest first: written by the clients themselves (their
         view of what they sent), so read defensively and never used to audit the run."""
-        entries = [(_stream_order(eid), {_s(k): _s(v) for k, v in fields.items()})
+        entries = [(_stream_order(eid), _fields(fields))
                    for reply in guarded.streams(self.r, self._client_keys("pushes")) for eid, fields in reply]
         return [fields for _order, fields in sorted(entries, key=lambda e: e[0])]
 
     def judged(self) -> list[dict[str, str]]:
         """The aggregator's record of every update version it judged (client, round, seq,
         digest, outcome, bytes), oldest first: the run's audit trail, out of the clients' reach."""
-        return [{_s(k): _s(v) for k, v in fields.items()} for _eid, fields in self.r.xrange(self.k.judged)]
+        return [_fields(fields) for _eid, fields in self.r.xrange(self.k.judged) or []]
 
     def record_judged(self, client_id: str, round_no: int, seq: str, digest: str, outcome: str,
                       nbytes: int) -> None:
@@ -371,12 +399,8 @@ class RunStore:
     def wait_event(self, last_id: str, block_seconds: float) -> tuple[str, list[dict[str, str]]]:
         """Block up to block_seconds for run events after last_id; returns (new last id, events)."""
         reply = self.r.xread({self.k.events: last_id}, block=max(1, int(block_seconds * 1000)), count=100)
-        events: list[dict[str, str]] = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                last_id = _s(entry_id)
-                events.append({_s(k): _s(v) for k, v in fields.items()})
-        return last_id, events
+        entries = _xread_entries(reply)
+        return (entries[-1][0] if entries else last_id), [fields for _id, fields in entries]
 
     # --- aggregator side ----------------------------------------------------------------
     def acquire_lease(self, driver: str, ttl: float) -> bool:
@@ -544,12 +568,12 @@ class RunStore:
     # --- strategies, client sampling, final evaluation --------------------------------------
     def server_state_payload(self) -> bytes | None:
         """The strategy's server state saved with the last commit (None: none saved)."""
-        return self.r.get(self.k.server_state)
+        return as_bytes(self.r.get(self.k.server_state))
 
     def selected(self, round_no: int) -> set[str] | None:
         """Clients chosen to train in the round; None when the round does not sample clients."""
         members = self.r.smembers(self.k.selected(round_no))
-        return {_s(m) for m in members} if members else None
+        return {_str(m) for m in members} if members else None
 
     def is_selected(self, round_no: int, client_id: str) -> bool:
         """Whether client_id is chosen for a sampled round (False once the round's set is gone)."""
@@ -608,7 +632,8 @@ def list_runs(r: redis.Redis, newest_first: bool = True, limit: int = 100) -> li
     ids = r.zrevrange(keys.RUNS, 0, limit - 1) if newest_first else r.zrange(keys.RUNS, 0, limit - 1)
     out = []
     for raw in ids:
-        run_id = _s(raw) or ""
+        # Members only (no WITHSCORES); redis-py's type also covers (member, score) pairs.
+        run_id = _str(raw) if isinstance(raw, (bytes, str)) else ""
         try:
             keys.check_run_id(run_id)
         except ConfigError:
@@ -618,7 +643,7 @@ def list_runs(r: redis.Redis, newest_first: bool = True, limit: int = 100) -> li
     return out
 
 
-def newest_open_run(r: redis.Redis, client_id: str, skip: set[str] = frozenset()) -> str | None:
+def newest_open_run(r: redis.Redis, client_id: str, skip: Collection[str] = frozenset()) -> str | None:
     """The newest run a client may join: not ended, and still joining (or already joined by it)."""
     for run_id in list_runs(r, limit=50):
         if run_id in skip:
@@ -636,13 +661,11 @@ def newest_open_run(r: redis.Redis, client_id: str, skip: set[str] = frozenset()
 def last_global_event_id(r: redis.Redis) -> str:
     """Id of the newest entry in the global event stream ('0-0' when empty)."""
     entries = r.xrevrange(keys.EVENTS, count=1)
-    return _s(entries[0][0]) if entries else "0-0"
+    return _str(entries[0][0]) if entries else "0-0"
 
 
 def wait_global_event(r: redis.Redis, last_id: str, block_seconds: float) -> str:
     """Block up to block_seconds for any global event after last_id; returns the new last id."""
     reply = r.xread({keys.EVENTS: last_id}, block=max(1, int(block_seconds * 1000)), count=100)
-    for _stream, entries in reply or []:
-        for entry_id, _fields in entries:
-            last_id = _s(entry_id)
-    return last_id
+    entries = _xread_entries(reply)
+    return entries[-1][0] if entries else last_id

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import redis
 
-from fedq.protocol import chunking, messages
 from fedq.errors import CodecError, UpdateRejected
+from fedq.protocol import chunking, messages
 from fedq.protocol.signing import Signer
-from fedq.protocol.store import RunStore
-
+from fedq.protocol.store import RunStore, as_bytes
 
 PART_OVERHEAD = 4096  # a part's envelope around its values: far more than it needs
 
@@ -94,7 +94,7 @@ def read_parts(st: RunStore, keys: Sequence[str], layout: chunking.Layout) -> It
             raise CodecError(f"part {index} is not a string") from None
         if size > most:
             raise CodecError(f"part {index} is {size} bytes, at most {most} expected")
-        payload = st.r.get(key) if size else None
+        payload = as_bytes(st.r.get(key)) if size else None
         if payload is None:
             raise PartMissing(f"part {index} of {layout.count} is missing")
         yield offset, chunking.decode_part(payload, layout, index)

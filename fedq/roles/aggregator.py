@@ -10,26 +10,27 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import redis
 
-from fedq.protocol import chunking, codec, heartbeat, messages, transfer
+from fedq.errors import CodecError, ConfigError, DataError, FedqError, UpdateRejected
 from fedq.learning import evaluation, privacy
-from fedq.roles import metrics as fedq_metrics
 from fedq.learning.aggregate import capped_weights, weighted_metrics
 from fedq.learning.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
-from fedq.errors import CodecError, ConfigError, DataError, FedqError, UpdateRejected
-from fedq.roles.localredis import die_with_parent
-from fedq.learning.strategies import Strategy, held_bytes, select_clients
 from fedq.learning.models import build_model, evaluate, weight_names
-from fedq.settings import Settings
-from fedq.protocol.signing import Verifier
 from fedq.learning.spec import RunSpec, load_spec
+from fedq.learning.strategies import Strategy, held_bytes, select_clients
+from fedq.protocol import chunking, codec, heartbeat, messages, transfer
+from fedq.protocol.signing import Verifier
 from fedq.protocol.store import Commit, LeaseLost, RunStore, StoredUpdate, connect
 from fedq.protocol.vocabulary import ENDED, Phase, Read, Refusal
+from fedq.roles import metrics as fedq_metrics
+from fedq.roles.localredis import die_with_parent
+from fedq.settings import Settings
 
 log = logging.getLogger("fedq.roles.aggregator")
 
@@ -248,7 +249,8 @@ class Aggregator:
                     raise ConfigError(f"building the initial model {spec.model!r} failed: its process "
                                       f"exited with code {proc.exitcode}")
                 self._tick()  # keeps the lease while the child works; honours stop requests
-            ok, value = recv.recv()
+            # (True, the payload) or (False, why building it failed): see write_initial_global
+            answer: tuple[bool, bytes | str] = recv.recv()
             answered = True
         finally:
             if not answered:
@@ -259,8 +261,9 @@ class Aggregator:
             # is a zombie: a process-table entry, no memory.
             proc.join(timeout=0)
             recv.close()
-        if not ok:
-            raise ConfigError(value)
+        ok, value = answer
+        if not ok or not isinstance(value, bytes):
+            raise ConfigError(str(value))
         return value
 
     def _run(self, spec: RunSpec, prepared: _Prepared) -> dict[str, Any]:
@@ -272,7 +275,10 @@ class Aggregator:
         if state.get("phase") == Phase.JOIN:
             mean, std = self._open_training(spec, prepared)
         else:
-            mean, std, _ = messages.decode_scaler(self.store.scaler_payload())
+            scaler = self.store.scaler_payload()
+            if scaler is None:
+                raise CodecError(f"run {self.run_id} has no scaler to resume with")
+            mean, std, _ = messages.decode_scaler(scaler)
         drive = self._driving(spec, prepared, mean, std)
         while drive.round_no < spec.rounds:
             drive.round_no += 1
@@ -567,7 +573,8 @@ class Aggregator:
         if self.verifier is None or self.verifier.knows(cid):
             return True
         log.warning("run %s: refusing client %s: not in the client registry", self.run_id, cid)
-        self.store.refuse_join(cid, Refusal.UNKNOWN_KEY, f"client {cid!r} is not in the client registry (FEDQ_CLIENT_KEYS)")
+        self.store.refuse_join(cid, Refusal.UNKNOWN_KEY,
+                               f"client {cid!r} is not in the client registry (FEDQ_CLIENT_KEYS)")
         return False
 
     def _shard_plan_agrees(self, spec: RunSpec, cid: str, record: dict[str, Any]) -> bool:
@@ -586,8 +593,8 @@ class Aggregator:
         """A client asking to join while training runs: admitted while there is room (it uses
         the published scaler and trains from the next round it sees)."""
         request = self.store.join_request(cid)
-        if request is not None and self._registered(cid) and self._shard_plan_agrees(load_spec(self.store), cid, request[0]) \
-                and self.store.admit(cid):
+        if request is not None and self._registered(cid) \
+                and self._shard_plan_agrees(load_spec(self.store), cid, request[0]) and self.store.admit(cid):
             log.info("run %s: admitted %s while training", self.run_id, cid)
             rnd.joined = self._joined()
 
@@ -841,7 +848,8 @@ class Aggregator:
         except UpdateRejected as exc:
             cid = upd.client_id
             rnd.folded.pop(cid, None)
-            if rnd.versions.get(cid) == self.store.update_seq(round_no, cid):  # not superseded: this version itself is bad
+            # not superseded: this version itself is bad
+            if rnd.versions.get(cid) == self.store.update_seq(round_no, cid):
                 fedq_metrics.observe_update(False, exc.reason, 0)
                 self._refuse(rnd, round_no, cid, exc)
             else:
@@ -949,7 +957,7 @@ def write_initial_global(settings: Settings, run_id: str, num_features: int, num
         del model  # Keras' variables go before the parts are made
         payload, _ = transfer.encode_global(store, 0, names, weights, settings.chunk_bytes)
         conn.send((True, payload))
-    except Exception as exc:  # noqa: BLE001 - reported to the aggregator, which fails the run
+    except Exception as exc:  # reported to the aggregator, which fails the run
         conn.send((False, f"building the initial model failed: {type(exc).__name__}: {exc}"))
     finally:
         conn.close()

@@ -9,23 +9,25 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import redis
 
+from fedq.errors import CodecError, ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.learning import evaluation, privacy
-from fedq.protocol import heartbeat, messages, store as store_mod, transfer
-from fedq.protocol.compress import CompressionError
 from fedq.learning.data import DataSpec, feature_stats, standardize
-from fedq.errors import ConfigError, DataError, FedqError, RunFailed, RunNotFound
-from fedq.settings import Settings
-from fedq.learning.spec import RunSpec, load_spec
-from fedq.protocol.store import RunStore
-from fedq.protocol.vocabulary import Join, Phase, Push, Status
-from fedq.protocol.signing import Signer
 from fedq.learning.partition import load_client_data
-from fedq.learning.trainer import KerasTrainer, Trainer
+from fedq.learning.spec import RunSpec, load_spec
+from fedq.learning.trainer import Evaluates, KerasTrainer, Trainer
+from fedq.protocol import heartbeat, messages, transfer
+from fedq.protocol import store as store_mod
+from fedq.protocol.compress import CompressionError
+from fedq.protocol.signing import Signer
+from fedq.protocol.store import RunStore
+from fedq.protocol.vocabulary import Phase, Push, Status
+from fedq.settings import Settings
 
 STALE_GLOBAL = "stale_global"  # our own outcome: the global model moved on while we read it
 
@@ -218,7 +220,10 @@ class Client:
 
     def _prepare(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> Trainer:
         """Standardise the shard with the run's combined statistics and build the trainer."""
-        mean, std, meta = messages.decode_scaler(st.scaler_payload())
+        scaler = st.scaler_payload()
+        if scaler is None:
+            raise CodecError(f"run {st.run_id} has published no scaler")
+        mean, std, meta = messages.decode_scaler(scaler)
         if x_raw.shape[1] != meta["num_features"]:
             raise DataError(f"this client's data has {x_raw.shape[1]} features, "
                             f"the run's has {meta['num_features']}")
@@ -304,7 +309,7 @@ class Client:
     def _evaluate(self, trainer: Trainer) -> dict[str, float]:
         """eval_* metrics of the loaded model on this client's held-out rows ({} when it has none)."""
         x_val, y_val = getattr(self, "_val", (None, None))
-        if y_val is None or len(y_val) == 0 or not hasattr(trainer, "evaluate"):
+        if x_val is None or y_val is None or len(y_val) == 0 or not isinstance(trainer, Evaluates):
             return {}
         return trainer.evaluate(x_val, y_val)
 

@@ -49,8 +49,13 @@ def prepare_multiprocess(directory: str | None = None) -> str:
     os.environ[MULTIPROC_ENV] = path
     if directory is None:
         owner = os.getpid()
-        # Forked work horses leave with os._exit (no atexit); the check is for other forks.
-        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+
+        def remove() -> None:
+            # Forked work horses leave with os._exit (no atexit); the check is for other forks.
+            if os.getpid() == owner:
+                shutil.rmtree(path, ignore_errors=True)
+
+        atexit.register(remove)
     return path
 
 
@@ -61,18 +66,21 @@ class AggregatorMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
-        kw = {"namespace": NAMESPACE, "registry": self.registry}
-        self.rounds_completed = Counter("rounds_completed", "Federated rounds committed.", **kw)
-        self.updates_accepted = Counter("updates_accepted", "Client updates validated and aggregated.", **kw)
-        self.updates_refused = Counter("updates_refused", "Client updates refused, by reason.", ["reason"], **kw)
+        ns, reg = NAMESPACE, self.registry
+        self.rounds_completed = Counter("rounds_completed", "Federated rounds committed.", namespace=ns, registry=reg)
+        self.updates_accepted = Counter("updates_accepted", "Client updates validated and aggregated.",
+                                        namespace=ns, registry=reg)
+        self.updates_refused = Counter("updates_refused", "Client updates refused, by reason.", ["reason"],
+                                       namespace=ns, registry=reg)
         for reason in Refusal:  # every reason exists, at 0, before its first refusal
             self.updates_refused.labels(reason=reason)
         self.round_duration = Histogram("round_duration_seconds", "Wall time of a committed round.",
-                                        buckets=ROUND_BUCKETS, **kw)
-        self.bytes_received = Counter("bytes_received", "Bytes of client updates read by the aggregator.", **kw)
+                                        buckets=ROUND_BUCKETS, namespace=ns, registry=reg)
+        self.bytes_received = Counter("bytes_received", "Bytes of client updates read by the aggregator.",
+                                      namespace=ns, registry=reg)
         # mostrecent: with forked work horses, the value the latest one set (ignored otherwise).
         self.clients_alive = Gauge("clients_alive", "Clients of the current run with a live heartbeat.",
-                                   multiprocess_mode="mostrecent", **kw)
+                                   multiprocess_mode="mostrecent", namespace=ns, registry=reg)
 
     def observe_update(self, accepted: bool, reason: str | None = None, nbytes: int = 0) -> None:
         """Count one update: accepted, or refused for reason; nbytes it weighed on the wire."""

@@ -6,9 +6,10 @@ the run looks overfitted (test loss rising for OVERFIT_ROUNDS rounds while train
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 SERIES = (("train", "#1f77b4", "o"), ("test", "#d62728", "s"))
 OVERFIT_ROUNDS = 3  # rounds in a row of rising test loss and falling train loss that earn the note
@@ -59,6 +60,7 @@ def write_curves(rounds: Sequence[dict[str, Any]], path: Path, title: str = "",
         return None
     # The Figure API, not pyplot: no GUI backend, no global state, works without a display.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     xs_of = {int(r): float(t) / 60 for r, t in times.items()} if times else None
     best = best_round(rounds)
@@ -79,8 +81,9 @@ def write_curves(rounds: Sequence[dict[str, Any]], path: Path, title: str = "",
         ax.set_xlabel("minutes since start" if xs_of is not None else "round")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        if xs_of is None:
-            ax.xaxis.get_major_locator().set_params(integer=True)
+        locator = ax.xaxis.get_major_locator()
+        if xs_of is None and isinstance(locator, MaxNLocator):  # the default AutoLocator is one
+            locator.set_params(integer=True)
         if ax.lines:
             ax.legend(loc="lower right" if metric == "accuracy" else "upper right")
     if title or note:

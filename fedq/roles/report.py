@@ -141,8 +141,10 @@ def weights_npz(store: RunStore) -> bytes:
         raise FedqError(f"run {store.run_id} has no global model yet")
     round_no, names, tensors = transfer.read_global(store, payload)
     buf = io.BytesIO()
-    np.savez(buf, **{str(k): np.asarray(t) for k, t in enumerate(tensors)},
-             names=np.array(list(names or []), dtype=str), round=np.array(round_no))
+    arrays = {str(k): np.asarray(t) for k, t in enumerate(tensors)}
+    # numpy's stub lets **kwds fill savez's `allow_pickle: bool` as well, so it refuses any **dict of arrays.
+    np.savez(buf, **arrays, names=np.array(list(names or []), dtype=str),  # type: ignore[arg-type]
+             round=np.array(round_no))
     return buf.getvalue()
 
 

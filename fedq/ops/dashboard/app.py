@@ -8,8 +8,9 @@ import hmac
 import ipaddress
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import redis
 from flask import Flask, Response, jsonify, render_template, request
@@ -232,7 +233,7 @@ def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS, toke
         return resp
 
     @app.get("/api/health")
-    def api_health() -> Response:
+    def api_health() -> Response | tuple[Response, int]:
         try:
             r.ping()
             return jsonify({"ok": True, "redis": True})

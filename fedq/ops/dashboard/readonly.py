@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from fedq.errors import ConfigError, FedqError
-from fedq.settings import Settings
 from fedq.protocol.store import tls_options
+from fedq.settings import Settings
 
 # Every command the read paths use; anything else is refused before it reaches Redis.
 READ_COMMANDS = frozenset({
@@ -73,7 +73,8 @@ def connect_readonly(settings: Settings) -> ReadOnlyRedis:
     should say at once that Redis is unreachable, and ask again a moment later.
     """
     try:
-        return ReadOnlyRedis.from_url(
+        # redis-py annotates from_url as returning Redis, though it builds an instance of cls.
+        return cast(ReadOnlyRedis, ReadOnlyRedis.from_url(
             settings.redis_url,
             socket_timeout=min(5.0, settings.socket_timeout),
             socket_connect_timeout=min(2.0, settings.connect_timeout),
@@ -82,6 +83,6 @@ def connect_readonly(settings: Settings) -> ReadOnlyRedis:
             retry=Retry(NoBackoff(), retries=1),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             **tls_options(settings),
-        )
+        ))
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL: {exc}") from None

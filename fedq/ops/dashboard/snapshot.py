@@ -126,8 +126,8 @@ def round_overhead(m: dict[str, Any], ended_at: float | None) -> tuple[float | N
     if not m.get("missing"):
         return over, 0.0 if over is not None else None
     seconds = _time(m.get("seconds"))
-    pushed = [(c.get("push_time"), c) for c in (m.get("clients") or {}).values()
-              if isinstance(c, dict) and _time(c.get("push_time"))]
+    pushed = [(t, c) for c in (m.get("clients") or {}).values()
+              if isinstance(c, dict) and (t := _time(c.get("push_time")))]
     if over is None or seconds is None or ended_at is None or not pushed:
         return over, None
     last_push, last = max(pushed, key=lambda pc: pc[0])
@@ -207,10 +207,10 @@ def _scalar(value: Any) -> str | int | float | None:
 def _events(r: redis.Redis, store: RunStore) -> list[tuple[float, dict[str, str]]]:
     """The run's event stream, oldest first: (time from the entry id, fields)."""
     out = []
-    for ident, fields in r.xrange(store.k.events, count=EVENTS_READ):
-        ms = _s(ident).split("-")[0]
+    for ident, fields in r.xrange(store.k.events, count=EVENTS_READ) or []:
+        ms = (_s(ident) or "").split("-")[0]
         out.append((int(ms) / 1000.0 if ms.isdigit() else 0.0,
-                    {_s(k) or "": _s(v) or "" for k, v in fields.items()}))
+                    {_s(k) or "": _s(v) or "" for k, v in (fields or {}).items()}))
     return out
 
 
@@ -325,7 +325,8 @@ def client_curves(metrics: list[dict[str, Any]], times: dict[int, float]) -> dic
 def aggregator_identity(r: redis.Redis, store: RunStore, st: dict[str, Any],
                         workers: list[dict[str, Any]]) -> dict[str, Any]:
     """Who drives the run, by the id the driver writes into the state (the same before and after
-    the run ends): alive while the run goes on and it holds the run's lease; the workers whose heartbeat names the run."""
+    the run ends): alive while the run goes on and it holds the run's lease; the workers whose
+    heartbeat names the run."""
     driver = st["driver"]
     holder = _s(r.get(store.k.lease))
     host = driver.split(":")[0] if driver else None
