@@ -13,7 +13,8 @@ from test_dashboard_support import make_run
 
 from fedq.ops.dashboard import snapshot
 from fedq.ops.dashboard.readonly import ReadOnlyRedis
-from fedq.protocol.store import RunStore
+from fedq.protocol.store import Commit, RunStore
+from fedq.protocol.vocabulary import Phase
 
 
 @pytest.fixture()
@@ -29,7 +30,9 @@ def commit(r: redis.Redis, run_id: str, rnd: int, *, acc: float, loss: float, mi
          "test_loss": loss, "test_accuracy": acc, "seconds": 2.0, "overhead_seconds": 0.1, "refused": 0,
          "clients": clients or {"client-0": {"num_examples": 10, "loss": 0.4, "accuracy": 0.9}},
          **({"missing": missing} if missing else {}), **extra}
-    assert store.commit_round(rnd, f"g{rnd}".encode(), m, {"test_accuracy": acc, "test_loss": loss} if final else None)
+    assert store.commit_round(Commit(round=rnd, global_payload=f"g{rnd}".encode(), metrics=m,
+                                     final={"test_accuracy": acc, "test_loss": loss} if final else None,
+                                     after=Phase.DONE if final else Phase.TRAIN))
     return m
 
 

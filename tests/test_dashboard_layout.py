@@ -13,7 +13,7 @@ import redis
 from helpers import RedisServer
 from test_dashboard_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, make_run, wait_for
 
-from fedq.protocol.store import RunStore
+from fedq.protocol.store import Commit, RunStore
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
@@ -35,11 +35,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Dashboard, 
     store = RunStore(r, "a-running-run")
     store.driver = "test-driver"
     # a round closed without client-2, whose heartbeat expired
-    store.commit_round(4, b"g4", {"round": 4, "num_updates": 2, "num_examples": 201, "test_accuracy": 0.7,
-                                  "test_loss": 0.5, "train_loss": 0.2, "seconds": 3.0, "overhead_seconds": 2.0,
-                                  "missing": {"client-2": "heartbeat expired"},
-                                  "clients": {"client-0": {"num_examples": 100, "loss": 0.2, "accuracy": 0.9,
-                                                           "push_time": time.time()}}})
+    store.commit_round(Commit(round=4, global_payload=b"g4", metrics={
+        "round": 4, "num_updates": 2, "num_examples": 201, "test_accuracy": 0.7, "test_loss": 0.5, "train_loss": 0.2,
+        "seconds": 3.0, "overhead_seconds": 2.0, "missing": {"client-2": "heartbeat expired"},
+        "clients": {"client-0": {"num_examples": 100, "loss": 0.2, "accuracy": 0.9, "push_time": time.time()}}}))
     dash = Dashboard(server.url, tmp_path_factory.mktemp("layout"), refresh=0.5)
     yield dash, r
     dash.stop()

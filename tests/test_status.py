@@ -183,9 +183,10 @@ def test_overhead_leaves_out_the_wait_for_a_client_that_is_gone(r: redis.Redis) 
     store = RunStore(r, "waited-run")
     store.driver = "test-driver"
     c0 = {"num_examples": 10, "loss": 0.4, "accuracy": 0.9, "train_seconds": 1.0, "push_time": time.time() - 20}
-    assert store.commit_round(1, b"g1", {"round": 1, "num_updates": 1, "num_examples": 10, "test_accuracy": 0.8,
-                                         "seconds": 21.5, "overhead_seconds": 20.5, "eval_seconds": 0.3,
-                                         "missing": {"client-1": "heartbeat expired"}, "clients": {"client-0": c0}})
+    assert store.commit_round(Commit(round=1, global_payload=b"g1", metrics={
+        "round": 1, "num_updates": 1, "num_examples": 10, "test_accuracy": 0.8, "seconds": 21.5,
+        "overhead_seconds": 20.5, "eval_seconds": 0.3, "missing": {"client-1": "heartbeat expired"},
+        "clients": {"client-0": c0}}))
     out = io.StringIO()
     Console(file=out, width=80, force_terminal=False).print(run_renderable(snapshot.run_detail(r, "waited-run")))
     (row,) = [line.split() for line in out.getvalue().splitlines() if re.match(r"^ *1 +1 +10 ", line)]
