@@ -11,7 +11,7 @@ read-only dashboard client and its ACL user may use them too.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -85,21 +85,26 @@ def _sizes(r: redis.Redis, keys: Sequence[str], kind: str) -> list[int | None]:
     return out
 
 
+def _read_within(r: redis.Redis, keys: Sequence[str], kind: str, cap: int,
+                 read: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """key -> reply of read(pipeline, key) for each key of the given type whose MEMORY USAGE is
+    within cap (the others are left out, logged once)."""
+    sizes = _sizes(r, keys, kind)
+    pipe = r.pipeline(transaction=False)
+    wanted = []
+    for key, size in zip(keys, sizes, strict=True):
+        if size is not None and size > cap:
+            warn_once(key, f"a {kind} of {size} bytes, over {cap}")
+        elif size is not None:
+            read(pipe, key)
+            wanted.append(key)
+    return dict(zip(wanted, pipe.execute(raise_on_error=False), strict=True)) if wanted else {}
+
+
 def lists(r: redis.Redis, keys: Sequence[str], last: int = 1000,
           cap: int = COLLECTION_CAP) -> list[list[bytes]]:
     """The last `last` items of each list; [] for a key that is absent, not a list, or over cap."""
-    if not keys:
-        return []
-    sizes = _sizes(r, keys, "list")
-    pipe = r.pipeline(transaction=False)
-    wanted = []
-    for key, size in zip(keys, sizes):
-        if size is not None and size > cap:
-            warn_once(key, f"a list of {size} bytes, over {cap}")
-        elif size is not None:
-            pipe.lrange(key, -last, -1)
-            wanted.append(key)
-    got = dict(zip(wanted, pipe.execute(raise_on_error=False))) if wanted else {}
+    got = _read_within(r, keys, "list", cap, lambda pipe, key: pipe.lrange(key, -last, -1)) if keys else {}
     return [v if isinstance(v := got.get(key), list) else [] for key in keys]
 
 
@@ -107,18 +112,7 @@ def streams(r: redis.Redis, keys: Sequence[str], last: int = 10_000,
             cap: int = COLLECTION_CAP) -> list[list[tuple[Any, dict[Any, Any]]]]:
     """The last `last` entries of each stream, oldest first; [] for a key that is absent, not a
     stream, or over cap."""
-    if not keys:
-        return []
-    sizes = _sizes(r, keys, "stream")
-    pipe = r.pipeline(transaction=False)
-    wanted = []
-    for key, size in zip(keys, sizes):
-        if size is not None and size > cap:
-            warn_once(key, f"a stream of {size} bytes, over {cap}")
-        elif size is not None:
-            pipe.xrevrange(key, count=last)
-            wanted.append(key)
-    got = dict(zip(wanted, pipe.execute(raise_on_error=False))) if wanted else {}
+    got = _read_within(r, keys, "stream", cap, lambda pipe, key: pipe.xrevrange(key, count=last)) if keys else {}
     return [list(reversed(v)) if isinstance(v := got.get(key), list) else [] for key in keys]
 
 
@@ -126,17 +120,6 @@ def hash_fields(r: redis.Redis, keys: Sequence[str], fields: Sequence[str],
                 cap: int = RECORD_CAP) -> list[list[bytes | None]]:
     """The given fields of each hash; all None for a key that is absent, not a hash, or over cap
     (the whole hash, as MEMORY USAGE counts it)."""
-    if not keys:
-        return []
-    sizes = _sizes(r, keys, "hash")
-    pipe = r.pipeline(transaction=False)
-    wanted = []
-    for key, size in zip(keys, sizes):
-        if size is not None and size > cap:
-            warn_once(key, f"a hash of {size} bytes, over {cap}")
-        elif size is not None:
-            pipe.hmget(key, list(fields))
-            wanted.append(key)
-    got = dict(zip(wanted, pipe.execute(raise_on_error=False))) if wanted else {}
+    got = _read_within(r, keys, "hash", cap, lambda pipe, key: pipe.hmget(key, list(fields))) if keys else {}
     none: list[bytes | None] = [None] * len(fields)
     return [v if isinstance(v := got.get(key), list) else list(none) for key in keys]
