@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,16 +19,17 @@ import redis
 
 from fedq.errors import CodecError, ConfigError, DataError, FedqError, UpdateRejected
 from fedq.learning import evaluation, privacy
-from fedq.learning.aggregate import capped_weights, weighted_metrics
+from fedq.learning.aggregate import weighted_metrics
 from fedq.learning.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
 from fedq.learning.models import build_model, evaluate, weight_names
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.strategies import Strategy, held_bytes, select_clients
-from fedq.protocol import chunking, codec, heartbeat, messages, transfer
+from fedq.protocol import chunking, heartbeat, messages, transfer
 from fedq.protocol.signing import Verifier
-from fedq.protocol.store import Commit, LeaseLost, RunStore, StoredUpdate, connect
-from fedq.protocol.vocabulary import ENDED, Phase, Read, Refusal
+from fedq.protocol.store import Commit, LeaseLost, RunStore, connect
+from fedq.protocol.vocabulary import ENDED, Phase, Refusal
 from fedq.roles import metrics as fedq_metrics
+from fedq.roles.judging import Judging, Round
 from fedq.roles.localredis import die_with_parent
 from fedq.settings import Settings
 
@@ -48,39 +49,6 @@ class AggregatorStopped(FedqError):
 
 class RunVanished(FedqError):
     """The run's keys disappeared from Redis (restarted without persistence, or flushed)."""
-
-
-@dataclass
-class _Round:
-    """What one round has folded and refused so far (small: digests and counts, not models)."""
-
-    acc: Strategy  # streaming for the FedAvg family (memory one model); robust ones hold N
-    joined: dict[str, int | None]  # client id -> rows it joined with (None: not reported)
-    base: list[np.ndarray] = field(default_factory=list)  # the global model the round trains from
-    compression: str = "none"  # the run's encoding of updates (fedq.protocol.compress)
-    selected: set[str] | None = None  # the clients chosen to train (None: every joined client)
-    folded: dict[str, messages.Update] = field(default_factory=dict)
-    refused: set[str] = field(default_factory=set)
-    # client id -> version of its update last judged: its push sequence number, or a marker of
-    # what was wrong with its key, so that each version is judged (and read) exactly once.
-    versions: dict[str, str] = field(default_factory=dict)
-    reads: dict[str, int] = field(default_factory=dict)  # client id -> versions read this round
-    weights: dict[str, int] = field(default_factory=dict)  # client id -> capped weight (--max-client-share)
-    template: list[messages.TensorSpec] = field(default_factory=list)  # the model's tensors
-    gone: set[str] = field(default_factory=set)  # members due an update whose heartbeat expired
-    settled: bool = False  # the last liveness check found nobody left to wait for
-    checked_alive: float = 0.0  # time.monotonic() of that check
-    recorded: set[tuple[str, str]] = field(default_factory=set)  # (client, version) in the audit trail
-    fold_seconds: float = 0.0
-    last_arrival: float = 0.0
-    part_keys: set[str] = field(default_factory=set)  # parts of updates judged: deleted at commit
-
-    @property
-    def responded(self) -> int:
-        return len(self.folded) + len(self.refused)
-
-    def expected(self, spec: RunSpec) -> int:
-        return spec.clients if self.selected is None else len(self.selected)
 
 
 @dataclass
@@ -112,7 +80,7 @@ class _Prepared:
     strategy: Strategy | None = None  # None until the model's shapes are known
 
 
-class Aggregator:
+class Aggregator(Judging):
     """Drives a run from its join phase to its last round; all state lives in Redis.
 
     Only the holder of the run's lease drives it; every write that moves the run on is
@@ -366,7 +334,7 @@ class Aggregator:
         drive.model.set_weights(weights)
         return evaluate(drive.model, drive.x_test, drive.y_test, drive.num_classes), time.perf_counter() - t0
 
-    def _record(self, drive: _Driving, rnd: _Round, test: dict[str, Any], eval_seconds: float) -> dict[str, Any]:
+    def _record(self, drive: _Driving, rnd: Round, test: dict[str, Any], eval_seconds: float) -> dict[str, Any]:
         """The round's record (fedq:{run}:metrics, report.json's rounds)."""
         metrics = self._round_metrics(rnd, drive.round_no, test, drive.round_started, eval_seconds)
         metrics["compression"] = _compression_summary(rnd, drive.template)
@@ -378,7 +346,7 @@ class Aggregator:
             metrics["selected"] = sorted(rnd.selected)
         return metrics
 
-    def _commit(self, drive: _Driving, rnd: _Round, payload: bytes, parts: int, metrics: dict[str, Any]) -> None:
+    def _commit(self, drive: _Driving, rnd: Round, payload: bytes, parts: int, metrics: dict[str, Any]) -> None:
         """Commit the round: the global model, counter, record, server state and the next
         round's chosen clients in one fenced step."""
         spec, round_no = drive.spec, drive.round_no
@@ -427,7 +395,7 @@ class Aggregator:
             return None
         return select_clients(self.store.clients(), spec.fraction_fit, spec.seed, round_no)
 
-    def _with_fed_eval(self, rnd: _Round, round_no: int) -> dict[str, Any] | None:
+    def _with_fed_eval(self, rnd: Round, round_no: int) -> dict[str, Any] | None:
         """The previous round's record with the federated evaluation its global model got from
         the clients of this round (each evaluated the global model it trained from)."""
         if round_no < 2:
@@ -589,7 +557,7 @@ class Aggregator:
         self.store.refuse_join(cid, Refusal.SHARD_PLAN, detail)
         return False
 
-    def _admit_late(self, rnd: _Round, cid: str) -> None:
+    def _admit_late(self, rnd: Round, cid: str) -> None:
         """A client asking to join while training runs: admitted while there is room (it uses
         the published scaler and trains from the next round it sees)."""
         request = self.store.join_request(cid)
@@ -599,11 +567,11 @@ class Aggregator:
             rnd.joined = self._joined()
 
     def _collect_round(self, spec: RunSpec, round_no: int, template: list[messages.TensorSpec],
-                       strategy: Strategy, base: list[np.ndarray]) -> _Round:
+                       strategy: Strategy, base: list[np.ndarray]) -> Round:
         """Block until every joined (or chosen) client has a stored update for the round (valid or
         refused), or the deadline passes with the quorum. strategy has begun the round; base is
         the global model it started from (compressed updates are deltas from it)."""
-        rnd = _Round(acc=strategy, joined=self._joined(), base=base, compression=spec.compression, template=template)
+        rnd = Round(acc=strategy, joined=self._joined(), base=base, compression=spec.compression, template=template)
         if spec.sampled:
             rnd.selected = self.store.selected(round_no)
             if rnd.selected is None:  # written with the commit that opened the round; never absent
@@ -642,21 +610,8 @@ class Aggregator:
         self._cap_shares(spec, rnd, round_no, template)
         return rnd
 
-    def _cap_shares(self, spec: RunSpec, rnd: _Round, round_no: int, template: list[messages.TensorSpec]) -> None:
-        """--max-client-share: lower the weight of any update that would carry more than the
-        share of the mean, then rebuild the sum with those weights (only when one binds)."""
-        if spec.max_client_share is None:
-            return
-        counts = {cid: upd.num_examples for cid, upd in rnd.folded.items()}
-        weights = capped_weights(counts, spec.max_client_share)
-        if weights == counts:
-            return
-        log.warning("run %s round %d: capping the weight of %s at a share of %g", self.run_id, round_no,
-                    ", ".join(sorted(c for c in counts if weights[c] != counts[c])), spec.max_client_share)
-        rnd.weights = weights
-        self._refold(rnd, round_no, template)
 
-    def _settled(self, rnd: _Round, quorum: int) -> bool:
+    def _settled(self, rnd: Round, quorum: int) -> bool:
         """Whether the round can close before its deadline: the quorum is in and every member
         still due an update is gone (its heartbeat, seen before, has expired). Slow but live
         clients keep the round open until the deadline; members are looked up every half second."""
@@ -683,180 +638,8 @@ class Aggregator:
             out[cid] = rows if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0 else None
         return out
 
-    def _judge(self, rnd: _Round, round_no: int, cid: str, template: list[messages.TensorSpec],
-               observe: bool = True) -> messages.Update | None:
-        """Judge a client's current update, as stages: read (checked in Redis) -> check (the
-        key, membership, selection) -> decode and validate -> verify the signature. Records the
-        judgement; returns the update, or None when there was nothing new or it was refused."""
-        got = self._read(rnd, round_no, cid, observe)
-        if got is None:
-            return None
-        payload = got.payload or b""
-        try:
-            self._admissible(rnd, round_no, cid, got)
-            upd = messages.validate_update(payload, run_id=self.run_id, round_no=round_no, client_id=cid,
-                                           template=template, max_examples=self._max_examples(rnd, cid),
-                                           compression=rnd.compression, base=rnd.base)
-            self._verify(round_no, upd, template)
-        except UpdateRejected as exc:
-            if observe:
-                fedq_metrics.observe_update(False, exc.reason, len(payload))
-            self._record_judged(rnd, round_no, cid, rnd.versions[cid], got.seq,
-                                codec.digest(payload) if payload else "", exc.reason, len(payload))
-            self._refuse(rnd, round_no, cid, exc)
-            if rnd.folded.pop(cid, None) is not None:
-                self._refold(rnd, round_no, template)  # its earlier, valid version no longer counts
-            return None
-        if observe:
-            fedq_metrics.observe_update(True, None, len(payload))
-        self._record_judged(rnd, round_no, cid, rnd.versions[cid], got.seq, upd.digest, "accepted", len(payload))
-        return upd
 
-    def _read(self, rnd: _Round, round_no: int, cid: str, observe: bool) -> StoredUpdate | None:
-        """Stage read: the client's update if it is a version not judged yet (None otherwise).
-        Each version is read once: Redis checks the key's type, sequence number and size before
-        anything travels, and a version already judged costs a few bytes whatever wakes us."""
-        judged = rnd.versions.get(cid, "")
-        if observe and rnd.reads.get(cid, 0) >= self.settings.max_pushes_per_round:
-            self._too_many_pushes(rnd, round_no, cid, judged)
-            return None
-        got = self.store.read_update(round_no, cid, judged if judged.isdigit() else "", self.settings.max_update_bytes)
-        if got.kind in (Read.NONE, Read.SEEN):
-            return None
-        version = got.seq if got.kind == Read.OK else f"!{got.kind}:{got.seq}"
-        if version == judged:
-            return None  # the same bad key as before: recorded once already
-        rnd.versions[cid] = version
-        if observe:  # a rebuild re-reads what was judged: that is not the client's doing
-            rnd.reads[cid] = rnd.reads.get(cid, 0) + 1
-        return got
-
-    def _admissible(self, rnd: _Round, round_no: int, cid: str, got: StoredUpdate) -> None:
-        """Stage check: UpdateRejected unless the key was sound and the client is due an update."""
-        if got.kind != Read.OK:
-            raise UpdateRejected(*_key_problem(got, self.settings.max_update_bytes))
-        if cid not in rnd.joined:
-            raise UpdateRejected(Refusal.UNKNOWN_CLIENT, f"client {cid!r} has not joined run {self.run_id}")
-        if rnd.selected is not None and cid not in rnd.selected:
-            raise UpdateRejected(Refusal.NOT_SELECTED, f"client {cid!r} is not among those chosen for round {round_no}")
-
-    def _verify(self, round_no: int, upd: messages.Update, template: list[messages.TensorSpec]) -> None:
-        """Stage verify: with a client registry, UpdateRejected unless the signature holds. It
-        covers what travelled: a compressed update's codes, scales and encoding; an update in
-        parts, the digests of its parts."""
-        if self.verifier is None:
-            return
-        digest = None if upd.layout is None else messages.parts_digest(
-            upd.names or [], [t.shape for t in template], upd.layout)
-        self.verifier.verify(self.run_id, round_no, upd.client_id, upd.num_examples, upd.wire_names or upd.names or [],
-                             upd.tensors if upd.wire_tensors is None else upd.wire_tensors, upd.signature,
-                             upd.compression, digest)
-
-    def _record_judged(self, rnd: _Round, round_no: int, cid: str, version: str, seq: str, digest: str,
-                       outcome: str, nbytes: int) -> None:
-        """One line of the audit trail per version judged (a rebuild's re-reading adds none)."""
-        if (cid, version) in rnd.recorded:
-            return
-        rnd.recorded.add((cid, version))
-        self.store.record_judged(cid, round_no, seq, digest, outcome, nbytes)
-
-    def _max_examples(self, rnd: _Round, cid: str) -> int | None:
-        """The most samples cid may claim: the rows it joined with (its own claim) and, when the
-        operator provisioned one, its limit in the client registry, whichever is lower."""
-        limits = [n for n in (rnd.joined.get(cid), self.verifier and self.verifier.max_examples(cid))
-                  if isinstance(n, int)]
-        return min(limits) if limits else None
-
-    def _too_many_pushes(self, rnd: _Round, round_no: int, cid: str, judged: str) -> None:
-        """Past max_pushes_per_round a client's newer versions are refused unread (once), and
-        any version of it already folded leaves the round."""
-        seq = self.store.update_seq(round_no, cid)
-        if not seq or seq == judged or judged.startswith("!too_many_pushes"):
-            return
-        rnd.versions[cid] = "!too_many_pushes"
-        exc = UpdateRejected(Refusal.TOO_MANY_PUSHES, f"more than {self.settings.max_pushes_per_round} versions "
-                             f"pushed for round {round_no} (FEDQ_MAX_PUSHES_PER_ROUND)")
-        self.store.record_judged(cid, round_no, seq, "", exc.reason, 0)
-        self._refuse(rnd, round_no, cid, exc)
-        if rnd.folded.pop(cid, None) is not None:
-            self._refold(rnd, round_no, rnd.template)
-
-    def _refuse(self, rnd: _Round, round_no: int, cid: str, exc: UpdateRejected) -> None:
-        """Log and record a refused update; it counts as a response when the client was due one."""
-        log.warning("run %s round %d: refused update from %s: %s", self.run_id, round_no, cid, exc)
-        self.store.record_refused(cid, round_no, exc.reason, exc.detail)
-        if cid in rnd.joined and (rnd.selected is None or cid in rnd.selected):
-            rnd.refused.add(cid)
-
-    def _consider(self, rnd: _Round, round_no: int, cid: str, template: list[messages.TensorSpec]) -> None:
-        """Validate and fold one client's stored update, once per version."""
-        self._tick()  # a rescan folds many updates in a row: keep the lease through them
-        t0 = time.perf_counter()
-        upd = self._judge(rnd, round_no, cid, template)
-        if upd is not None:
-            rnd.refused.discard(cid)
-            replaced = cid in rnd.folded
-            rnd.folded[cid] = _strip(upd)  # keep metadata only: memory stays one model, not N
-            if replaced:
-                self._refold(rnd, round_no, template)  # a re-push replaces: rebuild without the old one
-            elif not self._fold(rnd, round_no, upd, template):
-                self._refold(rnd, round_no, template)  # a bad part: take out what it added
-            rnd.last_arrival = time.time()
-        rnd.fold_seconds += time.perf_counter() - t0
-
-    def _refold(self, rnd: _Round, round_no: int, template: list[messages.TensorSpec]) -> None:
-        """Recompute the running sum from the current stored updates of the folded clients."""
-        clean = False
-        while not clean:  # a part that fails mid-rebuild leaves some of it behind: start over
-            rnd.acc.reset()
-            clean = True
-            for cid in list(rnd.folded):
-                self._tick()
-                # Out of folded and versions first: judge the current version afresh, and a
-                # refusal here must not start another rebuild.
-                del rnd.folded[cid]
-                rnd.versions.pop(cid, None)
-                upd = self._judge(rnd, round_no, cid, template, observe=False)  # counted when it arrived
-                if upd is not None:
-                    rnd.folded[cid] = _strip(upd)
-                    if not self._fold(rnd, round_no, upd, template):
-                        clean = False
-                        break
-
-    def _fold(self, rnd: _Round, round_no: int, upd: messages.Update, template: list[messages.TensorSpec]) -> bool:
-        """Add an accepted update to the round's sum: whole, or part by part as its parts are
-        read (memory: one part). False when a part was missing or bad: the update is then
-        refused (unless a newer push replaced it meanwhile), and the sum holds some of it, so
-        the caller rebuilds."""
-        weight = rnd.weights.get(upd.client_id, upd.num_examples)
-        if upd.layout is None:
-            rnd.acc.add(upd.tensors, weight, upd.client_id)
-            return True
-        rnd.part_keys.update(transfer.update_part_keys(self.store, upd))
-        try:
-            if rnd.acc.streams_parts:
-                def fold(offset: int, values: np.ndarray) -> None:
-                    self._tick()  # a model of a GB is many parts and seconds: renew as we go
-                    rnd.acc.add_part(offset, values, weight)
-
-                transfer.fold_parts(self.store, upd, fold)
-                rnd.acc.count_update(weight, upd.client_id)
-            else:
-                rnd.acc.add(transfer.assemble(self.store, upd, template, on_part=self._tick), weight,
-                            upd.client_id)
-            return True
-        except UpdateRejected as exc:
-            cid = upd.client_id
-            rnd.folded.pop(cid, None)
-            # not superseded: this version itself is bad
-            if rnd.versions.get(cid) == self.store.update_seq(round_no, cid):
-                fedq_metrics.observe_update(False, exc.reason, 0)
-                self._refuse(rnd, round_no, cid, exc)
-            else:
-                rnd.versions.pop(cid, None)  # judge the newer push when its wake-up comes
-            return False
-
-    def _round_metrics(self, rnd: _Round, round_no: int, test: dict[str, float],
+    def _round_metrics(self, rnd: Round, round_no: int, test: dict[str, float],
                        round_started: float, eval_seconds: float) -> dict[str, Any]:
         updates = sorted(rnd.folded.values(), key=lambda u: u.client_id)
         train = weighted_metrics((u.metrics, u.num_examples) for u in updates)
@@ -890,19 +673,6 @@ class Aggregator:
         }
 
 
-def _key_problem(got: StoredUpdate, max_bytes: int) -> tuple[str, str]:
-    """The refusal (reason, detail) for an update key that failed the checks made in Redis."""
-    if got.kind == Read.TOO_LARGE:
-        return Refusal.TOO_LARGE, f"{got.size} bytes exceeds the cap of {max_bytes} (FEDQ_MAX_UPDATE_BYTES)"
-    if got.kind == Read.WRONG_TYPE:
-        return Refusal.MALFORMED, f"the update key holds a Redis {got.seq}, not a hash"
-    if got.kind == Read.BAD_SEQ:
-        return Refusal.MALFORMED, f"the update's sequence number {got.seq!r} is not a whole number"
-    if got.kind == Read.BAD_PARTS:
-        return Refusal.MALFORMED, "the update's push id is not one fedq writes"
-    return Refusal.MALFORMED, f"the update key could not be read ({got.kind})"
-
-
 def _test_extras(test: dict[str, Any]) -> dict[str, Any]:
     """Central evaluation beyond loss and accuracy (binary tasks: auc, precision, recall, f1)."""
     return {f"test_{k}": v for k, v in test.items() if k not in ("loss", "accuracy")}
@@ -915,11 +685,7 @@ def _final(metrics: dict[str, Any]) -> dict[str, Any]:
     return {"round": metrics.get("round"), **{k: metrics[k] for k in keep if k in metrics}}
 
 
-def _strip(upd: messages.Update) -> messages.Update:
-    return replace(upd, tensors=[], names=None, wire_names=None, wire_tensors=None, signature=None)
-
-
-def _compression_summary(rnd: _Round, template: list[messages.TensorSpec]) -> dict[str, Any]:
+def _compression_summary(rnd: Round, template: list[messages.TensorSpec]) -> dict[str, Any]:
     """Bytes on the wire and compression error of a round's accepted updates.
 
     payload_bytes are the stored envelopes (metadata included), tensor_bytes the tensors in them,
