@@ -88,11 +88,11 @@ class Judging:
         self._refold(rnd, round_no, template)
 
     def _judge(self, rnd: Round, round_no: int, cid: str, template: list[messages.TensorSpec],
-               observe: bool = True) -> messages.Update | None:
+               observe: bool = True, folded: str | None = None) -> messages.Update | None:
         """Judge a client's current update, as stages: read (checked in Redis) -> check (the
         key, membership, selection) -> decode and validate -> verify the signature. Records the
         judgement; returns the update, or None when there was nothing new or it was refused."""
-        got = self._read(rnd, round_no, cid, observe)
+        got = self._read(rnd, round_no, cid, observe, folded)
         if got is None:
             return None
         payload = got.payload or b""
@@ -116,13 +116,19 @@ class Judging:
         self._record_judged(rnd, round_no, cid, rnd.versions[cid], got.seq, upd.digest, "accepted", len(payload))
         return upd
 
-    def _read(self, rnd: Round, round_no: int, cid: str, observe: bool) -> StoredUpdate | None:
+    def _read(self, rnd: Round, round_no: int, cid: str, observe: bool,
+              folded: str | None = None) -> StoredUpdate | None:
         """Stage read: the client's update if it is a version not judged yet (None otherwise).
         Each version is read once: Redis checks the key's type, sequence number and size before
-        anything travels, and a version already judged costs a few bytes whatever wakes us."""
+        anything travels, and a version already judged costs a few bytes whatever wakes us.
+
+        A rebuild (observe False) re-reads what was judged (folded: the version folded before),
+        which is not the client's doing; a newer version it finds counts like any other, so that
+        re-pushing during rebuilds cannot get past max_pushes_per_round either."""
         judged = rnd.versions.get(cid, "")
-        if observe and rnd.reads.get(cid, 0) >= self.settings.max_pushes_per_round:
-            self._too_many_pushes(rnd, round_no, cid, judged)
+        if rnd.reads.get(cid, 0) >= self.settings.max_pushes_per_round and (
+                observe or (folded is not None and self.store.update_seq(round_no, cid) != folded)):
+            self._too_many_pushes(rnd, round_no, cid, judged or folded or "")
             return None
         got = self.store.read_update(round_no, cid, judged if judged.isdigit() else "", self.settings.max_update_bytes)
         if got.kind in (Read.NONE, Read.SEEN):
@@ -131,7 +137,7 @@ class Judging:
         if version == judged:
             return None  # the same bad key as before: recorded once already
         rnd.versions[cid] = version
-        if observe:  # a rebuild re-reads what was judged: that is not the client's doing
+        if observe or version != folded:
             rnd.reads[cid] = rnd.reads.get(cid, 0) + 1
         return got
 
@@ -219,8 +225,8 @@ class Judging:
                 # Out of folded and versions first: judge the current version afresh, and a
                 # refusal here must not start another rebuild.
                 del rnd.folded[cid]
-                rnd.versions.pop(cid, None)
-                upd = self._judge(rnd, round_no, cid, template, observe=False)  # counted when it arrived
+                was = rnd.versions.pop(cid, None)
+                upd = self._judge(rnd, round_no, cid, template, observe=False, folded=was)
                 if upd is not None:
                     rnd.folded[cid] = _strip(upd)
                     if not self._fold(rnd, round_no, upd, template):
