@@ -21,7 +21,7 @@ from fedq.ops.dashboard import snapshot
 from fedq.protocol.keys import RunKeys
 from fedq.learning.spec import RunSpec
 from fedq.protocol.store import RunStore
-from helpers import RedisServer
+from support.redis import RedisServer
 
 CLIENTS = ["client-0", "client-1"]
 NOPERM = (redis.exceptions.NoPermissionError, redis.exceptions.ResponseError)

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedq.protocol import codec, compress, messages
 from fedq.learning.aggregate import fedavg
-from test_rounds import Harness, harness_factory  # noqa: F401 (fixture)
+from support.federation import Federation
 
 N_GOOD = (100, 300)
 BLOCK = 16  # small blocks, so that the seed network's tensors have several each
@@ -24,7 +24,7 @@ def _local(g: list[np.ndarray], seed: int) -> list[np.ndarray]:
     return [(t + rng.normal(0, 0.05, t.shape)).astype(t.dtype) for t in g]
 
 
-def _packed(h: Harness, cid: str, rnd: int, n: int, names: list[str], g: list[np.ndarray],
+def _packed(h: Federation, cid: str, rnd: int, n: int, names: list[str], g: list[np.ndarray],
             local: list[np.ndarray], encoding: str = "int8") -> tuple[bytes, messages.Compressed]:
     packed = messages.compress_update(names, local, g, encoding, BLOCK)
     payload = messages.encode_update(h.store.run_id, rnd, cid, n, {"loss": 0.5, **packed.metrics}, packed.names,

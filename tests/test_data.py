@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ROOT, SEED_DATA_MISSING, seed_data_dir
+from support.data import SEED_DATA_MISSING, seed_data_dir
+from support.procs import ROOT
 
 from fedq.learning.data import DataSpec, Dataset, FeatureStats, combine_stats, feature_stats, load_dataset, load_test, scaler_from_stats, seed_spec, shard_indices, split_indices, standardize
 from fedq.learning.partition import load_shard

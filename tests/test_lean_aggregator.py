@@ -21,8 +21,8 @@ from fedq.settings import Settings
 from fedq.learning.spec import RunSpec
 from fedq.protocol.store import RunStore, connect
 from fedq.learning.strategies import Strategy, StrategySpec
-from test_chunking import CHUNK, _push, _push_damaged
-from test_rounds import harness_factory  # noqa: F401  (fixture used by name)
+
+CHUNK = 1024  # the smallest chunk: the seed model goes in two parts
 
 
 def _model(rng: np.random.Generator) -> list[np.ndarray]:
@@ -115,9 +115,9 @@ def test_without_central_evaluation_a_damaged_part_is_refused_and_the_round_goes
         harness_factory, monkeypatch) -> None:
     h, names, g = _lean(harness_factory, monkeypatch, "t-lean-bad", rounds=1)
     good = {"c0": ([(t + 1).astype(np.float32) for t in g], 100), "c1": ([(t - 1).astype(np.float32) for t in g], 300)}
-    _push(h, "c0", 100, names, good["c0"][0])
-    _push_damaged(h, "c2", 50, names, [(t + 50).astype(np.float32) for t in g], "tampered")
-    _push(h, "c1", 300, names, good["c1"][0])
+    h.push_parts("c0", 100, names, good["c0"][0])
+    h.push_damaged_parts("c2", 50, names, [(t + 50).astype(np.float32) for t in g], "tampered")
+    h.push_parts("c1", 300, names, good["c1"][0])
     h.wait_round(1)
     _, _, new = transfer.read_global(h.store)
     for got, want in zip(new, fedavg(list(good.values()))):
@@ -153,7 +153,7 @@ def test_simulated_clients_of_a_process_share_one_fetch_of_each_global_model(har
     for got_t, want in zip(tensors, transfer.read_global(h.store)[2]):
         np.testing.assert_array_equal(got_t, want)
     for cid, n in (("c0", 10), ("c1", 20), ("c2", 30)):
-        _push(h, cid, n, names, [(t + 1).astype(np.float32) for t in tensors])
+        h.push_parts(cid, n, names, [(t + 1).astype(np.float32) for t in tensors])
     h.wait_round(1)
     assert shared.read(h.store)[0] == 1 and shared.fetches == 2  # a new round: one new fetch
     assert shared.read(h.store)[0] == 1 and shared.fetches == 2
@@ -177,7 +177,7 @@ def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch) 
     h = harness_factory(1, "t-lease", {"central_eval": False}, chunk_bytes=CHUNK, lease_seconds=2.0)
     _, names, g = transfer.read_global(h.store)
     for cid, n in (("c0", 10), ("c1", 20), ("c2", 30)):
-        _push(h, cid, n, names, [(t + 1).astype(np.float32) for t in g])
+        h.push_parts(cid, n, names, [(t + 1).astype(np.float32) for t in g])
     h.wait_round(1)
     h.thread.join(timeout=30)
     assert h.store.state()["status"] == "finished"

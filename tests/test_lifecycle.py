@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli_env, fedq_cmd
+from support.procs import cli_env, fedq_cmd
 from proctree import Proc, Tracker
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")

@@ -11,25 +11,13 @@ import textwrap
 from pathlib import Path
 
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedq.roles import metrics
 from fedq.errors import REFUSAL_REASONS
-from helpers import free_port
-from test_dashboard_support import http_get, wait_for
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics text as (name, sorted labels) -> value, via prometheus-client's parser."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(parsed: dict, name: str, **labels: str) -> float | None:
-    return parsed.get((name, tuple(sorted(labels.items()))))
+from support.checks import samples, value
+from support.redis import free_port
+from support.dashboard import http_get
+from support.wait import wait_until
 
 
 def test_counts_in_a_registry_of_its_own() -> None:
@@ -112,7 +100,7 @@ def test_values_counted_in_forked_children_reach_the_parents_metrics(tmp_path: P
     proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        status, body, _ = wait_for("/metrics", lambda: http_get(f"http://127.0.0.1:{port}/metrics"), timeout=20)
+        status, body, _ = wait_until(lambda: http_get(f"http://127.0.0.1:{port}/metrics"), "/metrics", timeout=20, ignore=(Exception,))
         p = samples(body.decode())
         assert value(p, "fedq_updates_accepted_total") == 2
         assert value(p, "fedq_updates_refused_total", reason="non_finite") == 2
@@ -159,7 +147,7 @@ def test_metrics_of_a_worker_that_drove_nothing_yet_are_not_empty(tmp_path: Path
     proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        status, body, _ = wait_for("/metrics", lambda: http_get(f"http://127.0.0.1:{port}/metrics"), timeout=20)
+        status, body, _ = wait_until(lambda: http_get(f"http://127.0.0.1:{port}/metrics"), "/metrics", timeout=20, ignore=(Exception,))
         p = samples(body.decode())
         assert status == 200
         assert value(p, "fedq_rounds_completed_total") == 0

@@ -29,9 +29,12 @@ from fedq.roles.jobs import submit_run
 from fedq.settings import Settings
 from fedq.learning.spec import RunSpec
 from fedq.protocol.store import RunStore
-from helpers import cli_env, free_port
-from test_dashboard_support import Proc, http_get, wait_for
-from test_metrics import samples, value
+from support.procs import cli_env
+from support.redis import free_port
+from support.dashboard import http_get
+from support.procs import Proc
+from support.wait import wait_until
+from support.checks import samples, value
 
 pytestmark = pytest.mark.slow
 
@@ -102,8 +105,7 @@ def federation(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
             assert p.wait(60) == 0, p.text()[-3000:]
         # The run's gauges drop once its driver is done (shortly after the run's state says so).
         with contextlib.suppress(AssertionError):
-            wait_for("fedq_clients_alive to drop to 0",
-                     lambda: value(samples(scrape()[1].decode()), "fedq_clients_alive") == 0, timeout=20)
+            wait_until(lambda: value(samples(scrape()[1].decode()), "fedq_clients_alive") == 0, "fedq_clients_alive to drop to 0", timeout=20, ignore=(Exception,))
         status, body, _ = scrape()
         seen["after"] = set(heartbeat.alive_clients(r, RUN))
         yield {"r": r, "store": store, "seen": seen, "metrics_status": status, "metrics": body.decode(),

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from fedq.protocol.store import RunStore
-from helpers import cli_env, fedq_cmd
+from support.procs import cli_env, fedq_cmd
 from proctree import Tracker
 
 RUN = "once-then-plain"

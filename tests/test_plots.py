@@ -12,8 +12,8 @@ import redis
 from fedq.roles.plots import write_curves
 from fedq.roles.report import write_report
 from fedq.protocol.store import RunStore
-from helpers import cli_env, fedq_cmd
-from test_dashboard_support import make_run
+from support.procs import cli_env, fedq_cmd
+from support.dashboard import make_run
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from fedq.protocol.store import RunStore
-from helpers import ROOT, cli_env, fedq_cmd
-from test_cli_errors import _env, assert_error_line, fedq
+from support.procs import ROOT, cli_env, fedq_cmd
+from support.cli import assert_error_line, fedq, pipe_env as _env
 
 
 def _iris_csv(path: Path) -> Path:

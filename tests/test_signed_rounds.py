@@ -11,8 +11,8 @@ import yaml
 
 from fedq.learning.aggregate import fedavg
 from fedq.protocol.signing import Signer
-from helpers import cli_env, fedq_cmd
-from test_rounds import _noisy, harness_factory  # noqa: F401 (fixture)
+from support.procs import cli_env, fedq_cmd
+from support.federation import noisy as _noisy
 
 
 def _keys(tmp_path: Path) -> Path:

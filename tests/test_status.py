@@ -18,8 +18,9 @@ from rich.console import Console
 from fedq.protocol import heartbeat
 from fedq.protocol.store import RunStore
 from fedq.ops.view import RunProgress
-from helpers import RedisServer, cli_env, fedq_cmd
-from test_dashboard_support import make_run
+from support.procs import cli_env, fedq_cmd
+from support.redis import RedisServer
+from support.dashboard import make_run
 
 
 def _env(redis_url: str) -> dict[str, str]:

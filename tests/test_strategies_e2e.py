@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cli_env, fedq_cmd
-from test_cli_errors import _env, assert_error_line, fedq
+from support.procs import ROOT, cli_env, fedq_cmd
+from support.cli import assert_error_line, fedq, pipe_env as _env
 
 pytestmark = pytest.mark.slow
 

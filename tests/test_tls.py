@@ -14,7 +14,8 @@ import pytest
 from fedq.errors import ConfigError, RedisUnavailable
 from fedq.settings import Settings
 from fedq.protocol.store import connect
-from helpers import RedisServer, cli_env, fedq_cmd, free_port
+from support.procs import cli_env, fedq_cmd
+from support.redis import RedisServer, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")
 

@@ -28,7 +28,7 @@ from fedq.settings import Settings
 from fedq.protocol.signing import Signer
 from fedq.learning.spec import RunSpec
 from fedq.protocol.store import ENDED, RunStore
-from helpers import RedisServer
+from support.redis import RedisServer
 
 HONEST = {"site-a": 100, "site-b": 300}  # sample counts, unequal on purpose
 MALLORY = "mallory"

@@ -31,7 +31,7 @@ from fedq.protocol import heartbeat, transfer
 from fedq.protocol.keys import RunKeys
 from fedq.protocol.signing import Signer, new_keys
 from fedq.protocol.store import RunStore, list_runs, newest_open_run
-from helpers import cli_env, fedq_cmd
+from support.procs import cli_env, fedq_cmd
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,8 @@ from typing import Callable
 import numpy as np
 import redis
 
-from helpers import RedisServer, cli_env, fedq_cmd
+from support.procs import cli_env, fedq_cmd
+from support.redis import RedisServer
 from fedq.protocol import codec, messages
 from fedq.learning.aggregate import fedavg
 from fedq.protocol.store import RunStore

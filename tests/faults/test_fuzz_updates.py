@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from fedq.protocol import codec, messages
 from fedq.learning.aggregate import fedavg
 from fedq.errors import UpdateRejected
-from test_rounds import Harness, harness_factory  # noqa: F401  (harness_factory is a fixture used by name)
+from support.federation import Federation
 
 ROUND = 1
 N_FUZZ = 1200  # payloads written by the seeded fuzz test (the issue asks for at least 1,000)
@@ -70,7 +70,7 @@ class Ctx:
     template: list[messages.TensorSpec]
 
     @classmethod
-    def of(cls, h: Harness) -> "Ctx":
+    def of(cls, h: Federation) -> "Ctx":
         g_round, names, g = h.global_model()
         assert g_round == ROUND - 1
         tensors = [np.array(t) for t in g]
@@ -125,7 +125,7 @@ def _oracle(ctx: Ctx, cid: str, payload: bytes) -> str | None:
     return None
 
 
-def _write(h: Harness, cid: str, payload: bytes) -> None:
+def _write(h: Federation, cid: str, payload: bytes) -> None:
     """Store an update straight into the client's key and wake the aggregator, no Lua."""
     key = h.store.k.update(cid, ROUND)
     pipe = h.store.r.pipeline(transaction=True)
@@ -135,7 +135,7 @@ def _write(h: Harness, cid: str, payload: bytes) -> None:
     pipe.execute()
 
 
-def _await_refusal(h: Harness, before: int, what: str) -> dict[str, Any]:
+def _await_refusal(h: Federation, before: int, what: str) -> dict[str, Any]:
     """Wait until the refusal log grew past ``before``; exactly one new record, returned."""
     r, key = h.store.r, h.store.k.refused
     deadline = time.monotonic() + REFUSAL_WAIT
@@ -157,13 +157,13 @@ def _check_refusal(rec: dict[str, Any], cid: str, want: str, expected: set[str],
     assert isinstance(rec["detail"], str) and rec["detail"].strip(), (what, rec)
 
 
-def _spurious_wakeups(h: Harness) -> None:
+def _spurious_wakeups(h: Federation) -> None:
     """Wake-ups that carry no new version: c2 again (its payload unchanged) and a client with
     nothing stored. Neither may produce a refusal; the next payload's count check sees that."""
     h.store.r.rpush(h.store.k.inbox, BAD, "nobody-stored-anything")
 
 
-def _finish_round(h: Harness, refusals: int) -> None:
+def _finish_round(h: Federation, refusals: int) -> None:
     """c0 and c1 push valid updates; the round commits their exact FedAvg, c2 counted refused."""
     assert h.thread.is_alive(), "the aggregator died during the fuzz"
     assert h.store.committed_round() == ROUND - 1, "the round closed without c0 and c1"
