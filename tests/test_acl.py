@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -32,16 +31,9 @@ def federation_users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     users = acl.users(CLIENTS)
     path = tmp_path_factory.mktemp("acl") / "users.acl"
     path.write_text(acl.aclfile(users))
-    server = RedisServer("--aclfile", str(path), ping=False)
     by_name = {u.name: u for u in users}
-    deadline = time.monotonic() + 15
-    while True:  # the server refuses the plain PING of the helper: wait with the aggregator's user
-        try:
-            _as(server, by_name[acl.AGGREGATOR_USER]).ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline and server.proc.poll() is None, "redis-server did not start"
-            time.sleep(0.05)
+    # The server refuses a plain PING: it is ready when the aggregator's user gets an answer.
+    server = RedisServer("--aclfile", str(path), ready=lambda s: _as(s, by_name[acl.AGGREGATOR_USER]).ping())
     yield server, by_name
     server.stop()
 

@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 import redis
 
-from support.cli import TIMEOUT, assert_error_line, fedq, pipe_env as _env
-from support.procs import cli_env, fedq_cmd
+from support.cli import assert_error_line, fedq, pipe_env as _env
 from support.redis import free_port
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FEATURES = ["age", "weight", "pressure", "flow", "urea", "sodium"]
+
+
+def _nonblank(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:

@@ -115,6 +115,9 @@ def test_aggregator_worker_keeps_a_heartbeat_until_it_stops(redis_url: str, r: r
         assert rec["role"] == "aggregator" and rec["pid"] == worker.proc.pid and rec["queue"] == "fedq-hb-test"
         assert rec.get("run") is None  # idle
         assert 0 < r.pttl(keys.aggregator_alive(name)) <= heartbeat.DEFAULT_TTL * 1000
+        # rq installs its SIGTERM handler only after it logs that it listens; a SIGTERM before that
+        # kills the worker uncleanly (the heartbeat then only expires), so wait for the line.
+        wait_until(lambda: "Listening on" in worker.text(), "the worker to listen", timeout=60)
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0, worker.text()
         assert heartbeat.alive_aggregators(r) == {}, "a worker that stops cleanly removes its heartbeat"

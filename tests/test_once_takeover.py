@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ import redis
 
 from fedq.protocol.store import RunStore
 from support.procs import cli_env, fedq_cmd
-from proctree import Tracker
+from support.procs import Tracker
+from support.wait import wait_until
 
 RUN = "once-then-plain"
 ROUNDS = 4
@@ -26,12 +26,9 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _wait(what: str, check, timeout: float, logs: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            tails = {p.name: p.read_text(errors="replace")[-2000:] for p in logs.glob("*.log")}
-            raise AssertionError(f"{what} within {timeout:g} s; logs: {tails}")
-        time.sleep(0.2)
+    def tails() -> str:
+        return str({p.name: p.read_text(errors="replace")[-2000:] for p in logs.glob("*.log")})
+    wait_until(check, what, timeout, every=0.2, detail=tails)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from typing import Callable
 
 import redis as redis_py
 
@@ -24,15 +25,18 @@ class RedisServer:
     """A redis-server on a free 127.0.0.1 port, restartable on that port (``kill`` then ``start``).
 
     ``extra`` are redis-server options; later ones win, so they override the defaults (no
-    snapshots, no AOF). ``ping=False`` is for a server a plain PING cannot reach (TLS only)."""
+    snapshots, no AOF). It is ready when a plain PING answers, or, for a server a plain PING
+    cannot reach (ACL users only, TLS only), when ``ready(server)`` is true; ``ping=False``
+    returns at once."""
 
-    def __init__(self, *extra: str, ping: bool = True) -> None:
+    def __init__(self, *extra: str, ping: bool = True, ready: Callable[["RedisServer"], bool] | None = None) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="fedq-test-redis-")
         defaults = ["--save", "", "--appendonly", "no"]
         self.args = [find_server(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir,
                      *defaults, *extra]
         self.ping = ping
+        self.ready = ready
         self.start()
 
     def start(self) -> None:
@@ -40,15 +44,16 @@ class RedisServer:
         if not self.ping:
             return  # the caller knows how to reach it
         client = redis_py.Redis(port=self.port, socket_timeout=1)
+        ready = self.ready or (lambda _server: bool(client.ping()))
 
         def up() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"test redis-server exited with {self.proc.returncode}: {self.args}")
-            return bool(client.ping())
+            return ready(self)
 
         try:
-            wait_until(up, "the test redis-server to answer PING", timeout=15, every=0.05,
-                       ignore=(redis_py.ConnectionError,))
+            wait_until(up, "the test redis-server to be ready", timeout=15, every=0.05,
+                       ignore=(redis_py.ConnectionError, OSError))
         finally:
             client.close()
 
