@@ -17,6 +17,8 @@ import redis
 from support.cli import assert_error_line, fedq, pipe_env as _env
 from support.redis import free_port
 
+pytestmark = pytest.mark.slow  # every test here runs the fedq CLI as a process (seconds each)
+
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FEATURES = ["age", "weight", "pressure", "flow", "urea", "sodium"]
 

@@ -120,6 +120,7 @@ def test_run_page_follows_a_live_federation_and_ends_with_the_report(redis_url: 
     assert {r["refused"] for r in rows.values()} == {"0"} and not report["refused"]
 
 
+@pytest.mark.slow
 def test_banner_while_redis_is_away_and_recovery_without_reload(browser: Any, tmp_path: Path) -> None:
     server = RedisServer()
     dash = Dashboard(server.url, tmp_path, refresh=0.5)

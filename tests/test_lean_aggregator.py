@@ -83,6 +83,7 @@ def _lean(harness_factory, monkeypatch, run_id: str, rounds: int):
     return h, names, g
 
 
+@pytest.mark.slow
 def test_rounds_without_central_evaluation_commit_the_exact_fedavg_and_report_no_test_metrics(
         harness_factory, monkeypatch) -> None:
     h, names, g = _lean(harness_factory, monkeypatch, "t-lean", rounds=2)
@@ -111,6 +112,7 @@ def test_rounds_without_central_evaluation_commit_the_exact_fedavg_and_report_no
     assert last["test_accuracy"] is None and last["test_loss"] is None and last["num_updates"] == 3
 
 
+@pytest.mark.slow
 def test_without_central_evaluation_a_damaged_part_is_refused_and_the_round_goes_on(
         harness_factory, monkeypatch) -> None:
     h, names, g = _lean(harness_factory, monkeypatch, "t-lean-bad", rounds=1)
@@ -125,6 +127,7 @@ def test_without_central_evaluation_a_damaged_part_is_refused_and_the_round_goes
     assert [r["reason"] for r in h.store.refused() if r["client"] == "c2"] == ["bad_part"]
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_to_build_in_the_child_fails_the_run_with_its_reason(r, redis_url) -> None:
     settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2)
     spec = RunSpec(clients=1, rounds=1, round_timeout=60, run_id="t-lean-broken", central_eval=False,
@@ -159,6 +162,7 @@ def test_simulated_clients_of_a_process_share_one_fetch_of_each_global_model(har
     assert shared.read(h.store)[0] == 1 and shared.fetches == 2
 
 
+@pytest.mark.slow
 def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch) -> None:
     """Folding a large update (or a rescan's many updates in a row) once ran longer than the
     lease without renewing it: the lease lapsed mid-round and the run was left to a 'new

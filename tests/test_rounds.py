@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import pytest
 
 from fedq.learning.aggregate import fedavg
 from support.federation import Federation, noisy
@@ -49,6 +50,7 @@ def _bad_cases() -> list[tuple[str, Callable[[Federation, int, list[str], list[n
     ]
 
 
+@pytest.mark.slow
 def test_bad_updates_are_refused_recorded_and_the_round_completes(harness_factory) -> None:
     cases = _bad_cases()
     h = harness_factory(len(cases), "t-refuse")

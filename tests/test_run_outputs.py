@@ -15,6 +15,8 @@ from fedq.protocol.store import RunStore
 from support.procs import ROOT, cli_env, fedq_cmd
 from support.cli import assert_error_line, fedq, pipe_env as _env
 
+pytestmark = pytest.mark.slow  # every test here runs the fedq CLI as a process (seconds to tens of seconds each)
+
 
 def _iris_csv(path: Path) -> Path:
     """sklearn's iris (150 rows, 4 features, 3 species) as a headed CSV with a 'species' column."""

@@ -16,7 +16,8 @@ from fedq.protocol.store import connect
 from support.procs import cli_env, fedq_cmd
 from support.redis import RedisServer, free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")
+pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates"),
+              pytest.mark.slow]  # certificates, TLS servers and CLI processes: seconds each
 
 
 def _openssl(*args: str, cwd: Path) -> None:

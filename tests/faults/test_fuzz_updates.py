@@ -504,6 +504,7 @@ def _make(rng: random.Random, ctx: Ctx, nonce: int) -> tuple[str, str, bytes | N
 
 # --- the tests -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_thousand_bad_payloads_are_each_refused_and_the_good_updates_still_average(harness_factory) -> None:
     h = harness_factory(1, "t-fuzz", max_pushes_per_round=1_000_000)  # one client, 1,200 versions
     ctx = Ctx.of(h)
@@ -647,6 +648,7 @@ def _hyp_case(ctx: Ctx) -> st.SearchStrategy:
     return case()
 
 
+@pytest.mark.slow
 def test_hypothesis_drawn_field_values_are_refused_with_a_matching_reason(harness_factory) -> None:
     h = harness_factory(1, "t-fuzz-hyp", max_pushes_per_round=1_000_000)
     ctx = Ctx.of(h)
