@@ -129,6 +129,7 @@ def test_the_dashboard_reads_everything_and_writes_nothing(federation_users) -> 
     assert RunStore(agg, "acl-dash").state()["status"] == "queued"
 
 
+@pytest.mark.slow
 def test_a_federation_runs_with_one_acl_user_per_process(federation_users, tmp_path: Path) -> None:
     """fedq aggregator and two fedq clients, each its own ACL user: the rules are enough,
     with models in parts too."""

@@ -19,11 +19,10 @@ import time
 from collections import Counter
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
 import redis
 
-from fedq.protocol import heartbeat, messages
+from fedq.protocol import heartbeat
 from fedq.roles.client import Client
 from fedq.roles.jobs import submit_run
 from fedq.settings import Settings
@@ -33,6 +32,7 @@ from support.procs import cli_env
 from support.redis import free_port
 from support.dashboard import http_get
 from support.procs import Proc
+from support.trainer import FakeTrainer, nan_step
 from support.wait import wait_until
 from support.checks import samples, value
 
@@ -40,25 +40,6 @@ pytestmark = pytest.mark.slow
 
 RUN = "metered"
 ROUNDS = 2
-
-
-class NanTrainer:
-    """Trains nothing and returns NaN weights: an update the aggregator must refuse."""
-
-    def __init__(self, store: RunStore, num_examples: int) -> None:
-        _, self.names, tensors = messages.decode_global(store.global_payload(), store.run_id)
-        self.shapes = [(t.shape, t.dtype) for t in tensors]
-        self.num_examples = num_examples
-
-    def load(self, tensors: list[np.ndarray]) -> None:
-        pass
-
-    def train(self, round_no: int) -> dict[str, float]:
-        time.sleep(0.2)
-        return {"loss": 1.0, "accuracy": 0.5}
-
-    def weights(self) -> list[np.ndarray]:
-        return [np.full(shape, np.nan, dtype=dtype) for shape, dtype in self.shapes]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +59,7 @@ def federation(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
     store = RunStore(r, RUN)
     stop = threading.Event()
     bad = Client(redis.Redis.from_url(url), settings, 2, run_id=RUN, client_id="client-bad", stop=stop,
-                 trainer_factory=lambda spec, nf, nc, x, y, shard, stop_: NanTrainer(store, len(y)))
+                 trainer_factory=FakeTrainer.factory(nan_step, seconds=0.2))  # NaN weights: refused
     bad_errors: list[BaseException] = []
 
     def run_bad() -> None:
