@@ -25,8 +25,10 @@ STOPPED_WITHIN = 5.0  # seconds from the signal until nothing of the run is left
 
 
 def _is_horse(p: ProcInfo, tracker: Tracker) -> bool:
-    # rq forks the horse from the worker and moves it to a process group of its own.
-    return " aggregator " in f"{p.cmdline} " and p.pgid == p.pid and p.ppid in tracker.pids
+    # rq forks the horse from the worker and moves it to a process group of its own. With
+    # setproctitle installed rq renames both ("rq:worker:..."), else they keep fedq's command line.
+    named = " aggregator " in f"{p.cmdline} " or p.cmdline.startswith("rq:worker:")
+    return named and p.pgid == p.pid and p.ppid in tracker.pids
 
 
 def _wait_for(tracker: Tracker, proc: subprocess.Popen, log: Path, timeout: float) -> list[ProcInfo]:

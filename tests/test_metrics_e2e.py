@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 import redis
 
-from fedq.protocol import heartbeat
+from fedq.protocol import heartbeat, messages
 from fedq.roles.client import Client
 from fedq.roles.jobs import submit_run
 from fedq.settings import Settings
@@ -59,7 +59,8 @@ def federation(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
     store = RunStore(r, RUN)
     stop = threading.Event()
     bad = Client(redis.Redis.from_url(url), settings, 2, run_id=RUN, client_id="client-bad", stop=stop,
-                 trainer_factory=FakeTrainer.factory(nan_step, seconds=0.2))  # NaN weights: refused
+                 trainer_factory=FakeTrainer.factory(nan_step, seconds=0.2,  # NaN weights: refused
+                                                   names=lambda: messages.decode_global(store.global_payload(), RUN)[1]))
     bad_errors: list[BaseException] = []
 
     def run_bad() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -28,22 +28,27 @@ def shift_step(delta: float) -> Step:
 
 class FakeTrainer:
     """load() keeps the global model, train() sleeps ``seconds`` and reports fixed metrics,
-    weights() is ``step(global model, round)``."""
+    weights() is ``step(global model, round)``; ``names`` are the model's layer names (the client
+    checks them against the global model's) and ``num_examples`` the count it claims."""
 
-    def __init__(self, step: Step = shift_step(0.0), *, seconds: float = 0.0,
-                 metrics: dict[str, float] | None = None) -> None:
+    def __init__(self, step: Step = shift_step(0.0), *, names: list[str], num_examples: int,
+                 seconds: float = 0.0, metrics: dict[str, float] | None = None) -> None:
         self.step = step
+        self.names = names
+        self.num_examples = num_examples
         self.seconds = seconds
         self.metrics = metrics or {"loss": 1.0, "accuracy": 0.5}
         self.tensors: list[np.ndarray] = []
         self.round = 0
 
     @classmethod
-    def factory(cls, *args: Any, **kw: Any) -> Callable[..., "FakeTrainer"]:
-        """A Client trainer_factory building FakeTrainer(*args, **kw) whatever the data."""
+    def factory(cls, step: Step, *, names: Callable[[], list[str]], seconds: float = 0.0,
+                metrics: dict[str, float] | None = None) -> Callable[..., "FakeTrainer"]:
+        """A Client trainer_factory: a FakeTrainer claiming the shard's row count, with the layer
+        names ``names()`` gives when the client builds it (e.g. read from the run's global model)."""
         def make(spec: RunSpec, num_features: int, num_classes: int, x: np.ndarray, y: np.ndarray, shard: int,
                  stop: threading.Event) -> FakeTrainer:
-            return cls(*args, **kw)
+            return cls(step, names=names(), num_examples=len(y), seconds=seconds, metrics=metrics)
         return make
 
     def load(self, tensors: list[np.ndarray]) -> None:
@@ -57,3 +62,6 @@ class FakeTrainer:
 
     def weights(self) -> list[np.ndarray]:
         return self.step(self.tensors, self.round)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        return {}  # no model to evaluate: the update carries no federated evaluation
