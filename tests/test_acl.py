@@ -52,6 +52,7 @@ def _open_run(agg: redis.Redis, run_id: str) -> tuple[RunStore, list[np.ndarray]
     return store, [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
 
 
+@pytest.mark.slow
 def test_the_default_user_is_off_and_wrong_passwords_are_refused(federation_users) -> None:
     server, users = federation_users
     with pytest.raises(redis.exceptions.AuthenticationError):

@@ -681,6 +681,7 @@ def test_hypothesis_drawn_field_values_are_refused_with_a_matching_reason(harnes
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.slow
 def test_a_non_utf8_client_id_in_the_inbox_is_refused_not_fatal(harness_factory) -> None:
     h = harness_factory(1, "t-fuzz-bytes")
     ctx = Ctx.of(h)
