@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,9 @@ from typing import Any
 
 import redis
 import yaml
+from support.procs import cli_env as support_cli_env
+from support.procs import fedq_cmd
+from support.redis import free_port
 
 from fedq.roles.localredis import find_server
 
@@ -37,24 +39,9 @@ KUBECTL = shutil.which("kubectl")
 FEDQ_BIN = str(Path(sys.executable).with_name("fedq"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fedq_cmd(*args: str) -> list[str]:
-    """The fedq CLI as users start it."""
-    return [sys.executable, "-m", "fedq", *args]
-
-
 def cli_env(redis_url: str | None = None, **extra: str) -> dict[str, str]:
-    """This environment without FEDQ_* settings (and with FEDQ_REDIS_URL when given)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDQ_", "KUBECONFIG"))}
-    env.update(PYTHONUNBUFFERED="1", COLUMNS="100", **extra)
-    if redis_url:
-        env["FEDQ_REDIS_URL"] = redis_url
-    return env
+    """support.procs.cli_env with output 100 columns wide (the deploy tests read help text)."""
+    return support_cli_env(redis_url, **{"COLUMNS": "100", **extra})
 
 
 # --- rendering -------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 from click.testing import CliRunner
-from helpers import RedisServer
+from support.redis import RedisServer
 
 from fedq.cli import main
 from fedq.learning.spec import RunSpec
@@ -32,16 +31,9 @@ def federation_users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     users = acl.users(CLIENTS)
     path = tmp_path_factory.mktemp("acl") / "users.acl"
     path.write_text(acl.aclfile(users))
-    server = RedisServer("--aclfile", str(path), ping=False)
     by_name = {u.name: u for u in users}
-    deadline = time.monotonic() + 15
-    while True:  # the server refuses the plain PING of the helper: wait with the aggregator's user
-        try:
-            _as(server, by_name[acl.AGGREGATOR_USER]).ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline and server.proc.poll() is None, "redis-server did not start"
-            time.sleep(0.05)
+    # The server refuses a plain PING: it is ready when the aggregator's user gets an answer.
+    server = RedisServer("--aclfile", str(path), ready=lambda s: _as(s, by_name[acl.AGGREGATOR_USER]).ping())
     yield server, by_name
     server.stop()
 
@@ -60,6 +52,7 @@ def _open_run(agg: redis.Redis, run_id: str) -> tuple[RunStore, list[np.ndarray]
     return store, [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
 
 
+@pytest.mark.slow
 def test_the_default_user_is_off_and_wrong_passwords_are_refused(federation_users) -> None:
     server, _users = federation_users
     with pytest.raises(redis.exceptions.AuthenticationError):
@@ -137,6 +130,7 @@ def test_the_dashboard_reads_everything_and_writes_nothing(federation_users) -> 
     assert RunStore(agg, "acl-dash").state()["status"] == "queued"
 
 
+@pytest.mark.slow
 def test_a_federation_runs_with_one_acl_user_per_process(federation_users, tmp_path: Path) -> None:
     """fedq aggregator and two fedq clients, each its own ACL user: the rules are enough,
     with models in parts too."""
@@ -146,8 +140,7 @@ def test_a_federation_runs_with_one_acl_user_per_process(federation_users, tmp_p
         # Models in parts as well (the seed model then travels in two): parts are keys too.
         env = {**os.environ, "FEDQ_REDIS_URL": _url(server, user), "FEDQ_TF_THREADS": "1",
                "FEDQ_BLOCK_SECONDS": "0.5", "FEDQ_CHUNK_BYTES": "1024"}
-        # The child keeps its own copy of the log's descriptor; ours closes once it is started.
-        with open(tmp_path / f"{user.name}.log", "w") as log:
+        with open(tmp_path / f"{user.name}.log", "w") as log:  # the child keeps its own descriptor
             return subprocess.Popen([sys.executable, "-m", "fedq", *args], env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
 

@@ -7,11 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from test_rounds import Harness, harness_factory  # noqa: F401  (fixture used by name)
+from support.federation import Federation
 
 from fedq.errors import CodecError
 from fedq.learning.aggregate import FedAvg, fedavg
-from fedq.protocol import chunking, codec, messages, transfer
+from fedq.protocol import chunking, codec, transfer
 from fedq.protocol.signing import Signer, Verifier, new_keys
 from fedq.protocol.store import RunStore
 from fedq.settings import Settings
@@ -92,7 +92,8 @@ def test_mixed_dtypes_travel_whole_and_small_models_too() -> None:
     assert chunking.should_chunk([np.zeros(10_000, np.float32)], 1024)
 
 
-def _chunked_harness(harness_factory, run_id: str, **settings: object) -> tuple[Harness, list[str], list[np.ndarray]]:
+def _chunked_harness(harness_factory, run_id: str,
+                     **settings: object) -> tuple[Federation, list[str], list[np.ndarray]]:
     h = harness_factory(1, run_id, chunk_bytes=CHUNK, **settings)
     g_round, names, g = transfer.read_global(h.store)
     assert g_round == 0
@@ -101,19 +102,13 @@ def _chunked_harness(harness_factory, run_id: str, **settings: object) -> tuple[
     return h, names, g
 
 
-def _push(h: Harness, cid: str, n: int, names: list[str], tensors: list[np.ndarray],
-          signer: Signer | None = None) -> transfer.Pushed:
-    return transfer.push_update(h.store, cid, 1, n, {"loss": 0.5}, names, tensors, chunk_bytes=CHUNK,
-                                max_bytes=h.settings.max_update_bytes, signer=signer)
-
-
 def test_a_round_of_updates_in_parts_commits_their_exact_fedavg_and_cleans_up(harness_factory) -> None:
     h, names, g = _chunked_harness(harness_factory, "t-parts")
     rng = np.random.default_rng(5)
     models = {cid: ([(t + rng.normal(0, 0.1, t.shape)).astype(np.float32) for t in g], n)
               for cid, n in (("c0", 100), ("c1", 300), ("c2", 7))}
     for cid, (tensors, n) in models.items():
-        pushed = _push(h, cid, n, names, tensors)
+        pushed = h.push_parts(cid, n, names, tensors)
         assert pushed.outcome == "ok" and pushed.parts == 2
     h.wait_round(1)
     _, _, new = transfer.read_global(h.store)
@@ -126,28 +121,14 @@ def test_a_round_of_updates_in_parts_commits_their_exact_fedavg_and_cleans_up(ha
     assert left == set()
 
 
-def _push_damaged(h: Harness, cid: str, n: int, names: list[str], tensors: list[np.ndarray], damage: str) -> None:
-    """What transfer.push_update does, with part 1 replaced or left out before the head goes."""
-    parts = list(chunking.encode_parts(tensors, CHUNK))
-    layout = chunking.layout_of(tensors, CHUNK, [d for _, d in parts])
-    for index, (payload, _) in enumerate(parts):
-        if index == 1 and damage == "missing":
-            continue
-        bad = {"tampered": b"not the part", "oversized": payload + b"\0" * (1 << 20)}.get(damage)
-        h.store.put_part(h.store.k.update_part(cid, 1, "feedbeef", index), bad if index == 1 and bad else payload)
-    head = messages.encode_update_head(h.store.run_id, 1, cid, n, {}, names, [t.shape for t in tensors], layout,
-                                       "feedbeef")
-    assert h.store.push_update(cid, 1, head, h.settings.max_update_bytes, part_id="feedbeef") == "ok"
-
-
 @pytest.mark.parametrize("damage", ["tampered", "missing", "oversized"])
 def test_a_tampered_or_missing_part_refuses_that_update_and_the_round_goes_on(harness_factory, damage: str) -> None:
     h, names, g = _chunked_harness(harness_factory, f"t-parts-{damage}")
     rng = np.random.default_rng(6)
     good = {cid: [(t + rng.normal(0, 0.1, t.shape)).astype(np.float32) for t in g] for cid in ("c0", "c1")}
-    assert _push(h, "c0", 100, names, good["c0"]).outcome == "ok"  # folded before c2's bad one
-    _push_damaged(h, "c2", 50, names, [(t + 50).astype(np.float32) for t in g], damage)
-    assert _push(h, "c1", 300, names, good["c1"]).outcome == "ok"
+    assert h.push_parts("c0", 100, names, good["c0"]).outcome == "ok"  # folded before c2's bad one
+    h.push_damaged_parts("c2", 50, names, [(t + 50).astype(np.float32) for t in g], damage)
+    assert h.push_parts("c1", 300, names, good["c1"]).outcome == "ok"
     h.wait_round(1)
     _, _, new = transfer.read_global(h.store)
     for got, want in zip(new, fedavg([(good["c0"], 100), (good["c1"], 300)])):
@@ -168,9 +149,9 @@ def test_signed_updates_in_parts_verify_and_forged_heads_do_not(harness_factory,
     signers = {cid: Signer.from_file(tmp_path / f"{cid}.key") for cid in private}
     assert isinstance(h.agg.verifier, Verifier)
     # c2 signs with c0's key: the head verifies for nobody but c0.
-    assert _push(h, "c2", 50, names, g, signer=signers["c0"]).outcome == "ok"
-    assert _push(h, "c0", 100, names, g, signer=signers["c0"]).outcome == "ok"
-    assert _push(h, "c1", 300, names, g, signer=signers["c1"]).outcome == "ok"
+    assert h.push_parts("c2", 50, names, g, signer=signers["c0"]).outcome == "ok"
+    assert h.push_parts("c0", 100, names, g, signer=signers["c0"]).outcome == "ok"
+    assert h.push_parts("c1", 300, names, g, signer=signers["c1"]).outcome == "ok"
     h.wait_round(1)
     assert sorted(h.store.metrics()[0]["clients"]) == ["c0", "c1"]
     assert [(x["client"], x["reason"]) for x in h.store.refused()] == [("c2", "bad_signature")]

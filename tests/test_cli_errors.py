@@ -13,43 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from helpers import cli_env, fedq_cmd, free_port
+from support.cli import assert_error_line, fedq
+from support.cli import pipe_env as _env
+from support.redis import free_port
 
-TIMEOUT = 120
+pytestmark = pytest.mark.slow  # every test here runs the fedq CLI as a process (seconds each)
+
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FEATURES = ["age", "weight", "pressure", "flow", "urea", "sodium"]
 
 
-def fedq(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(fedq_cmd(*args), env=env, capture_output=True, text=True, timeout=TIMEOUT,
-                          stdin=subprocess.DEVNULL)
-
-
-def _env(redis_url: str | None, **extra: str) -> dict[str, str]:
-    env = cli_env(redis_url)
-    # Output as in a pipe or a container log: no terminal, the common 80 columns.
-    env["COLUMNS"] = "80"
-    env.pop("LINES", None)
-    env.update(extra)
-    return env
-
-
 def _nonblank(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
-
-
-def assert_error_line(proc: subprocess.CompletedProcess[str], *needles: str, code: int = 1) -> str:
-    """Exit `code`, exactly one non-blank stderr line starting 'error:' that contains every needle."""
-    detail = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, detail
-    assert proc.returncode == code, detail
-    lines = _nonblank(proc.stderr)
-    assert len(lines) == 1, detail
-    line = lines[0]
-    assert line.startswith("error:"), detail
-    for needle in needles:
-        assert needle in line, f"{needle!r} missing from {line!r}"
-    return line
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:

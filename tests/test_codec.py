@@ -200,6 +200,7 @@ def test_encode_is_deterministic_and_digest() -> None:
     name=st.text(max_size=20),
     transpose=st.booleans(),
 )
+@pytest.mark.slow
 def test_property_round_trip(arr: np.ndarray, name: str, transpose: bool) -> None:
     if transpose:
         arr = arr.T

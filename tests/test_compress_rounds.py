@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from test_rounds import Harness, harness_factory  # noqa: F401 (fixture)
+from support.federation import Federation
 
 from fedq.learning.aggregate import fedavg
 from fedq.protocol import codec, compress, messages
@@ -24,7 +24,7 @@ def _local(g: list[np.ndarray], seed: int) -> list[np.ndarray]:
     return [(t + rng.normal(0, 0.05, t.shape)).astype(t.dtype) for t in g]
 
 
-def _packed(h: Harness, cid: str, rnd: int, n: int, names: list[str], g: list[np.ndarray],
+def _packed(h: Federation, cid: str, rnd: int, n: int, names: list[str], g: list[np.ndarray],
             local: list[np.ndarray], encoding: str = "int8") -> tuple[bytes, messages.Compressed]:
     packed = messages.compress_update(names, local, g, encoding, BLOCK)
     payload = messages.encode_update(h.store.run_id, rnd, cid, n, {"loss": 0.5, **packed.metrics}, packed.names,

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import RedisServer
-from test_dashboard_support import Dashboard, Federation, get_json, http_get, make_run, wait_for
+from support.dashboard import Dashboard, get_json, http_get, make_run
+from support.federation import CliFederation
+from support.redis import RedisServer
+from support.wait import wait_until
 
 from fedq.ops.dashboard.readonly import ReadOnlyRedis, ReadOnlyViolation
 from fedq.protocol import heartbeat
@@ -155,8 +157,8 @@ def test_redis_going_away_is_a_503_and_the_api_recovers(tmp_path: Path) -> None:
         assert "unreachable" in health["error"]
         server.start()
         make_run(redis.Redis.from_url(server.url), "after")
-        status, body = wait_for("the API to recover", lambda: (s := get_json(dash.url("/api/runs")))[0] == 200 and s,
-                                timeout=15)
+        status, body = wait_until(lambda: (s := get_json(dash.url("/api/runs")))[0] == 200 and s, "the API to recover",
+                                  timeout=15, ignore=(Exception,))
         assert [x["run_id"] for x in body["runs"]] == ["after"]
         assert get_json(dash.url("/api/health")) == (200, {"ok": True, "redis": True})
         assert dash.proc.poll() is None, "the dashboard must survive Redis going away"
@@ -168,7 +170,7 @@ def test_redis_going_away_is_a_503_and_the_api_recovers(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_api_during_and_after_a_real_federation(redis_url: str, r: redis.Redis, dash: Dashboard,
                                                 tmp_path: Path) -> None:
-    fed = Federation(redis_url, tmp_path, "live-api", clients=2, rounds=4, local_epochs=2)
+    fed = CliFederation.driven(redis_url, tmp_path, "live-api", clients=2, rounds=4, local_epochs=2)
     seen: list[dict[str, Any]] = []
     driving: set[str] = set()
     try:
@@ -181,9 +183,9 @@ def test_api_during_and_after_a_real_federation(redis_url: str, r: redis.Redis, 
                 if d["status"] in ("finished", "failed"):
                     break
             time.sleep(0.3)
-        fed.wait()
+        fed.wait_exit()
     finally:
-        fed.stop()
+        fed.close()
     assert seen and seen[-1]["status"] == "finished", seen[-1:] or "the run never appeared"
     # Seen while it ran: training with rounds still to go, progress that only moved forward.
     assert any(s["status"] == "running" and s["phase"] == "train" and s["round"] < 4 for s in seen)

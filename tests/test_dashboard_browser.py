@@ -12,17 +12,11 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import RedisServer, cli_env, fedq_cmd
-from test_dashboard_support import (
-    ARTIFACTS,
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    Dashboard,
-    Federation,
-    get_json,
-    make_run,
-    wait_for,
-)
+from support.dashboard import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, get_json, make_run
+from support.federation import CliFederation
+from support.procs import cli_env, fedq_cmd
+from support.redis import RedisServer
+from support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
@@ -70,11 +64,12 @@ def _state(page: Any) -> dict[str, Any]:
 def test_run_page_follows_a_live_federation_and_ends_with_the_report(redis_url: str, browser: Any,
                                                                      tmp_path: Path) -> None:
     dash = Dashboard(redis_url, tmp_path, refresh=0.5)
-    fed = Federation(redis_url, tmp_path, "browser-run", clients=2, rounds=4, local_epochs=3)
+    fed = CliFederation.driven(redis_url, tmp_path, "browser-run", clients=2, rounds=4, local_epochs=3)
     errors: list[str] = []
     states: list[dict[str, Any]] = []
     try:
-        wait_for("the run to exist", lambda: get_json(dash.url("/api/runs/browser-run"))[0] == 200, timeout=60)
+        wait_until(lambda: get_json(dash.url("/api/runs/browser-run"))[0] == 200, "the run to exist",
+                   timeout=60, ignore=(Exception,))
         page = _page(browser, dash.url("/runs/browser-run"), errors)
         ARTIFACTS.mkdir(exist_ok=True)
         shot_live = False
@@ -87,12 +82,12 @@ def test_run_page_follows_a_live_federation_and_ends_with_the_report(redis_url: 
                 page.screenshot(path=str(ARTIFACTS / "dashboard-run-live.png"), full_page=False)
                 shot_live = True
             time.sleep(0.2)
-        fed.wait()
+        fed.wait_exit()
         page.wait_for_timeout(300)
         page.screenshot(path=str(ARTIFACTS / "dashboard-run.png"), full_page=True)
         end = _state(page)
     finally:
-        fed.stop()
+        fed.close()
         dash.stop()
     assert not errors, errors
     assert end["status"] == "finished", end
@@ -126,6 +121,7 @@ def test_run_page_follows_a_live_federation_and_ends_with_the_report(redis_url: 
     assert {r["refused"] for r in rows.values()} == {"0"} and not report["refused"]
 
 
+@pytest.mark.slow
 def test_banner_while_redis_is_away_and_recovery_without_reload(browser: Any, tmp_path: Path) -> None:
     server = RedisServer()
     dash = Dashboard(server.url, tmp_path, refresh=0.5)
@@ -133,17 +129,18 @@ def test_banner_while_redis_is_away_and_recovery_without_reload(browser: Any, tm
     try:
         make_run(redis.Redis.from_url(server.url), "steady", rounds=3, committed=1)
         page = _page(browser, dash.url("/runs/steady"), errors)
-        wait_for("the page to fill", lambda: _state(page)["rounds"] == "1 / 3", timeout=15)
+        wait_until(lambda: _state(page)["rounds"] == "1 / 3", "the page to fill", timeout=15, ignore=(Exception,))
         assert not _state(page)["banner"]
         server.kill()
-        state = wait_for("the banner", lambda: (s := _state(page))["banner"] and s, timeout=15)
+        state = wait_until(lambda: (s := _state(page))["banner"] and s, "the banner", timeout=15, ignore=(Exception,))
         assert "Redis is unreachable" in state["bannerText"]
         assert state["rounds"] == "1 / 3", "what was shown stays on the page"
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard-redis-down.png"), full_page=False)
         server.start()  # same port; the test server keeps nothing, so the run is written again
         make_run(redis.Redis.from_url(server.url), "steady", rounds=3, committed=2)
-        wait_for("recovery", lambda: not (s := _state(page))["banner"] and s["rounds"] == "2 / 3", timeout=20)
+        wait_until(lambda: not (s := _state(page))["banner"] and s["rounds"] == "2 / 3", "recovery",
+                   timeout=20, ignore=(Exception,))
         assert dash.proc.poll() is None
     finally:
         dash.stop()

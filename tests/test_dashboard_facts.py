@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import redis
-from test_dashboard_support import make_run
+from support.dashboard import make_run
 
 from fedq.ops.dashboard import snapshot
 from fedq.ops.dashboard.readonly import ReadOnlyRedis

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import RedisServer
-from test_dashboard_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, make_run, wait_for
+from support.dashboard import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, make_run
+from support.redis import RedisServer
+from support.wait import wait_until
 
 from fedq.protocol.store import Commit, RunStore
 
@@ -70,9 +71,10 @@ def test_no_horizontal_overflow(site: tuple[Dashboard, redis.Redis], browser: An
     try:
         page.goto(dash.url(PAGES[name]))
         # filled in: the first table has rows from the API
-        wait_for("the page to fill", lambda: page.evaluate(
+        wait_until(lambda: page.evaluate(
             "() => !document.querySelector('table tbody tr td') ? false : "
-            "!/loading/.test(document.querySelector('table tbody').textContent)"), timeout=15)
+            "!/loading/.test(document.querySelector('table tbody').textContent)"), "the page to fill", timeout=15,
+            every=0.2, ignore=(Exception,))
         page.wait_for_timeout(300)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}-{width}.png"), full_page=True)

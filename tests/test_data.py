@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, SEED_DATA_MISSING, seed_data_dir
+from support.data import SEED_DATA_MISSING, seed_data_dir
+from support.procs import ROOT
 
 from fedq.errors import DataError
 from fedq.learning.data import (
@@ -412,6 +413,7 @@ def test_real_seed_data() -> None:
     assert np.all(np.isfinite(z)) and np.all(np.abs(z) < 1e3)
 
 
+@pytest.mark.slow
 def test_seed_data_skips_name_the_setting(tmp_path: Path) -> None:
     # With the setting pointing at a directory without the CSVs, the tests that need them skip
     # and say how to provide them.

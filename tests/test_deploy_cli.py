@@ -40,6 +40,7 @@ def _path(resource: dict[str, Any]) -> str:
 
 
 # --- fedq k8s up -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_up_creates_every_resource_with_the_clients_own_request_objects() -> None:
     from kubernetes import client
 
@@ -274,6 +275,7 @@ def _kubeconfig(path: Path, server: str, namespace: str | None = None) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
@@ -322,6 +324,7 @@ def test_manifest_prints_resources_that_kubectl_would_apply() -> None:
     assert images == {"fedq:0.1.0"}
 
 
+@pytest.mark.slow
 def test_submit_if_absent_lets_a_rerun_of_the_submit_job_succeed(redis_url: str, r: redis.Redis) -> None:
     args = ("submit", "--clients", "2", "--rounds", "1", "--run-id", "once-only")
     first = subprocess.run(fedq_cmd(*args, "--if-absent"), env=cli_env(redis_url), capture_output=True,
@@ -336,6 +339,7 @@ def test_submit_if_absent_lets_a_rerun_of_the_submit_job_succeed(redis_url: str,
 
 
 # --- Kubeflow Pipelines -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kfp_compile_without_kfp_says_how_to_get_it() -> None:
     try:
         import kfp  # noqa: F401

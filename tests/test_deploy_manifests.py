@@ -80,6 +80,7 @@ def test_there_are_a_dev_a_per_site_and_a_secure_overlay() -> None:
 
 # --- schema and our own checks ------------------------------------------------------------------
 @needs_kubectl
+@pytest.mark.slow
 def test_every_overlay_passes_strict_schema_validation(rendered: dict[str, list[dict[str, Any]]]) -> None:
     import kubernetes_validate
     from kubernetes_validate.utils import latest_version
@@ -187,6 +188,7 @@ def test_deploy_base_is_what_fedq_generates() -> None:
 
 
 @needs_kubectl
+@pytest.mark.slow
 def test_fedq_k8s_manifest_equals_kustomize_over_deploy_base(tmp_path: Path) -> None:
     """The CLI's knobs change exactly what an overlay of deploy/base with the same knobs changes."""
     overlay = tmp_path / "overlay"

@@ -208,6 +208,7 @@ def test_our_checks_catch_a_client_pod_without_its_password(passwords: dict[str,
     assert any(TLS_SECRET in p for p in deploy_checks.problems(docs))
 
 
+@pytest.mark.slow
 def test_fedq_k8s_manifest_options(acl_dir: Path, passwords: dict[str, str]) -> None:
     file = str(acl_dir / acl.PASSWORDS_FILE)
 
@@ -254,6 +255,7 @@ def test_secure_overlay_is_what_fedq_generates() -> None:
 
 
 @needs_kubectl
+@pytest.mark.slow
 def test_secure_overlay_renders_what_fedq_k8s_manifest_prints(tmp_path: Path, pki: Path) -> None:
     import kubernetes_validate
 
@@ -452,6 +454,7 @@ def test_compose_override_gives_each_service_its_own_user(acl_dir: Path, passwor
     assert "requirepass $(cat /run/secrets/redis-password)" in plain["redis"]["command"][2]
 
 
+@pytest.mark.slow
 def test_compose_override_runs_as_it_says(acl_dir: Path, tmp_path: Path) -> None:
     """Redis from the override's command line and secrets, its health check, and each service's
     environment connecting; the submit service's own command creates the run as fedq-aggregator."""
@@ -508,6 +511,7 @@ def rewrite_paths_in(command: str, mounts: dict[str, Path]) -> str:
 COMPOSE_TLS_FILE = COMPOSE_FILE.with_name("docker-compose.tls.yml")
 
 
+@pytest.mark.slow
 def test_compose_tls_override_runs_as_it_says(acl_dir: Path, pki: Path, tmp_path: Path) -> None:
     """docker-compose.tls.yml over the ACL override: Redis serves TLS only and wants client
     certificates, its health check passes over TLS, every service connects as its own user with

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from helpers import SEED_DATA_MISSING, cli_env, fedq_cmd, seed_data_dir
+from support.data import SEED_DATA_MISSING, seed_data_dir
+from support.procs import cli_env, fedq_cmd
 
 from fedq.learning.data import load_dataset, split_indices
 from fedq.learning.spec import load_spec

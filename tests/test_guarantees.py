@@ -16,9 +16,11 @@ The store tests use RunStore's public methods only, never its scripts' arguments
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ import pytest
 import redis
 
 from fedq.errors import UpdateRejected
-from fedq.protocol import messages
+from fedq.protocol import messages, scripts
 from fedq.protocol.store import Commit, LeaseLost, RunStore
 from fedq.protocol.vocabulary import Phase
 
@@ -434,31 +436,23 @@ def test_committed_models_are_the_sample_weighted_mean_in_float64(lean_run: RunS
 
 # --- the hemodialysis acceptance test cannot pass by skipping where it must run -----------------
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() not in ("", "0", "false", "no")
-
-
 def _seed_data_problem() -> str | None:
     """Why the acceptance tests' skip would hide a failure here, or None when a skip is honest
     (or the data is there)."""
-    from helpers import SEED_DATA_ENV, SEED_DATA_MISSING, seed_data_dir
-
+    from support.data import SEED_DATA_ENV, seed_data_dir
     if seed_data_dir() is not None:
         return None
     if os.environ.get(SEED_DATA_ENV):
         return (f"{SEED_DATA_ENV}={os.environ[SEED_DATA_ENV]!r} holds no normal.csv and abnormal.csv: "
                 "the acceptance tests would skip")
-    if _truthy(os.environ.get("CI")):
-        return f"CI without the seed data, so the acceptance tests would skip: {SEED_DATA_MISSING}"
     return None
 
 
 def test_the_seed_data_is_there_wherever_the_acceptance_test_must_run() -> None:
     """The acceptance tests skip (naming FEDQ_SEED_DATA_DIR) on a checkout without the seed's
-    CSVs; but where they must run, a missing directory fails here instead of passing silently:
-    in CI (CI=true: CI lays shared/ beside its clone) and wherever FEDQ_SEED_DATA_DIR is set."""
-    from helpers import SEED_DATA_MISSING, seed_data_dir
-
+    CSVs; where they were asked to run (FEDQ_SEED_DATA_DIR is set), a directory without them fails
+    here instead of passing silently."""
+    from support.data import SEED_DATA_MISSING, seed_data_dir
     problem = _seed_data_problem()
     if problem:
         pytest.fail(problem)
@@ -466,26 +460,22 @@ def test_the_seed_data_is_there_wherever_the_acceptance_test_must_run() -> None:
         pytest.skip(SEED_DATA_MISSING)
 
 
-def test_a_missing_seed_data_directory_fails_in_ci_and_when_named(tmp_path, monkeypatch) -> None:
-    import helpers
+def test_a_seed_data_directory_that_is_named_but_empty_fails(tmp_path, monkeypatch) -> None:
+    """A clone without shared/ beside it (CI clones elsewhere) skips, saying why; a directory
+    that was named and holds no CSVs is a mistake, and fails."""
+    import support.data
 
-    monkeypatch.setattr(helpers, "ROOT", tmp_path / "checkout")  # no shared/ beside it
+    monkeypatch.setattr(support.data, "ROOT", tmp_path / "checkout")  # no shared/ beside it
     monkeypatch.delenv("FEDQ_SEED_DATA_DIR", raising=False)
-    monkeypatch.delenv("CI", raising=False)
-    assert _seed_data_problem() is None  # a developer's checkout: the skip says why
-    monkeypatch.setenv("CI", "true")
-    assert "FEDQ_SEED_DATA_DIR" in (_seed_data_problem() or "")
-    monkeypatch.setenv("CI", "false")
+    assert _seed_data_problem() is None  # the skip says why
     monkeypatch.setenv("FEDQ_SEED_DATA_DIR", str(tmp_path / "nowhere"))
     assert "nowhere" in (_seed_data_problem() or "")
 
 
 def test_the_acceptance_test_skips_naming_the_setting(tmp_path, monkeypatch) -> None:
-    import test_e2e
-
-    marks = [m for m in getattr(test_e2e.test_acceptance_hemodialysis, "pytestmark", []) if m.name == "skipif"]
-    assert marks and all("FEDQ_SEED_DATA_DIR" in m.kwargs.get("reason", "") for m in marks)
-    from helpers import seed_data_dir
+    e2e = (Path(__file__).parent / "test_e2e.py").read_text()  # read, not imported: no test imports another
+    assert "skipif(seed_data_dir() is None, reason=SEED_DATA_MISSING)" in e2e.replace("\n", " ")
+    from support.data import seed_data_dir
 
     monkeypatch.setenv("FEDQ_SEED_DATA_DIR", str(tmp_path))  # set, but empty: no fallback to shared/
     assert seed_data_dir() is None
@@ -551,3 +541,85 @@ def test_an_update_unlike_the_model_is_refused_with_its_reason(change, reason: s
     with pytest.raises(UpdateRejected) as err:
         _validate(payload, template)
     assert err.value.reason == reason and words in err.value.detail
+
+
+# --- hand-written mutants of the Lua steps ------------------------------------------------------
+# Python mutation tools (mutmut) do not mutate the Lua inside fedq/protocol/scripts.py's strings,
+# so the fences and round checks are mutated here: the script text is patched (one small breaking
+# change), every store check above runs against a real Redis, and at least one must fail. A mutant
+# that no longer matches its script fails too, so that a rewrite of the scripts brings this list
+# up to date instead of silently testing nothing.
+
+FENCE = r"^if [^\n]*redis\.call\('GET', [^\n]*\) ~= [^\n]* then return -1 end\n"
+
+# (script, pattern, replacement): each pattern must match exactly once in its script.
+MUTANTS: dict[str, tuple[str, str, str]] = {
+    "commit: no lease fence": ("COMMIT", FENCE, ""),
+    "commit: fence inverted": ("COMMIT", r"(redis\.call\('GET', [^\n]*\)) ~= ([^\n]* then return -1)", r"\1 == \2"),
+    "commit: not only on top of the previous round": ("COMMIT", r"^if tonumber\(st\[3\]\) \+ 1 ~= [^\n]*\n", ""),
+    "commit: skips a round": ("COMMIT", r"\+ 1 ~= a\.round", "+ 2 ~= a.round"),
+    "commit: may run ahead": ("COMMIT", r"\+ 1 ~= (a\.round)", r"+ 1 > \1"),
+    "commit: a replay counts as done": ("COMMIT", r"(\+ 1 ~= a\.round) then return 0 end", r"\1 then return 1 end"),
+    "commit: outside training": ("COMMIT",
+                                 r"^if st\[1\] ~= STATUS_RUNNING or st\[2\] ~= PHASE_TRAIN then return 0 end\n", ""),
+    "close: no lease fence": ("CLOSE", FENCE, ""),
+    "close: any round": ("CLOSE", r"^if cur \+ 1 ~= [^\n]*\n", ""),
+    "open_training: no lease fence": ("OPEN_TRAINING", FENCE, ""),
+    "open_training: outside joining": ("OPEN_TRAINING", r"^if \(st\[1\][^\n]*then return 0 end\n", ""),
+    "finish_evaluation: no lease fence": ("FINISH_EVAL", FENCE, ""),
+    "finish_evaluation: any round": ("FINISH_EVAL", r" or tonumber\(st\[3\]\) ~= a\.round", ""),
+    "finish_evaluation: outside evaluation": ("FINISH_EVAL", r" or st\[2\] ~= PHASE_EVAL", ""),
+    "fail: no lease fence": ("FAIL", FENCE, ""),
+    "admit: no lease fence": ("ADMIT", FENCE, ""),
+    "admit: past the member cap": ("ADMIT", r"^if redis\.call\('SCARD'[^\n]*\n[^\n]*\n\s*return 0\nend\n", ""),
+    "renew: for anyone": ("RENEW", r"^if redis\.call\('GET', KEYS\[1\]\) == ARGV\[1\] then", "if true then"),
+    "release: for anyone": ("RELEASE", r"^if redis\.call\('GET', KEYS\[1\]\) == ARGV\[1\] then", "if true then"),
+    "push: into a closed round": ("PUSH", r"a\.round <= math\.max", "a.round < math.max"),
+    "push: into a round not yet open": ("PUSH", r"a\.round > committed \+ 1", "a.round > committed + 2"),
+    "push: from a stranger": ("PUSH", r"'SISMEMBER', a\.members, a\.client\) == 0",
+                              "'SISMEMBER', a.members, a.client) == 2"),
+}
+
+
+def _checks() -> list[tuple[str, Callable[[redis.Redis], None]]]:
+    """The store checks of test_guarantees, each a call on a freshly emptied Redis."""
+    stale = test_a_driver_whose_lease_was_taken_over_is_refused_and_changes_nothing
+    out_of_order = test_a_commit_that_skips_or_replays_a_round_is_refused_and_changes_nothing
+    out: list[tuple[str, Callable[[redis.Redis], None]]] = [
+        (f"stale {step}", lambda r, step=step: stale(r, step)) for step in STALE_STEPS]
+    out += [(f"out of order {a}", lambda r, a=a: out_of_order(r, a)) for a in (0, 1, 3, 4)]
+    for fn in (test_a_stale_driver_cannot_open_training, test_a_stale_driver_cannot_finish_the_evaluation,
+               test_a_stale_driver_cannot_fail_the_run_nor_touch_the_new_lease,
+               test_a_store_that_never_held_the_lease_cannot_commit,
+               test_a_commit_applies_on_top_of_the_previous_round_exactly_once, test_no_commit_outside_training,
+               test_training_opens_once_and_evaluation_finishes_only_in_its_phase,
+               test_finish_evaluation_only_for_the_last_committed_round,
+               test_closing_a_round_stops_pushes_for_it_and_only_the_open_round_closes,
+               test_a_push_is_only_for_the_open_round, test_a_stale_driver_cannot_admit_past_the_member_cap):
+        out.append((fn.__name__, fn))
+    return out
+
+
+def _failures(r: redis.Redis) -> list[str]:
+    failed = []
+    for name, check in _checks():
+        r.flushall()
+        try:
+            check(r)
+        except (Exception, pytest.fail.Exception) as exc:  # pytest.raises' own failure is no Exception
+            failed.append(f"{name}: {type(exc).__name__}")
+    return failed
+
+
+def test_the_unmutated_scripts_pass_every_check(r: redis.Redis) -> None:
+    assert _failures(r) == []
+
+
+@pytest.mark.parametrize("mutant", MUTANTS)
+def test_each_lua_mutant_fails_a_guarantee_test(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, mutant: str) -> None:
+    script, pattern, replacement = MUTANTS[mutant]
+    text = getattr(scripts, script)
+    mutated, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+    assert count == 1, f"mutant {mutant!r} matches {count} places in {script}: bring it up to date with the script"
+    monkeypatch.setattr(scripts, script, mutated)  # RunStore registers the scripts it finds there
+    assert _failures(r), f"mutant {mutant!r} survived: no guarantee test fails with it"

@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import redis
-from helpers import cli_env, free_port
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from test_dashboard_support import Proc, wait_for
+from support.procs import Proc, cli_env
+from support.redis import free_port
+from support.wait import wait_until
 
 from fedq.protocol import heartbeat, keys
 
@@ -45,8 +46,8 @@ def test_a_crashed_process_is_gone_after_the_ttl(r: redis.Redis) -> None:
         assert set(heartbeat.alive_clients(r, "run-b")) == {"client-0", "client-1"}
         crashed.stop(delete=False)  # as if the process died: no more refreshes, no delete
         assert "client-1" in heartbeat.alive_clients(r, "run-b")
-        wait_for("the crashed client's heartbeat to expire",
-                 lambda: set(heartbeat.alive_clients(r, "run-b")) == {"client-0"}, timeout=5, every=0.05)
+        wait_until(lambda: set(heartbeat.alive_clients(r, "run-b")) == {"client-0"},
+                   "the crashed client's heartbeat to expire", timeout=5, every=0.05, ignore=(Exception,))
     finally:
         alive.stop()
         crashed.stop()
@@ -90,7 +91,7 @@ def test_extra_fields_are_read_at_each_beat_and_a_failing_extra_does_not_stop_it
 
     hb = heartbeat.aggregator_heartbeat(r, "agg-x", ttl=0.3, extra=extra).start()
     try:
-        wait_for("three beats", lambda: calls["n"] >= 4, timeout=5, every=0.05)
+        wait_until(lambda: calls["n"] >= 4, "three beats", timeout=5, every=0.05, ignore=(Exception,))
         assert json.loads(r.get(keys.aggregator_alive("agg-x")))["run"].startswith("run-")
     finally:
         hb.stop()
@@ -109,11 +110,15 @@ def test_heartbeat_rides_out_an_unreachable_redis() -> None:
 def test_aggregator_worker_keeps_a_heartbeat_until_it_stops(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
     worker = Proc("aggregator", ["aggregator", "--queue", "fedq-hb-test"], cli_env(redis_url), tmp_path)
     try:
-        aggs = wait_for("the worker's heartbeat", lambda: heartbeat.alive_aggregators(r), timeout=60)
+        aggs = wait_until(lambda: heartbeat.alive_aggregators(r), "the worker's heartbeat",
+                          timeout=60, ignore=(Exception,))
         (name, rec), = aggs.items()
         assert rec["role"] == "aggregator" and rec["pid"] == worker.proc.pid and rec["queue"] == "fedq-hb-test"
         assert rec.get("run") is None  # idle
         assert 0 < r.pttl(keys.aggregator_alive(name)) <= heartbeat.DEFAULT_TTL * 1000
+        # rq installs its SIGTERM handler only after it logs that it listens; a SIGTERM before that
+        # kills the worker uncleanly (the heartbeat then only expires), so wait for the line.
+        wait_until(lambda: "Listening on" in worker.text(), "the worker to listen", timeout=60)
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0, worker.text()
         assert heartbeat.alive_aggregators(r) == {}, "a worker that stops cleanly removes its heartbeat"

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_chunking import CHUNK, _push, _push_damaged
-from test_rounds import harness_factory  # noqa: F401  (fixture used by name)
 
 from fedq.learning.aggregate import FedAvg, fedavg
 from fedq.learning.data import feature_stats, load_dataset
@@ -23,6 +21,8 @@ from fedq.protocol import chunking, codec, transfer
 from fedq.protocol.store import RunStore, connect
 from fedq.roles.aggregator import Aggregator
 from fedq.settings import Settings
+
+CHUNK = 1024  # the smallest chunk: the seed model goes in two parts
 
 
 def _model(rng: np.random.Generator) -> list[np.ndarray]:
@@ -83,6 +83,7 @@ def _lean(harness_factory, monkeypatch, run_id: str, rounds: int):
     return h, names, g
 
 
+@pytest.mark.slow
 def test_rounds_without_central_evaluation_commit_the_exact_fedavg_and_report_no_test_metrics(
         harness_factory, monkeypatch) -> None:
     h, names, g = _lean(harness_factory, monkeypatch, "t-lean", rounds=2)
@@ -111,13 +112,14 @@ def test_rounds_without_central_evaluation_commit_the_exact_fedavg_and_report_no
     assert last["test_accuracy"] is None and last["test_loss"] is None and last["num_updates"] == 3
 
 
+@pytest.mark.slow
 def test_without_central_evaluation_a_damaged_part_is_refused_and_the_round_goes_on(
         harness_factory, monkeypatch) -> None:
     h, names, g = _lean(harness_factory, monkeypatch, "t-lean-bad", rounds=1)
     good = {"c0": ([(t + 1).astype(np.float32) for t in g], 100), "c1": ([(t - 1).astype(np.float32) for t in g], 300)}
-    _push(h, "c0", 100, names, good["c0"][0])
-    _push_damaged(h, "c2", 50, names, [(t + 50).astype(np.float32) for t in g], "tampered")
-    _push(h, "c1", 300, names, good["c1"][0])
+    h.push_parts("c0", 100, names, good["c0"][0])
+    h.push_damaged_parts("c2", 50, names, [(t + 50).astype(np.float32) for t in g], "tampered")
+    h.push_parts("c1", 300, names, good["c1"][0])
     h.wait_round(1)
     _, _, new = transfer.read_global(h.store)
     for got, want in zip(new, fedavg(list(good.values()))):
@@ -125,6 +127,7 @@ def test_without_central_evaluation_a_damaged_part_is_refused_and_the_round_goes
     assert [r["reason"] for r in h.store.refused() if r["client"] == "c2"] == ["bad_part"]
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_to_build_in_the_child_fails_the_run_with_its_reason(r, redis_url) -> None:
     settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2)
     spec = RunSpec(clients=1, rounds=1, round_timeout=60, run_id="t-lean-broken", central_eval=False,
@@ -153,12 +156,13 @@ def test_simulated_clients_of_a_process_share_one_fetch_of_each_global_model(har
     for got_t, want in zip(tensors, transfer.read_global(h.store)[2]):
         np.testing.assert_array_equal(got_t, want)
     for cid, n in (("c0", 10), ("c1", 20), ("c2", 30)):
-        _push(h, cid, n, names, [(t + 1).astype(np.float32) for t in tensors])
+        h.push_parts(cid, n, names, [(t + 1).astype(np.float32) for t in tensors])
     h.wait_round(1)
     assert shared.read(h.store)[0] == 1 and shared.fetches == 2  # a new round: one new fetch
     assert shared.read(h.store)[0] == 1 and shared.fetches == 2
 
 
+@pytest.mark.slow
 def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch) -> None:
     """Folding a large update (or a rescan's many updates in a row) once ran longer than the
     lease without renewing it: the lease lapsed mid-round and the run was left to a 'new
@@ -177,7 +181,7 @@ def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch) 
     h = harness_factory(1, "t-lease", {"central_eval": False}, chunk_bytes=CHUNK, lease_seconds=2.0)
     _, names, g = transfer.read_global(h.store)
     for cid, n in (("c0", 10), ("c1", 20), ("c2", 30)):
-        _push(h, cid, n, names, [(t + 1).astype(np.float32) for t in g])
+        h.push_parts(cid, n, names, [(t + 1).astype(np.float32) for t in g])
     h.wait_round(1)
     h.thread.join(timeout=30)
     assert h.store.state()["status"] == "finished"

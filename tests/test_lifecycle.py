@@ -14,32 +14,33 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cli_env, fedq_cmd
-from proctree import Proc, Tracker
+from support.procs import ProcInfo, Tracker, cli_env, fedq_cmd
+from support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
 STOPPED_WITHIN = 5.0  # seconds from the signal until nothing of the run is left
 
 
-def _is_horse(p: Proc, tracker: Tracker) -> bool:
-    # rq forks the horse from the worker and moves it to a process group of its own.
-    return " aggregator " in f"{p.cmdline} " and p.pgid == p.pid and p.ppid in tracker.pids
+def _is_horse(p: ProcInfo, tracker: Tracker) -> bool:
+    # rq forks the horse from the worker and moves it to a process group of its own. With
+    # setproctitle installed rq renames both ("rq:worker:..."), else they keep fedq's command line.
+    named = " aggregator " in f"{p.cmdline} " or p.cmdline.startswith("rq:worker:")
+    return named and p.pgid == p.pid and p.ppid in tracker.pids
 
 
-def _wait_for(tracker: Tracker, proc: subprocess.Popen, log: Path, timeout: float) -> list[Proc]:
+def _wait_for(tracker: Tracker, proc: subprocess.Popen, log: Path, timeout: float) -> list[ProcInfo]:
     """Wait until the run has its work horse, both clients and its Redis; returns the processes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def going() -> list[ProcInfo] | None:
         live = tracker.scan()
         names = " | ".join(p.cmdline for p in live)
         if (any(_is_horse(p, tracker) for p in live) and names.count(" client ") == 2
                 and ("redis-server" in names or "valkey-server" in names)):
             return live
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"fedq run did not get going (exit {proc.poll()}); output:\n{log.read_text()}")
+        assert proc.poll() is None, f"fedq run exited {proc.poll()} before it got going; output:\n{log.read_text()}"
+        return None
+
+    return wait_until(going, "fedq run to get going", timeout, every=0.2, detail=lambda: log.read_text())
 
 
 @pytest.mark.slow

@@ -10,28 +10,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-from helpers import free_port
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
-from test_dashboard_support import http_get, wait_for
+from support.checks import samples, value
+from support.dashboard import http_get
+from support.redis import free_port
+from support.wait import wait_until
 
 from fedq.protocol.vocabulary import Refusal
 from fedq.roles import metrics
 
 REFUSAL_REASONS = tuple(Refusal)
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics text as (name, sorted labels) -> value, via prometheus-client's parser."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(parsed: dict, name: str, **labels: str) -> float | None:
-    return parsed.get((name, tuple(sorted(labels.items()))))
 
 
 def test_counts_in_a_registry_of_its_own() -> None:
@@ -114,7 +102,8 @@ def test_values_counted_in_forked_children_reach_the_parents_metrics(tmp_path: P
     proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        _status, body, _ = wait_for("/metrics", lambda: http_get(f"http://127.0.0.1:{port}/metrics"), timeout=20)
+        _status, body, _ = wait_until(lambda: http_get(f"http://127.0.0.1:{port}/metrics"), "/metrics", timeout=20,
+                                      ignore=(Exception,))
         p = samples(body.decode())
         assert value(p, "fedq_updates_accepted_total") == 2
         assert value(p, "fedq_updates_refused_total", reason="non_finite") == 2
@@ -163,7 +152,8 @@ def test_metrics_of_a_worker_that_drove_nothing_yet_are_not_empty(tmp_path: Path
     proc = subprocess.Popen([sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        status, body, _ = wait_for("/metrics", lambda: http_get(f"http://127.0.0.1:{port}/metrics"), timeout=20)
+        status, body, _ = wait_until(lambda: http_get(f"http://127.0.0.1:{port}/metrics"), "/metrics",
+                                     timeout=20, ignore=(Exception,))
         p = samples(body.decode())
         assert status == 200
         assert value(p, "fedq_rounds_completed_total") == 0
@@ -180,7 +170,7 @@ def test_metrics_of_a_worker_that_drove_nothing_yet_are_not_empty(tmp_path: Path
 
 def test_run_gauges_build_info_and_process_metrics_for_running_runs_only(r, redis_url: str) -> None:
     import redis as redis_lib
-    from test_dashboard_support import make_run
+    from support.dashboard import make_run
 
     from fedq.protocol import heartbeat
     from fedq.protocol.store import RunStore
@@ -215,7 +205,7 @@ def test_the_example_grafana_dashboard_uses_only_metrics_fedq_serves(r) -> None:
     import json
 
     from prometheus_client import generate_latest
-    from test_dashboard_support import make_run
+    from support.dashboard import make_run
 
     make_run(r, "grafana-run", rounds=3, committed=1)
     text = generate_latest(metrics.served_registry(r, lambda: ["grafana-run"])).decode()

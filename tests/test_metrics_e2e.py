@@ -20,12 +20,14 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 import redis
-from helpers import cli_env, free_port
-from test_dashboard_support import Proc, http_get, wait_for
-from test_metrics import samples, value
+from support.checks import samples, value
+from support.dashboard import http_get
+from support.procs import Proc, cli_env
+from support.redis import free_port
+from support.trainer import FakeTrainer, nan_step
+from support.wait import wait_until
 
 from fedq.learning.spec import RunSpec
 from fedq.protocol import heartbeat, messages
@@ -38,25 +40,6 @@ pytestmark = pytest.mark.slow
 
 RUN = "metered"
 ROUNDS = 2
-
-
-class NanTrainer:
-    """Trains nothing and returns NaN weights: an update the aggregator must refuse."""
-
-    def __init__(self, store: RunStore, num_examples: int) -> None:
-        _, self.names, tensors = messages.decode_global(store.global_payload(), store.run_id)
-        self.shapes = [(t.shape, t.dtype) for t in tensors]
-        self.num_examples = num_examples
-
-    def load(self, tensors: list[np.ndarray]) -> None:
-        pass
-
-    def train(self, round_no: int) -> dict[str, float]:
-        time.sleep(0.2)
-        return {"loss": 1.0, "accuracy": 0.5}
-
-    def weights(self) -> list[np.ndarray]:
-        return [np.full(shape, np.nan, dtype=dtype) for shape, dtype in self.shapes]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +59,9 @@ def federation(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
     store = RunStore(r, RUN)
     stop = threading.Event()
     bad = Client(redis.Redis.from_url(url), settings, 2, run_id=RUN, client_id="client-bad", stop=stop,
-                 trainer_factory=lambda spec, nf, nc, x, y, shard, stop_: NanTrainer(store, len(y)))
+                 trainer_factory=FakeTrainer.factory(nan_step, seconds=0.2,  # NaN weights: refused
+                                                   names=lambda: messages.decode_global(store.global_payload(),
+                                                                                        RUN)[1]))
     bad_errors: list[BaseException] = []
 
     def run_bad() -> None:
@@ -107,8 +92,8 @@ def federation(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
             assert p.wait(60) == 0, p.text()[-3000:]
         # The run's gauges drop once its driver is done (shortly after the run's state says so).
         with contextlib.suppress(AssertionError):
-            wait_for("fedq_clients_alive to drop to 0",
-                     lambda: value(samples(scrape()[1].decode()), "fedq_clients_alive") == 0, timeout=20)
+            wait_until(lambda: value(samples(scrape()[1].decode()), "fedq_clients_alive") == 0,
+                       "fedq_clients_alive to drop to 0", timeout=20, ignore=(Exception,))
         status, body, _ = scrape()
         seen["after"] = set(heartbeat.alive_clients(r, RUN))
         yield {"r": r, "store": store, "seen": seen, "metrics_status": status, "metrics": body.decode(),

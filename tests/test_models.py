@@ -29,6 +29,7 @@ def _toy(n: int = 120, d: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return x, (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
 
 
+@pytest.mark.slow
 def test_weight_names_do_not_depend_on_what_the_process_built_before() -> None:
     first = weight_names(build_model("seed", 17, 2, 0))
     build_model("byo_models:build_mlp", 17, 2, 0)
@@ -38,6 +39,7 @@ def test_weight_names_do_not_depend_on_what_the_process_built_before() -> None:
     assert len(set(first)) == len(first)
 
 
+@pytest.mark.slow
 def test_builder_model_is_seeded_trains_and_reports_binary_metrics() -> None:
     a = build_model("byo_models:build_mlp", 6, 2, 3)
     b = build_model("byo_models:build_mlp", 6, 2, 3)
@@ -57,6 +59,7 @@ def test_builder_model_is_seeded_trains_and_reports_binary_metrics() -> None:
     assert {"auc", "precision", "recall", "f1"} <= set(ev) and 0.5 < ev["auc"] <= 1
 
 
+@pytest.mark.slow
 def test_sigmoid_and_uncompiled_models() -> None:
     x, y = _toy(seed=1)
     sig = _trainer(RunSpec(model="byo_models:build_sigmoid", local_epochs=20).validate(), x, y)
@@ -67,6 +70,7 @@ def test_sigmoid_and_uncompiled_models() -> None:
     assert type(unc.model.optimizer).__name__ == "SGD"  # the run's optimizer compiled it
 
 
+@pytest.mark.slow
 def test_keras_file_supplies_architecture_and_initial_weights(tmp_path: Path) -> None:
     src = build_model("byo_models:build_mlp", 6, 2, 11)
     path = tmp_path / "mine.keras"
@@ -102,6 +106,7 @@ def test_missing_model_file_and_wrong_input_shape(tmp_path: Path) -> None:
         build_model(str(path), 9, 2, 0)
 
 
+@pytest.mark.slow
 def test_fedprox_keeps_local_training_near_the_global_model() -> None:
     x, y = _toy(200, seed=2)
     drift = {}
@@ -118,6 +123,7 @@ def test_fedprox_keeps_local_training_near_the_global_model() -> None:
     assert drift[5.0] < 0.5 * drift[0.0], drift
 
 
+@pytest.mark.slow
 def test_multiclass_federation_with_a_model_of_your_own(tmp_path: Path) -> None:
     from sklearn.datasets import load_wine
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import cli_env, fedq_cmd
-from proctree import Tracker
+from support.procs import Tracker, cli_env, fedq_cmd
+from support.wait import wait_until
 
 from fedq.protocol.store import RunStore
 
@@ -26,12 +25,9 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _wait(what: str, check, timeout: float, logs: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            tails = {p.name: p.read_text(errors="replace")[-2000:] for p in logs.glob("*.log")}
-            raise AssertionError(f"{what} within {timeout:g} s; logs: {tails}")
-        time.sleep(0.2)
+    def tails() -> str:
+        return str({p.name: p.read_text(errors="replace")[-2000:] for p in logs.glob("*.log")})
+    wait_until(check, what, timeout, every=0.2, detail=tails)
 
 
 @pytest.mark.slow

@@ -7,9 +7,10 @@ import struct
 import subprocess
 from pathlib import Path
 
+import pytest
 import redis
-from helpers import cli_env, fedq_cmd
-from test_dashboard_support import make_run
+from support.dashboard import make_run
+from support.procs import cli_env, fedq_cmd
 
 from fedq.protocol.store import RunStore
 from fedq.roles.plots import write_curves
@@ -47,6 +48,7 @@ def test_report_writes_curves_beside_report_json(r: redis.Redis, tmp_path: Path)
     assert json.loads((tmp_path / "report.json").read_text())["run_id"] == "plotted"
 
 
+@pytest.mark.slow
 def test_fedq_report_command_lists_curves_png(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
     make_run(r, "reported", rounds=3, committed=1)  # running: no model is saved, curves are
     out = tmp_path / "out"

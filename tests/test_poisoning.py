@@ -24,14 +24,19 @@ def federation() -> Federation:
     return Federation.build(spec)
 
 
+@pytest.fixture(scope="module")
+def clean(federation: Federation) -> float:
+    """The unattacked FedAvg run's final accuracy, the baseline of every test here (run once)."""
+    return _final(federation, "fedavg")
+
+
 def _final(fed: Federation, name: str, attack=None) -> float:
     spec = dataclasses.replace(fed.spec, strategy=StrategySpec(name=name))
     records = fed.run(spec, attackers={ATTACKER: attack} if attack else None)
     return records[-1]["test_accuracy"]
 
 
-def test_scaled_update_attack_breaks_fedavg_but_not_the_robust_strategies(federation: Federation) -> None:
-    clean = _final(federation, "fedavg")
+def test_scaled_update_attack_breaks_fedavg_but_not_the_robust_strategies(federation: Federation, clean: float) -> None:
     poisoned = _final(federation, "fedavg", scaled_update(-10.0))
     robust = {name: _final(federation, name, scaled_update(-10.0)) for name in ("fedmedian", "trimmed-mean", "krum")}
     print(f"\nclean FedAvg {clean:.3f}; poisoned FedAvg {poisoned:.3f}; "
@@ -42,8 +47,7 @@ def test_scaled_update_attack_breaks_fedavg_but_not_the_robust_strategies(federa
         assert acc >= clean - 0.03, f"{name} fell to {acc:.3f} (clean FedAvg {clean:.3f})"
 
 
-def test_noise_attack_is_absorbed_by_the_median(federation: Federation) -> None:
+def test_noise_attack_is_absorbed_by_the_median(federation: Federation, clean: float) -> None:
     noisy = gaussian_noise(3.0)
-    clean = _final(federation, "fedavg")
     assert _final(federation, "fedavg", noisy) < clean - 0.1
     assert _final(federation, "fedmedian", noisy) >= clean - 0.03

@@ -10,7 +10,8 @@ import itertools
 import dp_accounting
 import numpy as np
 import pytest
-from scipy import stats
+from support.checks import assert_std as _assert_std
+from support.checks import flat as _flat
 
 from fedq.errors import ConfigError
 from fedq.learning import privacy
@@ -19,7 +20,6 @@ from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy, StrategySpec
 
 SHAPES = [(150, 100), (40,), (3, 3)]
-P = 0.999999  # the chi-square bounds below fail a correct implementation once in 500,000 runs
 
 
 def _zeros() -> list[np.ndarray]:
@@ -28,19 +28,6 @@ def _zeros() -> list[np.ndarray]:
 
 def _random(rng: np.random.Generator, scale: float = 1.0) -> list[np.ndarray]:
     return [(rng.standard_normal(s) * scale).astype(np.float32) for s in SHAPES]
-
-
-def _flat(tensors: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(t, dtype=np.float64).ravel() for t in tensors])
-
-
-def _assert_std(samples: np.ndarray, std: float) -> None:
-    """sum(x^2) / std^2 of n zero-mean normal draws is chi-square(n): both tails must hold."""
-    n = samples.size
-    q = float(np.sum(np.square(samples)) / std ** 2)
-    lo, hi = stats.chi2.ppf(1 - P, n), stats.chi2.ppf(P, n)
-    assert lo < q < hi, f"sample std {np.sqrt(np.mean(samples ** 2)):.5f}, configured {std:.5f} (n {n})"
-    assert abs(samples.mean()) < 6 * std / np.sqrt(n)
 
 
 # ------------------------------------------------------------------------- central noise

@@ -17,17 +17,17 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 import redis
-from test_cli_errors import _env, assert_error_line, fedq
-from test_privacy import _assert_std, _flat
-from test_rounds import _wait
-from test_strategies_rounds import Run
+from support.checks import assert_std as _assert_std
+from support.checks import flat as _flat
+from support.cli import assert_error_line, fedq
+from support.cli import pipe_env as _env
+from support.wait import wait_until
 
 from fedq.learning import privacy
 from fedq.learning.spec import RunSpec, load_spec
@@ -44,25 +44,10 @@ pytestmark = pytest.mark.slow
 KEY = "test-noise-key"
 
 
-class KeyedRun(Run):
-    """test_strategies_rounds' harness with aggregators that share a DP noise key."""
-
-    def start_aggregator(self) -> Any:
-        self.settings = self.settings.with_(dp_noise_key=KEY)
-        return super().start_aggregator()
-
-
 @pytest.fixture()
-def keyed_run(r: redis.Redis, redis_url: str) -> Iterator:
-    made: list[Run] = []
-
-    def make(spec: RunSpec) -> Run:
-        made.append(KeyedRun(r, redis_url, spec))
-        return made[-1]
-
-    yield make
-    for run in made:
-        run.close()
+def keyed_run(federation_factory: Any) -> Any:
+    """Runs on the one federation harness whose aggregators share a DP noise key."""
+    return lambda spec: federation_factory(spec, dp_noise_key=KEY)
 
 
 def test_central_round_is_the_clipped_sum_plus_keyed_noise_over_d(keyed_run) -> None:
@@ -72,8 +57,8 @@ def test_central_round_is_the_clipped_sum_plus_keyed_noise_over_d(keyed_run) -> 
     run = keyed_run(spec)
     _, _, g = run.global_model()
     far = [t + 3.0 for t in g]  # an update far beyond C
-    assert run.push("c0", 1, [t.copy() for t in g], 10) == "ok"  # zero update
-    assert run.push("c1", 1, far, 200) == "ok"  # its larger sample count buys nothing
+    assert run.push_tensors("c0", 1, [t.copy() for t in g], 10) == "ok"  # zero update
+    assert run.push_tensors("c1", 1, far, 200) == "ok"  # its larger sample count buys nothing
     run.wait_round(1)
     _, _, new = run.global_model()
 
@@ -134,7 +119,8 @@ def test_a_real_federation_with_dp_finishes_and_reports_epsilon(mode: str, r: re
     for t in threads:
         t.start()
     try:
-        _wait(lambda: store.state().get("status") in ("finished", "failed") or bool(errors), "the run", timeout=180)
+        wait_until(lambda: store.state().get("status") in ("finished", "failed") or bool(errors), "the run",
+                   timeout=180)
         assert not errors, errors
         assert store.state()["status"] == "finished", store.state().get("reason")
     finally:

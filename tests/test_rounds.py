@@ -6,109 +6,19 @@ round must complete with the valid ones, record the refusal, and commit their ex
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-import redis
+from support.federation import Federation, noisy
+from support.wait import wait_until
 
 from fedq.learning.aggregate import fedavg
-from fedq.learning.data import feature_stats
-from fedq.learning.partition import load_shard
-from fedq.learning.spec import RunSpec
-from fedq.protocol import codec, messages
-from fedq.protocol.store import RunStore, connect
-from fedq.roles.aggregator import Aggregator, AggregatorStopped
-from fedq.settings import Settings
 
 N_GOOD = (100, 300)  # sample counts of the two valid clients: very unequal on purpose
 
 
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def wait_committed(store: RunStore, round_no: int) -> None:
-    """Wait until round_no is committed; fail with the run's reason if it failed instead."""
-    _wait(lambda: store.committed_round() >= round_no or store.state().get("status") == "failed",
-          f"round {round_no} to commit")
-    assert store.state().get("status") != "failed", store.state().get("reason")
-
-
-class Harness:
-    """A run with an in-process aggregator thread and three joined clients c0, c1, c2."""
-
-    def __init__(self, r: redis.Redis, redis_url: str, rounds: int, run_id: str,
-                 spec_extra: dict[str, object] | None = None, **settings: object) -> None:
-        self.settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2, **settings)
-        self.spec = RunSpec(clients=3, rounds=rounds, round_timeout=60, run_id=run_id,
-                            **(spec_extra or {})).validate()
-        self.store = RunStore(r, run_id)
-        self.store.create(self.spec)
-        self.agg = Aggregator(connect(self.settings), self.settings, run_id)
-        self.result: dict | None = None
-        self.thread = threading.Thread(target=self._drive, daemon=True)
-        self.thread.start()
-        for k in range(3):
-            x, _ = load_shard(self.spec.data, k, 3)
-            assert self.store.join_and_wait(f"c{k}", {"shard": k}, feature_stats(x).to_dict()) == "joined"
-        _wait(lambda: self.store.state().get("phase") == "train", "training to open")
-
-    def _drive(self) -> None:
-        try:
-            self.result = self.agg.run()
-        except AggregatorStopped:
-            pass  # the test ended before the run did
-
-    def global_model(self) -> tuple[int, list[str], list[np.ndarray]]:
-        return messages.decode_global(self.store.global_payload(), self.store.run_id)
-
-    def update(self, cid: str, round_no: int, n: int, tensors: list[np.ndarray], names: list[str],
-               signature: bytes | None = None, **meta_over: object) -> bytes:
-        payload = messages.encode_update(self.store.run_id, round_no, cid, n, {"loss": 0.5, "accuracy": 0.8},
-                                         names, tensors, signature)
-        if not meta_over:
-            return payload
-        env = codec.decode(payload)
-        return codec.encode("update", env.tensors, meta={**env.meta, **meta_over}, names=env.names)
-
-    def push(self, cid: str, round_no: int, payload: bytes) -> str:
-        return self.store.push_update(cid, round_no, payload, self.settings.max_update_bytes)
-
-    def wait_round(self, round_no: int) -> None:
-        wait_committed(self.store, round_no)
-
-    def close(self) -> None:
-        self.agg.stop.set()
-        self.thread.join(timeout=30)
-
-
-@pytest.fixture()
-def harness_factory(r: redis.Redis, redis_url: str) -> Iterator[Callable[[int, str], Harness]]:
-    made: list[Harness] = []
-
-    def make(rounds: int, run_id: str, spec_extra: dict[str, object] | None = None, **settings: object) -> Harness:
-        h = Harness(r, redis_url, rounds, run_id, spec_extra, **settings)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
-
-
-def _noisy(tensors: list[np.ndarray], seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [(t + rng.normal(0, 0.1, t.shape)).astype(t.dtype) for t in tensors]
-
-
-def _bad_cases() -> list[tuple[str, Callable[[Harness, int, list[str], list[np.ndarray]], bytes]]]:
+def _bad_cases() -> list[tuple[str, Callable[[Federation, int, list[str], list[np.ndarray]], bytes]]]:
     def shape(h, rn, names, g):
         return h.update("c2", rn, 50, [g[0][..., :1], *g[1:]], names)
 
@@ -140,13 +50,14 @@ def _bad_cases() -> list[tuple[str, Callable[[Harness, int, list[str], list[np.n
     ]
 
 
+@pytest.mark.slow
 def test_bad_updates_are_refused_recorded_and_the_round_completes(harness_factory) -> None:
     cases = _bad_cases()
     h = harness_factory(len(cases), "t-refuse")
     for round_no, (reason, make_bad) in enumerate(cases, start=1):
         g_round, names, g = h.global_model()
         assert g_round == round_no - 1
-        good = [_noisy(g, 10 * round_no + i) for i in range(2)]
+        good = [noisy(g, 10 * round_no + i) for i in range(2)]
         assert h.push("c2", round_no, make_bad(h, round_no, names, g)) == "ok"  # stored; judged by the aggregator
         for i, cid in enumerate(("c0", "c1")):
             assert h.push(cid, round_no, h.update(cid, round_no, N_GOOD[i], good[i], names)) == "ok"
@@ -193,9 +104,9 @@ def test_push_time_refusals_are_recorded(harness_factory) -> None:
 def test_repush_replaces_and_duplicates_never_double_count(harness_factory) -> None:
     h = harness_factory(1, "t-repush")
     _, names, g = h.global_model()
-    first, second, other, third = (_noisy(g, s) for s in (1, 2, 3, 4))
+    first, second, other, third = (noisy(g, s) for s in (1, 2, 3, 4))
     assert h.push("c0", 1, h.update("c0", 1, 100, first, names)) == "ok"
-    _wait(lambda: h.store.r.llen(h.store.k.inbox) == 0, "the aggregator to fold c0's first update")
+    wait_until(lambda: h.store.r.llen(h.store.k.inbox) == 0, "the aggregator to fold c0's first update")
     assert h.push("c0", 1, h.update("c0", 1, 200, second, names)) == "ok"  # replaces, new count too
     same = h.update("c1", 1, 50, other, names)
     assert h.push("c1", 1, same) == "ok"

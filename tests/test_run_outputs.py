@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import ROOT, cli_env, fedq_cmd
-from test_cli_errors import _env, assert_error_line, fedq
+from support.cli import assert_error_line, fedq
+from support.cli import pipe_env as _env
+from support.procs import ROOT, cli_env, fedq_cmd
 
 from fedq.protocol.store import RunStore
+
+pytestmark = pytest.mark.slow  # every test here runs the fedq CLI as a process (seconds to tens of seconds each)
 
 
 def _iris_csv(path: Path) -> Path:

@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
-from helpers import cli_env, fedq_cmd
-from test_rounds import _noisy, harness_factory  # noqa: F401 (fixture)
+from support.federation import noisy as _noisy
+from support.procs import cli_env, fedq_cmd
 
 from fedq.learning.aggregate import fedavg
 from fedq.protocol.signing import Signer
@@ -25,6 +26,7 @@ def _keys(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_unsigned_forged_replayed_and_unknown_updates_are_refused(harness_factory, tmp_path: Path) -> None:
     keydir = _keys(tmp_path)
     # The harness joins c0, c1, c2; the keys are for client-0..2: re-label the registry.
@@ -65,6 +67,7 @@ def test_unsigned_forged_replayed_and_unknown_updates_are_refused(harness_factor
     assert h.store.state()["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_signed_federation_through_the_cli(redis_url: str, r, tmp_path: Path) -> None:
     from fedq.protocol.store import RunStore
 

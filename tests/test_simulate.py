@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import cli_env, fedq_cmd
+from support.procs import cli_env, fedq_cmd
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import RedisServer, cli_env, fedq_cmd
 from rich.console import Console
-from test_dashboard_support import make_run
+from support.dashboard import make_run
+from support.procs import cli_env, fedq_cmd
+from support.redis import RedisServer
 
 from fedq.ops.view import RunProgress
 from fedq.protocol import heartbeat

@@ -6,107 +6,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import redis
-from test_rounds import _wait, wait_committed
+from support.federation import noisy as _noisy
+from support.wait import wait_until
 
 from fedq.learning import evaluation
-from fedq.learning.data import DataSpec, feature_stats
-from fedq.learning.partition import load_shard
+from fedq.learning.data import DataSpec
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.strategies import Strategy, StrategySpec, aggregate_all
-from fedq.protocol import codec, messages
-from fedq.protocol.store import RunStore, connect
-from fedq.roles.aggregator import Aggregator, AggregatorStopped
-from fedq.settings import Settings
+from fedq.protocol import codec
+from fedq.protocol.store import RunStore
 
 
-class Run:
-    """A run with an in-process aggregator thread; clients c0..cN-1 joined by hand."""
-
-    def __init__(self, r: redis.Redis, url: str, spec: RunSpec, join: bool = True) -> None:
-        self.url = url
-        self.settings = Settings.from_env(env={}, redis_url=url, block_seconds=0.2)
-        self.spec = spec.validate()
-        self.store = RunStore(r, spec.run_id)
-        self.store.create(self.spec)
-        self.aggs: list[Aggregator] = []
-        self.threads: list[threading.Thread] = []
-        self.start_aggregator()
-        if join:
-            for k in range(spec.clients):
-                x, _ = load_shard(spec.data, k, spec.clients)
-                rec = {"shard": k, "rows": len(x), "val_rows": 5}
-                assert self.store.join_and_wait(f"c{k}", rec, feature_stats(x).to_dict()) == "joined"
-            _wait(lambda: self.store.state().get("phase") == "train", "training to open")
-
-    def start_aggregator(self) -> Aggregator:
-        agg = Aggregator(connect(self.settings), self.settings, self.spec.run_id)
-
-        def drive() -> None:
-            try:
-                agg.run()
-            except AggregatorStopped:
-                pass
-        t = threading.Thread(target=drive, daemon=True)
-        t.start()
-        self.aggs.append(agg)
-        self.threads.append(t)
-        return agg
-
-    def stop_aggregator(self) -> None:
-        self.aggs[-1].stop.set()
-        self.threads[-1].join(timeout=30)
-        assert not self.threads[-1].is_alive()
-
-    def global_model(self) -> tuple[int, list[str], list[np.ndarray]]:
-        return messages.decode_global(self.store.global_payload(), self.spec.run_id)
-
-    def push(self, cid: str, round_no: int, tensors: list[np.ndarray], n: int, **metrics: float) -> str:
-        _, names, _ = self.global_model()
-        payload = messages.encode_update(self.spec.run_id, round_no, cid, n, {"loss": 0.5, "accuracy": 0.8, **metrics},
-                                         names, tensors)
-        return self.store.push_update(cid, round_no, payload, self.settings.max_update_bytes)
-
-    def wait_round(self, round_no: int) -> None:
-        wait_committed(self.store, round_no)
-
-    def close(self) -> None:
-        for agg, t in zip(self.aggs, self.threads):
-            agg.stop.set()
-            t.join(timeout=30)
-
-
-@pytest.fixture()
-def make_run(r: redis.Redis, redis_url: str) -> Iterator:
-    made: list[Run] = []
-
-    def make(spec: RunSpec, join: bool = True) -> Run:
-        run = Run(r, redis_url, spec, join)
-        made.append(run)
-        return run
-
-    yield make
-    for run in made:
-        run.close()
-
-
-def _noisy(tensors: list[np.ndarray], seed: int, scale: float = 0.1) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [(t + rng.normal(0, scale, t.shape)).astype(t.dtype) for t in tensors]
-
-
-def test_robust_round_commits_the_median_of_the_accepted_updates(make_run) -> None:
-    run = make_run(RunSpec(clients=3, rounds=1, round_timeout=60, run_id="t-median",
+def test_robust_round_commits_the_median_of_the_accepted_updates(federation_factory) -> None:
+    run = federation_factory(RunSpec(clients=3, rounds=1, round_timeout=60, run_id="t-median",
                            strategy=StrategySpec(name="fedmedian")))
     _, _, g = run.global_model()
     ups = [_noisy(g, 1), _noisy(g, 2), [t + 100 for t in g]]  # c2 is far off
     for k, u in enumerate(ups):
-        assert run.push(f"c{k}", 1, u, 10 * (k + 1)) == "ok"
+        assert run.push_tensors(f"c{k}", 1, u, 10 * (k + 1)) == "ok"
     run.wait_round(1)
     _, _, new = run.global_model()
     want = [np.median(np.stack([u[i] for u in ups]).astype(np.float64), axis=0) for i in range(len(g))]
@@ -116,10 +37,10 @@ def test_robust_round_commits_the_median_of_the_accepted_updates(make_run) -> No
     assert m["num_updates"] == 3 and m["num_examples"] == 60
 
 
-def test_server_state_survives_a_takeover_mid_round(make_run) -> None:
+def test_server_state_survives_a_takeover_mid_round(federation_factory) -> None:
     spec = RunSpec(clients=2, rounds=3, round_timeout=60, run_id="t-adam",
                    strategy=StrategySpec(name="fedadam", server_lr=0.05))
-    run = make_run(spec)
+    run = federation_factory(spec)
     _, _, g0 = run.global_model()
     pushed: list[list[tuple[list[np.ndarray], int]]] = []
 
@@ -128,12 +49,12 @@ def test_server_state_survives_a_takeover_mid_round(make_run) -> None:
         if len(pushed) < round_no:
             pushed.append([(_noisy(g, 100 * round_no + k), 50 + k) for k in range(2)])
         for k in range(upto):
-            assert run.push(f"c{k}", round_no, *pushed[round_no - 1][k]) == "ok"
+            assert run.push_tensors(f"c{k}", round_no, *pushed[round_no - 1][k]) == "ok"
 
     play(1)
     run.wait_round(1)
     play(2, upto=1)  # mid-round 2: one update stored, then the driver goes away
-    _wait(lambda: run.store.r.llen(run.store.k.inbox) == 0, "the driver to fold c0's update")
+    wait_until(lambda: run.store.r.llen(run.store.k.inbox) == 0, "the driver to fold c0's update")
     run.stop_aggregator()
     assert run.store.committed_round() == 1
     state = codec.decode(run.store.server_state_payload())
@@ -143,7 +64,7 @@ def test_server_state_survives_a_takeover_mid_round(make_run) -> None:
     run.wait_round(2)
     play(3)
     run.wait_round(3)
-    _wait(lambda: run.store.state().get("status") == "finished", "the run to finish")
+    wait_until(lambda: run.store.state().get("status") == "finished", "the run to finish")
 
     expected, x = Strategy(spec.strategy, g0), g0
     for ups in pushed:
@@ -159,17 +80,17 @@ def test_server_state_survives_a_takeover_mid_round(make_run) -> None:
     assert any(not np.array_equal(a, b) for a, b in zip(final, y))
 
 
-def test_sampled_rounds_train_only_the_chosen_clients(make_run) -> None:
+def test_sampled_rounds_train_only_the_chosen_clients(federation_factory) -> None:
     spec = RunSpec(clients=4, rounds=2, round_timeout=60, run_id="t-sample", fraction_fit=0.5, seed=3)
-    run = make_run(spec)
+    run = federation_factory(spec)
     for round_no in (1, 2):
         chosen = run.store.selected(round_no)
         assert chosen is not None and len(chosen) == 2, chosen  # published before anyone trains
         _, _, g = run.global_model()
         other = sorted({f"c{k}" for k in range(4)} - chosen)[0]
-        assert run.push(other, round_no, _noisy(g, 1), 10) == "not_selected"
+        assert run.push_tensors(other, round_no, _noisy(g, 1), 10) == "not_selected"
         for k, cid in enumerate(sorted(chosen)):
-            assert run.push(cid, round_no, _noisy(g, round_no * 10 + k), 10) == "ok"
+            assert run.push_tensors(cid, round_no, _noisy(g, round_no * 10 + k), 10) == "ok"
         run.wait_round(round_no)
         m = run.store.metrics()[-1]
         assert m["num_updates"] == 2 and sorted(m["clients"]) == m["selected"] == sorted(chosen)
@@ -181,20 +102,20 @@ def test_sampled_rounds_train_only_the_chosen_clients(make_run) -> None:
     assert set(select_clients([f"c{k}" for k in range(4)], 0.5, 3, 2)) == set(run.store.metrics()[1]["selected"])
 
 
-def test_a_robust_run_over_the_memory_cap_is_refused_with_a_clear_reason(make_run) -> None:
+def test_a_robust_run_over_the_memory_cap_is_refused_with_a_clear_reason(federation_factory) -> None:
     spec = RunSpec(clients=5, rounds=1, run_id="t-cap", strategy=StrategySpec(name="krum", max_held_mb=0.001))
-    run = make_run(spec, join=False)
-    _wait(lambda: run.store.state().get("status") == "failed", "the run to be refused")
+    run = federation_factory(spec, join=False)
+    wait_until(lambda: run.store.state().get("status") == "failed", "the run to be refused")
     reason = run.store.state()["reason"]
     assert "holds all 5 updates" in reason and "--max-held-mb" in reason, reason
 
 
-def test_federated_evaluation_rides_on_updates_then_a_final_phase(make_run) -> None:
+def test_federated_evaluation_rides_on_updates_then_a_final_phase(federation_factory) -> None:
     spec = RunSpec(clients=3, rounds=2, round_timeout=60, run_id="t-fedeval", data=DataSpec(val_fraction=0.2))
-    run = make_run(spec)
+    run = federation_factory(spec)
     _, _, g = run.global_model()
     for k in range(3):
-        assert run.push(f"c{k}", 1, _noisy(g, k), 20) == "ok"
+        assert run.push_tensors(f"c{k}", 1, _noisy(g, k), 20) == "ok"
     run.wait_round(1)
     assert "fed_eval_accuracy" not in run.store.metrics()[0]
     _, _, g = run.global_model()
@@ -205,20 +126,20 @@ def test_federated_evaluation_rides_on_updates_then_a_final_phase(make_run) -> N
                   eval_tn=2.0),
              dict(eval_loss=9.0, eval_accuracy=1.0, eval_examples=500.0)]  # c2 claims rows it does not hold
     for k in range(3):
-        assert run.push(f"c{k}", 2, _noisy(g, 10 + k), 20, **evals[k]) == "ok"
-    _wait(lambda: run.store.state().get("phase") == "eval", "the final evaluation phase")
+        assert run.push_tensors(f"c{k}", 2, _noisy(g, 10 + k), 20, **evals[k]) == "ok"
+    wait_until(lambda: run.store.state().get("phase") == "eval", "the final evaluation phase")
     first = run.store.metrics()[0]
     assert first["fed_eval_examples"] == 9 and first["fed_eval_accuracy"] == pytest.approx((0.75 * 4 + 5) / 9)
     assert first["fed_eval_precision"] == pytest.approx(5 / 6) and first["fed_eval_recall"] == 1.0
     assert run.store.state()["status"] == "running"
     # The last model has no next round: clients evaluate it and push the result.
-    assert run.push("c0", 3, g, 1) == "run_not_training"
+    assert run.push_tensors("c0", 3, g, 1) == "run_not_training"
     msg = evaluation.encode_eval(spec.run_id, 2, "c0", evals[0])
     assert run.store.push_eval("c0", 2, msg, 4096) == "ok"
     assert run.store.push_eval("c1", 1, msg, 4096) == "wrong_round"
     assert run.store.push_eval("c1", 2, evaluation.encode_eval(spec.run_id, 2, "c1", evals[1]), 4096) == "ok"
     assert run.store.push_eval("c2", 2, b"{not json", 4096) == "ok"  # stored, refused by the aggregator
-    _wait(lambda: run.store.state().get("status") == "finished", "the run to finish")
+    wait_until(lambda: run.store.state().get("status") == "finished", "the run to finish")
     last = run.store.metrics()[1]
     assert last["fed_eval_examples"] == 9
     final = json.loads(run.store.state()["final"])

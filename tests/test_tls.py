@@ -5,17 +5,18 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from helpers import RedisServer, cli_env, fedq_cmd, free_port
+from support.procs import cli_env, fedq_cmd
+from support.redis import RedisServer, free_port
 
 from fedq.errors import ConfigError, RedisUnavailable
 from fedq.protocol.store import connect
 from fedq.settings import Settings
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")
+pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates"),
+              pytest.mark.slow]  # certificates, TLS servers and CLI processes: seconds each
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -46,16 +47,9 @@ def tls_server(pki: Path):
     # TLS only (no plain port), and clients must present a certificate signed by the CA.
     server = RedisServer("--port", "0", "--tls-port", str(port), "--tls-cert-file", str(pki / "server.crt"),
                          "--tls-key-file", str(pki / "server.key"), "--tls-ca-cert-file", str(pki / "ca.crt"),
-                         "--tls-auth-clients", "yes", ping=False)
+                         "--tls-auth-clients", "yes",
+                         ready=lambda _s: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None)
     server.tls_port = port
-    deadline = time.monotonic() + 10
-    while True:  # ready when the TLS port accepts connections
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "TLS redis-server did not start"
-            time.sleep(0.05)
     yield server
     server.stop()
 

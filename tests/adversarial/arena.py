@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 
 import numpy as np
 import redis
-from helpers import RedisServer
+from support.redis import RedisServer
+from support.wait import wait_until
 
 from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
@@ -27,7 +27,7 @@ from fedq.learning.spec import RunSpec
 from fedq.ops import acl
 from fedq.protocol import messages, transfer
 from fedq.protocol.signing import Signer
-from fedq.protocol.store import RunStore
+from fedq.protocol.store import ENDED, RunStore
 from fedq.protocol.vocabulary import ENDED
 from fedq.roles.aggregator import Aggregator, AggregatorStopped
 from fedq.settings import Settings
@@ -94,14 +94,12 @@ class Arena:
         (tmp / "users.acl").write_text(acl.aclfile(self.users.values()))
         self.server = RedisServer("--aclfile", str(tmp / "users.acl"), ping=False)
         self.agg = self.connect(acl.AGGREGATOR_USER)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                self.agg.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline and self.server.proc.poll() is None, "redis-server did not start"
-                time.sleep(0.05)
+
+        def up() -> bool:
+            assert self.server.proc.poll() is None, "redis-server exited"
+            return bool(self.agg.ping())
+
+        wait_until(up, "the ACL redis-server to answer", 15, ignore=(redis.ConnectionError,))
 
     def url(self, user: str) -> str:
         return self.users[user].url("127.0.0.1", self.server.port)
@@ -184,11 +182,11 @@ class Run:
 
     # --- Mallory's tools --------------------------------------------------------------------
     def wait(self, cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        def done() -> bool:
             assert self.crash is None, f"the aggregator crashed: {self.crash!r}"
-            time.sleep(0.02)
+            return cond()
+
+        wait_until(done, what, timeout, every=0.02)
 
     def training(self) -> bool:
         return self.store.state().get("phase") in ("train", "done")

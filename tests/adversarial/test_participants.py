@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import redis
 from arena import CONFINED, HONEST, MALLORY, ROWS, Arena, Run
-from helpers import cli_env, fedq_cmd
 from rich.console import Console
+from support.procs import cli_env, fedq_cmd
 
 from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard

@@ -10,7 +10,6 @@ is the FedAvg of the final round's accepted updates.
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import time
@@ -20,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import redis
-from helpers import RedisServer, cli_env, fedq_cmd
+from support.federation import CliFederation
+from support.procs import Proc, cli_env, fedq_cmd
+from support.redis import RedisServer
+from support.wait import wait_until
 
 from fedq.learning.aggregate import fedavg
 from fedq.protocol import codec, messages
@@ -38,28 +40,17 @@ class Audit:
     double_counted: int
 
 
-def _descendants(pid: int) -> list[int]:
-    """All descendants of pid (Linux /proc), deepest last."""
-    out: list[int] = []
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        for child in (int(c) for c in children.read_text().split()):
-            out += [child, *_descendants(child)]
-    return out
-
-
-class Federation:
+class Federation(CliFederation):
     """One run on its own redis-server, with its aggregator and client processes."""
 
     def __init__(self, tmp_path: Path, *, clients: int = 2, rounds: int = 3, min_clients: int | None = None,
                  round_timeout: float = 60, redis_args: tuple[str, ...] = (), run_id: str = "fault",
                  lease: float = 3.0) -> None:
         self.t0 = time.monotonic()
-        self.tmp = tmp_path
         self.server = RedisServer(*redis_args)
         self.url = self.server.url
-        self.env = cli_env(self.url) | {"FEDQ_LEASE_SECONDS": str(lease), "FEDQ_BLOCK_SECONDS": "0.5",
-                                        "FEDQ_TF_THREADS": "1", "FEDQ_WAIT_SECONDS": "120"}
+        super().__init__(cli_env(self.url, FEDQ_LEASE_SECONDS=str(lease), FEDQ_BLOCK_SECONDS="0.5",
+                                 FEDQ_TF_THREADS="1", FEDQ_WAIT_SECONDS="120"), tmp_path)
         self.r = redis.Redis.from_url(self.url, socket_timeout=10)
         self.run_id = run_id
         self.clients = clients
@@ -69,65 +60,37 @@ class Federation:
             args += ["--min-clients", str(min_clients)]
         done = subprocess.run(fedq_cmd(*args), env=self.env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-        self.procs: dict[str, subprocess.Popen] = {}
 
     @property
     def store(self) -> RunStore:
         return RunStore(self.r, self.run_id)
 
     # --- processes ---------------------------------------------------------------------
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = (self.tmp / f"{name}.log").open("ab")
-        p = subprocess.Popen(fedq_cmd(*args), env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        self.procs[name] = p
-        return p
-
-    def aggregator(self, name: str = "agg-a") -> subprocess.Popen:
+    def aggregator(self, name: str = "agg-a") -> Proc:
         return self.start(name, "aggregator")
 
-    def client(self, k: int, name: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
-        return self.start(name or f"client-{k}", "client", "--shard", str(k), "--run", self.run_id, "--once",
-                          env=env)
+    def client(self, k: int, name: str | None = None, env: dict[str, str] | None = None) -> Proc:  # type: ignore[override]
+        return super().client(k, self.run_id, name, env)
 
     def signal(self, name: str, sig: int) -> None:
-        """Send sig to a process; SIGKILL takes its descendants too (an rq worker's work horse
-        runs in a process group of its own), as the loss of a node or pod would."""
-        p = self.procs[name]
-        if sig == signal.SIGKILL:
-            for pid in _descendants(p.pid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        p.send_signal(sig)
+        """Send sig to a process; SIGKILL takes its whole tree and sessions too (an rq worker's
+        work horse runs in a process group of its own), as the loss of a node or pod would."""
+        self.procs[name].signal(sig)
 
     def exit_code(self, name: str, timeout: float = 60) -> int:
-        return self.procs[name].wait(timeout=timeout)
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
+        return self.procs[name].proc.wait(timeout=timeout)
 
     def close(self) -> None:
-        for name, p in self.procs.items():
+        for p in self.procs.values():
             if p.poll() is None:
-                self.signal(name, signal.SIGKILL)
-                p.wait(timeout=10)
+                p.signal(signal.SIGKILL)
+            p.proc.wait(timeout=10)
         self.server.stop()
 
     # --- waiting --------------------------------------------------------------------------
     def wait(self, cond: Callable[[], bool], what: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if cond():
-                    return
-            except redis.ConnectionError:
-                pass  # the test may be restarting Redis
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
-                raise AssertionError(f"timed out waiting for {what}\n{logs}")
-            time.sleep(0.1)
+        # ConnectionError: the test may be restarting Redis.
+        wait_until(cond, what, timeout, every=0.1, ignore=(redis.ConnectionError,), detail=self.logs_tail)
 
     def wait_round(self, round_no: int, timeout: float = 120) -> None:
         self.wait(lambda: self.store.committed_round() >= round_no, f"round {round_no} to commit", timeout)

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_rounds import Harness, harness_factory  # noqa: F401  (harness_factory is a fixture used by name)
+from support.federation import Federation
 
 from fedq.errors import UpdateRejected
 from fedq.learning.aggregate import fedavg
@@ -71,7 +71,7 @@ class Ctx:
     template: list[messages.TensorSpec]
 
     @classmethod
-    def of(cls, h: Harness) -> Ctx:
+    def of(cls, h: Federation) -> Ctx:
         g_round, names, g = h.global_model()
         assert g_round == ROUND - 1
         tensors = [np.array(t) for t in g]
@@ -126,7 +126,7 @@ def _oracle(ctx: Ctx, cid: str, payload: bytes) -> str | None:
     return None
 
 
-def _write(h: Harness, cid: str, payload: bytes) -> None:
+def _write(h: Federation, cid: str, payload: bytes) -> None:
     """Store an update straight into the client's key and wake the aggregator, no Lua."""
     key = h.store.k.update(cid, ROUND)
     pipe = h.store.r.pipeline(transaction=True)
@@ -136,7 +136,7 @@ def _write(h: Harness, cid: str, payload: bytes) -> None:
     pipe.execute()
 
 
-def _await_refusal(h: Harness, before: int, what: str) -> dict[str, Any]:
+def _await_refusal(h: Federation, before: int, what: str) -> dict[str, Any]:
     """Wait until the refusal log grew past ``before``; exactly one new record, returned."""
     r, key = h.store.r, h.store.k.refused
     deadline = time.monotonic() + REFUSAL_WAIT
@@ -158,13 +158,13 @@ def _check_refusal(rec: dict[str, Any], cid: str, want: str, expected: set[str],
     assert isinstance(rec["detail"], str) and rec["detail"].strip(), (what, rec)
 
 
-def _spurious_wakeups(h: Harness) -> None:
+def _spurious_wakeups(h: Federation) -> None:
     """Wake-ups that carry no new version: c2 again (its payload unchanged) and a client with
     nothing stored. Neither may produce a refusal; the next payload's count check sees that."""
     h.store.r.rpush(h.store.k.inbox, BAD, "nobody-stored-anything")
 
 
-def _finish_round(h: Harness, refusals: int) -> None:
+def _finish_round(h: Federation, refusals: int) -> None:
     """c0 and c1 push valid updates; the round commits their exact FedAvg, c2 counted refused."""
     assert h.thread.is_alive(), "the aggregator died during the fuzz"
     assert h.store.committed_round() == ROUND - 1, "the round closed without c0 and c1"
@@ -505,6 +505,7 @@ def _make(rng: random.Random, ctx: Ctx, nonce: int) -> tuple[str, str, bytes | N
 
 # --- the tests -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_thousand_bad_payloads_are_each_refused_and_the_good_updates_still_average(harness_factory) -> None:
     h = harness_factory(1, "t-fuzz", max_pushes_per_round=1_000_000)  # one client, 1,200 versions
     ctx = Ctx.of(h)
@@ -648,6 +649,7 @@ def _hyp_case(ctx: Ctx) -> st.SearchStrategy:
     return case()
 
 
+@pytest.mark.slow
 def test_hypothesis_drawn_field_values_are_refused_with_a_matching_reason(harness_factory) -> None:
     h = harness_factory(1, "t-fuzz-hyp", max_pushes_per_round=1_000_000)
     ctx = Ctx.of(h)
@@ -680,9 +682,10 @@ def test_hypothesis_drawn_field_values_are_refused_with_a_matching_reason(harnes
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.slow
 def test_a_non_utf8_client_id_in_the_inbox_is_refused_not_fatal(harness_factory) -> None:
     h = harness_factory(1, "t-fuzz-bytes")
-    Ctx.of(h)  # the harness's global model is what the fuzz assumes
+    Ctx.of(h)
     h.store.r.rpush(h.store.k.inbox, b"\xff\xfe-not-utf8", "no:such{client}")  # no key can exist under these
     _write(h, "sentinel", b"junk behind it")
     deadline = time.monotonic() + REFUSAL_WAIT

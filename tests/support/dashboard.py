@@ -1,23 +1,23 @@
-"""Support for the dashboard, status and metrics tests: real federations and a real dashboard
-process (no tests here; the name only keeps the file beside the suites that import it)."""
+"""The dashboard's side of the tests: HTTP GETs, a real `fedq dashboard` process, and runs
+written through the store's own API without training."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import cli_env, fedq_cmd, free_port
+from support.procs import Proc, cli_env
+from support.redis import free_port
+from support.wait import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def http_get(url: str, timeout: float = 10) -> tuple[int, bytes, dict[str, str]]:
@@ -34,51 +34,6 @@ def get_json(url: str) -> tuple[int, Any]:
     return status, json.loads(body)
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
-    """Poll check until it returns something truthy; AssertionError naming what after timeout."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except AssertionError:
-            raise
-        except Exception as exc:  # e.g. the server is not listening yet
-            last_exc = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
-
-
-class Proc:
-    """A fedq CLI process with its output in a log file."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.log = logs / f"{name}.log"
-        self.proc = subprocess.Popen(fedq_cmd(*args), env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise AssertionError(f"{self.name} did not finish in {timeout:g} s; log:\n{self.text()[-3000:]}") from None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
 class Dashboard(Proc):
     """`fedq dashboard` on a free port, ready when it answers /api/health."""
 
@@ -86,7 +41,7 @@ class Dashboard(Proc):
         self.port = free_port()
         super().__init__("dashboard", ["dashboard", "--host", "127.0.0.1", "--port", str(self.port),
                                        "--refresh", str(refresh)], cli_env(redis_url), logs)
-        wait_for("the dashboard to answer", self._ready, timeout=30)
+        wait_until(self._ready, "the dashboard to answer", timeout=30, ignore=(Exception,))
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -95,31 +50,6 @@ class Dashboard(Proc):
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
-
-
-class Federation:
-    """An aggregator that creates and drives one run, and its clients, all as CLI processes."""
-
-    def __init__(self, redis_url: str, logs: Path, run_id: str, clients: int = 2, rounds: int = 3,
-                 local_epochs: int = 1, extra: tuple[str, ...] = ()) -> None:
-        env = cli_env(redis_url)
-        env["FEDQ_TF_THREADS"] = "1"  # the tests share 2 cores with everything else
-        self.run_id = run_id
-        self.procs = [Proc(f"client-{k}", ["client", "--shard", str(k), "--run", run_id, "--once"], env, logs)
-                      for k in range(clients)]
-        self.procs.append(Proc("aggregator", ["aggregator", "--clients", str(clients), "--rounds", str(rounds),
-                                              "--local-epochs", str(local_epochs), "--run-id", run_id, *extra],
-                               env, logs))
-
-    def wait(self, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            code = p.wait(max(1.0, deadline - time.monotonic()))
-            assert code == 0, f"{p.name} exited {code}; log:\n{p.text()[-3000:]}"
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.stop()
 
 
 def make_run(r: Any, run_id: str, *, clients: int = 2, rounds: int = 3, committed: int = 0,
