@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from arena import ROWS, Arena
+from support.table import print_table
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +18,8 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Arena]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not ROWS:
-        return
-    tr = terminalreporter
-    tr.section("adversarial suite")
-    head = (f"{'attack':<34} {'outcome':<30} {'run':<9} {'honest lost':>11} {'mallory accepted':>16} "
-            f"{'read MB':>8} {'bound MB':>8}")
-    tr.write_line(head)
-    for row in ROWS:
-        tr.write_line(f"{row['attack']:<34} {row['outcome']:<30} {row['run']:<9} {row['lost']:>11} "
-                      f"{row['accepted']:>16} {row['read'] / 2**20:>8.2f} {row['bound'] / 2**20:>8.2f}")
+    rows = [{**row, "read_mb": row["read"] / 2**20, "bound_mb": row["bound"] / 2**20} for row in ROWS]
+    print_table(terminalreporter, "adversarial suite", [
+        ("attack", "attack", -34, ""), ("outcome", "outcome", -30, ""), ("run", "run", -9, ""),
+        ("honest lost", "lost", 11, ""), ("mallory accepted", "accepted", 16, ""),
+        ("read MB", "read_mb", 8, ".2f"), ("bound MB", "bound_mb", 8, ".2f")], rows)

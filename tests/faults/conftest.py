@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from harness import ROWS, Federation
+from support.table import print_table
 
 
 @pytest.fixture()
@@ -24,13 +25,7 @@ def federation(tmp_path) -> Iterator[Any]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not ROWS:
-        return
-    tr = terminalreporter
-    tr.section("fault suite")
-    head = (f"{'scenario':<42} {'outcome':<9} {'rounds':>6} {'accepted':>8} {'refused':>7} {'lost':>4} "
-            f"{'double':>6} {'seconds':>7}")
-    tr.write_line(head)
-    for row in ROWS:
-        tr.write_line(f"{row['scenario']:<42} {row['outcome']:<9} {row['rounds']:>6} {row['accepted']:>8} "
-                      f"{row['refused']:>7} {row['lost']:>4} {row['double']:>6} {row['seconds']:>7.1f}")
+    print_table(terminalreporter, "fault suite", [
+        ("scenario", "scenario", -42, ""), ("outcome", "outcome", -9, ""), ("rounds", "rounds", 6, ""),
+        ("accepted", "accepted", 8, ""), ("refused", "refused", 7, ""), ("lost", "lost", 4, ""),
+        ("double", "double", 6, ""), ("seconds", "seconds", 7, ".1f")], ROWS)

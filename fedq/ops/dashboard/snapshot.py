@@ -371,14 +371,19 @@ def spec_changes(spec: dict[str, Any]) -> list[dict[str, Any]]:
 DOWNLOADS = ("report.json", "curves.png", "scaler.json", "weights.npz")
 
 
-def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
-    """Everything the run page shows; RunNotFound when there is no such run."""
-    store = _store(r, run_id)
+def _spec_and_state(r: redis.Redis, store: RunStore) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's spec and its state as the pages show it; RunNotFound when either is missing."""
     spec = _json(r.get(store.k.spec))
     raw = store.state()
     if spec is None or not raw:
-        raise RunNotFound(f"no run {run_id!r}")
-    st = _state(raw)
+        raise RunNotFound(f"no run {store.run_id!r}")
+    return spec, _state(raw)
+
+
+def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
+    """Everything the run page shows; RunNotFound when there is no such run."""
+    store = _store(r, run_id)
+    spec, st = _spec_and_state(r, store)
     joined = store.clients()
     metrics = store.metrics()
     open_round = None
@@ -427,11 +432,7 @@ def compare(r: redis.Redis, run_ids: list[str]) -> dict[str, Any]:
     runs = []
     for run_id in run_ids:
         store = _store(r, run_id)
-        spec = _json(r.get(store.k.spec))
-        raw = store.state()
-        if spec is None or not raw:
-            raise RunNotFound(f"no run {run_id!r}")
-        st = _state(raw)
+        spec, st = _spec_and_state(r, store)
         metrics = store.metrics()
         times = round_times(_events(r, store))
         runs.append({"run_id": run_id, "status": st["status"], "round": st["round"], "rounds": st["rounds"],
