@@ -91,6 +91,19 @@ def test_the_update_guard_checks_type_sequence_and_size_in_redis(r: redis.Redis)
     assert store.read_update(1, "bad id!", "", 100).kind == "none"
 
 
+def test_the_guard_and_the_cheap_look_name_a_version_alike(r: redis.Redis) -> None:
+    """A rescan compares update_seqs with the version judged: they must agree, or every idle
+    moment would send the guard to the same bad key again."""
+    store = RunStore(r, "alike")
+    key = store.k.update("c0", 1)
+    for write in (lambda: r.set(key, "x"), lambda: r.hset(key, mapping={"payload": b"p", "seq": "abc"}),
+                  lambda: r.hset(key, mapping={"payload": b"p" * 1000, "seq": "7"}),
+                  lambda: r.hset(key, mapping={"payload": b"ok", "seq": "8"})):
+        r.delete(key)
+        write()
+        assert store.read_update(1, "c0", "", 100).version == store.update_seqs(1, ["c0"])["c0"]
+
+
 def test_wake_ups_are_drained_deduplicated_and_filtered_in_redis(r: redis.Redis) -> None:
     store = RunStore(r, "drain")
     r.rpush(store.k.inbox, *(["c0", "c1"] * 5000), "x" * 100, "c2")

@@ -166,6 +166,23 @@ class StoredUpdate:
     parts: str = ""
     size: int = 0
 
+    @property
+    def version(self) -> str:
+        """The version this is (see version_marker)."""
+        return version_marker(self.kind, self.seq)
+
+
+def version_marker(kind: Read, seq: str) -> str:
+    """What names one version of a client's stored update, so that each is judged once: its push
+    sequence number whenever the key carries a valid one (whatever else is wrong with it), else a
+    marker naming what is wrong with the key. RunStore.update_seqs (a cheap look) and the update
+    guard (a read) name a version alike, so a rescan finds nothing new in a version judged."""
+    if kind == Read.WRONG_TYPE:
+        return "!wrong_type"
+    if kind == Read.BAD_SEQ:
+        return "!bad_seq:" + seq[:32]
+    return seq
+
 
 @dataclass(frozen=True)
 class Commit:
@@ -513,10 +530,10 @@ class RunStore:
         out: dict[str, str] = {}
         for cid, v in zip(ids, pipe.execute(raise_on_error=False)):
             if isinstance(v, Exception):
-                out[cid] = "!wrong_type"
+                out[cid] = version_marker(Read.WRONG_TYPE, "")
             elif v is not None:
                 text = _s(v) or ""
-                out[cid] = text if text.isdigit() and len(text) <= 15 else "!bad_seq:" + text[:32]
+                out[cid] = version_marker(Read.OK if text.isdigit() and len(text) <= 15 else Read.BAD_SEQ, text)
         return out
 
     def close_round(self, round_no: int) -> None:

@@ -557,12 +557,12 @@ class Aggregator(Judging):
         self.store.refuse_join(cid, Refusal.SHARD_PLAN, detail)
         return False
 
-    def _admit_late(self, rnd: Round, cid: str) -> None:
+    def _admit_late(self, spec: RunSpec, rnd: Round, cid: str) -> None:
         """A client asking to join while training runs: admitted while there is room (it uses
         the published scaler and trains from the next round it sees)."""
         request = self.store.join_request(cid)
         if request is not None and self._registered(cid) \
-                and self._shard_plan_agrees(load_spec(self.store), cid, request[0]) and self.store.admit(cid):
+                and self._shard_plan_agrees(spec, cid, request[0]) and self.store.admit(cid):
             log.info("run %s: admitted %s while training", self.run_id, cid)
             rnd.joined = self._joined()
 
@@ -586,14 +586,14 @@ class Aggregator(Judging):
             if len(rnd.joined) < spec.clients:  # room left: look for requests to join
                 for cid in self.store.join_requests():
                     if cid not in rnd.joined:
-                        self._admit_late(rnd, cid)
+                        self._admit_late(spec, rnd, cid)
             for cid, seq in self.store.update_seqs(round_no).items():
                 if rnd.versions.get(cid) != seq:
                     self._consider(rnd, round_no, cid, template)
 
         def woken(cid: str) -> None:
             if cid not in rnd.joined and len(rnd.joined) < spec.clients:
-                self._admit_late(rnd, cid)
+                self._admit_late(spec, rnd, cid)
             self._consider(rnd, round_no, cid, template)
 
         rescan()  # a resumed round: fold what is already stored

@@ -133,7 +133,7 @@ class Judging:
         got = self.store.read_update(round_no, cid, judged if judged.isdigit() else "", self.settings.max_update_bytes)
         if got.kind in (Read.NONE, Read.SEEN):
             return None
-        version = got.seq if got.kind == Read.OK else f"!{got.kind}:{got.seq}"
+        version = got.version  # its sequence number, or what is wrong with the key
         if version == judged:
             return None  # the same bad key as before: recorded once already
         rnd.versions[cid] = version
