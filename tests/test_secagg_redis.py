@@ -35,9 +35,10 @@ def _client(r: redis.Redis, k: RunKeys, params: SecAggParams, cid: str, x: np.nd
             if stop_after == "keys":
                 ex._post("keys", wire.encode_keys(ex.me.advertise()))
                 return
-            y = ex.mask(x)
+            ex.prepare()
             if stop_after == "shares":
                 return
+            y = ex.mask(x)
             masked[cid] = y  # the push of the masked update (the update path carries it in fedq)
             r.rpush(k.secagg_hints, cid)
             if stop_after != "mask":

@@ -1,7 +1,7 @@
 """The secure-aggregation stages over Redis: keys under each client's prefix, records the aggregator publishes.
 
-Client: writes ``keys`` -> reads the ``roster`` -> writes ``shares`` -> reads ``sharers`` and its
-``inbox`` -> masks its input (pushed as its update) -> reads ``survivors`` -> writes ``reveal``.
+Client: writes ``keys`` -> reads the ``roster`` -> writes ``shares`` -> reads ``sharers`` -> masks
+its input (pushed as its update) -> reads ``survivors`` and its ``inbox`` -> writes ``reveal``.
 Aggregator: collects the keys and publishes the roster; collects the shares and publishes who
 shared and each client's inbox; after the masked inputs, publishes the survivors, collects the
 reveals and unmasks. Each client message is followed by its id on the hint list (the aggregator
@@ -65,8 +65,8 @@ class ClientExchange:
                                              f"within {self.timeout:g} s")
             self._last_event, _ = RunStore(self.r, self.k.run_id).wait_event(self._last_event, self.block_seconds)
 
-    def mask(self, x: np.ndarray) -> np.ndarray:
-        """Stages keys, shares and mask: this client's masked input for the round."""
+    def prepare(self) -> None:
+        """Stages keys and shares (they need no input: a client may run them before it trains)."""
         rnd = self.me.round_no
         self._post("keys", wire.encode_keys(self.me.advertise()))
         params, seed, roster = wire.decode_roster(self._await(self.k.secagg_public(rnd, "roster"), "roster"))
@@ -75,6 +75,11 @@ class ClientExchange:
         commitment, bundles = self.me.share(roster, seed)
         self._post("shares", wire.encode_shares(commitment, bundles))
         self.sharers = wire.decode_sharers(self._await(self.k.secagg_public(rnd, "sharers"), "sharers"))
+
+    def mask(self, x: np.ndarray) -> np.ndarray:
+        """Stage mask: this client's masked input for the round (after ``prepare``)."""
+        if not self.sharers:
+            raise SecAggError("not_prepared", f"{self.me.me}: mask before the keys and shares stages")
         return self.me.masked(x, self.sharers)
 
     def reveal(self) -> None:
