@@ -18,7 +18,7 @@ from fedq.protocol.secagg.masking import add_into
 from fedq.protocol.secagg.params import SecAggParams
 from fedq.protocol.secagg.participant import Participant
 from fedq.protocol.secagg.quantise import encode_input
-from fedq.protocol.secagg.unmasking import Unmasked
+from fedq.protocol.secagg.unmasking import RoundRecord, Unmasked
 
 EVERYONE = SecAggParams.from_options(neighbours=6, threshold=4)  # 7 clients, each everyone's neighbour
 FIVE = SecAggParams.from_options(neighbours=4, threshold=3)  # the same, once two of the 7 are refused
@@ -112,3 +112,21 @@ def test_too_few_clients_fail_the_round_by_name(r: redis.Redis) -> None:
     co = Coordinator(r, RunKeys("secagg-run"), 1, FIVE, b"graph-seed-0123456789", block_seconds=0.05)
     with pytest.raises(SecAggError, match="too_few_clients: 0 of 7 clients sent keys"):
         co.setup(IDS, time.monotonic() + 0.3)
+
+
+def test_too_few_survivors_fail_before_anyone_is_asked_for_shares(r: redis.Redis) -> None:
+    k = RunKeys("secagg-run")
+    co = Coordinator(r, k, 1, FIVE, b"graph-seed-0123456789", block_seconds=0.05)
+    with pytest.raises(SecAggError, match="out_of_order: unmasking needs the sharers"):
+        co.unmask(np.zeros(3, np.uint32), ["client-0"], time.monotonic())
+    co.record = _record_of_five(k)
+    with pytest.raises(SecAggError, match="too_few_survivors: 2 clients sent masked inputs, 3 needed"):
+        co.unmask(np.zeros(3, np.uint32), ["client-0", "client-1"], time.monotonic() + 1)
+    assert r.get(k.secagg_public(1, "survivors")) is None
+
+
+def _record_of_five(k: RunKeys) -> RoundRecord:
+    ps = {c: Participant(k.run_id, 1, c, FIVE) for c in IDS[:5]}
+    roster = {c: p.advertise() for c, p in ps.items()}
+    commitments = {c: p.share(roster, b"graph-seed-0123456789")[0] for c, p in ps.items()}
+    return RoundRecord(k.run_id, 1, FIVE, roster, b"graph-seed-0123456789", commitments)

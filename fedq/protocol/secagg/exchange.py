@@ -115,7 +115,7 @@ class Coordinator:
         pipe.execute()
 
     def _collect(self, stage: str, wanted: Collection[str], decode: Callable[[str, bytes], T],
-                 deadline: float, enough: int | None = None) -> dict[str, T]:
+                 deadline: float) -> dict[str, T]:
         """Each wanted client's decoded message; a bad one is refused (with its reason) and not waited for."""
         got: dict[str, T] = {}
         while True:
@@ -129,7 +129,7 @@ class Coordinator:
                 except SecAggError as exc:
                     self.refused[cid] = str(exc)  # the decoders name the stage and the field
             left = [c for c in missing if c not in got and c not in self.refused]
-            if not left or (enough is not None and len(got) >= enough) or time.monotonic() > deadline:
+            if not left or time.monotonic() > deadline:
                 return got
             self.r.blpop([self.k.secagg_hints], timeout=max(0.01, min(self.block_seconds, deadline - time.monotonic())))
 
@@ -149,7 +149,8 @@ class Coordinator:
 
     def share(self, deadline: float) -> RoundRecord:
         """Collect each client's commitment and sealed shares; publish who shared and every inbox."""
-        assert self.record is not None, "setup first"
+        if self.record is None:
+            raise SecAggError("out_of_order", "the share stage needs the roster: setup first")
         graph = neighbours(sorted(self.record.roster), self.params.neighbours, self.graph_seed)
         got = self._collect("shares", self.record.roster, lambda c, raw: wire.decode_shares(raw, graph[c]), deadline)
         inboxes: dict[str, dict[str, bytes]] = {c: {} for c in got}
@@ -165,8 +166,12 @@ class Coordinator:
 
     def unmask(self, masked_sum: np.ndarray, survivors: Collection[str], deadline: float) -> Unmasked:
         """Publish the survivors, collect their reveals (until all, or the deadline) and unmask the sum."""
-        assert self.record is not None, "share first"
+        if self.record is None or not self.record.commitments:
+            raise SecAggError("out_of_order", "unmasking needs the sharers: share first")
         alive = sorted(survivors)
+        t = self.params.reconstruction_threshold
+        if len(alive) < t:  # fail before asking anyone for shares: a sum of fewer is not private
+            raise SecAggError("too_few_survivors", f"{len(alive)} clients sent masked inputs, {t} needed")
         self._publish("survivors", wire.encode_survivors(alive))
         graph = self.record.graph()
         reveals = self._collect("reveal", alive, lambda c, raw: wire.decode_reveal(raw, graph[c] | {c}), deadline)
