@@ -13,7 +13,7 @@ from support.secagg import SecAggRound
 from fedq.errors import SecAggError
 from fedq.protocol.secagg.params import SecAggParams
 from fedq.protocol.secagg.participant import MASK_KEY, SELF_MASK
-from fedq.protocol.secagg.quantise import decode_sum, encode_input
+from fedq.protocol.secagg.quantise import decode_sum, decode_update, encode_input, encode_update
 
 SHAPES = [(3, 2), (4,)]
 
@@ -168,3 +168,24 @@ def test_any_dropouts_give_the_exact_sum_or_a_clear_failure(n: int, data: st.Dat
         assert e.reason in {"too_few_survivors", "too_few_shares"}
         return
     assert np.array_equal(got.total, _expected(inputs, set(ids) - set(gone)))
+
+
+def test_the_unmasked_model_is_the_weighted_mean_of_the_survivors_models() -> None:
+    params = SecAggParams.from_options(neighbours=4, threshold=3)
+    r = SecAggRound(6, params)
+    rng = np.random.default_rng(8)
+    base = [rng.normal(0, 1, (4, 3)).astype(np.float32), rng.normal(0, 1, 3).astype(np.float32)]
+    models = {c: [(b + rng.normal(0, 0.1, b.shape)).astype(np.float32) for b in base] for c in r.clients}
+    counts = {c: 50 * (i + 1) for i, c in enumerate(r.clients)}
+    inputs = {c: encode_update(models[c], base, counts[c], params) for c in r.clients}
+    got = r.run(inputs, drop_before_input=["c02"])
+    new, weight = decode_update(got.total, got.survivors, base, params)
+    alive = [c for c in r.clients if c != "c02"]
+    want = [sum(counts[c] * models[c][i].astype(np.float64) for c in alive) / sum(counts[c] for c in alive)
+            for i in range(len(base))]
+    assert weight == pytest.approx(sum(counts[c] for c in alive) / params.max_weight, abs=1e-5)
+    for n, w, b in zip(new, want, base):
+        assert n.dtype == b.dtype and n.shape == b.shape
+        np.testing.assert_allclose(n, w, atol=1e-4)  # fixed point: a step is 16 / 2^22
+    with pytest.raises(SecAggError, match="bad_update"):
+        encode_update(models["c00"][:1], base, 10, params)

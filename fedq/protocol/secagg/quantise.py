@@ -83,3 +83,21 @@ def decode_sum(total: np.ndarray, count: int, shapes: Sequence[tuple[int, ...]],
         out.append(mean[at:at + n].reshape(shape))
         at += n
     return out, weight
+
+
+def encode_update(weights: Sequence[np.ndarray], base: Sequence[np.ndarray], num_examples: int,
+                  params: SecAggParams, rng: np.random.Generator | None = None) -> np.ndarray:
+    """A client's plain input from its trained weights: the delta from the round's global model
+    ``base`` (small, so the clip bites rarely and the fixed point is fine), weighted, quantised."""
+    if len(weights) != len(base) or any(np.shape(w) != np.shape(b) for w, b in zip(weights, base)):
+        raise SecAggError("bad_update", "the weights do not have the global model's shapes")
+    deltas = [np.asarray(w, dtype=np.float64) - np.asarray(b, dtype=np.float64) for w, b in zip(weights, base)]
+    return encode_input(deltas, num_examples, params, rng)
+
+
+def decode_update(total: np.ndarray, count: int, base: Sequence[np.ndarray],
+                  params: SecAggParams) -> tuple[list[np.ndarray], float]:
+    """The next global model from the survivors' unmasked sum: ``base`` plus their weighted mean
+    delta, in the global model's dtypes; and the survivors' total weight."""
+    mean, weight = decode_sum(total, count, [np.shape(b) for b in base], params)
+    return [(np.asarray(b, dtype=np.float64) + m).astype(np.asarray(b).dtype) for b, m in zip(base, mean)], weight
