@@ -78,7 +78,7 @@ MESSAGES = st.one_of(st.binary(max_size=300), st.builds(_pack, VALUES), st.build
     lambda body: _pack({"v": 1, **body}), st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=3)))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.sampled_from(range(len(DECODERS))), MESSAGES)
 def test_any_bytes_either_decode_or_raise_secagg_error(which: int, raw: bytes) -> None:
     try:
