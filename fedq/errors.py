@@ -41,3 +41,13 @@ class RunFailed(FedqError):
 
 class RedisUnavailable(FedqError):
     """Redis could not be reached at the configured URL."""
+
+
+class SecAggError(FedqError):
+    """Secure aggregation cannot produce a correct sum (too few shares, inconsistent shares, bad
+    parameters); ``reason`` is a short machine-readable code. Never a wrong result instead."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -249,3 +249,30 @@ def test_fedq_acl_out_writes_what_deployments_mount(tmp_path: Path) -> None:
     assert again.exit_code == 0 and (out / "users.acl").read_text() == acl_text
     bad = CliRunner().invoke(main, ["acl", "--clients", "2", "--out", str(out), "--passwords", str(tmp_path / "p")])
     assert bad.exit_code != 0 and "--out writes its own" in bad.output
+
+
+def test_a_client_writes_only_its_own_secure_aggregation_messages(federation_users) -> None:
+    server, users = federation_users
+    agg = _as(server, users[acl.AGGREGATOR_USER])
+    c0 = _as(server, users["client-0"])
+    k = RunKeys("acl-secagg")
+    agg.set(k.secagg_public(1, "roster"), b"roster")
+    agg.set(k.secagg_inbox(1, "client-0"), b"inbox")
+    # Its own messages, the hint, and what the aggregator publishes are within reach.
+    for stage in ("keys", "shares", "reveal"):
+        assert c0.set(k.secagg("client-0", 1, stage), b"mine")
+    assert c0.rpush(k.secagg_hints, "client-0") == 1
+    assert c0.get(k.secagg_public(1, "roster")) == b"roster" and c0.get(k.secagg_inbox(1, "client-0")) == b"inbox"
+    attempts = {
+        "write another client's shares": lambda: c0.set(k.secagg("client-1", 1, "shares"), b"forged"),
+        "read another client's reveal": lambda: c0.get(k.secagg("client-1", 1, "reveal")),
+        "publish a roster": lambda: c0.set(k.secagg_public(1, "roster"), b"forged"),
+        "publish survivors": lambda: c0.set(k.secagg_public(1, "survivors"), b"forged"),
+        "fill another client's inbox": lambda: c0.set(k.secagg_inbox(1, "client-1"), b"forged"),
+        "empty the hint list": lambda: c0.delete(k.secagg_hints),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(NOPERM, match=r"(?i)noperm|permission|access"):
+            attempt()
+            pytest.fail(f"a client could {what}")
+    assert agg.get(k.secagg_public(1, "roster")) == b"roster"

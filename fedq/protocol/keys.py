@@ -29,6 +29,9 @@ def aggregators_pattern() -> str:
     return f"{AGGREGATORS}:*"
 
 
+SECAGG_CLIENT_STAGES = ("keys", "shares", "reveal")  # what a client writes, in order
+SECAGG_PUBLIC = ("roster", "sharers", "survivors")  # what the aggregator publishes, in order
+
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -118,6 +121,13 @@ class RunKeys:
         """String: one part of an update sent in parts (push_id keeps pushes apart)."""
         return f"{self.update(client_id, round_no)}:part:{push_id}:{int(index)}"
 
+    def secagg(self, client_id: str, round_no: int, stage: str) -> str:
+        """String: msgpack of one client's secure-aggregation message for a round: its public
+        keys ('keys'), its commitment and sealed shares ('shares'), its revealed shares ('reveal')."""
+        if stage not in SECAGG_CLIENT_STAGES:
+            raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+        return f"{self.client_base(client_id)}:secagg:{int(round_no)}:{stage}"
+
     def evaluation(self, client_id: str) -> str:
         """String: JSON of the client's evaluation of the last global model (final evaluation)."""
         return f"{self.client_base(client_id)}:eval"
@@ -144,6 +154,28 @@ class RunKeys:
         if not key.startswith(head):
             raise ValueError(f"{key!r} is not a client key of run {self.run_id}")
         return key[len(head):].split(":", 1)[0]
+
+    def secagg_public(self, round_no: int, what: str) -> str:
+        """String (the aggregator's alone; clients read it): msgpack of a secure-aggregation
+        round's public record: 'roster' (everyone's keys, the graph seed, the parameters),
+        'sharers' (who shared, with their commitments), 'survivors' (who sent masked input)."""
+        if what not in SECAGG_PUBLIC:
+            raise ValueError(f"unknown secure-aggregation record {what!r}")
+        return f"{self.base}:secagg:{int(round_no)}:{what}"
+
+    def secagg_inbox(self, round_no: int, client_id: str) -> str:
+        """String (the aggregator's alone): msgpack of the share bundles sealed to one client."""
+        return f"{self.base}:secagg:{int(round_no)}:inbox:{check_client_id(client_id)}"
+
+    def secagg_round_pattern(self, round_no: int) -> str:
+        """SCAN pattern of the aggregator's secure-aggregation keys of one round (deleted at commit)."""
+        return f"{self.base}:secagg:{int(round_no)}:*"
+
+    @property
+    def secagg_hints(self) -> str:
+        """List: client ids, pushed beside each secure-aggregation message; the aggregator blocks
+        on it (only a hint, like the inbox: it reads what the named client stored)."""
+        return f"{self.base}:secagg-hints"
 
     @property
     def metrics(self) -> str:
@@ -196,4 +228,4 @@ class RunKeys:
         """Fixed keys of the run (per-round update hashes are listed by pattern)."""
         return [self.spec, self.state, self.members, self.scaler, self.global_model, self.inbox,
                 self.metrics, self.refused, self.events, self.lease, self.standby, self.resume_lock,
-                self.server_state, self.judged]
+                self.server_state, self.judged, self.secagg_hints]

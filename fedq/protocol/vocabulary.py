@@ -44,6 +44,7 @@ class Event(StrEnum):
     FINISHED = "finished"
     FAILED = "failed"
     RELEASED = "released"
+    SECAGG = "secagg"  # the aggregator published a secure-aggregation record (round, stage)
 
 
 class Join(StrEnum):

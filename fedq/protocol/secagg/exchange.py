@@ -1,0 +1,178 @@
+"""The secure-aggregation stages over Redis: keys under each client's prefix, records the aggregator publishes.
+
+Client: writes ``keys`` -> reads the ``roster`` -> writes ``shares`` -> reads ``sharers`` -> masks
+its input (pushed as its update) -> reads ``survivors`` and its ``inbox`` -> writes ``reveal``.
+Aggregator: collects the keys and publishes the roster; collects the shares and publishes who
+shared and each client's inbox; after the masked inputs, publishes the survivors, collects the
+reveals and unmasks. Each client message is followed by its id on the hint list (the aggregator
+blocks on it); each published record by an event on the run's stream (clients block on it).
+Nothing waits without a timeout, and a deadline passed is a ``SecAggError``, never a guess.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import redis
+
+from fedq.errors import ConfigError, SecAggError
+from fedq.protocol import guarded
+from fedq.protocol.keys import RunKeys
+from fedq.protocol.secagg import wire
+from fedq.protocol.secagg.graph import neighbours
+from fedq.protocol.secagg.params import SecAggParams
+from fedq.protocol.secagg.participant import Advert, Participant
+from fedq.protocol.secagg.unmasking import RoundRecord, Unmasked, unmask
+from fedq.protocol.store import RunStore
+from fedq.protocol.vocabulary import Event
+
+T = TypeVar("T")
+TTL_SECONDS = 24 * 3600  # a round's messages outlive any round; the commit deletes them sooner
+MAX_EVENTS = 10_000
+
+
+@dataclass
+class ClientExchange:
+    """One client's stages of one round, over Redis."""
+
+    r: redis.Redis
+    k: RunKeys
+    me: Participant
+    block_seconds: float = 1.0
+    timeout: float = 3600.0
+    sharers: dict[str, bytes] = field(default_factory=dict)
+    _last_event: str = "0-0"
+
+    def _post(self, stage: str, payload: bytes) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.k.secagg(self.me.me, self.me.round_no, stage), payload, ex=TTL_SECONDS)
+        pipe.rpush(self.k.secagg_hints, self.me.me)
+        pipe.execute()
+
+    def _await(self, key: str, what: str) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        cap = wire.record_cap(wire.MAX_CLIENTS)
+        while True:
+            (raw,) = guarded.strings(self.r, [key], cap)
+            if raw is not None:
+                return raw
+            if time.monotonic() > deadline:
+                raise SecAggError("timeout", f"{self.me.me}: no {what} for round {self.me.round_no} "
+                                             f"within {self.timeout:g} s")
+            self._last_event, _ = RunStore(self.r, self.k.run_id).wait_event(self._last_event, self.block_seconds)
+
+    def prepare(self) -> None:
+        """Stages keys and shares (they need no input: a client may run them before it trains)."""
+        rnd = self.me.round_no
+        self._post("keys", wire.encode_keys(self.me.advertise()))
+        params, seed, roster = wire.decode_roster(self._await(self.k.secagg_public(rnd, "roster"), "roster"))
+        if params != self.me.params:
+            raise SecAggError("bad_roster", f"the roster's parameters {params} are not the run's {self.me.params}")
+        commitment, bundles = self.me.share(roster, seed)
+        self._post("shares", wire.encode_shares(commitment, bundles))
+        self.sharers = wire.decode_sharers(self._await(self.k.secagg_public(rnd, "sharers"), "sharers"))
+
+    def mask(self, x: np.ndarray) -> np.ndarray:
+        """Stage mask: this client's masked input for the round (after ``prepare``)."""
+        if not self.sharers:
+            raise SecAggError("not_prepared", f"{self.me.me}: mask before the keys and shares stages")
+        return self.me.masked(x, self.sharers)
+
+    def reveal(self) -> None:
+        """Stage reveal: once the survivors are published, this client's shares for them."""
+        rnd = self.me.round_no
+        survivors = wire.decode_survivors(self._await(self.k.secagg_public(rnd, "survivors"), "survivors"))
+        (raw,) = guarded.strings(self.r, [self.k.secagg_inbox(rnd, self.me.me)], wire.record_cap(wire.MAX_CLIENTS))
+        inbox = wire.decode_inbox(raw) if raw is not None else {}
+        self._post("reveal", wire.encode_reveal(self.me.reveal(survivors, self.sharers, inbox)))
+
+
+@dataclass
+class Coordinator:
+    """The aggregator's stages of one round, over Redis (its memory: keys, shares, one sum)."""
+
+    r: redis.Redis
+    k: RunKeys
+    round_no: int
+    params: SecAggParams
+    graph_seed: bytes
+    block_seconds: float = 1.0
+    refused: dict[str, str] = field(default_factory=dict)  # client -> why its message was refused
+    record: RoundRecord | None = None
+    cap: int = 0  # the most bytes a client's message may take (set by setup)
+
+    def _publish(self, what: str, payload: bytes, extra: Mapping[str, bytes] | None = None) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        for key, value in (extra or {}).items():
+            pipe.set(key, value, ex=TTL_SECONDS)
+        pipe.set(self.k.secagg_public(self.round_no, what), payload, ex=TTL_SECONDS)
+        pipe.xadd(self.k.events, {"event": Event.SECAGG, "round": self.round_no, "stage": what},
+                  maxlen=MAX_EVENTS, approximate=True)
+        pipe.execute()
+
+    def _collect(self, stage: str, wanted: Collection[str], decode: Callable[[str, bytes], T],
+                 deadline: float) -> dict[str, T]:
+        """Each wanted client's decoded message; a bad one is refused (with its reason) and not waited for."""
+        got: dict[str, T] = {}
+        while True:
+            missing = [c for c in sorted(wanted) if c not in got and c not in self.refused]
+            raws = guarded.strings(self.r, [self.k.secagg(c, self.round_no, stage) for c in missing], self.cap)
+            for cid, raw in zip(missing, raws):
+                if raw is None:
+                    continue
+                try:
+                    got[cid] = decode(cid, raw)
+                except SecAggError as exc:
+                    self.refused[cid] = str(exc)  # the decoders name the stage and the field
+            left = [c for c in missing if c not in got and c not in self.refused]
+            if not left or time.monotonic() > deadline:
+                return got
+            self.r.blpop([self.k.secagg_hints], timeout=max(0.01, min(self.block_seconds, deadline - time.monotonic())))
+
+    def setup(self, clients: Collection[str], deadline: float) -> dict[str, Advert]:
+        """Collect the clients' keys and publish the roster (the graph's vertices)."""
+        self.cap = wire.record_cap(len(clients))
+        roster = self._collect("keys", clients, lambda _c, raw: wire.decode_keys(raw), deadline)
+        if len({a.mask_public for a in roster.values()}) != len(roster):
+            raise SecAggError("bad_roster", "two clients advertised the same key")
+        try:
+            self.params.check(len(roster))
+        except ConfigError as exc:
+            raise SecAggError("too_few_clients", f"{len(roster)} of {len(clients)} clients sent keys: {exc}") from None
+        self._publish("roster", wire.encode_roster(self.params, self.graph_seed, roster))
+        self.record = RoundRecord(self.k.run_id, self.round_no, self.params, roster, self.graph_seed, {})
+        return roster
+
+    def share(self, deadline: float) -> RoundRecord:
+        """Collect each client's commitment and sealed shares; publish who shared and every inbox."""
+        if self.record is None:
+            raise SecAggError("out_of_order", "the share stage needs the roster: setup first")
+        graph = neighbours(sorted(self.record.roster), self.params.neighbours, self.graph_seed)
+        got = self._collect("shares", self.record.roster, lambda c, raw: wire.decode_shares(raw, graph[c]), deadline)
+        inboxes: dict[str, dict[str, bytes]] = {c: {} for c in got}
+        for owner, (_commit, bundles) in got.items():
+            for peer, sealed in bundles.items():
+                if peer in inboxes:
+                    inboxes[peer][owner] = sealed
+        extra = {self.k.secagg_inbox(self.round_no, c): wire.encode_inbox(b) for c, b in inboxes.items()}
+        self._publish("sharers", wire.encode_sharers({c: v[0] for c, v in got.items()}), extra)
+        self.record = RoundRecord(self.k.run_id, self.round_no, self.params, self.record.roster, self.graph_seed,
+                                  {c: v[0] for c, v in got.items()})
+        return self.record
+
+    def unmask(self, masked_sum: np.ndarray, survivors: Collection[str], deadline: float) -> Unmasked:
+        """Publish the survivors, collect their reveals (until all, or the deadline) and unmask the sum."""
+        if self.record is None or not self.record.commitments:
+            raise SecAggError("out_of_order", "unmasking needs the sharers: share first")
+        alive = sorted(survivors)
+        t = self.params.reconstruction_threshold
+        if len(alive) < t:  # fail before asking anyone for shares: a sum of fewer is not private
+            raise SecAggError("too_few_survivors", f"{len(alive)} clients sent masked inputs, {t} needed")
+        self._publish("survivors", wire.encode_survivors(alive))
+        graph = self.record.graph()
+        reveals = self._collect("reveal", alive, lambda c, raw: wire.decode_reveal(raw, graph[c] | {c}), deadline)
+        return unmask(self.record, masked_sum, alive, reveals)
