@@ -247,6 +247,9 @@ class Aggregator(Judging):
             if scaler is None:
                 raise CodecError(f"run {self.run_id} has no scaler to resume with")
             mean, std, _ = messages.decode_scaler(scaler)
+            # Clients counted in a committed round had a heartbeat then: one that died before
+            # this driver took over must not hold every round to its deadline.
+            self._seen_alive.update(cid for m in self.store.metrics() for cid in (m.get("clients") or {}))
         drive = self._driving(spec, prepared, mean, std)
         while drive.round_no < spec.rounds:
             drive.round_no += 1
