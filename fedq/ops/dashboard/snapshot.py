@@ -17,7 +17,7 @@ from fedq.errors import RunNotFound
 from fedq.protocol import heartbeat
 from fedq.protocol.store import RunStore, list_runs
 from fedq.protocol.vocabulary import ENDED
-from fedq.roles.plots import overfitting
+from fedq.roles.plots import commit_times, overfitting
 
 RUNS_LISTED = 100
 REFUSED_READ = 1000  # newest refusals read per poll (the log itself keeps up to 10 000)
@@ -204,31 +204,6 @@ def _scalar(value: Any) -> str | int | float | None:
     return value[:100] if isinstance(value, str) else None
 
 
-def _events(r: redis.Redis, store: RunStore) -> list[tuple[float, dict[str, str]]]:
-    """The run's event stream, oldest first: (time from the entry id, fields)."""
-    out = []
-    for ident, fields in r.xrange(store.k.events, count=EVENTS_READ) or []:
-        ms = (_s(ident) or "").split("-")[0]
-        out.append((int(ms) / 1000.0 if ms.isdigit() else 0.0,
-                    {_s(k) or "": _s(v) or "" for k, v in (fields or {}).items()}))
-    return out
-
-
-def run_times(r: redis.Redis, store: RunStore) -> dict[int, float]:
-    """Round -> seconds from the run's first start to its commit (curves.png's time axis)."""
-    start = _num(_s(r.hget(store.k.state, "started_at")))
-    return {k: t - start for k, t in round_times(_events(r, store)).items()} if start else {}
-
-
-def round_times(events: list[tuple[float, dict[str, str]]]) -> dict[int, float]:
-    """Round -> when it was committed (the store's own 'round' event)."""
-    out: dict[int, float] = {}
-    for t, f in events:
-        if f.get("event") == "round" and f.get("round", "").isdigit():
-            out[int(f["round"])] = t
-    return out
-
-
 def test_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     """Latest and best central test metrics over the committed rounds, each with its round.
 
@@ -396,8 +371,8 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
     refused = all_refused[-REFUSED_READ:]
     beats = heartbeat.client_heartbeats(r, run_id, sorted(joined))
     driving = [a for a in aggregators(r) if a.get("run") == run_id]
-    events = _events(r, store)
-    times = round_times(events)
+    events = store.events(EVENTS_READ)
+    times = commit_times(events)
     rows = [_round_row(m, _time(m.get("ended_at")) or times.get(m.get("round"))) for m in metrics]  # type: ignore[arg-type]
     now = time.time()
     return {
@@ -434,7 +409,7 @@ def compare(r: redis.Redis, run_ids: list[str]) -> dict[str, Any]:
         store = _store(r, run_id)
         spec, st = _spec_and_state(r, store)
         metrics = store.metrics()
-        times = round_times(_events(r, store))
+        times = commit_times(store.events(EVENTS_READ))
         runs.append({"run_id": run_id, "status": st["status"], "round": st["round"], "rounds": st["rounds"],
                      "started_at": st["started_at"], "test": test_summary(metrics),
                      "curve": [{"round": m.get("round"), "ended_at": times.get(m.get("round")),  # type: ignore[arg-type]
