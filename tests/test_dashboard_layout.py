@@ -86,7 +86,9 @@ def test_no_horizontal_overflow(site: tuple[Dashboard, redis.Redis], browser: An
               bestRing: document.querySelectorAll('#chart-accuracy circle.best').length,
               clientSeries: document.querySelectorAll('#chart-client-loss g.series').length,
               aucShown: document.querySelector('#test-metrics [data-metric=auc]').offsetParent !== null,
+              clients: document.getElementById('clients-joined').textContent,
               resumedShown: document.getElementById('resumed-fact').offsetParent !== null})""")
+            assert facts["clients"] == "0 / 3 alive (3 joined)", facts  # joined, but no heartbeat here
             assert facts["acc"] == "0.7000" and facts["best"].startswith("best ") and facts["eta"] != "–", facts
             assert "quorum" in facts["marks"] and "lost" in facts["marks"], facts
             assert facts["bestRing"] == 1 and facts["clientSeries"] == 3, facts

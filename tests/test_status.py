@@ -57,6 +57,7 @@ def test_status_of_a_run_shows_clients_liveness_pushes_and_refusals(redis_url: s
     out = proc.stdout
     assert "run one-run: running" in out
     assert "round 2 of 3 open: 1 of 2 updates in (1 committed)" in out
+    assert "clients 1/2 alive (2 joined)" in out  # client-1 joined but has no heartbeat
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith("client-")}
     # client, shard, liveness, last seen ("N s"), last round pushed, samples, ...
     assert rows["client-0"][1:3] == ["0", "alive"] and rows["client-0"][4:6] == ["s", "2"]  # pushed round 2
