@@ -13,18 +13,60 @@ from __future__ import annotations
 import datetime as dt
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from harness import Federation
 from support.cli import fedq, pipe_env
-from support.dashboard import Dashboard, get_json, http_get
+from support.dashboard import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, get_json, http_get
+from support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
 OUTAGE = 20.0  # seconds Redis stays away
 ANSWER_WITHIN = 3.0  # the longest a dashboard request may take while Redis is away
 PATHS = ("/api/runs/watched", "/api/runs", "/api/health", "/runs/watched")
+# What the run page shows a person (when Chromium is there to show it): never reloaded.
+PAGE_FACTS = """() => {
+  const text = (id) => document.getElementById(id).textContent.trim();
+  const rows = {};
+  for (const tr of document.querySelectorAll('#clients-table tbody tr[data-client]')) {
+    rows[tr.dataset.client] = [...tr.cells].map((td) => td.textContent.trim());
+  }
+  return {status: text('status'), clients: text('clients-joined'), rounds: text('rounds-done'), rows,
+          banner: document.getElementById('banner').hidden ? null : text('banner'),
+          resumed: document.getElementById('resumed-fact').hidden ? null : text('resumed'), started: text('started'),
+          marks: [...document.querySelectorAll('#chart-accuracy line.mark')].map((l) => l.dataset.kind)};
+}"""
+
+
+@pytest.fixture()
+def page(federation: Any) -> Iterator[Any]:
+    """A headless Chromium page, or None where Debian's chromium is not installed."""
+    if not CHROMIUM.exists():
+        yield None
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        tab = browser.new_page(viewport={"width": 1300, "height": 1000})
+        errors: list[str] = []
+        tab.on("pageerror", lambda exc: errors.append(str(exc)))
+        yield tab
+        browser.close()
+    assert not errors, errors
+
+
+def _page_shows(page: Any, cond: Any, what: str, shot: str) -> None:
+    """Wait until the page's facts satisfy cond (nothing to do without a browser); screenshot."""
+    if page is None:
+        return
+    wait_until(lambda: cond(page.evaluate(PAGE_FACTS)), f"the run page to show {what}", timeout=20,
+               detail=lambda: repr(page.evaluate(PAGE_FACTS)))
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"dashboard-watched-{shot}.png"), full_page=True)
 
 
 def _detail(dash: Dashboard) -> dict[str, Any]:
@@ -44,7 +86,7 @@ def _wait_detail(fed: Federation, dash: Dashboard, cond: Any, what: str, timeout
     return seen[0]
 
 
-def _lose_a_client(fed: Federation, dash: Dashboard) -> dict[str, Any]:
+def _lose_a_client(fed: Federation, dash: Dashboard, page: Any) -> dict[str, Any]:
     """SIGKILL client-2 after round 1; the API and `fedq status` count it gone, and a round
     closes without it (by liveness or the deadline), marked on the chart."""
     fed.wait_round(1)
@@ -71,6 +113,8 @@ def _lose_a_client(fed: Federation, dash: Dashboard) -> dict[str, Any]:
     if "heartbeat" in first["missing"]["client-2"]:
         assert ("lost", first["round"]) in marks, d["events"]
     assert all(len(m["missing"]) <= 1 for m in closed)
+    _page_shows(page, lambda f: f["clients"] == "2 / 3 alive (3 joined)" and "gone" in f["rows"]["client-2"]
+                and "quorum" in f["marks"], "2 of 3 clients alive, client-2 gone, a quorum mark", "client-lost")
     return d
 
 
@@ -84,9 +128,12 @@ def _timed_get(dash: Dashboard, path: str) -> tuple[int, bytes, float]:
     return status, body, time.monotonic() - t0
 
 
-def _redis_away(fed: Federation, dash: Dashboard) -> None:
+def _redis_away(fed: Federation, dash: Dashboard, page: Any) -> None:
     """Redis SIGKILLed for OUTAGE seconds: every dashboard answer is quick and says so."""
+    shown = page.evaluate(PAGE_FACTS)["rounds"] if page is not None else None
     fed.server.kill(signal.SIGKILL)
+    _page_shows(page, lambda f: f["banner"] and "Redis is unreachable" in f["banner"] and f["rounds"] == shown,
+                "the Redis banner over what it showed", "redis-away")
     answers = []
     t_end = time.monotonic() + OUTAGE
     while time.monotonic() < t_end:
@@ -108,7 +155,8 @@ def _redis_away(fed: Federation, dash: Dashboard) -> None:
     assert "cannot reach Redis" in out.stderr and status_took < 30, (status_took, out.stderr)
 
 
-def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_them(federation, tmp_path) -> None:
+def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_them(federation, page,
+                                                                                    tmp_path) -> None:
     fed = federation(clients=3, rounds=8, min_clients=2, round_timeout=20, run_id="watched",
                      redis_args=("--appendonly", "yes", "--appendfsync", "always"))
     fed.env["FEDQ_HEARTBEAT_SECONDS"] = "2"
@@ -117,10 +165,13 @@ def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_th
         fed.aggregator()
         for k in range(3):
             fed.client(k)
-        before = _lose_a_client(fed, dash)
+        if page is not None:
+            _wait_detail(fed, dash, lambda d: d["status"], "the run to exist", 60)
+            page.goto(dash.url("/runs/watched"))
+        before = _lose_a_client(fed, dash, page)
         started = before["started_at"]
         assert started and before["status"] == "running" and before["round"] < 8, before
-        _redis_away(fed, dash)
+        _redis_away(fed, dash, page)
 
         state = fed.wait_end(timeout=240)
         audit = fed.audit()
@@ -131,6 +182,7 @@ def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_th
         assert d["round"] == d["rounds"] == 8
         assert d["started_at"] == started, "the first start is kept"
         assert d["final"]["test_accuracy"] == d["round_metrics"][-1]["test_accuracy"] is not None
+        assert all(m["overhead_seconds"] >= 0 for m in fed.store.metrics()), fed.store.metrics()
         # The driver's lease (3 s) lapsed while Redis was away: another driver took the run over.
         assert d["aggregator"]["id"] != before["aggregator"]["id"] and d["resumed_at"] > started, d["aggregator"]
         assert [e["kind"] for e in d["events"] if e["kind"] in ("takeover", "resumed")] == ["takeover"], d["events"]
@@ -142,6 +194,9 @@ def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_th
         assert out.returncode == 0 and "watched: finished" in out.stdout, out.stdout + out.stderr
         assert f"started {_when(started)}, resumed {_when(d['resumed_at'])}" in out.stdout, out.stdout
         assert "Traceback" not in dash.text()
+        _page_shows(page, lambda f: f["banner"] is None and f["status"] == "finished" and f["rounds"] == "8 / 8"
+                    and f["resumed"] == _when(d["resumed_at"]) and f["started"] == _when(started)
+                    and "takeover" in f["marks"], "the finished run, resumed, without the banner", "finished")
         for k in range(2):
             assert fed.exit_code(f"client-{k}") == 0, fed.log(f"client-{k}")
     finally:

@@ -123,6 +123,7 @@ def round_overhead(m: dict[str, Any], ended_at: float | None) -> tuple[float | N
     that came, plus the central evaluation after it: push_time is the client's clock, so the
     split is as good as the clocks agree."""
     over = _time(m.get("overhead_seconds"))
+    over = None if over is None else max(0.0, over)  # runs recorded before it was kept at 0 or more
     if not m.get("missing"):
         return over, 0.0 if over is not None else None
     seconds = _time(m.get("seconds"))
