@@ -101,3 +101,34 @@ def test_no_horizontal_overflow(site: tuple[Dashboard, redis.Redis], browser: An
         page.close()
     assert not errors, errors
     assert got["page"] <= got["view"], f"{name} at {w} px is {got['page']} px wide: {got['wide']}"
+
+
+def test_picking_two_runs_on_the_runs_page_compares_them(site: tuple[Dashboard, redis.Redis], browser: Any) -> None:
+    dash, r = site
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(dash.url("/"))
+        page.wait_for_selector("#runs-table input.pick", timeout=15_000)
+        assert page.is_disabled("#compare-btn")
+        for run_id in ("a-running-run", "a-finished-run-with-a-rather-long-identifier"):
+            page.check(f"#runs-table input.pick[value='{run_id}']")
+        page.click("#compare-btn")
+        page.wait_for_url("**/compare?runs=*", timeout=15_000)
+        got = wait_until(lambda: page.evaluate("""() => {
+            const pts = {};
+            for (const c of document.querySelectorAll('#compare-accuracy circle')) {
+              (pts[c.dataset.series] = pts[c.dataset.series] || []).push(+c.dataset.round);
+            }
+            const spec = [...document.querySelectorAll('#compare-spec tbody tr')].map(
+              (tr) => [...tr.cells].map((td) => td.textContent.trim()));
+            return Object.keys(pts).length === 2 && spec.length ? {pts, spec} : null;
+          }"""), "the compare page to draw both runs", timeout=15, every=0.2)
+    finally:
+        page.close()
+    assert not errors, errors
+    for run_id in ("a-running-run", "a-finished-run-with-a-rather-long-identifier"):
+        want = [m["round"] for m in RunStore(r, run_id).metrics() if m.get("test_accuracy") is not None]
+        assert sorted(got["pts"][f"{run_id} test_accuracy"]) == want, got["pts"]
+    assert ["rounds", "6", "4"] in got["spec"], got["spec"]
