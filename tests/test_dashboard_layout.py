@@ -97,6 +97,14 @@ def test_no_horizontal_overflow(site: tuple[Dashboard, redis.Redis], browser: An
             page.wait_for_timeout(200)
             assert page.evaluate("() => document.querySelector('#chart-accuracy svg').textContent"
                                  ".includes('minutes since start')")
+            # the spec: what differs from a default run in view, the full spec one click away
+            spec = page.evaluate("""() => ({changes: [...document.querySelectorAll('#spec-changes tbody tr')].map(
+                (tr) => tr.cells[0].textContent.trim()), fullShown: document.getElementById('spec-full').open})""")
+            assert "rounds" in spec["changes"] and "batch_size" not in spec["changes"] and not spec["fullShown"]
+            page.click("#spec-full summary")
+            full = page.evaluate("() => [document.getElementById('spec-full').open, [...document.querySelectorAll("
+                                 "'#spec-table tr')].map((tr) => tr.cells[0].textContent.trim())]")
+            assert full[0] and {"run_id", "batch_size", "rounds"} <= set(full[1]), full
     finally:
         page.close()
     assert not errors, errors
