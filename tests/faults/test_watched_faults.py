@@ -89,7 +89,7 @@ def _wait_detail(fed: Federation, dash: Dashboard, cond: Any, what: str, timeout
 def _lose_a_client(fed: Federation, dash: Dashboard, page: Any) -> dict[str, Any]:
     """SIGKILL client-2 after round 1; the API and `fedq status` count it gone, and a round
     closes without it (by liveness or the deadline), marked on the chart."""
-    fed.wait_round(1)
+    fed.wait_round(1, timeout=300)  # four processes start TensorFlow first: minutes on a loaded machine
     fed.signal("client-2", signal.SIGKILL)
     d = _wait_detail(fed, dash, lambda d: d["alive"] == 2, "the API to count 2 clients alive", 60)
     rows = {c["client_id"]: c for c in d["client_table"]}
@@ -173,7 +173,7 @@ def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_th
         assert started and before["status"] == "running" and before["round"] < 8, before
         _redis_away(fed, dash, page)
 
-        state = fed.wait_end(timeout=240)
+        state = fed.wait_end(timeout=300)
         audit = fed.audit()
         fed.record("client SIGKILL + Redis away 20 s (watched)", audit)
         assert state["status"] == "finished", state
