@@ -25,7 +25,7 @@ from support.wait import wait_until
 pytestmark = pytest.mark.slow
 
 OUTAGE = 20.0  # seconds Redis stays away
-ANSWER_WITHIN = 3.0  # the longest a dashboard request may take while Redis is away
+ANSWER_WITHIN = 5.0  # the longest a dashboard request may take while Redis is away (a hang would be ~50 s)
 PATHS = ("/api/runs/watched", "/api/runs", "/api/health", "/runs/watched")
 # What the run page shows a person (when Chromium is there to show it): never reloaded.
 PAGE_FACTS = """() => {
