@@ -115,6 +115,15 @@ def test_best_round_marked_and_overfitting_noted(tmp_path: Path) -> None:
     assert overfitting(steady) is None
     assert best_round([{"round": 1, "test_loss": 0.5}, {"round": 2, "test_loss": 0.3}]) == 2
 
+    from fedq.roles.plots import draw_curves
+
+    fig = draw_curves(rounds, title="run x")
+    for ax in fig.axes:  # the best round: a dashed line on both panels, in their legends
+        (line,) = [x for x in ax.lines if x.get_label() == "best round (3)"]
+        assert list(line.get_xdata()) == [3, 3] and line.get_linestyle() == "--"
+        assert "best round (3)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert fig.get_suptitle() == f"run x\n{note}"
+    assert draw_curves(steady, title="run x").get_suptitle() == "run x"
     plain = write_curves(rounds, tmp_path / "plain.png")
     timed = write_curves(rounds, tmp_path / "timed.png", times={k: 30.0 * k for k in range(1, 7)})
     assert png_size(plain) == png_size(timed) == (1000, 400)
