@@ -20,6 +20,7 @@ from fedq.errors import ConfigError, FedqError
 from fedq.learning.data import DataSpec, seed_spec
 from fedq.learning.spec import OPTIMIZERS, RunSpec, new_run_id
 from fedq.protocol.compress import ENCODINGS
+from fedq.roles.plots import X_AXES
 from fedq.settings import Settings
 
 
@@ -458,15 +459,17 @@ def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: f
 @main.command()
 @click.option("--run", "run_id", required=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--x-axis", type=click.Choice(X_AXES), default="round", show_default=True,
+              help="curves.png's x axis: rounds, or wall-clock minutes since the run first started.")
 @click.pass_context
 @fail_cleanly
-def report(ctx: click.Context, run_id: str, out: Path) -> None:
-    """Write a run's report.json and, when finished, model.keras into a directory."""
+def report(ctx: click.Context, run_id: str, out: Path, x_axis: str) -> None:
+    """Write a run's report.json and curves.png and, when finished, model.keras and scaler.json into a directory."""
     from fedq.ops.view import print_report
     from fedq.protocol.store import RunStore, connect
     from fedq.roles.report import write_report
 
-    print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out), out)
+    print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out, x_axis=x_axis), out)
 
 
 @main.command(cls=PanelCommand)

@@ -54,6 +54,7 @@ def test_run_detail(dash: Dashboard, r: redis.Redis) -> None:
     assert status == 200
     assert d["run_id"] == "detailed" and d["status"] == "running" and d["phase"] == "train"
     assert d["round"] == 2 and d["rounds"] == 4 and d["joined"] == 3
+    assert d["alive"] == 1 and d["clients"] == 3  # only client-0 keeps a heartbeat
     assert d["open_round"] == {"round": 3, "pushed": ["client-2"]}
     assert d["spec"]["clients"] == 3 and d["spec"]["rounds"] == 4 and d["spec"]["run_id"] == "detailed"
     assert [m["round"] for m in d["round_metrics"]] == [1, 2]
@@ -73,6 +74,9 @@ def test_run_detail(dash: Dashboard, r: redis.Redis) -> None:
     assert rows["client-1"]["refused"] == 2
     assert rows["client-1"]["refused_reasons"] == {"non_finite": 1, "wrong_shape": 1}
     assert d["refused_total"] == 2 and [x["reason"] for x in d["refusals"]] == ["non_finite", "wrong_shape"]
+    # each round with a refusal is marked on the charts
+    assert [(e["round"], e["text"]) for e in d["events"] if e["kind"] == "refused"] == [
+        (2, "1 update(s) refused in round 2"), (3, "1 update(s) refused in round 3")]
 
 
 def test_unknown_run_is_a_404_page_and_a_json_error(dash: Dashboard, r: redis.Redis) -> None:

@@ -97,7 +97,10 @@ def test_quorum_closed_rounds_lost_and_returning_clients_and_overhead_without_th
            clients={"client-0": {**c0, "push_time": time.time() - 30}}, seconds=31.5, overhead_seconds=30.5,
            eval_seconds=0.2)
     commit(r, "lossy-run", 3, acc=0.8, loss=0.4, clients={"client-0": c0, "client-1": dict(c0)})
+    # round 4: a client started training on the commit event, a moment before the driver's clock
+    commit(r, "lossy-run", 4, acc=0.8, loss=0.4, overhead_seconds=-0.1)
     d = snapshot.run_detail(ro, "lossy-run")
+    assert d["round_metrics"][3]["overhead_seconds"] == 0.0 and d["round_metrics"][3]["overhead_recorded"] == -0.1
     kinds = [(e["kind"], e["round"]) for e in d["events"]]
     assert ("quorum", 2) in kinds and ("lost", 2) in kinds and ("returned", 3) in kinds
     rnd2 = d["round_metrics"][1]
@@ -105,7 +108,7 @@ def test_quorum_closed_rounds_lost_and_returning_clients_and_overhead_without_th
     assert rnd2["overhead_seconds"] < 2.0 and rnd2["waited_seconds"] > 28, rnd2
     assert d["round_metrics"][0]["overhead_seconds"] == 0.1 and d["round_metrics"][0]["waited_seconds"] == 0.0
     assert [p["round"] for p in d["client_curves"]["client-1"]] == [1, 3]
-    assert [p["round"] for p in d["client_curves"]["client-0"]] == [1, 2, 3]
+    assert [p["round"] for p in d["client_curves"]["client-0"]] == [1, 2, 3, 4]
 
 
 def test_spec_shown_as_changes_from_the_defaults(r: redis.Redis, ro: ReadOnlyRedis) -> None:

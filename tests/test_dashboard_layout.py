@@ -86,7 +86,9 @@ def test_no_horizontal_overflow(site: tuple[Dashboard, redis.Redis], browser: An
               bestRing: document.querySelectorAll('#chart-accuracy circle.best').length,
               clientSeries: document.querySelectorAll('#chart-client-loss g.series').length,
               aucShown: document.querySelector('#test-metrics [data-metric=auc]').offsetParent !== null,
+              clients: document.getElementById('clients-joined').textContent,
               resumedShown: document.getElementById('resumed-fact').offsetParent !== null})""")
+            assert facts["clients"] == "0 / 3 alive (3 joined)", facts  # joined, but no heartbeat here
             assert facts["acc"] == "0.7000" and facts["best"].startswith("best ") and facts["eta"] != "–", facts
             assert "quorum" in facts["marks"] and "lost" in facts["marks"], facts
             assert facts["bestRing"] == 1 and facts["clientSeries"] == 3, facts
@@ -95,7 +97,46 @@ def test_no_horizontal_overflow(site: tuple[Dashboard, redis.Redis], browser: An
             page.wait_for_timeout(200)
             assert page.evaluate("() => document.querySelector('#chart-accuracy svg').textContent"
                                  ".includes('minutes since start')")
+            # the spec: what differs from a default run in view, the full spec one click away
+            spec = page.evaluate("""() => ({changes: [...document.querySelectorAll('#spec-changes tbody tr')].map(
+                (tr) => tr.cells[0].textContent.trim()), fullShown: document.getElementById('spec-full').open})""")
+            assert "rounds" in spec["changes"] and "batch_size" not in spec["changes"] and not spec["fullShown"]
+            page.click("#spec-full summary")
+            full = page.evaluate("() => [document.getElementById('spec-full').open, [...document.querySelectorAll("
+                                 "'#spec-table tr')].map((tr) => tr.cells[0].textContent.trim())]")
+            assert full[0] and {"run_id", "batch_size", "rounds"} <= set(full[1]), full
     finally:
         page.close()
     assert not errors, errors
     assert got["page"] <= got["view"], f"{name} at {w} px is {got['page']} px wide: {got['wide']}"
+
+
+def test_picking_two_runs_on_the_runs_page_compares_them(site: tuple[Dashboard, redis.Redis], browser: Any) -> None:
+    dash, r = site
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(dash.url("/"))
+        page.wait_for_selector("#runs-table input.pick", timeout=15_000)
+        assert page.is_disabled("#compare-btn")
+        for run_id in ("a-running-run", "a-finished-run-with-a-rather-long-identifier"):
+            page.check(f"#runs-table input.pick[value='{run_id}']")
+        page.click("#compare-btn")
+        page.wait_for_url("**/compare?runs=*", timeout=15_000)
+        got = wait_until(lambda: page.evaluate("""() => {
+            const pts = {};
+            for (const c of document.querySelectorAll('#compare-accuracy circle')) {
+              (pts[c.dataset.series] = pts[c.dataset.series] || []).push(+c.dataset.round);
+            }
+            const spec = [...document.querySelectorAll('#compare-spec tbody tr')].map(
+              (tr) => [...tr.cells].map((td) => td.textContent.trim()));
+            return Object.keys(pts).length === 2 && spec.length ? {pts, spec} : null;
+          }"""), "the compare page to draw both runs", timeout=15, every=0.2)
+    finally:
+        page.close()
+    assert not errors, errors
+    for run_id in ("a-running-run", "a-finished-run-with-a-rather-long-identifier"):
+        want = [m["round"] for m in RunStore(r, run_id).metrics() if m.get("test_accuracy") is not None]
+        assert sorted(got["pts"][f"{run_id} test_accuracy"]) == want, got["pts"]
+    assert ["rounds", "6", "4"] in got["spec"], got["spec"]

@@ -57,6 +57,7 @@ def test_status_of_a_run_shows_clients_liveness_pushes_and_refusals(redis_url: s
     out = proc.stdout
     assert "run one-run: running" in out
     assert "round 2 of 3 open: 1 of 2 updates in (1 committed)" in out
+    assert "clients 1/2 alive (2 joined)" in out  # client-1 joined but has no heartbeat
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith("client-")}
     # client, shard, liveness, last seen ("N s"), last round pushed, samples, ...
     assert rows["client-0"][1:3] == ["0", "alive"] and rows["client-0"][4:6] == ["s", "2"]  # pushed round 2
@@ -174,6 +175,42 @@ def test_status_of_a_long_run_fits_80_columns_with_the_newest_rounds(redis_url: 
     shown = [int(line.split()[0]) for line in lines if re.match(r"^ *\d+ +3 +303 ", line)]
     assert shown == list(range(13, 21))
     assert "elapsed" in proc.stdout and "ETA" in proc.stdout and "aggregator test-driver (alive)" in proc.stdout
+
+
+CURSOR_UP = "\x1b[2K\x1b[1A"  # how rich's Live moves back over its last frame, one line at a time
+
+
+def test_status_watch_on_an_80_by_24_terminal_keeps_the_newest_round_in_view(redis_url: str, r: redis.Redis) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    make_run(r, "long-run", clients=3, rounds=30, committed=20, refused=(("client-1", 3, "non_finite"),))
+    env = cli_env(redis_url, TERM="xterm")
+    env.pop("COLUMNS", None)
+    env.pop("LINES", None)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # rows, columns
+    proc = subprocess.Popen(fedq_cmd("status", "--run", "long-run", "--watch", "--interval", "0.3"), env=env,
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    seen = ""
+    try:
+        deadline = time.monotonic() + 30
+        while seen.count(CURSOR_UP) < 2 * 23 and time.monotonic() < deadline:  # two redraws
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 65536).decode(errors="replace")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+        os.close(master)
+    frames = [len(run) // len(CURSOR_UP) + 1 for run in re.findall(f"(?:{re.escape(CURSOR_UP)})+", seen)]
+    assert frames and max(frames) <= 24, frames  # each frame fits the terminal's height ...
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", seen).replace("\r", "\n")
+    assert max(len(line) for line in text.split("\n")) <= 80  # ... and width
+    assert not re.search(r"^ *\.\.\. *$", text, re.M), "rich cut the frame short"
+    assert re.search(r"^ *20 +3 +303 ", text, re.M), "the newest round must stay in view"
+    assert "Ctrl-C to stop" in text and "rounds (last " in text and "non_finite" in text
 
 
 def test_overhead_leaves_out_the_wait_for_a_client_that_is_gone(r: redis.Redis) -> None:

@@ -50,13 +50,17 @@ _COMPACT = {"round": "rnd", "updates": "upd", "examples": "ex", "train loss": "t
 ROUNDS_SHOWN = 8  # rounds fedq status lists (the newest); the rest are counted
 
 
+def compact_table(title: str) -> Table:
+    """A table in few columns and lines: a rule under the header, no frame, no blank edge lines."""
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
+
+
 def rounds_table(rounds: list[dict[str, Any]], *, compact: bool = False, total: int | None = None) -> Table:
     """The rounds as a table; compact: short headers and no frame (fits 80 columns). total: how many
     rounds there are when rounds is only the newest of them (the title counts the rest)."""
     earlier = (total or len(rounds)) - len(rounds)
     title = f"rounds (last {len(rounds)} of {total}; {earlier} earlier not shown)" if earlier > 0 else "rounds"
-    table = (Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True) if compact
-             else Table(title=title))
+    table = compact_table(title) if compact else Table(title=title)
     optional = [(title, key) for title, key in _OPTIONAL if any(m.get(key) is not None for m in rounds)]
     for col in ("round", "updates", "examples", "train loss", "train acc", "test loss", "test acc",
                 *(title for title, _ in optional), "seconds", "overhead ms"):
@@ -140,7 +144,7 @@ _LIVENESS_STYLE = {"alive": "green", "gone": "bold red", "left": "dim"}
 
 def runs_renderable(overview: dict[str, Any]) -> RenderableType:
     """The runs list and the live aggregators (what the dashboard's front page shows)."""
-    table = Table(title="runs (newest first)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = compact_table("runs (newest first)")
     # Ids must stay whole to be copied: the other columns give way on a narrow terminal.
     table.add_column("run", no_wrap=True, overflow="ignore",
                      min_width=max([len(x["run_id"]) for x in overview["runs"]] + [3]))
@@ -153,7 +157,7 @@ def runs_renderable(overview: dict[str, Any]) -> RenderableType:
                       _short(run["started_at"]), _short(run["finished_at"]), _num(run["final_test_accuracy"]))
     parts: list[RenderableType] = [table]
     if overview["aggregators"]:
-        agg = Table(title="aggregators alive", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        agg = compact_table("aggregators alive")
         for col in ("name", "host", "pid", "driving", "last heartbeat"):
             agg.add_column(col, no_wrap=col == "name")
         for a in overview["aggregators"]:
@@ -213,7 +217,7 @@ def run_renderable(d: dict[str, Any], rounds_shown: int = ROUNDS_SHOWN) -> Rende
     tl = test_line(d["test"]) if d.get("test") else ""
     if tl:
         parts.append(Text(tl, style="bold"))
-    clients = Table(title="clients", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    clients = compact_table("clients")
     for col in ("client", "shard", "liveness", "seen", "pushed", "samples", "loss", "acc", "refused"):
         clients.add_column(col, no_wrap=True, overflow="ellipsis" if col == "client" else "fold",
                            justify="right" if col in ("shard", "pushed", "samples", "loss", "acc", "refused")
@@ -231,8 +235,7 @@ def run_renderable(d: dict[str, Any], rounds_shown: int = ROUNDS_SHOWN) -> Rende
     if rows:
         parts.append(rounds_table(rows[-rounds_shown:] if rounds_shown else rows, compact=True, total=len(rows)))
     if d["refusals"]:
-        refused = Table(title=f"refused updates ({d['refused_total']}, newest last)", box=box.SIMPLE_HEAD,
-                        pad_edge=False, collapse_padding=True)
+        refused = compact_table(f"refused updates ({d['refused_total']}, newest last)")
         for col in ("time", "client", "round", "reason", "detail"):
             refused.add_column(col, no_wrap=col != "detail")
         for x in d["refusals"][-5:]:
@@ -242,11 +245,24 @@ def run_renderable(d: dict[str, Any], rounds_shown: int = ROUNDS_SHOWN) -> Rende
     return Group(*parts)
 
 
-def status_renderable(r: redis.Redis, run_id: str | None) -> RenderableType:
-    """What `fedq status` shows: one run, or the runs list."""
+def fit_run(d: dict[str, Any], height: int) -> RenderableType:
+    """run_renderable with as many of the newest rounds (ROUNDS_SHOWN at most, one at least) as
+    fit in height lines of this console: a watched terminal then keeps the newest round in view."""
+    for shown in range(ROUNDS_SHOWN, 1, -1):
+        out = run_renderable(d, rounds_shown=shown)
+        if len(console.render_lines(out, console.options, pad=False)) <= height:
+            return out
+    return run_renderable(d, rounds_shown=1)
+
+
+def status_renderable(r: redis.Redis, run_id: str | None, height: int | None = None) -> RenderableType:
+    """What `fedq status` shows: one run (fitted to height lines when given), or the runs list."""
     from fedq.ops.dashboard import snapshot
 
-    return run_renderable(snapshot.run_detail(r, run_id)) if run_id else runs_renderable(snapshot.runs_overview(r))
+    if not run_id:
+        return runs_renderable(snapshot.runs_overview(r))
+    d = snapshot.run_detail(r, run_id)
+    return fit_run(d, height) if height else run_renderable(d)
 
 
 def watch_status(r: redis.Redis, run_id: str | None, interval: float, stop: threading.Event) -> None:
@@ -257,7 +273,8 @@ def watch_status(r: redis.Redis, run_id: str | None, interval: float, stop: thre
     def frame() -> RenderableType:
         stamp = Text(f"{dt.datetime.now():%H:%M:%S} - every {interval:g} s, Ctrl-C to stop", style="dim")
         try:
-            return Group(status_renderable(r, run_id), stamp)
+            # On a terminal the frame is redrawn in place: it must fit, stamp included.
+            return Group(status_renderable(r, run_id, console.height - 1 if console.is_terminal else None), stamp)
         except redis.RedisError as exc:
             return Group(Panel(f"Redis is unreachable: {exc}\nretrying every {interval:g} s",
                                title="Redis unreachable", style="bold red"), stamp)

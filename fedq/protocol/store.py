@@ -201,7 +201,7 @@ class Commit:
     stale_parts: Sequence[str] = ()  # global-model parts no head refers to any more (always deleted)
 
 
-def _stream_order(entry_id: bytes | str) -> tuple[int, int]:
+def _stream_order(entry_id: bytes | str | None) -> tuple[int, int]:
     ms, _, seq = (_s(entry_id) or "0-0").partition("-")
     return int(ms), int(seq or 0)
 
@@ -412,6 +412,12 @@ class RunStore:
         """Append one judgement to the audit trail."""
         self.r.xadd(self.k.judged, {"client": client_id, "round": round_no, "seq": seq, "digest": digest,
                                     "outcome": outcome, "bytes": nbytes}, maxlen=MAX_PUSHES, approximate=True)
+
+    def events(self, count: int = MAX_EVENTS) -> list[tuple[float, dict[str, str]]]:
+        """The run's event stream, oldest first (up to count entries): (the entry's time, from its
+        id, in seconds since the epoch; its fields)."""
+        return [(_stream_order(eid)[0] / 1000.0, _fields(fields))
+                for eid, fields in self.r.xrange(self.k.events, count=count) or []]
 
     def wait_event(self, last_id: str, block_seconds: float) -> tuple[str, list[dict[str, str]]]:
         """Block up to block_seconds for run events after last_id; returns (new last id, events)."""

@@ -247,6 +247,9 @@ class Aggregator(Judging):
             if scaler is None:
                 raise CodecError(f"run {self.run_id} has no scaler to resume with")
             mean, std, _ = messages.decode_scaler(scaler)
+            # Clients counted in a committed round had a heartbeat then: one that died before
+            # this driver took over must not hold every round to its deadline.
+            self._seen_alive.update(cid for m in self.store.metrics() for cid in (m.get("clients") or {}))
         drive = self._driving(spec, prepared, mean, std)
         while drive.round_no < spec.rounds:
             drive.round_no += 1
@@ -656,8 +659,10 @@ class Aggregator(Judging):
             "seconds": seconds,
             # Wall time of the round that was neither the last-arriving client's training nor its
             # one-off model set-up (first round only): the cost of the round machinery itself.
-            "overhead_seconds": seconds - last.metrics.get("train_seconds", 0.0)
-            - last.metrics.get("setup_seconds", 0.0),
+            # Never below 0: a client starts training on the commit event, a moment before this
+            # driver starts the next round's clock.
+            "overhead_seconds": max(0.0, seconds - last.metrics.get("train_seconds", 0.0)
+                                    - last.metrics.get("setup_seconds", 0.0)),
             "fold_seconds": rnd.fold_seconds,
             "eval_seconds": eval_seconds,
             "refused": len(rnd.refused),

@@ -14,7 +14,7 @@ from fedq.learning.spec import RunSpec, load_spec
 from fedq.protocol import messages, transfer
 from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Status
-from fedq.roles.plots import write_curves
+from fedq.roles.plots import X_AXES, commit_times, write_curves
 
 ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_accuracy",
                 "test_loss", "test_accuracy", "seconds", "overhead_seconds")
@@ -163,14 +163,29 @@ def written(out: Path) -> list[str]:
     return [name for name in OUTPUT_FILES if (out / name).is_file()]
 
 
-def write_report(store: RunStore, out: Path, with_model: bool = True) -> dict[str, Any]:
-    """Write report.json, curves.png (once a round committed) and, when the run finished, model.keras
-    and scaler.json; a previous run's files there are removed first, so the directory never mixes runs."""
+def run_times(store: RunStore) -> dict[int, float]:
+    """Round -> seconds from the run's first start to its commit (curves.png's time axis)."""
+    start = _f(store.state().get("started_at"))
+    return {k: t - start for k, t in commit_times(store.events()).items()} if start else {}
+
+
+def curves(store: RunStore, rounds: list[dict[str, Any]], path: Path, x_axis: str = "round") -> Path | None:
+    """Write the run's curves.png with x_axis (one of X_AXES); None, and no file, without rounds."""
+    if x_axis not in X_AXES:
+        raise FedqError(f"curves.png x axis must be one of {', '.join(X_AXES)}, not {x_axis!r}")
+    times = run_times(store) if x_axis == "time" else None
+    return write_curves(rounds, path, title=f"run {store.run_id}", times=times)
+
+
+def write_report(store: RunStore, out: Path, with_model: bool = True, x_axis: str = "round") -> dict[str, Any]:
+    """Write report.json, curves.png (once a round committed; x_axis one of X_AXES) and, when the run
+    finished, model.keras and scaler.json; a previous run's files there are removed first, so the
+    directory never mixes runs."""
     report = build_report(store)  # first: an unknown run must not leave an empty directory behind
     out.mkdir(parents=True, exist_ok=True)
     clear_outputs(out)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    write_curves(report["rounds"], out / "curves.png", title=f"run {store.run_id}")
+    curves(store, report["rounds"], out / "curves.png", x_axis)
     if with_model and report["status"] == Status.FINISHED:
         save_model(store, out)
     return report

@@ -47,9 +47,8 @@ def _make_file(store: RunStore, name: str, time_axis: bool = False) -> tuple[byt
         return json.dumps(_clean(report.build_report(store)), indent=2).encode(), "application/json"
     if name == "curves.png":
         with tempfile.TemporaryDirectory(prefix="fedq-curves-") as tmp:
-            path = report.write_curves(report.build_report(store)["rounds"], Path(tmp) / "curves.png",
-                                       title=f"run {store.run_id}",
-                                       times=snapshot.run_times(store.r, store) if time_axis else None)
+            path = report.curves(store, report.build_report(store)["rounds"], Path(tmp) / "curves.png",
+                                 "time" if time_axis else "round")
             if path is None:
                 raise FedqError(f"run {store.run_id} has no committed round to plot")
             return path.read_bytes(), "image/png"

@@ -17,7 +17,7 @@ from fedq.errors import RunNotFound
 from fedq.protocol import heartbeat
 from fedq.protocol.store import RunStore, list_runs
 from fedq.protocol.vocabulary import ENDED
-from fedq.roles.plots import overfitting
+from fedq.roles.plots import commit_times, overfitting
 
 RUNS_LISTED = 100
 REFUSED_READ = 1000  # newest refusals read per poll (the log itself keeps up to 10 000)
@@ -123,6 +123,7 @@ def round_overhead(m: dict[str, Any], ended_at: float | None) -> tuple[float | N
     that came, plus the central evaluation after it: push_time is the client's clock, so the
     split is as good as the clocks agree."""
     over = _time(m.get("overhead_seconds"))
+    over = None if over is None else max(0.0, over)  # runs recorded before it was kept at 0 or more
     if not m.get("missing"):
         return over, 0.0 if over is not None else None
     seconds = _time(m.get("seconds"))
@@ -202,31 +203,6 @@ def _scalar(value: Any) -> str | int | float | None:
     if isinstance(value, (int, float)):
         return value if math.isfinite(value) else None
     return value[:100] if isinstance(value, str) else None
-
-
-def _events(r: redis.Redis, store: RunStore) -> list[tuple[float, dict[str, str]]]:
-    """The run's event stream, oldest first: (time from the entry id, fields)."""
-    out = []
-    for ident, fields in r.xrange(store.k.events, count=EVENTS_READ) or []:
-        ms = (_s(ident) or "").split("-")[0]
-        out.append((int(ms) / 1000.0 if ms.isdigit() else 0.0,
-                    {_s(k) or "": _s(v) or "" for k, v in (fields or {}).items()}))
-    return out
-
-
-def run_times(r: redis.Redis, store: RunStore) -> dict[int, float]:
-    """Round -> seconds from the run's first start to its commit (curves.png's time axis)."""
-    start = _num(_s(r.hget(store.k.state, "started_at")))
-    return {k: t - start for k, t in round_times(_events(r, store)).items()} if start else {}
-
-
-def round_times(events: list[tuple[float, dict[str, str]]]) -> dict[int, float]:
-    """Round -> when it was committed (the store's own 'round' event)."""
-    out: dict[int, float] = {}
-    for t, f in events:
-        if f.get("event") == "round" and f.get("round", "").isdigit():
-            out[int(f["round"])] = t
-    return out
 
 
 def test_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
@@ -396,8 +372,8 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
     refused = all_refused[-REFUSED_READ:]
     beats = heartbeat.client_heartbeats(r, run_id, sorted(joined))
     driving = [a for a in aggregators(r) if a.get("run") == run_id]
-    events = _events(r, store)
-    times = round_times(events)
+    events = store.events(EVENTS_READ)
+    times = commit_times(events)
     rows = [_round_row(m, _time(m.get("ended_at")) or times.get(m.get("round"))) for m in metrics]  # type: ignore[arg-type]
     now = time.time()
     return {
@@ -434,7 +410,7 @@ def compare(r: redis.Redis, run_ids: list[str]) -> dict[str, Any]:
         store = _store(r, run_id)
         spec, st = _spec_and_state(r, store)
         metrics = store.metrics()
-        times = round_times(_events(r, store))
+        times = commit_times(store.events(EVENTS_READ))
         runs.append({"run_id": run_id, "status": st["status"], "round": st["round"], "rounds": st["rounds"],
                      "started_at": st["started_at"], "test": test_summary(metrics),
                      "curve": [{"round": m.get("round"), "ended_at": times.get(m.get("round")),  # type: ignore[arg-type]
