@@ -168,6 +168,9 @@ class Federation:
     instance: str = NAME
     # When given, the dashboard's token Secret is part of the output (overlays generate theirs).
     dashboard_token: str | None = field(default=None, repr=False)
+    # Sites outside the cluster (fedq.ops.k8s_hub): their ids are the clients' ACL users, and no
+    # client Job runs here.
+    sites: tuple[str, ...] = ()
 
     def name(self, suffix: str) -> str:
         """The name of one of this federation's resources."""
@@ -199,8 +202,8 @@ class Federation:
 
     @property
     def client_users(self) -> list[str]:
-        """The client pods' Redis users: client-K for the Indexed Job's pod of index K."""
-        return [f"client-{k}" for k in range(self.clients)]
+        """The client pods' Redis users: client-K for the Indexed Job's pod of index K (or the sites' ids)."""
+        return list(self.sites) or [f"client-{k}" for k in range(self.clients)]
 
     @property
     def acl_user_names(self) -> list[str]:
@@ -238,6 +241,8 @@ class Federation:
                               "'-', at most 40 characters: it prefixes every resource's name)")
         if self.dashboard_token is not None and not re.fullmatch(r"[\x21-\x7e]{16,256}", self.dashboard_token):
             raise ConfigError("the dashboard token must be 16-256 printable characters without white space")
+        if self.sites and len(self.sites) != self.clients:
+            raise ConfigError(f"{len(self.sites)} sites but {self.clients} clients: a site is one client")
         if self.tls_secret is not None and not _DNS_SUBDOMAIN_RE.match(self.tls_secret):
             raise ConfigError(f"TLS Secret name {self.tls_secret!r} is not a valid Kubernetes name")
         return self
@@ -765,48 +770,73 @@ def _secret_generator(name: str, component: str = "redis", **sources: Any) -> di
             "options": {"disableNameSuffixHash": True, "labels": _labels(Federation(), component)}}
 
 
-def secure_overlay_files() -> dict[str, str]:
-    """The files of deploy/overlays/secure (its README.md aside): a namespace, the Secrets from
-    files in secrets/, and JSON patches that turn deploy/base into secure_federation()."""
+def overlay_files(resources: list[Resource], namespace: str, note: str, secret_generators: list[dict[str, Any]],
+                  comment: str) -> dict[str, str]:
+    """The files of a kustomize overlay turning deploy/base into resources in namespace: JSON
+    patches of what differs, a delete patch of what resources lack, the new ones as new.yaml."""
     base = {(r["kind"], r["metadata"]["name"]): r for r in build(Federation())}
     files: dict[str, str] = {}
-    patches = []
-    for res in build(secure_federation()):
+    patches: list[dict[str, Any]] = []
+    added = []
+    for res in resources:
         kind, name = res["kind"], res["metadata"]["name"]
-        ops = json_patch(base[(kind, name)], res)
+        if (kind, name) not in base:
+            added.append(res)
+            continue
+        ops = json_patch(base.pop((kind, name)), res)
         if ops:
             path = f"patches/{kind.lower()}-{name}.yaml"
-            files[path] = SECURE_NOTE + to_yaml([ops])
+            files[path] = note + to_yaml([ops])
             patches.append({"path": path, "target": {"kind": kind, "name": name}})
-    namespace = {"apiVersion": "v1", "kind": "Namespace",
-                 "metadata": {"name": SECURE_NAMESPACE,
-                              "labels": {PART_OF: NAME, "pod-security.kubernetes.io/enforce": "restricted"}}}
-    files["namespace.yaml"] = SECURE_NOTE + to_yaml([namespace])
-    d = SECURE_SECRETS_DIR
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "namespace": SECURE_NAMESPACE,
-        "resources": ["namespace.yaml", "../../base"],
-        "secretGenerator": [
-            _secret_generator(ACL_SECRET, files=[f"{acl_users.ACL_FILE}={d}/{acl_users.ACL_FILE}"]),
-            _secret_generator(USERS_SECRET, envs=[f"{d}/{acl_users.PASSWORDS_FILE}"]),
-            _secret_generator(DASHBOARD_SECRET, "dashboard", files=[f"token={d}/{DASHBOARD_TOKEN_FILE}"]),
-            _secret_generator(DEFAULT_TLS_SECRET, type="kubernetes.io/tls",
-                              files=[f"{k}={d}/{k}" for k in TLS_KEYS]),
-        ],
-        "patches": patches,
-    }
-    files["kustomization.yaml"] = (SECURE_NOTE + "# ACL users per role and TLS; make secrets/ first (README.md here).\n"
-                                   + to_yaml([kustomization]))
+    for (kind, name), res in base.items():
+        if kind != "Secret":  # deploy/base has none; the overlay's generators make them
+            patches.append({"patch": to_yaml([{"$patch": "delete", "apiVersion": res["apiVersion"], "kind": kind,
+                                               "metadata": {"name": name}}]).rstrip("\n")})
+    namespace_doc = {"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": namespace,
+                                  "labels": {PART_OF: NAME, "pod-security.kubernetes.io/enforce": "restricted"}}}
+    files["namespace.yaml"] = note + to_yaml([namespace_doc])
+    kustomize_resources = ["namespace.yaml", "../../base"]
+    if added:
+        files["new.yaml"] = note + to_yaml(added)
+        kustomize_resources.append("new.yaml")
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                     "namespace": namespace, "resources": kustomize_resources, "secretGenerator": secret_generators,
+                     "patches": patches}
+    files["kustomization.yaml"] = note + comment + to_yaml([kustomization])
     return files
 
 
-def write_secure_overlay(directory: Path) -> list[Path]:
-    """Write deploy/overlays/secure's generated files into directory; returns the paths written."""
+def acl_tls_secret_generators(directory: str = SECURE_SECRETS_DIR) -> list[dict[str, Any]]:
+    """Secrets from the files in directory: the ACL file, every user's password, the dashboard's
+    token and the TLS files (ca.crt, tls.crt, tls.key)."""
+    d = directory
+    return [
+        _secret_generator(ACL_SECRET, files=[f"{acl_users.ACL_FILE}={d}/{acl_users.ACL_FILE}"]),
+        _secret_generator(USERS_SECRET, envs=[f"{d}/{acl_users.PASSWORDS_FILE}"]),
+        _secret_generator(DASHBOARD_SECRET, "dashboard", files=[f"token={d}/{DASHBOARD_TOKEN_FILE}"]),
+        _secret_generator(DEFAULT_TLS_SECRET, type="kubernetes.io/tls", files=[f"{k}={d}/{k}" for k in TLS_KEYS]),
+    ]
+
+
+def secure_overlay_files() -> dict[str, str]:
+    """The files of deploy/overlays/secure (its README.md aside): a namespace, the Secrets from
+    files in secrets/, and JSON patches that turn deploy/base into secure_federation()."""
+    return overlay_files(build(secure_federation()), SECURE_NAMESPACE, SECURE_NOTE, acl_tls_secret_generators(),
+                         "# ACL users per role and TLS; make secrets/ first (README.md here).\n")
+
+
+def write_files(directory: Path, files: Mapping[str, str]) -> list[Path]:
+    """Write an overlay's files (name -> text) under directory; returns the paths written."""
     written = []
-    for name, text in secure_overlay_files().items():
+    for name, text in files.items():
         path = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
     return written
+
+
+def write_secure_overlay(directory: Path) -> list[Path]:
+    """Write deploy/overlays/secure's generated files into directory; returns the paths written."""
+    return write_files(directory, secure_overlay_files())
