@@ -65,7 +65,6 @@ def services_of(docs: list[dict[str, Any]], workload: dict[str, Any]) -> list[tu
 def pods_as_processes(docs: list[dict[str, Any]], tmp: Path, claims: dict[str, Path] | None = None,
                        overrides: dict[str, str] | None = None) -> tuple[LocalRedis, list[Proc], dict[str, int]]:
     """Redis from the StatefulSet, and one Proc per container of every other workload's pods."""
-    image = read_image()
     redis_sts = next(d for d in docs if d["kind"] == "StatefulSet")
     c = redis_sts["spec"]["template"]["spec"]["containers"][0]
     env = container_env(c, docs)
@@ -77,7 +76,15 @@ def pods_as_processes(docs: list[dict[str, Any]], tmp: Path, claims: dict[str, P
     mounts = mount_sources(c, volumes, env)
     redis = LocalRedis([rewrite_paths(a, mounts) for a in container_argv(c, REDIS_IMAGE, env)], data)
     hosts = {svc: f"127.0.0.1:{redis.port}" for svc in services_of(docs, redis_sts)}
+    return (redis, *workload_procs(docs, tmp, hosts, claims, overrides))
 
+
+def workload_procs(docs: list[dict[str, Any]], tmp: Path, hosts: dict[tuple[str, int], str],
+                   claims: dict[str, Path] | None = None, overrides: dict[str, str] | None = None,
+                   ) -> tuple[list[Proc], dict[str, int]]:
+    """One Proc per container of every Deployment's and Job's pods (Services at hosts, claims at
+    local folders), and the local ports of those that listen."""
+    image = read_image()
     procs: list[Proc] = []
     probes: dict[str, int] = {}
     for d in docs:
@@ -110,7 +117,7 @@ def pods_as_processes(docs: list[dict[str, Any]], tmp: Path, claims: dict[str, P
                 if port is not None and any(p.get("containerPort") for p in c.get("ports", [])):
                     probes[name] = port
                 procs.append(Proc(name, argv, env, one_shot=d["kind"] == "Job"))
-    return redis, procs, probes
+    return procs, probes
 
 
 def assert_final_model(redis: LocalRedis, run_id: str, state: dict[str, str], clients: list[str]) -> float:

@@ -676,11 +676,16 @@ def build(fed: Federation, *, service_monitor_too: bool = False) -> list[Resourc
         out.extend(resources_by_file(fed)[name])
     if service_monitor_too:
         out.append(service_monitor(fed))
-    if fed.namespace is not None:
-        for res in out:
+    return namespaced(out, fed.namespace)
+
+
+def namespaced(resources: list[Resource], namespace: str | None) -> list[Resource]:
+    """The resources with metadata.namespace set (after the name, as one writes it), when given."""
+    if namespace is not None:
+        for res in resources:
             meta = res["metadata"]
-            res["metadata"] = {"name": meta.pop("name"), "namespace": fed.namespace, **meta}
-    return out
+            res["metadata"] = {"name": meta.pop("name"), "namespace": namespace, **meta}
+    return resources
 
 
 # --- YAML ------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from fedq.ops.k8s_manifests import (
     _secret_volume,
     check_image,
     check_namespace,
+    namespaced,
 )
 from fedq.ops.pki import CA_CERT, CERT, KEY
 from fedq.protocol.keys import check_run_id
@@ -167,8 +168,4 @@ def site_resources(site: Site) -> list[Resource]:
         out.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(fed, "data", "site-data"),
                     "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
     out.append(client_job(site))
-    if site.namespace is not None:
-        for res in out:
-            meta = res["metadata"]
-            res["metadata"] = {"name": meta.pop("name"), "namespace": site.namespace, **meta}
-    return out
+    return namespaced(out, site.namespace)
