@@ -112,6 +112,8 @@ def workload_procs(docs: list[dict[str, Any]], tmp: Path, hosts: dict[tuple[str,
                 argv = container_argv(c, image, env)
                 env = {**image.env, **env}  # the image's ENV, then the container's
                 env = {k: rewrite_paths(map_hosts(v, hosts), mounts) for k, v in env.items()}
+                if "FEDQ_METRICS_PORT" in env:  # on loopback and a free port, as loopback_listen does for flags
+                    env.update(FEDQ_METRICS_PORT=str(free_port()), FEDQ_METRICS_HOST="127.0.0.1")
                 argv, port = loopback_listen([rewrite_paths(map_hosts(a, hosts), mounts) for a in argv])
                 name = f"{d['metadata']['name']}-{i}-{c['name']}"
                 if port is not None and any(p.get("containerPort") for p in c.get("ports", [])):
