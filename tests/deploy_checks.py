@@ -334,11 +334,20 @@ def _check_network_policy(np: Doc, workloads: list[Doc]) -> list[str]:
 
 
 def _check_federation(by_kind: dict[str, dict[str, Doc]]) -> list[str]:
-    """fedq's own consistency: one client pod per client of the run."""
+    """fedq's own consistency: one client pod per client of the run (a hub: one site user per
+    client, and no client pod; a site's kit, which has no Redis: nothing to count)."""
     config = by_kind.get("ConfigMap", {}).get("fedq-config", {}).get("data", {})
+    if not config and not by_kind.get("StatefulSet"):
+        return []
     if not config:
         return ["no fedq-config ConfigMap"]
     clients = int(config.get("FEDQ_CLIENTS", "0"))
+    if any(s["spec"].get("type") in ("LoadBalancer", "NodePort") for s in by_kind.get("Service", {}).values()):
+        users = by_kind.get("Secret", {}).get("fedq-redis-users", {}).get("data", {})
+        sites = [u for u in users if u not in ("fedq-aggregator", "fedq-dashboard")]
+        if by_kind.get("Job", {}).get("fedq-clients") or len(sites) != clients:
+            return [f"a hub: FEDQ_CLIENTS is {clients}, its site users are {sites}, and no client Job may run here"]
+        return []
     pods = 0
     for job in by_kind.get("Job", {}).values():
         spec = pod_spec(job) or {}

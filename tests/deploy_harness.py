@@ -13,7 +13,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,7 +35,6 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 COMPOSE_SECURE_FILE = ROOT / "docker-compose.secure.yml"
 DOCKERFILE = ROOT / "workers" / "Dockerfile"
 KUBECTL = shutil.which("kubectl")
-FEDQ_BIN = str(Path(sys.executable).with_name("fedq"))
 
 
 def cli_env(redis_url: str | None = None, **extra: str) -> dict[str, str]:
@@ -498,6 +496,27 @@ def render_secure_overlay(tmp: Path, pki: Path, clients: int = 2) -> tuple[list[
     return kustomize(copy / "overlays" / "secure"), secrets_dir
 
 
+def render_hub_overlay(tmp: Path, sites: tuple[str, ...] = ("site-a", "site-b")) -> tuple[list[dict[str, Any]], Path]:
+    """deploy/ copied into tmp, the hub overlay's secrets/ made as its README says (as `fedq k8s
+    hub-secrets` makes them, for the hub at 127.0.0.1), and `kubectl kustomize` of the copy."""
+    from fedq.ops.k8s_hub import write_hub_secrets
+
+    copy = tmp / "deploy"
+    shutil.copytree(DEPLOY, copy, ignore=shutil.ignore_patterns("secrets"))
+    secrets_dir = copy / "overlays" / "hub" / "secrets"
+    write_hub_secrets(secrets_dir, sites, ["127.0.0.1", "hub.example.org"])
+    return kustomize(copy / "overlays" / "hub"), secrets_dir
+
+
+def render_overlay(overlay: Path, tmp: Path) -> list[dict[str, Any]]:
+    """An overlay's resources; those whose Secrets come from files (secure, hub) with the files made first."""
+    if overlay.name == "secure":
+        return render_secure_overlay(tmp / "secure", make_pki(tmp / "pki"))[0]
+    if overlay.name == "hub":
+        return render_hub_overlay(tmp / "hub")[0]
+    return kustomize(overlay)
+
+
 def rewrite_paths(value: str, mounts: dict[str, Path]) -> str:
     """A container path under a mount, as the local directory standing in for that mount."""
     if "\n" in value or " " in value:  # a shell script: every path in it under a mount
@@ -522,8 +541,11 @@ def start(procs: list[Proc], log_dir: Path, workdir: Path) -> None:
     for p in procs:
         argv = list(p.argv)
         if Path(argv[0]).name == "fedq":
-            argv[0] = FEDQ_BIN  # the image's `fedq` is this environment's
-        env = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8", **p.env}
+            # The image's `fedq` is this checkout's, started as every test starts it (the console
+            # script of an environment may be another checkout's).
+            argv = fedq_cmd(*argv[1:])
+        env = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8",
+               **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}, **p.env}
         p.log = log_dir / f"{p.name}.log"
         with open(p.log, "wb") as out:
             p.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,

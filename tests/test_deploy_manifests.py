@@ -36,11 +36,10 @@ from deploy_harness import (
     fedq_command_exists,
     is_fedq_service,
     kustomize,
-    make_pki,
     mount_sources,
     parse_fedq,
     read_image,
-    render_secure_overlay,
+    render_overlay,
     rewrite_paths,
     secret_volume,
 )
@@ -63,19 +62,15 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[st
         pytest.skip("kubectl is not installed")
     out = {"base": kustomize(DEPLOY / "base")}
     for p in OVERLAYS:
-        if p.name == "secure":
-            # Its Secrets are generated from files made first (its README): made here the same way.
-            if shutil.which("openssl") is None:
-                continue  # (it makes the CA; test_deploy_secure.py says so when it skips)
-            tmp = tmp_path_factory.mktemp("secure")
-            out[p.name] = render_secure_overlay(tmp, make_pki(tmp / "pki"))[0]
-        else:
-            out[p.name] = kustomize(p)
+        # secure's and hub's Secrets are generated from files made first (their READMEs): made here the same way.
+        if p.name == "secure" and shutil.which("openssl") is None:
+            continue  # (it makes the CA; test_deploy_secure.py says so when it skips)
+        out[p.name] = render_overlay(p, tmp_path_factory.mktemp(p.name))
     return out
 
 
-def test_there_are_a_dev_a_per_site_and_a_secure_overlay() -> None:
-    assert {p.name for p in OVERLAYS} >= {"dev", "sites", "secure"}
+def test_there_are_a_dev_a_per_site_a_secure_and_a_hub_overlay() -> None:
+    assert {p.name for p in OVERLAYS} >= {"dev", "sites", "secure", "hub"}
 
 
 # --- schema and our own checks ------------------------------------------------------------------
@@ -99,7 +94,7 @@ def test_every_overlay_passes_strict_schema_validation(rendered: dict[str, list[
 
 @needs_kubectl
 def test_every_overlay_passes_our_own_checks(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    for name in ("dev", "sites", "secure"):
+    for name in ("dev", "sites", "secure", "hub"):
         if name in rendered:
             assert deploy_checks.problems(rendered[name]) == [], name
 

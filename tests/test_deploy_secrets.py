@@ -34,11 +34,11 @@ from deploy_harness import (
     container_env,
     fedq_cmd,
     kustomize,
-    make_pki,
     mount_sources,
-    render_secure_overlay,
+    render_overlay,
     rewrite_paths,
     secret_volume,
+    tmpdir,
 )
 
 from fedq.ops import k8s_manifests
@@ -138,10 +138,7 @@ def test_fedq_k8s_manifest_takes_secrets_from_files_and_puts_none_on_a_command_l
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the kustomize overlays)")
 def test_no_overlay_puts_a_secret_on_a_command_line(tmp_path: Path) -> None:
     for overlay in OVERLAYS:
-        if overlay.name == "secure":
-            docs = render_secure_overlay(tmp_path, make_pki(tmp_path / "pki"))[0]
-        else:
-            docs = kustomize(overlay)
+        docs = render_overlay(overlay, tmpdir(tmp_path, overlay.name))
         secrets = secret_values(docs)
         assert secrets, overlay.name
         assert leaks((line for d in docs for line in command_lines(d)), secrets) == [], overlay.name

@@ -16,6 +16,7 @@ import click
 
 from fedq.clitools import fail_cleanly
 from fedq.errors import ConfigError
+from fedq.ops import k8s_sites_cli
 from fedq.ops.k8s_manifests import (
     DEFAULT_IMAGE,
     Federation,
@@ -303,6 +304,10 @@ def secure_overlay(directory: Path) -> None:
             click.echo(str(path))
     except OSError as exc:
         raise ConfigError(f"cannot write {directory}: {exc.strerror or exc}") from None
+
+
+for _command in k8s_sites_cli.COMMANDS:
+    k8s_group.add_command(_command)
 
 
 # --- fedq kfp --------------------------------------------------------------------------------

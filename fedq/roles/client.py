@@ -17,8 +17,8 @@ import redis
 
 from fedq.errors import CodecError, ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.learning import evaluation, privacy
-from fedq.learning.data import DataSpec, feature_stats, standardize
-from fedq.learning.partition import load_client_data
+from fedq.learning.data import DataSpec, feature_stats, load_test, standardize
+from fedq.learning.partition import ClientData, load_client_data
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.trainer import Evaluates, KerasTrainer, Trainer
 from fedq.protocol import heartbeat, messages, transfer
@@ -140,6 +140,8 @@ class Client:
             data = dataclasses.replace(self.data, partition=spec.data.partition, alpha=spec.data.alpha,
                                        val_fraction=spec.data.val_fraction)
         part = load_client_data(data, self.shard, num_shards)
+        if self.data is not None:
+            part = _with_own_test_rows(part, data)
         x, y = part.x, part.y
         self._val_raw = (part.x_val, part.y_val)  # held-out rows for federated evaluation
         # rows: the training rows (they cap the update's sample count); labels: the shard's histogram.
@@ -329,6 +331,15 @@ class Client:
                               evaluation.MAX_EVAL_BYTES)
         log.info("%s: final model on %d held-out rows: loss %.4f accuracy %.4f (%s)", self.client_id,
                  int(metrics["eval_examples"]), metrics["eval_loss"], metrics["eval_accuracy"], result)
+
+
+def _with_own_test_rows(part: ClientData, data: DataSpec) -> ClientData:
+    """A site's own file keeps the run's test fraction of its rows out of training; no one else
+    measures on them, so they are the site's validation rows (with any the run asks for): its
+    eval_* metrics of each global model, and of the final one when the run evaluates at the end."""
+    x_test, y_test = load_test(data)
+    return dataclasses.replace(part, x_val=np.concatenate([part.x_val, x_test]),
+                               y_val=np.concatenate([part.y_val, y_test]))
 
 
 def _vanished(run_id: str) -> str:
