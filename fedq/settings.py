@@ -42,6 +42,9 @@ class Settings:
     # Models larger than this travel as parts of at most this many bytes, each its own Redis
     # key (0: always whole; Redis caps one value at 512 MB).
     chunk_bytes: int = 16 * 1024 * 1024
+    # Cap on the final model's .keras file the aggregator stores in Redis for the dashboard's
+    # model.keras download (0: never store it; a larger file is skipped, with a warning).
+    max_model_file_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     # Seconds an aggregator's lease on a run lasts without renewal: how soon a standby
     # takes over a run whose driver died.
@@ -128,6 +131,9 @@ class Settings:
             raise ConfigError("TLS files are set but FEDQ_REDIS_URL is not a rediss:// URL")
         if self.max_pushes_per_round < 1:
             raise ConfigError(f"max_pushes_per_round must be at least 1, got {self.max_pushes_per_round}")
+        if not 0 <= self.max_model_file_bytes <= 512 * 1024 * 1024:  # Redis's cap on one value
+            raise ConfigError("max_model_file_bytes must be 0 (never store) to 536870912 (512 MiB), "
+                              f"got {self.max_model_file_bytes}")
         if self.chunk_bytes < 0 or 0 < self.chunk_bytes < 1024:
             raise ConfigError(f"chunk_bytes must be 0 (never split) or at least 1024, got {self.chunk_bytes}")
         if self.lease_seconds < 3 * self.block_seconds:

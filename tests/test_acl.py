@@ -96,6 +96,8 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
         "delete the audit trail": lambda: c0.delete(k.judged),
         "empty the inbox": lambda: c0.delete(k.inbox),
         "take the lease": lambda: c0.set(k.lease, "me"),
+        "store a model file for the dashboard": lambda: c0.set(k.model_file, b"PK\x03\x04forged"),
+        "read the model file": lambda: c0.get(k.model_file),
         "forge an aggregator refusal": lambda: c0.rpush(k.refused, "{}"),
         "a script writing the global model": lambda: c0.eval("return redis.call('SET', ARGV[1], 'x')", 0,
                                                             k.global_model),
@@ -110,6 +112,7 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
             pytest.fail(f"a client could {what}")
     # Nothing of the above landed: the global model and client-1's update are as written.
     assert agg_store.global_payload() == messages.encode_global("acl-own", 0, names, weights)
+    assert agg_store.model_file() is None
     stored = agg_store.read_update(1, "client-1", "", 1 << 20)
     assert (stored.payload, stored.seq) == (update("client-1"), "1")
     assert agg_store.member_ids() == CLIENTS
@@ -123,11 +126,15 @@ def test_the_dashboard_reads_everything_and_writes_nothing(federation_users) -> 
     assert snapshot.run_detail(dash, "acl-dash")["status"] == "queued"
     assert "acl-dash" in {r["run_id"] for r in snapshot.runs_overview(dash)["runs"]}
     k = RunKeys("acl-dash")
+    agg.set(k.model_file, b"PK\x03\x04 as the aggregator stores it")
+    assert RunStore(dash, "acl-dash").model_file() == b"PK\x03\x04 as the aggregator stores it"
     for attempt in (lambda: dash.set(k.global_model, b"x"), lambda: dash.hset(k.state, "status", "failed"),
-                    lambda: dash.delete(k.spec), lambda: dash.eval("return 1", 0)):
+                    lambda: dash.delete(k.spec), lambda: dash.eval("return 1", 0),
+                    lambda: dash.set(k.model_file, b"PK\x03\x04forged")):
         with pytest.raises(NOPERM):
             attempt()
     assert RunStore(agg, "acl-dash").state()["status"] == "queued"
+    assert RunStore(agg, "acl-dash").model_file() == b"PK\x03\x04 as the aggregator stores it"
 
 
 @pytest.mark.slow
@@ -156,8 +163,10 @@ def test_a_federation_runs_with_one_acl_user_per_process(federation_users, tmp_p
                 p.kill()
     logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
     assert codes == [0, 0, 0], logs
-    state = RunStore(_as(server, users[acl.DASHBOARD_USER]), "acl-fed").state()
+    dash_store = RunStore(_as(server, users[acl.DASHBOARD_USER]), "acl-fed")
+    state = dash_store.state()
     assert state["status"] == "finished" and state["round"] == "2", (state, logs)
+    assert (dash_store.model_file() or b"")[:4] == b"PK\x03\x04", logs  # the aggregator's user stored model.keras
     assert all("in 2 parts" in logs[f"{cid}.log"] for cid in CLIENTS), logs
 
 

@@ -214,6 +214,27 @@ def test_api_during_and_after_a_real_federation(redis_url: str, r: redis.Redis, 
     status, listing = get_json(dash.url("/api/runs"))
     (run,) = [x for x in listing["runs"] if x["run_id"] == "live-api"]
     assert run["status"] == "finished" and run["final_test_accuracy"] == report["final"]["test_accuracy"]
+    _model_keras_is_the_final_model(dash, r, tmp_path, final)
+
+
+def _model_keras_is_the_final_model(dash: Dashboard, r: redis.Redis, tmp_path: Path, final: dict[str, Any]) -> None:
+    """The finished run's model.keras download, as the aggregator stored it, loads in Keras
+    and holds the last global model."""
+    import keras
+    import numpy as np
+
+    from fedq.protocol import transfer
+
+    assert "model.keras" in final["downloads"] and final["downloads_note"] is None, final["downloads"]
+    status, body, headers = http_get(dash.url("/runs/live-api/files/model.keras"))
+    assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+    assert headers["Content-Disposition"] == 'attachment; filename="live-api-model.keras"'
+    (tmp_path / "model.keras").write_bytes(body)
+    model = keras.models.load_model(tmp_path / "model.keras")
+    round_no, _, tensors = transfer.read_global(RunStore(r, "live-api"))
+    assert round_no == 4 and len(model.get_weights()) == len(tensors)
+    for got, want in zip(model.get_weights(), tensors):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_downloads_of_a_finished_run_are_built_from_redis(dash: Dashboard, r: redis.Redis) -> None:
@@ -232,7 +253,9 @@ def test_downloads_of_a_finished_run_are_built_from_redis(dash: Dashboard, r: re
     r.set(store.k.scaler, messages.encode_scaler(np.zeros(3), np.ones(3), {"num_features": 3, "num_classes": 2,
                                                                            "class_names": ["a", "b"]}))
     status, d = get_json(dash.url("/api/runs/downloaded"))
+    # no model.keras: this made-up run's aggregator stored none (tests/test_model_file.py serves one)
     assert d["downloads"] == ["report.json", "curves.png", "scaler.json", "weights.npz"]
+    assert "FEDQ_MAX_MODEL_FILE_BYTES" in d["downloads_note"] and "weights.npz" in d["downloads_note"]
     status, body, headers = http_get(dash.url("/runs/downloaded/files/report.json"))
     assert status == 200 and "attachment" in headers["Content-Disposition"]
     assert json.loads(body)["rounds"] == build_report(store)["rounds"]

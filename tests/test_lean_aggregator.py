@@ -110,6 +110,7 @@ def test_rounds_without_central_evaluation_commit_the_exact_fedavg_and_report_no
     assert h.store.state()["status"] == "finished"
     last = h.store.metrics()[-1]
     assert last["test_accuracy"] is None and last["test_loss"] is None and last["num_updates"] == 3
+    assert h.store.model_file() is None  # no Keras model here, so no model.keras (the dashboard serves weights.npz)
 
 
 @pytest.mark.slow

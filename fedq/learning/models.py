@@ -207,6 +207,21 @@ def ensure_compiled(model: keras.Model, optimizer: str, learning_rate: float) ->
     return compile_model(model, optimizer, learning_rate)
 
 
+def keras_file(model: keras.Model, optimizer: str, learning_rate: float) -> bytes:
+    """The model as the bytes of a .keras file, compiled (with the run's optimizer, when it was
+    not) and with its optimizer built, so that the file loads ready to predict or train."""
+    import tempfile
+
+    ensure_compiled(model, optimizer, learning_rate)
+    if not getattr(model.optimizer, "built", False):
+        model.optimizer.build(model.trainable_variables)  # so the file loads without optimizer warnings
+    with tempfile.TemporaryDirectory(prefix="fedq-model-") as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
 def weight_names(model: keras.Model) -> list[str]:
     """Stable names of the model's weights, in get_weights() order.
 

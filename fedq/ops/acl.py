@@ -6,8 +6,9 @@ Three roles, each its own Redis user:
   state, global model and its parts, scaler, events, the chosen clients) and writes only keys under its own
   prefix ``fedq:{run}:c:<client>:*``; one shared key takes one narrow command, through an
   ACL selector: ``RPUSH`` to the run's inbox, a mere hint that the aggregator checks against
-  what the named client stored under its own keys. The member set and the audit trail
-  (``judged``) are the aggregator's alone: a client asks to join under its own key and the
+  what the named client stored under its own keys. The member set, the audit trail
+  (``judged``) and the final model file (``model-file``, which the dashboard serves as
+  model.keras) are the aggregator's alone: a client asks to join under its own key and the
   aggregator admits it;
 - the **aggregator** (also used by ``fedq submit`` and ``fedq run``) owns every fedq and rq
   key, without the dangerous commands (FLUSHALL, CONFIG, KEYS, DEBUG, ...);

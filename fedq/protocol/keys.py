@@ -188,6 +188,13 @@ class RunKeys:
         the committed round; written by the round commit itself, so the two always match."""
         return f"{self.base}:server-state"
 
+    @property
+    def model_file(self) -> str:
+        """String: the final global model as a .keras file's bytes, stored by the aggregator with
+        the last round's commit when it holds the Keras model (central evaluation) and the file
+        fits FEDQ_MAX_MODEL_FILE_BYTES; the dashboard serves it as model.keras."""
+        return f"{self.base}:model-file"
+
     def selected(self, round_no: int) -> str:
         """Set: the client ids chosen to train in the round (only when rounds sample clients)."""
         return f"{self.base}:selected:{int(round_no)}"
@@ -228,4 +235,4 @@ class RunKeys:
         """Fixed keys of the run (per-round update hashes are listed by pattern)."""
         return [self.spec, self.state, self.members, self.scaler, self.global_model, self.inbox,
                 self.metrics, self.refused, self.events, self.lease, self.standby, self.resume_lock,
-                self.server_state, self.judged, self.secagg_hints]
+                self.server_state, self.judged, self.secagg_hints, self.model_file]

@@ -198,14 +198,14 @@ return 1
 # on top of the previous round, so a replayed or duplicated commit changes nothing.
 # KEYS[1]: state; KEYS[2]: global model; KEYS[3]: metrics; KEYS[4]: inbox; KEYS[5]: events;
 # KEYS[6]: lease; KEYS[7]: server state; KEYS[8]: this round's chosen clients; KEYS[9]: the next
-# round's; KEYS[10 .. 9 + a.updates]: the round's update hashes and parts (deleted unless
-# a.keep_updates); the rest: stale global-model parts (always deleted)
+# round's; KEYS[10]: the model file; KEYS[11 .. 10 + a.updates]: the round's update hashes and
+# parts (deleted unless a.keep_updates); the rest: stale global-model parts (always deleted)
 # ARGV[1]: JSON {round, driver, now, events_max, keep_updates, updates, after (the phase after
 #          the commit: PHASE_TRAIN, PHASE_EVAL or PHASE_DONE), final (the run's final record as
 #          JSON text, with PHASE_DONE), next_selected (ids or null), previous_metrics (the
 #          previous round's record with its federated evaluation, as JSON text, or '')};
 #          ARGV[2]: global model payload; ARGV[3]: this round's record (JSON); ARGV[4]: server
-#          optimiser state payload ('' when none)
+#          optimiser state payload ('' when none); ARGV[5]: the final model as a .keras file ('' when none)
 # Returns 1 (committed), 0 (not on top of the previous round: nothing changed), -1 (lease lost).
 COMMIT = _script("""
 local a = cjson.decode(ARGV[1])
@@ -219,15 +219,17 @@ if a.previous_metrics ~= '' and redis.call('LLEN', KEYS[3]) > 0 then
   redis.call('LSET', KEYS[3], -1, a.previous_metrics)
 end
 redis.call('RPUSH', KEYS[3], ARGV[3])
-local last_update = 9 + a.updates
+local last_update = 10 + a.updates
 if not a.keep_updates then
   redis.call('DEL', KEYS[8])
-  for i = 10, last_update do redis.call('DEL', KEYS[i]) end
+  for i = 11, last_update do redis.call('DEL', KEYS[i]) end
 end
 for i = last_update + 1, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('DEL', KEYS[4])
 -- Server optimiser state moves with the global model: a new driver resumes the two together.
 if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4]) end
+-- The model file comes with the commit that ends training: present once the run is finished.
+if ARGV[5] ~= '' then redis.call('SET', KEYS[10], ARGV[5]) end
 if a.next_selected ~= cjson.null then
   for _, id in ipairs(a.next_selected) do redis.call('SADD', KEYS[9], id) end
 end

@@ -28,6 +28,8 @@ MAX_REFUSED = 10_000  # refusal log is capped so a flood of bad pushes cannot fi
 MAX_EVENTS = 10_000
 MAX_PUSHES = 100_000
 DRAIN_BATCH = 10_000  # inbox entries drained per call
+KERAS_MAGIC = b"PK\x03\x04"  # a .keras file is a zip archive
+MAX_STRING = 512 * 1024 * 1024  # Redis's own cap on one string value
 
 
 class LeaseLost(FedqError):
@@ -199,6 +201,7 @@ class Commit:
     previous_metrics: dict[str, Any] | None = None  # the previous round's record, now with its federated evaluation
     update_parts: Sequence[str] = ()  # parts of the round's updates sent in parts (deleted with them)
     stale_parts: Sequence[str] = ()  # global-model parts no head refers to any more (always deleted)
+    model_file: bytes | None = None  # the final model as a .keras file (with the last round's commit)
 
 
 def _stream_order(entry_id: bytes | str | None) -> tuple[int, int]:
@@ -321,6 +324,16 @@ class RunStore:
 
     def scaler_payload(self) -> bytes | None:
         return as_bytes(self.r.get(self.k.scaler))
+
+    def model_file(self) -> bytes | None:
+        """The final model's .keras file as the aggregator stored it (within its
+        FEDQ_MAX_MODEL_FILE_BYTES); None when there is none, or the key holds something else
+        (another type, not a zip archive)."""
+        (raw,) = guarded.strings(self.r, [self.k.model_file], cap=MAX_STRING)
+        if raw is not None and not raw.startswith(KERAS_MAGIC):
+            guarded.warn_once(self.k.model_file, "not a .keras file (a zip archive)")
+            return None
+        return raw
 
     # --- client side ------------------------------------------------------------------
     def join(self, client_id: str, record: dict[str, Any], stats: dict[str, Any]) -> str:
@@ -578,8 +591,9 @@ class RunStore:
         done = self._commit(
             keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.inbox, self.k.events,
                   self.k.lease, self.k.server_state, self.k.selected(commit.round), self.k.selected(commit.round + 1),
-                  *updates, *commit.stale_parts],
-            args=[json.dumps(named), commit.global_payload, json.dumps(commit.metrics), commit.server_state or b""])
+                  self.k.model_file, *updates, *commit.stale_parts],
+            args=[json.dumps(named), commit.global_payload, json.dumps(commit.metrics), commit.server_state or b"",
+                  commit.model_file or b""])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before committing round {commit.round}")
         ok = bool(done)

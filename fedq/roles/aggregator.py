@@ -21,7 +21,7 @@ from fedq.errors import CodecError, ConfigError, DataError, FedqError, UpdateRej
 from fedq.learning import evaluation, privacy
 from fedq.learning.aggregate import weighted_metrics
 from fedq.learning.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
-from fedq.learning.models import build_model, evaluate, weight_names
+from fedq.learning.models import build_model, evaluate, keras_file, weight_names
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.strategies import Strategy, held_bytes, select_clients
 from fedq.protocol import chunking, heartbeat, messages, transfer
@@ -358,6 +358,7 @@ class Aggregator(Judging):
         stale = [self.store.k.global_part(round_no - 2, k) for k in range(parts)] if round_no >= 2 else []
         last = round_no == spec.rounds
         after = Phase.TRAIN if not last else Phase.EVAL if drive.fed_eval else Phase.DONE
+        model_file = self._model_file(drive) if last else None
         self._tick()
         committed = self.store.commit_round(Commit(
             round=round_no, global_payload=payload, metrics=metrics, after=after,
@@ -365,11 +366,35 @@ class Aggregator(Judging):
             server_state=drive.strategy.state_bytes(round_no),
             next_selected=self._select(spec, round_no + 1) if after != Phase.DONE else None,
             previous_metrics=self._with_fed_eval(rnd, round_no) if drive.fed_eval else None,
-            update_parts=sorted(rnd.part_keys), stale_parts=stale))
+            update_parts=sorted(rnd.part_keys), stale_parts=stale, model_file=model_file))
         if committed:
             fedq_metrics.observe_round(metrics["seconds"])
         else:
             log.info("run %s round %d was committed already", self.run_id, round_no)
+
+    def _model_file(self, drive: _Driving) -> bytes | None:
+        """The final global model as a .keras file, committed with the last round for the
+        dashboard's model.keras; None without a Keras model here (a lean aggregator never loads
+        TensorFlow), over FEDQ_MAX_MODEL_FILE_BYTES, or when Keras cannot save the model."""
+        limit = self.settings.max_model_file_bytes
+        if drive.model is None or limit <= 0:
+            return None
+        weights = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in drive.template)
+        if weights > limit:  # the file holds the weights at least: spare the serialisation
+            log.warning("run %s: no model.keras in Redis: %d bytes of weights exceed FEDQ_MAX_MODEL_FILE_BYTES=%d",
+                        self.run_id, weights, limit)
+            return None
+        try:
+            data = keras_file(drive.model, drive.spec.optimizer, drive.spec.learning_rate)
+        except Exception as exc:  # a model of the user's own Keras cannot save must not fail the run
+            log.warning("run %s: no model.keras in Redis: saving the model failed: %s: %s", self.run_id,
+                        type(exc).__name__, exc)
+            return None
+        if len(data) > limit:
+            log.warning("run %s: no model.keras in Redis: the file's %d bytes exceed FEDQ_MAX_MODEL_FILE_BYTES=%d",
+                        self.run_id, len(data), limit)
+            return None
+        return data
 
     # --- strategies, sampling, federated evaluation -----------------------------------------
     def _noise_rng(self, spec: RunSpec, round_no: int) -> np.random.Generator | None:

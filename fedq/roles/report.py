@@ -99,7 +99,7 @@ def _f(v: str | None) -> float | None:
 
 def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
     """Write the run's current global model to out/model.keras and its scaler to out/scaler.json."""
-    from fedq.learning.models import build_model, ensure_compiled
+    from fedq.learning.models import build_model, keras_file
 
     spec = load_spec(store)
     payload, scaler = store.global_payload(), store.scaler_payload()
@@ -108,13 +108,10 @@ def save_model(store: RunStore, out: Path) -> tuple[Path, Path]:
     _, _, tensors = transfer.read_global(store, payload)
     mean, std, meta = messages.decode_scaler(scaler)
     model = build_model(spec.model, int(meta["num_features"]), int(meta["num_classes"]), spec.seed)
-    ensure_compiled(model, spec.optimizer, spec.learning_rate)
     model.set_weights([np.array(t) for t in tensors])
-    if not getattr(model.optimizer, "built", False):
-        model.optimizer.build(model.trainable_variables)  # so the file loads without optimizer warnings
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.keras"
-    model.save(model_path)
+    model_path.write_bytes(keras_file(model, spec.optimizer, spec.learning_rate))
     # The model expects standardised inputs: ship the statistics it was trained with.
     scaler_path = out / "scaler.json"
     scaler_path.write_text(json.dumps(scaler_document(mean, std, meta, model.input_shape[1:]), indent=2))

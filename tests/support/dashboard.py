@@ -53,17 +53,19 @@ class Dashboard(Proc):
 
 
 def make_run(r: Any, run_id: str, *, clients: int = 2, rounds: int = 3, committed: int = 0,
-             pushed: tuple[str, ...] = (), refused: tuple[tuple[str, int, str], ...] = ()) -> dict[str, Any]:
+             pushed: tuple[str, ...] = (), refused: tuple[tuple[str, int, str], ...] = (),
+             central_eval: bool = True, model_file: bytes | None = None) -> dict[str, Any]:
     """A run written through the store's own API (create, join, open, commit), without training.
 
     committed rounds get made-up metrics; pushed clients have an update stored for the open
-    round; refused is (client, round, reason) records. Returns the metrics committed."""
+    round; refused is (client, round, reason) records; model_file goes with the last round's
+    commit, as the aggregator stores it. Returns the metrics committed."""
     from fedq.learning.spec import RunSpec
     from fedq.protocol.store import Commit, RunStore
     from fedq.protocol.vocabulary import Phase
 
     store = RunStore(r, run_id)
-    store.create(RunSpec(clients=clients, rounds=rounds, run_id=run_id))
+    store.create(RunSpec(clients=clients, rounds=rounds, run_id=run_id, central_eval=central_eval))
     for k in range(clients):
         rec = {"shard": k, "num_shards": clients, "rows": 100 + k, "host": f"site-{k}", "pid": 1000 + k,
                "joined_at": time.time()}
@@ -84,7 +86,8 @@ def make_run(r: Any, run_id: str, *, clients: int = 2, rounds: int = 3, committe
         final = ({"test_loss": m["test_loss"], "test_accuracy": m["test_accuracy"], "round": rnd}
                  if rnd == rounds else None)
         assert store.commit_round(Commit(round=rnd, global_payload=f"global-{rnd}".encode(), metrics=m, final=final,
-                                         after=Phase.DONE if final is not None else Phase.TRAIN))
+                                         after=Phase.DONE if final is not None else Phase.TRAIN,
+                                         model_file=model_file if final is not None else None))
         done.append(m)
     for cid in pushed:
         assert store.push_update(cid, committed + 1, b"an update", 1 << 20) == "ok"

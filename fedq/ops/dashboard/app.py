@@ -34,6 +34,10 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 COMPARE_MAX = 8  # runs one comparison overlays
 
 
+class NoModelFile(FedqError):
+    """A finished run without a stored model.keras (a 404 naming why, and weights.npz instead)."""
+
+
 def _make_file(store: RunStore, name: str, time_axis: bool = False) -> tuple[bytes, str]:
     """(body, MIME type) of one download, built from what Redis holds (reads only)."""
     import json
@@ -58,6 +62,12 @@ def _make_file(store: RunStore, name: str, time_axis: bool = False) -> tuple[byt
             raise FedqError(f"run {store.run_id} has no scaler")
         mean, std, meta = messages.decode_scaler(raw)
         return json.dumps(report.scaler_document(mean, std, meta), indent=2).encode(), "application/json"
+    if name == snapshot.MODEL_FILE:
+        body = store.model_file()
+        if body is None:
+            raise NoModelFile(snapshot.no_model_file_note(store.spec_record()))
+        # A zip archive inside, but not one for the browser to open or unpack: plain bytes.
+        return body, "application/octet-stream"
     return report.weights_npz(store), "application/octet-stream"
 
 
@@ -210,7 +220,8 @@ def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS, toke
 
     @app.get("/runs/<run_id>/files/<name>")
     def download(run_id: str, name: str) -> Response:
-        """A finished run's report.json, curves.png, scaler.json or weights.npz, made from Redis."""
+        """A finished run's report.json, curves.png, model.keras (as its aggregator stored it),
+        scaler.json or weights.npz, made from Redis."""
         if name not in snapshot.DOWNLOADS:
             return _error(404, f"no file {name!r}: a run offers {', '.join(snapshot.DOWNLOADS)}")
         try:
@@ -221,7 +232,7 @@ def create_app(r: redis.Redis, *, refresh_seconds: float = REFRESH_SECONDS, toke
             if state.get("status") != Status.FINISHED:
                 return _error(409, f"run {run_id} is {state.get('status')}: files are served once it finished")
             body, mime = _make_file(store, name, time_axis=request.args.get("axis") == "time")
-        except (RunNotFound, ConfigError) as exc:
+        except (RunNotFound, ConfigError, NoModelFile) as exc:
             return _error(404, str(exc))
         except FedqError as exc:
             return _error(409, str(exc))

@@ -341,10 +341,38 @@ def spec_changes(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-# What the dashboard serves of a finished run (read from Redis, never from disk). model.keras is
-# not among them: building it needs TensorFlow, which the dashboard does without; weights.npz
-# and scaler.json carry the same numbers, and `fedq report --out DIR` writes model.keras.
-DOWNLOADS = ("report.json", "curves.png", "scaler.json", "weights.npz")
+# What the dashboard serves of a finished run (read from Redis, never from disk). It builds no
+# model.keras itself (that needs TensorFlow, which it does without): it serves the file the
+# aggregator stored with the last round's commit, when there is one.
+DOWNLOADS = ("report.json", "curves.png", "model.keras", "scaler.json", "weights.npz")
+MODEL_FILE = "model.keras"
+
+
+def has_model_file(r: redis.Redis, store: RunStore) -> bool:
+    """Whether the aggregator stored the run's model.keras (a key of another type: no)."""
+    try:
+        return bool(r.strlen(store.k.model_file))
+    except redis.ResponseError:
+        return False
+
+
+def no_model_file_note(spec: dict[str, Any]) -> str:
+    """Why a finished run has no model.keras, and what serves instead."""
+    why = ("its aggregator was lean: without central evaluation it never loads TensorFlow, so it had "
+           "no Keras model to save" if spec.get("central_eval") is False else
+           "its aggregator stored none (the file exceeded its FEDQ_MAX_MODEL_FILE_BYTES, or Keras could not "
+           "save the model: see the aggregator's log)")
+    return (f"no model.keras for this run: {why}. weights.npz holds the same final weights; "
+            "`fedq report --run ID --out DIR` writes model.keras where TensorFlow is installed.")
+
+
+def downloads(r: redis.Redis, store: RunStore, spec: dict[str, Any], status: str) -> tuple[list[str], str | None]:
+    """The files a run offers (none until it finished), and a note when model.keras is not among them."""
+    if status != "finished":
+        return [], None
+    if has_model_file(r, store):
+        return list(DOWNLOADS), None
+    return [n for n in DOWNLOADS if n != MODEL_FILE], no_model_file_note(spec)
 
 
 def _spec_and_state(r: redis.Redis, store: RunStore) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -375,6 +403,7 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
     events = store.events(EVENTS_READ)
     times = commit_times(events)
     rows = [_round_row(m, _time(m.get("ended_at")) or times.get(m.get("round"))) for m in metrics]  # type: ignore[arg-type]
+    files, files_note = downloads(r, store, spec, st["status"])
     now = time.time()
     return {
         "run_id": run_id,
@@ -397,7 +426,8 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
         "refusals": refused,
         "aggregators": driving,
         "aggregator": aggregator_identity(r, store, st, driving),
-        "downloads": list(DOWNLOADS) if st["status"] == "finished" else [],
+        "downloads": files,
+        "downloads_note": files_note,
         "time": now,
     }
 

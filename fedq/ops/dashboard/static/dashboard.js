@@ -334,6 +334,8 @@
       dl.appendChild(li2);
     }
     $("downloads-section").hidden = !d.downloads.length;
+    $("downloads-note").hidden = !d.downloads_note;
+    setText("downloads-note", d.downloads_note || "");
     $("overfit").hidden = !d.overfitting;
     setText("overfit", d.overfitting ? "⚠ " + d.overfitting : "");
 
