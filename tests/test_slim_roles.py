@@ -1,0 +1,90 @@
+"""The slim roles run where TensorFlow (and, for the dashboard, pandas, scikit-learn, matplotlib
+and the rest that deploy/requirements/dashboard.txt leaves out) cannot be imported: fedq runs in a
+child interpreter whose imports of those packages fail as they do when they are not installed
+(tests/support/blocked.py). The slow test drives a whole lean run with such an aggregator.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+from support.blocked import AGGREGATOR_LEAVES_OUT, DASHBOARD_LEAVES_OUT, MACHINE_LEARNING, blocked_fedq, run_blocked
+from support.dashboard import make_run
+from support.procs import Proc, cli_env, fedq_cmd
+
+from fedq.protocol.store import RunStore
+
+
+def test_fedq_status_runs_without_machine_learning_packages(redis_url: str, r: redis.Redis) -> None:
+    make_run(r, "slim-run", rounds=2, committed=2)
+    for args in (["status"], ["status", "--run", "slim-run"]):
+        proc = subprocess.run(blocked_fedq(DASHBOARD_LEAVES_OUT, args), env=cli_env(redis_url, COLUMNS="200"),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "slim-run" in proc.stdout and "finished" in proc.stdout, proc.stdout
+
+
+def test_the_dashboard_and_a_lean_aggregator_import_without_what_they_leave_out(redis_url: str,
+                                                                                r: redis.Redis) -> None:
+    make_run(r, "slim-dash", rounds=2, committed=1)
+    dashboard = run_blocked(DASHBOARD_LEAVES_OUT, f"""
+import json
+from fedq.ops.dashboard.app import create_app
+from fedq.protocol.store import connect
+from fedq.settings import Settings
+client = create_app(connect(Settings.from_env(redis_url={redis_url!r}))).test_client()
+print(json.dumps([client.get("/api/health").status_code, client.get("/api/runs").get_json()]))
+""")
+    assert dashboard.returncode == 0, dashboard.stderr
+    health, runs = json.loads(dashboard.stdout)
+    assert health == 200 and "slim-dash" in json.dumps(runs)
+
+    aggregator = run_blocked(AGGREGATOR_LEAVES_OUT, """
+import sys
+import fedq.cli, fedq.roles.jobs
+from fedq.errors import ConfigError
+from fedq.learning.models import keras_installed
+from fedq.roles.initial import need_tensorflow
+assert not keras_installed()
+try:
+    need_tensorflow("run-x")
+except ConfigError as exc:
+    print(exc)
+print(sorted(m for m in sys.modules if m.split('.')[0] in {'tensorflow', 'keras', 'matplotlib', 'flask'}))
+""")
+    assert aggregator.returncode == 0, aggregator.stderr
+    why, loaded = aggregator.stdout.splitlines()
+    assert "no TensorFlow" in why and "fedq submit" in why
+    assert loaded == "[]"
+
+
+@pytest.mark.slow
+def test_a_lean_run_whose_aggregator_has_no_tensorflow_finishes(redis_url: str, r: redis.Redis,
+                                                                  tmp_path: Path) -> None:
+    env = cli_env(redis_url)
+    sub = subprocess.run(fedq_cmd("submit", "--clients", "2", "--rounds", "2", "--local-epochs", "1",
+                                  "--no-central-eval", "--run-id", "lean-slim"),
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert sub.returncode == 0, sub.stderr
+    store = RunStore(r, "lean-slim")
+    assert store.initial_payload() is not None, "a lean run's submitter stores its initial model"
+    procs = [Proc(f"client-{k}", ["client", "--shard", str(k), "--run", "lean-slim", "--once"], env, tmp_path)
+             for k in range(2)]
+    procs.append(Proc("aggregator", blocked_fedq(MACHINE_LEARNING + ("matplotlib",), ["aggregator", "--burst"]),
+                      env, tmp_path, raw=True))
+    try:
+        for p in procs:
+            assert p.wait(timeout=300) == 0, p.text()[-3000:]
+    finally:
+        for p in procs:
+            p.stop()
+    state = store.state()
+    assert state["status"] == "finished", state
+    assert [m["round"] for m in store.metrics()] == [1, 2]
+    log = procs[-1].text()
+    assert "the initial model came with the run" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
