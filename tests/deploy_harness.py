@@ -88,15 +88,36 @@ def _exec_form(rest: str) -> list[str]:
     return json.loads(rest) if rest.startswith("[") else ["/bin/sh", "-c", rest]
 
 
-def read_image(path: Path = DOCKERFILE) -> Image:
-    base, entrypoint, cmd, user, health = "", [], [], None, None
+def image_stages(path: Path = DOCKERFILE) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Each build stage of a Dockerfile: its name -> (what it is FROM, its instructions)."""
+    stages: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    current: list[tuple[str, str]] = []
+    for word, rest in _instructions(path.read_text()):
+        if word == "FROM":
+            words = rest.split()
+            name = words[2] if len(words) > 2 and words[1].upper() == "AS" else str(len(stages))
+            current = []
+            stages[name] = (words[0], current)
+        else:
+            current.append((word, rest))
+    return stages
+
+
+def read_image(path: Path = DOCKERFILE, target: str | None = None) -> Image:
+    """The image a build target makes (default: the last stage, what `docker build` builds)."""
+    stages = image_stages(path)
+    name = target or list(stages)[-1]
+    chain: list[tuple[str, str]] = []
+    while name in stages:  # back through the stages it is built FROM, to the base image
+        base, instructions = stages[name]
+        chain[:0] = instructions
+        name = base
+    entrypoint, cmd, user, health = [], [], None, None
     env: dict[str, str] = {}
     runs: list[str] = []
     copies: list[tuple[list[str], str]] = []
-    for word, rest in _instructions(path.read_text()):
-        if word == "FROM":
-            base = rest.split()[0]
-        elif word == "ENV":
+    for word, rest in chain:
+        if word == "ENV":
             for token in shlex.split(rest):
                 k, _, v = token.partition("=")
                 env[k] = v
@@ -113,7 +134,7 @@ def read_image(path: Path = DOCKERFILE) -> Image:
             copies.append((parts[:-1], parts[-1]))
         elif word == "HEALTHCHECK":
             health = _exec_form(rest.split("CMD", 1)[1]) if "CMD" in rest else None
-    return Image(base, entrypoint, cmd, env, user, health, runs, copies)
+    return Image(name, entrypoint, cmd, env, user, health, runs, copies)
 
 
 # --- kubelet semantics -----------------------------------------------------------------------

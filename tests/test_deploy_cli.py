@@ -4,6 +4,7 @@ bad input as real processes (one 'error:' line, exit 1), the KFP compile, and th
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import redis
 import yaml
 from click.testing import CliRunner
 from deploy_api import Recorder, api_client, collection_path, config_map_obj, namespace_obj
-from deploy_harness import ROOT, cli_env, fedq_cmd, free_port, parse_fedq, read_image
+from deploy_harness import ROOT, cli_env, fedq_cmd, free_port, image_stages, parse_fedq, read_image
 
 from fedq.ops import k8s as k8s_cli
 from fedq.ops.k8s_apply import Cluster, down, status, to_model, up
@@ -402,28 +403,42 @@ def test_kfp_pipeline_compiles_offline_with_an_aggregator_and_n_clients(tmp_path
 
 
 # --- the image --------------------------------------------------------------------------------------
+ROLE_TARGETS = {"dashboard": "dashboard.txt", "aggregator": "aggregator.txt", "client-gpu": "client-gpu.txt",
+                "full": "full.txt"}
+
+
 def test_image_definition() -> None:
-    image = read_image()
-    assert image.base.startswith("python:3.") and image.base.endswith("-slim")
-    assert image.entrypoint == ["fedq"]
-    assert image.user is not None and image.user.split(":")[0] not in ("0", "root")
-    assert image.healthcheck and image.healthcheck[0] == "python"
-    # Installed the way the README installs it.
-    assert any(run.startswith("pip install . ") or run == "pip install ." for run in image.runs)
-    assert "pip install . && fedq run" in (ROOT / "README.md").read_text()
-    assert image.env.get("HOME") == "/tmp"
+    stages = image_stages()
+    assert list(stages)[-1] == "full", "the default target has every role"
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     assert ignored[0] == "*", ".dockerignore lets in only what the image needs"
-    for sources, _ in image.copies:
-        for src in sources:
-            assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
-            top = src.split("/")[0]
-            assert f"!{top}" in ignored or f"!{top}/" in ignored, f"COPY {src}: excluded by .dockerignore"
-    # The health check script is the one the image copies.
-    script = image.healthcheck[1]
-    assert any(dest.rstrip("/").endswith(script.split("/app/", 1)[1]) or dest == script
-               for _, dest in image.copies), script
+    for target, requirements in ROLE_TARGETS.items():
+        image = read_image(target=target)
+        # The base is pinned by digest, its tag beside it for people.
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+@sha256:[0-9a-f]{64}", image.base), image.base
+        assert image.entrypoint == ["fedq"]
+        assert image.user is not None and image.user.split(":")[0] not in ("0", "root")
+        assert image.healthcheck and image.healthcheck[0] == "python"
+        assert image.env.get("HOME") == "/tmp"
+        # Dependencies from the role's file under the constraints, in a stage before the code;
+        # then fedq itself without dependencies.
+        deps = f"pip install -c requirements/constraints.txt -r requirements/{requirements}"
+        deps_stage = stages[target][0]
+        assert [rest for word, rest in stages[deps_stage][1] if word == "RUN"] == [deps], target
+        assert not any(word == "COPY" for word, _ in stages[deps_stage][1]), target
+        assert "pip install --no-deps . && rm -rf build fedq.egg-info" in image.runs, target
+        for sources, _ in image.copies:
+            for src in sources:
+                assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+                assert any(f"{src.rstrip('/')}/".startswith(p[1:].rstrip("/") + "/") for p in ignored
+                           if p.startswith("!")), f"COPY {src}: excluded by .dockerignore"
+        # The health check script is the one the image copies.
+        script = image.healthcheck[1]
+        assert any(dest.rstrip("/").endswith(script.split("/app/", 1)[1]) or dest == script
+                   for _, dest in image.copies), script
+    # The README's install stays `pip install .`; the full image installs the same dependencies.
+    assert "pip install . && fedq run" in (ROOT / "README.md").read_text()
 
 
 def test_image_health_check_reaches_redis_or_fails(redis_url: str) -> None:

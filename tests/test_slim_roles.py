@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from support.blocked import AGGREGATOR_LEAVES_OUT, DASHBOARD_LEAVES_OUT, MACHINE_LEARNING, blocked_fedq, run_blocked
 from support.dashboard import make_run
 from support.procs import Proc, cli_env, fedq_cmd
@@ -88,3 +92,48 @@ def test_a_lean_run_whose_aggregator_has_no_tensorflow_finishes(redis_url: str, 
     log = procs[-1].text()
     assert "the initial model came with the run" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+# --- the role files agree with pyproject.toml and the constraints ---------------------------------
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "deploy" / "requirements"
+
+
+def _requirements(path: Path) -> list[Requirement]:
+    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return [Requirement(line) for line in lines if line]
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((REQUIREMENTS.parents[1] / "pyproject.toml").read_text())["project"]
+
+
+def test_the_full_file_is_pyprojects_dependencies_and_roles_take_a_subset_of_them() -> None:
+    base = [Requirement(d) for d in _pyproject()["dependencies"]]
+    assert [str(r) for r in _requirements(REQUIREMENTS / "full.txt")] == [str(r) for r in base]
+    gpu = [str(Requirement(d)) for d in _pyproject()["optional-dependencies"]["gpu"]]
+    allowed = {str(r) for r in base}
+    for name in ("dashboard.txt", "aggregator.txt", "client-gpu.txt"):
+        for req in _requirements(REQUIREMENTS / name):
+            if req.name == "tensorflow" and "and-cuda" in req.extras:  # the gpu extra's, without its marker
+                assert any(g.startswith(f"tensorflow[and-cuda]{req.specifier}") for g in gpu), (req, gpu)
+                continue
+            assert str(req) in allowed, f"{name}: {req} is not one of pyproject.toml's dependencies"
+    left_out = {"dashboard.txt": {"tensorflow", "tensorflow-cpu", "pandas", "scikit-learn", "matplotlib", "rq"},
+                "aggregator.txt": {"tensorflow", "tensorflow-cpu", "matplotlib", "flask"},
+                "client-gpu.txt": {"tensorflow-cpu"}}
+    for name, names in left_out.items():
+        assert not names & {r.name.lower() for r in _requirements(REQUIREMENTS / name)}, name
+
+
+def test_every_required_package_is_pinned_in_the_constraints() -> None:
+    pins = {}
+    for req in _requirements(REQUIREMENTS / "constraints.txt"):
+        spec = list(req.specifier)
+        assert len(spec) == 1 and spec[0].operator == "==", f"constraints.txt: {req} is not a pin"
+        pins[canonicalize_name(req.name)] = spec[0].version
+    for path in REQUIREMENTS.glob("*.txt"):
+        for req in _requirements(path):
+            name = canonicalize_name(req.name)
+            assert name in pins, f"{path.name}: {req.name} has no pin in constraints.txt"
+            assert req.specifier.contains(pins[name]), f"{path.name}: {req} excludes the pin {pins[name]}"
+    assert pins["tensorflow"] == pins["tensorflow-cpu"], "the CUDA build is the same TensorFlow release"
