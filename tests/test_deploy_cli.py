@@ -201,6 +201,36 @@ def test_status_shows_pods_jobs_and_the_runs_progress_read_from_redis(redis_url:
     assert all(c.query.get("labelSelector") == ["app.kubernetes.io/part-of=fedq"] for c in rec.calls[2:])
 
 
+def test_status_of_one_instance_reads_its_own_config_and_selects_its_own_pods(redis_url: str, r: redis.Redis,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedq.learning.spec import RunSpec
+    from fedq.protocol.store import RunStore
+
+    RunStore(r, "team-b-run").create(RunSpec(clients=2, rounds=4, run_id="team-b-run"))
+    r.hset("fedq:{team-b-run}:state", mapping={"status": "running", "round": 3})
+    rec = Recorder().on("GET", f"/api/v1/namespaces/{NS}", 200, namespace_obj(NS))
+    rec.on("GET", f"/api/v1/namespaces/{NS}/configmaps/team-b-config", 200,
+           config_map_obj(NS, {"FEDQ_RUN_ID": "team-b-run", "FEDQ_CLIENTS": "2"}))
+    rec.on("GET", f"/api/v1/namespaces/{NS}/pods", 200, {"apiVersion": "v1", "kind": "PodList", "items": [
+        _pod("team-b-aggregator-5c6d-fghij", "aggregator", "Running", True)]})
+    rec.on("GET", f"/apis/batch/v1/namespaces/{NS}/jobs", 200, {"apiVersion": "batch/v1", "kind": "JobList",
+                                                               "items": []})
+    monkeypatch.setattr(k8s_cli, "_kube", lambda *a: _cluster(rec))
+    result = CliRunner().invoke(k8s_cli.k8s_group, ["status", "--instance", "team-b", "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert ["team-b-aggregator-5c6d-fghij", "aggregator", "Running", "1/1", "0"] in [x.split()[:5] for x in lines]
+    assert lines[-1] == "run team-b-run: running, round 3/4"
+    # Its own ConfigMap, and only its own pods and Jobs: another federation may share the namespace.
+    assert f"/api/v1/namespaces/{NS}/configmaps/fedq-config" not in [p for _, p in rec.paths()]
+    lists = [c for c in rec.calls if c.path.endswith(("/pods", "/jobs"))]
+    assert len(lists) == 2 and all(c.query.get("labelSelector") == [
+        "app.kubernetes.io/part-of=fedq,app.kubernetes.io/instance=team-b"] for c in lists)
+
+    bad = CliRunner().invoke(k8s_cli.k8s_group, ["status", "--instance", "Team_B"])
+    assert bad.exit_code == 1 and "--instance 'Team_B' is not a valid name" in bad.output
+
+
 def test_status_without_a_readable_redis_still_lists_the_pods() -> None:
     st = status(_cluster(_status_recorder()), lambda run_id: None)
     assert st.run_id == "k8s-run" and len(st.pods) == 4 and st.run is None

@@ -21,6 +21,7 @@ from support.dashboard import make_run
 from support.procs import Proc, cli_env, fedq_cmd
 
 from fedq.protocol.store import RunStore
+from fedq.roles.report import build_report
 
 
 def test_fedq_status_runs_without_machine_learning_packages(redis_url: str, r: redis.Redis) -> None:
@@ -92,6 +93,10 @@ def test_a_lean_run_whose_aggregator_has_no_tensorflow_finishes(redis_url: str, 
     log = procs[-1].text()
     assert "the initial model came with the run" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+    # Each client logged what it trains on, and the report records it per client.
+    assert "client-0 trains on CPU:0" in procs[0].text()
+    devices = {cid: c["devices"] for cid, c in build_report(store)["client_data"].items()}
+    assert sorted(devices) == ["client-0", "client-1"] and all("CPU:0" in d for d in devices.values()), devices
 
 
 # --- the role files agree with pyproject.toml and the constraints ---------------------------------
