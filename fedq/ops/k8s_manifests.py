@@ -123,7 +123,7 @@ def check_image(image: str) -> str:
     """The image reference, or ConfigError saying why it is not one."""
     if _parse_image(image) is None:
         raise ConfigError(f"--image {image!r} is not a container image reference "
-                          "(e.g. fedq:latest or registry.example.com/team/fedq:0.1.0)")
+                          "(e.g. fedq:0.1.0 or registry.example.com/team/fedq:0.1.0-gpu)")
     return image
 
 
