@@ -433,31 +433,34 @@ def test_kfp_pipeline_compiles_offline_with_an_aggregator_and_n_clients(tmp_path
 
 
 # --- the image --------------------------------------------------------------------------------------
-ROLE_TARGETS = {"dashboard": "dashboard.txt", "aggregator": "aggregator.txt", "client-gpu": "client-gpu.txt",
-                "full": "full.txt"}
+ROLES = {"dashboard": "dashboard.txt", "aggregator": "aggregator.txt", "gpu": "client-gpu.txt", "full": "full.txt"}
 
 
 def test_image_definition() -> None:
-    stages = image_stages()
-    assert list(stages)[-1] == "full", "the default target has every role"
+    args, stages = image_stages()
+    assert args == {"ROLE": "full"}, "the default image has every role"
+    assert {name.removeprefix("deps-") for name in stages if name.startswith("deps-")} == set(ROLES)
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     assert ignored[0] == "*", ".dockerignore lets in only what the image needs"
-    for target, requirements in ROLE_TARGETS.items():
-        image = read_image(target=target)
+    # fedq's code goes in as a wheel built in a stage of its own, so no role's dependencies wait on it.
+    assert [rest for word, rest in stages["code"][1] if word == "RUN"] == [
+        "pip wheel --no-deps --wheel-dir dist . && rm -rf build fedq.egg-info"]
+    for role, requirements in ROLES.items():
+        image = read_image(role=role)
         # The base is pinned by digest, its tag beside it for people.
         assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+@sha256:[0-9a-f]{64}", image.base), image.base
         assert image.entrypoint == ["fedq"]
         assert image.user is not None and image.user.split(":")[0] not in ("0", "root")
         assert image.healthcheck and image.healthcheck[0] == "python"
         assert image.env.get("HOME") == "/tmp"
-        # Dependencies from the role's file under the constraints, in a stage before the code;
-        # then fedq itself without dependencies.
-        deps = f"pip install -c requirements/constraints.txt -r requirements/{requirements}"
-        deps_stage = stages[target][0]
-        assert [rest for word, rest in stages[deps_stage][1] if word == "RUN"] == [deps], target
-        assert not any(word == "COPY" for word, _ in stages[deps_stage][1]), target
-        assert "pip install --no-deps . && rm -rf build fedq.egg-info" in image.runs, target
+        # The role's dependencies from its file under the constraints, in a stage without the
+        # code; then fedq's wheel, without dependencies.
+        deps = stages[f"deps-{role}"][1]
+        assert [rest for word, rest in deps if word == "RUN"] == [
+            f"pip install -c requirements/constraints.txt -r requirements/{requirements}"], role
+        assert not any(word == "COPY" for word, _ in deps), role
+        assert image.runs[-1] == "pip install --no-deps dist/*.whl", role
         for sources, _ in image.copies:
             for src in sources:
                 assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
