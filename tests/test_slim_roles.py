@@ -16,7 +16,7 @@ import pytest
 import redis
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from support.blocked import AGGREGATOR_LEAVES_OUT, DASHBOARD_LEAVES_OUT, MACHINE_LEARNING, blocked_fedq, run_blocked
+from support.blocked import AGGREGATOR_LEAVES_OUT, DASHBOARD_LEAVES_OUT, blocked_fedq, run_blocked
 from support.dashboard import make_run
 from support.procs import Proc, cli_env, fedq_cmd
 
@@ -79,7 +79,7 @@ def test_a_lean_run_whose_aggregator_has_no_tensorflow_finishes(redis_url: str, 
     assert store.initial_payload() is not None, "a lean run's submitter stores its initial model"
     procs = [Proc(f"client-{k}", ["client", "--shard", str(k), "--run", "lean-slim", "--once"], env, tmp_path)
              for k in range(2)]
-    procs.append(Proc("aggregator", blocked_fedq(MACHINE_LEARNING + ("matplotlib",), ["aggregator", "--burst"]),
+    procs.append(Proc("aggregator", blocked_fedq(AGGREGATOR_LEAVES_OUT, ["aggregator", "--burst"]),
                       env, tmp_path, raw=True))
     try:
         for p in procs:
