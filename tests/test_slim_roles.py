@@ -90,6 +90,7 @@ def test_a_lean_run_whose_aggregator_has_no_tensorflow_finishes(redis_url: str, 
     state = store.state()
     assert state["status"] == "finished", state
     assert [m["round"] for m in store.metrics()] == [1, 2]
+    assert store.initial_payload() is None, "committed, the submitted initial model is dropped"
     log = procs[-1].text()
     assert "the initial model came with the run" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]

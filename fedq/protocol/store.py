@@ -327,6 +327,10 @@ class RunStore:
         """Store the run's initial global model, before the run is enqueued (submitters only)."""
         self.r.set(self.k.initial, payload)
 
+    def drop_initial(self) -> None:
+        """Forget the submitted initial model once it is committed (the global model holds it now)."""
+        self.r.delete(self.k.initial)
+
     def scaler_payload(self) -> bytes | None:
         return as_bytes(self.r.get(self.k.scaler))
 

@@ -244,6 +244,7 @@ class Aggregator(Judging):
             initial, _ = transfer.encode_global(self.store, 0, prepared.names, model.get_weights(),
                                                 self.settings.chunk_bytes)
         self.store.open_training(scaler, initial, self._select(spec, 1))
+        self.store.drop_initial()  # committed: round 0's model is the global model now
         log.info("run %s: training open; initial global model written", self.run_id)
         return mean, std
 
