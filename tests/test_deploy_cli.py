@@ -460,7 +460,7 @@ def test_image_definition() -> None:
         assert [rest for word, rest in deps if word == "RUN"] == [
             f"pip install -c requirements/constraints.txt -r requirements/{requirements}"], role
         assert not any(word == "COPY" for word, _ in deps), role
-        assert image.runs[-1] == "pip install --no-deps dist/*.whl", role
+        assert image.runs[-1] == "pip install --no-cache-dir --no-deps dist/*.whl", role
         for sources, _ in image.copies:
             for src in sources:
                 assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
