@@ -86,15 +86,43 @@ def _exec_form(rest: str) -> list[str]:
     return json.loads(rest) if rest.startswith("[") else ["/bin/sh", "-c", rest]
 
 
-def read_image(path: Path = DOCKERFILE) -> Image:
-    base, entrypoint, cmd, user, health = "", [], [], None, None
+def image_stages(path: Path = DOCKERFILE) -> tuple[dict[str, str], dict[str, tuple[str, list[tuple[str, str]]]]]:
+    """A Dockerfile's build arguments (ARG before the first FROM, with their defaults) and each
+    build stage: its name -> (what it is FROM, its instructions)."""
+    args: dict[str, str] = {}
+    stages: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for word, rest in _instructions(path.read_text()):
+        if word == "FROM":
+            words = rest.split()
+            name = words[2] if len(words) > 2 and words[1].upper() == "AS" else str(len(stages))
+            current = []
+            stages[name] = (words[0], current)
+        elif current is None and word == "ARG":
+            key, _, value = rest.partition("=")
+            args[key.strip()] = value.strip()
+        elif current is not None:
+            current.append((word, rest))
+    return args, stages
+
+
+def read_image(path: Path = DOCKERFILE, role: str | None = None, stage: str | None = None) -> Image:
+    """The image `docker build` makes (of the last stage, or of stage), with --build-arg ROLE=role."""
+    args, stages = image_stages(path)
+    if role is not None:
+        args["ROLE"] = role
+    name = stage or list(stages)[-1]
+    chain: list[tuple[str, str]] = []
+    while name in stages:  # back through the stages it is built FROM, to the base image
+        base, instructions = stages[name]
+        chain[:0] = instructions
+        name = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+    entrypoint, cmd, user, health = [], [], None, None
     env: dict[str, str] = {}
     runs: list[str] = []
     copies: list[tuple[list[str], str]] = []
-    for word, rest in _instructions(path.read_text()):
-        if word == "FROM":
-            base = rest.split()[0]
-        elif word == "ENV":
+    for word, rest in chain:
+        if word == "ENV":
             for token in shlex.split(rest):
                 k, _, v = token.partition("=")
                 env[k] = v
@@ -106,12 +134,14 @@ def read_image(path: Path = DOCKERFILE) -> Image:
             user = rest
         elif word == "RUN":
             runs.append(" ".join(rest.split()))
+        elif word == "COPY" and "--from=" in rest:  # what another stage copied in, at the same place
+            copies += read_image(path, role, rest.split("--from=", 1)[1].split()[0]).copies
         elif word == "COPY":
             parts = [p for p in rest.split() if not p.startswith("--")]
             copies.append((parts[:-1], parts[-1]))
         elif word == "HEALTHCHECK":
             health = _exec_form(rest.split("CMD", 1)[1]) if "CMD" in rest else None
-    return Image(base, entrypoint, cmd, env, user, health, runs, copies)
+    return Image(name, entrypoint, cmd, env, user, health, runs, copies)
 
 
 # --- kubelet semantics -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ bad input as real processes (one 'error:' line, exit 1), the KFP compile, and th
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import redis
 import yaml
 from click.testing import CliRunner
 from deploy_api import Recorder, api_client, collection_path, config_map_obj, namespace_obj
-from deploy_harness import ROOT, cli_env, fedq_cmd, free_port, parse_fedq, read_image
+from deploy_harness import ROOT, cli_env, fedq_cmd, free_port, image_stages, parse_fedq, read_image
 
 from fedq.ops import k8s as k8s_cli
 from fedq.ops.k8s_apply import Cluster, down, status, to_model, up
@@ -198,6 +199,36 @@ def test_status_shows_pods_jobs_and_the_runs_progress_read_from_redis(redis_url:
         f"/api/v1/namespaces/{NS}", f"/api/v1/namespaces/{NS}/configmaps/fedq-config",
         f"/api/v1/namespaces/{NS}/pods", f"/apis/batch/v1/namespaces/{NS}/jobs"]
     assert all(c.query.get("labelSelector") == ["app.kubernetes.io/part-of=fedq"] for c in rec.calls[2:])
+
+
+def test_status_of_one_instance_reads_its_own_config_and_selects_its_own_pods(redis_url: str, r: redis.Redis,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedq.learning.spec import RunSpec
+    from fedq.protocol.store import RunStore
+
+    RunStore(r, "team-b-run").create(RunSpec(clients=2, rounds=4, run_id="team-b-run"))
+    r.hset("fedq:{team-b-run}:state", mapping={"status": "running", "round": 3})
+    rec = Recorder().on("GET", f"/api/v1/namespaces/{NS}", 200, namespace_obj(NS))
+    rec.on("GET", f"/api/v1/namespaces/{NS}/configmaps/team-b-config", 200,
+           config_map_obj(NS, {"FEDQ_RUN_ID": "team-b-run", "FEDQ_CLIENTS": "2"}))
+    rec.on("GET", f"/api/v1/namespaces/{NS}/pods", 200, {"apiVersion": "v1", "kind": "PodList", "items": [
+        _pod("team-b-aggregator-5c6d-fghij", "aggregator", "Running", True)]})
+    rec.on("GET", f"/apis/batch/v1/namespaces/{NS}/jobs", 200, {"apiVersion": "batch/v1", "kind": "JobList",
+                                                               "items": []})
+    monkeypatch.setattr(k8s_cli, "_kube", lambda *a: _cluster(rec))
+    result = CliRunner().invoke(k8s_cli.k8s_group, ["status", "--instance", "team-b", "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert ["team-b-aggregator-5c6d-fghij", "aggregator", "Running", "1/1", "0"] in [x.split()[:5] for x in lines]
+    assert lines[-1] == "run team-b-run: running, round 3/4"
+    # Its own ConfigMap, and only its own pods and Jobs: another federation may share the namespace.
+    assert f"/api/v1/namespaces/{NS}/configmaps/fedq-config" not in [p for _, p in rec.paths()]
+    lists = [c for c in rec.calls if c.path.endswith(("/pods", "/jobs"))]
+    assert len(lists) == 2 and all(c.query.get("labelSelector") == [
+        "app.kubernetes.io/part-of=fedq,app.kubernetes.io/instance=team-b"] for c in lists)
+
+    bad = CliRunner().invoke(k8s_cli.k8s_group, ["status", "--instance", "Team_B"])
+    assert bad.exit_code == 1 and "--instance 'Team_B' is not a valid name" in bad.output
 
 
 def test_status_without_a_readable_redis_still_lists_the_pods() -> None:
@@ -402,28 +433,45 @@ def test_kfp_pipeline_compiles_offline_with_an_aggregator_and_n_clients(tmp_path
 
 
 # --- the image --------------------------------------------------------------------------------------
+ROLES = {"dashboard": "dashboard.txt", "aggregator": "aggregator.txt", "gpu": "client-gpu.txt", "full": "full.txt"}
+
+
 def test_image_definition() -> None:
-    image = read_image()
-    assert image.base.startswith("python:3.") and image.base.endswith("-slim")
-    assert image.entrypoint == ["fedq"]
-    assert image.user is not None and image.user.split(":")[0] not in ("0", "root")
-    assert image.healthcheck and image.healthcheck[0] == "python"
-    # Installed the way the README installs it.
-    assert any(run.startswith("pip install . ") or run == "pip install ." for run in image.runs)
-    assert "pip install . && fedq run" in (ROOT / "README.md").read_text()
-    assert image.env.get("HOME") == "/tmp"
+    args, stages = image_stages()
+    assert args == {"ROLE": "full"}, "the default image has every role"
+    assert {name.removeprefix("deps-") for name in stages if name.startswith("deps-")} == set(ROLES)
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     assert ignored[0] == "*", ".dockerignore lets in only what the image needs"
-    for sources, _ in image.copies:
-        for src in sources:
-            assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
-            top = src.split("/")[0]
-            assert f"!{top}" in ignored or f"!{top}/" in ignored, f"COPY {src}: excluded by .dockerignore"
-    # The health check script is the one the image copies.
-    script = image.healthcheck[1]
-    assert any(dest.rstrip("/").endswith(script.split("/app/", 1)[1]) or dest == script
-               for _, dest in image.copies), script
+    # fedq's code goes in as a wheel built in a stage of its own, so no role's dependencies wait on it.
+    assert [rest for word, rest in stages["code"][1] if word == "RUN"] == [
+        "pip wheel --no-deps --wheel-dir dist . && rm -rf build fedq.egg-info"]
+    for role, requirements in ROLES.items():
+        image = read_image(role=role)
+        # The base is pinned by digest, its tag beside it for people.
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+@sha256:[0-9a-f]{64}", image.base), image.base
+        assert image.entrypoint == ["fedq"]
+        assert image.user is not None and image.user.split(":")[0] not in ("0", "root")
+        assert image.healthcheck and image.healthcheck[0] == "python"
+        assert image.env.get("HOME") == "/tmp"
+        # The role's dependencies from its file under the constraints, in a stage without the
+        # code; then fedq's wheel, without dependencies.
+        deps = stages[f"deps-{role}"][1]
+        assert [rest for word, rest in deps if word == "RUN"] == [
+            f"pip install -c requirements/constraints.txt -r requirements/{requirements}"], role
+        assert not any(word == "COPY" for word, _ in deps), role
+        assert image.runs[-1] == "pip install --no-cache-dir --no-deps dist/*.whl", role
+        for sources, _ in image.copies:
+            for src in sources:
+                assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+                assert any(f"{src.rstrip('/')}/".startswith(p[1:].rstrip("/") + "/") for p in ignored
+                           if p.startswith("!")), f"COPY {src}: excluded by .dockerignore"
+        # The health check script is the one the image copies.
+        script = image.healthcheck[1]
+        assert any(dest.rstrip("/").endswith(script.split("/app/", 1)[1]) or dest == script
+                   for _, dest in image.copies), script
+    # The README's install stays `pip install .`; the full image installs the same dependencies.
+    assert "pip install . && fedq run" in (ROOT / "README.md").read_text()
 
 
 def test_image_health_check_reaches_redis_or_fails(redis_url: str) -> None:

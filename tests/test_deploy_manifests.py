@@ -94,7 +94,7 @@ def test_every_overlay_passes_strict_schema_validation(rendered: dict[str, list[
 
 @needs_kubectl
 def test_every_overlay_passes_our_own_checks(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    for name in ("dev", "sites", "secure", "hub"):
+    for name in ("dev", "sites", "secure", "hub", "gpu"):
         if name in rendered:
             assert deploy_checks.problems(rendered[name]) == [], name
 
@@ -279,7 +279,7 @@ def _parse_all(commands: list[tuple[str, list[str], dict[str, str]]]) -> dict[st
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", ["dev", "sites"])
+@pytest.mark.parametrize("overlay", ["dev", "sites", "gpu"])
 def test_every_kubernetes_container_command_parses(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     commands = _k8s_commands(rendered[overlay])
     roles = {argv[1] for _, argv, _ in commands}

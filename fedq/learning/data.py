@@ -13,12 +13,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from fedq.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 SOURCES = ("breast_cancer", "seed", "csv", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "by-label")  # implemented in fedq.learning.partition
@@ -170,6 +172,8 @@ def _read_csv(path: str, what: str, header: int | None) -> pd.DataFrame:
     """Read a CSV (BOM tolerated, any line ending), turning every failure into a DataError."""
     if not os.path.isfile(path):
         raise DataError(f"{what} not found: {path}")
+    import pandas as pd  # lazy: the dashboard, `fedq status` and their slim installs go without pandas
+
     try:
         df = pd.read_csv(path, header=header, encoding="utf-8-sig", skipinitialspace=True)
     except pd.errors.EmptyDataError:
@@ -185,6 +189,8 @@ def _read_csv(path: str, what: str, header: int | None) -> pd.DataFrame:
 
 def _numeric_matrix(df: pd.DataFrame, path: str, names: Sequence[str]) -> np.ndarray:
     """Convert every column of df to float64, naming file, column and a bad value on failure."""
+    import pandas as pd
+
     columns = []
     for col, name in zip(df.columns, names):
         series = df[col]
@@ -232,6 +238,8 @@ def _load_seed(spec: DataSpec) -> Dataset:
 
 def _encode_labels(labels: pd.Series, column: str, path: str) -> tuple[np.ndarray, list[str]]:
     """Map label values to 0..C-1 in sorted order; integers sort numerically, anything else as text."""
+    import pandas as pd
+
     missing = labels.isna().to_numpy()
     if missing.any():
         first = int(np.flatnonzero(missing)[0])

@@ -76,6 +76,16 @@ def _keras() -> Any:
     return keras
 
 
+def keras_installed() -> bool:
+    """Whether Keras (TensorFlow) can be imported here; slim installs have neither."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("keras") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def build_model(name: str, num_features: int, num_classes: int, seed: int) -> keras.Model:
     """The run's model; the same (name, shape, seed) gives the same initial weights.
 

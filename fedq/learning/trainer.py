@@ -72,6 +72,15 @@ class KerasTrainer:
         self.names = weight_names(self.model)
         self._callbacks = [_stop_callback(stop)]
 
+    @staticmethod
+    def devices() -> list[str]:
+        """The devices TensorFlow trains on here, e.g. ['CPU:0', 'GPU:0'] (listing them
+        does not start TensorFlow's runtime: thread limits set afterwards still hold)."""
+        _keras()
+        import tensorflow as tf
+
+        return [d.name.removeprefix("/physical_device:") for d in tf.config.list_physical_devices()]
+
     def load(self, tensors: list[np.ndarray]) -> None:
         self.model.set_weights(tensors)
         for var, value in zip(self.model.optimizer.variables, self._fresh):

@@ -214,22 +214,28 @@ def up(clients: int, rounds: int, local_epochs: int, image: str, run_id: str | N
     for action in apply_up(cluster, fed):
         click.echo(str(action))
     click.echo(f"run {fed.run_id}: {fed.clients} clients, {fed.rounds} rounds in namespace {cluster.namespace}; "
-               f"follow it with: fedq k8s status -n {cluster.namespace}")
+               f"follow it with: fedq k8s status -n {cluster.namespace}"
+               + ("" if instance == "fedq" else f" --instance {instance}"))
 
 
 @k8s_group.command("status")
 @_cluster_options
 @click.option("--redis-url", help="Read the run from this Redis (e.g. a kubectl port-forward) "
                                   "instead of through redis-cli in the Redis pod.")
+@click.option("--instance", help="Only this federation (app.kubernetes.io/instance) and its run "
+                                 "(default: every fedq pod and Job here, and the run of fedq-config).")
 @fail_cleanly(squash=True)
-def status(namespace: str | None, kubeconfig: str | None, context: str | None, redis_url: str | None) -> None:
+def status(namespace: str | None, kubeconfig: str | None, context: str | None, redis_url: str | None,
+           instance: str | None) -> None:
     """Show the federation's pods and Jobs and its run's progress."""
     from fedq.ops.k8s_apply import exec_run_reader, redis_run_reader
     from fedq.ops.k8s_apply import status as read_status
 
+    if instance is not None:
+        Federation(instance=instance).validate()  # a bad name is one error line, before any call
     cluster = _kube(kubeconfig, context, namespace)
-    reader = redis_run_reader(redis_url) if redis_url else exec_run_reader(cluster)
-    st = read_status(cluster, reader)
+    reader = redis_run_reader(redis_url) if redis_url else exec_run_reader(cluster, instance or "fedq")
+    st = read_status(cluster, reader, instance)
     click.echo(f"namespace {cluster.namespace}")
     if not st.pods and not st.jobs and st.run_id is None:
         click.echo("no fedq resources here (fedq k8s up deploys them)")

@@ -322,20 +322,25 @@ def job_rows(jobs: list[Any]) -> list[dict[str, Any]]:
             for j in sorted(jobs, key=lambda j: j.metadata.name)]
 
 
-def status(cluster: Cluster, read_run: Callable[[str], dict[str, str] | None]) -> Status:
-    """Pods and Jobs of the federation, and its run's state as read_run(run_id) returns it."""
+def status(cluster: Cluster, read_run: Callable[[str], dict[str, str] | None], instance: str | None = None) -> Status:
+    """Pods and Jobs of the namespace's fedq federations, or of one (instance), and the run of its
+    ConfigMap (the default federation's without instance) as read_run(run_id) returns it."""
+    selector = SELECTOR if instance is None else instance_selector(instance)
     with api_errors(f"namespace {cluster.namespace}"):
         cluster.check_namespace()
-        data = cluster.config_data()
-        pods = pod_rows(cluster.list("Pod"))
-        jobs = job_rows(cluster.list("Job"))
+        data = cluster.config_data(CONFIG_MAP if instance is None else Federation(instance=instance).config_map)
+        pods = pod_rows(cluster.list("Pod", selector))
+        jobs = job_rows(cluster.list("Job", selector))
     run_id = data.get("FEDQ_RUN_ID")
     clients = int(data["FEDQ_CLIENTS"]) if data.get("FEDQ_CLIENTS", "").isdigit() else None
     return Status(run_id, clients, pods, jobs, read_run(run_id) if run_id else None)
 
 
-def exec_run_reader(cluster: Cluster) -> Callable[[str], dict[str, str] | None]:
-    """Read a run's state with redis-cli inside the Redis pod (Redis is not reachable from outside)."""
+def exec_run_reader(cluster: Cluster, instance: str = NAME) -> Callable[[str], dict[str, str] | None]:
+    """Read a run's state with redis-cli inside the federation's Redis pod (Redis is not reachable
+    from outside)."""
+    pod = f"{Federation(instance=instance).redis_service}-0"  # the StatefulSet's first pod
+
     def read(run_id: str) -> dict[str, str] | None:
         from kubernetes.stream import stream
 
@@ -344,7 +349,7 @@ def exec_run_reader(cluster: Cluster) -> Callable[[str], dict[str, str] | None]:
         key = RunKeys(check_run_id(run_id)).state  # checked: it goes into a shell command
         command = ["sh", "-c", redis_cli_command(f"--raw HGETALL '{key}'")]
         try:
-            out = stream(cluster._apis["CoreV1Api"].connect_get_namespaced_pod_exec, "fedq-redis-0",
+            out = stream(cluster._apis["CoreV1Api"].connect_get_namespaced_pod_exec, pod,
                          cluster.namespace, command=command, container="redis",
                          stderr=False, stdin=False, stdout=True, tty=False)
         except Exception:  # no Redis pod yet, or exec not allowed: the pods table still helps

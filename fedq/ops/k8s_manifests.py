@@ -25,13 +25,12 @@ writes ``deploy/overlays/hub`` from ``fedq.ops.k8s_hub``).
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from fedq import __version__ as fedq_version
 from fedq.errors import ConfigError
@@ -125,7 +124,7 @@ def check_image(image: str) -> str:
     """The image reference, or ConfigError saying why it is not one."""
     if _parse_image(image) is None:
         raise ConfigError(f"--image {image!r} is not a container image reference "
-                          "(e.g. fedq:latest or registry.example.com/team/fedq:0.1.0)")
+                          "(e.g. fedq:0.1.0 or registry.example.com/team/fedq:0.1.0-gpu)")
     return image
 
 
@@ -690,25 +689,30 @@ def namespaced(resources: list[Resource], namespace: str | None) -> list[Resourc
 
 
 # --- YAML ------------------------------------------------------------------------------------
-class _Dumper(yaml.SafeDumper):
-    """Block style, keys in insertion order, lists indented under their key."""
+@functools.cache
+def _dumper() -> Any:
+    """A SafeDumper writing block style, keys in insertion order, lists indented under their key.
+    Made on first use: PyYAML is imported lazily (`fedq status` and the dashboard go without it)."""
+    import yaml
 
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
-        return super().increase_indent(flow, False)
+    class Dumper(yaml.SafeDumper):
+        def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
+            return super().increase_indent(flow, False)
 
+    def as_str(dumper: yaml.SafeDumper, value: str) -> Any:
+        # A script of several lines as a literal block, as one would write it by hand.
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
 
-def _str(dumper: yaml.SafeDumper, value: str) -> Any:
-    # A script of several lines as a literal block, as one would write it by hand.
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
-
-
-_Dumper.add_representer(str, _str)
+    Dumper.add_representer(str, as_str)
+    return Dumper
 
 
 def to_yaml(resources: Iterable[Resource | list[dict[str, Any]]]) -> str:
     """A multi-document YAML stream, as kubectl apply -f takes it (a document is a resource, or
     the operations of a JSON patch)."""
-    return "---\n".join(yaml.dump(r, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+    import yaml
+
+    return "---\n".join(yaml.dump(r, Dumper=_dumper(), sort_keys=False, default_flow_style=False, width=120)
                         for r in resources)
 
 

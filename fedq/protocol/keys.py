@@ -88,6 +88,13 @@ class RunKeys:
         """String: codec envelope of the current global weights (meta carries its round)."""
         return f"{self.base}:global"
 
+    @property
+    def initial(self) -> str:
+        """String: the initial global model (envelope, or head with parts under global_part(0, k)),
+        written with a run without central evaluation by its submitter; the aggregator commits it
+        as round 0's model instead of building the model (a slim aggregator has no TensorFlow)."""
+        return f"{self.base}:initial"
+
     def global_part(self, round_no: int, index: int) -> str:
         """String: one part of the global model after round_no, when it travels in parts."""
         return f"{self.global_model}:{int(round_no)}:{int(index)}"
@@ -235,4 +242,5 @@ class RunKeys:
         """Fixed keys of the run (per-round update hashes are listed by pattern)."""
         return [self.spec, self.state, self.members, self.scaler, self.global_model, self.inbox,
                 self.metrics, self.refused, self.events, self.lease, self.standby, self.resume_lock,
-                self.server_state, self.judged, self.secagg_hints, self.model_file]
+                self.server_state, self.judged, self.secagg_hints, self.model_file,
+                self.initial]

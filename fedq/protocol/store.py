@@ -322,6 +322,18 @@ class RunStore:
     def global_payload(self) -> bytes | None:
         return as_bytes(self.r.get(self.k.global_model))
 
+    def initial_payload(self) -> bytes | None:
+        """The initial global model its submitter stored with the run (keys.RunKeys.initial), if any."""
+        return as_bytes(self.r.get(self.k.initial))
+
+    def set_initial(self, payload: bytes) -> None:
+        """Store the run's initial global model, before the run is enqueued (submitters only)."""
+        self.r.set(self.k.initial, payload)
+
+    def drop_initial(self) -> None:
+        """Forget the submitted initial model once it is committed (the global model holds it now)."""
+        self.r.delete(self.k.initial)
+
     def scaler_payload(self) -> bytes | None:
         return as_bytes(self.r.get(self.k.scaler))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import socket
 import threading
@@ -26,11 +25,11 @@ from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.strategies import Strategy, held_bytes, select_clients
 from fedq.protocol import chunking, heartbeat, messages, transfer
 from fedq.protocol.signing import Verifier
-from fedq.protocol.store import Commit, LeaseLost, RunStore, connect
+from fedq.protocol.store import Commit, LeaseLost, RunStore
 from fedq.protocol.vocabulary import ENDED, Phase, Refusal
+from fedq.roles import initial
 from fedq.roles import metrics as fedq_metrics
 from fedq.roles.judging import Judging, Round
-from fedq.roles.localredis import die_with_parent
 from fedq.settings import Settings
 
 log = logging.getLogger("fedq.roles.aggregator")
@@ -201,38 +200,14 @@ class Aggregator(Judging):
         return strategy
 
     def _initial_global(self, spec: RunSpec, num_features: int, num_classes: int) -> bytes:
-        """The initial global model's payload, built by a child process that writes its parts
-        and exits: initialising a Keras model takes several times its size (3.3 GB at peak for
-        250M parameters), which then never enters the aggregator's own memory."""
-        ctx = multiprocessing.get_context("spawn")
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=write_initial_global, name="fedq-initial-model", daemon=True,
-                           args=(self.settings, self.run_id, num_features, num_classes, send))
-        proc.start()
-        send.close()
-        answered = False
-        try:
-            while not recv.poll(self.settings.block_seconds):  # at most a third of the lease
-                if not proc.is_alive() and not recv.poll(0):
-                    raise ConfigError(f"building the initial model {spec.model!r} failed: its process "
-                                      f"exited with code {proc.exitcode}")
-                self._tick()  # keeps the lease while the child works; honours stop requests
-            # (True, the payload) or (False, why building it failed): see write_initial_global
-            answer: tuple[bool, bytes | str] = recv.recv()
-            answered = True
-        finally:
-            if not answered:
-                proc.kill()  # stopped or failed: its model is of no use now
-            # Having answered, the child exits on its own; its teardown (TensorFlow's, freeing the
-            # model) can take seconds on a loaded machine, which are not waited for here: a wait
-            # without renewing the lease once cost it. Until the work horse ends, an exited child
-            # is a zombie: a process-table entry, no memory.
-            proc.join(timeout=0)
-            recv.close()
-        ok, value = answer
-        if not ok or not isinstance(value, bytes):
-            raise ConfigError(str(value))
-        return value
+        """Round 0's model: the one the run's submitter stored with it (fedq.roles.initial), else
+        built by a child process, so that its building peak never enters this one."""
+        submitted = initial.submitted_initial(self.store)
+        if submitted is not None:
+            log.info("run %s: the initial model came with the run", self.run_id)
+            return submitted
+        initial.need_tensorflow(self.run_id)
+        return initial.build_in_child(self.settings, self.run_id, num_features, num_classes, self._tick)
 
     def _run(self, spec: RunSpec, prepared: _Prepared) -> dict[str, Any]:
         """Open training (after the join phase) or resume, then drive the rounds left."""
@@ -272,6 +247,7 @@ class Aggregator(Judging):
             initial, _ = transfer.encode_global(self.store, 0, prepared.names, model.get_weights(),
                                                 self.settings.chunk_bytes)
         self.store.open_training(scaler, initial, self._select(spec, 1))
+        self.store.drop_initial()  # committed: round 0's model is the global model now
         log.info("run %s: training open; initial global model written", self.run_id)
         return mean, std
 
@@ -738,22 +714,3 @@ def _compression_summary(rnd: Round, template: list[messages.TensorSpec]) -> dic
         "error_max": max(errors) if errors else None,
         "error_mean": sum(errors) / len(errors) if errors else None,
     }
-
-
-def write_initial_global(settings: Settings, run_id: str, num_features: int, num_classes: int,
-                         conn: Any) -> None:
-    """Child process of Aggregator._initial_global: build the run's model, write the initial
-    global model's parts and send back (True, payload to commit), or (False, why it failed)."""
-    die_with_parent()  # an aggregator killed mid-build takes its builder with it
-    try:
-        store = RunStore(connect(settings), run_id)
-        spec = load_spec(store)
-        model = build_model(spec.model, num_features, num_classes, spec.seed)
-        weights, names = model.get_weights(), weight_names(model)
-        del model  # Keras' variables go before the parts are made
-        payload, _ = transfer.encode_global(store, 0, names, weights, settings.chunk_bytes)
-        conn.send((True, payload))
-    except Exception as exc:  # reported to the aggregator, which fails the run
-        conn.send((False, f"building the initial model failed: {type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()

@@ -147,7 +147,8 @@ class Client:
         # rows: the training rows (they cap the update's sample count); labels: the shard's histogram.
         record = {"shard": self.shard, "num_shards": num_shards, "own_data": self.data is not None, "rows": int(len(y)),
                   "val_rows": int(len(part.y_val)), "labels": part.label_counts(), "partition": data.partition,
-                  "host": socket.gethostname(), "pid": os.getpid(), "joined_at": time.time()}
+                  "host": socket.gethostname(), "pid": os.getpid(), "joined_at": time.time(),
+                  "devices": self._devices()}
         outcome = st.join(self.client_id, record, feature_stats(x).to_dict())
         # The aggregator admits clients: a request waits for its answer (or the run's end).
         deadline = time.monotonic() + self.settings.wait_seconds
@@ -169,6 +170,16 @@ class Client:
         finally:
             self._beat.stop()
             self._beat = None
+
+    def _devices(self) -> list[str]:
+        """What this client trains on (its trainer's devices(), when it tells), logged once."""
+        factory = self.trainer_factory
+        tell = getattr(getattr(factory, "func", factory), "devices", None)
+        devices: list[str] = tell() if callable(tell) else []
+        if devices and not getattr(self, "_devices_logged", False):
+            self._devices_logged = True
+            log.info("%s trains on %s", self.client_id, ", ".join(devices))
+        return devices
 
     def _train_rounds(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         last_event = "0-0"

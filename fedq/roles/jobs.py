@@ -19,6 +19,7 @@ from fedq.protocol.heartbeat import aggregator_heartbeat
 from fedq.protocol.store import RunStore, connect, list_runs
 from fedq.protocol.vocabulary import ENDED, Status
 from fedq.roles.aggregator import Aggregator, AggregatorStopped, RunVanished
+from fedq.roles.initial import store_with_run
 from fedq.roles.lifecycle import die_with_parent, exit_soon, parent_died
 from fedq.settings import Settings
 
@@ -38,6 +39,7 @@ def submit_run(r: redis.Redis, settings: Settings, spec: RunSpec, *, queue: str 
     # store.SpecRecord declares rounds/clients settable, RunSpec is frozen: the ignore goes (warn_unused_ignores
     # says when) once SpecRecord's members are read-only (fedq/protocol/store.py is being rewritten).
     RunStore(r, spec.run_id).create(spec, queue=q.name)  # type: ignore[arg-type]
+    store_with_run(r, settings, spec)  # a run without central evaluation brings its initial model
     q.enqueue_call(JOB_FUNC, args=(spec.run_id,), job_id=spec.run_id, timeout=settings.job_timeout,
                    result_ttl=7 * 24 * 3600, failure_ttl=30 * 24 * 3600, at_front=at_front,
                    description=f"fedq run {spec.run_id} ({spec.clients} clients, {spec.rounds} rounds)")

@@ -53,12 +53,26 @@ def build_report(store: RunStore) -> dict[str, Any]:
         # Each client's shard: training and held-out rows and its label histogram (class order
         # as in scaler.json's class_names), which shows how skewed a partition is.
         "client_data": {cid: {k: rec.get(k) for k in ("shard", "rows", "val_rows", "labels", "partition")}
+                        | {"devices": client_devices(rec.get("devices"))}
                         for cid, rec in sorted(store.clients().items())},
         "refused": store.refused(),
         "created_at": _f(state.get("created_at")),
         "started_at": _f(state.get("started_at")),
         "finished_at": _f(state.get("finished_at")),
     }
+
+
+MAX_DEVICES, MAX_DEVICE_NAME = 64, 128
+
+
+def client_devices(value: Any) -> list[str] | None:
+    """The devices a client says it trained on (its join record: hostile until checked); None
+    unless a short list of short names."""
+    if not isinstance(value, list) or len(value) > MAX_DEVICES:
+        return None
+    if not all(isinstance(d, str) and 0 < len(d) <= MAX_DEVICE_NAME and d.isprintable() for d in value):
+        return None
+    return list(value)
 
 
 def _privacy(spec: RunSpec, rounds: list[dict[str, Any]]) -> dict[str, Any]:
