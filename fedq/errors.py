@@ -41,3 +41,7 @@ class RunFailed(FedqError):
 
 class RedisUnavailable(FedqError):
     """Redis could not be reached at the configured URL."""
+
+
+class RoundTimeout(FedqError):
+    """Not all expected messages arrived before the round deadline."""
