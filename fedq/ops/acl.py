@@ -4,11 +4,11 @@ Three roles, each its own Redis user:
 
 - a **client** (one user per client id) reads what every client may read (the run's spec,
   state, global model and its parts, scaler, events, the chosen clients) and writes only keys under its own
-  prefix ``fedq:{run}:c:<client>:*``; one shared key takes one narrow command, through an
-  ACL selector: ``RPUSH`` to the run's inbox, a mere hint that the aggregator checks against
-  what the named client stored under its own keys. The member set and the audit trail
-  (``judged``) are the aggregator's alone: a client asks to join under its own key and the
-  aggregator admits it;
+  prefix ``fedq:{run}:c:<client>:*``; two shared keys take one narrow command each, through
+  ACL selectors: ``RPUSH`` to the run's inbox and ``SADD`` to its waiting join requests, mere
+  hints that the aggregator checks against what the named client stored under its own keys.
+  The member set and the audit trail (``judged``) are the aggregator's alone: a client asks to
+  join under its own key and the aggregator admits it;
 - the **aggregator** (also used by ``fedq submit`` and ``fedq run``) owns every fedq and rq
   key, without the dangerous commands (FLUSHALL, CONFIG, KEYS, DEBUG, ...);
 - the **dashboard** reads fedq and rq keys and writes nothing.
@@ -85,7 +85,7 @@ def client_rules(client_id: str, run_id: str = "*") -> tuple[str, ...]:
                                          ("spec", "state", "global*", "scaler", "events", "members", "selected:*"))]
     return ("resetkeys", "resetchannels", "-@all", *_CONNECT, *_SCRIPTS, *_CLIENT_COMMANDS,
             *(f"%R~{pattern}" for pattern in readable), f"~{base}:c:{client_id}:*",
-            f"(~{base}:inbox +rpush)")
+            f"(~{base}:inbox +rpush)", f"(~{base}:joins +sadd)")
 
 
 def aggregator_rules() -> tuple[str, ...]:

@@ -7,6 +7,9 @@ so ids pushed into the inbox, or anywhere else, by somebody cannot take an hones
 place. In the join phase every request's statistics are checked and the run opens when all its
 clients are in (or the quorum at the deadline); while training runs, a request is admitted while
 the run has room (the client uses the published scaler).
+
+A client's join step also adds its id to the run's set of waiting requests (keys.RunKeys.joins),
+so that an idle moment looks at a bounded sample of that set rather than scanning the keyspace.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Admission:
     run_id: str
     store: RunStore
     verifier: Verifier | None
+    _swept_joins: bool = False  # this driving session has looked at every join key once
 
     def _check_exists(self) -> None:
         """Raise when the run vanished from Redis (the Aggregator's)."""
@@ -63,9 +67,9 @@ class Admission:
                 turned_away.add(cid)
                 log.warning("run %s: client %s asked to join a full run", self.run_id, cid)
 
-        def scan() -> None:  # idle moments re-read every request: wake-ups are only hints
+        def scan() -> None:  # idle moments look at the waiting requests: wake-ups are only hints
             self._check_exists()
-            for cid in self.store.join_requests():
+            for cid in self._waiting_requests():
                 judge(cid)
 
         scan()
@@ -89,6 +93,17 @@ class Admission:
             self.store.refuse_join(cid, Refusal.BAD_STATS, str(exc))
             return None
         return stats
+
+    def _waiting_requests(self) -> list[str]:
+        """Ids of clients whose join request waits, taken off the run's set of them (a bounded
+        read, whatever the size of the keyspace). The first look of a driving session sweeps
+        every join key instead (SCAN): a request taken by a driver that stopped before judging
+        it is in no set any more."""
+        taken = self.store.take_join_requests()
+        if self._swept_joins:
+            return taken
+        self._swept_joins = True
+        return sorted(set(taken) | set(self.store.join_requests()))
 
     # --- checks every request passes --------------------------------------------------------
     def _registered(self, cid: str) -> bool:
@@ -117,7 +132,7 @@ class Admission:
         """An idle moment of a round: admit clients that asked to join, while there is room."""
         if len(rnd.joined) >= spec.clients:
             return
-        for cid in self.store.join_requests():
+        for cid in self._waiting_requests():  # each is admitted, or answered (run full, refused)
             if cid not in rnd.joined:
                 self._admit_late(spec, rnd, cid)
 
