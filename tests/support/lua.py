@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import pytest
 import redis
 
+from fedq.protocol import scripts
+
 Check = Callable[[redis.Redis], None]
 
 
@@ -35,3 +37,15 @@ def mutant_failures(r: redis.Redis, checks: Sequence[Check | tuple[str, Check]])
         except (Exception, pytest.fail.Exception) as exc:  # pytest.raises' own failure is no Exception
             failed.append(f"{name}: {type(exc).__name__}")
     return failed
+
+
+Mutant = tuple[str, str, str]  # (script name in fedq.protocol.scripts, pattern, replacement)
+
+
+def assert_killed(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, mutants: dict[str, Mutant], name: str,
+                  checks: Sequence[Check | tuple[str, Check]]) -> None:
+    """Patch mutant `name` into its script (RunStore registers the scripts it finds there) and
+    assert that at least one of the checks fails with it."""
+    script, pattern, replacement = mutants[name]
+    monkeypatch.setattr(scripts, script, mutated(getattr(scripts, script), pattern, replacement, name))
+    assert mutant_failures(r, checks), f"mutant {name!r} survived: no check fails with it"
