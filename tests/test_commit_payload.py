@@ -193,6 +193,8 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     "chosen clients kept": ("COMMIT", r"redis\.call\('DEL', KEYS\[8\]\)", "local _ = 0"),
     "stale parts kept": ("COMMIT", r"for i = last_update \+ 1, #KEYS", "for i = last_update + 2, #KEYS"),
     "last update kept": ("COMMIT", r"for i = 10, last_update do", "for i = 10, last_update - 1 do"),
+    "first update kept": ("COMMIT", r"for i = 10, last_update do", "for i = 11, last_update do"),
+    "done and eval swapped": ("COMMIT", r"if a\.after == PHASE_DONE then", "if a.after == PHASE_EVAL then"),
     "inbox kept": ("COMMIT", r"redis\.call\('DEL', KEYS\[4\]\)", "local _ = 0"),
     "server state dropped": ("COMMIT", r"then redis\.call\('SET', KEYS\[7\], ARGV\[4\]\) end", "then end"),
     "server state blanked": ("COMMIT", r"if ARGV\[4\] ~= '' then", "if true then"),
