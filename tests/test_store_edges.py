@@ -1,0 +1,172 @@
+"""Edges of the protocol store that mutation testing found unguarded: the version a cheap look
+and the update guard give one stored update must agree (else a version is judged twice), what
+a refusal at the door records, who may act without a lease (tools) and who may not, and the
+caps on the event streams. Real Redis."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from fedq.protocol import keys
+from fedq.protocol.store import MAX_EVENTS, Commit, LeaseLost, RunStore, StoredUpdate, valid_client_id, version_marker
+from fedq.protocol.vocabulary import Phase, Read
+
+RUN = "t-edges"
+
+
+class _Spec:
+    def __init__(self, rounds: int = 1) -> None:
+        self.rounds, self.clients = rounds, 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "clients": self.clients}
+
+
+def _training(r: redis.Redis, driver: str = "driver") -> RunStore:
+    store = RunStore(r, RUN)
+    store.create(_Spec())
+    assert store.acquire_lease(driver, 30)
+    for cid in ("c0", "c1"):
+        assert store.join(cid, {"shard": 0}, {"count": [1]}) == "requested"
+        assert store.admit(cid)
+    assert store.open_training(b"scaler", b"global")
+    return store
+
+
+# --- versions: the cheap look and the guard name a stored update alike -----------------------------
+
+@pytest.mark.parametrize("seq", ["7", "9" * 15, "9" * 16, "", "abc", "x" * 40])
+def test_the_cheap_look_and_the_guard_name_one_version_alike(r: redis.Redis, seq: str) -> None:
+    store = _training(r)
+    r.hset(store.k.update("c0", 1), mapping={"payload": b"u", "seq": seq})
+    stored = store.read_update(1, "c0", "", 1000)
+    assert store.update_seqs(1) == {"c0": stored.version}
+    assert store.update_seq(1, "c0") == stored.version
+    ok = seq.isdigit() and len(seq) <= 15
+    assert stored.kind == (Read.OK if ok else Read.BAD_SEQ)
+    assert stored.version == (seq if ok else "!bad_seq:" + seq[:32])
+    if ok:
+        assert store.read_update(1, "c0", seq, 1000).kind == Read.SEEN  # judged: not sent again
+
+
+def test_version_markers() -> None:
+    assert version_marker(Read.OK, "7") == "7"
+    assert version_marker(Read.BAD_SEQ, "y" * 40) == "!bad_seq:" + "y" * 32
+    assert version_marker(Read.WRONG_TYPE, "7") == "!wrong_type"
+
+
+def test_the_guard_reports_the_push_id_of_an_update_in_parts_and_none_for_a_whole_one(r: redis.Redis) -> None:
+    store = _training(r)
+    assert store.push_update("c0", 1, b"whole", 1000) == "ok"
+    assert store.push_update("c1", 1, b"head", 1000, part_id="p7") == "ok"
+    assert store.read_update(1, "c0", "", 1000) == StoredUpdate(Read.OK, "1", b"whole", "")
+    assert store.read_update(1, "c1", "", 1000) == StoredUpdate(Read.OK, "1", b"head", "p7")
+    assert store.read_update(1, "nobody", "", 1000) == StoredUpdate(Read.NONE)
+    assert store.read_update(1, "bad id!", "", 1000) == StoredUpdate(Read.NONE)
+
+
+def test_ids_that_are_empty_or_absent_are_no_ids() -> None:
+    assert not valid_client_id("") and not valid_client_id(None) and valid_client_id("c0")
+
+
+# --- refusals at the door --------------------------------------------------------------------------
+
+def test_a_refused_push_records_when_and_why(r: redis.Redis) -> None:
+    store = _training(r)
+    before = time.time()
+    assert store.push_update("c0", 1, b"x" * 11, 10) == "too_large"
+    (rec,) = store.refused()
+    assert (rec["client"], rec["round"], rec["reason"], rec["stage"]) == ("c0", 1, "too_large", "push")
+    assert before - 1 <= rec["time"] <= time.time() + 1  # cjson keeps 14 digits
+    assert store.refuse_push("c1", 1, "too_large", "in parts") == "too_large"
+    assert [(x["client"], x["detail"]) for x in store.refused()][-1] == ("c1", "in parts")
+    assert [p["outcome"] for p in store.pushes()] == ["too_large", "too_large"]
+
+
+def test_only_the_chosen_clients_evaluate_and_a_refused_evaluation_is_recorded(r: redis.Redis) -> None:
+    store = _training(r)
+    assert store.commit_round(Commit(round=1, global_payload=b"g1", metrics={"round": 1}, after=Phase.EVAL,
+                                     next_selected=["c1"]))
+    before = time.time()
+    assert store.push_eval("c0", 1, b"{}", 1000) == "not_selected"
+    assert store.push_eval("c1", 1, b"x" * 11, 10) == "too_large"
+    assert store.push_eval("c1", 1, b"{}", 1000) == "ok"
+    refused = store.refused()
+    assert [(x["client"], x["reason"], x["stage"]) for x in refused] == [
+        ("c0", "not_selected", "evaluate"), ("c1", "too_large", "evaluate")]
+    assert all(before - 1 <= x["time"] <= time.time() + 1 for x in refused)
+    assert store.evals() == {"c1": b"{}"}
+
+
+# --- who may act without the lease -----------------------------------------------------------------
+
+def test_tools_without_a_lease_may_admit_and_fail_a_run(r: redis.Redis) -> None:
+    store = RunStore(r, RUN)
+    store.create(_Spec())
+    assert store.acquire_lease("driver", 30)
+    assert store.join("c0", {"shard": 0}, {}) == "requested"
+    tool = RunStore(r, RUN)  # fedq run, tests: no driver, unfenced
+    assert tool.admit("c0") and tool.member_ids() == ["c0"]
+    assert tool.fail("stopped by the operator") is True
+    assert tool.state()["status"] == "failed"
+
+
+def test_the_holder_releases_its_lease_and_says_so(r: redis.Redis) -> None:
+    store = _training(r)
+    assert store.release_lease() is True
+    assert store.driver is None and not r.exists(store.k.lease)
+    assert r.xrange(store.k.events)[-1][1] == {b"event": b"released"}
+
+
+def test_a_stale_open_says_what_it_lost(r: redis.Redis) -> None:
+    stale = RunStore(r, RUN)
+    stale.create(_Spec())
+    stale.driver = "nobody"  # never acquired
+    with pytest.raises(LeaseLost, match="lease lost before training opened"):
+        stale.open_training(b"scaler", b"global")
+
+
+def test_a_stale_finish_says_what_it_lost(r: redis.Redis) -> None:
+    store = _training(r)
+    assert store.commit_round(Commit(round=1, global_payload=b"g1", metrics={"round": 1}, after=Phase.EVAL))
+    store.driver = "somebody else"
+    with pytest.raises(LeaseLost, match="lease lost before finishing round 1's evaluation"):
+        store.finish_evaluation(1, None, {})
+
+
+def test_the_chosen_clients_of_a_round_that_chose_none_are_none(r: redis.Redis) -> None:
+    store = _training(r)
+    assert store.selected(1) is None and store.selected(7) is None
+    assert RunStore(r, "t-none").committed_round() == 0
+
+
+# --- the event streams stay capped -----------------------------------------------------------------
+
+def _fill(r: redis.Redis, stream: str, n: int) -> None:
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.xadd(stream, {"filler": i})
+    pipe.execute()
+
+
+@pytest.mark.parametrize("step", ["create", "commit (done)", "finish evaluation", "fail"])
+def test_every_event_stream_write_keeps_its_cap(r: redis.Redis, step: str) -> None:
+    store = _training(r) if step != "create" else RunStore(r, RUN)
+    if step == "finish evaluation":
+        assert store.commit_round(Commit(round=1, global_payload=b"g1", metrics={"round": 1}, after=Phase.EVAL))
+    for stream in (keys.EVENTS, store.k.events):
+        _fill(r, stream, MAX_EVENTS + 500)
+    if step == "create":
+        store.create(_Spec())
+    elif step == "commit (done)":
+        assert store.commit_round(Commit(round=1, global_payload=b"g1", metrics={"round": 1}, after=Phase.DONE))
+    elif step == "finish evaluation":
+        assert store.finish_evaluation(1, None, {})
+    else:
+        assert store.fail("out of patience")
+    for stream in (keys.EVENTS, store.k.events):
+        assert MAX_EVENTS <= r.xlen(stream) <= MAX_EVENTS + 100, stream  # trimmed, approximately
