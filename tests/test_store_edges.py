@@ -5,6 +5,7 @@ caps on the event streams. Real Redis."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -170,3 +171,45 @@ def test_every_event_stream_write_keeps_its_cap(r: redis.Redis, step: str) -> No
         assert store.fail("out of patience")
     for stream in (keys.EVENTS, store.k.events):
         assert MAX_EVENTS <= r.xlen(stream) <= MAX_EVENTS + 100, stream  # trimmed, approximately
+
+
+# --- what a refusal record holds, exactly --------------------------------------------------------
+
+def _without_time(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    assert all(isinstance(rec["time"], float) for rec in records)
+    return [{k: v for k, v in rec.items() if k != "time"} for rec in records]
+
+
+def test_refusal_records_hold_exactly_who_when_where_and_why(r: redis.Redis) -> None:
+    store = _training(r)
+    store.refuse_join("c0", "bad_stats", "x" * 600)
+    store.record_refused("c1", 3, "malformed", "why")
+    store.record_refused("c1", 4, "malformed", "again")
+    assert store.refuse_push("c1", 1, "too_large", "in parts") == "too_large"
+    assert _without_time(store.refused()) == [
+        {"client": "c0", "round": 0, "reason": "bad_stats", "detail": "x" * 500, "stage": "aggregate"},
+        {"client": "c1", "round": 3, "reason": "malformed", "detail": "why", "stage": "aggregate"},
+        {"client": "c1", "round": 4, "reason": "malformed", "detail": "again", "stage": "aggregate"},
+        {"client": "c1", "round": 1, "reason": "too_large", "detail": "in parts", "stage": "push"}]
+    assert r.hget(store.k.joined("c0"), "verdict") == ("bad_stats: " + "x" * 600)[:500].encode()
+    assert store.pushes() == [{"client": "c1", "round": "1", "digest": "", "outcome": "too_large", "bytes": "0"}]
+
+
+def test_a_clients_own_refusal_log_is_read_as_hostile(r: redis.Redis) -> None:
+    store = _training(r)
+    own = store.k.client_refused("c0")
+    r.rpush(own, json.dumps({"client": "y" * 100, "reason": "r" * 100, "detail": "d" * 600, "time": "5", "x": 1}),
+            json.dumps({"time": 7}), json.dumps({"client": "c0"}), json.dumps({"time": "nan"}), "not json")
+    assert store.refused() == [
+        {"client": "c0", "reason": "", "detail": "", "time": 0.0},
+        {"client": "y" * 64, "reason": "r" * 64, "detail": "d" * 500, "time": 5.0, "x": 1},
+        {"client": "", "reason": "", "detail": "", "time": 7.0}]
+
+
+def test_the_version_of_an_absent_update_is_empty_and_any_valid_id_is_looked_up(r: redis.Redis) -> None:
+    store = _training(r)
+    assert store.update_seq(1, "c0") == ""
+    r.hset(store.k.update("stranger", 1), mapping={"payload": b"u", "seq": "3"})
+    assert store.update_seq(1, "stranger") == "3"  # not a member: looked up all the same
+    r.set(store.k.update("c1", 1), "a string")
+    assert store.update_seq(1, "c1") == "!wrong_type"

@@ -86,3 +86,18 @@ def test_a_model_carrying_exactly_the_share_keeps_its_count() -> None:
     assert capped_weights(counts, 1 / 3) == counts
     assert capped_weights({"a": 2, "b": 1, "c": 1}, 0.5) == {"a": 2, "b": 1, "c": 1}
     assert capped_weights({"a": 3, "b": 1}, 0.5) == {"a": 1, "b": 1}  # no weighting meets 0.5 but equal ones
+
+
+def test_slices_of_the_mean_check_their_bounds_and_dtypes() -> None:
+    acc = FedAvg([np.zeros(4, np.float32)])
+    acc.add([np.arange(4, dtype=np.float32)], 2)
+    assert acc.result_slice(1, 0).size == 0
+    np.testing.assert_array_equal(acc.result_slice(1, 2), np.array([1, 2], np.float32))
+    with pytest.raises(ValueError, match=r"^slice \[3, 5\) outside the model's 4 parameters$"):
+        acc.result_slice(3, 2)
+    with pytest.raises(ValueError, match=r"^part \[2, 6\) outside the model's 4 parameters$"):
+        acc.add_part(2, np.zeros(4, np.float32), 1)
+    mixed = FedAvg([np.zeros(2, np.float32), np.zeros(2, np.float64)])
+    mixed.add([np.ones(2, np.float32), np.ones(2, np.float64)], 1)
+    with pytest.raises(ValueError, match=r"^result_slice needs tensors of one dtype$"):
+        mixed.result_slice(0, 2)
