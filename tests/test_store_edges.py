@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 
+from fedq.errors import ConfigError
 from fedq.protocol import keys
 from fedq.protocol.store import MAX_EVENTS, Commit, LeaseLost, RunStore, StoredUpdate, valid_client_id, version_marker
 from fedq.protocol.vocabulary import Phase, Read
@@ -186,6 +187,10 @@ def test_refusal_records_hold_exactly_who_when_where_and_why(r: redis.Redis) -> 
     store.record_refused("c1", 3, "malformed", "why")
     store.record_refused("c1", 4, "malformed", "again")
     assert store.refuse_push("c1", 1, "too_large", "in parts") == "too_large"
+    for _ in range(3):
+        store.refuse_push("c0", 2, "too_large", "again")
+    assert len(r.lrange(store.k.client_refused("c0"), 0, -1)) == 3  # the client's own log keeps them all
+    r.delete(store.k.client_refused("c0"), store.k.client_pushes("c0"))
     assert _without_time(store.refused()) == [
         {"client": "c0", "round": 0, "reason": "bad_stats", "detail": "x" * 500, "stage": "aggregate"},
         {"client": "c1", "round": 3, "reason": "malformed", "detail": "why", "stage": "aggregate"},
@@ -213,3 +218,26 @@ def test_the_version_of_an_absent_update_is_empty_and_any_valid_id_is_looked_up(
     assert store.update_seq(1, "stranger") == "3"  # not a member: looked up all the same
     r.set(store.k.update("c1", 1), "a string")
     assert store.update_seq(1, "c1") == "!wrong_type"
+
+
+def test_a_run_is_created_once_with_its_spec_and_round_zero(r: redis.Redis) -> None:
+    store = RunStore(r, RUN)
+    store.create(_Spec(rounds=4))
+    with pytest.raises(ConfigError, match=f"^run {RUN} already exists$"):
+        RunStore(r, RUN).create(_Spec(rounds=9))
+    assert store.spec_record() == {"rounds": 4, "clients": 2}
+    assert (store.state()["round"], store.state()["phase"], store.state()["status"]) == ("0", "join", "queued")
+
+
+def test_a_join_request_with_one_part_unreadable_is_no_request(r: redis.Redis) -> None:
+    store = RunStore(r, RUN)
+    r.hset(store.k.joined("c0"), mapping={"record": "{}", "stats": "not json"})
+    r.hset(store.k.joined("c1"), mapping={"record": "[1]", "stats": "{}"})
+    assert store.join_request("c0") is None and store.join_request("c1") is None
+
+
+def test_finishing_without_a_last_record_leaves_the_records_as_they_are(r: redis.Redis) -> None:
+    store = _training(r)
+    assert store.commit_round(Commit(round=1, global_payload=b"g1", metrics={"round": 1}, after=Phase.EVAL))
+    assert store.finish_evaluation(1, None, {"round": 1})
+    assert store.metrics() == [{"round": 1}]

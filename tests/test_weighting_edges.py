@@ -89,8 +89,8 @@ def test_a_model_carrying_exactly_the_share_keeps_its_count() -> None:
 
 
 def test_slices_of_the_mean_check_their_bounds_and_dtypes() -> None:
-    acc = FedAvg([np.zeros(4, np.float32)])
-    acc.add([np.arange(4, dtype=np.float32)], 2)
+    acc = FedAvg([np.zeros(2, np.float32), np.zeros(2, np.float32)])
+    acc.add([np.arange(2, dtype=np.float32), np.arange(2, 4, dtype=np.float32)], 2)
     assert acc.result_slice(1, 0).size == 0
     np.testing.assert_array_equal(acc.result_slice(1, 2), np.array([1, 2], np.float32))
     with pytest.raises(ValueError, match=r"^slice \[3, 5\) outside the model's 4 parameters$"):
