@@ -51,3 +51,7 @@ class SecAggError(FedqError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class RoundTimeout(FedqError):
+    """Not all expected messages arrived before the round deadline."""

@@ -69,6 +69,7 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
     s0, s1 = RunStore(c0, "acl-own"), RunStore(c1, "acl-own")
     assert s0.join("client-0", {"shard": 0, "rows": 5}, {"count": [5]}) == "requested"
     assert s1.join("client-1", {"shard": 1, "rows": 5}, {"count": [5]}) == "requested"
+    assert sorted(agg_store.take_join_requests()) == CLIENTS  # each join step added its id (SADD)
     assert agg_store.acquire_lease("driver", 30)
     assert agg_store.admit("client-0") and agg_store.admit("client-1")
     names = ["w", "b"]
@@ -95,6 +96,11 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
         "forge an audit entry": lambda: c0.xadd(k.judged, {"client": "client-0"}),
         "delete the audit trail": lambda: c0.delete(k.judged),
         "empty the inbox": lambda: c0.delete(k.inbox),
+        "withdraw another client's join request": lambda: c0.srem(k.joins, "client-1"),
+        "take the waiting join requests": lambda: c0.spop(k.joins),
+        "read the waiting join requests": lambda: c0.smembers(k.joins),
+        "empty the waiting join requests": lambda: c0.delete(k.joins),
+        "make the waiting join requests another type": lambda: c0.set(k.joins, "x"),
         "take the lease": lambda: c0.set(k.lease, "me"),
         "store a model file for the dashboard": lambda: c0.set(k.model_file, b"PK\x03\x04forged"),
         "read the model file": lambda: c0.get(k.model_file),
@@ -179,6 +185,7 @@ def test_fedq_acl_prints_rules_and_keeps_passwords_in_a_private_file(tmp_path: P
     assert [ln.split()[1] for ln in lines[1:]] == [acl.AGGREGATOR_USER, acl.DASHBOARD_USER,
                                                    "client-0", "client-1", "client-2"]
     assert "~fedq:{run-7}:c:client-1:*" in lines[4] and "(~fedq:{run-7}:inbox +rpush)" in lines[4]
+    assert "(~fedq:{run-7}:joins +sadd)" in lines[4]
     passwords = acl.parse_passwords(out.read_text())
     assert set(passwords) == {acl.AGGREGATOR_USER, acl.DASHBOARD_USER, "client-0", "client-1", "client-2"}
     assert oct(out.stat().st_mode & 0o777) == "0o600"

@@ -16,7 +16,6 @@ The store tests use RunStore's public methods only, never its scripts' arguments
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,9 +25,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from support.lua import assert_killed, mutant_failures
 
 from fedq.errors import UpdateRejected
-from fedq.protocol import messages, scripts
+from fedq.protocol import messages
 from fedq.protocol.store import Commit, LeaseLost, RunStore
 from fedq.protocol.vocabulary import Phase
 
@@ -600,26 +600,10 @@ def _checks() -> list[tuple[str, Callable[[redis.Redis], None]]]:
     return out
 
 
-def _failures(r: redis.Redis) -> list[str]:
-    failed = []
-    for name, check in _checks():
-        r.flushall()
-        try:
-            check(r)
-        except (Exception, pytest.fail.Exception) as exc:  # pytest.raises' own failure is no Exception
-            failed.append(f"{name}: {type(exc).__name__}")
-    return failed
-
-
 def test_the_unmutated_scripts_pass_every_check(r: redis.Redis) -> None:
-    assert _failures(r) == []
+    assert mutant_failures(r, _checks()) == []
 
 
 @pytest.mark.parametrize("mutant", MUTANTS)
 def test_each_lua_mutant_fails_a_guarantee_test(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, mutant: str) -> None:
-    script, pattern, replacement = MUTANTS[mutant]
-    text = getattr(scripts, script)
-    mutated, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
-    assert count == 1, f"mutant {mutant!r} matches {count} places in {script}: bring it up to date with the script"
-    monkeypatch.setattr(scripts, script, mutated)  # RunStore registers the scripts it finds there
-    assert _failures(r), f"mutant {mutant!r} survived: no guarantee test fails with it"
+    assert_killed(r, monkeypatch, MUTANTS, mutant, _checks())

@@ -4,12 +4,12 @@ Three roles, each its own Redis user:
 
 - a **client** (one user per client id) reads what every client may read (the run's spec,
   state, global model and its parts, scaler, events, the chosen clients) and writes only keys under its own
-  prefix ``fedq:{run}:c:<client>:*``; one shared key takes one narrow command, through an
-  ACL selector: ``RPUSH`` to the run's inbox, a mere hint that the aggregator checks against
-  what the named client stored under its own keys. The member set, the audit trail
-  (``judged``) and the final model file (``model-file``, which the dashboard serves as
-  model.keras) are the aggregator's alone: a client asks to join under its own key and the
-  aggregator admits it;
+  prefix ``fedq:{run}:c:<client>:*``; three shared keys take one narrow command each, through
+  ACL selectors: ``RPUSH`` to the run's inbox and to its secure-aggregation wake-ups, and ``SADD``
+  to its waiting join requests, mere hints that the aggregator checks against what the named
+  client stored under its own keys. The member set, the audit trail (``judged``) and the final
+  model file (``model-file``, which the dashboard serves as model.keras) are the aggregator's
+  alone: a client asks to join under its own key and the aggregator admits it;
 - the **aggregator** (also used by ``fedq submit`` and ``fedq run``) owns every fedq and rq
   key, without the dangerous commands (FLUSHALL, CONFIG, KEYS, DEBUG, ...);
 - the **dashboard** reads fedq and rq keys and writes nothing.
@@ -87,7 +87,7 @@ def client_rules(client_id: str, run_id: str = "*") -> tuple[str, ...]:
                                                           "secagg:*"))]
     return ("resetkeys", "resetchannels", "-@all", *_CONNECT, *_SCRIPTS, *_CLIENT_COMMANDS,
             *(f"%R~{pattern}" for pattern in readable), f"~{base}:c:{client_id}:*",
-            f"(~{base}:inbox +rpush)", f"(~{base}:secagg-hints +rpush)")
+            f"(~{base}:inbox +rpush)", f"(~{base}:secagg-hints +rpush)", f"(~{base}:joins +sadd)")
 
 
 def aggregator_rules() -> tuple[str, ...]:

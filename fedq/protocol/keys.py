@@ -106,6 +106,14 @@ class RunKeys:
         Only a hint: the aggregator reads what the named client stored under its own keys."""
         return f"{self.base}:inbox"
 
+    @property
+    def joins(self) -> str:
+        """Set: ids of clients whose join request waits for the aggregator. A client's join step
+        adds its id (SADD is all its ACL user may do here); the aggregator takes ids off as it
+        judges their requests. Only a hint, like the inbox: the request is what the named client
+        filed under its own join key."""
+        return f"{self.base}:joins"
+
     # --- keys owned by one client: its ACL user may write these and no other run key ---
     def client_base(self, client_id: str) -> str:
         return f"{self.base}:c:{check_client_id(client_id)}"
@@ -240,7 +248,7 @@ class RunKeys:
 
     def all(self) -> list[str]:
         """Fixed keys of the run (per-round update hashes are listed by pattern)."""
-        return [self.spec, self.state, self.members, self.scaler, self.global_model, self.inbox,
+        return [self.spec, self.state, self.members, self.scaler, self.global_model, self.inbox, self.joins,
                 self.metrics, self.refused, self.events, self.lease, self.standby, self.resume_lock,
                 self.server_state, self.judged, self.secagg_hints, self.model_file,
                 self.initial]

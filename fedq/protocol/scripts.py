@@ -22,7 +22,7 @@ from fedq.protocol.vocabulary import lua_prelude
 FIELDS = frozenset({
     "status", "phase", "round", "rounds", "clients", "closed", "updated_at", "finished_at", "final", "reason",
     "payload", "seq", "parts", "record", "stats", "verdict", "event", "client", "digest", "outcome", "bytes",
-    "detail", "time", "stage", "push", "evaluate", "none", "hash",
+    "detail", "time", "stage", "push", "evaluate", "none", "hash", "set",
 })
 
 
@@ -32,10 +32,11 @@ def _script(body: str) -> str:
 
 # A client asks to join (run by the client, as its own ACL user).
 # KEYS[1]: the client's join hash (its own key)
-# ARGV[1]: JSON {client, state, members, inbox} (the shared keys by name); ARGV[2]: join record
-#          (JSON); ARGV[3]: feature statistics (JSON)
-# The member set is the aggregator's alone: this files the request under the client's own key
-# and wakes the aggregator, which admits it (ADMIT). Returns JOIN_REQUESTED, JOIN_REJOINED (a
+# ARGV[1]: JSON {client, state, members, inbox, joins} (the shared keys by name); ARGV[2]: join
+#          record (JSON); ARGV[3]: feature statistics (JSON)
+# The member set is the aggregator's alone: this files the request under the client's own key,
+# adds the client's id to the run's waiting requests and wakes the aggregator, which admits it
+# (ADMIT). Returns JOIN_REQUESTED, JOIN_REJOINED (a
 # member already), JOIN_RUN_FULL (a hint: the aggregator decides), JOIN_RUN_FINISHED,
 # JOIN_RUN_FAILED or JOIN_NO_SUCH_RUN.
 JOIN = _script("""
@@ -55,6 +56,7 @@ end
 if redis.call('SCARD', a.members) >= tonumber(st[3]) then return JOIN_RUN_FULL end
 redis.call('HSET', KEYS[1], 'record', ARGV[2], 'stats', ARGV[3])
 redis.call('HDEL', KEYS[1], 'verdict')
+redis.call('SADD', a.joins, a.client)
 redis.call('RPUSH', a.inbox, a.client)
 return JOIN_REQUESTED
 """)
@@ -91,6 +93,28 @@ for i = 1, tonumber(ARGV[1]) do
   if string.len(id) <= 64 and not seen[id] then
     seen[id] = true
     out[#out + 1] = id
+  end
+end
+return out
+""")
+
+# The join requests waiting for the aggregator: a bounded sample of the set clients add their ids
+# to (JOIN), so that an idle moment costs the same however many keys the run has. Any client may
+# add anything: entries that cannot be client ids (over 64 bytes) are dropped here, and a key of
+# another type reads as empty. The entries returned stay: the aggregator takes each off as it
+# judges its request, so that a reply lost on the way loses no request.
+# KEYS[1]: the run's waiting join requests
+# ARGV[1]: most entries returned
+# Returns distinct entries of at most 64 bytes, in no order.
+WAITING_JOINS = _script("""
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'set' then return {} end
+local out = {}
+for _, id in ipairs(redis.call('SRANDMEMBER', KEYS[1], tonumber(ARGV[1]))) do
+  if string.len(id) <= 64 then
+    out[#out + 1] = id
+  else
+    redis.call('SREM', KEYS[1], id)
   end
 end
 return out
@@ -338,6 +362,6 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', a.events_max, '*', 'event', EVENT_FIN
 return 1
 """)
 
-SCRIPTS = {"JOIN": JOIN, "ADMIT": ADMIT, "DRAIN": DRAIN, "READ_UPDATE": READ_UPDATE, "PUSH": PUSH, "CLOSE": CLOSE,
-           "OPEN_TRAINING": OPEN_TRAINING, "COMMIT": COMMIT, "RENEW": RENEW, "RELEASE": RELEASE, "FAIL": FAIL,
-           "PUSH_EVAL": PUSH_EVAL, "FINISH_EVAL": FINISH_EVAL}
+SCRIPTS = {"JOIN": JOIN, "ADMIT": ADMIT, "DRAIN": DRAIN, "WAITING_JOINS": WAITING_JOINS, "READ_UPDATE": READ_UPDATE,
+           "PUSH": PUSH, "CLOSE": CLOSE, "OPEN_TRAINING": OPEN_TRAINING, "COMMIT": COMMIT, "RENEW": RENEW,
+           "RELEASE": RELEASE, "FAIL": FAIL, "PUSH_EVAL": PUSH_EVAL, "FINISH_EVAL": FINISH_EVAL}

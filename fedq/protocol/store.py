@@ -30,6 +30,7 @@ MAX_PUSHES = 100_000
 DRAIN_BATCH = 10_000  # inbox entries drained per call
 KERAS_MAGIC = b"PK\x03\x04"  # a .keras file is a zip archive
 MAX_STRING = 512 * 1024 * 1024  # Redis's own cap on one string value
+JOIN_BATCH = 100  # waiting join requests taken per call
 
 
 class LeaseLost(FedqError):
@@ -229,6 +230,7 @@ class RunStore:
         self._admit = r.register_script(scripts.ADMIT)
         self._read_update = r.register_script(scripts.READ_UPDATE)
         self._drain = r.register_script(scripts.DRAIN)
+        self._waiting_joins = r.register_script(scripts.WAITING_JOINS)
         self._push = r.register_script(scripts.PUSH)
         self._open = r.register_script(scripts.OPEN_TRAINING)
         self._commit = r.register_script(scripts.COMMIT)
@@ -351,7 +353,8 @@ class RunStore:
     def join(self, client_id: str, record: dict[str, Any], stats: dict[str, Any]) -> str:
         """Ask to join with a record and feature statistics; returns requested (the aggregator
         admits: see wait_admitted), rejoined, or a refusal code."""
-        named = {"client": client_id, "state": self.k.state, "members": self.k.members, "inbox": self.k.inbox}
+        named = {"client": client_id, "state": self.k.state, "members": self.k.members, "inbox": self.k.inbox,
+                 "joins": self.k.joins}
         return _s(self._join(keys=[self.k.joined(client_id)],
                              args=[json.dumps(named), json.dumps(record), json.dumps(stats)])) or ""
 
@@ -505,8 +508,18 @@ class RunStore:
         return None if rec is None or st is None else (rec, st)
 
     def join_requests(self, limit: int = 10_000) -> list[str]:
-        """Ids of clients with a join hash in this run (members or not), found by SCAN."""
+        """Ids of clients with a join hash in this run (members or not), found by SCAN: a sweep
+        of the whole keyspace, for a driver taking a run up (take_join_requests is the cheap look)."""
         return [self.k.client_of(key) for key in self._client_keys("join", limit)]
+
+    def take_join_requests(self, limit: int = JOIN_BATCH) -> list[str]:
+        """Ids of clients whose join request waits (at most limit, in no order), taken off the
+        run's set of them: the caller judges each (join_request reads it). A client that asks
+        again meanwhile is added again. Entries that are no valid client id are dropped."""
+        ids = [_str(i) for i in self._waiting_joins(keys=[self.k.joins], args=[limit])]
+        if ids:
+            self.r.srem(self.k.joins, *ids)
+        return [cid for cid in ids if valid_client_id(cid)]
 
     def admit(self, client_id: str) -> bool:
         """Make a client that asked to join a member (fenced by the lease when driving);

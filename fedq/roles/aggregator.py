@@ -16,19 +16,20 @@ from typing import Any
 import numpy as np
 import redis
 
-from fedq.errors import CodecError, ConfigError, DataError, FedqError, UpdateRejected
-from fedq.learning import evaluation, privacy
-from fedq.learning.aggregate import weighted_metrics
-from fedq.learning.data import FeatureStats, combine_stats, load_dataset, scaler_from_stats, split_indices, standardize
+from fedq.errors import CodecError, ConfigError, DataError, FedqError, RoundTimeout
+from fedq.learning import privacy
+from fedq.learning.data import load_dataset, split_indices, standardize
 from fedq.learning.models import build_model, evaluate, keras_file, weight_names
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.strategies import Strategy, held_bytes, select_clients
 from fedq.protocol import chunking, heartbeat, messages, transfer
 from fedq.protocol.signing import Verifier
 from fedq.protocol.store import Commit, LeaseLost, RunStore
-from fedq.protocol.vocabulary import ENDED, Phase, Refusal
-from fedq.roles import initial
+from fedq.protocol.vocabulary import ENDED, Phase
+from fedq.roles import initial, record
 from fedq.roles import metrics as fedq_metrics
+from fedq.roles.admission import Admission
+from fedq.roles.evaluating import FederatedEvaluation
 from fedq.roles.judging import Judging, Round
 from fedq.settings import Settings
 
@@ -36,10 +37,6 @@ log = logging.getLogger("fedq.roles.aggregator")
 
 
 LIVENESS_CHECK_SECONDS = 0.5  # how often a round due updates looks at its members' heartbeats
-
-
-class RoundTimeout(FedqError):
-    """Not all expected messages arrived before the round deadline."""
 
 
 class AggregatorStopped(FedqError):
@@ -79,7 +76,7 @@ class _Prepared:
     strategy: Strategy | None = None  # None until the model's shapes are known
 
 
-class Aggregator(Judging):
+class Aggregator(Admission, FederatedEvaluation, Judging):
     """Drives a run from its join phase to its last round; all state lives in Redis.
 
     Only the holder of the run's lease drives it; every write that moves the run on is
@@ -315,9 +312,9 @@ class Aggregator(Judging):
 
     def _record(self, drive: _Driving, rnd: Round, test: dict[str, Any], eval_seconds: float) -> dict[str, Any]:
         """The round's record (fedq:{run}:metrics, report.json's rounds)."""
-        metrics = self._round_metrics(rnd, drive.round_no, test, drive.round_started, eval_seconds)
-        metrics["compression"] = _compression_summary(rnd, drive.template)
-        metrics.update(_test_extras(test))
+        metrics = record.round_metrics(rnd, drive.round_no, test, drive.round_started, eval_seconds)
+        metrics["compression"] = record.compression_summary(rnd, drive.template)
+        metrics.update(record.central_extras(test))
         metrics.update(drive.spec.privacy_metrics(drive.round_no))  # epsilon spent so far (DP runs)
         if drive.strategy.round_info():
             metrics["strategy"] = drive.strategy.round_info()
@@ -338,7 +335,7 @@ class Aggregator(Judging):
         self._tick()
         committed = self.store.commit_round(Commit(
             round=round_no, global_payload=payload, metrics=metrics, after=after,
-            final=_final(metrics) if after == Phase.DONE else None, keep_updates=spec.keep_updates,
+            final=record.final_record(metrics) if after == Phase.DONE else None, keep_updates=spec.keep_updates,
             server_state=drive.strategy.state_bytes(round_no),
             next_selected=self._select(spec, round_no + 1) if after != Phase.DONE else None,
             previous_metrics=self._with_fed_eval(rnd, round_no) if drive.fed_eval else None,
@@ -372,7 +369,7 @@ class Aggregator(Judging):
             return None
         return data
 
-    # --- strategies, sampling, federated evaluation -----------------------------------------
+    # --- strategies and sampling -----------------------------------------------------------
     def _noise_rng(self, spec: RunSpec, round_no: int) -> np.random.Generator | None:
         """Central DP: the round's noise source (keyed by FEDQ_DP_NOISE_KEY when set); else None."""
         if spec.central_dp is None:
@@ -398,73 +395,6 @@ class Aggregator(Judging):
         if not spec.sampled:
             return None
         return select_clients(self.store.clients(), spec.fraction_fit, spec.seed, round_no)
-
-    def _with_fed_eval(self, rnd: Round, round_no: int) -> dict[str, Any] | None:
-        """The previous round's record with the federated evaluation its global model got from
-        the clients of this round (each evaluated the global model it trained from)."""
-        if round_no < 2:
-            return None
-        prev = self.store.last_metrics()
-        if prev is None or prev.get("round") != round_no - 1:
-            return None
-        records = self.store.clients()
-        items = []
-        for upd in rnd.folded.values():
-            if "eval_examples" not in upd.metrics:
-                continue
-            try:
-                items.append(evaluation.check_eval_metrics(upd.metrics, records.get(upd.client_id, {}).get("val_rows")))
-            except UpdateRejected as exc:  # the update itself stands; only its evaluation is ignored
-                log.warning("run %s round %d: ignoring %s's evaluation: %s", self.run_id, round_no,
-                            upd.client_id, exc)
-        fed = evaluation.combine(items)
-        return {**prev, **fed} if fed else None
-
-    def _final_evaluation(self, spec: RunSpec, round_no: int) -> None:
-        """Collect the clients' evaluations of the last global model, then finish the run."""
-        selected = self.store.selected(round_no + 1) if spec.sampled else None
-        expected = spec.clients if selected is None else len(selected)
-        good: dict[str, dict[str, float]] = {}
-        refused: set[str] = set()
-        judged: dict[str, bytes] = {}
-
-        def scan(_cid: str | None = None) -> None:
-            self._check_exists()
-            records = self.store.clients()
-            for cid, raw in self.store.evals().items():
-                if judged.get(cid) == raw:
-                    continue
-                judged[cid] = raw
-                try:
-                    if cid not in records:
-                        raise UpdateRejected(Refusal.UNKNOWN_CLIENT, f"client {cid!r} has not joined run {self.run_id}")
-                    good[cid] = evaluation.validate_eval(raw, run_id=self.run_id, round_no=round_no, client_id=cid,
-                                                         max_examples=records[cid].get("val_rows"))
-                    refused.discard(cid)
-                except UpdateRejected as exc:
-                    log.warning("run %s: refused evaluation from %s: %s", self.run_id, cid, exc)
-                    self.store.record_refused(cid, round_no, exc.reason, exc.detail)
-                    good.pop(cid, None)
-                    refused.add(cid)
-
-        scan()
-        try:
-            self._wait_quorum(spec, "final evaluation", lambda: len(good) + len(refused), scan, scan,
-                              expected=expected, quorum=min(spec.quorum, expected))
-        except RoundTimeout as exc:  # the model is trained; a missing evaluation must not fail the run
-            log.warning("run %s: %s; finishing with the evaluations that came", self.run_id, exc)
-        scan()
-        fed = evaluation.combine(good.values())
-        last = self.store.last_metrics()
-        if last is not None and last.get("round") == round_no:
-            last = {**last, **fed}
-        else:
-            last = None
-        final = {**_final(last or {"round": round_no}), **fed}
-        self._tick()
-        if self.store.finish_evaluation(round_no, last, final):
-            log.info("run %s: final federated evaluation from %d clients: accuracy %s", self.run_id, len(good),
-                     f"{fed['fed_eval_accuracy']:.4f}" if fed else "-")
 
     def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
                      on_wake: Callable[[str], None], expected: int | None = None, quorum: int | None = None,
@@ -499,77 +429,6 @@ class Aggregator(Judging):
             for cid in woken:
                 on_wake(cid)
 
-    def _collect_joins(self, spec: RunSpec, num_features: int) -> tuple[np.ndarray, np.ndarray]:
-        """Admit clients that asked to join with valid statistics, until all the run's clients
-        are in (or the quorum at the deadline). Only the aggregator writes the member set, so ids
-        pushed into the inbox or anywhere else by somebody cannot take an honest client's place."""
-        good: dict[str, FeatureStats] = {}
-        turned_away: set[str] = set()
-
-        def judge(cid: str) -> None:
-            if cid in good or cid in turned_away:
-                return
-            request = self.store.join_request(cid)  # a wake-up naming nobody costs one small read
-            if request is None:
-                return
-            if not self._registered(cid) or not self._shard_plan_agrees(spec, cid, request[0]):
-                return
-            try:
-                st = FeatureStats.from_dict(request[1])
-                if len(st.count) != num_features:
-                    raise DataError(f"{len(st.count)} features, the run's data has {num_features}")
-            except (DataError, TypeError, KeyError, ValueError) as exc:
-                self._refuse_join(cid, str(exc))
-                return
-            if self.store.admit(cid):
-                good[cid] = st
-            else:
-                turned_away.add(cid)
-                log.warning("run %s: client %s asked to join a full run", self.run_id, cid)
-
-        def scan() -> None:  # idle moments re-read every request: wake-ups are only hints
-            self._check_exists()
-            for cid in self.store.join_requests():
-                judge(cid)
-
-        scan()
-        self._wait_quorum(spec, "joining", lambda: len(good), scan, judge)
-        return scaler_from_stats(combine_stats(list(good.values())))
-
-    def _refuse_join(self, cid: str, detail: str) -> None:
-        log.warning("run %s: refusing client %s: bad statistics: %s", self.run_id, cid, detail)
-        self.store.refuse_join(cid, Refusal.BAD_STATS, detail)
-
-    def _registered(self, cid: str) -> bool:
-        """With a client registry (signed updates), only its clients may join; others are refused."""
-        if self.verifier is None or self.verifier.knows(cid):
-            return True
-        log.warning("run %s: refusing client %s: not in the client registry", self.run_id, cid)
-        self.store.refuse_join(cid, Refusal.UNKNOWN_KEY,
-                               f"client {cid!r} is not in the client registry (FEDQ_CLIENT_KEYS)")
-        return False
-
-    def _shard_plan_agrees(self, spec: RunSpec, cid: str, record: dict[str, Any]) -> bool:
-        """A client dealing itself a shard of the run's data must use the run's shard count
-        (one shard per client); others overlap or skip rows. Clients with rows of their own
-        (own_data) shard as they please."""
-        n = record.get("num_shards")
-        if record.get("own_data") is True or n is None or n == spec.clients:
-            return True
-        detail = f"--num-shards {n!r} does not match the run's {spec.clients} shards (one per client)"
-        log.warning("run %s: refusing client %s: %s", self.run_id, cid, detail)
-        self.store.refuse_join(cid, Refusal.SHARD_PLAN, detail)
-        return False
-
-    def _admit_late(self, spec: RunSpec, rnd: Round, cid: str) -> None:
-        """A client asking to join while training runs: admitted while there is room (it uses
-        the published scaler and trains from the next round it sees)."""
-        request = self.store.join_request(cid)
-        if request is not None and self._registered(cid) \
-                and self._shard_plan_agrees(spec, cid, request[0]) and self.store.admit(cid):
-            log.info("run %s: admitted %s while training", self.run_id, cid)
-            rnd.joined = self._joined()
-
     def _collect_round(self, spec: RunSpec, round_no: int, template: list[messages.TensorSpec],
                        strategy: Strategy, base: list[np.ndarray]) -> Round:
         """Block until every joined (or chosen) client has a stored update for the round (valid or
@@ -587,17 +446,13 @@ class Aggregator(Judging):
             self._check_exists()
             rnd.joined = self._joined()  # late joiners count from now on
             fedq_metrics.set_clients_alive(heartbeat.count_alive_clients(self.r, self.run_id, sorted(rnd.joined)))
-            if len(rnd.joined) < spec.clients:  # room left: look for requests to join
-                for cid in self.store.join_requests():
-                    if cid not in rnd.joined:
-                        self._admit_late(spec, rnd, cid)
+            self._admit_waiting(spec, rnd)
             for cid, seq in self.store.update_seqs(round_no).items():
                 if rnd.versions.get(cid) != seq:
                     self._consider(rnd, round_no, cid, template)
 
         def woken(cid: str) -> None:
-            if cid not in rnd.joined and len(rnd.joined) < spec.clients:
-                self._admit_late(spec, rnd, cid)
+            self._admit_woken(spec, rnd, cid)
             self._consider(rnd, round_no, cid, template)
 
         rescan()  # a resumed round: fold what is already stored
@@ -613,7 +468,6 @@ class Aggregator(Judging):
             raise RoundTimeout(f"round {round_no}: every update was refused")
         self._cap_shares(spec, rnd, round_no, template)
         return rnd
-
 
     def _settled(self, rnd: Round, quorum: int) -> bool:
         """Whether the round can close before its deadline: the quorum is in and every member
@@ -634,83 +488,3 @@ class Aggregator(Judging):
         if rnd.settled and due:
             log.warning("run %s: closing the round without %s: heartbeat expired", self.run_id, ", ".join(due))
         return rnd.settled
-
-    def _joined(self) -> dict[str, int | None]:
-        out: dict[str, int | None] = {}
-        for cid, rec in self.store.clients().items():
-            rows = rec.get("rows")
-            out[cid] = rows if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0 else None
-        return out
-
-
-    def _round_metrics(self, rnd: Round, round_no: int, test: dict[str, float],
-                       round_started: float, eval_seconds: float) -> dict[str, Any]:
-        updates = sorted(rnd.folded.values(), key=lambda u: u.client_id)
-        train = weighted_metrics((u.metrics, u.num_examples) for u in updates)
-        last = max(updates, key=lambda u: u.metrics.get("push_time", 0.0))
-        seconds = time.time() - round_started
-        return {
-            "round": round_no,
-            "num_updates": len(updates),
-            "num_examples": rnd.acc.total_examples,
-            "train_loss": train.get("loss"),
-            "train_accuracy": train.get("accuracy"),
-            "test_loss": test.get("loss"),  # None: no central evaluation (--no-central-eval)
-            "test_accuracy": test.get("accuracy"),
-            "seconds": seconds,
-            # Wall time of the round that was neither the last-arriving client's training nor its
-            # one-off model set-up (first round only): the cost of the round machinery itself.
-            # Never below 0: a client starts training on the commit event, a moment before this
-            # driver starts the next round's clock.
-            "overhead_seconds": max(0.0, seconds - last.metrics.get("train_seconds", 0.0)
-                                    - last.metrics.get("setup_seconds", 0.0)),
-            "fold_seconds": rnd.fold_seconds,
-            "eval_seconds": eval_seconds,
-            "refused": len(rnd.refused),
-            # Members due an update that the round closed without, and why.
-            "missing": {cid: "heartbeat expired" if cid in rnd.gone else "no update by the deadline"
-                        for cid in sorted(rnd.selected if rnd.selected is not None else rnd.joined)
-                        if cid not in rnd.folded and cid not in rnd.refused},
-            # --max-client-share: the weights used where a claimed count was lowered
-            "capped_weights": {cid: w for cid, w in sorted(rnd.weights.items())
-                               if cid in rnd.folded and w != rnd.folded[cid].num_examples},
-            "clients": {u.client_id: {"num_examples": u.num_examples, "digest": u.digest, **u.metrics}
-                        for u in updates},
-        }
-
-
-def _test_extras(test: dict[str, Any]) -> dict[str, Any]:
-    """Central evaluation beyond loss and accuracy (binary tasks: auc, precision, recall, f1)."""
-    return {f"test_{k}": v for k, v in test.items() if k not in ("loss", "accuracy")}
-
-
-def _final(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The run's final record from its last round's metrics."""
-    keep = ("test_loss", "test_accuracy", "test_auc", "test_precision", "test_recall", "test_f1",
-            "dp_epsilon", "dp_delta")
-    return {"round": metrics.get("round"), **{k: metrics[k] for k in keep if k in metrics}}
-
-
-def _compression_summary(rnd: Round, template: list[messages.TensorSpec]) -> dict[str, Any]:
-    """Bytes on the wire and compression error of a round's accepted updates.
-
-    payload_bytes are the stored envelopes (metadata included), tensor_bytes the tensors in them,
-    float32_bytes what those tensors weigh as the model's own weights; ratio is tensor_bytes /
-    float32_bytes. The errors are what the clients measured on their own deltas
-    (||decoded - delta|| / ||delta||): reports, which the aggregator has no delta to check against."""
-    updates = list(rnd.folded.values())
-    model_bytes = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in template)
-    errors = [u.metrics["compression_error"] for u in updates
-              if u.encoding != "none" and "compression_error" in u.metrics]
-    tensors = sum(u.tensor_bytes for u in updates)
-    raw = model_bytes * len(updates)
-    return {
-        "encoding": rnd.compression,
-        "compressed_updates": sum(u.encoding != "none" for u in updates),
-        "payload_bytes": sum(u.payload_bytes for u in updates),
-        "tensor_bytes": tensors,
-        "float32_bytes": raw,
-        "ratio": tensors / raw if raw else None,
-        "error_max": max(errors) if errors else None,
-        "error_mean": sum(errors) / len(errors) if errors else None,
-    }

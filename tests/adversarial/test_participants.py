@@ -196,6 +196,23 @@ def test_a_member_flood_cannot_keep_honest_clients_out(arena: Arena) -> None:
     assert run.mallory_joins() in ("run_full", "run_finished")  # no place left for her either
 
 
+def test_a_flood_of_waiting_join_requests_costs_bounded_looks(arena: Arena) -> None:
+    """Her ACL user may SADD to the run's waiting join requests: junk ids, ids of others, an entry
+    of 1 MiB. The aggregator looks at a bounded sample at a time; the oversized entry is dropped in
+    Redis, never read; the honest clients and she (asking properly) are admitted."""
+    run = Run(arena, "adv-joins")
+    k, m = RunKeys(run.run_id), run.mallory
+    with pytest.raises(NOPERM):
+        m.srem(k.joins, *HONEST)
+    m.sadd(k.joins, "x" * (1 << 20), "<script>", *HONEST)
+    run.wait(lambda: not arena.agg.exists(k.joins), "the aggregator to take up the waiting requests")
+    m.sadd(k.joins, *[f"junk-{i}" for i in range(2000)])
+    assert run.mallory_joins() == "joined"
+    out = _check(run, "2,000 waiting join requests")  # its bound leaves no room for the 1 MiB entry
+    assert sorted(run.store.member_ids()) == sorted([*HONEST, MALLORY])
+    assert out["outcomes"].get("accepted", 0) == 0  # she joined and pushed nothing
+
+
 def test_count_inflation_refused_above_the_provisioned_limit(arena: Arena, tmp_path) -> None:
     private, registry = new_keys([*HONEST, MALLORY], max_examples=1000)
     registry["limits"][MALLORY] = {"max_examples": 50}  # type: ignore[index]
