@@ -20,7 +20,8 @@ import redis
 from support.data import SEED_DATA_MISSING, seed_data_dir
 from support.procs import ROOT, cli_env, fedq_cmd
 
-from fedq.protocol import messages
+from fedq.errors import CodecError
+from fedq.protocol import codec, messages
 from fedq.protocol.store import RunStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(seed_data_dir() is None, reason=SEED_DATA_MISSING)]
@@ -65,6 +66,7 @@ class Reader(threading.Thread):
         self.r = redis.Redis.from_url(url)
         self.seen: set[bytes] = set()
         self.keys: set[bytes] = set()
+        self.updates: set[bytes] = set()  # the values of the clients' update keys
         self.done = threading.Event()
 
     def _values(self, key: bytes) -> list[bytes]:
@@ -88,7 +90,10 @@ class Reader(threading.Thread):
             for key in self.r.scan_iter(count=1000):
                 self.keys.add(key)
                 try:
-                    self.seen.update(self._values(key))
+                    values = self._values(key)
+                    self.seen.update(values)
+                    if b":update:" in key:
+                        self.updates.update(values)
                 except redis.ResponseError:
                     pass  # the key changed type or vanished between the calls
             time.sleep(0.05)
@@ -167,8 +172,26 @@ def test_exact_mean_with_a_dropout_and_nothing_in_clear(redis_url: str, r: redis
         for name in (k for k in rec if k.startswith("w") and rec[k].size >= 8):
             w = rec[name].astype(np.float32).tobytes()
             assert w[:32] not in blob, f"{cid}'s trained {name} is in Redis"
+    # What the updates carried looks uniform: each of the 32 bits of every value is set about half
+    # the time (a plain input would have its top bits clear: its values are below 2^22).
+    masked = [env.tensors[0] for env in _envelopes(reader.updates)]
+    assert len(masked) >= 6 and all(m.dtype == np.uint32 for m in masked)
+    values = np.concatenate(masked)
+    ones = ((values[:, None] >> np.arange(32, dtype=np.uint32)) & 1).sum(axis=0)
+    assert np.all(np.abs(ones - values.size / 2) < 5 * np.sqrt(values.size / 4)), ones
     # The commit deleted every secure-aggregation message of the rounds.
     assert not [k for k in r.scan_iter(match="*secagg*")]
+
+
+def _envelopes(raws: set[bytes]) -> list[codec.Envelope]:
+    """The update envelopes among the values read (a hash also holds its sequence number)."""
+    out = []
+    for raw in raws:
+        try:
+            out.append(codec.decode(raw, expect_kind=messages.KIND_UPDATE))
+        except CodecError:
+            continue
+    return out
 
 
 def _tensors(recorded: dict[str, dict[str, np.ndarray]], prefix: str) -> list[np.ndarray]:
