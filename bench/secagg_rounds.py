@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.round_overhead import measure_fedq  # noqa: E402
-from fedq.settings import Settings  # noqa: E402
+from bench.round_overhead import measure_fedq
+from fedq.settings import Settings
 
 
 def main() -> None:
