@@ -140,6 +140,18 @@ def test_fedq_run_with_secure_aggregation(tmp_path: Path) -> None:
     assert report["final"]["test_accuracy"] > 0.8
 
 
+def test_central_dp_on_the_unmasked_sum(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(fedq_cmd("run", "--clients", "3", "--rounds", "1", *RUN, "--dp", "central", "--dp-clip", "1",
+                                   "--dp-noise", "0.1", "--dp-delta", "1e-3", "--out", str(out)),
+                          env=cli_env(None), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = json.loads((out / "report.json").read_text())["rounds"][0]
+    assert row["strategy"]["secure_aggregation"]["survivors"] == 3
+    assert row["num_examples"] == 3000  # each client sent its clipped delta at full weight
+    assert row["dp_epsilon"] > 0
+
+
 def test_exact_mean_with_a_dropout_and_nothing_in_clear(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
     reader = Reader(redis_url)
     reader.start()
