@@ -98,3 +98,13 @@ def test_central_dp_noises_the_unmasked_sum_of_clipped_deltas(r: redis.Redis) ->
         want = b + (sum(cl[i] for cl in clipped) + noise[i]) / 4  # D: the 4 clients planned per round
         np.testing.assert_allclose(got[i], want, atol=1e-5)
     assert acc.total_examples == 3000  # each sent its clipped delta at full weight
+
+
+def test_a_stage_gives_up_only_on_clients_seen_alive_then_gone(r: redis.Redis) -> None:
+    acc = SecureSum(SA, [np.zeros(2, np.float32)], RunStore(r, SA.run_id), tick=lambda: None)
+    k = RunKeys(SA.run_id)
+    assert acc._gone(["c0", "c1"]) == set()  # no heartbeat yet: still starting, waited for
+    r.set(k.alive("c0"), "{}")
+    assert acc._gone(["c0", "c1"]) == set()
+    r.delete(k.alive("c0"))
+    assert acc._gone(["c0", "c1"]) == {"c0"}  # seen alive, then expired

@@ -66,6 +66,7 @@ class SecureSum(Strategy):
         self._added: dict[str, None] = {}  # the clients folded, in order
         self._rng: np.random.Generator | None = None
         self._wanted: set[str] = set()
+        self._seen_alive: set[str] = set()  # clients whose heartbeat a stage has seen
         self._info: dict[str, Any] = {}
         self._weight = 0.0
         self.coordinator: Coordinator | None = None
@@ -122,7 +123,11 @@ class SecureSum(Strategy):
         return time.monotonic() + self.run_spec.round_timeout * (self.run_spec.round_retries + 1)
 
     def _gone(self, awaited: list[str]) -> set[str]:
-        return set(awaited) - set(heartbeat.client_heartbeats(self.store.r, self.store.run_id, awaited))
+        """Of the awaited clients, those seen alive before whose heartbeat has expired since (one
+        not seen yet may still be starting its heartbeat: it is waited for)."""
+        beats = heartbeat.client_heartbeats(self.store.r, self.store.run_id, awaited)
+        self._seen_alive.update(beats)
+        return {c for c in awaited if c in self._seen_alive and c not in beats}
 
     def eligible(self) -> set[str]:
         """The clients whose masked update the round can take: those whose shares it holds."""
