@@ -121,12 +121,12 @@ def _role(pid: int, worker: int) -> str:
 
 
 def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over: int,
-                 central_eval: bool = True) -> dict[str, float]:
+                 central_eval: bool = True, **spec_extra: object) -> dict[str, float]:
     with tcp_redis() as url:
         settings = Settings.from_env(env={}, redis_url=url)
         r = connect(settings)
         spec = RunSpec(clients=n, rounds=rounds, local_epochs=1, model=MODELS[model], run_id=f"bench-{n}",
-                       central_eval=central_eval).validate()
+                       central_eval=central_eval, **spec_extra).validate()  # type: ignore[arg-type]
         queue = f"bench-{n}"
         submit_run(r, settings, spec, queue=queue)
         env = with_huge_pages(dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
@@ -157,8 +157,11 @@ def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over
         metrics = store.metrics()[1:]  # round 1 includes start-up and TF tracing
         _, names, tensors = transfer.read_global(store)
         secs = [m["seconds"] for m in metrics]
+        stats = r.info("stats")  # every byte any process sent Redis or read from it, over all rounds
         return {"median_s": statistics.median(secs), "peak_rss_mib": peak[0] / 1024,
-                "floor_s": n * floor_one(r, tensors, names)}
+                "floor_s": n * floor_one(r, tensors, names),
+                "redis_mib_per_round": (stats["total_net_input_bytes"] + stats["total_net_output_bytes"])
+                / rounds / 2 ** 20}
 
 
 def wait_all(agg: subprocess.Popen, clients: list[subprocess.Popen], store: RunStore, timeout: float) -> None:

@@ -61,6 +61,8 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Strategy": ("strategy", "server_lr", "server_momentum", "beta1", "beta2", "tau", "mu", "trim_fraction",
                  "byzantine", "krum_keep", "clip_norm", "max_held_mb", "max_client_share"),
     "Privacy": ("dp", "dp_clip", "dp_noise", "dp_delta"),
+    "Secure aggregation": ("secure_aggregation", "secagg_neighbours", "secagg_threshold", "secagg_clip",
+                           "secagg_bits"),
     "Evaluation": ("central_eval", "val_fraction"),
     "Transport": ("compression", "keep_updates"),
     "Client": ("shard", "num_shards", "client_id", "once"),
@@ -247,6 +249,19 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
         click.option("--dp-noise", type=pos, help="DP: noise multiplier z (Gaussian noise std = z x C)."),
         click.option("--dp-delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      default=DEFAULT_DELTA, show_default=True, help="DP: the delta epsilon is reported for."),
+        click.option("--secure-aggregation", is_flag=True,
+                     help="SecAgg+: clients mask their updates, so the aggregator and Redis see only their sum "
+                          "(mean-based strategies, no compression or --clip-norm)."),
+        click.option("--secagg-neighbours", type=click.IntRange(1),
+                     help="Secure aggregation: clients each client shares its secrets with and masks against "
+                          "(Flower's num_shares - 1; even, or all others; default: all others)."),
+        click.option("--secagg-threshold", type=click.IntRange(2),
+                     help="Secure aggregation: shares that rebuild a client's secrets (Flower's "
+                          "reconstruction_threshold; more than half of neighbours + 1, the default)."),
+        click.option("--secagg-clip", type=pos, default=8.0, show_default=True,
+                     help="Secure aggregation: each value of an update (its delta) is clipped to [-clip, clip]."),
+        click.option("--secagg-bits", type=click.IntRange(1, 31), default=22, show_default=True,
+                     help="Secure aggregation: fixed-point levels per value, 2^bits (Flower's quantization_range)."),
     ]
 
 
@@ -495,6 +510,8 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
 
     own_data = any(kw.get(k) for k in ("normal_csv", "abnormal_csv", "csv_path"))
     spec = _run_spec(kw)
+    if spec.secure_aggregation:
+        raise click.UsageError("fedq simulate's numpy clients do not run secure aggregation: use fedq run")
     if not own_data:
         spec = dataclasses.replace(spec, data=dataclasses.replace(
             spec.data, source="synthetic", rows=rows_per_client * spec.clients, features=features)).validate()

@@ -15,6 +15,7 @@ from fedq.learning.models import check_model_arg
 from fedq.learning.strategies import StrategySpec, sample_size
 from fedq.protocol.compress import ENCODINGS
 from fedq.protocol.keys import check_run_id
+from fedq.protocol.secagg.params import SecAggParams
 from fedq.protocol.store import RunStore
 
 MAX_CLIENTS = 10_000
@@ -69,6 +70,14 @@ class RunSpec:
     # The largest share of a round's mean any one update may carry (None: no cap): sample counts
     # are the clients' own claims, so a client claiming 10^9 rows would otherwise capture the mean.
     max_client_share: float | None = None
+    # Secure aggregation (fedq.protocol.secagg, SecAgg+): the aggregator and Redis see masked
+    # updates only, and their sum. neighbours None: every other client of the round; threshold
+    # None: just over half of neighbours + 1; clip and bits: the fixed point of the updates.
+    secure_aggregation: bool = False
+    secagg_neighbours: int | None = None
+    secagg_threshold: int | None = None
+    secagg_clip: float = 8.0
+    secagg_bits: int = 22
 
     def validate(self) -> RunSpec:
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -104,6 +113,7 @@ class RunSpec:
             raise ConfigError(f"max client share must be above 0 and at most 1, got {self.max_client_share!r}")
         if self.max_client_share is not None and self.central_dp is not None:
             raise ConfigError("--max-client-share has no effect with --dp central (every update weighs the same)")
+        self._check_secagg()  # before the strategy's own checks: its refusal is the clearer reason
         check_model_arg(self.model)
         self.strategy.validate(self.clients_per_round)
         privacy.validate(self.dp, self.dp_clip, self.dp_noise, self.dp_delta, clients=self.clients,
@@ -111,6 +121,45 @@ class RunSpec:
                          clip_norm=self.strategy.clip_norm)
         self.data.validate()
         return self
+
+    def _check_secagg(self) -> None:
+        """ConfigError for secure aggregation's options, and what it cannot be combined with."""
+        if not self.secure_aggregation:
+            given = [f"--secagg-{n}" for n, v in (("neighbours", self.secagg_neighbours),
+                                                  ("threshold", self.secagg_threshold)) if v is not None]
+            if given:
+                raise ConfigError(f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} "
+                                  "--secure-aggregation")
+            return
+        why = "the aggregator sees only the sum of the updates, never one of them"
+        if self.strategy.combiner != "mean":
+            raise ConfigError(f"--secure-aggregation cannot be used with --strategy {self.strategy.name}: it "
+                              f"needs every update on its own, and {why}; use a mean-based strategy (fedavg, "
+                              f"fedprox, fedavgm, fedadam, fedyogi, fedadagrad)")
+        if self.strategy.clip_norm is not None:
+            raise ConfigError(f"--secure-aggregation cannot be used with --clip-norm: the aggregator cannot clip "
+                              f"an update it never sees ({why}); with --dp central each client clips its own")
+        if self.compression != "none":
+            raise ConfigError(f"--secure-aggregation cannot be used with --compression {self.compression}: "
+                              f"updates travel as masked fixed-point integers (--secagg-bits)")
+        if self.max_client_share is not None:
+            raise ConfigError(f"--secure-aggregation cannot be used with --max-client-share: it needs each "
+                              f"client's weight, and {why}; sample counts are capped by max_weight instead")
+        n = self.clients_per_round
+        params = self.secagg_params().check(n)
+        if min(self.quorum, n) < params.reconstruction_threshold:
+            raise ConfigError(f"--min-clients {self.quorum} is below the secure-aggregation threshold "
+                              f"{params.reconstruction_threshold}: such a round could never be unmasked")
+
+    def secagg_params(self) -> SecAggParams:
+        """Secure aggregation's parameters for the clients planned per round (defaults filled in)."""
+        n = self.clients_per_round
+        k = self.secagg_neighbours if self.secagg_neighbours is not None else max(n - 1, 1)
+        t = self.secagg_threshold if self.secagg_threshold is not None else (k + 1) // 2 + 1
+        if isinstance(self.secagg_bits, bool) or not isinstance(self.secagg_bits, int):
+            raise ConfigError(f"secagg bits must be a whole number, got {self.secagg_bits!r}")
+        return SecAggParams.from_options(neighbours=k, threshold=t, clip=float(self.secagg_clip),
+                                         bits=self.secagg_bits)
 
     @property
     def central_dp(self) -> privacy.CentralDP | None:
@@ -161,7 +210,7 @@ class RunSpec:
         values["strategy"] = StrategySpec.from_dict(values.get("strategy") or {})
         if isinstance(values.get("fraction_fit"), int) and not isinstance(values["fraction_fit"], bool):
             values["fraction_fit"] = float(values["fraction_fit"])  # JSON gives 1 for 1.0
-        for n in ("dp_clip", "dp_noise", "dp_delta"):
+        for n in ("dp_clip", "dp_noise", "dp_delta", "secagg_clip"):
             if isinstance(values.get(n), int) and not isinstance(values[n], bool):
                 values[n] = float(values[n])
         return cls(**values)

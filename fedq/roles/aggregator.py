@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from fedq.errors import CodecError, ConfigError, DataError, FedqError, RoundTimeout
+from fedq.errors import CodecError, ConfigError, DataError, FedqError, RoundTimeout, SecAggError
 from fedq.learning import privacy
 from fedq.learning.data import load_dataset, split_indices, standardize
 from fedq.learning.models import build_model, evaluate, keras_file, weight_names
@@ -26,7 +26,7 @@ from fedq.protocol import chunking, heartbeat, messages, transfer
 from fedq.protocol.signing import Verifier
 from fedq.protocol.store import Commit, LeaseLost, RunStore
 from fedq.protocol.vocabulary import ENDED, Phase
-from fedq.roles import initial, record
+from fedq.roles import initial, record, secure
 from fedq.roles import metrics as fedq_metrics
 from fedq.roles.admission import Admission
 from fedq.roles.evaluating import FederatedEvaluation
@@ -55,6 +55,7 @@ class _Driving:
     model: Any  # the Keras model for central evaluation; None without it
     num_classes: int
     template: list[messages.TensorSpec]
+    wire: list[messages.TensorSpec]  # what updates must look like (the template, or masked vectors)
     strategy: Strategy
     stream: bool  # the next global model is written slice by slice from the sum (lean, in parts)
     x_test: np.ndarray
@@ -109,7 +110,7 @@ class Aggregator(Admission, FederatedEvaluation, Judging):
             if not self._acquire():
                 return self.store.state()
             return self._run(spec, prepared)
-        except (DataError, CodecError, ConfigError, RoundTimeout) as exc:
+        except (DataError, CodecError, ConfigError, RoundTimeout, SecAggError) as exc:
             log.error("run %s failed: %s", self.run_id, exc)
             self.store.fail(str(exc))
             return self.store.state()
@@ -183,17 +184,20 @@ class Aggregator(Admission, FederatedEvaluation, Judging):
             return _Prepared(ds, test_idx)
         model = build_model(spec.model, ds.num_features, ds.num_classes, spec.seed)
         weights = model.get_weights()
-        strategy = Strategy(spec.strategy, weights, dp=spec.central_dp)
-        self._check_memory(spec, strategy, weights)
-        return _Prepared(ds, test_idx, model, weight_names(model), strategy)
+        return _Prepared(ds, test_idx, model, weight_names(model), self._new_strategy(spec, weights))
 
     def _strategy_for(self, spec: RunSpec, template: list[messages.TensorSpec]) -> Strategy:
         """The strategy for a model known by its shapes alone. The zero tensors cost no memory
         until written: numpy maps large zero arrays lazily, and a streaming strategy never
         writes its template."""
-        zeros = [np.zeros(t.shape, dtype=np.dtype(t.dtype)) for t in template]
-        strategy = Strategy(spec.strategy, zeros, dp=spec.central_dp)
-        self._check_memory(spec, strategy, zeros)
+        return self._new_strategy(spec, [np.zeros(t.shape, dtype=np.dtype(t.dtype)) for t in template])
+
+    def _new_strategy(self, spec: RunSpec, weights: list[np.ndarray]) -> Strategy:
+        """The run's strategy (with secure aggregation, the masked-sum accumulator in its place)."""
+        if spec.secure_aggregation:
+            return secure.SecureSum(spec, weights, self.store, self._tick, self.settings.block_seconds)
+        strategy = Strategy(spec.strategy, weights, dp=spec.central_dp)
+        self._check_memory(spec, strategy, weights)
         return strategy
 
     def _initial_global(self, spec: RunSpec, num_features: int, num_classes: int) -> bytes:
@@ -266,7 +270,9 @@ class Aggregator(Admission, FederatedEvaluation, Judging):
             g_tensors = transfer.read_global(self.store)[2]
         # Server optimiser state (momentum, Adam moments) was committed with this global model.
         strategy.load_state(self.store.server_state_payload(), round_no)
-        return _Driving(spec=spec, model=model, num_classes=ds.num_classes, template=template, strategy=strategy,
+        wire = secure.wire_template(template) if spec.secure_aggregation else template
+        return _Driving(spec=spec, model=model, num_classes=ds.num_classes, template=template, wire=wire,
+                        strategy=strategy,
                         stream=lean and chunking.should_chunk(template, self.settings.chunk_bytes),
                         x_test=standardize(ds.x[prepared.test_idx], mean, std), y_test=ds.y[prepared.test_idx],
                         round_no=round_no, global_tensors=g_tensors, fed_eval=spec.data.val_fraction > 0,
@@ -277,7 +283,7 @@ class Aggregator(Admission, FederatedEvaluation, Judging):
         evaluate it -> record -> commit."""
         spec, round_no, strategy = drive.spec, drive.round_no, drive.strategy
         strategy.begin_round(drive.global_tensors, noise_rng=self._noise_rng(spec, round_no))
-        rnd = self._collect_round(spec, round_no, drive.template, strategy, drive.global_tensors or [])
+        rnd = self._collect_round(spec, round_no, drive.wire, strategy, drive.global_tensors or [])
         weights, payload, parts = self._write_global(drive)
         test, eval_seconds = self._evaluate(drive, weights)
         metrics = self._record(drive, rnd, test, eval_seconds)
@@ -329,6 +335,7 @@ class Aggregator(Admission, FederatedEvaluation, Judging):
         # A global model's parts live two rounds, so a client still reading the previous one is
         # not cut short; those of two rounds back go with this commit.
         stale = [self.store.k.global_part(round_no - 2, k) for k in range(parts)] if round_no >= 2 else []
+        stale += secure.round_keys(drive.strategy, round_no)  # its masked-sum messages
         last = round_no == spec.rounds
         after = Phase.TRAIN if not last else Phase.EVAL if drive.fed_eval else Phase.DONE
         model_file = self._model_file(drive) if last else None
@@ -439,6 +446,9 @@ class Aggregator(Admission, FederatedEvaluation, Judging):
             rnd.selected = self.store.selected(round_no)
             if rnd.selected is None:  # written with the commit that opened the round; never absent
                 raise RoundTimeout(f"round {round_no}: the clients chosen to train are missing from Redis")
+        sharers = secure.eligible(strategy)  # secure aggregation: only a client that shared can be unmasked
+        if sharers is not None:
+            rnd.selected = sharers if rnd.selected is None else rnd.selected & sharers
 
         def rescan() -> None:
             # Wake-ups are hints; the sequence numbers are the truth. An idle moment re-reads

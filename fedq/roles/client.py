@@ -27,9 +27,11 @@ from fedq.protocol.compress import CompressionError
 from fedq.protocol.signing import Signer
 from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Phase, Push, Status
+from fedq.roles.secure_client import PlainStages, RoundStages, SecureStages
 from fedq.settings import Settings
 
 STALE_GLOBAL = "stale_global"  # our own outcome: the global model moved on while we read it
+LEFT_OUT = "left_out"  # our own outcome: secure aggregation's round goes on without us
 
 log = logging.getLogger("fedq.roles.client")
 
@@ -48,6 +50,8 @@ class JoinRefused(FedqError):
 
 class Client:
     """One data holder; ``serve`` follows runs until stopped (or one run with once=True)."""
+
+    secure_stages = SecureStages  # the stages of a round with --secure-aggregation
 
     def __init__(self, r: redis.Redis, settings: Settings, shard: int, *, num_shards: int | None = None,
                  run_id: str | None = None, client_id: str | None = None, data: DataSpec | None = None,
@@ -216,7 +220,7 @@ class Client:
                     trainer = self._prepare(st, spec, x_raw, y)
                     setup = time.perf_counter() - t0
                 result = self._do_round(st, spec, trainer, committed + 1, setup)
-                if result == Push.OK:
+                if result in (Push.OK, LEFT_OUT):
                     pushed = committed + 1
                 elif result == Push.NO_SUCH_RUN:
                     raise RunFailed(_vanished(st.run_id))
@@ -246,14 +250,24 @@ class Client:
         return self.trainer_factory(spec, int(meta["num_features"]), int(meta["num_classes"]), x, y,
                                     self.shard, self.stop)
 
+    def _stages(self, st: RunStore, spec: RunSpec, round_no: int) -> RoundStages:
+        """The round's stages around training: secure aggregation's, or the plain ones."""
+        if spec.secure_aggregation:
+            return self.secure_stages(self.r, st, spec, self.client_id, round_no, self.settings.block_seconds)
+        return PlainStages(functools.partial(self._encode, spec, round_no))
+
     def _do_round(self, st: RunStore, spec: RunSpec, trainer: Trainer, round_no: int, setup_seconds: float) -> str:
-        """One round, as stages: fetch the global model -> train -> privatise (local DP) ->
-        encode (compression) -> sign and push (transfer.push_update). Returns the push outcome."""
+        """One round, as stages: fetch the global model -> before training (secure aggregation's
+        keys and shares) -> train -> privatise (local DP) -> outgoing (compression, or masking) ->
+        sign and push (transfer.push_update) -> after the push (reveal). Returns the push outcome."""
         t0 = time.perf_counter()
         base = self._fetch(st, trainer, round_no)
         if base is None:
             return STALE_GLOBAL  # the commit moved on while we read; look again
         fetch_seconds = time.perf_counter() - t0
+        stages = self._stages(st, spec, round_no)
+        if not stages.before_train():
+            return LEFT_OUT
         # Federated evaluation of the global model this round starts from (the last round's model).
         evaluated = self._evaluate(trainer) if round_no >= 2 else {}
         t1 = time.perf_counter()
@@ -263,12 +277,15 @@ class Client:
         self._check_stop()
         t2 = time.perf_counter()
         weights = self._privatise(spec, trainer.weights(), base)
-        names, tensors, compression = self._encode(spec, round_no, trainer.names, weights, base, metrics)
         metrics.update(train_seconds=train_seconds, fetch_seconds=fetch_seconds, setup_seconds=setup_seconds,
                        push_time=time.time())
-        pushed = transfer.push_update(st, self.client_id, round_no, trainer.num_examples, metrics, names, tensors,
-                                      chunk_bytes=self.settings.chunk_bytes, max_bytes=self.settings.max_update_bytes,
-                                      signer=self.signer, compression=compression)
+        out = stages.outgoing(trainer.names, weights, base, trainer.num_examples, metrics)
+        compression = out.compression
+        pushed = transfer.push_update(st, self.client_id, round_no, out.num_examples, out.metrics, out.names,
+                                      out.tensors, chunk_bytes=self.settings.chunk_bytes,
+                                      max_bytes=self.settings.max_update_bytes, signer=self.signer,
+                                      compression=compression)
+        stages.after_push(pushed.outcome)
         if pushed.outcome == Push.OK and self._beat is not None:
             self._beat.update(round=round_no, last_push=time.time())
         note = f" in {pushed.parts} parts" if pushed.parts else ""

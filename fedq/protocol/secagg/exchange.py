@@ -27,12 +27,25 @@ from fedq.protocol.secagg.graph import neighbours
 from fedq.protocol.secagg.params import SecAggParams
 from fedq.protocol.secagg.participant import Advert, Participant
 from fedq.protocol.secagg.unmasking import RoundRecord, Unmasked, unmask
-from fedq.protocol.store import RunStore
+from fedq.protocol.store import LeaseLost, RunStore
 from fedq.protocol.vocabulary import Event
 
 T = TypeVar("T")
 TTL_SECONDS = 24 * 3600  # a round's messages outlive any round; the commit deletes them sooner
 MAX_EVENTS = 10_000
+
+# The aggregator's publication, fenced by its lease: a former driver (paused, partitioned) cannot
+# publish a roster or survivors over its successor's.
+# KEYS[1]: lease; KEYS[2]: events; KEYS[3..]: the records
+# ARGV[1]: driver ('' when not driving under a lease); ARGV[2]: ttl seconds; ARGV[3]: events cap;
+# ARGV[4]: round; ARGV[5]: stage; ARGV[6..]: the records' values, in KEYS[3..]'s order
+# Returns 1 (published) or -1 (lease lost).
+PUBLISH = f"""
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 3], 'EX', ARGV[2]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', '{Event.SECAGG}', 'round', ARGV[4], 'stage', ARGV[5])
+return 1
+"""
 
 
 @dataclass
@@ -45,6 +58,8 @@ class ClientExchange:
     block_seconds: float = 1.0
     timeout: float = 3600.0
     sharers: dict[str, bytes] = field(default_factory=dict)
+    # False once waiting is pointless (the round was committed or the run ended): stop at once.
+    still_waiting: Callable[[], bool] | None = None
     _last_event: str = "0-0"
 
     def _post(self, stage: str, payload: bytes) -> None:
@@ -63,6 +78,8 @@ class ClientExchange:
             if time.monotonic() > deadline:
                 raise SecAggError("timeout", f"{self.me.me}: no {what} for round {self.me.round_no} "
                                              f"within {self.timeout:g} s")
+            if self.still_waiting is not None and not self.still_waiting():
+                raise SecAggError("round_ended", f"{self.me.me}: round {self.me.round_no} ended before its {what}")
             self._last_event, _ = RunStore(self.r, self.k.run_id).wait_event(self._last_event, self.block_seconds)
 
     def prepare(self) -> None:
@@ -104,15 +121,19 @@ class Coordinator:
     refused: dict[str, str] = field(default_factory=dict)  # client -> why its message was refused
     record: RoundRecord | None = None
     cap: int = 0  # the most bytes a client's message may take (set by setup)
+    driver: str = ""  # the lease holder publishing (fenced by the run's lease); '' unfenced
+    tick: Callable[[], None] | None = None  # called between waits (the aggregator renews its lease)
+    # Of the clients still awaited, those that cannot answer any more (their heartbeat expired):
+    # a stage stops waiting once only such clients are left.
+    gone: Callable[[list[str]], set[str]] | None = None
 
     def _publish(self, what: str, payload: bytes, extra: Mapping[str, bytes] | None = None) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        for key, value in (extra or {}).items():
-            pipe.set(key, value, ex=TTL_SECONDS)
-        pipe.set(self.k.secagg_public(self.round_no, what), payload, ex=TTL_SECONDS)
-        pipe.xadd(self.k.events, {"event": Event.SECAGG, "round": self.round_no, "stage": what},
-                  maxlen=MAX_EVENTS, approximate=True)
-        pipe.execute()
+        records = {**(extra or {}), self.k.secagg_public(self.round_no, what): payload}
+        done = self.r.register_script(PUBLISH)(
+            keys=[self.k.lease, self.k.events, *records],
+            args=[self.driver, TTL_SECONDS, MAX_EVENTS, self.round_no, what, *records.values()])
+        if done == -1:
+            raise LeaseLost(f"run {self.k.run_id}: lease lost before publishing the secure-aggregation {what}")
 
     def _collect(self, stage: str, wanted: Collection[str], decode: Callable[[str, bytes], T],
                  deadline: float) -> dict[str, T]:
@@ -129,8 +150,10 @@ class Coordinator:
                 except SecAggError as exc:
                     self.refused[cid] = str(exc)  # the decoders name the stage and the field
             left = [c for c in missing if c not in got and c not in self.refused]
-            if not left or time.monotonic() > deadline:
+            if not left or time.monotonic() > deadline or (self.gone is not None and set(left) <= self.gone(left)):
                 return got
+            if self.tick is not None:
+                self.tick()
             self.r.blpop([self.k.secagg_hints], timeout=max(0.01, min(self.block_seconds, deadline - time.monotonic())))
 
     def setup(self, clients: Collection[str], deadline: float) -> dict[str, Advert]:

@@ -1,0 +1,66 @@
+"""A fedq client process for secure-aggregation tests: it records what it would send in clear, and can drop.
+
+    python tests/support/secagg_client.py --shard K --run RUN --record DIR [--drop-after-push ROUND]
+
+Like ``fedq client --once``, plus: every round it writes ``DIR/<client>-r<round>.npz`` with its plain
+input (the quantised, weighted vector before masking), its trained weights (``w<i>``) and the global
+model it trained from (``b<i>``), as float32, so a
+test can compute the committed model independently and look for any of them in Redis; with
+``--drop-after-push R`` it exits right after pushing its masked input of round R (before revealing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# This file's own folder holds redis.py (the tests' server helper), which would shadow redis-py.
+sys.path.pop(0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fedq.protocol.store import connect
+from fedq.protocol.vocabulary import Push
+from fedq.roles.client import Client
+from fedq.roles.secure_client import SecureStages
+from fedq.settings import Settings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shard", type=int, required=True)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--record", type=Path, required=True)
+    ap.add_argument("--drop-after-push", type=int, default=0)
+    args = ap.parse_args()
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    class Recording(SecureStages):
+        def plain_input(self, weights: list[np.ndarray], base: list[np.ndarray], num_examples: int) -> np.ndarray:
+            x = super().plain_input(weights, base, num_examples)
+            np.savez(args.record / f"{self.client_id}-r{self.round_no}.npz", x=x,
+                     **{f"w{i}": np.asarray(w, dtype=np.float32) for i, w in enumerate(weights)},
+                     **{f"b{i}": np.asarray(b, dtype=np.float32) for i, b in enumerate(base)})
+            return x
+
+        def after_push(self, outcome: str) -> None:
+            if outcome == Push.OK and self.round_no == args.drop_after_push:
+                logging.getLogger("secagg-test").info("%s: dropping after pushing round %d", self.client_id,
+                                                      self.round_no)
+                logging.shutdown()
+                os._exit(0)  # gone before revealing anything
+            super().after_push(outcome)
+
+    class RecordingClient(Client):
+        secure_stages = Recording
+
+    settings = Settings.from_env()
+    RecordingClient(connect(settings), settings, args.shard, run_id=args.run).serve(once=True)
+
+
+if __name__ == "__main__":
+    main()
