@@ -82,7 +82,8 @@ def client_rules(client_id: str, run_id: str = "*") -> tuple[str, ...]:
     keys.check_client_id(client_id)
     base = _run_base(run_id)
     readable = [keys.RUNS, keys.EVENTS, *(f"{base}:{name}" for name in
-                                         ("spec", "state", "global*", "scaler", "events", "members", "selected:*"))]
+                                         ("spec", "state", "global*", "scaler", "events", "members", "selected:*",
+                                                                   "consumed:*"))]
     return ("resetkeys", "resetchannels", "-@all", *_CONNECT, *_SCRIPTS, *_CLIENT_COMMANDS,
             *(f"%R~{pattern}" for pattern in readable), f"~{base}:c:{client_id}:*",
             f"(~{base}:inbox +rpush)")

@@ -29,6 +29,7 @@ from fedq.protocol.signing import Verifier
 from fedq.protocol.store import Commit, LeaseLost, RunStore, connect
 from fedq.protocol.vocabulary import ENDED, Phase, Refusal
 from fedq.roles import metrics as fedq_metrics
+from fedq.roles.buffered import Buffering
 from fedq.roles.judging import Judging, Round
 from fedq.roles.localredis import die_with_parent
 from fedq.settings import Settings
@@ -80,7 +81,7 @@ class _Prepared:
     strategy: Strategy | None = None  # None until the model's shapes are known
 
 
-class Aggregator(Judging):
+class Aggregator(Judging, Buffering):
     """Drives a run from its join phase to its last round; all state lives in Redis.
 
     Only the holder of the run's lease drives it; every write that moves the run on is
@@ -248,6 +249,8 @@ class Aggregator(Judging):
                 raise CodecError(f"run {self.run_id} has no scaler to resume with")
             mean, std, _ = messages.decode_scaler(scaler)
         drive = self._driving(spec, prepared, mean, std)
+        if spec.buffered:
+            self._drive_versions(drive)  # fedq.roles.buffered: model versions instead of rounds
         while drive.round_no < spec.rounds:
             drive.round_no += 1
             self._drive_round(drive)
