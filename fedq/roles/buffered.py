@@ -54,8 +54,10 @@ class Window:
         return self.version + 1 - round_no
 
     def span(self) -> range:
-        """The rounds whose updates may be folded now."""
-        return range(max(1, self.version + 1 - self.limit), self.version + 2)
+        """The rounds judged now: those whose updates may be folded, and the one just behind
+        them, whose updates (pushed around the door, or judged after a commit overtook them) are
+        refused as stale and recorded; older ones the push step refuses."""
+        return range(max(1, self.version - self.limit), self.version + 2)
 
 
 class Buffering:
@@ -135,20 +137,22 @@ class Buffering:
         rnd = Round(acc=acc, joined=self._joined(), base=base, compression=drive.spec.compression,
                     template=drive.template)
         rnd.gate = lambda cid: self._gate(win, r, cid)
-        # A consumed update still stored (kept for audit, or not deleted yet) was judged already.
-        current = self.store.update_seqs(r, sorted(consumed))
-        rnd.versions.update({cid: seq for cid, seq in consumed.items() if current.get(cid) == seq})
+        if drive.spec.keep_updates:  # a consumed update kept for audit was judged already
+            current = self.store.update_seqs(r, sorted(consumed))
+            rnd.versions.update({cid: seq for cid, seq in consumed.items() if current.get(cid) == seq})
+        # (Otherwise the commit deleted it: whatever is stored under a consumed client's key is a
+        # later write, judged and refused.)
         win.rounds[r] = rnd
 
     def _gate(self, win: Window, r: int, cid: str) -> None:
-        """Buffered admission: refuse an update already in a committed version, or too stale."""
-        if cid in win.consumed.get(r, {}):
-            raise UpdateRejected(Refusal.ALREADY_FOLDED, f"client {cid!r}'s update trained from version {r - 1} "
-                                                         f"is in a committed version already")
+        """Buffered admission: refuse an update too stale, or one already in a committed version."""
         tau = win.staleness(r)
         if tau > win.limit:
             raise UpdateRejected(Refusal.STALE, f"trained from version {r - 1}, {tau} versions behind "
                                                 f"{win.version} (--max-staleness {win.limit})")
+        if cid in win.consumed.get(r, {}):
+            raise UpdateRejected(Refusal.ALREADY_FOLDED, f"client {cid!r}'s update trained from version {r - 1} "
+                                                         f"is in a committed version already")
 
     def _fill(self, drive: Any, win: Window) -> None:
         """Judge and fold what clients push until the buffer holds buffer_size updates."""
@@ -198,8 +202,8 @@ class Buffering:
         metrics = version_record(win, new, test, eval_seconds, drive.round_started)
         after = Phase.TRAIN if new < spec.rounds else Phase.EVAL if drive.fed_eval else Phase.DONE
         folded = {(cid, r): rnd.versions[cid] for r, rnd in win.rounds.items() for cid in rnd.folded}
-        drop = [self.store.k.consumed(new - win.limit)] if new - win.limit >= 1 else []
-        drop += [self.store.k.version_model(new - win.limit - 1)] if new - win.limit - 1 >= 0 else []
+        gone = new - win.limit - 1  # the round leaving the window with this commit
+        drop = [self.store.k.consumed(gone), self.store.k.version_model(gone - 1)] if gone >= 1 else []
         self._tick()
         committed = self.store.commit_version(VersionCommit(
             version=new, global_payload=payload, metrics=metrics, folded=folded, after=after,
@@ -218,10 +222,13 @@ class Buffering:
     def _advance(self, drive: Any, win: Window, folded: dict[tuple[str, int], str],
                  weights: list[np.ndarray]) -> None:
         """Move the window to the version just committed: the folded updates are consumed, a
-        round opens for the new version, and the round now too stale is judged one last time
+        round opens for the new version, and the round leaving the window is judged one last time
         (its leftovers refused as stale) and dropped."""
         for (cid, r), seq in folded.items():
             win.consumed.setdefault(r, {})[cid] = seq
+            if not drive.spec.keep_updates:  # the commit deleted it: a key there now is a later write
+                win.rounds[r].versions.pop(cid, None)  # (its numbering starts again: seq 1 is new)
+                win.rounds[r].recorded.discard((cid, seq))
         for rnd in win.rounds.values():
             rnd.folded.clear()
             rnd.refused.clear()
@@ -234,9 +241,10 @@ class Buffering:
             for cid, seq in self.store.update_seqs(r).items():
                 if rnd.versions.get(cid) != seq:
                     self._consider(rnd, r, cid, drive.template)
-            self.store.drop_parts(self.store.k.update(cid, r) for cid in self.store.member_ids())
+            if not drive.spec.keep_updates:
+                self.store.drop_parts(self.store.k.update(cid, r) for cid in self.store.member_ids())
             win.consumed.pop(r, None)
-        for v in [v for v in win.bases if v < win.version - win.limit]:
+        for v in [v for v in win.bases if v < win.version - win.limit - 1]:
             del win.bases[v]
 
 
