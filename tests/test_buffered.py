@@ -4,11 +4,14 @@ must hold. Versions, stale and already-folded refusals, re-pushes, and a takeove
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from support.cli import assert_error_line, fedq, pipe_env
 from support.federation import Federation, noisy
 from support.wait import wait_until
 
@@ -71,7 +74,7 @@ def test_versions_fold_stale_updates_refuse_older_ones_and_repushes_replace(buff
     s = staleness_weight("inverse-sqrt", 1)
     _close(v2, [c + (100 * (f - c) + s * 100 * (lt - o)) / 200 for c, f, lt, o in zip(v1, fresh, late, v0)])
     m2 = h.store.metrics()[1]
-    assert m2["num_updates"] == 2 and m2["staleness"] == {"mean": 0.5, "max": 1}
+    assert m2["num_updates"] == 2 and (m2["staleness_mean"], m2["staleness_max"]) == (0.5, 1)
     assert sorted((u["client"], u["base"], u["staleness"]) for u in m2["updates"]) == [("c1", 1, 0), ("c2", 0, 1)]
 
     # Version 3: from version 2, version 0 is two behind: refused at the push, and by the
@@ -110,7 +113,7 @@ def test_the_aggregator_refuses_folded_and_stale_updates_written_around_the_push
     assert _push(h, "c1", 1, noisy(v1, 5), 100) == "ok"
     h.wait_round(2)
     assert h.store.metrics()[1]["num_updates"] == 2
-    assert h.store.metrics()[1]["staleness"] == {"mean": 0.5, "max": 1}
+    assert (h.store.metrics()[1]["staleness_mean"], h.store.metrics()[1]["staleness_max"]) == (0.5, 1)
     reasons = [(x["client"], x["round"], x["reason"]) for x in h.store.refused() if x["stage"] == "aggregate"]
     assert reasons == [("c0", 1, "already_folded")]
 
@@ -151,3 +154,34 @@ def test_takeover_mid_buffer_loses_nothing_and_counts_nothing_twice(buffered) ->
     _close(v2, fedavg([(t, 100) for t in more.values()]))
     assert h.store.metrics()[1]["num_updates"] == 3
     assert not any(x["stage"] == "aggregate" for x in h.store.refused())
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--strategy", "krum", "--clients", "5"), "--strategy krum needs Krum's scores over a whole round's updates"),
+    (("--dp", "central", "--dp-clip", "1", "--dp-noise", "1", "--clients", "5"),
+     "dp central cannot be used with --aggregation buffered"),
+])
+def test_submit_refuses_what_buffering_cannot_serve(redis_url: str, args: tuple[str, ...], needle: str) -> None:
+    proc = fedq("submit", "--aggregation", "buffered", *args, env=pipe_env(redis_url))
+    assert_error_line(proc, needle)
+
+
+def test_fedq_run_buffered_with_a_straggler(tmp_path: Path) -> None:
+    """Real processes: an aggregator and three clients, one of them slowed; versions commit without
+    waiting for it, and its late updates are folded stale (or refused past the limit), all reported."""
+    out = tmp_path / "out"
+    proc = fedq("run", "--clients", "3", "--rounds", "4", "--local-epochs", "1", "--aggregation", "buffered",
+                "--buffer-size", "2", "--max-staleness", "2", "--straggler-clients", "1", "--straggler-delay", "4",
+                "--out", str(out), env=pipe_env(None, FEDQ_TF_THREADS="1"), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "version 4/4" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "finished"
+    assert report["aggregation"]["mode"] == "buffered" and report["aggregation"]["buffer_size"] == 2
+    versions = report["rounds"]
+    assert [m["version"] for m in versions] == [1, 2, 3, 4]
+    assert all(m["num_updates"] >= 2 and 0 <= m["staleness_max"] <= 2 for m in versions)
+    # Versions went on without the straggler (client-2, 4 s per update) most of the time.
+    with_straggler = sum("client-2" in m["clients"] for m in versions)
+    assert with_straggler < len(versions), versions
+    assert report["final"]["test_accuracy"] > 0.7

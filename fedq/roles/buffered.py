@@ -213,7 +213,7 @@ class Buffering:
             raise CodecError(f"run {self.run_id}: version {new} could not be committed on top of {win.version}")
         fedq_metrics.observe_round(metrics["seconds"])
         log.info("run %s version %d/%d: %d updates (staleness mean %.2f, max %d), test accuracy %s", self.run_id,
-                 new, spec.rounds, metrics["num_updates"], metrics["staleness"]["mean"], metrics["staleness"]["max"],
+                 new, spec.rounds, metrics["num_updates"], metrics["staleness_mean"], metrics["staleness_max"],
                  "-" if "accuracy" not in test else f"{test['accuracy']:.4f}")
         drive.round_no, drive.global_tensors, drive.round_started = new, weights, time.time()
         if new < spec.rounds:
@@ -269,7 +269,8 @@ def version_record(win: Window, version: int, test: dict[str, Any], eval_seconds
         "seconds": seconds,
         "overhead_seconds": None,  # updates overlap training: no one client's training to subtract
         "eval_seconds": eval_seconds,
-        "staleness": {"mean": sum(taus) / len(taus), "max": max(taus)},
+        "staleness_mean": sum(taus) / len(taus),
+        "staleness_max": max(taus),
         "updates": [{"client": u.client_id, "base": version - 1 - tau, "staleness": tau,
                      "num_examples": u.num_examples} for tau, u in updates],
         "clients": {u.client_id: {"num_examples": u.num_examples, "staleness": tau, "digest": u.digest, **u.metrics}
