@@ -134,7 +134,7 @@ def summary(rows: list[dict], commit: str) -> None:
     if med["sync"][0] and med["buffered"][0]:
         print(f"buffered / sync time to target: {med['buffered'][0] / med['sync'][0]:.2f}; final accuracy "
               f"difference {100 * (med['buffered'][1] - med['sync'][1]):+.1f} points")
-    print(f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
+    print(f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, "
           f"{os.cpu_count()} cores")
 
 
