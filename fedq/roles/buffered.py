@@ -155,8 +155,13 @@ class Buffering:
                                                          f"is in a committed version already")
 
     def _fill(self, drive: Any, win: Window) -> None:
-        """Judge and fold what clients push until the buffer holds buffer_size updates."""
+        """Judge and fold what clients push until the buffer holds buffer_size updates. Updates
+        beyond those stay stored, unread, for the next version (wake-ups come in batches)."""
         spec, template = drive.spec, drive.template
+        k: int = spec.buffer_k
+
+        def full() -> bool:
+            return win.count >= k
 
         def admit(cid: str) -> None:
             newest = win.rounds[win.version + 1]
@@ -175,14 +180,15 @@ class Buffering:
                         admit(cid)
             for r, rnd in sorted(win.rounds.items()):
                 for cid, seq in self.store.update_seqs(r).items():
-                    if rnd.versions.get(cid) != seq:
+                    if rnd.versions.get(cid) != seq and not full():
                         self._consider(rnd, r, cid, template)
 
         def woken(cid: str) -> None:
             if cid not in win.rounds[win.version + 1].joined and len(win.rounds[win.version + 1].joined) < spec.clients:
                 admit(cid)
             for r, rnd in sorted(win.rounds.items()):
-                self._consider(rnd, r, cid, template)
+                if not full():
+                    self._consider(rnd, r, cid, template)
 
         rescan()
         self._wait_quorum(spec, f"version {win.version + 1}", lambda: win.count, rescan, woken,
