@@ -218,6 +218,7 @@ class Buffering:
         if not committed:
             raise CodecError(f"run {self.run_id}: version {new} could not be committed on top of {win.version}")
         fedq_metrics.observe_round(metrics["seconds"])
+        fedq_metrics.observe_staleness([u["staleness"] for u in metrics["updates"]])
         log.info("run %s version %d/%d: %d updates (staleness mean %.2f, max %d), test accuracy %s", self.run_id,
                  new, spec.rounds, metrics["num_updates"], metrics["staleness_mean"], metrics["staleness_max"],
                  "-" if "accuracy" not in test else f"{test['accuracy']:.4f}")
