@@ -117,7 +117,8 @@ def main() -> None:
                 r = one(mode, seed, delay, args, Path(tmp) / f"{mode}-{seed}")
                 rows.append(r)
                 print(f"| {seed} | {mode} | {_fmt(r['to_target'])} | {r['final']:.4f} | {r['commits']} | "
-                      f"{r['total']:.1f} | {_fmt(r['slowdown'])}x | {r['load']:.1f} |", flush=True)
+                      f"{r['total']:.1f} | {'-' if r['slowdown'] is None else format(r['slowdown'], '.1f') + 'x'} | "
+                      f"{r['load']:.1f} |", flush=True)
     summary(rows, commit)
 
 
