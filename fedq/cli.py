@@ -63,9 +63,11 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Privacy": ("dp", "dp_clip", "dp_noise", "dp_delta"),
     "Secure aggregation": ("secure_aggregation", "secagg_neighbours", "secagg_threshold", "secagg_clip",
                            "secagg_bits"),
+    "Aggregation": ("aggregation", "buffer_size", "max_staleness", "staleness_weight", "straggler_clients",
+                    "straggler_delay"),
     "Evaluation": ("central_eval", "val_fraction"),
     "Transport": ("compression", "keep_updates"),
-    "Client": ("shard", "num_shards", "client_id", "once"),
+    "Client": ("shard", "num_shards", "client_id", "once", "delay"),
     "Worker": ("queue", "burst", "metrics_port", "metrics_host"),
     "Run control": ("run_id", "if_absent", "out", "processes"),
 }
@@ -195,6 +197,7 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
                               "Off, the aggregator never loads TensorFlow and, with fedavg or fedprox, holds "
                               "only the float64 sum of the updates (models of a GB and more)."),
             *strategy_options(),
+            *aggregation_options(),
             click.option("--run-id", help="Id of the new run (default: time + random)."),
         ]
         for opt in reversed(options):
@@ -265,6 +268,46 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
     ]
 
 
+def aggregation_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """How updates become model versions: synchronous rounds, or buffered (fedq.learning.staleness)."""
+    from fedq.learning.spec import AGGREGATIONS, DEFAULT_MAX_STALENESS
+    from fedq.learning.staleness import DEFAULT_WEIGHT, WEIGHTS
+
+    return [
+        click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="sync", show_default=True,
+                     help="sync: rounds, every client answers, then one commit. buffered (FedBuff): clients "
+                          "train from the newest model version and push when done; every --buffer-size "
+                          "updates make the next version (--rounds counts versions)."),
+        click.option("--buffer-size", type=click.IntRange(1),
+                     help="Buffered: updates per model version, K (default: half the clients, rounded up)."),
+        click.option("--max-staleness", type=click.IntRange(0),
+                     help=f"Buffered: refuse updates trained from a version more than this many versions "
+                          f"behind the newest ({DEFAULT_MAX_STALENESS})."),
+        click.option("--staleness-weight", type=click.Choice(WEIGHTS),
+                     help=f"Buffered: weight s(tau) of an update tau versions old ({DEFAULT_WEIGHT}: "
+                          f"1/sqrt(1+tau); hinge: 1 up to 4 versions, then 1/(1+(tau-4)); constant: 1)."),
+    ]
+
+
+def straggler_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--straggler-clients and --straggler-delay (fedq run, fedq simulate): slow clients for experiments."""
+    fn = click.option("--straggler-delay", type=click.FloatRange(0), default=0.0, show_default=True,
+                      help="Seconds each straggler adds to every local training.")(fn)
+    return click.option("--straggler-clients", type=click.IntRange(0), default=0, show_default=True,
+                        help="Make the last M clients stragglers (experiments; see --straggler-delay).")(fn)
+
+
+def _stragglers(kw: dict[str, Any]) -> tuple[int, float]:
+    """(M, delay) from --straggler-clients and --straggler-delay, checked against --clients."""
+    count, delay = kw.pop("straggler_clients"), kw.pop("straggler_delay")
+    if count > (kw.get("clients") or 0):
+        raise click.BadParameter(f"{count} is more than the {kw.get('clients')} clients",
+                                 param_hint="--straggler-clients")
+    if count and not delay:
+        raise click.BadParameter("stragglers need a delay", param_hint="--straggler-delay")
+    return count, delay
+
+
 def _run_spec(kw: dict[str, Any]) -> RunSpec:
     import dataclasses
 
@@ -304,6 +347,7 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str) -> None:
 
 @main.command(cls=PanelCommand)
 @run_options()
+@straggler_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-out"),
               show_default=True, help="Directory for report.json, model.keras and logs.")
 @click.pass_context
@@ -313,11 +357,12 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
     from fedq.ops.view import RunProgress, print_event, print_report, print_round
     from fedq.roles.runner import run_local
 
+    stragglers = _stragglers(kw)
     spec = _run_spec(kw)
     with RunProgress(spec.rounds, spec.clients) as progress:  # silent when stdout is not a terminal
         report = run_local(_settings(ctx), spec, out, use_env_redis=ctx.obj["redis_from_env"],
                            on_round=functools.partial(print_round, spec.rounds), on_event=print_event,
-                           on_progress=progress.update)
+                           on_progress=progress.update, stragglers=stragglers)
     print_report(report, out)
     if report["status"] != "finished":
         sys.exit(EXIT_ERROR)
@@ -393,11 +438,13 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
 @click.option("--run", "run_id", help="Run to join (default: the newest open run, waiting for one).")
 @click.option("--once", is_flag=True, help="Exit after one run (a Kubernetes Job); default: follow runs.")
 @click.option("--client-id", help="Identity in the run (default: client-<shard>).")
+@click.option("--delay", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds added to every local training: a straggler, for experiments.")
 @data_options(required=False)
 @click.pass_context
 @fail_cleanly
 def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str | None, once: bool,
-           client_id: str | None, **kw: Any) -> None:
+           client_id: str | None, delay: float, **kw: Any) -> None:
     """Join runs and train on this client's own data."""
     from fedq.protocol.store import connect
     from fedq.roles.client import Client, Stopped
@@ -410,7 +457,7 @@ def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str |
     stop = _stop_on_signals()
     settings = _settings(ctx)
     c = Client(connect(settings), settings, shard, num_shards=num_shards, run_id=run_id,
-               client_id=client_id, data=data, stop=stop)
+               client_id=client_id, data=data, stop=stop, delay=delay)
     try:
         c.serve(once=once)
     except Stopped:
@@ -497,6 +544,7 @@ def report(ctx: click.Context, run_id: str, out: Path, x_axis: str) -> None:
               help="Processes the simulated clients are spread over (threads within each).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-sim"),
               show_default=True)
+@straggler_options
 @click.pass_context
 @fail_cleanly
 def simulate(ctx: click.Context, rows_per_client: int, features: int, processes: int, out: Path,
@@ -509,6 +557,7 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
     from fedq.roles.swarm import client_commands
 
     own_data = any(kw.get(k) for k in ("normal_csv", "abnormal_csv", "csv_path"))
+    stragglers = _stragglers(kw)
     spec = _run_spec(kw)
     if spec.secure_aggregation:
         raise click.UsageError("fedq simulate's numpy clients do not run secure aggregation: use fedq run")
@@ -517,13 +566,15 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
             spec.data, source="synthetic", rows=rows_per_client * spec.clients, features=features)).validate()
     report = run_local(_settings(ctx), spec, out, use_env_redis=ctx.obj["redis_from_env"],
                        on_round=functools.partial(print_round, spec.rounds), on_event=print_event,
-                       client_commands=client_commands(spec, processes))
+                       client_commands=client_commands(spec, processes, stragglers=stragglers))
     print_report(report, out)
     rounds = report["rounds"][1:] or report["rounds"]  # round 1 includes start-up
     if rounds:
-        per_update = sum(m["seconds"] for m in rounds) / sum(m["num_updates"] for m in rounds)
-        click.echo(f"{spec.clients} clients: {per_update * 1000:.2f} ms of round time per update "
-                   f"(rounds {rounds[0]['round']}-{rounds[-1]['round']})")
+        seconds, updates = sum(m["seconds"] for m in rounds), sum(m["num_updates"] for m in rounds)
+        what = "versions" if spec.buffered else "rounds"
+        click.echo(f"{spec.clients} clients: {seconds / updates * 1000:.2f} ms of {what[:-1]} time per update, "
+                   f"{updates / seconds:.1f} updates folded per second "
+                   f"({what} {rounds[0]['round']}-{rounds[-1]['round']})")
     if report["status"] != "finished":
         sys.exit(EXIT_ERROR)
 
@@ -533,13 +584,17 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
 @click.option("--first", type=click.IntRange(0), required=True)
 @click.option("--count", type=click.IntRange(1), required=True)
 @click.option("--scale", type=click.FloatRange(0), default=1e-3)
+@click.option("--delay-from", type=click.IntRange(0), help="Shards from this one on are stragglers.")
+@click.option("--delay", type=click.FloatRange(0), default=0.0)
 @click.pass_context
 @fail_cleanly
-def sim_worker(ctx: click.Context, run_id: str, first: int, count: int, scale: float) -> None:
+def sim_worker(ctx: click.Context, run_id: str, first: int, count: int, scale: float, delay_from: int | None,
+               delay: float) -> None:
     """Internal: run simulated clients first..first+count-1 of a run as threads."""
     from fedq.roles.swarm import run_worker
 
-    failed = run_worker(_settings(ctx), run_id, first, count, scale)
+    failed = run_worker(_settings(ctx), run_id, first, count, scale,
+                        delay=(delay_from, delay) if delay_from is not None else None)
     if failed:
         raise FedqError(f"{failed} of {count} simulated clients failed")
 

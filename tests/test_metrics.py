@@ -32,7 +32,10 @@ def test_counts_in_a_registry_of_its_own() -> None:
     m.observe_round(0.3)
     m.observe_round(7.0)
     m.set_clients_alive(3)
+    m.observe_staleness([0, 2, 7])
     p = samples(m.exposition().decode())
+    assert value(p, "fedq_update_staleness_versions_count") == 3
+    assert value(p, "fedq_update_staleness_versions_bucket", le="2.0") == 2
     assert value(p, "fedq_updates_accepted_total") == 2
     assert value(p, "fedq_updates_refused_total", reason="non_finite") == 2
     assert value(p, "fedq_updates_refused_total", reason="wrong_shape") == 1

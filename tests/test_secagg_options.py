@@ -38,6 +38,7 @@ def test_defaults_are_everyone_and_just_over_half() -> None:
     ({"strategy": StrategySpec(clip_norm=1.0)}, "--clip-norm"),
     ({"compression": "int8"}, "--compression int8"),
     ({"max_client_share": 0.5}, "--max-client-share"),
+    ({"aggregation": "buffered"}, "--aggregation buffered"),
     ({"min_clients": 2}, "--min-clients 2 is below the secure-aggregation threshold 3"),
     ({"secagg_neighbours": 1}, "neighbours must be even"),
     ({"secagg_threshold": 2}, "threshold must be more than half"),

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from fedq.errors import ConfigError
-from fedq.learning import privacy
+from fedq.learning import privacy, staleness
 from fedq.learning.data import DataSpec
 from fedq.learning.models import check_model_arg
 from fedq.learning.strategies import StrategySpec, sample_size
@@ -20,6 +20,8 @@ from fedq.protocol.store import RunStore
 
 MAX_CLIENTS = 10_000
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
+AGGREGATIONS = ("sync", "buffered")
+DEFAULT_MAX_STALENESS = 10  # versions
 
 
 def new_run_id() -> str:
@@ -78,6 +80,14 @@ class RunSpec:
     secagg_threshold: int | None = None
     secagg_clip: float = 8.0
     secagg_bits: int = 22
+    # How updates become the next model: "sync" rounds (every chosen client answers, then one
+    # commit), or "buffered" (FedBuff, fedq.learning.staleness): clients train from the newest
+    # version and push when done; every buffer_size accepted updates make the next version, and
+    # --rounds counts versions. Updates more than max_staleness versions old are refused.
+    aggregation: str = "sync"
+    buffer_size: int | None = None  # None: half the clients, rounded up
+    max_staleness: int | None = None  # None: DEFAULT_MAX_STALENESS
+    staleness_weight: str | None = None  # None: staleness.DEFAULT_WEIGHT
 
     def validate(self) -> RunSpec:
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -120,6 +130,7 @@ class RunSpec:
                          combiner=self.strategy.combiner, strategy=self.strategy.name,
                          clip_norm=self.strategy.clip_norm)
         self.data.validate()
+        self._check_aggregation()
         return self
 
     def _check_secagg(self) -> None:
@@ -132,6 +143,10 @@ class RunSpec:
                                   "--secure-aggregation")
             return
         why = "the aggregator sees only the sum of the updates, never one of them"
+        if self.aggregation != "sync":
+            raise ConfigError(f"--secure-aggregation cannot be used with --aggregation {self.aggregation}: masks "
+                              f"cancel only in the sum of one round's planned clients, and a buffered version "
+                              f"folds updates one by one as they arrive; use --aggregation sync")
         if self.strategy.combiner != "mean":
             raise ConfigError(f"--secure-aggregation cannot be used with --strategy {self.strategy.name}: it "
                               f"needs every update on its own, and {why}; use a mean-based strategy (fedavg, "
@@ -160,6 +175,56 @@ class RunSpec:
             raise ConfigError(f"secagg bits must be a whole number, got {self.secagg_bits!r}")
         return SecAggParams.from_options(neighbours=k, threshold=t, clip=float(self.secagg_clip),
                                          bits=self.secagg_bits)
+
+    def _check_aggregation(self) -> None:
+        """ConfigError for a bad aggregation mode, or a combination buffering cannot serve."""
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"unknown aggregation {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        if not self.buffered:
+            given = [n for n in ("buffer_size", "max_staleness", "staleness_weight") if getattr(self, n) is not None]
+            if given:
+                raise ConfigError(f"{', '.join(n.replace('_', ' ') for n in given)} needs --aggregation buffered")
+            return
+        staleness.check_buffered(self.clients, self.buffer_k, self.staleness_limit, self.staleness_kind)
+        # Each needs a whole round of updates at once, or a fixed number of them per step.
+        whole_round = {"median": "a coordinate-wise median", "trimmed": "a trimmed mean", "krum": "Krum's scores"}
+        if self.strategy.combiner in whole_round:
+            raise ConfigError(f"--strategy {self.strategy.name} needs {whole_round[self.strategy.combiner]} over a "
+                              f"whole round's updates; buffered aggregation folds them one by one (use fedavg, "
+                              f"fedprox, fedavgm, fedadam, fedyogi or fedadagrad, or --aggregation sync)")
+        refused = {
+            "dp central": (self.dp == "central", "calibrates its noise to a fixed number of clients per round"),
+            "--fraction-fit": (self.fraction_fit < 1.0, "samples the clients of each round; buffered clients all "
+                                                        "train continuously"),
+            "--max-client-share": (self.max_client_share is not None, "caps shares of a whole round's mean"),
+            "--min-clients": (self.min_clients is not None, "sets a round's quorum; a version needs --buffer-size "
+                                                            "updates"),
+        }
+        for what, (bad, why) in refused.items():
+            if bad:
+                raise ConfigError(f"{what} cannot be used with --aggregation buffered: it {why}")
+
+    @property
+    def buffered(self) -> bool:
+        """True for buffered asynchronous aggregation (FedBuff), False for synchronous rounds."""
+        return self.aggregation == "buffered"
+
+    @property
+    def buffer_k(self) -> int:
+        """Updates per model version (buffered): buffer_size, or half the clients rounded up."""
+        return self.buffer_size if self.buffer_size is not None else (self.clients + 1) // 2
+
+    @property
+    def staleness_limit(self) -> int:
+        """The most versions an update may lag the newest and still be folded (buffered; sync: 0)."""
+        if not self.buffered:
+            return 0
+        return self.max_staleness if self.max_staleness is not None else DEFAULT_MAX_STALENESS
+
+    @property
+    def staleness_kind(self) -> str:
+        """The staleness weight s(tau) (fedq.learning.staleness.WEIGHTS)."""
+        return self.staleness_weight or staleness.DEFAULT_WEIGHT
 
     @property
     def central_dp(self) -> privacy.CentralDP | None:

@@ -84,7 +84,7 @@ def client_rules(client_id: str, run_id: str = "*") -> tuple[str, ...]:
     base = _run_base(run_id)
     readable = [keys.RUNS, keys.EVENTS, *(f"{base}:{name}" for name in
                                          ("spec", "state", "global*", "scaler", "events", "members", "selected:*",
-                                                          "secagg:*"))]
+                                          "secagg:*", "consumed:*"))]
     return ("resetkeys", "resetchannels", "-@all", *_CONNECT, *_SCRIPTS, *_CLIENT_COMMANDS,
             *(f"%R~{pattern}" for pattern in readable), f"~{base}:c:{client_id}:*",
             f"(~{base}:inbox +rpush)", f"(~{base}:secagg-hints +rpush)", f"(~{base}:joins +sadd)")

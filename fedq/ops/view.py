@@ -35,18 +35,23 @@ def print_event(text: str) -> None:
 
 def print_round(total: int, m: dict[str, Any]) -> None:
     """One line per committed round, as it commits."""
-    console.print(f"round {m['round']}/{total}: {m['num_updates']} updates, {m['num_examples']} examples, "
+    what = "version" if "version" in m else "round"  # buffered aggregation commits model versions
+    console.print(f"{what} {m['round']}/{total}: {m['num_updates']} updates, {m['num_examples']} examples, "
                   f"train acc {_num(m.get('train_accuracy'))}, test acc {_num(m.get('test_accuracy'))}, "
                   f"{_num(m.get('seconds'), '.2f')} s"
-                  + (f", ε {m['dp_epsilon']:.3g} (δ {m['dp_delta']:g})" if m.get("dp_epsilon") is not None else ""))
+                  + (f", ε {m['dp_epsilon']:.3g} (δ {m['dp_delta']:g})" if m.get("dp_epsilon") is not None else "")
+                  + (f", staleness mean {m['staleness_mean']:.2f} max {m['staleness_max']}"
+                     if "staleness_max" in m else ""))
 
 
 # Columns shown only when some round has them (binary tasks, federated evaluation, DP).
-_OPTIONAL = (("test auc", "test_auc"), ("fed acc", "fed_eval_accuracy"), ("dp ε", "dp_epsilon"))
+_OPTIONAL = (("test auc", "test_auc"), ("fed acc", "fed_eval_accuracy"), ("dp ε", "dp_epsilon"),
+             ("stale mean", "staleness_mean"), ("stale max", "staleness_max"))
 # The same, in few columns (fedq status at 80 columns).
 _COMPACT = {"round": "rnd", "updates": "upd", "examples": "ex", "train loss": "tr loss", "train acc": "tr acc",
             "test loss": "te loss", "test acc": "te acc", "test auc": "auc", "fed acc": "fed acc", "dp ε": "ε",
-            "seconds": "s", "overhead ms": "ovh ms"}
+            "seconds": "s", "overhead ms": "ovh ms", "stale mean": "τ mean",
+            "stale max": "τ max"}
 ROUNDS_SHOWN = 8  # rounds fedq status lists (the newest); the rest are counted
 
 

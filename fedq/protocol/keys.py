@@ -99,6 +99,16 @@ class RunKeys:
         """String: one part of the global model after round_no, when it travels in parts."""
         return f"{self.global_model}:{int(round_no)}:{int(index)}"
 
+    def version_model(self, version: int) -> str:
+        """String: a copy of the global model of one version (buffered aggregation keeps the
+        versions updates may still be trained from, so their deltas can be taken)."""
+        return f"{self.global_model}:version:{int(version)}"
+
+    def consumed(self, round_no: int) -> str:
+        """Hash: client id -> sequence number of its update for the round that a committed
+        version folded (buffered aggregation); a later push for that round is refused."""
+        return f"{self.base}:consumed:{int(round_no)}"
+
     @property
     def inbox(self) -> str:
         """List: client ids, pushed beside each stored update; the aggregator blocks on it.

@@ -147,8 +147,10 @@ return {READ_OK, seq, redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET',
 # round is not the open one (run by the client, as its own ACL user).
 # KEYS[1]: the client's update hash for the round; KEYS[2]: its refused list; KEYS[3]: its pushes stream
 # ARGV[1]: JSON {client, round, now, max_bytes, refused_max, pushes_max, digest, part_id,
-#          state, members, selected, inbox}; ARGV[2]: the payload
-# Returns PUSH_OK or the refusal (also recorded in KEYS[2]).
+#          window (versions an update may lag: 0 for rounds; buffered: max staleness),
+#          state, members, selected, consumed, inbox}; ARGV[2]: the payload
+# Returns PUSH_OK or the refusal (also recorded in KEYS[2]). The window is the client's own claim:
+# the aggregator checks staleness itself; here it only saves a hopeless push its bytes.
 PUSH = _script("""
 local a = cjson.decode(ARGV[1])
 local payload = ARGV[2]
@@ -160,10 +162,16 @@ if st[1] ~= STATUS_RUNNING or st[2] ~= PHASE_TRAIN then
   reason = PUSH_RUN_NOT_TRAINING; detail = 'run is ' .. st[1] .. ' (' .. tostring(st[2]) .. ')'
 elseif redis.call('SISMEMBER', a.members, a.client) == 0 then
   reason = PUSH_UNKNOWN_CLIENT; detail = 'client has not joined this run'
-elseif a.round <= math.max(committed, tonumber(st[4] or '0')) then
+elseif a.window > 0 and a.round <= committed - a.window then
+  reason = PUSH_STALE; detail = 'trained from version ' .. (a.round - 1) .. ', more than ' .. a.window ..
+    ' versions behind ' .. committed
+elseif a.round <= math.max(committed - a.window, tonumber(st[4] or '0')) then
   reason = PUSH_ROUND_CLOSED; detail = 'round ' .. a.round .. ' has closed'
 elseif a.round > committed + 1 then
   reason = PUSH_ROUND_NOT_OPEN; detail = 'open round is ' .. (committed + 1)
+elseif redis.call('HGET', a.consumed, a.client) then
+  reason = PUSH_ALREADY_FOLDED; detail = 'an update trained from version ' .. (a.round - 1) ..
+    ' is in a committed version already'
 elseif redis.call('EXISTS', a.selected) == 1 and redis.call('SISMEMBER', a.selected, a.client) == 0 then
   reason = PUSH_NOT_SELECTED; detail = 'client is not among those chosen to train in round ' .. a.round
 elseif string.len(payload) > a.max_bytes then
@@ -218,6 +226,29 @@ redis.call('XADD', KEYS[5], 'MAXLEN', '~', a.events_max, '*', 'event', EVENT_TRA
 return 1
 """)
 
+# How a commit begins (COMMIT, COMMIT_VERSION): fenced by the lease (KEYS[6]), and only on top
+# of the previous round (KEYS[1] is the state): -1 or 0 otherwise, with nothing changed.
+_ON_TOP = """
+local a = cjson.decode(ARGV[1])
+if redis.call('GET', KEYS[6]) ~= a.driver then return -1 end
+local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
+if st[1] ~= STATUS_RUNNING or st[2] ~= PHASE_TRAIN then return 0 end
+if tonumber(st[3]) + 1 ~= a.round then return 0 end
+"""
+
+# How a commit ends (COMMIT, COMMIT_VERSION): the event, then the phase after it (a.after). KEYS[1]
+# is the state, KEYS[5] the events; a.round, a.now, a.final and a.events_max as the commit's.
+_COMMITTED = """
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', a.events_max, '*', 'event', EVENT_ROUND, 'round', a.round)
+if a.after == PHASE_DONE then
+  redis.call('HSET', KEYS[1], 'status', STATUS_FINISHED, 'phase', PHASE_DONE, 'finished_at', a.now, 'final', a.final)
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', a.events_max, '*', 'event', EVENT_FINISHED, 'round', a.round)
+elseif a.after == PHASE_EVAL then
+  redis.call('HSET', KEYS[1], 'phase', PHASE_EVAL)
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', a.events_max, '*', 'event', EVENT_EVALUATE, 'round', a.round)
+end
+return 1"""
+
 # The round commit: global model, round counter and metrics in one atomic step. It applies only
 # on top of the previous round, so a replayed or duplicated commit changes nothing.
 # KEYS[1]: state; KEYS[2]: global model; KEYS[3]: metrics; KEYS[4]: inbox; KEYS[5]: events;
@@ -231,13 +262,7 @@ return 1
 #          ARGV[2]: global model payload; ARGV[3]: this round's record (JSON); ARGV[4]: server
 #          optimiser state payload ('' when none); ARGV[5]: the final model as a .keras file ('' when none)
 # Returns 1 (committed), 0 (not on top of the previous round: nothing changed), -1 (lease lost).
-COMMIT = _script("""
-local a = cjson.decode(ARGV[1])
-if redis.call('GET', KEYS[6]) ~= a.driver then return -1 end
-local st = redis.call('HMGET', KEYS[1], 'status', 'phase', 'round')
-if st[1] ~= STATUS_RUNNING or st[2] ~= PHASE_TRAIN then return 0 end
-if tonumber(st[3]) + 1 ~= a.round then return 0 end
-redis.call('SET', KEYS[2], ARGV[2])
+COMMIT = _script(_ON_TOP + """redis.call('SET', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'round', a.round, 'updated_at', a.now)
 if a.previous_metrics ~= '' and redis.call('LLEN', KEYS[3]) > 0 then
   redis.call('LSET', KEYS[3], -1, a.previous_metrics)
@@ -257,16 +282,37 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[10], ARGV[5]) end
 if a.next_selected ~= cjson.null then
   for _, id in ipairs(a.next_selected) do redis.call('SADD', KEYS[9], id) end
 end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', a.events_max, '*', 'event', EVENT_ROUND, 'round', a.round)
-if a.after == PHASE_DONE then
-  redis.call('HSET', KEYS[1], 'status', STATUS_FINISHED, 'phase', PHASE_DONE, 'finished_at', a.now, 'final', a.final)
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', a.events_max, '*', 'event', EVENT_FINISHED, 'round', a.round)
-elseif a.after == PHASE_EVAL then
-  redis.call('HSET', KEYS[1], 'phase', PHASE_EVAL)
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', a.events_max, '*', 'event', EVENT_EVALUATE, 'round', a.round)
+""" + _COMMITTED)
+
+# A buffered version's commit (FedBuff): the next model, its copy for updates still training
+# from it, the version counter and record, and which updates it folded, in one atomic step that
+# applies only on top of the previous version (a replay changes nothing).
+# KEYS[1]: state; KEYS[2]: global model; KEYS[3]: metrics; KEYS[4]: inbox; KEYS[5]: events;
+# KEYS[6]: lease; KEYS[7]: server state; KEYS[8]: the new version's model copy; then, per folded
+# update i (1-based), KEYS[7 + 2i]: its update hash, KEYS[8 + 2i]: its round's consumed hash;
+# the rest: keys to delete (model copies and consumed hashes out of the staleness window)
+# ARGV[1]: JSON {round (the new version), driver, now, events_max, keep_updates, folded: [[client,
+#          seq], ...] in KEYS order, after (PHASE_TRAIN, PHASE_EVAL or PHASE_DONE), final (JSON
+#          text, with PHASE_DONE)}; ARGV[2]: the model payload; ARGV[3]: the version's record
+#          (JSON); ARGV[4]: server optimiser state payload ('' when none)
+# Each folded update is marked consumed (client -> the sequence number folded) and deleted unless
+# the client pushed again meanwhile: that newer push stays, for the aggregator to refuse.
+# Returns 1 (committed), 0 (not on top of the previous version), -1 (lease lost).
+COMMIT_VERSION = _script(_ON_TOP + """redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[8], ARGV[2])
+redis.call('HSET', KEYS[1], 'round', a.round, 'updated_at', a.now)
+redis.call('RPUSH', KEYS[3], ARGV[3])
+for i, f in ipairs(a.folded) do
+  local upd = KEYS[7 + 2 * i]
+  redis.call('HSET', KEYS[8 + 2 * i], f[1], f[2])
+  if not a.keep_updates and redis.call('TYPE', upd).ok == 'hash' and redis.call('HGET', upd, 'seq') == f[2] then
+    redis.call('DEL', upd)
+  end
 end
-return 1
-""")
+for i = 9 + 2 * #a.folded, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('DEL', KEYS[4])
+if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4]) end
+""" + _COMMITTED)
 
 # Lease renewal: only the holder extends it (a paused or partitioned former driver cannot).
 # KEYS[1]: lease
@@ -363,5 +409,6 @@ return 1
 """)
 
 SCRIPTS = {"JOIN": JOIN, "ADMIT": ADMIT, "DRAIN": DRAIN, "WAITING_JOINS": WAITING_JOINS, "READ_UPDATE": READ_UPDATE,
-           "PUSH": PUSH, "CLOSE": CLOSE, "OPEN_TRAINING": OPEN_TRAINING, "COMMIT": COMMIT, "RENEW": RENEW,
-           "RELEASE": RELEASE, "FAIL": FAIL, "PUSH_EVAL": PUSH_EVAL, "FINISH_EVAL": FINISH_EVAL}
+           "PUSH": PUSH, "CLOSE": CLOSE, "OPEN_TRAINING": OPEN_TRAINING, "COMMIT": COMMIT,
+           "COMMIT_VERSION": COMMIT_VERSION, "RENEW": RENEW, "RELEASE": RELEASE, "FAIL": FAIL,
+           "PUSH_EVAL": PUSH_EVAL, "FINISH_EVAL": FINISH_EVAL}

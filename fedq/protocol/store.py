@@ -205,6 +205,21 @@ class Commit:
     model_file: bytes | None = None  # the final model as a .keras file (with the last round's commit)
 
 
+@dataclass(frozen=True)
+class VersionCommit:
+    """One buffered version's commit, by name: RunStore.commit_version writes it in one step."""
+
+    version: int
+    global_payload: bytes  # the new version's model (whole: buffered runs keep versions whole)
+    metrics: dict[str, Any]  # the version's record
+    folded: Mapping[tuple[str, int], str]  # (client, round) -> sequence number of each update folded
+    after: Phase = Phase.TRAIN
+    final: dict[str, Any] | None = None
+    keep_updates: bool = False
+    server_state: bytes | None = None
+    drop: Sequence[str] = ()  # keys out of the staleness window: old model copies, consumed hashes
+
+
 def _stream_order(entry_id: bytes | str | None) -> tuple[int, int]:
     ms, _, seq = (_s(entry_id) or "0-0").partition("-")
     return int(ms), int(seq or 0)
@@ -234,6 +249,7 @@ class RunStore:
         self._push = r.register_script(scripts.PUSH)
         self._open = r.register_script(scripts.OPEN_TRAINING)
         self._commit = r.register_script(scripts.COMMIT)
+        self._commit_version = r.register_script(scripts.COMMIT_VERSION)
         self._close = r.register_script(scripts.CLOSE)
         self._renew = r.register_script(scripts.RENEW)
         self._release = r.register_script(scripts.RELEASE)
@@ -385,13 +401,15 @@ class RunStore:
         outcome = self.join(client_id, record, stats)
         return self.wait_admitted(client_id, timeout) if outcome == Join.REQUESTED else outcome
 
-    def push_update(self, client_id: str, round_no: int, payload: bytes, max_bytes: int, part_id: str = "") -> str:
+    def push_update(self, client_id: str, round_no: int, payload: bytes, max_bytes: int, part_id: str = "",
+                    window: int = 0) -> str:
         """Store an update (or the head of one sent in parts, with its push id) for the open
-        round; 'ok' or the refusal code (also recorded)."""
+        round; 'ok' or the refusal code (also recorded). window: how many versions behind the
+        newest the round may be (buffered aggregation's max staleness; 0: the open round only)."""
         named = {"client": client_id, "round": int(round_no), "now": time.time(), "max_bytes": int(max_bytes),
                  "refused_max": MAX_REFUSED, "pushes_max": MAX_PUSHES, "digest": hashlib.sha256(payload).hexdigest(),
-                 "part_id": part_id, "state": self.k.state, "members": self.k.members,
-                 "selected": self.k.selected(round_no), "inbox": self.k.inbox}
+                 "part_id": part_id, "window": int(window), "state": self.k.state, "members": self.k.members,
+                 "selected": self.k.selected(round_no), "consumed": self.k.consumed(round_no), "inbox": self.k.inbox}
         return _s(self._push(keys=[self.k.update(client_id, round_no), self.k.client_refused(client_id),
                                    self.k.client_pushes(client_id)], args=[json.dumps(named), payload])) or ""
 
@@ -626,6 +644,38 @@ class RunStore:
             self.r.xadd(keys.EVENTS, {"event": Event.FINISHED, "run": self.run_id}, maxlen=MAX_EVENTS,
                         approximate=True)
         return ok
+
+    def commit_version(self, commit: VersionCommit) -> bool:
+        """Commit a buffered version in one atomic step (scripts.COMMIT_VERSION); False when the
+        run is not at the version before it. Fenced by the lease like commit_round."""
+        folded = [(cid, seq) for (cid, _round), seq in commit.folded.items()]
+        per_update = [key for (cid, rnd) in commit.folded for key in (self.k.update(cid, rnd), self.k.consumed(rnd))]
+        named = {"round": commit.version, "driver": self.driver or "", "now": time.time(), "events_max": MAX_EVENTS,
+                 "keep_updates": commit.keep_updates, "folded": folded, "after": commit.after,
+                 "final": json.dumps(commit.final or {})}
+        done = self._commit_version(
+            keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.inbox, self.k.events, self.k.lease,
+                  self.k.server_state, self.k.version_model(commit.version), *per_update, *commit.drop],
+            args=[json.dumps(named), commit.global_payload, json.dumps(commit.metrics), commit.server_state or b""])
+        if done == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before committing version {commit.version}")
+        if done and commit.after == Phase.DONE:
+            self.r.xadd(keys.EVENTS, {"event": Event.FINISHED, "run": self.run_id}, maxlen=MAX_EVENTS,
+                        approximate=True)
+        return bool(done)
+
+    def consumed(self, round_no: int) -> dict[str, str]:
+        """Client id -> sequence number of its update for the round that a committed version folded."""
+        return _fields(self.r.hgetall(self.k.consumed(round_no)))
+
+    def version_payload(self, version: int) -> bytes | None:
+        """The kept copy of a model version (buffered aggregation), or None."""
+        return as_bytes(self.r.get(self.k.version_model(version)))
+
+    def keep_version(self, version: int, payload: bytes) -> None:
+        """Keep a copy of the committed model of this version unless one is kept already (a
+        resumed driver's first step: every driver would write the same bytes)."""
+        self.r.set(self.k.version_model(version), payload, nx=True)
 
     # --- strategies, client sampling, final evaluation --------------------------------------
     def server_state_payload(self) -> bytes | None:

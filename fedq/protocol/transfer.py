@@ -40,17 +40,18 @@ class Pushed:
 
 def push_update(st: RunStore, client_id: str, round_no: int, num_examples: int, metrics: Mapping[str, float],
                 names: Sequence[str], tensors: Sequence[np.ndarray], *, chunk_bytes: int, max_bytes: int,
-                signer: Signer | None = None, compression: Mapping[str, Any] | None = None) -> Pushed:
+                signer: Signer | None = None, compression: Mapping[str, Any] | None = None,
+                window: int = 0) -> Pushed:
     """Encode, sign and push one update; returns the outcome. names/tensors are what travels: the
     weights, or with compression (its descriptor, fedq.protocol.messages.compress_update) the
     encoded delta, which always travels whole. float32 weights larger than chunk_bytes travel
-    in parts."""
+    in parts. window: versions the round may lag the newest (buffered aggregation; see RunStore.push_update)."""
     if compression is not None or not chunking.should_chunk(tensors, chunk_bytes):
         signature = None if signer is None else signer.sign(st.run_id, round_no, client_id, num_examples,
                                                             names, tensors, compression)
         payload = messages.encode_update(st.run_id, round_no, client_id, num_examples, metrics, names,
                                          tensors, signature, compression)
-        return Pushed(st.push_update(client_id, round_no, payload, max_bytes), len(payload), 0)
+        return Pushed(st.push_update(client_id, round_no, payload, max_bytes, window=window), len(payload), 0)
     total = sum(t.nbytes for t in tensors)
     if total > max_bytes:
         return Pushed(st.refuse_push(client_id, round_no, "too_large",
@@ -68,7 +69,7 @@ def push_update(st: RunStore, client_id: str, round_no: int, num_examples: int, 
     head = messages.encode_update_head(st.run_id, round_no, client_id, num_examples, metrics, names, shapes,
                                        layout, push_id, signature)
     previous = st.part_id(client_id, round_no)
-    outcome = st.push_update(client_id, round_no, head, max_bytes)
+    outcome = st.push_update(client_id, round_no, head, max_bytes, window=window)
     if outcome == "ok" and previous and previous != push_id:
         st.drop_parts(st.k.update_part(client_id, round_no, previous, k) for k in range(layout.count))
     elif outcome != "ok":

@@ -73,6 +73,8 @@ class Push(StrEnum):
     WRONG_ROUND = "wrong_round"
     NOT_SELECTED = "not_selected"
     TOO_LARGE = "too_large"
+    STALE = "stale"  # buffered: trained from a version more than max_staleness behind
+    ALREADY_FOLDED = "already_folded"  # buffered: this base version's update is in a committed version
 
 
 class Refusal(StrEnum):
@@ -100,6 +102,9 @@ class Refusal(StrEnum):
     WRONG_ROUND = "wrong_round"
     WRONG_RUN = "wrong_run"
     WRONG_SHAPE = "wrong_shape"
+    # buffered aggregation
+    STALE = "stale"
+    ALREADY_FOLDED = "already_folded"
     # join requests
     BAD_STATS = "bad_stats"
     SHARD_PLAN = "shard_plan"

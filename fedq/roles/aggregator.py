@@ -29,6 +29,7 @@ from fedq.protocol.vocabulary import ENDED, Phase
 from fedq.roles import initial, record, secure
 from fedq.roles import metrics as fedq_metrics
 from fedq.roles.admission import Admission
+from fedq.roles.buffered import Buffering
 from fedq.roles.evaluating import FederatedEvaluation
 from fedq.roles.judging import Judging, Round
 from fedq.settings import Settings
@@ -77,7 +78,7 @@ class _Prepared:
     strategy: Strategy | None = None  # None until the model's shapes are known
 
 
-class Aggregator(Admission, FederatedEvaluation, Judging):
+class Aggregator(Admission, FederatedEvaluation, Judging, Buffering):
     """Drives a run from its join phase to its last round; all state lives in Redis.
 
     Only the holder of the run's lease drives it; every write that moves the run on is
@@ -227,6 +228,8 @@ class Aggregator(Admission, FederatedEvaluation, Judging):
             # this driver took over must not hold every round to its deadline.
             self._seen_alive.update(cid for m in self.store.metrics() for cid in (m.get("clients") or {}))
         drive = self._driving(spec, prepared, mean, std)
+        if spec.buffered:
+            self._drive_versions(drive)  # fedq.roles.buffered: model versions instead of rounds
         while drive.round_no < spec.rounds:
             drive.round_no += 1
             self._drive_round(drive)

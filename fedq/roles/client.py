@@ -32,6 +32,9 @@ from fedq.settings import Settings
 
 STALE_GLOBAL = "stale_global"  # our own outcome: the global model moved on while we read it
 LEFT_OUT = "left_out"  # our own outcome: secure aggregation's round goes on without us
+# Push outcomes after which the client looks at the run again (a newer model, or the run's end).
+RETRYABLE = (Push.ROUND_CLOSED, Push.ROUND_NOT_OPEN, STALE_GLOBAL, Push.RUN_NOT_TRAINING, Push.STALE,
+             Push.ALREADY_FOLDED)
 
 log = logging.getLogger("fedq.roles.client")
 
@@ -57,7 +60,8 @@ class Client:
                  run_id: str | None = None, client_id: str | None = None, data: DataSpec | None = None,
                  stop: threading.Event | None = None,
                  trainer_factory: Callable[..., Trainer] | None = None,
-                 global_reader: Callable[[RunStore], tuple[int, list[str], list[np.ndarray]]] | None = None) -> None:
+                 global_reader: Callable[[RunStore], tuple[int, list[str], list[np.ndarray]]] | None = None,
+                 delay: float = 0.0) -> None:
         if shard < 0:
             raise ConfigError(f"--shard must be 0 or more, got {shard}")
         if num_shards is not None and not 0 <= shard < num_shards:
@@ -77,6 +81,9 @@ class Client:
         self._beat: heartbeat.Heartbeat | None = None
         self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
         self._dp_rng = np.random.default_rng()  # local DP noise (fresh OS entropy)
+        if delay < 0:
+            raise ConfigError(f"--delay must be 0 or more, got {delay}")
+        self.delay = delay  # seconds added to each local training: a straggler, for experiments
 
     # --- finding a run ------------------------------------------------------------------
     def serve(self, once: bool = False) -> list[dict[str, Any]]:
@@ -224,7 +231,7 @@ class Client:
                     pushed = committed + 1
                 elif result == Push.NO_SUCH_RUN:
                     raise RunFailed(_vanished(st.run_id))
-                elif result not in (Push.ROUND_CLOSED, Push.ROUND_NOT_OPEN, STALE_GLOBAL, Push.RUN_NOT_TRAINING):
+                elif result not in RETRYABLE:
                     # Retryable outcomes loop back to re-read the state (which may say the run ended).
                     raise FedqError(f"{self.client_id}: update for round {committed + 1} refused: {result}")
                 progress_deadline = time.monotonic() + self.settings.wait_seconds
@@ -272,6 +279,8 @@ class Client:
         evaluated = self._evaluate(trainer) if round_no >= 2 else {}
         t1 = time.perf_counter()
         metrics = trainer.train(round_no)
+        if self.delay:
+            self.stop.wait(self.delay)  # a straggler: slower training, still stoppable
         train_seconds = time.perf_counter() - t1
         metrics.update(evaluated)
         self._check_stop()
@@ -284,7 +293,7 @@ class Client:
         pushed = transfer.push_update(st, self.client_id, round_no, out.num_examples, out.metrics, out.names,
                                       out.tensors, chunk_bytes=self.settings.chunk_bytes,
                                       max_bytes=self.settings.max_update_bytes, signer=self.signer,
-                                      compression=compression)
+                                      compression=compression, window=spec.staleness_limit)
         stages.after_push(pushed.outcome)
         if pushed.outcome == Push.OK and self._beat is not None:
             self._beat.update(round=round_no, last_push=time.time())

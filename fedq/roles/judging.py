@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -52,6 +53,9 @@ class Round:
     fold_seconds: float = 0.0
     last_arrival: float = 0.0
     part_keys: set[str] = field(default_factory=set)  # parts of updates judged: deleted at commit
+    # A mode's own admission check (buffered: staleness, updates folded already): raises
+    # UpdateRejected for a client whose update the round must not take.
+    gate: Callable[[str], None] | None = None
 
     @property
     def responded(self) -> int:
@@ -149,6 +153,8 @@ class Judging:
             raise UpdateRejected(Refusal.UNKNOWN_CLIENT, f"client {cid!r} has not joined run {self.run_id}")
         if rnd.selected is not None and cid not in rnd.selected:
             raise UpdateRejected(Refusal.NOT_SELECTED, f"client {cid!r} is not among those chosen for round {round_no}")
+        if rnd.gate is not None:
+            rnd.gate(cid)
 
     def _verify(self, round_no: int, upd: messages.Update, template: list[messages.TensorSpec]) -> None:
         """Stage verify: with a client registry, UpdateRejected unless the signature holds. It

@@ -27,6 +27,7 @@ from fedq.protocol.vocabulary import Refusal
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 NAMESPACE = "fedq"
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+STALENESS_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100, 1000)  # versions (buffered aggregation)
 
 
 def multiprocess_enabled() -> bool:
@@ -78,6 +79,9 @@ class AggregatorMetrics:
                                         buckets=ROUND_BUCKETS, namespace=ns, registry=reg)
         self.bytes_received = Counter("bytes_received", "Bytes of client updates read by the aggregator.",
                                       namespace=ns, registry=reg)
+        self.update_staleness = Histogram("update_staleness_versions", "Buffered aggregation: how many versions "
+                                          "behind the newest each folded update was trained.",
+                                          buckets=STALENESS_BUCKETS, namespace=ns, registry=reg)
         # mostrecent: with forked work horses, the value the latest one set (ignored otherwise).
         self.clients_alive = Gauge("clients_alive", "Clients of the current run with a live heartbeat.",
                                    multiprocess_mode="mostrecent", namespace=ns, registry=reg)
@@ -98,6 +102,11 @@ class AggregatorMetrics:
 
     def set_clients_alive(self, n: int) -> None:
         self.clients_alive.set(n)
+
+    def observe_staleness(self, taus: list[int]) -> None:
+        """The staleness of each update a buffered version folded."""
+        for tau in taus:
+            self.update_staleness.observe(tau)
 
     def exposition(self) -> bytes:
         """This registry in the Prometheus text format (what /metrics would serve in-process)."""
@@ -133,6 +142,11 @@ def observe_round(seconds: float) -> None:
 def set_clients_alive(n: int) -> None:
     """Set how many clients of the run being driven have a live heartbeat."""
     default().set_clients_alive(n)
+
+
+def observe_staleness(taus: list[int]) -> None:
+    """Count the staleness of a buffered version's updates (see AggregatorMetrics.observe_staleness)."""
+    default().observe_staleness(taus)
 
 
 class RunGauges:

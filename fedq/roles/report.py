@@ -25,7 +25,7 @@ ROUND_FIELDS = ("round", "num_updates", "num_examples", "train_loss", "train_acc
 EXTRA_ROUND_FIELDS = ("test_auc", "test_precision", "test_recall", "test_f1", "fed_eval_loss",
                       "fed_eval_accuracy", "fed_eval_examples", "fed_eval_precision", "fed_eval_recall",
                       "fed_eval_f1", "strategy", "selected", "dp_epsilon", "dp_delta", "dp_noise_std",
-                      "compression")
+                      "compression", "version", "staleness_mean", "staleness_max", "updates")
 FINAL_EXTRAS = ("test_auc", "test_precision", "test_recall", "test_f1", "fed_eval_loss", "fed_eval_accuracy",
                 "fed_eval_examples", "fed_eval_precision", "fed_eval_recall", "fed_eval_f1")
 
@@ -50,6 +50,7 @@ def build_report(store: RunStore) -> dict[str, Any]:
         "strategy": spec.strategy.resolved().to_dict(),
         "privacy": _privacy(spec, rounds),
         "compression": compression_summary(spec.compression, rounds),
+        "aggregation": _aggregation(spec, rounds),
         # Each client's shard: training and held-out rows and its label histogram (class order
         # as in scaler.json's class_names), which shows how skewed a partition is.
         "client_data": {cid: {k: rec.get(k) for k in ("shard", "rows", "val_rows", "labels", "partition")}
@@ -73,6 +74,16 @@ def client_devices(value: Any) -> list[str] | None:
     if not all(isinstance(d, str) and 0 < len(d) <= MAX_DEVICE_NAME and d.isprintable() for d in value):
         return None
     return list(value)
+
+
+def _aggregation(spec: RunSpec, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sync rounds, or buffered versions: K, the staleness limit and weight, and the staleness seen."""
+    if not spec.buffered:
+        return {"mode": spec.aggregation}
+    taus = [u["staleness"] for m in rounds for u in m.get("updates") or []]
+    return {"mode": spec.aggregation, "buffer_size": spec.buffer_k, "max_staleness": spec.staleness_limit,
+            "staleness_weight": spec.staleness_kind, "versions": len(rounds), "updates": len(taus),
+            "staleness_mean": sum(taus) / len(taus) if taus else None, "staleness_max": max(taus, default=None)}
 
 
 def _privacy(spec: RunSpec, rounds: list[dict[str, Any]]) -> dict[str, Any]:

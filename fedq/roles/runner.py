@@ -147,11 +147,13 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
               on_round: Callable[[dict[str, Any]], None] = lambda m: None,
               on_event: Callable[[str], None] = lambda s: None,
               on_progress: Callable[[RunStore], None] = lambda s: None,
-              client_commands: list[tuple[str, list[str]]] | None = None) -> dict[str, Any]:
+              client_commands: list[tuple[str, list[str]]] | None = None,
+              stragglers: tuple[int, float] = (0, 0.0)) -> dict[str, Any]:
     """Run a federation with an aggregator and spec.clients client processes; returns the report.
 
     client_commands (name, fedq arguments) replaces the default of one `fedq client` per shard
-    (fedq simulate runs many lightweight clients per process instead).
+    (fedq simulate runs many lightweight clients per process instead). stragglers (M, seconds):
+    the last M default clients add that delay to every local training.
 
     on_progress is called with the run's store at every wake-up (at least every block_seconds)."""
     spec.validate()
@@ -174,7 +176,8 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
         procs = Processes(out / "logs", env)
         stack.callback(procs.stop)
         procs.start("aggregator", ["aggregator", "--queue", queue, "--burst"])
-        commands = client_commands or [(f"client-{k}", ["client", "--shard", str(k), "--run", spec.run_id, "--once"])
+        commands = client_commands or [(f"client-{k}", ["client", "--shard", str(k), "--run", spec.run_id, "--once",
+                                                        *straggling(k, spec.clients, stragglers)])
                                        for k in range(spec.clients)]
         for name, args in commands:
             procs.start(name, args)
@@ -191,6 +194,12 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
         procs.wait(30)
         return write_report(store, out)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def straggling(shard: int, clients: int, stragglers: tuple[int, float]) -> list[str]:
+    """The client's --delay when it is one of the last M of the clients (stragglers = (M, seconds))."""
+    count, delay = stragglers
+    return ["--delay", repr(delay)] if count and shard >= clients - count else []
 
 
 def _follow(store: RunStore, procs: Processes, settings: Settings,

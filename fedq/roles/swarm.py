@@ -86,17 +86,22 @@ def noise_trainers(store: RunStore, scale: float = 1e-3, shared: SharedGlobal | 
     return factory
 
 
-def client_commands(spec: RunSpec, processes: int, scale: float = 1e-3) -> list[tuple[str, list[str]]]:
-    """`fedq sim-worker` commands that split the run's shards over `processes` processes."""
+def client_commands(spec: RunSpec, processes: int, scale: float = 1e-3,
+                    stragglers: tuple[int, float] = (0, 0.0)) -> list[tuple[str, list[str]]]:
+    """`fedq sim-worker` commands that split the run's shards over `processes` processes; with
+    stragglers (M, seconds), the last M shards add that delay to every update."""
     parts = np.array_split(np.arange(spec.clients), max(1, min(processes, spec.clients)))
+    slow = ["--delay-from", str(spec.clients - stragglers[0]), "--delay", repr(stragglers[1])] if stragglers[0] else []
     return [(f"sim-worker-{i}", ["sim-worker", "--run", spec.run_id, "--first", str(int(p[0])),
-                                 "--count", str(len(p)), "--scale", repr(scale)])
+                                 "--count", str(len(p)), "--scale", repr(scale), *slow])
                  for i, p in enumerate(parts) if len(p)]
 
 
-def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: float = 1e-3) -> int:
+def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: float = 1e-3,
+               delay: tuple[int, float] | None = None) -> int:
     """Run shards first..first+count-1 as threads; returns how many clients failed. scale is
-    the noise of their updates (0: each sends the global model back, a no-op round)."""
+    the noise of their updates (0: each sends the global model back, a no-op round); delay
+    (first straggler shard, seconds) slows the shards from that one on."""
     from threadpoolctl import threadpool_limits
 
     # Hundreds of threads each calling into a multi-threaded BLAS would each get its pools and
@@ -113,7 +118,8 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
         try:
             Client(r, settings, shard, run_id=run_id,
                    trainer_factory=noise_trainers(RunStore(r, run_id), scale, shared),
-                   global_reader=shared.read).serve(once=True)
+                   global_reader=shared.read,
+                   delay=delay[1] if delay is not None and shard >= delay[0] else 0.0).serve(once=True)
         except Exception as exc:  # counted and reported; one client must not stop the rest
             log.error("client-%d failed: %s", shard, exc)
             failures.append(f"client-{shard}")

@@ -119,8 +119,9 @@ class Run:
                  **settings: Any) -> None:
         self.arena = arena
         self.run_id = run_id
-        self.spec = RunSpec(clients=clients, rounds=rounds, round_timeout=6, min_clients=2, round_retries=1,
-                            run_id=run_id, model=MODEL, local_epochs=1, **(spec_extra or {})).validate()
+        extra = {"min_clients": 2, **(spec_extra or {})}  # buffered runs take no quorum (min_clients None)
+        self.spec = RunSpec(clients=clients, rounds=rounds, round_timeout=6, round_retries=1,
+                            run_id=run_id, model=MODEL, local_epochs=1, **extra).validate()
         self.store = RunStore(arena.agg, run_id)
         self.store.create(self.spec)
         self.signers = signers or {}

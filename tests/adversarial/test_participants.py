@@ -339,3 +339,36 @@ def test_ids_that_are_no_ids_in_shared_structures(arena: Arena) -> None:
     finally:
         r.zrem("fedq:runs", "<script>alert(1)</script>", "a:b{c}", "x" * 300)
     assert os.environ.get("FEDQ_REDIS_URL", "") != arena.url(acl.DASHBOARD_USER)
+
+
+def test_buffered_stale_updates_pushed_and_written_around_the_push(arena: Arena) -> None:
+    """A buffered run (two updates a version, no staleness allowed): Mallory, as her own ACL user,
+    pushes for the version just behind with a window of her own choosing, writes her update key
+    around the push step, and pushes for a version not open. None of it counts; the honest
+    clients' updates make every version."""
+    run = Run(arena, "adv-buffered", rounds=8, spec_extra={"aggregation": "buffered", "buffer_size": 2,
+                                                           "max_staleness": 0, "min_clients": None})
+    assert run.mallory_joins() == "joined"
+    run.wait(lambda: run.store.committed_round() >= 1, "version 1 to commit")
+    k = RunKeys(run.run_id)
+
+    def stale_judged() -> bool:
+        return any(j["client"] == MALLORY and j["outcome"] == "stale" for j in run.store.judged())
+
+    for _ in range(6):  # the honest clients move versions on fast: aim at the one just behind, again
+        behind = max(1, run.store.committed_round())
+        payload, _ = run.mallory_update(behind, 50)
+        assert run.m.push_update(MALLORY, behind, payload, run.settings.max_update_bytes, window=50) in ("ok", "stale")
+        run.mallory.hset(k.update(MALLORY, behind), mapping={"payload": payload, "parts": ""})
+        run.mallory.hincrby(k.update(MALLORY, behind), "seq", 1)  # another version, without the push step
+        run.mallory.rpush(k.inbox, MALLORY)
+        try:
+            run.wait(stale_judged, "her stale update to be judged", timeout=3)
+            break
+        except AssertionError:
+            continue
+    payload, _ = run.mallory_update(1, 50)
+    assert run.m.push_update(MALLORY, 99, payload, run.settings.max_update_bytes, window=50) == "round_not_open"
+    out = _check(run, "buffered: stale, around the push")
+    assert out["outcomes"]["stale"] >= 1 and out["outcomes"]["accepted"] == 0
+    assert all(m["staleness_max"] == 0 for m in out["metrics"])

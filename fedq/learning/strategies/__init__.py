@@ -326,6 +326,11 @@ class Strategy:
             return combine.result()
         return self._server.step(self._global, combine.result())
 
+    def step(self, current: Sequence[np.ndarray], proposal: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Only the server step, from current towards a proposed next model (buffered aggregation
+        proposes its staleness-weighted one, fedq.learning.staleness). Advances the server optimiser."""
+        return self._server.step(current, proposal)
+
     def round_info(self) -> dict[str, Any]:
         """What the round's metrics record about the strategy (clipped clients, Krum's choice)."""
         out: dict[str, Any] = dict(self._combine.info())
