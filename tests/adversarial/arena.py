@@ -37,7 +37,10 @@ MALLORY = "mallory"
 CONFINED = "mallory-confined"  # a client user confined to another run (fedq acl --run elsewhere)
 USERS = [*HONEST, MALLORY]
 MODEL = "byo_models:build_wide"  # about 1.2 MB of float32 weights: reads are measurable
-ROWS: list[dict[str, Any]] = []  # the suite's table, printed by conftest
+TABLE = "adversarial suite"  # one row per attack (support.table), printed at the end of the session
+COLUMNS = [("attack", "attack", -34, ""), ("outcome", "outcome", -30, ""), ("run", "run", -9, ""),
+           ("honest lost", "lost", 11, ""), ("mallory accepted", "accepted", 16, ""),
+           ("read MB", "read_mb", 8, ".2f"), ("bound MB", "bound_mb", 8, ".2f")]
 
 
 class _CountingSocket:

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from arena import CONFINED, HONEST, MALLORY, ROWS, Arena, Run
+from arena import COLUMNS, CONFINED, HONEST, MALLORY, TABLE, Arena, Run
 from rich.console import Console
 from support.procs import cli_env, fedq_cmd
+from support.table import add_row
 
 from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
@@ -93,8 +94,9 @@ def _check(run: Run, attack: str, extra: Extra | None = None, weights: dict[str,
     refused = Counter(x["reason"] for x in run.store.refused()
                       if x["client"] == MALLORY and x.get("stage") != "aggregate")  # those are in judged
     outcome = ", ".join(f"{k} x{v}" for k, v in sorted((outcomes + refused).items() - {("accepted", 0)}))
-    ROWS.append({"attack": attack, "outcome": (outcome or "nothing reached it")[:30], "run": state["status"],
-                 "lost": lost, "accepted": accepted, "read": run.bytes_read[0], "bound": bound})
+    add_row(TABLE, COLUMNS, {"attack": attack, "outcome": (outcome or "nothing reached it")[:30],
+                             "run": state["status"], "lost": lost, "accepted": accepted,
+                             "read_mb": run.bytes_read[0] / 2**20, "bound_mb": bound / 2**20})
     return {"metrics": metrics, "judged": judged, "outcomes": outcomes, "refused": refused}
 
 

@@ -22,13 +22,17 @@ import redis
 from support.federation import CliFederation
 from support.procs import Proc, cli_env, fedq_cmd
 from support.redis import RedisServer
+from support.table import add_row
 from support.wait import wait_until
 
 from fedq.learning.aggregate import fedavg
 from fedq.protocol import codec, messages
 from fedq.protocol.store import RunStore
 
-ROWS: list[dict] = []  # the suite's summary table, printed by conftest at the end
+TABLE = "fault suite"  # one row per scenario (support.table), printed at the end of the session
+COLUMNS = [("scenario", "scenario", -42, ""), ("outcome", "outcome", -9, ""), ("rounds", "rounds", 6, ""),
+           ("accepted", "accepted", 8, ""), ("refused", "refused", 7, ""), ("lost", "lost", 4, ""),
+           ("double", "double", 6, ""), ("seconds", "seconds", 7, ".1f")]
 
 
 @dataclass
@@ -155,6 +159,6 @@ class Federation(CliFederation):
     def record(self, scenario: str, audit: Audit | None) -> None:
         state = self.store.state() if self.server.proc.poll() is None else {}
         a = audit or Audit(0, 0, 0, 0, 0)
-        ROWS.append({"scenario": scenario, "outcome": state.get("status", "?"), "rounds": a.rounds,
-                     "accepted": a.accepted, "refused": a.refused, "lost": a.lost,
-                     "double": a.double_counted, "seconds": time.monotonic() - self.t0})
+        add_row(TABLE, COLUMNS, {"scenario": scenario, "outcome": state.get("status", "?"), "rounds": a.rounds,
+                                 "accepted": a.accepted, "refused": a.refused, "lost": a.lost,
+                                 "double": a.double_counted, "seconds": time.monotonic() - self.t0})
