@@ -49,12 +49,13 @@ class Federation(CliFederation):
 
     def __init__(self, tmp_path: Path, *, clients: int = 2, rounds: int = 3, min_clients: int | None = None,
                  round_timeout: float = 60, redis_args: tuple[str, ...] = (), run_id: str = "fault",
-                 lease: float = 3.0) -> None:
+                 lease: float = 3.0, real_training: bool = False) -> None:
         self.t0 = time.monotonic()
         self.server = RedisServer(*redis_args)
         self.url = self.server.url
         super().__init__(cli_env(self.url, FEDQ_LEASE_SECONDS=str(lease), FEDQ_BLOCK_SECONDS="0.5",
-                                 FEDQ_TF_THREADS="1", FEDQ_WAIT_SECONDS="120"), tmp_path)
+                                 FEDQ_TF_THREADS="1", FEDQ_WAIT_SECONDS="120"), tmp_path,
+                         fake_training=not real_training)
         self.r = redis.Redis.from_url(self.url, socket_timeout=10)
         self.run_id = run_id
         self.clients = clients
