@@ -117,12 +117,14 @@ class Arena:
 class Run:
     """One run: created, driven by an in-process aggregator, two honest clients pushing."""
 
-    def __init__(self, arena: Arena, run_id: str, *, clients: int = 3, rounds: int = 2,
+    def __init__(self, arena: Arena, run_id: str, *, clients: int = 3, rounds: int = 2, round_timeout: float = 3,
                  spec_extra: dict[str, Any] | None = None, signers: dict[str, Signer] | None = None,
                  **settings: Any) -> None:
+        """round_timeout: a round Mallory does not push to closes then with the honest two; a
+        scenario whose attack takes a while in the first round (large writes, many pushes) sets more."""
         self.arena = arena
         self.run_id = run_id
-        self.spec = RunSpec(clients=clients, rounds=rounds, round_timeout=6, min_clients=2, round_retries=1,
+        self.spec = RunSpec(clients=clients, rounds=rounds, round_timeout=round_timeout, min_clients=2, round_retries=1,
                             run_id=run_id, model=MODEL, local_epochs=1, **(spec_extra or {})).validate()
         self.store = RunStore(arena.agg, run_id)
         self.store.create(self.spec)

@@ -106,7 +106,7 @@ def _round_open(run: Run, round_no: int) -> None:
 
 
 def test_every_client_key_with_every_redis_type(arena: Arena) -> None:
-    run = Run(arena, "adv-types")
+    run = Run(arena, "adv-types", round_timeout=6)  # 42 writes and 6 reads in round 1
     assert run.mallory_joins() == "joined"
     _round_open(run, 1)
     k, m = RunKeys(run.run_id), run.mallory
@@ -154,7 +154,7 @@ def test_sequence_numbers_that_are_not_numbers(arena: Arena) -> None:
 
 
 def test_values_far_over_the_caps_are_never_read(arena: Arena) -> None:
-    run = Run(arena, "adv-huge")
+    run = Run(arena, "adv-huge", round_timeout=6)  # 100 MiB written in round 1
     assert run.mallory_joins() == "joined"
     _round_open(run, 1)
     k, m = RunKeys(run.run_id), run.mallory
@@ -257,7 +257,7 @@ def test_the_audit_trail_is_out_of_reach(arena: Arena) -> None:
 def test_re_pushing_is_capped(arena: Arena) -> None:
     # A fourth member that is alive but never pushes keeps the round open until its deadline:
     # time for every push.
-    run = Run(arena, "adv-repush", clients=4, rounds=1)
+    run = Run(arena, "adv-repush", clients=4, rounds=1, round_timeout=6)
     idle = RunStore(arena.agg, run.run_id)
     beat = heartbeat.client_heartbeat(arena.agg, run.run_id, "idle", ttl=30).start()
     x, _ = load_shard(run.spec.data, 1, 2)
