@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import redis
+from support import table
 from support.federation import Federation
 from support.redis import RedisServer
 
@@ -61,3 +62,20 @@ def harness_factory(federation_factory: Callable[..., Federation]) -> Callable[.
         return federation_factory(spec, state_rows=False, **settings)
 
     return make
+
+
+# --- the suites' summary tables (support.table), printed once at the end, also under xdist ---
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    out = getattr(session.config, "workeroutput", None)  # set in an xdist worker only
+    if out is not None:
+        out["fedq_tables"] = table.TABLES
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist, in the controller: a worker finished; keep the tables it made."""
+    table.merge(getattr(node, "workeroutput", {}).get("fedq_tables", {}))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    table.print_tables(terminalreporter)

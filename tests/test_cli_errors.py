@@ -139,8 +139,8 @@ def test_client_shard_out_of_range_is_a_usage_error(redis_url: str) -> None:
     assert "0..2" in line
 
 
-def test_client_whose_shard_count_differs_from_the_run_is_refused_naming_both(redis_url: str) -> None:
-    _submit(redis_url, "--run-id", "three-shards", "--clients", "3")
+def test_client_whose_shard_count_differs_from_the_run_is_refused_naming_both(redis_url: str, r: redis.Redis) -> None:
+    _queued(r, "three-shards", clients=3)
     proc = fedq("client", "--shard", "0", "--num-shards", "2", "--run", "three-shards", "--once", env=_env(redis_url))
     line = assert_error_line(proc, "--num-shards 2", "3 shards")
     assert "three-shards" in line
@@ -227,43 +227,30 @@ def test_bad_log_level_from_env_is_a_usage_error(redis_url: str) -> None:
 # ---------------------------------------------------------------- submit, status, report
 
 
-def test_submit_prints_one_run_id_and_stores_the_run(redis_url: str, r: redis.Redis) -> None:
+def test_submit_then_status_lists_every_run_and_shows_one_queued(redis_url: str, r: redis.Redis) -> None:
+    """One set of submitted runs for the listing, one run's view, and an unknown run's error
+    (some other run exists): three submits rather than one per check (each loads the data)."""
     run_id = _submit(redis_url)
     assert RUN_ID.match(run_id), run_id
     assert r.zscore("fedq:runs", run_id) is not None
     assert r.hget(f"fedq:{{{run_id}}}:state", "status") == b"queued"
+    ids = [run_id, *(_submit(redis_url, "--run-id", f"run-{k}") for k in range(2))]
+    assert ids[1:] == ["run-0", "run-1"]
 
-
-def test_status_lists_a_submitted_run(redis_url: str) -> None:
-    run_id = _submit(redis_url)
     proc = fedq("status", env=_env(redis_url))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     # The listing is where users find run ids: the whole id must be readable, not cut short.
-    assert run_id in proc.stdout, proc.stdout
+    for listed in ids:
+        assert listed in proc.stdout, proc.stdout
     assert "queued" in proc.stdout
 
-
-def test_status_lists_every_submitted_run(redis_url: str) -> None:
-    ids = [_submit(redis_url, "--run-id", f"run-{k}") for k in range(3)]
-    proc = fedq("status", env=_env(redis_url))
-    assert proc.returncode == 0, proc.stderr
-    for run_id in ids:
-        assert run_id in proc.stdout, proc.stdout
-
-
-def test_status_of_one_run_shows_it_queued(redis_url: str) -> None:
-    run_id = _submit(redis_url)
     proc = fedq("status", "--run", run_id, env=_env(redis_url))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"run {run_id}: queued" in proc.stdout, proc.stdout
 
-
-def test_status_of_unknown_run_fails(redis_url: str) -> None:
-    _submit(redis_url)  # some other run exists
-    proc = fedq("status", "--run", "nosuchrun", env=_env(redis_url))
-    assert_error_line(proc, "no run", "nosuchrun")
+    assert_error_line(fedq("status", "--run", "nosuchrun", env=_env(redis_url)), "no run", "nosuchrun")
 
 
 def test_status_with_invalid_run_id_fails(redis_url: str) -> None:
@@ -278,8 +265,17 @@ def test_report_of_unknown_run_fails_without_writing(redis_url: str, tmp_path: P
     assert not (out / "report.json").exists()
 
 
-def test_report_with_out_below_a_file_fails_cleanly(redis_url: str, tmp_path: Path) -> None:
-    run_id = _submit(redis_url)
+def _queued(r: redis.Redis, run_id: str, clients: int = 2) -> str:
+    """A queued run, created through the store as `fedq submit` creates it (no process)."""
+    from fedq.learning.spec import RunSpec
+    from fedq.protocol.store import RunStore
+
+    RunStore(r, run_id).create(RunSpec(clients=clients, rounds=2, run_id=run_id))
+    return run_id
+
+
+def test_report_with_out_below_a_file_fails_cleanly(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    run_id = _queued(r, "to-report")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory\n")
     proc = fedq("report", "--run", run_id, "--out", str(blocker / "out"), env=_env(redis_url))

@@ -64,7 +64,9 @@ def _state(page: Any) -> dict[str, Any]:
 def test_run_page_follows_a_live_federation_and_ends_with_the_report(redis_url: str, browser: Any,
                                                                      tmp_path: Path) -> None:
     dash = Dashboard(redis_url, tmp_path, refresh=0.5)
-    fed = CliFederation.driven(redis_url, tmp_path, "browser-run", clients=2, rounds=4, local_epochs=3)
+    # Clients that train for 0.5 s and 1 s a round (FakeTrainer): a run the page can watch live,
+    # without two more TensorFlow processes; the aggregator's central evaluation is Keras'.
+    fed = CliFederation.driven(redis_url, tmp_path, "browser-run", clients=2, rounds=4, train_seconds=0.5)
     errors: list[str] = []
     states: list[dict[str, Any]] = []
     try:

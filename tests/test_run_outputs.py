@@ -14,6 +14,7 @@ from support.cli import assert_error_line, fedq
 from support.cli import pipe_env as _env
 from support.procs import ROOT, cli_env, fedq_cmd
 
+from fedq.learning.spec import RunSpec
 from fedq.protocol.store import RunStore
 
 pytestmark = pytest.mark.slow  # every test here runs the fedq CLI as a process (seconds to tens of seconds each)
@@ -67,7 +68,8 @@ def test_submit_with_a_model_module_that_does_not_exist_stores_nothing(redis_url
 
 
 def test_report_of_a_failed_run_replaces_a_previous_runs_files(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
-    run_id = fedq("submit", "--clients", "2", "--rounds", "2", env=_env(redis_url)).stdout.strip()
+    run_id = "failed-run"  # created as `fedq submit` creates it (test_cli_errors runs submit itself)
+    RunStore(r, run_id).create(RunSpec(clients=2, rounds=2, run_id=run_id))
     RunStore(r, run_id).fail("a round had no quorum")
     out = tmp_path / "out"
     _stale(out)

@@ -37,7 +37,10 @@ MALLORY = "mallory"
 CONFINED = "mallory-confined"  # a client user confined to another run (fedq acl --run elsewhere)
 USERS = [*HONEST, MALLORY]
 MODEL = "byo_models:build_wide"  # about 1.2 MB of float32 weights: reads are measurable
-ROWS: list[dict[str, Any]] = []  # the suite's table, printed by conftest
+TABLE = "adversarial suite"  # one row per attack (support.table), printed at the end of the session
+COLUMNS = [("attack", "attack", -34, ""), ("outcome", "outcome", -30, ""), ("run", "run", -9, ""),
+           ("honest lost", "lost", 11, ""), ("mallory accepted", "accepted", 16, ""),
+           ("read MB", "read_mb", 8, ".2f"), ("bound MB", "bound_mb", 8, ".2f")]
 
 
 class _CountingSocket:
@@ -114,13 +117,15 @@ class Arena:
 class Run:
     """One run: created, driven by an in-process aggregator, two honest clients pushing."""
 
-    def __init__(self, arena: Arena, run_id: str, *, clients: int = 3, rounds: int = 2,
+    def __init__(self, arena: Arena, run_id: str, *, clients: int = 3, rounds: int = 2, round_timeout: float = 3,
                  spec_extra: dict[str, Any] | None = None, signers: dict[str, Signer] | None = None,
                  **settings: Any) -> None:
+        """round_timeout: a round Mallory does not push to closes then with the honest two; a
+        scenario whose attack takes a while in the first round (large writes, many pushes) sets more."""
         self.arena = arena
         self.run_id = run_id
         extra = {"min_clients": 2, **(spec_extra or {})}  # buffered runs take no quorum (min_clients None)
-        self.spec = RunSpec(clients=clients, rounds=rounds, round_timeout=6, round_retries=1,
+        self.spec = RunSpec(clients=clients, rounds=rounds, round_timeout=round_timeout, round_retries=1,
                             run_id=run_id, model=MODEL, local_epochs=1, **extra).validate()
         self.store = RunStore(arena.agg, run_id)
         self.store.create(self.spec)

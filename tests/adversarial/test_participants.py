@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from arena import CONFINED, HONEST, MALLORY, ROWS, Arena, Run
+from arena import COLUMNS, CONFINED, HONEST, MALLORY, TABLE, Arena, Run
 from rich.console import Console
 from support.procs import cli_env, fedq_cmd
+from support.table import add_row
 
 from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
@@ -93,8 +94,9 @@ def _check(run: Run, attack: str, extra: Extra | None = None, weights: dict[str,
     refused = Counter(x["reason"] for x in run.store.refused()
                       if x["client"] == MALLORY and x.get("stage") != "aggregate")  # those are in judged
     outcome = ", ".join(f"{k} x{v}" for k, v in sorted((outcomes + refused).items() - {("accepted", 0)}))
-    ROWS.append({"attack": attack, "outcome": (outcome or "nothing reached it")[:30], "run": state["status"],
-                 "lost": lost, "accepted": accepted, "read": run.bytes_read[0], "bound": bound})
+    add_row(TABLE, COLUMNS, {"attack": attack, "outcome": (outcome or "nothing reached it")[:30],
+                             "run": state["status"], "lost": lost, "accepted": accepted,
+                             "read_mb": run.bytes_read[0] / 2**20, "bound_mb": bound / 2**20})
     return {"metrics": metrics, "judged": judged, "outcomes": outcomes, "refused": refused}
 
 
@@ -104,7 +106,7 @@ def _round_open(run: Run, round_no: int) -> None:
 
 
 def test_every_client_key_with_every_redis_type(arena: Arena) -> None:
-    run = Run(arena, "adv-types")
+    run = Run(arena, "adv-types", round_timeout=6)  # 42 writes and 6 reads in round 1
     assert run.mallory_joins() == "joined"
     _round_open(run, 1)
     k, m = RunKeys(run.run_id), run.mallory
@@ -152,7 +154,7 @@ def test_sequence_numbers_that_are_not_numbers(arena: Arena) -> None:
 
 
 def test_values_far_over_the_caps_are_never_read(arena: Arena) -> None:
-    run = Run(arena, "adv-huge")
+    run = Run(arena, "adv-huge", round_timeout=6)  # 100 MiB written in round 1
     assert run.mallory_joins() == "joined"
     _round_open(run, 1)
     k, m = RunKeys(run.run_id), run.mallory
@@ -272,7 +274,7 @@ def test_the_audit_trail_is_out_of_reach(arena: Arena) -> None:
 def test_re_pushing_is_capped(arena: Arena) -> None:
     # A fourth member that is alive but never pushes keeps the round open until its deadline:
     # time for every push.
-    run = Run(arena, "adv-repush", clients=4, rounds=1)
+    run = Run(arena, "adv-repush", clients=4, rounds=1, round_timeout=6)
     idle = RunStore(arena.agg, run.run_id)
     beat = heartbeat.client_heartbeat(arena.agg, run.run_id, "idle", ttl=30).start()
     x, _ = load_shard(run.spec.data, 1, 2)

@@ -1,4 +1,4 @@
-"""The fault suite prints a summary table of its scenarios at the end of the session."""
+"""The fault suite's federations (its summary table is support.table's, printed by tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness import ROWS, Federation
-from support.table import print_table
+from harness import Federation
 
 
 @pytest.fixture()
@@ -23,9 +22,3 @@ def federation(tmp_path) -> Iterator[Any]:
     for fed in made:
         fed.close()
 
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    print_table(terminalreporter, "fault suite", [
-        ("scenario", "scenario", -42, ""), ("outcome", "outcome", -9, ""), ("rounds", "rounds", 6, ""),
-        ("accepted", "accepted", 8, ""), ("refused", "refused", 7, ""), ("lost", "lost", 4, ""),
-        ("double", "double", 6, ""), ("seconds", "seconds", 7, ".1f")], ROWS)

@@ -22,13 +22,17 @@ import redis
 from support.federation import CliFederation
 from support.procs import Proc, cli_env, fedq_cmd
 from support.redis import RedisServer
+from support.table import add_row
 from support.wait import wait_until
 
 from fedq.learning.aggregate import fedavg
 from fedq.protocol import codec, messages
 from fedq.protocol.store import RunStore
 
-ROWS: list[dict] = []  # the suite's summary table, printed by conftest at the end
+TABLE = "fault suite"  # one row per scenario (support.table), printed at the end of the session
+COLUMNS = [("scenario", "scenario", -42, ""), ("outcome", "outcome", -9, ""), ("rounds", "rounds", 6, ""),
+           ("accepted", "accepted", 8, ""), ("refused", "refused", 7, ""), ("lost", "lost", 4, ""),
+           ("double", "double", 6, ""), ("seconds", "seconds", 7, ".1f")]
 
 
 @dataclass
@@ -45,12 +49,13 @@ class Federation(CliFederation):
 
     def __init__(self, tmp_path: Path, *, clients: int = 2, rounds: int = 3, min_clients: int | None = None,
                  round_timeout: float = 60, redis_args: tuple[str, ...] = (), run_id: str = "fault",
-                 lease: float = 3.0) -> None:
+                 lease: float = 3.0, real_training: bool = False) -> None:
         self.t0 = time.monotonic()
         self.server = RedisServer(*redis_args)
         self.url = self.server.url
         super().__init__(cli_env(self.url, FEDQ_LEASE_SECONDS=str(lease), FEDQ_BLOCK_SECONDS="0.5",
-                                 FEDQ_TF_THREADS="1", FEDQ_WAIT_SECONDS="120"), tmp_path)
+                                 FEDQ_TF_THREADS="1", FEDQ_WAIT_SECONDS="120"), tmp_path,
+                         fake_training=not real_training)
         self.r = redis.Redis.from_url(self.url, socket_timeout=10)
         self.run_id = run_id
         self.clients = clients
@@ -155,6 +160,6 @@ class Federation(CliFederation):
     def record(self, scenario: str, audit: Audit | None) -> None:
         state = self.store.state() if self.server.proc.poll() is None else {}
         a = audit or Audit(0, 0, 0, 0, 0)
-        ROWS.append({"scenario": scenario, "outcome": state.get("status", "?"), "rounds": a.rounds,
-                     "accepted": a.accepted, "refused": a.refused, "lost": a.lost,
-                     "double": a.double_counted, "seconds": time.monotonic() - self.t0})
+        add_row(TABLE, COLUMNS, {"scenario": scenario, "outcome": state.get("status", "?"), "rounds": a.rounds,
+                                 "accepted": a.accepted, "refused": a.refused, "lost": a.lost,
+                                 "double": a.double_counted, "seconds": time.monotonic() - self.t0})

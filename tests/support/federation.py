@@ -19,6 +19,7 @@ from fedq.protocol import chunking, codec, messages, transfer
 from fedq.protocol.store import RunStore, connect
 from fedq.roles.aggregator import Aggregator, AggregatorStopped
 from fedq.settings import Settings
+from support.fake_client import fake_client_cmd, fake_client_env
 from support.procs import Proc, cli_env
 from support.wait import wait_until
 
@@ -162,18 +163,25 @@ class Federation:
 
 class CliFederation:
     """Aggregators and clients as `fedq` CLI processes (``support.procs.Proc``, each in a session
-    of its own, logs in ``logs``), the way users start them."""
+    of its own, logs in ``logs``), the way users start them. With ``fake_training`` the clients
+    are ``support.fake_client`` processes: fedq's CLI with FakeTrainer for Keras."""
 
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, env: dict[str, str], logs: Path, *, fake_training: bool = False) -> None:
         self.env = env
         self.logs = logs
+        self.fake_training = fake_training
         self.procs: dict[str, Proc] = {}
 
     @classmethod
     def driven(cls, redis_url: str, logs: Path, run_id: str, clients: int = 2, rounds: int = 3,
-               local_epochs: int = 1, extra: tuple[str, ...] = ()) -> CliFederation:
-        """One run that `fedq aggregator --clients ...` creates and drives, with its --once clients."""
-        fed = cls(cli_env(redis_url, FEDQ_TF_THREADS="1"), logs)  # the tests share 2 cores
+               local_epochs: int = 1, extra: tuple[str, ...] = (), *,
+               train_seconds: float | None = None) -> CliFederation:
+        """One run that `fedq aggregator --clients ...` creates and drives, with its --once clients;
+        with train_seconds, clients train with FakeTrainer for that long x (shard + 1) a round."""
+        env = cli_env(redis_url, FEDQ_TF_THREADS="1")  # the tests share 2 cores
+        if train_seconds is not None:
+            env = fake_client_env(env, train_seconds)
+        fed = cls(env, logs, fake_training=train_seconds is not None)
         for k in range(clients):
             fed.client(k, run_id)
         fed.start("aggregator", "aggregator", "--clients", str(clients), "--rounds", str(rounds),
@@ -185,7 +193,12 @@ class CliFederation:
         return self.procs[name]
 
     def client(self, k: int, run_id: str, name: str | None = None, env: dict[str, str] | None = None) -> Proc:
-        return self.start(name or f"client-{k}", "client", "--shard", str(k), "--run", run_id, "--once", env=env)
+        args = ("client", "--shard", str(k), "--run", run_id, "--once")
+        if not self.fake_training:
+            return self.start(name or f"client-{k}", *args, env=env)
+        name = name or f"client-{k}"
+        self.procs[name] = Proc(name, fake_client_cmd(*args), fake_client_env(env or self.env), self.logs, raw=True)
+        return self.procs[name]
 
     def log(self, name: str) -> str:
         return self.procs[name].text()
