@@ -26,7 +26,7 @@ from fedq.protocol import store as store_mod
 from fedq.protocol.compress import CompressionError
 from fedq.protocol.signing import Signer
 from fedq.protocol.store import RunStore
-from fedq.protocol.vocabulary import Phase, Push, Status
+from fedq.protocol.vocabulary import Event, Phase, Push, Status
 from fedq.settings import Settings
 
 STALE_GLOBAL = "stale_global"  # our own outcome: the global model moved on while we read it
@@ -73,6 +73,7 @@ class Client:
         self._beat: heartbeat.Heartbeat | None = None
         self.signer = Signer.from_file(settings.signing_key) if settings.signing_key else None
         self._dp_rng = np.random.default_rng()  # local DP noise (fresh OS entropy)
+        self._prefetched: bytes | None = None  # the global model read along with the state
 
     # --- finding a run ------------------------------------------------------------------
     def serve(self, once: bool = False) -> list[dict[str, Any]]:
@@ -169,14 +170,18 @@ class Client:
             self._beat = None
 
     def _train_rounds(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        last_event = "0-0"
+        # Wake-ups from now on: the state read below covers what came before (with 1,000
+        # clients, paging through their 1,000 admissions 100 at a time cost each one seconds).
+        last_event = st.last_event_id()
         trainer: Trainer | None = None
         pushed = 0
         evaluated = False
         progress_deadline = time.monotonic() + self.settings.wait_seconds
+        expect_global = True  # a round is (about to be) open: read its global model with the state
         while True:
             self._check_stop()
-            state = st.state()
+            state = self._read_state(st, expect_global)
+            expect_global = False
             if not state:
                 raise RunFailed(_vanished(st.run_id))
             status = state.get("status")
@@ -217,6 +222,17 @@ class Client:
             last_event, events = st.wait_event(last_event, self.settings.block_seconds)
             if events:
                 progress_deadline = time.monotonic() + self.settings.wait_seconds
+                # A commit woke us: the next look at the state brings the new model along.
+                expect_global = any(e.get("event") in (Event.ROUND, Event.TRAINING) for e in events)
+
+    def _read_state(self, st: RunStore, with_global: bool) -> dict[str, str]:
+        """The run's state; with_global, the global model's payload too, in the same round trip
+        (kept for _fetch), when this client fetches the model itself."""
+        if not with_global or self.read_global is not transfer.read_global:
+            self._prefetched = None  # only ever the payload of the latest look
+            return st.state()
+        state, self._prefetched = st.state_and_global()
+        return state
 
     def _prepare(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> Trainer:
         """Standardise the shard with the run's combined statistics and build the trainer."""
@@ -269,8 +285,12 @@ class Client:
     def _fetch(self, st: RunStore, trainer: Trainer, round_no: int) -> list[np.ndarray] | None:
         """Stage 1: load the global model of round_no - 1 into the trainer and return it (None
         when the commit moved on while we read: the round is not ours to train any more)."""
+        payload, self._prefetched = self._prefetched, None
         try:
-            g_round, names, tensors = self.read_global(st)
+            if payload is not None:  # read with the state that opened this round
+                g_round, names, tensors = transfer.read_global(st, payload)
+            else:
+                g_round, names, tensors = self.read_global(st)
         except transfer.PartsGone:
             return None  # the commit moved on twice while we read
         if g_round != round_no - 1:
