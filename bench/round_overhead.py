@@ -254,28 +254,24 @@ def measure_seed(n: int, tensors: list[np.ndarray], rounds: int, lean: bool = Fa
             except OSError:
                 time.sleep(0.05)
         url = f"http://127.0.0.1:{port}/data"
+        workers: list[threading.Thread] | list[mp.process.BaseProcess]
         if lean:
             from urllib.parse import urlencode
 
             body = urlencode({"local_count": "100", "bs": "32",
                               "local_weight": json.dumps([t.tolist() for t in tensors])}).encode()
-            tstart, tend = threading.Barrier(n + 1), threading.Barrier(n + 1)
-            threads = [threading.Thread(target=_seed_lean_client, args=(url, body, rounds, tstart, tend), daemon=True)
+            start, end = threading.Barrier(n + 1), threading.Barrier(n + 1)
+            workers = [threading.Thread(target=_seed_lean_client, args=(url, body, rounds, start, end), daemon=True)
                        for _ in range(n)]
-            for t in threads:
-                t.start()
-            median = _seed_rounds(n, rounds, tstart, tend)
-            for t in threads:
-                t.join(timeout=60)
-            return median
-        ctx = mp.get_context("fork")
-        start, end = ctx.Barrier(n + 1), ctx.Barrier(n + 1)
-        procs = [ctx.Process(target=_seed_client, args=(url, tensors, rounds, start, end)) for _ in range(n)]
-        for p in procs:
-            p.start()
+        else:
+            ctx = mp.get_context("fork")
+            start, end = ctx.Barrier(n + 1), ctx.Barrier(n + 1)
+            workers = [ctx.Process(target=_seed_client, args=(url, tensors, rounds, start, end)) for _ in range(n)]
+        for w in workers:
+            w.start()
         median = _seed_rounds(n, rounds, start, end)
-        for p in procs:
-            p.join(timeout=60)
+        for w in workers:
+            w.join(timeout=60)
         return median
     finally:
         server.terminate()
