@@ -272,6 +272,7 @@ class Client:
         pushed = transfer.push_update(st, self.client_id, round_no, trainer.num_examples, metrics, names, tensors,
                                       chunk_bytes=self.settings.chunk_bytes, max_bytes=self.settings.max_update_bytes,
                                       signer=self.signer, compression=compression)
+        push_ms = (time.perf_counter() - t2) * 1000  # the push itself: not the heartbeat written after it
         if pushed.outcome == Push.OK and self._beat is not None:
             self._beat.update(round=round_no, last_push=time.time())
         note = f" in {pushed.parts} parts" if pushed.parts else ""
@@ -279,7 +280,7 @@ class Client:
             note = f" as {spec.compression} (relative error {metrics['compression_error']:.2e})"
         log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes%s in %.1f ms (%s)",
                  self.client_id, round_no, metrics["loss"], metrics.get("accuracy", float("nan")), train_seconds,
-                 pushed.nbytes, note, (time.perf_counter() - t2) * 1000, pushed.outcome)
+                 pushed.nbytes, note, push_ms, pushed.outcome)
         return pushed.outcome
 
     def _fetch(self, st: RunStore, trainer: Trainer, round_no: int) -> list[np.ndarray] | None:
