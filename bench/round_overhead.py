@@ -13,7 +13,12 @@ Reported beside each measurement, from the same run:
 - the aggregator's peak RSS (its work horse's VmHWM).
 
     python bench/round_overhead.py                   # seed model, N = 2 and 10
-    python bench/round_overhead.py --model 1m --clients 2 10 50 --seed-compare
+    python bench/round_overhead.py --model 1m --clients 10 --seed-compare --repeats 3
+
+The seed comparison times two harnesses after each fedq run: the seed's own way (client
+processes that encode their weights as JSON every round and decode the reply into arrays) and
+a lean one (threads posting a body encoded once, parsing only the reply's JSON), which leaves
+the transport and the server; with --repeats, the medians over the interleaved repeats.
 """
 
 from __future__ import annotations
@@ -207,8 +212,36 @@ def _seed_client(url: str, tensors: list[np.ndarray], rounds: int, start: mp.Bar
         end.wait()
 
 
-def measure_seed(n: int, tensors: list[np.ndarray], rounds: int) -> float:
-    """Median round time of the seed's Flask + JSON transport for n clients."""
+def _seed_lean_client(url: str, body: bytes, rounds: int, start: threading.Barrier, end: threading.Barrier) -> None:
+    import requests
+
+    session = requests.Session()
+    for _ in range(rounds):
+        start.wait()
+        reply = session.post(url, data=body, timeout=600,
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+        json.loads(reply.json()["result"])  # the average, parsed (not turned into arrays)
+        end.wait()
+
+
+def _seed_rounds(n: int, rounds: int, start: object, end: object) -> float:
+    """Median of rounds timed between the barriers the n clients wait on."""
+    times = []
+    for _ in range(rounds):
+        start.wait()  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        end.wait()  # type: ignore[attr-defined]
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_seed(n: int, tensors: list[np.ndarray], rounds: int, lean: bool = False) -> float:
+    """Median round time of the seed's Flask + JSON transport for n clients.
+
+    As the seed runs it (lean False): n client processes, each encoding its weights as JSON
+    form fields every round and decoding the reply into arrays. Lean: n threads of this
+    process posting a body encoded once before timing, and parsing the reply's JSON only; what
+    is left is the transport and the server (both ways favour the seed over its own code)."""
     import socket
 
     with socket.socket() as s:
@@ -223,21 +256,26 @@ def measure_seed(n: int, tensors: list[np.ndarray], rounds: int) -> float:
                 break
             except OSError:
                 time.sleep(0.05)
-        ctx = mp.get_context("fork")
-        start, end = ctx.Barrier(n + 1), ctx.Barrier(n + 1)
-        procs = [ctx.Process(target=_seed_client, args=(f"http://127.0.0.1:{port}/data", tensors, rounds, start, end))
-                 for _ in range(n)]
-        for p in procs:
-            p.start()
-        times = []
-        for _ in range(rounds):
-            start.wait()
-            t0 = time.perf_counter()
-            end.wait()
-            times.append(time.perf_counter() - t0)
-        for p in procs:
-            p.join(timeout=60)
-        return statistics.median(times)
+        url = f"http://127.0.0.1:{port}/data"
+        workers: list[threading.Thread] | list[mp.process.BaseProcess]
+        if lean:
+            from urllib.parse import urlencode
+
+            body = urlencode({"local_count": "100", "bs": "32",
+                              "local_weight": json.dumps([t.tolist() for t in tensors])}).encode()
+            start, end = threading.Barrier(n + 1), threading.Barrier(n + 1)
+            workers = [threading.Thread(target=_seed_lean_client, args=(url, body, rounds, start, end), daemon=True)
+                       for _ in range(n)]
+        else:
+            ctx = mp.get_context("fork")
+            start, end = ctx.Barrier(n + 1), ctx.Barrier(n + 1)
+            workers = [ctx.Process(target=_seed_client, args=(url, tensors, rounds, start, end)) for _ in range(n)]
+        for w in workers:
+            w.start()
+        median = _seed_rounds(n, rounds, start, end)
+        for w in workers:
+            w.join(timeout=60)
+        return median
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -248,7 +286,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[2, 10])
     ap.add_argument("--model", choices=sorted(MODELS), default="seed")
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--seed-compare", action="store_true", help="also time the seed's Flask/JSON transport")
+    ap.add_argument("--repeats", type=int, default=1, help="repeats, interleaved; medians over them are printed")
+    ap.add_argument("--seed-compare", action="store_true",
+                    help="also time the seed's Flask/JSON transport, as the seed runs it and lean")
     ap.add_argument("--chunk-bytes", type=int, default=Settings().chunk_bytes,
                     help="FEDQ_CHUNK_BYTES of the run: larger models travel in parts")
     ap.add_argument("--threads-over", type=int, default=10,
@@ -262,22 +302,45 @@ def main() -> None:
         return
     print(f"model {args.model}; {args.rounds} rounds, medians of rounds 2+"
           f"{'; no central evaluation' if args.no_central_eval else ''}")
-    print(f"{'clients':>7} {'round ms':>9} {'floor ms':>9} {'ratio':>6} {'agg peak MiB':>12} {'seed ms':>9} {'speed-up':>8}")
+    print(f"{'rep':>3} {'clients':>7} {'round ms':>9} {'floor ms':>9} {'ratio':>6} {'agg MiB':>8} {'seed ms':>9} "
+          f"{'x':>6} {'lean seed ms':>12} {'x':>6} {'load':>5}")
     rows = []
-    for n in args.clients:
-        row = measure_fedq(n, args.model, args.rounds, args.chunk_bytes, args.threads_over,
-                           central_eval=not args.no_central_eval)
-        seed = ""
-        if args.seed_compare:
-            from fedq.learning.models import build_model  # the same model's tensors, for the seed's transport
-
-            tensors = build_model(MODELS[args.model], 30, 2, 0).get_weights()
-            row["seed_s"] = measure_seed(n, tensors, max(3, args.rounds // 2))
-            seed = f"{row['seed_s'] * 1e3:>9.1f} {row['seed_s'] / row['median_s']:>7.1f}x"
-        rows.append({"clients": n, **row})
-        print(f"{n:>7} {row['median_s'] * 1e3:>9.1f} {row['floor_s'] * 1e3:>9.1f} "
-              f"{row['median_s'] / row['floor_s']:>6.2f} {row['peak_rss_mib']:>12.0f} {seed}")
+    for rep in range(args.repeats):
+        for n in args.clients:
+            rows.append({"repeat": rep + 1, "clients": n, **measure_row(args, n)})
+            print_row(rows[-1])
+    if args.repeats > 1:
+        print("medians over repeats")
+        for n in args.clients:
+            mine = [r for r in rows if r["clients"] == n]
+            print_row({"repeat": 0, "clients": n, **{k: statistics.median(r[k] for r in mine) for k in mine[0]
+                                                    if k not in ("repeat", "clients")}})
     print(json.dumps(rows))
+
+
+def measure_row(args: argparse.Namespace, n: int) -> dict[str, float]:
+    """One fedq measurement and, with --seed-compare, both seed harnesses right after it."""
+    load = os.getloadavg()[0]
+    row = measure_fedq(n, args.model, args.rounds, args.chunk_bytes, args.threads_over,
+                       central_eval=not args.no_central_eval)
+    if args.seed_compare:
+        from fedq.learning.models import build_model  # the same model's tensors, for the seed's transport
+
+        tensors = build_model(MODELS[args.model], 30, 2, 0).get_weights()
+        row["seed_s"] = measure_seed(n, tensors, max(3, args.rounds // 2))
+        row["seed_lean_s"] = measure_seed(n, tensors, max(3, args.rounds // 2), lean=True)
+    row["load"] = (load + os.getloadavg()[0]) / 2
+    return row
+
+
+def print_row(row: dict[str, float]) -> None:
+    seed = ""
+    if "seed_s" in row:
+        seed = (f"{row['seed_s'] * 1e3:>9.1f} {row['seed_s'] / row['median_s']:>5.1f}x "
+                f"{row['seed_lean_s'] * 1e3:>12.1f} {row['seed_lean_s'] / row['median_s']:>5.1f}x")
+    print(f"{row['repeat'] or '-':>3} {row['clients']:>7} {row['median_s'] * 1e3:>9.1f} {row['floor_s'] * 1e3:>9.1f} "
+          f"{row['median_s'] / row['floor_s']:>6.2f} {row['peak_rss_mib']:>8.0f} {seed or ' ' * 49} "
+          f"{row['load']:>5.1f}", flush=True)
 
 
 if __name__ == "__main__":

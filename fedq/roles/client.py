@@ -26,7 +26,7 @@ from fedq.protocol import store as store_mod
 from fedq.protocol.compress import CompressionError
 from fedq.protocol.signing import Signer
 from fedq.protocol.store import RunStore
-from fedq.protocol.vocabulary import Phase, Push, Status
+from fedq.protocol.vocabulary import Event, Phase, Push, Status
 from fedq.roles.secure_client import PlainStages, RoundStages, SecureStages
 from fedq.settings import Settings
 
@@ -84,6 +84,7 @@ class Client:
         if delay < 0:
             raise ConfigError(f"--delay must be 0 or more, got {delay}")
         self.delay = delay  # seconds added to each local training: a straggler, for experiments
+        self._prefetched: bytes | None = None  # the global model read along with the state
 
     # --- finding a run ------------------------------------------------------------------
     def serve(self, once: bool = False) -> list[dict[str, Any]]:
@@ -193,14 +194,18 @@ class Client:
         return devices
 
     def _train_rounds(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        last_event = "0-0"
+        # Wake-ups from now on: the state read below covers what came before (with 1,000
+        # clients, paging through their 1,000 admissions 100 at a time cost each one seconds).
+        last_event = st.last_event_id()
         trainer: Trainer | None = None
         pushed = 0
         evaluated = False
         progress_deadline = time.monotonic() + self.settings.wait_seconds
+        expect_global = True  # a round is (about to be) open: read its global model with the state
         while True:
             self._check_stop()
-            state = st.state()
+            state = self._read_state(st, expect_global)
+            expect_global = False
             if not state:
                 raise RunFailed(_vanished(st.run_id))
             status = state.get("status")
@@ -241,6 +246,17 @@ class Client:
             last_event, events = st.wait_event(last_event, self.settings.block_seconds)
             if events:
                 progress_deadline = time.monotonic() + self.settings.wait_seconds
+                # A commit woke us: the next look at the state brings the new model along.
+                expect_global = any(e.get("event") in (Event.ROUND, Event.TRAINING) for e in events)
+
+    def _read_state(self, st: RunStore, with_global: bool) -> dict[str, str]:
+        """The run's state; with_global, the global model's payload too, in the same round trip
+        (kept for _fetch), when this client fetches the model itself."""
+        if not with_global or self.read_global is not transfer.read_global:
+            self._prefetched = None  # only ever the payload of the latest look
+            return st.state()
+        state, self._prefetched = st.state_and_global()
+        return state
 
     def _prepare(self, st: RunStore, spec: RunSpec, x_raw: np.ndarray, y: np.ndarray) -> Trainer:
         """Standardise the shard with the run's combined statistics and build the trainer."""
@@ -294,6 +310,7 @@ class Client:
                                       out.tensors, chunk_bytes=self.settings.chunk_bytes,
                                       max_bytes=self.settings.max_update_bytes, signer=self.signer,
                                       compression=compression, window=spec.staleness_limit)
+        push_ms = (time.perf_counter() - t2) * 1000  # the push itself: not the heartbeat written after it
         stages.after_push(pushed.outcome)
         if pushed.outcome == Push.OK and self._beat is not None:
             self._beat.update(round=round_no, last_push=time.time())
@@ -302,14 +319,18 @@ class Client:
             note = f" as {spec.compression} (relative error {metrics['compression_error']:.2e})"
         log.info("%s round %d: loss %.4f accuracy %.4f, trained %.2f s, pushed %d bytes%s in %.1f ms (%s)",
                  self.client_id, round_no, metrics["loss"], metrics.get("accuracy", float("nan")), train_seconds,
-                 pushed.nbytes, note, (time.perf_counter() - t2) * 1000, pushed.outcome)
+                 pushed.nbytes, note, push_ms, pushed.outcome)
         return pushed.outcome
 
     def _fetch(self, st: RunStore, trainer: Trainer, round_no: int) -> list[np.ndarray] | None:
         """Stage 1: load the global model of round_no - 1 into the trainer and return it (None
         when the commit moved on while we read: the round is not ours to train any more)."""
+        payload, self._prefetched = self._prefetched, None
         try:
-            g_round, names, tensors = self.read_global(st)
+            if payload is not None:  # read with the state that opened this round
+                g_round, names, tensors = transfer.read_global(st, payload)
+            else:
+                g_round, names, tensors = self.read_global(st)
         except transfer.PartsGone:
             return None  # the commit moved on twice while we read
         if g_round != round_no - 1:

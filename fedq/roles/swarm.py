@@ -8,6 +8,7 @@ threads, so a federation of 1,000 clients fits on one machine; the aggregator is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Any
@@ -22,6 +23,11 @@ from fedq.roles.client import Client
 from fedq.settings import Settings
 
 log = logging.getLogger("fedq.simulate")
+
+# Simulated clients block on the run's events this long at a time (at least): a commit wakes
+# them at once whatever it is, but each timeout is a state read, and 1,000 clients timing out
+# every second kept a third of two cores busy while they waited (threads of four processes).
+SIM_BLOCK_SECONDS = 5.0
 
 
 class NoiseTrainer:
@@ -107,6 +113,8 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
     # Hundreds of threads each calling into a multi-threaded BLAS would each get its pools and
     # buffers; one BLAS thread per process, and the dataset loaded once before the threads start.
     threadpool_limits(1)
+    if settings.block_seconds < SIM_BLOCK_SECONDS and settings.lease_seconds >= 3 * SIM_BLOCK_SECONDS:
+        settings = dataclasses.replace(settings, block_seconds=SIM_BLOCK_SECONDS)
     r0 = connect(settings)
     load_dataset(load_spec(RunStore(r0, run_id)).data)
     r0.close()
