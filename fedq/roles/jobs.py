@@ -134,6 +134,10 @@ class FedqWorker(Worker):
         if self._fedq_parent and parent_died(self._fedq_parent):
             log.warning("worker %s: its parent is gone; stopping within seconds", self.name)
             exit_soon(before=self._kill_horse_now)
+        # When idle, rq stops by raising StopRequested from this handler, wherever the worker is;
+        # a logging call (its maintenance logs) swallows it, and the worker would go on for good.
+        # The flag makes its loop stop at its next turn all the same.
+        self._stop_requested = True
         super().request_stop(signum, frame)
 
     def _kill_horse_now(self) -> None:
