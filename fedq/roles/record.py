@@ -32,8 +32,10 @@ def round_metrics(rnd: Round, round_no: int, test: dict[str, float], round_start
         "seconds": seconds,
         # Wall time of the round that was neither the last-arriving client's training nor its
         # one-off model set-up (first round only): the cost of the round machinery itself.
-        "overhead_seconds": seconds - last.metrics.get("train_seconds", 0.0)
-        - last.metrics.get("setup_seconds", 0.0),
+        # Never below 0: a client starts training on the commit event, a moment before the
+        # driver starts the next round's clock.
+        "overhead_seconds": max(0.0, seconds - last.metrics.get("train_seconds", 0.0)
+                                - last.metrics.get("setup_seconds", 0.0)),
         "fold_seconds": rnd.fold_seconds,
         "eval_seconds": eval_seconds,
         "refused": len(rnd.refused),
