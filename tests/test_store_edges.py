@@ -71,6 +71,18 @@ def test_the_guard_reports_the_push_id_of_an_update_in_parts_and_none_for_a_whol
     assert store.read_update(1, "bad id!", "", 1000) == StoredUpdate(Read.NONE)
 
 
+def test_a_read_limited_to_one_version_sends_no_other(r: redis.Redis) -> None:
+    store = _training(r)
+    assert store.push_update("c0", 1, b"v1", 1000) == "ok"
+    assert store.read_update(1, "c0", "", 1000, only="1") == StoredUpdate(Read.OK, "1", b"v1", "")
+    assert store.push_update("c0", 1, b"v2", 1000) == "ok"
+    assert store.read_update(1, "c0", "", 1000, only="1") == StoredUpdate(Read.CAPPED)
+    r.delete(store.k.update("c0", 1))
+    r.set(store.k.update("c0", 1), "1")  # not a hash: no version at all
+    assert store.read_update(1, "c0", "", 1000, only="1") == StoredUpdate(Read.CAPPED)
+    assert store.read_update(1, "c1", "", 1000, only="1") == StoredUpdate(Read.NONE)
+
+
 def test_ids_that_are_empty_or_absent_are_no_ids() -> None:
     assert not valid_client_id("") and not valid_client_id(None) and valid_client_id("c0")
 

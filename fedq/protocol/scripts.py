@@ -123,13 +123,18 @@ return out
 # The aggregator's read of one client's update for a round. The client owns the key, so it may
 # hold any type, size and content: type and size are checked here, before anything travels,
 # and a version already judged costs a few bytes.
+# A client at its cap of versions for the round may still have the version folded re-read (a
+# rebuild of the sum): ARGV[3] names it, and any other version is refused unread in the same
+# step, so that a push landing between the aggregator's look and its read cannot travel.
 # KEYS[1]: the client's update hash for the round
-# ARGV[1]: the push sequence number already judged ('' when none); ARGV[2]: size cap in bytes
-# Returns {READ_NONE} | {READ_WRONG_TYPE, type} | {READ_BAD_SEQ, raw} | {READ_SEEN, seq}
+# ARGV[1]: the push sequence number already judged ('' when none); ARGV[2]: size cap in bytes;
+# ARGV[3]: the only sequence number that may be read ('' when any may)
+# Returns {READ_NONE} | {READ_CAPPED} | {READ_WRONG_TYPE, type} | {READ_BAD_SEQ, raw} | {READ_SEEN, seq}
 #       | {READ_TOO_LARGE, seq, size} | {READ_BAD_PARTS, seq} | {READ_OK, seq, payload or false, push id}
 READ_UPDATE = _script("""
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return {READ_NONE} end
+if ARGV[3] ~= '' and (t ~= 'hash' or redis.call('HGET', KEYS[1], 'seq') ~= ARGV[3]) then return {READ_CAPPED} end
 if t ~= 'hash' then return {READ_WRONG_TYPE, t} end
 local seq = redis.call('HGET', KEYS[1], 'seq')
 if not seq or string.len(seq) > 15 or not string.match(seq, '^%d+$') then

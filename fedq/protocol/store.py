@@ -596,13 +596,16 @@ class RunStore:
         """Client id -> feature statistics of every client that joined."""
         return self._joined_field("stats")
 
-    def read_update(self, round_no: int, client_id: str, judged: str, max_bytes: int) -> StoredUpdate:
+    def read_update(self, round_no: int, client_id: str, judged: str, max_bytes: int,
+                    only: str = "") -> StoredUpdate:
         """A client's stored update for the round, checked in Redis before anything travels: its
         type, its sequence number, its size (against max_bytes); judged is the sequence number
-        already judged, whose payload is then not sent again (kind 'seen')."""
+        already judged, whose payload is then not sent again (kind 'seen'). only, when given, is
+        the one sequence number that may be read: any other version is kind 'capped', unread
+        (checked and read in one step, so that no push can slip in between)."""
         if not valid_client_id(client_id):
             return StoredUpdate(Read.NONE)
-        reply = self._read_update(keys=[self.k.update(client_id, round_no)], args=[judged, max_bytes])
+        reply = self._read_update(keys=[self.k.update(client_id, round_no)], args=[judged, max_bytes, only])
         kind = Read(_s(reply[0]) or Read.NONE)
         if kind == Read.OK:
             return StoredUpdate(kind, _s(reply[1]) or "", reply[2] or None, _s(reply[3]) or "")

@@ -119,6 +119,7 @@ class Read(StrEnum):
     OK = "ok"
     NONE = "none"
     SEEN = "seen"  # the version already judged: nothing sent
+    CAPPED = "capped"  # not the one version the read allowed (a client at its cap): nothing sent
     WRONG_TYPE = "wrong_type"
     BAD_SEQ = "bad_seq"
     TOO_LARGE = "too_large"

@@ -127,14 +127,20 @@ class Judging:
         anything travels, and a version already judged costs a few bytes whatever wakes us.
 
         A rebuild (observe False) re-reads what was judged (folded: the version folded before),
-        which is not the client's doing; a newer version it finds counts like any other, so that
-        re-pushing during rebuilds cannot get past max_pushes_per_round either."""
+        which is not the client's doing; a newer version it finds counts like any other. At the
+        cap a rebuild may read the folded version only, and Redis checks that in the read itself
+        (a push landing in between is refused unread), so that re-pushing during rebuilds cannot
+        get past max_pushes_per_round either: reads only ever counts up to the cap."""
         judged = rnd.versions.get(cid, "")
-        if rnd.reads.get(cid, 0) >= self.settings.max_pushes_per_round and (
-                observe or (folded is not None and self.store.update_seq(round_no, cid) != folded)):
+        capped = rnd.reads.get(cid, 0) >= self.settings.max_pushes_per_round
+        if capped and observe:
+            self._too_many_pushes(rnd, round_no, cid, judged)
+            return None
+        got = self.store.read_update(round_no, cid, judged if judged.isdigit() else "", self.settings.max_update_bytes,
+                                     only=(folded or "-") if capped else "")
+        if got.kind == Read.CAPPED:
             self._too_many_pushes(rnd, round_no, cid, judged or folded or "")
             return None
-        got = self.store.read_update(round_no, cid, judged if judged.isdigit() else "", self.settings.max_update_bytes)
         if got.kind in (Read.NONE, Read.SEEN):
             return None
         version = got.version  # its sequence number, or what is wrong with the key
