@@ -147,6 +147,17 @@ if redis.call('HSTRLEN', KEYS[1], 'parts') > 64 then return {READ_BAD_PARTS, seq
 return {READ_OK, seq, redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET', KEYS[1], 'parts') or ''}
 """)
 
+# How a push is refused at the door (PUSH, PUSH_EVAL): the refusal is recorded on the client's
+# refused list (KEYS[2], capped at a.refused_max) with the stage it was refused at, and returned.
+_REFUSED = """
+local function refused(a, reason, detail, stage)
+  redis.call('RPUSH', KEYS[2], cjson.encode({client=a.client, round=a.round, reason=reason, detail=detail,
+                                             time=a.now, stage=stage}))
+  redis.call('LTRIM', KEYS[2], -a.refused_max, -1)
+  return reason
+end
+"""
+
 # A client stores its update for the open round under its own key (a re-push replaces it; its
 # sequence number counts versions) and wakes the aggregator; refuses, and records why, when the
 # round is not the open one (run by the client, as its own ACL user).
@@ -156,7 +167,7 @@ return {READ_OK, seq, redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET',
 #          state, members, selected, consumed, inbox}; ARGV[2]: the payload
 # Returns PUSH_OK or the refusal (also recorded in KEYS[2]). The window is the client's own claim:
 # the aggregator checks staleness itself; here it only saves a hopeless push its bytes.
-PUSH = _script("""
+PUSH = _script(_REFUSED + """
 local a = cjson.decode(ARGV[1])
 local payload = ARGV[2]
 local st = redis.call('HMGET', a.state, 'status', 'phase', 'round', 'closed')
@@ -185,12 +196,7 @@ elseif string.len(payload) > a.max_bytes then
 end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', a.pushes_max, '*', 'client', a.client, 'round', a.round,
            'digest', a.digest, 'outcome', reason or PUSH_OK, 'bytes', string.len(payload))
-if reason then
-  redis.call('RPUSH', KEYS[2], cjson.encode({client=a.client, round=a.round, reason=reason, detail=detail,
-                                             time=a.now, stage='push'}))
-  redis.call('LTRIM', KEYS[2], -a.refused_max, -1)
-  return reason
-end
+if reason then return refused(a, reason, detail, 'push') end
 redis.call('HSET', KEYS[1], 'payload', payload, 'parts', a.part_id)
 redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('RPUSH', a.inbox, a.client)
@@ -362,7 +368,7 @@ return 1
 # ARGV[1]: JSON {client, round (the last committed), now, max_bytes, refused_max, state,
 #          members, selected (the evaluating clients' set), inbox}; ARGV[2]: the payload
 # Returns PUSH_OK or the refusal (also recorded in KEYS[2]).
-PUSH_EVAL = _script("""
+PUSH_EVAL = _script(_REFUSED + """
 local a = cjson.decode(ARGV[1])
 local payload = ARGV[2]
 local st = redis.call('HMGET', a.state, 'status', 'phase', 'round')
@@ -380,12 +386,7 @@ elseif string.len(payload) > a.max_bytes then
   reason = PUSH_TOO_LARGE
   detail = string.len(payload) .. ' bytes exceeds the cap of ' .. a.max_bytes .. ' (FEDQ_MAX_UPDATE_BYTES)'
 end
-if reason then
-  redis.call('RPUSH', KEYS[2], cjson.encode({client=a.client, round=a.round, reason=reason, detail=detail,
-                                             time=a.now, stage='evaluate'}))
-  redis.call('LTRIM', KEYS[2], -a.refused_max, -1)
-  return reason
-end
+if reason then return refused(a, reason, detail, 'evaluate') end
 redis.call('SET', KEYS[1], payload)
 redis.call('RPUSH', a.inbox, a.client)
 return PUSH_OK
