@@ -185,3 +185,25 @@ def test_fedq_run_buffered_with_a_straggler(tmp_path: Path) -> None:
     with_straggler = sum("client-2" in m["clients"] for m in versions)
     assert with_straggler < len(versions), versions
     assert report["final"]["test_accuracy"] > 0.7
+
+
+def test_a_client_with_a_stale_and_a_fresh_update_in_one_version_is_recorded_whole(buffered) -> None:
+    """c2's update trained from version 0 arrives after version 1: it is folded stale into version 2
+    beside c2's fresh one. The record keeps both (updates) and c2's entry counts both (clients)."""
+    h = buffered("t-buffered-twice", rounds=2, buffer_size=2, max_staleness=1)
+    _, _, v0 = h.global_model()
+    assert _push(h, "c0", 0, noisy(v0, 1), 100) == "ok"
+    assert _push(h, "c1", 0, noisy(v0, 2), 100) == "ok"
+    h.wait_round(1)
+    _, _, v1 = h.global_model()
+    assert _push(h, "c2", 0, noisy(v0, 3), 70) == "ok"
+    wait_until(lambda: _judged(h, "c2", "accepted") == 1, "c2's stale update to be judged")
+    assert _push(h, "c2", 1, noisy(v1, 4), 30) == "ok"
+    h.wait_round(2)
+    m2 = h.store.metrics()[1]
+    assert sorted((u["client"], u["base"], u["num_examples"]) for u in m2["updates"]) == [("c2", 0, 70), ("c2", 1, 30)]
+    accepted = {j["digest"] for j in h.store.judged() if j["client"] == "c2" and j["outcome"] == "accepted"}
+    assert {u["digest"] for u in m2["updates"]} == accepted
+    c2 = m2["clients"]["c2"]
+    assert (c2["num_examples"], c2["updates"], c2["staleness"]) == (100, 2, 0)
+    assert m2["num_examples"] == 100 and m2["num_updates"] == 2

@@ -279,7 +279,19 @@ def version_record(win: Window, version: int, test: dict[str, Any], eval_seconds
         "staleness_mean": sum(taus) / len(taus),
         "staleness_max": max(taus),
         "updates": [{"client": u.client_id, "base": version - 1 - tau, "staleness": tau,
-                     "num_examples": u.num_examples} for tau, u in updates],
-        "clients": {u.client_id: {"num_examples": u.num_examples, "staleness": tau, "digest": u.digest, **u.metrics}
-                    for tau, u in updates},
+                     "num_examples": u.num_examples, "digest": u.digest} for tau, u in updates],
+        "clients": per_client(updates),
     }
+
+
+def per_client(updates: list[tuple[int, Any]]) -> dict[str, dict[str, Any]]:
+    """A version's clients: one entry each, even for a client with updates from two base versions
+    (one folded stale, one fresh): its sample counts summed, its freshest update's staleness,
+    digest and metrics, and how many updates it gave (the full list is the record's updates)."""
+    out: dict[str, dict[str, Any]] = {}
+    for tau, u in sorted(updates, key=lambda x: -x[0]):  # the freshest last: its fields win
+        prev = out.get(u.client_id)
+        out[u.client_id] = {"num_examples": u.num_examples + (prev["num_examples"] if prev else 0),
+                            "staleness": tau, "digest": u.digest, "updates": 1 + (prev["updates"] if prev else 0),
+                            **u.metrics}
+    return out

@@ -374,3 +374,33 @@ def test_buffered_stale_updates_pushed_and_written_around_the_push(arena: Arena)
     out = _check(run, "buffered: stale, around the push")
     assert out["outcomes"]["stale"] >= 1 and out["outcomes"]["accepted"] == 0
     assert all(m["staleness_max"] == 0 for m in out["metrics"])
+
+
+def test_buffered_forged_base_versions_and_re_pushes_of_one_base(arena: Arena) -> None:
+    """A buffered run whose staleness window is wide open (50 versions): Mallory re-pushes for base
+    version 0 again and again, each update's envelope claiming a base version from far in the
+    future, pushes for that future version itself, for version -1, and writes a key for the
+    future version around the push step. Nothing of hers counts, the aggregator reads at most
+    FEDQ_MAX_PUSHES_PER_ROUND versions of her key, and the honest clients make every version."""
+    run = Run(arena, "adv-buffered-forged", rounds=6, round_timeout=20,
+              spec_extra={"aggregation": "buffered", "buffer_size": 2, "max_staleness": 50, "min_clients": None})
+    assert run.mallory_joins() == "joined"
+    run.wait(lambda: run.store.committed_round() >= 1, "version 1 to commit")
+    future = 10**12
+    payload, _ = run.mallory_update(future, 50)  # tagged with a base version from the future
+    cap = run.settings.max_update_bytes
+    for i in range(run.settings.max_pushes_per_round + 3):
+        assert run.m.push_update(MALLORY, 1, payload, cap, window=50) == "ok"  # base 0: inside the window
+        run.wait(lambda i=i: sum(j["client"] == MALLORY for j in run.store.judged())
+                 >= min(i + 1, run.settings.max_pushes_per_round + 1), f"Mallory's push {i + 1} to be judged")
+    assert run.m.push_update(MALLORY, future, payload, cap, window=50) == "round_not_open"
+    assert run.m.push_update(MALLORY, -1, payload, cap, window=50) == "round_closed"
+    k = RunKeys(run.run_id)
+    run.mallory.hset(k.update(MALLORY, future), mapping={"payload": payload, "parts": "", "seq": "1"})
+    run.mallory.rpush(k.inbox, MALLORY)
+    out = _check(run, "buffered: forged bases, re-pushes")
+    assert out["outcomes"]["accepted"] == 0 and out["outcomes"]["too_many_pushes"] == 1
+    versions_read = sum(1 for j in out["judged"] if j["client"] == MALLORY and int(j["bytes"]) > 0)
+    assert versions_read == run.settings.max_pushes_per_round
+    assert {j["round"] for j in out["judged"] if j["client"] == MALLORY} == {"1"}  # the future key: never read
+    assert all(m["staleness_max"] == 0 and MALLORY not in m["clients"] for m in out["metrics"])

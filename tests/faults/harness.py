@@ -49,7 +49,8 @@ class Federation(CliFederation):
 
     def __init__(self, tmp_path: Path, *, clients: int = 2, rounds: int = 3, min_clients: int | None = None,
                  round_timeout: float = 60, redis_args: tuple[str, ...] = (), run_id: str = "fault",
-                 lease: float = 3.0, real_training: bool = False) -> None:
+                 lease: float = 3.0, real_training: bool = False, submit: tuple[str, ...] = ()) -> None:
+        """submit: more `fedq submit` options (e.g. --aggregation buffered ...)."""
         self.t0 = time.monotonic()
         self.server = RedisServer(*redis_args)
         self.url = self.server.url
@@ -63,6 +64,7 @@ class Federation(CliFederation):
                 "--round-timeout", str(round_timeout), "--keep-updates", "--run-id", run_id]
         if min_clients is not None:
             args += ["--min-clients", str(min_clients)]
+        args += list(submit)
         done = subprocess.run(fedq_cmd(*args), env=self.env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
 
