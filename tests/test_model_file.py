@@ -106,3 +106,27 @@ def test_a_stored_model_file_is_served_byte_for_byte_and_only_when_it_is_one(r: 
     r.hset(store.k.model_file, "x", "y")
     assert "model.keras" not in snapshot.run_detail(ro, "with-file")["downloads"]
     assert client.get("/runs/with-file/files/model.keras").status_code == 404
+
+
+@pytest.mark.slow
+def test_a_buffered_run_commits_model_keras_with_its_last_version(harness_factory, tmp_path: Path) -> None:
+    import keras
+
+    h = harness_factory(2, "t-model-file-buffered",
+                        spec_extra={"aggregation": "buffered", "buffer_size": 2, "max_staleness": 1})
+    for version in (1, 2):
+        _, names, g = h.global_model()
+        for k in range(2):
+            payload = h.update(f"c{k}", version, 50 + k, noisy(g, seed=10 * version + k), names)
+            assert h.store.push_update(f"c{k}", version, payload, h.settings.max_update_bytes, window=1) == "ok"
+        wait_committed(h.store, version)
+        if version == 1:
+            assert h.store.model_file() is None  # only the version that ends training carries the file
+    h.thread.join(timeout=60)
+    assert h.store.state()["status"] == "finished", h.store.state()
+    data = h.store.model_file()
+    assert data is not None
+    (tmp_path / "model.keras").write_bytes(data)
+    _, _, final = h.global_model()
+    for got, want in zip(keras.models.load_model(tmp_path / "model.keras").get_weights(), final, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -299,13 +299,14 @@ end
 # from it, the version counter and record, and which updates it folded, in one atomic step that
 # applies only on top of the previous version (a replay changes nothing).
 # KEYS[1]: state; KEYS[2]: global model; KEYS[3]: metrics; KEYS[4]: inbox; KEYS[5]: events;
-# KEYS[6]: lease; KEYS[7]: server state; KEYS[8]: the new version's model copy; then, per folded
-# update i (1-based), KEYS[7 + 2i]: its update hash, KEYS[8 + 2i]: its round's consumed hash;
-# the rest: keys to delete (model copies and consumed hashes out of the staleness window)
+# KEYS[6]: lease; KEYS[7]: server state; KEYS[8]: the new version's model copy; KEYS[9]: the model
+# file; then, per folded update i (1-based), KEYS[8 + 2i]: its update hash, KEYS[9 + 2i]: its
+# round's consumed hash; the rest: keys to delete (model copies and consumed hashes out of the window)
 # ARGV[1]: JSON {round (the new version), driver, now, events_max, keep_updates, folded: [[client,
 #          seq], ...] in KEYS order, after (PHASE_TRAIN, PHASE_EVAL or PHASE_DONE), final (JSON
 #          text, with PHASE_DONE)}; ARGV[2]: the model payload; ARGV[3]: the version's record
-#          (JSON); ARGV[4]: server optimiser state payload ('' when none)
+#          (JSON); ARGV[4]: server optimiser state payload ('' when none); ARGV[5]: the final model
+#          as a .keras file ('' when none: only the last version's commit carries one)
 # Each folded update is marked consumed (client -> the sequence number folded) and deleted unless
 # the client pushed again meanwhile: that newer push stays, for the aggregator to refuse.
 # Returns 1 (committed), 0 (not on top of the previous version), -1 (lease lost).
@@ -314,15 +315,16 @@ redis.call('SET', KEYS[8], ARGV[2])
 redis.call('HSET', KEYS[1], 'round', a.round, 'updated_at', a.now)
 redis.call('RPUSH', KEYS[3], ARGV[3])
 for i, f in ipairs(a.folded) do
-  local upd = KEYS[7 + 2 * i]
-  redis.call('HSET', KEYS[8 + 2 * i], f[1], f[2])
+  local upd = KEYS[8 + 2 * i]
+  redis.call('HSET', KEYS[9 + 2 * i], f[1], f[2])
   if not a.keep_updates and redis.call('TYPE', upd).ok == 'hash' and redis.call('HGET', upd, 'seq') == f[2] then
     redis.call('DEL', upd)
   end
 end
-for i = 9 + 2 * #a.folded, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 10 + 2 * #a.folded, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('DEL', KEYS[4])
 if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[9], ARGV[5]) end
 """ + _COMMITTED)
 
 # Lease renewal: only the holder extends it (a paused or partitioned former driver cannot).

@@ -227,6 +227,7 @@ class VersionCommit:
     keep_updates: bool = False
     server_state: bytes | None = None
     drop: Sequence[str] = ()  # keys out of the staleness window: old model copies, consumed hashes
+    model_file: bytes | None = None  # the final model as a .keras file (with the last version's commit)
 
 
 def _stream_order(entry_id: bytes | str | None) -> tuple[int, int]:
@@ -690,8 +691,10 @@ class RunStore:
                  "final": json.dumps(commit.final or {})}
         done = self._commit_version(
             keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.inbox, self.k.events, self.k.lease,
-                  self.k.server_state, self.k.version_model(commit.version), *per_update, *commit.drop],
-            args=[json.dumps(named), commit.global_payload, json.dumps(commit.metrics), commit.server_state or b""])
+                  self.k.server_state, self.k.version_model(commit.version), self.k.model_file, *per_update,
+                  *commit.drop],
+            args=[json.dumps(named), commit.global_payload, json.dumps(commit.metrics), commit.server_state or b"",
+                  commit.model_file or b""])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before committing version {commit.version}")
         if done and commit.after == Phase.DONE:

@@ -86,6 +86,9 @@ class Buffering:
     def _evaluate(self, drive: Any, weights: list[np.ndarray] | None) -> tuple[dict[str, Any], float]:
         raise NotImplementedError
 
+    def _model_file(self, drive: Any) -> bytes | None:
+        raise NotImplementedError
+
     def _wait_quorum(self, spec: RunSpec, what: str, have: Any, on_idle: Any, on_wake: Any,
                      expected: int | None = None, quorum: int | None = None, settled: Any = None) -> None:
         raise NotImplementedError
@@ -210,11 +213,13 @@ class Buffering:
         folded = {(cid, r): rnd.versions[cid] for r, rnd in win.rounds.items() for cid in rnd.folded}
         gone = new - win.limit - 1  # the round leaving the window with this commit
         drop = [self.store.k.consumed(gone), self.store.k.version_model(gone - 1)] if gone >= 1 else []
+        model_file = self._model_file(drive) if new == spec.rounds else None  # (its model holds weights now)
         self._tick()
         committed = self.store.commit_version(VersionCommit(
             version=new, global_payload=payload, metrics=metrics, folded=folded, after=after,
             final={"round": new, **{k: v for k, v in metrics.items() if k.startswith("test_")}},
-            keep_updates=spec.keep_updates, server_state=drive.strategy.state_bytes(new), drop=drop))
+            keep_updates=spec.keep_updates, server_state=drive.strategy.state_bytes(new), drop=drop,
+            model_file=model_file))
         if not committed:
             raise CodecError(f"run {self.run_id}: version {new} could not be committed on top of {win.version}")
         fedq_metrics.observe_round(metrics["seconds"])
