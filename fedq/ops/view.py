@@ -194,6 +194,13 @@ def test_line(t: dict[str, Any]) -> str:
     return ("test " + " · ".join(parts)) if parts else ""
 
 
+def with_staleness(rows: list[dict[str, Any]], versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A buffered run's round rows with each version's staleness (mean, max) beside them."""
+    by_version = {v["version"]: v for v in versions}
+    return [{**m, **{k: by_version[m["round"]][k] for k in ("staleness_mean", "staleness_max")}}
+            if m.get("round") in by_version else m for m in rows]
+
+
 def run_renderable(d: dict[str, Any], rounds_shown: int = ROUNDS_SHOWN) -> RenderableType:
     """One run: where it stands, its clients (liveness, last push, local metrics), rounds, refusals.
 
@@ -236,7 +243,7 @@ def run_renderable(d: dict[str, Any], rounds_shown: int = ROUNDS_SHOWN) -> Rende
                         Text(str(c["num_examples"] if c["num_examples"] is not None else c.get("rows", "-"))),
                         _num(c["loss"]), _num(c["accuracy"]), str(c["refused"]))
     parts.append(clients)
-    rows = d["round_metrics"]
+    rows = with_staleness(d["round_metrics"], d.get("versions") or [])
     if rows:
         parts.append(rounds_table(rows[-rounds_shown:] if rounds_shown else rows, compact=True, total=len(rows)))
     if d["refusals"]:

@@ -183,6 +183,13 @@ class RunGauges:
             "alive": GaugeMetricFamily("fedq_run_clients_alive", "Joined clients with a live heartbeat.",
                                        labels=labels),
             "expected": GaugeMetricFamily("fedq_run_clients_expected", "Clients the run expects.", labels=labels),
+            # Buffered aggregation: the last committed model version's updates and their staleness.
+            "v_updates": GaugeMetricFamily("fedq_run_version_updates", "Buffered aggregation: updates the last "
+                                           "committed model version folded.", labels=labels),
+            "v_mean": GaugeMetricFamily("fedq_run_version_staleness_mean", "Buffered aggregation: mean staleness "
+                                        "(versions behind) of the last committed version's updates.", labels=labels),
+            "v_max": GaugeMetricFamily("fedq_run_version_staleness_max", "Buffered aggregation: largest staleness "
+                                       "(versions behind) among the last committed version's updates.", labels=labels),
         }
         try:
             run_ids = [x for x in (self.runs() or []) if x]
@@ -204,8 +211,11 @@ class RunGauges:
             lv = [run_id, str((spec.get("strategy") or {}).get("name", "fedavg"))]
             fams["round"].add_metric(lv, float(state.get("round") or 0))
             fams["rounds"].add_metric(lv, float(spec.get("rounds") or 0))
-            for key, fam in (("test_accuracy", "acc"), ("test_loss", "loss")):
-                if isinstance(m.get(key), (int, float)):
+            shown = [("test_accuracy", "acc"), ("test_loss", "loss")]
+            if "version" in m:  # a buffered run's last version
+                shown += [("num_updates", "v_updates"), ("staleness_mean", "v_mean"), ("staleness_max", "v_max")]
+            for key, fam in shown:
+                if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool):
                     fams[fam].add_metric(lv, float(m[key]))
             fams["alive"].add_metric(lv, float(alive))
             fams["expected"].add_metric(lv, float(spec.get("clients") or 0))

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from fedq.errors import RunNotFound
+from fedq.ops.dashboard import versions
 from fedq.protocol import heartbeat
 from fedq.protocol.store import RunStore, list_runs
 from fedq.protocol.vocabulary import ENDED
@@ -422,6 +423,7 @@ def run_detail(r: redis.Redis, run_id: str) -> dict[str, Any]:
         "events": timeline(metrics, events, all_refused, times),
         "client_curves": client_curves(metrics, times),
         "client_table": _client_table(st, joined, metrics, open_pushed, beats, refused),
+        "versions": versions.version_rows(metrics),  # buffered runs: staleness per model version
         "refused_total": refused_total,
         "refusals": refused,
         "aggregators": driving,

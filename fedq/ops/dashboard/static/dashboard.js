@@ -315,6 +315,7 @@
     document.title = "run " + d.run_id + " (" + d.status + ") · fedq dashboard";
 
     drawCharts(d);
+    window.fedqVersions.show(d);  // buffered runs: staleness per model version (versions.js)
     var dl = $("downloads");
     while (dl.firstChild) { dl.removeChild(dl.firstChild); }
     d.downloads.forEach(function (name) {
