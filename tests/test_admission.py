@@ -36,6 +36,9 @@ class _Host(Admission):
     def _check_exists(self) -> None:
         assert self.store.exists()
 
+    def _tick(self) -> None:
+        self.store.renew_lease(30)
+
     def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
                      on_wake: Callable[[str], None]) -> None:
         deadline = time.monotonic() + 10

@@ -43,6 +43,12 @@ class Admission:
         """Raise when the run vanished from Redis (the Aggregator's)."""
         raise NotImplementedError
 
+    def _tick(self) -> None:
+        """Renew the lease (when due) and honour stop requests (the Aggregator's). Admission
+        calls it once per request judged: a look at a thousand waiting requests takes longer
+        than a lease, and ADMIT is fenced by it."""
+        raise NotImplementedError
+
     def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
                      on_wake: Callable[[str], None]) -> None:
         """Block until the run's clients answered, or the quorum at a deadline (the Aggregator's)."""
@@ -58,6 +64,7 @@ class Admission:
         def judge(cid: str) -> None:
             if cid in good or cid in turned_away:
                 return
+            self._tick()
             stats = self._join_stats(spec, cid, num_features)
             if stats is None:
                 return
@@ -144,6 +151,7 @@ class Admission:
     def _admit_late(self, spec: RunSpec, rnd: Round, cid: str) -> None:
         """A client asking to join while training runs: admitted while there is room (it uses
         the published scaler and trains from the next round it sees)."""
+        self._tick()
         request = self.store.join_request(cid)
         if request is not None and self._registered(cid) \
                 and self._shard_plan_agrees(spec, cid, request[0]) and self.store.admit(cid):
