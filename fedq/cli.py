@@ -376,7 +376,8 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
 @fail_cleanly
 def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     """Enqueue a run for an aggregator worker and print its id."""
-    from fedq.protocol.store import RunStore, connect
+    from fedq.protocol.connection import connect
+    from fedq.protocol.store import RunStore
     from fedq.roles.jobs import submit_run
     from fedq.roles.runner import check_submitted
 
@@ -404,7 +405,7 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
 def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port: int | None, metrics_host: str,
                **kw: Any) -> None:
     """Serve runs from the queue as an rq worker; with --clients/--rounds, create one run and drive it."""
-    from fedq.protocol.store import connect
+    from fedq.protocol.connection import connect
     from fedq.roles.jobs import run_worker, submit_run
 
     settings = _settings(ctx)
@@ -446,7 +447,7 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
 def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str | None, once: bool,
            client_id: str | None, delay: float, **kw: Any) -> None:
     """Join runs and train on this client's own data."""
-    from fedq.protocol.store import connect
+    from fedq.protocol.connection import connect
     from fedq.roles.client import Client, Stopped
 
     if num_shards is not None and shard >= num_shards:
@@ -481,7 +482,7 @@ def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float)
     """Show runs and their progress: clients, liveness, rounds, refusals (reads Redis only)."""
     from fedq.ops.dashboard.readonly import connect_readonly
     from fedq.ops.view import console, status_renderable, watch_status
-    from fedq.protocol.store import connect
+    from fedq.protocol.connection import connect
 
     settings = _settings(ctx)
     connect(settings).close()  # fails fast, with the URL (password hidden), when Redis is unreachable
@@ -528,7 +529,8 @@ def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: f
 def report(ctx: click.Context, run_id: str, out: Path, x_axis: str) -> None:
     """Write a run's report.json and curves.png and, when finished, model.keras and scaler.json into a directory."""
     from fedq.ops.view import print_report
-    from fedq.protocol.store import RunStore, connect
+    from fedq.protocol.connection import connect
+    from fedq.protocol.store import RunStore
     from fedq.roles.report import write_report
 
     print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out, x_axis=x_axis), out)

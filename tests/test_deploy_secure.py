@@ -63,8 +63,9 @@ from fedq.ops import acl, k8s_manifests
 from fedq.ops.k8s_apply import redis_cli_command, to_model
 from fedq.ops.k8s_manifests import Federation, build
 from fedq.protocol import messages
+from fedq.protocol.connection import connect
 from fedq.protocol.keys import RunKeys
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.store import RunStore
 from fedq.settings import Settings
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("redis-cli") is None,
@@ -285,7 +286,7 @@ def test_secure_overlay_renders_what_fedq_k8s_manifest_prints(tmp_path: Path, pk
 # --- run: Redis as its container says, each role as its pod would connect -----------------------------
 def _kwargs(settings: Settings) -> dict[str, Any]:
     """redis.Redis arguments of a fedq process's settings (its URL's user and password, its TLS files)."""
-    from fedq.protocol.store import tls_options
+    from fedq.protocol.connection import tls_options
 
     url = urlsplit(settings.redis_url)
     kw: dict[str, Any] = {"username": unquote(url.username) if url.username else None,

@@ -174,7 +174,7 @@ def test_a_hub_and_two_sites_outside_it_run_a_federation_each_as_its_own_user(tm
 
 def _as_aggregator(env: dict[str, str]) -> dict[str, Any]:
     """redis.Redis arguments of the aggregator pod's settings (its user, password file and TLS files)."""
-    from fedq.protocol.store import tls_options
+    from fedq.protocol.connection import tls_options
     from fedq.settings import Settings
 
     settings = Settings.from_env(env=env)

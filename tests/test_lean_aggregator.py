@@ -18,7 +18,8 @@ from fedq.learning.partition import load_shard
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy, StrategySpec
 from fedq.protocol import chunking, codec, transfer
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.connection import connect
+from fedq.protocol.store import RunStore
 from fedq.roles.aggregator import Aggregator
 from fedq.settings import Settings
 

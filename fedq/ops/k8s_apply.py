@@ -370,7 +370,8 @@ def redis_cli_command(args: str) -> str:
 def redis_run_reader(redis_url: str) -> Callable[[str], dict[str, str] | None]:
     """Read a run's state from a Redis the caller reaches (e.g. through kubectl port-forward)."""
     def read(run_id: str) -> dict[str, str] | None:
-        from fedq.protocol.store import RunStore, connect
+        from fedq.protocol.connection import connect
+        from fedq.protocol.store import RunStore
         from fedq.settings import Settings
 
         return RunStore(connect(Settings.from_env(redis_url=redis_url)), run_id).state()

@@ -23,8 +23,9 @@ from fedq.learning.models import build_model, evaluate, keras_file, weight_names
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.strategies import Strategy, held_bytes, select_clients
 from fedq.protocol import chunking, heartbeat, messages, transfer
+from fedq.protocol.fencing import Commit, LeaseLost
 from fedq.protocol.signing import Verifier
-from fedq.protocol.store import Commit, LeaseLost, RunStore
+from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import ENDED, Phase
 from fedq.roles import initial, record, secure
 from fedq.roles import metrics as fedq_metrics

@@ -21,7 +21,8 @@ from fedq.learning.data import DataSpec, load_dataset
 from fedq.learning.models import build_model, keras_installed, weight_names
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.protocol import messages, transfer
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.connection import connect
+from fedq.protocol.store import RunStore
 from fedq.roles.localredis import die_with_parent
 from fedq.settings import Settings
 

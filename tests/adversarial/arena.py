@@ -27,7 +27,7 @@ from fedq.learning.spec import RunSpec
 from fedq.ops import acl
 from fedq.protocol import messages, transfer
 from fedq.protocol.signing import Signer
-from fedq.protocol.store import ENDED, RunStore
+from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import ENDED
 from fedq.roles.aggregator import Aggregator, AggregatorStopped
 from fedq.settings import Settings
