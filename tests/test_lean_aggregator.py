@@ -77,7 +77,7 @@ def _lean(harness_factory, monkeypatch, run_id: str, rounds: int):
     def no_build(*_a, **_k):
         raise AssertionError("the lean aggregator built a Keras model in its own process")
 
-    monkeypatch.setattr("fedq.roles.aggregator.build_model", no_build)
+    monkeypatch.setattr("fedq.roles.preparing.build_model", no_build)
     h = harness_factory(rounds, run_id, {"central_eval": False}, chunk_bytes=CHUNK)
     g_round, names, g = transfer.read_global(h.store)
     assert g_round == 0 and codec.decode(h.store.global_payload()).meta["parts"]["count"] == 2
