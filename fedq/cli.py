@@ -17,7 +17,7 @@ import click
 
 from fedq.clitools import EXIT_ERROR, fail_cleanly
 from fedq.errors import ConfigError, FedqError
-from fedq.learning.data import DataSpec, seed_spec
+from fedq.learning.dataspec import DataSpec, seed_spec
 from fedq.learning.spec import OPTIMIZERS, RunSpec, new_run_id
 from fedq.protocol.compress import ENCODINGS
 from fedq.roles.plots import X_AXES
@@ -208,7 +208,7 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
 
 def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """Strategy, client sampling, partitioning and evaluation options of a run (fedq.learning.strategies)."""
-    from fedq.learning.data import PARTITIONS
+    from fedq.learning.dataspec import PARTITIONS
     from fedq.learning.privacy import DEFAULT_DELTA, MODES
     from fedq.learning.strategies import STRATEGIES
 

@@ -42,7 +42,8 @@ from deploy_pods import each_site_trained_on_its_own_rows, pods_as_processes, ru
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from fedq.learning.data import DataSpec, split_indices
+from fedq.learning.data import split_indices
+from fedq.learning.dataspec import DataSpec
 from fedq.ops import pki
 from fedq.protocol.keys import RunKeys
 from fedq.protocol.store import RunStore

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from fedq.learning.aggregate import FedAvg, fedavg
-from fedq.learning.data import feature_stats, load_dataset
+from fedq.learning.data import load_dataset
 from fedq.learning.models import build_model, weight_names
 from fedq.learning.partition import load_shard
+from fedq.learning.scaling import feature_stats
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy, StrategySpec
 from fedq.protocol import chunking, codec, transfer

@@ -10,7 +10,7 @@ from typing import Any
 
 from fedq.errors import ConfigError
 from fedq.learning import privacy, staleness
-from fedq.learning.data import DataSpec
+from fedq.learning.dataspec import DataSpec
 from fedq.learning.models import check_model_arg
 from fedq.learning.strategies import StrategySpec, sample_size
 from fedq.protocol.compress import ENCODINGS

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fedq.errors import CodecError, ConfigError, DataError
-from fedq.learning.data import DataSpec, load_dataset
+from fedq.learning.data import load_dataset
+from fedq.learning.dataspec import DataSpec
 from fedq.learning.models import build_model, keras_installed, weight_names
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.protocol import messages, transfer

@@ -12,8 +12,9 @@ import numpy as np
 
 from fedq.errors import ConfigError
 from fedq.learning import privacy
-from fedq.learning.data import load_dataset, split_indices, standardize
+from fedq.learning.data import load_dataset, split_indices
 from fedq.learning.models import build_model, weight_names
+from fedq.learning.scaling import standardize
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy, held_bytes, select_clients
 from fedq.protocol import chunking, messages, transfer

@@ -21,8 +21,8 @@ import redis
 from support.redis import RedisServer
 from support.wait import wait_until
 
-from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
+from fedq.learning.scaling import feature_stats
 from fedq.learning.spec import RunSpec
 from fedq.ops import acl
 from fedq.protocol import messages, transfer

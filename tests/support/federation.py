@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
+from fedq.learning.scaling import feature_stats
 from fedq.learning.spec import RunSpec
 from fedq.protocol import chunking, codec, messages, transfer
 from fedq.protocol.connection import connect
