@@ -11,17 +11,20 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import click
 
 from fedq.clitools import EXIT_ERROR, fail_cleanly
 from fedq.errors import ConfigError, FedqError
+from fedq.learning.choices import OPTIMIZERS
 from fedq.learning.dataspec import DataSpec, seed_spec
-from fedq.learning.spec import OPTIMIZERS, RunSpec, new_run_id
-from fedq.protocol.compress import ENCODINGS
+from fedq.protocol.vocabulary import ENCODINGS
 from fedq.roles.plots import X_AXES
 from fedq.settings import Settings
+
+if TYPE_CHECKING:
+    from fedq.learning.spec import RunSpec
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -208,9 +211,9 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
 
 def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """Strategy, client sampling, partitioning and evaluation options of a run (fedq.learning.strategies)."""
+    from fedq.learning.choices import DEFAULT_DELTA, STRATEGIES
+    from fedq.learning.choices import DP_MODES as MODES
     from fedq.learning.dataspec import PARTITIONS
-    from fedq.learning.privacy import DEFAULT_DELTA, MODES
-    from fedq.learning.strategies import STRATEGIES
 
     pos = click.FloatRange(min=0, min_open=True)
     return [
@@ -270,8 +273,9 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
 
 def aggregation_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """How updates become model versions: synchronous rounds, or buffered (fedq.learning.staleness)."""
-    from fedq.learning.spec import AGGREGATIONS, DEFAULT_MAX_STALENESS
-    from fedq.learning.staleness import DEFAULT_WEIGHT, WEIGHTS
+    from fedq.learning.choices import AGGREGATIONS, DEFAULT_MAX_STALENESS
+    from fedq.learning.choices import DEFAULT_STALENESS_WEIGHT as DEFAULT_WEIGHT
+    from fedq.learning.choices import STALENESS_WEIGHTS as WEIGHTS
 
     return [
         click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="sync", show_default=True,
@@ -312,6 +316,7 @@ def _run_spec(kw: dict[str, Any]) -> RunSpec:
     import dataclasses
 
     from fedq.learning.models import resolve_model_arg
+    from fedq.learning.spec import RunSpec, new_run_id
     from fedq.learning.strategies import StrategySpec
 
     data = _data_spec(kw.pop("normal_csv"), kw.pop("abnormal_csv"), kw.pop("csv_path"), kw.pop("label_column"),
