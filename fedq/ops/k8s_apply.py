@@ -18,17 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fedq.errors import ConfigError, FedqError
-from fedq.ops.k8s_manifests import (
-    CONFIG_MAP,
-    INSTANCE,
-    NAME,
-    PART_OF,
-    Federation,
-    Resource,
-    build,
-    dashboard_secret,
-    redis_secret,
-)
+from fedq.ops.k8s_federation import CONFIG_MAP, INSTANCE, NAME, PART_OF, Federation, Resource
+from fedq.ops.k8s_manifests import build, dashboard_secret, redis_secret
 
 FIELD_MANAGER = "fedq"
 # (API class, whether its objects live in a namespace) by kind; nothing else is ever applied.
