@@ -36,7 +36,8 @@ from fedq.roles.localredis import die_with_parent  # noqa: E402
 from fedq.roles.runner import with_huge_pages  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 from fedq.learning.spec import RunSpec  # noqa: E402
-from fedq.protocol.store import RunStore, connect  # noqa: E402
+from fedq.protocol.connection import connect  # noqa: E402
+from fedq.protocol.store import RunStore  # noqa: E402
 
 MODELS = {**MODELS, "250m": "bench.bench_models:dense_250m"}
 

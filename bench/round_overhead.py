@@ -50,7 +50,8 @@ from fedq.roles.localredis import die_with_parent, find_server  # noqa: E402
 from fedq.roles.runner import with_huge_pages  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 from fedq.learning.spec import RunSpec  # noqa: E402
-from fedq.protocol.store import RunStore, connect  # noqa: E402
+from fedq.protocol.connection import connect  # noqa: E402
+from fedq.protocol.store import RunStore  # noqa: E402
 from fedq.roles.swarm import client_commands, noise_trainers  # noqa: E402
 
 MODELS = {"seed": "seed", "1m": "bench.bench_models:dense_1m", "25m": "bench.bench_models:dense_25m"}

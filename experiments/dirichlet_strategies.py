@@ -35,7 +35,7 @@ def run_cli(strategy: str, seed: int, args: argparse.Namespace, out: Path) -> fl
 
 
 def run_sim(strategies: list[str], seed: int, args: argparse.Namespace) -> dict[str, float]:
-    from fedq.learning.data import DataSpec
+    from fedq.learning.dataspec import DataSpec
     from fedq.roles.simulation import Federation
     from fedq.learning.spec import RunSpec
     from fedq.learning.strategies import StrategySpec

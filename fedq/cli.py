@@ -11,17 +11,20 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import click
 
 from fedq.clitools import EXIT_ERROR, fail_cleanly
 from fedq.errors import ConfigError, FedqError
-from fedq.learning.data import DataSpec, seed_spec
-from fedq.learning.spec import OPTIMIZERS, RunSpec, new_run_id
-from fedq.protocol.compress import ENCODINGS
+from fedq.learning.choices import OPTIMIZERS
+from fedq.learning.dataspec import DataSpec, seed_spec
+from fedq.protocol.vocabulary import ENCODINGS
 from fedq.roles.plots import X_AXES
 from fedq.settings import Settings
+
+if TYPE_CHECKING:
+    from fedq.learning.spec import RunSpec
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -208,9 +211,9 @@ def run_options(creating: bool = True) -> Callable[[Callable[..., Any]], Callabl
 
 def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """Strategy, client sampling, partitioning and evaluation options of a run (fedq.learning.strategies)."""
-    from fedq.learning.data import PARTITIONS
-    from fedq.learning.privacy import DEFAULT_DELTA, MODES
-    from fedq.learning.strategies import STRATEGIES
+    from fedq.learning.choices import DEFAULT_DELTA, STRATEGIES
+    from fedq.learning.choices import DP_MODES as MODES
+    from fedq.learning.dataspec import PARTITIONS
 
     pos = click.FloatRange(min=0, min_open=True)
     return [
@@ -270,8 +273,9 @@ def strategy_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]
 
 def aggregation_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """How updates become model versions: synchronous rounds, or buffered (fedq.learning.staleness)."""
-    from fedq.learning.spec import AGGREGATIONS, DEFAULT_MAX_STALENESS
-    from fedq.learning.staleness import DEFAULT_WEIGHT, WEIGHTS
+    from fedq.learning.choices import AGGREGATIONS, DEFAULT_MAX_STALENESS
+    from fedq.learning.choices import DEFAULT_STALENESS_WEIGHT as DEFAULT_WEIGHT
+    from fedq.learning.choices import STALENESS_WEIGHTS as WEIGHTS
 
     return [
         click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="sync", show_default=True,
@@ -312,6 +316,7 @@ def _run_spec(kw: dict[str, Any]) -> RunSpec:
     import dataclasses
 
     from fedq.learning.models import resolve_model_arg
+    from fedq.learning.spec import RunSpec, new_run_id
     from fedq.learning.strategies import StrategySpec
 
     data = _data_spec(kw.pop("normal_csv"), kw.pop("abnormal_csv"), kw.pop("csv_path"), kw.pop("label_column"),
@@ -376,7 +381,8 @@ def run(ctx: click.Context, out: Path, **kw: Any) -> None:
 @fail_cleanly
 def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
     """Enqueue a run for an aggregator worker and print its id."""
-    from fedq.protocol.store import RunStore, connect
+    from fedq.protocol.connection import connect
+    from fedq.protocol.store import RunStore
     from fedq.roles.jobs import submit_run
     from fedq.roles.runner import check_submitted
 
@@ -404,7 +410,7 @@ def submit(ctx: click.Context, if_absent: bool, **kw: Any) -> None:
 def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port: int | None, metrics_host: str,
                **kw: Any) -> None:
     """Serve runs from the queue as an rq worker; with --clients/--rounds, create one run and drive it."""
-    from fedq.protocol.store import connect
+    from fedq.protocol.connection import connect
     from fedq.roles.jobs import run_worker, submit_run
 
     settings = _settings(ctx)
@@ -446,7 +452,7 @@ def aggregator(ctx: click.Context, queue: str | None, burst: bool, metrics_port:
 def client(ctx: click.Context, shard: int, num_shards: int | None, run_id: str | None, once: bool,
            client_id: str | None, delay: float, **kw: Any) -> None:
     """Join runs and train on this client's own data."""
-    from fedq.protocol.store import connect
+    from fedq.protocol.connection import connect
     from fedq.roles.client import Client, Stopped
 
     if num_shards is not None and shard >= num_shards:
@@ -481,7 +487,7 @@ def status(ctx: click.Context, run_id: str | None, watch: bool, interval: float)
     """Show runs and their progress: clients, liveness, rounds, refusals (reads Redis only)."""
     from fedq.ops.dashboard.readonly import connect_readonly
     from fedq.ops.view import console, status_renderable, watch_status
-    from fedq.protocol.store import connect
+    from fedq.protocol.connection import connect
 
     settings = _settings(ctx)
     connect(settings).close()  # fails fast, with the URL (password hidden), when Redis is unreachable
@@ -528,7 +534,8 @@ def dashboard(ctx: click.Context, host: str, port: int, threads: int, refresh: f
 def report(ctx: click.Context, run_id: str, out: Path, x_axis: str) -> None:
     """Write a run's report.json and curves.png and, when finished, model.keras and scaler.json into a directory."""
     from fedq.ops.view import print_report
-    from fedq.protocol.store import RunStore, connect
+    from fedq.protocol.connection import connect
+    from fedq.protocol.store import RunStore
     from fedq.roles.report import write_report
 
     print_report(write_report(RunStore(connect(_settings(ctx)), run_id), out, x_axis=x_axis), out)

@@ -8,11 +8,17 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-import redis
 
 from fedq.errors import FedqError
 
 EXIT_ERROR = 1
+
+
+def _is_redis_error(exc: BaseException) -> bool:
+    """Whether exc is redis-py's; redis is not imported for the check (a process that never
+    imported it, such as `fedq ... --help`, cannot have met its errors)."""
+    redis = sys.modules.get("redis")
+    return redis is not None and isinstance(exc, redis.RedisError)
 
 
 def fail_cleanly(fn: Callable[..., Any] | None = None, *, squash: bool = False) -> Any:
@@ -27,10 +33,13 @@ def fail_cleanly(fn: Callable[..., Any] | None = None, *, squash: bool = False) 
             except FedqError as exc:
                 text = " ".join(str(exc).split()) if squash else str(exc)
                 click.echo(f"error: {text}", err=True)
-            except redis.RedisError as exc:
-                click.echo(f"error: Redis: {exc}", err=True)
-            except OSError as exc:  # e.g. an --out directory that cannot be created
-                click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+            except Exception as exc:
+                if _is_redis_error(exc):
+                    click.echo(f"error: Redis: {exc}", err=True)
+                elif isinstance(exc, OSError):  # e.g. an --out directory that cannot be created
+                    click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+                else:
+                    raise
             sys.exit(EXIT_ERROR)
         return wrapper
     return deco(fn) if fn is not None else deco

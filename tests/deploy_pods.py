@@ -172,7 +172,8 @@ def run_pods(redis: LocalRedis, procs: list[Proc], probes: dict[str, int], run_i
 def site_data(tmp: Path, parts: int) -> list[Path]:
     """Each site's own train.csv: a disjoint part of the built-in data's training rows, of
     unequal sizes (site k holds k + 1 shares), so that a site counted with another's rows shows."""
-    from fedq.learning.data import DataSpec, load_dataset, split_indices
+    from fedq.learning.data import load_dataset, split_indices
+    from fedq.learning.dataspec import DataSpec
 
     spec = DataSpec()
     ds = load_dataset(spec)
@@ -192,7 +193,8 @@ def each_site_trained_on_its_own_rows(store: RunStore, sites: dict[str, Path]) -
     """Every update of a site counts the training rows of its own train.csv (its file's rows less
     the test split its client holds out: --csv with the default --test-fraction and seed 0),
     and the site joined with that many rows."""
-    from fedq.learning.data import DataSpec, split_indices
+    from fedq.learning.data import split_indices
+    from fedq.learning.dataspec import DataSpec
 
     want = {}
     for site, d in sites.items():

@@ -210,7 +210,7 @@ def test_fedq_acl_bad_input_is_a_clear_error(args: list[str], message: str) -> N
 # --- a user and a password file instead of a URL with the password (what deployments mount) ------
 def test_a_process_connects_as_its_user_from_a_password_file(federation_users, tmp_path: Path) -> None:
     from fedq.errors import ConfigError
-    from fedq.protocol.store import connect, redact
+    from fedq.protocol.connection import connect, redact
     from fedq.settings import Settings
 
     server, users = federation_users

@@ -14,7 +14,7 @@ import pytest
 import redis
 from support.lua import assert_killed, mutant_failures
 
-from fedq.learning.data import feature_stats
+from fedq.learning.scaling import feature_stats
 from fedq.learning.spec import RunSpec
 from fedq.protocol.signing import Verifier
 from fedq.protocol.store import RunStore

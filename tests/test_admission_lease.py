@@ -12,8 +12,8 @@ import pytest
 import redis
 from support.wait import wait_until
 
-from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
+from fedq.learning.scaling import feature_stats
 from fedq.learning.spec import RunSpec
 from fedq.protocol.store import RunStore
 from fedq.roles.aggregator import Aggregator, AggregatorStopped

@@ -19,7 +19,8 @@ import redis
 from support.lua import assert_killed, mutant_failures
 
 from fedq.protocol import keys
-from fedq.protocol.store import Commit, RunStore
+from fedq.protocol.fencing import Commit
+from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Phase
 
 RUN = "t-commit"

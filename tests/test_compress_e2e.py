@@ -19,7 +19,7 @@ def _float32_reference() -> float:
     """Final test accuracy of the same federation without compression, computed in this process
     by fedq.roles.simulation (the same split, scaler, trainers and FedAvg; it reproduces a real
     `fedq run`'s figures, and is quicker than a second federation of processes)."""
-    from fedq.learning.data import DataSpec
+    from fedq.learning.dataspec import DataSpec
     from fedq.learning.spec import RunSpec
     from fedq.roles.simulation import Federation
 

@@ -13,7 +13,8 @@ from support.dashboard import make_run
 
 from fedq.ops.dashboard import snapshot
 from fedq.ops.dashboard.readonly import ReadOnlyRedis
-from fedq.protocol.store import Commit, RunStore
+from fedq.protocol.fencing import Commit
+from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Phase
 
 

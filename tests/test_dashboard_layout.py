@@ -14,7 +14,8 @@ from support.dashboard import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, mak
 from support.redis import RedisServer
 from support.wait import wait_until
 
-from fedq.protocol.store import Commit, RunStore
+from fedq.protocol.fencing import Commit
+from fedq.protocol.store import RunStore
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")

@@ -13,21 +13,10 @@ from support.data import SEED_DATA_MISSING, seed_data_dir
 from support.procs import ROOT
 
 from fedq.errors import DataError
-from fedq.learning.data import (
-    Dataset,
-    DataSpec,
-    FeatureStats,
-    combine_stats,
-    feature_stats,
-    load_dataset,
-    load_test,
-    scaler_from_stats,
-    seed_spec,
-    shard_indices,
-    split_indices,
-    standardize,
-)
+from fedq.learning.data import Dataset, load_dataset, load_test, shard_indices, split_indices
+from fedq.learning.dataspec import DataSpec, seed_spec
 from fedq.learning.partition import load_shard
+from fedq.learning.scaling import FeatureStats, combine_stats, feature_stats, scaler_from_stats, standardize
 
 NUM_COLS = 17
 
@@ -425,3 +414,20 @@ def test_seed_data_skips_name_the_setting(tmp_path: Path) -> None:
     skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
     assert "2 skipped" in done.stdout and len(skips) == 2, done.stdout + done.stderr
     assert all("set FEDQ_SEED_DATA_DIR to the directory" in line for line in skips), skips
+
+
+def test_breast_cancer_is_read_without_scikit_learn_and_equals_its_loader() -> None:
+    # A fresh interpreter: reading the bundled data must not import scikit-learn (nor pandas, scipy).
+    code = ("import sys; from fedq.learning.data import load_dataset; from fedq.learning.dataspec import DataSpec; "
+            "ds = load_dataset(DataSpec()); print(ds.x.shape, sorted(m for m in ('sklearn', 'pandas', 'scipy') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert out.strip() == "(569, 30) []"
+    from sklearn.datasets import load_breast_cancer
+
+    ours, theirs = load_dataset(DataSpec()), load_breast_cancer()
+    assert ours.x.dtype == np.float64 and ours.y.dtype == np.int64 and ours.x.flags.c_contiguous
+    assert np.array_equal(ours.x, theirs.data) and np.array_equal(ours.y, theirs.target)
+    assert ours.feature_names == [str(n) for n in theirs.feature_names]
+    assert ours.class_names == [str(n) for n in theirs.target_names]

@@ -21,7 +21,8 @@ from deploy_harness import ROOT, cli_env, fedq_cmd, free_port, image_stages, par
 
 from fedq.ops import k8s as k8s_cli
 from fedq.ops.k8s_apply import Cluster, down, status, to_model, up
-from fedq.ops.k8s_manifests import Federation, build
+from fedq.ops.k8s_federation import Federation
+from fedq.ops.k8s_manifests import build
 
 NS = "fl"
 TIMEOUT = 120

@@ -44,7 +44,7 @@ from deploy_harness import (
     secret_volume,
 )
 
-from fedq.ops import k8s_manifests
+from fedq.ops import k8s_federation, k8s_manifests, k8s_overlays
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the kustomize "
                                    "overlays); .ci/run installs it where a package is available")
@@ -174,7 +174,7 @@ def test_our_checks_catch_what_schema_validation_lets_through(rendered: dict[str
 # --- one source of truth --------------------------------------------------------------------------
 def test_deploy_base_is_what_fedq_generates() -> None:
     """deploy/base is fedq k8s base's output: regenerate it with `fedq k8s base deploy/base`."""
-    files = k8s_manifests.base_files()
+    files = k8s_overlays.base_files()
     on_disk = {p.name for p in (DEPLOY / "base").iterdir()}
     assert on_disk == set(files), "deploy/base has files fedq does not generate (or lacks some)"
     for name, text in files.items():
@@ -218,7 +218,7 @@ def test_fedq_k8s_manifest_equals_kustomize_over_deploy_base(tmp_path: Path) -> 
 def test_manifest_with_a_secret_passes_our_checks_and_the_clients_models() -> None:
     from fedq.ops.k8s_apply import to_model
 
-    docs = k8s_manifests.build(k8s_manifests.Federation(clients=4, namespace="x", redis_password="p4ssw0rd-ok",
+    docs = k8s_manifests.build(k8s_federation.Federation(clients=4, namespace="x", redis_password="p4ssw0rd-ok",
                                                           dashboard_token="a-dashboard-token-1234"))
     assert deploy_checks.problems(docs) == []
     for doc in docs:
@@ -238,7 +238,7 @@ def test_the_clients_models_reject_a_misspelt_field() -> None:
     from fedq.errors import ConfigError
     from fedq.ops.k8s_apply import to_model
 
-    doc = k8s_manifests.clients_job(k8s_manifests.Federation())
+    doc = k8s_manifests.clients_job(k8s_federation.Federation())
     doc["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
     with pytest.raises(ConfigError, match="imagePullPolcy"):
         to_model(doc)

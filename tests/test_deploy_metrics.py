@@ -11,11 +11,11 @@ import yaml
 from deploy_harness import ROOT, cli_env, compose_argv, compose_services, fedq_cmd, free_port, read_image
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedq.ops import k8s_manifests
+from fedq.ops import k8s_federation, k8s_manifests
 
 
 def test_manifests_scrape_the_port_the_aggregator_serves() -> None:
-    fed = k8s_manifests.Federation()
+    fed = k8s_federation.Federation()
     dep = k8s_manifests.aggregator_deployment(fed)
     pod = dep["spec"]["template"]
     c = pod["spec"]["containers"][0]

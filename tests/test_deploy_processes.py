@@ -58,7 +58,7 @@ def test_secure_overlay_pods_run_a_federation_each_as_its_own_user_over_tls(tmp_
     TLS only, every pod connecting as its role's user with its mounted password and certificate."""
     from urllib.parse import unquote, urlsplit
 
-    from fedq.protocol.store import tls_options
+    from fedq.protocol.connection import tls_options
     from fedq.settings import Settings
 
     docs, _ = render_secure_overlay(tmp_path, make_pki(tmp_path / "pki"))

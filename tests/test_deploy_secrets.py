@@ -41,7 +41,7 @@ from deploy_harness import (
     tmpdir,
 )
 
-from fedq.ops import k8s_manifests
+from fedq.ops import k8s_federation, k8s_manifests
 
 PASSWORD_REF = re.compile(r"\$\([A-Za-z0-9_]*PASSWORD[A-Za-z0-9_]*\)")
 # Flags that would carry a secret value on a command line.
@@ -149,7 +149,7 @@ def test_no_overlay_puts_a_secret_on_a_command_line(tmp_path: Path) -> None:
 def test_redis_reads_its_password_from_the_mounted_file_as_its_container_starts_it(tmp_path: Path) -> None:
     """The StatefulSet's own command and args, run here: Redis requires the Secret's password,
     no process has it among its arguments, and the probe passes with REDISCLI_AUTH alone."""
-    docs = k8s_manifests.build(k8s_manifests.Federation(redis_password="mounted-pass-42",
+    docs = k8s_manifests.build(k8s_federation.Federation(redis_password="mounted-pass-42",
                                                         dashboard_token="t" * 20))
     sts = next(d for d in docs if d["kind"] == "StatefulSet")
     spec = sts["spec"]["template"]["spec"]

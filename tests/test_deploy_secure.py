@@ -59,12 +59,14 @@ from redis.retry import Retry
 
 from fedq.errors import ConfigError
 from fedq.learning.spec import RunSpec
-from fedq.ops import acl, k8s_manifests
+from fedq.ops import acl, k8s_federation, k8s_overlays
 from fedq.ops.k8s_apply import redis_cli_command, to_model
-from fedq.ops.k8s_manifests import Federation, build
+from fedq.ops.k8s_federation import Federation
+from fedq.ops.k8s_manifests import build
 from fedq.protocol import messages
+from fedq.protocol.connection import connect
 from fedq.protocol.keys import RunKeys
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.store import RunStore
 from fedq.settings import Settings
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("redis-cli") is None,
@@ -102,7 +104,7 @@ def _tls_secret(pki: Path, namespace: str | None = "fl") -> dict[str, Any]:
     if namespace:
         meta["namespace"] = namespace
     return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "kubernetes.io/tls",
-            "data": {k: base64.b64encode((pki / k).read_bytes()).decode() for k in k8s_manifests.TLS_KEYS}}
+            "data": {k: base64.b64encode((pki / k).read_bytes()).decode() for k in k8s_federation.TLS_KEYS}}
 
 
 def _render(variant: str, passwords: dict[str, str], pki: Path, clients: int = 2) -> list[dict[str, Any]]:
@@ -135,17 +137,17 @@ def test_secure_manifests_validate_and_pass_our_checks(variant: str, passwords: 
 
 def test_acl_manifest_has_digests_not_passwords(passwords: dict[str, str], pki: Path) -> None:
     docs = _render("acl+tls", passwords, pki)
-    text = k8s_manifests.to_yaml(docs)
+    text = k8s_overlays.to_yaml(docs)
     for user, password in passwords.items():
         assert password not in text, f"{user}'s password is in the manifest as plain text"
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    acl_file = base64.b64decode(secrets[k8s_manifests.ACL_SECRET]["data"]["users.acl"]).decode()
+    acl_file = base64.b64decode(secrets[k8s_federation.ACL_SECRET]["data"]["users.acl"]).decode()
     for user, password in passwords.items():
         line = next(ln for ln in acl_file.splitlines() if ln.split()[1] == user)
         assert f"#{hashlib.sha256(password.encode()).hexdigest()}" in line.split()
         assert password not in acl_file and f">{password}" not in line
     assert acl_file.splitlines()[0] == acl.default_user_off()
-    users = {k: base64.b64decode(v).decode() for k, v in secrets[k8s_manifests.USERS_SECRET]["data"].items()}
+    users = {k: base64.b64decode(v).decode() for k, v in secrets[k8s_federation.USERS_SECRET]["data"].items()}
     assert users == passwords  # the one place passwords are (base64 in a Secret, as Kubernetes keeps them)
     # No pod has a password in its environment or arguments: only a Secret reference or a file.
     for d in docs:
@@ -246,7 +248,7 @@ def test_federation_checks_secure_options(passwords: dict[str, str]) -> None:
 def test_secure_overlay_is_what_fedq_generates() -> None:
     """Regenerate it with `fedq k8s secure-overlay deploy/overlays/secure`."""
     directory = DEPLOY / "overlays" / "secure"
-    files = k8s_manifests.secure_overlay_files()
+    files = k8s_overlays.secure_overlay_files()
     on_disk = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()
                and p.relative_to(directory).parts[0] != "secrets"}
     assert on_disk == set(files) | {"README.md"}
@@ -264,7 +266,7 @@ def test_secure_overlay_renders_what_fedq_k8s_manifest_prints(tmp_path: Path, pk
         kubernetes_validate.validate(doc, "1.32", strict=True)
     assert deploy_checks.problems(docs) == []
     file_passwords = acl.parse_passwords((secrets_dir / acl.PASSWORDS_FILE).read_text())
-    fed = Federation(namespace=k8s_manifests.SECURE_NAMESPACE, acl=True, acl_passwords=file_passwords,
+    fed = Federation(namespace=k8s_overlays.SECURE_NAMESPACE, acl=True, acl_passwords=file_passwords,
                      tls_secret=TLS_SECRET, dashboard_token=(secrets_dir / "dashboard-token").read_text().strip())
 
     def normal(d: dict[str, Any]) -> dict[str, Any]:
@@ -274,9 +276,9 @@ def test_secure_overlay_renders_what_fedq_k8s_manifest_prints(tmp_path: Path, pk
 
     rendered = {(d["kind"], d["metadata"]["name"]): normal(d) for d in docs}
     printed = {(d["kind"], d["metadata"]["name"]): normal(d) for d in build(fed)}
-    assert set(rendered) - set(printed) == {("Namespace", k8s_manifests.SECURE_NAMESPACE), ("Secret", TLS_SECRET)}
+    assert set(rendered) - set(printed) == {("Namespace", k8s_overlays.SECURE_NAMESPACE), ("Secret", TLS_SECRET)}
     for key, doc in printed.items():
-        if key == ("Secret", k8s_manifests.DASHBOARD_SECRET):  # the file's line, with its newline
+        if key == ("Secret", k8s_federation.DASHBOARD_SECRET):  # the file's line, with its newline
             doc = {**doc, "data": {"token": doc["data"]["token"] + b"\n"}}
         assert rendered[key] == doc, f"{key} differs between the overlay and fedq k8s manifest"
     assert rendered[("Secret", TLS_SECRET)]["type"] == "kubernetes.io/tls"
@@ -285,7 +287,7 @@ def test_secure_overlay_renders_what_fedq_k8s_manifest_prints(tmp_path: Path, pk
 # --- run: Redis as its container says, each role as its pod would connect -----------------------------
 def _kwargs(settings: Settings) -> dict[str, Any]:
     """redis.Redis arguments of a fedq process's settings (its URL's user and password, its TLS files)."""
-    from fedq.protocol.store import tls_options
+    from fedq.protocol.connection import tls_options
 
     url = urlsplit(settings.redis_url)
     kw: dict[str, Any] = {"username": unquote(url.username) if url.username else None,
@@ -310,7 +312,7 @@ class Deployed:
         self.mounts = mount_sources(self.container, volumes, self.env)
         argv = [rewrite_paths(a, self.mounts) for a in container_argv(self.container, REDIS_IMAGE, self.env)]
         self.redis = LocalRedis(argv, volumes["data"])
-        self.hosts = {(k8s_manifests.REDIS_SERVICE, k8s_manifests.REDIS_PORT): f"127.0.0.1:{self.redis.port}"}
+        self.hosts = {(k8s_federation.REDIS_SERVICE, k8s_federation.REDIS_PORT): f"127.0.0.1:{self.redis.port}"}
 
     def pod_env(self, kind: str, name: str, index: int | None = None) -> dict[str, str]:
         d = next(d for d in self.docs if d["kind"] == kind and d["metadata"]["name"] == name)

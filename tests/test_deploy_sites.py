@@ -42,7 +42,8 @@ from deploy_pods import each_site_trained_on_its_own_rows, pods_as_processes, ru
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from fedq.learning.data import DataSpec, split_indices
+from fedq.learning.data import split_indices
+from fedq.learning.dataspec import DataSpec
 from fedq.ops import pki
 from fedq.protocol.keys import RunKeys
 from fedq.protocol.store import RunStore
@@ -174,7 +175,7 @@ def test_a_hub_and_two_sites_outside_it_run_a_federation_each_as_its_own_user(tm
 
 def _as_aggregator(env: dict[str, str]) -> dict[str, Any]:
     """redis.Redis arguments of the aggregator pod's settings (its user, password file and TLS files)."""
-    from fedq.protocol.store import tls_options
+    from fedq.protocol.connection import tls_options
     from fedq.settings import Settings
 
     settings = Settings.from_env(env=env)

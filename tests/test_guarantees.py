@@ -29,7 +29,8 @@ from support.lua import assert_killed, mutant_failures
 
 from fedq.errors import UpdateRejected
 from fedq.protocol import messages
-from fedq.protocol.store import Commit, LeaseLost, RunStore
+from fedq.protocol.fencing import Commit, LeaseLost
+from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Phase
 
 RUN = "t-guard"
@@ -368,10 +369,10 @@ def _close(got: list[np.ndarray], want: list[np.ndarray]) -> bool:
 def lean_run(r: redis.Redis, redis_url: str) -> Iterator[RunStore]:
     """A two-round run of three clients, its aggregator in this process (no central evaluation,
     so it holds no Keras model), the clients joined by hand."""
-    from fedq.learning.data import feature_stats
     from fedq.learning.partition import load_shard
+    from fedq.learning.scaling import feature_stats
     from fedq.learning.spec import RunSpec
-    from fedq.protocol.store import connect
+    from fedq.protocol.connection import connect
     from fedq.roles.aggregator import Aggregator, AggregatorStopped
     from fedq.settings import Settings
 

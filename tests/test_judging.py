@@ -14,7 +14,8 @@ import redis
 
 from fedq.learning.strategies import Strategy, StrategySpec
 from fedq.protocol import messages
-from fedq.protocol.store import RunStore, StoredUpdate
+from fedq.protocol.store import RunStore
+from fedq.protocol.update_reads import StoredUpdate
 from fedq.roles.judging import Judging, Round
 from fedq.settings import Settings
 

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from fedq.learning.aggregate import FedAvg, fedavg
-from fedq.learning.data import feature_stats, load_dataset
+from fedq.learning.data import load_dataset
 from fedq.learning.models import build_model, weight_names
 from fedq.learning.partition import load_shard
+from fedq.learning.scaling import feature_stats
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy, StrategySpec
 from fedq.protocol import chunking, codec, transfer
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.connection import connect
+from fedq.protocol.store import RunStore
 from fedq.roles.aggregator import Aggregator
 from fedq.settings import Settings
 
@@ -76,7 +78,7 @@ def _lean(harness_factory, monkeypatch, run_id: str, rounds: int):
     def no_build(*_a, **_k):
         raise AssertionError("the lean aggregator built a Keras model in its own process")
 
-    monkeypatch.setattr("fedq.roles.aggregator.build_model", no_build)
+    monkeypatch.setattr("fedq.roles.preparing.build_model", no_build)
     h = harness_factory(rounds, run_id, {"central_eval": False}, chunk_bytes=CHUNK)
     g_round, names, g = transfer.read_global(h.store)
     assert g_round == 0 and codec.decode(h.store.global_payload()).meta["parts"]["count"] == 2

@@ -6,7 +6,8 @@ The run: an aggregator worker started with --metrics-port, two real clients, and
 client (in this process, through the real client loop) whose training yields NaN weights,
 so that the aggregator refuses its update every round with reason ``non_finite``.
 
-These checks need the counting calls in fedq/roles/aggregator.py and the client heartbeat in
+These checks need the counting calls of the aggregator (fedq/roles/collecting.py, committing.py,
+judging.py) and the client heartbeat in
 fedq/roles/client.py (see fedq/roles/metrics.py and fedq/protocol/heartbeat.py for the calls).
 """
 

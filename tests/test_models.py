@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from fedq.errors import ConfigError
-from fedq.learning.data import DataSpec
+from fedq.learning.dataspec import DataSpec
 from fedq.learning.models import build_model, check_model_arg, evaluate, resolve_model_arg, weight_names
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import StrategySpec

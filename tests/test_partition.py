@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fedq.errors import DataError
-from fedq.learning.data import DataSpec, load_dataset, shard_indices, split_indices
+from fedq.learning.data import load_dataset, shard_indices, split_indices
+from fedq.learning.dataspec import DataSpec
 from fedq.learning.partition import (
     dirichlet_partition,
     label_partition,

@@ -34,7 +34,8 @@ from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.trainer import KerasTrainer
 from fedq.ops.view import print_report
 from fedq.protocol import codec
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.connection import connect
+from fedq.protocol.store import RunStore
 from fedq.roles.aggregator import Aggregator
 from fedq.roles.client import Client
 from fedq.roles.report import write_report

@@ -13,10 +13,11 @@ from fedq.errors import ConfigError
 from fedq.learning import privacy
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import StrategySpec
+from fedq.protocol.fencing import LeaseLost
 from fedq.protocol.keys import RunKeys
 from fedq.protocol.secagg.exchange import Coordinator
 from fedq.protocol.secagg.quantise import encode_update
-from fedq.protocol.store import LeaseLost, RunStore
+from fedq.protocol.store import RunStore
 from fedq.roles.secure import SecureSum
 
 SA = RunSpec(clients=4, rounds=1, secure_aggregation=True, run_id="sa-opts")

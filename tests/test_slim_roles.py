@@ -39,7 +39,7 @@ def test_the_dashboard_and_a_lean_aggregator_import_without_what_they_leave_out(
     dashboard = run_blocked(DASHBOARD_LEAVES_OUT, f"""
 import json
 from fedq.ops.dashboard.app import create_app
-from fedq.protocol.store import connect
+from fedq.protocol.connection import connect
 from fedq.settings import Settings
 client = create_app(connect(Settings.from_env(redis_url={redis_url!r}))).test_client()
 print(json.dumps([client.get("/api/health").status_code, client.get("/api/runs").get_json()]))

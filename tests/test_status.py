@@ -21,7 +21,8 @@ from support.redis import RedisServer
 
 from fedq.ops.view import RunProgress
 from fedq.protocol import heartbeat
-from fedq.protocol.store import Commit, RunStore
+from fedq.protocol.fencing import Commit
+from fedq.protocol.store import RunStore
 
 
 def _env(redis_url: str) -> dict[str, str]:

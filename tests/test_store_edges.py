@@ -14,7 +14,11 @@ import redis
 
 from fedq.errors import ConfigError
 from fedq.protocol import keys
-from fedq.protocol.store import MAX_EVENTS, Commit, LeaseLost, RunStore, StoredUpdate, valid_client_id, version_marker
+from fedq.protocol.fencing import Commit, LeaseLost
+from fedq.protocol.replies import valid_client_id
+from fedq.protocol.run_records import MAX_EVENTS
+from fedq.protocol.store import RunStore
+from fedq.protocol.update_reads import StoredUpdate, version_marker
 from fedq.protocol.vocabulary import Phase, Read
 
 RUN = "t-edges"

@@ -14,7 +14,7 @@ from support.federation import noisy as _noisy
 from support.wait import wait_until
 
 from fedq.learning import evaluation
-from fedq.learning.data import DataSpec
+from fedq.learning.dataspec import DataSpec
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.strategies import Strategy, StrategySpec, aggregate_all
 from fedq.protocol import codec

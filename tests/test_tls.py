@@ -12,7 +12,7 @@ from support.procs import cli_env, fedq_cmd
 from support.redis import RedisServer, free_port
 
 from fedq.errors import ConfigError, RedisUnavailable
-from fedq.protocol.store import connect
+from fedq.protocol.connection import connect
 from fedq.settings import Settings
 
 pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates"),

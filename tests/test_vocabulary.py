@@ -8,7 +8,7 @@ import re
 import pytest
 import redis
 
-from fedq.protocol import scripts, store
+from fedq.protocol import fencing, scripts, store
 from fedq.protocol.vocabulary import ENDED, Event, Join, Phase, Push, Read, Refusal, Status, lua_prelude
 
 WORDS = {m.value for enum in (Status, Phase, Event, Join, Push, Refusal, Read) for m in enum}
@@ -70,7 +70,7 @@ def test_python_and_redis_agree_on_the_words(r: redis.Redis) -> None:
     assert st.push_update("c0", 2, b"x", 100) == Push.ROUND_NOT_OPEN
     assert st.push_update("c0", 1, b"x" * 200, 100) == Push.TOO_LARGE
     assert st.push_update("c0", 1, b"x", 100) == Push.OK
-    assert st.commit_round(store.Commit(round=1, global_payload=b"g1", metrics={"round": 1}, after=Phase.DONE,
+    assert st.commit_round(fencing.Commit(round=1, global_payload=b"g1", metrics={"round": 1}, after=Phase.DONE,
                                         final={"round": 1}))
     assert st.state()["status"] == Status.FINISHED and Status.FINISHED in ENDED
     assert st.join("c1", {"shard": 0}, {"count": [1]}) == Join.RUN_FINISHED

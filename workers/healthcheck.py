@@ -10,8 +10,8 @@ import sys
 import redis
 
 from fedq.errors import FedqError
+from fedq.protocol.connection import redact, tls_options
 from fedq.settings import Settings
-from fedq.protocol.store import redact, tls_options
 
 
 def main() -> int:

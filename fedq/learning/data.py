@@ -1,148 +1,30 @@
-"""Dataset loading, deterministic train/test splitting, partitioning and federated feature statistics.
-
-Every client derives the same split from the same ``DataSpec`` (no rows are exchanged), keeps only
-its own shard, and reports per-feature sums and counts so the aggregator can build a global scaler.
-Shards are IID (the default), Dirichlet label-skewed, or by label; a client may hold out part of its
-shard as validation rows for federated evaluation.
+"""Datasets: loading a spec's rows (``Dataset``), and the deterministic train/test split and
+shards every client derives from the same ``DataSpec`` (no rows are exchanged). The spec itself is
+fedq.learning.dataspec; the clients' feature statistics and the scaler, fedq.learning.scaling.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
+import importlib.util
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedq.errors import DataError
+from fedq.learning.dataspec import DataSpec, is_int, is_number
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-SOURCES = ("breast_cancer", "seed", "csv", "synthetic")
-PARTITIONS = ("iid", "dirichlet", "by-label")  # implemented in fedq.learning.partition
 SEED_CLASS_NAMES = ["normal", "abnormal"]
 SEED_MISSING_VALUE = -1.0
-
-# Below this std a feature is treated as constant: dividing by it would only amplify noise.
-_MIN_STD = 1e-12
-# Relative size of float rounding in E[x^2] - mean^2; a smaller variance is indistinguishable from 0.
-_VAR_RTOL = 1e-12
-
-
-def _is_int(value: Any) -> bool:
-    """True for a real integer (bool excluded, since True/False are almost always a mistake here)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value: Any) -> bool:
-    """True for an int or float that is not a bool."""
-    return _is_int(value) or isinstance(value, (float, np.floating))
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Where a run's data comes from and how it is split; stored in Redis as part of the run spec."""
-
-    source: str = "breast_cancer"  # "breast_cancer" | "seed" (normal/abnormal CSV pair) | "csv"
-    normal_csv: str | None = None  # for source "seed"
-    abnormal_csv: str | None = None
-    csv: str | None = None  # for source "csv": a headed CSV with a label column
-    label_column: str | None = None
-    missing_value: float | None = None  # a sentinel meaning missing; NaN/empty cells are always missing
-    test_fraction: float = 0.2
-    seed: int = 0
-    partition: str = "iid"  # how training rows are dealt to clients: "iid" | "dirichlet" | "by-label"
-    alpha: float = 0.5  # Dirichlet concentration: small = each client sees few labels
-    val_fraction: float = 0.0  # share of each client's shard held out for federated evaluation
-    rows: int = 10_000  # for source "synthetic": generated rows (scale tests with many clients)
-    features: int = 20  # for source "synthetic": generated features
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (msgpack/JSON friendly)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
-        """Build a spec from a dict; unknown keys or wrongly typed values raise DataError."""
-        if not isinstance(d, Mapping):
-            raise DataError(f"data spec must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise DataError(
-                f"unknown data spec key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-            )
-        kw: dict[str, Any] = dict(d)
-        for name in ("source", "normal_csv", "abnormal_csv", "csv", "label_column", "partition"):
-            value = kw.get(name)
-            if name in kw and value is not None and not isinstance(value, str):
-                raise DataError(f"data spec {name} must be a string, got {value!r}")
-        if "source" in kw and kw["source"] is None:
-            raise DataError("data spec source must be a string, got None")
-        # Numbers may arrive as ints after a msgpack/JSON round trip; normalise to the declared types.
-        for name in ("test_fraction", "missing_value", "alpha", "val_fraction"):
-            if name in kw and kw[name] is not None:
-                if not _is_number(kw[name]):
-                    raise DataError(f"data spec {name} must be a number, got {kw[name]!r}")
-                kw[name] = float(kw[name])
-        for name in ("test_fraction", "alpha", "val_fraction"):
-            if name in kw and kw[name] is None:
-                raise DataError(f"data spec {name} must be a number, got None")
-        if "partition" in kw and kw["partition"] is None:
-            raise DataError("data spec partition must be a string, got None")
-        for name in ("rows", "features"):
-            if name in kw and not _is_int(kw[name]):
-                raise DataError(f"data spec {name} must be an integer, got {kw[name]!r}")
-        if "seed" in kw:
-            seed = kw["seed"]
-            if _is_number(seed) and float(seed).is_integer():
-                kw["seed"] = int(seed)
-            else:
-                raise DataError(f"data spec seed must be an integer, got {seed!r}")
-        return cls(**kw)
-
-    def validate(self) -> None:
-        """Check the spec is usable (paths given for the source, sane fraction); raise DataError if not."""
-        if self.source not in SOURCES:
-            raise DataError(f"unknown data source {self.source!r} (expected one of: {', '.join(SOURCES)})")
-        if self.source == "seed":
-            for name in ("normal_csv", "abnormal_csv"):
-                if not getattr(self, name):
-                    raise DataError(f"data source 'seed' needs {name} (path to the {name[:-4]} CSV)")
-        if self.source == "csv":
-            if not self.csv:
-                raise DataError("data source 'csv' needs csv (path to a headed CSV file)")
-            if not self.label_column:
-                raise DataError("data source 'csv' needs label_column (name of the label column)")
-        if self.source == "synthetic" and (self.rows < 10 or self.features < 2):
-            raise DataError(f"synthetic data needs at least 10 rows and 2 features, got {self.rows} x {self.features}")
-        if not _is_number(self.test_fraction) or not 0.0 < float(self.test_fraction) < 1.0:
-            raise DataError(f"test_fraction must be strictly between 0 and 1, got {self.test_fraction!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            # numpy's seeding rejects negative ints, so catch it here with a clearer message.
-            raise DataError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.missing_value is not None and (
-            not _is_number(self.missing_value) or not math.isfinite(self.missing_value)
-        ):
-            raise DataError(f"missing_value must be a finite number or None, got {self.missing_value!r}")
-        if self.partition not in PARTITIONS:
-            raise DataError(f"unknown partition {self.partition!r} (expected one of: {', '.join(PARTITIONS)})")
-        if not _is_number(self.alpha) or not math.isfinite(float(self.alpha)) or not float(self.alpha) > 0:
-            raise DataError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not _is_number(self.val_fraction) or not 0.0 <= float(self.val_fraction) < 1.0:
-            raise DataError(f"val_fraction must be at least 0 and below 1, got {self.val_fraction!r}")
-
-
-def seed_spec(normal_csv: str, abnormal_csv: str, **kw: Any) -> DataSpec:
-    """A "seed" spec for a normal/abnormal CSV pair; missing_value defaults to -1.0."""
-    if "source" in kw:
-        raise DataError("seed_spec always uses source 'seed'; do not pass source")
-    kw.setdefault("missing_value", SEED_MISSING_VALUE)
-    return DataSpec(source="seed", normal_csv=normal_csv, abnormal_csv=abnormal_csv, **kw)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: element-wise array comparison has no single truth value
@@ -286,18 +168,47 @@ def _load_csv(spec: DataSpec) -> Dataset:
     return Dataset(x=x, y=y, feature_names=feature_names, class_names=class_names)
 
 
-def _load_breast_cancer() -> Dataset:
-    """scikit-learn's bundled Wisconsin breast cancer data (ships with the package, no download)."""
-    # Imported lazily so clients using their own CSVs do not pay for importing scikit-learn.
-    from sklearn.datasets import load_breast_cancer
+# The Wisconsin data's ten measurements, each as a mean, a standard error and a worst value.
+_WISCONSIN = ("radius", "texture", "perimeter", "area", "smoothness", "compactness", "concavity",
+              "concave points", "symmetry", "fractal dimension")
+BREAST_CANCER_FEATURES = ([f"mean {m}" for m in _WISCONSIN] + [f"{m} error" for m in _WISCONSIN]
+                          + [f"worst {m}" for m in _WISCONSIN])
 
-    bunch = load_breast_cancer()
-    return Dataset(
-        x=np.asarray(bunch.data, dtype=np.float64),
-        y=np.asarray(bunch.target, dtype=np.int64),
-        feature_names=[str(n) for n in bunch.feature_names],
-        class_names=[str(n) for n in bunch.target_names],
-    )
+
+def _breast_cancer_csv() -> Path | None:
+    """The CSV file scikit-learn ships the data in, found without importing scikit-learn (whose
+    import costs a second or more of CPU, pandas and scipy included); None when it is not there."""
+    try:
+        found = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        return None
+    for root in (found.submodule_search_locations or []) if found else []:
+        path = Path(root) / "datasets" / "data" / "breast_cancer.csv"
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_breast_cancer() -> Dataset:
+    """scikit-learn's bundled Wisconsin breast cancer data (ships with the package, no download),
+    read from its CSV: a line "rows,features,class names...", then the rows, label last."""
+    path = _breast_cancer_csv()
+    if path is None:  # laid out otherwise: let scikit-learn read it
+        from sklearn.datasets import load_breast_cancer
+
+        bunch = load_breast_cancer()
+        return Dataset(x=np.asarray(bunch.data, dtype=np.float64), y=np.asarray(bunch.target, dtype=np.int64),
+                       feature_names=[str(n) for n in bunch.feature_names],
+                       class_names=[str(n) for n in bunch.target_names])
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        head = next(reader)
+        rows = [row for row in reader if row]
+    table = np.asarray(rows, dtype=np.float64)
+    if table.shape != (int(head[0]), int(head[1]) + 1) or len(BREAST_CANCER_FEATURES) != int(head[1]):
+        raise DataError(f"{path}: {table.shape} values where its first line announces {head[:2]}")
+    return Dataset(x=np.ascontiguousarray(table[:, :-1]), y=table[:, -1].astype(np.int64),
+                   feature_names=list(BREAST_CANCER_FEATURES), class_names=[str(n) for n in head[2:]])
 
 
 @functools.lru_cache(maxsize=2)  # a simulation's many clients in one process share one copy
@@ -336,7 +247,7 @@ def load_dataset(spec: DataSpec) -> Dataset:
 
 def _check_seed(seed: int) -> None:
     """Reject seeds numpy cannot use, as a DataError."""
-    if not _is_int(seed) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}")
 
 
@@ -347,7 +258,7 @@ def split_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.nd
         raise DataError(f"labels must be one-dimensional, got shape {y.shape}")
     if len(y) == 0:
         raise DataError("cannot split an empty dataset")
-    if not _is_number(test_fraction) or not 0.0 < float(test_fraction) < 1.0:
+    if not is_number(test_fraction) or not 0.0 < float(test_fraction) < 1.0:
         raise DataError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}")
     _check_seed(seed)
     rng = np.random.default_rng(seed)
@@ -372,9 +283,9 @@ def split_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.nd
 
 def shard_indices(train_idx: np.ndarray, num_shards: int, shard: int, seed: int) -> np.ndarray:
     """The sorted training rows of IID shard ``shard`` out of ``num_shards``."""
-    if not _is_int(num_shards) or num_shards < 1:
+    if not is_int(num_shards) or num_shards < 1:
         raise DataError(f"num_shards must be an integer >= 1, got {num_shards!r}")
-    if not _is_int(shard) or not 0 <= shard < num_shards:
+    if not is_int(shard) or not 0 <= shard < num_shards:
         raise DataError(
             f"shard {shard} is out of range for {num_shards} shards (0..{num_shards - 1})"
         )
@@ -400,140 +311,3 @@ def load_test(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
     ds = load_dataset(spec)
     _, test_idx = split_indices(ds.y, spec.test_fraction, spec.seed)
     return ds.x[test_idx], ds.y[test_idx]
-
-
-# ---------------------------------------------------------------- federated standardisation
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: element-wise array comparison has no single truth value
-class FeatureStats:
-    """Per-feature count, sum and sum of squares of non-missing values; safe to share (no rows)."""
-
-    count: np.ndarray  # int64 (d,) non-missing values per feature
-    total: np.ndarray  # float64 (d,) sum of non-missing values
-    total_sq: np.ndarray  # float64 (d,) sum of squares
-    rows: int
-
-    @property
-    def num_features(self) -> int:
-        """Number of features the statistics cover."""
-        return int(len(self.count))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists of python numbers, for msgpack."""
-        return {
-            "count": [int(v) for v in self.count],
-            "total": [float(v) for v in self.total],
-            "total_sq": [float(v) for v in self.total_sq],
-            "rows": int(self.rows),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FeatureStats:
-        """Rebuild from to_dict output, rejecting anything inconsistent with DataError."""
-        if not isinstance(d, Mapping):
-            raise DataError(f"feature stats must be a mapping, got {type(d).__name__}")
-        expected = {"count", "total", "total_sq", "rows"}
-        missing = sorted(expected - set(d))
-        unknown = sorted(str(k) for k in d if k not in expected)
-        if missing or unknown:
-            raise DataError(
-                f"feature stats keys wrong (missing: {', '.join(missing) or 'none'}; "
-                f"unknown: {', '.join(unknown) or 'none'})"
-            )
-        rows = d["rows"]
-        if not _is_int(rows) or rows < 0:
-            raise DataError(f"feature stats rows must be a non-negative integer, got {rows!r}")
-        count = _number_list(d["count"], "count")
-        total = _number_list(d["total"], "total")
-        total_sq = _number_list(d["total_sq"], "total_sq")
-        if not len(count) == len(total) == len(total_sq):
-            raise DataError(
-                f"feature stats lengths differ: count {len(count)}, total {len(total)}, "
-                f"total_sq {len(total_sq)}"
-            )
-        if not np.all(count == np.round(count)):
-            raise DataError("feature stats count must hold integers")
-        if np.any(count < 0) or np.any(count > rows):
-            raise DataError(f"feature stats count must be between 0 and rows ({rows})")
-        if np.any(total_sq < 0):
-            raise DataError("feature stats total_sq must not be negative")
-        return cls(count=count.astype(np.int64), total=total, total_sq=total_sq, rows=int(rows))
-
-
-def _number_list(value: Any, name: str) -> np.ndarray:
-    """A list of finite numbers as float64, or DataError naming the field."""
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        raise DataError(f"feature stats {name} must be a list, got {type(value).__name__}")
-    if not all(_is_number(v) for v in value):
-        raise DataError(f"feature stats {name} must hold only numbers")
-    arr = np.asarray(value, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(arr)):
-        raise DataError(f"feature stats {name} must hold only finite numbers")
-    return arr
-
-
-def feature_stats(x: np.ndarray) -> FeatureStats:
-    """Per-feature count/sum/sum of squares over the non-missing (non-NaN) values of x."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise DataError(f"features must be a 2-D array, got shape {x.shape}")
-    if np.isinf(x).any():
-        raise DataError("features contain infinite values")
-    present = ~np.isnan(x)
-    filled = np.where(present, x, 0.0)
-    return FeatureStats(
-        count=present.sum(axis=0).astype(np.int64),
-        total=filled.sum(axis=0),
-        total_sq=np.square(filled).sum(axis=0),
-        rows=int(x.shape[0]),
-    )
-
-
-def combine_stats(parts: Sequence[FeatureStats]) -> FeatureStats:
-    """Pool several clients' statistics by adding counts and sums."""
-    parts = list(parts)
-    if not parts:
-        raise DataError("no feature statistics to combine")
-    d = parts[0].num_features
-    for i, part in enumerate(parts):
-        if part.num_features != d:
-            raise DataError(
-                f"feature count mismatch: part 0 has {d} features but part {i} has {part.num_features}"
-            )
-    return FeatureStats(
-        count=np.sum([p.count for p in parts], axis=0).astype(np.int64),
-        total=np.sum([p.total for p in parts], axis=0).astype(np.float64),
-        total_sq=np.sum([p.total_sq for p in parts], axis=0).astype(np.float64),
-        rows=int(sum(p.rows for p in parts)),
-    )
-
-
-def scaler_from_stats(stats: FeatureStats) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) per feature from pooled sums, using the population variance."""
-    count = np.asarray(stats.count, dtype=np.float64)
-    seen = count > 0
-    safe = np.where(seen, count, 1.0)
-    mean = np.where(seen, stats.total / safe, 0.0)
-    mean_sq = np.where(seen, stats.total_sq / safe, 0.0)
-    var = mean_sq - np.square(mean)
-    # E[x^2] - mean^2 cancels badly for near-constant features (e.g. a column that is always 100):
-    # anything within rounding noise of E[x^2], including small negatives, is really zero variance.
-    var = np.where(var <= _VAR_RTOL * mean_sq, 0.0, var)
-    std = np.sqrt(var)
-    std = np.where(std < _MIN_STD, 1.0, std)
-    return mean.astype(np.float64), std.astype(np.float64)
-
-
-def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """float32 (x - mean) / std, with missing values imputed as 0 (the mean)."""
-    x = np.asarray(x, dtype=np.float64)
-    mean = np.asarray(mean, dtype=np.float64)
-    std = np.asarray(std, dtype=np.float64)
-    if x.ndim != 2 or mean.shape != (x.shape[1],) or std.shape != (x.shape[1],):
-        raise DataError(
-            f"cannot standardize features of shape {x.shape} with mean {mean.shape} and std {std.shape}"
-        )
-    z = (x - mean) / std
-    z[np.isnan(z)] = 0.0
-    return np.asarray(z, dtype=np.float32)

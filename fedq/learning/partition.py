@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedq.errors import DataError
-from fedq.learning.data import DataSpec, _check_seed, _is_int, _is_number, load_dataset, shard_indices, split_indices
+from fedq.learning.data import _check_seed, load_dataset, shard_indices, split_indices
+from fedq.learning.dataspec import DataSpec, is_int, is_number
 
 # A Dirichlet draw that leaves a client fewer rows than this is drawn again (at most _MAX_DRAWS times).
 MIN_PARTITION_ROWS = 2
@@ -24,9 +25,9 @@ _MAX_DRAWS = 100
 
 
 def _check_shards(num_shards: int, shard: int | None = None) -> None:
-    if not _is_int(num_shards) or num_shards < 1:
+    if not is_int(num_shards) or num_shards < 1:
         raise DataError(f"num_shards must be an integer >= 1, got {num_shards!r}")
-    if shard is not None and (not _is_int(shard) or not 0 <= shard < num_shards):
+    if shard is not None and (not is_int(shard) or not 0 <= shard < num_shards):
         raise DataError(f"shard {shard} is out of range for {num_shards} shards (0..{num_shards - 1})")
 
 
@@ -39,7 +40,7 @@ def dirichlet_partition(y: np.ndarray, train_idx: np.ndarray, num_shards: int, a
     again from the same stream, so the result depends on (labels, shards, alpha, seed) only."""
     _check_shards(num_shards)
     _check_seed(seed)
-    if not _is_number(alpha) or not float(alpha) > 0:
+    if not is_number(alpha) or not float(alpha) > 0:
         raise DataError(f"alpha must be a positive number, got {alpha!r}")
     base = np.sort(np.asarray(train_idx)).astype(np.int64)
     labels = np.asarray(y)[base]
@@ -166,7 +167,7 @@ def load_shard(spec: DataSpec, shard: int, num_shards: int) -> tuple[np.ndarray,
     if spec.partition == "iid":
         idx = shard_indices(train_idx, num_shards, shard, spec.seed)
     else:
-        if not _is_int(shard) or not _is_int(num_shards) or not 0 <= shard < num_shards:
+        if not is_int(shard) or not is_int(num_shards) or not 0 <= shard < num_shards:
             raise DataError(f"shard {shard} is out of range for {num_shards} shards (0..{num_shards - 1})")
         idx = partition_indices(spec, ds.y, train_idx, num_shards)[shard]
     return ds.x[idx], ds.y[idx]

@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from fedq.errors import ConfigError
+from fedq.learning import choices
 
-MODES = ("off", "central", "local")
-DEFAULT_DELTA = 1e-5
+MODES = choices.DP_MODES
+DEFAULT_DELTA = choices.DEFAULT_DELTA
 ACCOUNTANT = "rdp"  # dp_accounting.rdp.RdpAccountant, default orders
 # What (epsilon, delta) means in each mode (report.json repeats it).
 GUARANTEES = {

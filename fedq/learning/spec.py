@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from fedq.errors import ConfigError
-from fedq.learning import privacy, staleness
-from fedq.learning.data import DataSpec
+from fedq.learning import choices, privacy, staleness
+from fedq.learning.dataspec import DataSpec
 from fedq.learning.models import check_model_arg
 from fedq.learning.strategies import StrategySpec, sample_size
 from fedq.protocol.compress import ENCODINGS
@@ -19,9 +19,9 @@ from fedq.protocol.secagg.params import SecAggParams
 from fedq.protocol.store import RunStore
 
 MAX_CLIENTS = 10_000
-OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
-AGGREGATIONS = ("sync", "buffered")
-DEFAULT_MAX_STALENESS = 10  # versions
+OPTIMIZERS = choices.OPTIMIZERS
+AGGREGATIONS = choices.AGGREGATIONS
+DEFAULT_MAX_STALENESS = choices.DEFAULT_MAX_STALENESS  # versions
 
 
 def new_run_id() -> str:

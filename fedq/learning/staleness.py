@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedq.errors import ConfigError
+from fedq.learning import choices
 from fedq.learning.strategies import Strategy, StrategySpec
 
 # --staleness-weight: s(tau) of an update tau versions old
-WEIGHTS = ("inverse-sqrt", "constant", "hinge")
-DEFAULT_WEIGHT = "inverse-sqrt"
+WEIGHTS = choices.STALENESS_WEIGHTS
+DEFAULT_WEIGHT = choices.DEFAULT_STALENESS_WEIGHT
 HINGE_FREE = 4  # hinge: updates up to this many versions old keep full weight ...
 HINGE_SLOPE = 1.0  # ... and older ones get 1 / (1 + slope x (tau - free))
 

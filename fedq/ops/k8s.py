@@ -17,15 +17,9 @@ import click
 from fedq.clitools import fail_cleanly
 from fedq.errors import ConfigError
 from fedq.ops import k8s_sites_cli
-from fedq.ops.k8s_manifests import (
-    DEFAULT_IMAGE,
-    Federation,
-    build,
-    check_namespace,
-    to_yaml,
-    write_base,
-    write_secure_overlay,
-)
+from fedq.ops.k8s_federation import DEFAULT_IMAGE, Federation, check_namespace
+from fedq.ops.k8s_manifests import build
+from fedq.ops.k8s_overlays import to_yaml, write_base, write_secure_overlay
 
 
 def _federation_options(fn: Callable[..., Any]) -> Callable[..., Any]:

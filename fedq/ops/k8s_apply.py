@@ -18,17 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fedq.errors import ConfigError, FedqError
-from fedq.ops.k8s_manifests import (
-    CONFIG_MAP,
-    INSTANCE,
-    NAME,
-    PART_OF,
-    Federation,
-    Resource,
-    build,
-    dashboard_secret,
-    redis_secret,
-)
+from fedq.ops.k8s_federation import CONFIG_MAP, INSTANCE, NAME, PART_OF, Federation, Resource
+from fedq.ops.k8s_manifests import build, dashboard_secret, redis_secret
 
 FIELD_MANAGER = "fedq"
 # (API class, whether its objects live in a namespace) by kind; nothing else is ever applied.
@@ -370,7 +361,8 @@ def redis_cli_command(args: str) -> str:
 def redis_run_reader(redis_url: str) -> Callable[[str], dict[str, str] | None]:
     """Read a run's state from a Redis the caller reaches (e.g. through kubectl port-forward)."""
     def read(run_id: str) -> dict[str, str] | None:
-        from fedq.protocol.store import RunStore, connect
+        from fedq.protocol.connection import connect
+        from fedq.protocol.store import RunStore
         from fedq.settings import Settings
 
         return RunStore(connect(Settings.from_env(redis_url=redis_url)), run_id).state()

@@ -25,19 +25,10 @@ from pathlib import Path
 
 from fedq.errors import ConfigError
 from fedq.ops import acl, pki
-from fedq.ops.k8s_manifests import (
-    DASHBOARD_TOKEN_FILE,
-    DEFAULT_TLS_SECRET,
-    REDIS_PORT,
-    Federation,
-    Resource,
-    _meta,
-    _selector,
-    acl_tls_secret_generators,
-    build,
-    check_namespace,
-    overlay_files,
-)
+from fedq.ops.k8s_federation import DEFAULT_TLS_SECRET, REDIS_PORT, Federation, Resource, check_namespace
+from fedq.ops.k8s_manifests import build
+from fedq.ops.k8s_overlays import DASHBOARD_TOKEN_FILE, acl_tls_secret_generators, overlay_files
+from fedq.ops.k8s_pods import _meta, _selector
 from fedq.protocol.keys import check_client_id
 
 HUB_NAMESPACE = "fedq-hub"

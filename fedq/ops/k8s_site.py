@@ -20,13 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from fedq.errors import ConfigError
-from fedq.ops.k8s_hub import SITE_FILES, SITE_PASSWORD, check_site
-from fedq.ops.k8s_manifests import (
+from fedq.ops.k8s_federation import (
     DEFAULT_IMAGE,
     FEDQ_UID,
     JOB_DEADLINE_SECONDS,
     Federation,
     Resource,
+    check_image,
+    check_namespace,
+)
+from fedq.ops.k8s_hub import SITE_FILES, SITE_PASSWORD, check_site
+from fedq.ops.k8s_manifests import namespaced
+from fedq.ops.k8s_pods import (
     _container_security,
     _job_lifecycle,
     _labels,
@@ -34,9 +39,6 @@ from fedq.ops.k8s_manifests import (
     _pod_security,
     _resources,
     _secret_volume,
-    check_image,
-    check_namespace,
-    namespaced,
 )
 from fedq.ops.pki import CA_CERT, CERT, KEY
 from fedq.protocol.keys import check_run_id

@@ -9,7 +9,8 @@ import click
 
 from fedq.clitools import fail_cleanly
 from fedq.errors import ConfigError
-from fedq.ops.k8s_manifests import DEFAULT_IMAGE, to_yaml, write_files
+from fedq.ops.k8s_federation import DEFAULT_IMAGE
+from fedq.ops.k8s_overlays import to_yaml, write_files
 
 
 def _written(paths: list[Path]) -> None:

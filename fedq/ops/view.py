@@ -205,7 +205,7 @@ def run_renderable(d: dict[str, Any], rounds_shown: int = ROUNDS_SHOWN) -> Rende
     """One run: where it stands, its clients (liveness, last push, local metrics), rounds, refusals.
 
     Fits 80 columns: short headers, the newest rounds_shown rounds with a count of the rest."""
-    from fedq.ops.dashboard.snapshot import phase_text
+    from fedq.ops.dashboard.facts import phase_text
 
     now = d["time"]
     ended = d["status"] in ("finished", "failed")

@@ -31,7 +31,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-ENCODINGS: tuple[str, ...] = ("none", "float16", "int8")
+from fedq.protocol import vocabulary
+
+ENCODINGS: tuple[str, ...] = vocabulary.ENCODINGS
 DEFAULT_BLOCK: int = 4096
 MAX_BLOCK: int = 1 << 20
 INT8_LEVELS: int = 127  # symmetric: codes -127..127, so +x and -x quantise alike

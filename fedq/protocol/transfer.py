@@ -19,8 +19,9 @@ import redis
 
 from fedq.errors import CodecError, UpdateRejected
 from fedq.protocol import chunking, messages
+from fedq.protocol.replies import as_bytes
 from fedq.protocol.signing import Signer
-from fedq.protocol.store import RunStore, as_bytes
+from fedq.protocol.store import RunStore
 
 PART_OVERHEAD = 4096  # a part's envelope around its values: far more than it needs
 

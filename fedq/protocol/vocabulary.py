@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+# How updates travel (fedq.protocol.compress): whole, or as float16 / int8 deltas.
+ENCODINGS: tuple[str, ...] = ("none", "float16", "int8")
+
 
 class Status(StrEnum):
     """A run's status (the state hash's `status`)."""

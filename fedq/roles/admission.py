@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fedq.errors import DataError
-from fedq.learning.data import FeatureStats, combine_stats, scaler_from_stats
+from fedq.learning.scaling import FeatureStats, combine_stats, scaler_from_stats
 from fedq.learning.spec import RunSpec
 from fedq.protocol.signing import Verifier
 from fedq.protocol.store import RunStore

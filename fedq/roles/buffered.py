@@ -25,7 +25,8 @@ from fedq.learning import staleness
 from fedq.learning.aggregate import weighted_metrics
 from fedq.learning.spec import RunSpec
 from fedq.protocol import chunking, messages, transfer
-from fedq.protocol.store import RunStore, VersionCommit
+from fedq.protocol.fencing import VersionCommit
+from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Phase, Refusal
 from fedq.roles import metrics as fedq_metrics
 from fedq.roles.judging import Round

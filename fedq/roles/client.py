@@ -17,8 +17,10 @@ import redis
 
 from fedq.errors import CodecError, ConfigError, DataError, FedqError, RunFailed, RunNotFound
 from fedq.learning import evaluation, privacy
-from fedq.learning.data import DataSpec, feature_stats, load_test, standardize
+from fedq.learning.data import load_test
+from fedq.learning.dataspec import DataSpec
 from fedq.learning.partition import ClientData, load_client_data
+from fedq.learning.scaling import feature_stats, standardize
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.learning.trainer import Evaluates, KerasTrainer, Trainer
 from fedq.protocol import heartbeat, messages, transfer

@@ -17,11 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 from fedq.errors import CodecError, ConfigError, DataError
-from fedq.learning.data import DataSpec, load_dataset
+from fedq.learning.data import load_dataset
+from fedq.learning.dataspec import DataSpec
 from fedq.learning.models import build_model, keras_installed, weight_names
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.protocol import messages, transfer
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.connection import connect
+from fedq.protocol.store import RunStore
 from fedq.roles.localredis import die_with_parent
 from fedq.settings import Settings
 

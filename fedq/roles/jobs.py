@@ -15,8 +15,9 @@ from rq import Queue, Worker
 
 from fedq.errors import FedqError
 from fedq.learning.spec import RunSpec
+from fedq.protocol.connection import connect
 from fedq.protocol.heartbeat import aggregator_heartbeat
-from fedq.protocol.store import RunStore, connect, list_runs
+from fedq.protocol.store import RunStore, list_runs
 from fedq.protocol.vocabulary import ENDED, Status
 from fedq.roles.aggregator import Aggregator, AggregatorStopped, RunVanished
 from fedq.roles.initial import store_with_run

@@ -21,7 +21,8 @@ from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy
 from fedq.protocol import codec, messages, transfer
 from fedq.protocol.signing import Verifier
-from fedq.protocol.store import RunStore, StoredUpdate
+from fedq.protocol.store import RunStore
+from fedq.protocol.update_reads import StoredUpdate
 from fedq.protocol.vocabulary import Read, Refusal
 from fedq.roles import metrics as fedq_metrics
 from fedq.settings import Settings

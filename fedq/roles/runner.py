@@ -21,7 +21,8 @@ from fedq.learning.data import load_dataset
 from fedq.learning.models import check_model, import_builder, model_kind
 from fedq.learning.partition import check_partition
 from fedq.learning.spec import RunSpec
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.connection import connect
+from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import ENDED
 from fedq.roles.jobs import submit_run
 from fedq.roles.lifecycle import die_with_parent

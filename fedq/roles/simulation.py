@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from fedq.learning import privacy
-from fedq.learning.data import combine_stats, feature_stats, load_dataset, scaler_from_stats, split_indices, standardize
+from fedq.learning.data import load_dataset, split_indices
 from fedq.learning.evaluation import combine
 from fedq.learning.models import build_model, evaluate, weight_names
 from fedq.learning.partition import load_client_data
+from fedq.learning.scaling import combine_stats, feature_stats, scaler_from_stats, standardize
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy, select_clients
 from fedq.learning.trainer import KerasTrainer

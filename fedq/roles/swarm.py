@@ -18,7 +18,8 @@ import numpy as np
 from fedq.learning.data import load_dataset
 from fedq.learning.spec import RunSpec, load_spec
 from fedq.protocol import transfer
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.connection import connect
+from fedq.protocol.store import RunStore
 from fedq.roles.client import Client
 from fedq.settings import Settings
 

@@ -21,13 +21,13 @@ import redis
 from support.redis import RedisServer
 from support.wait import wait_until
 
-from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
+from fedq.learning.scaling import feature_stats
 from fedq.learning.spec import RunSpec
 from fedq.ops import acl
 from fedq.protocol import messages, transfer
 from fedq.protocol.signing import Signer
-from fedq.protocol.store import ENDED, RunStore
+from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import ENDED
 from fedq.roles.aggregator import Aggregator, AggregatorStopped
 from fedq.settings import Settings

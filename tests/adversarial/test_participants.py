@@ -25,8 +25,8 @@ from rich.console import Console
 from support.procs import cli_env, fedq_cmd
 from support.table import add_row
 
-from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
+from fedq.learning.scaling import feature_stats
 from fedq.ops import acl
 from fedq.ops.dashboard import snapshot
 from fedq.ops.view import status_renderable

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import pytest
 from harness import Audit, Federation
 
-from fedq.protocol.store import LeaseLost, RunStore, VersionCommit
+from fedq.protocol.fencing import LeaseLost, VersionCommit
+from fedq.protocol.store import RunStore
 
 pytestmark = pytest.mark.slow
 

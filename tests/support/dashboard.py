@@ -61,7 +61,8 @@ def make_run(r: Any, run_id: str, *, clients: int = 2, rounds: int = 3, committe
     round; refused is (client, round, reason) records; model_file goes with the last round's
     commit, as the aggregator stores it. Returns the metrics committed."""
     from fedq.learning.spec import RunSpec
-    from fedq.protocol.store import Commit, RunStore
+    from fedq.protocol.fencing import Commit
+    from fedq.protocol.store import RunStore
     from fedq.protocol.vocabulary import Phase
 
     store = RunStore(r, run_id)

@@ -41,7 +41,8 @@ def fake_client_env(env: dict[str, str], seconds: float | None = None) -> dict[s
 def _names(run_id: str) -> list[str]:
     """The layer names of the run's global model, read from Redis as the client reads them."""
     from fedq.protocol import messages
-    from fedq.protocol.store import RunStore, connect
+    from fedq.protocol.connection import connect
+    from fedq.protocol.store import RunStore
     from fedq.settings import Settings
 
     r = connect(Settings.from_env())

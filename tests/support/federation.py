@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import redis
 
-from fedq.learning.data import feature_stats
 from fedq.learning.partition import load_shard
+from fedq.learning.scaling import feature_stats
 from fedq.learning.spec import RunSpec
 from fedq.protocol import chunking, codec, messages, transfer
-from fedq.protocol.store import RunStore, connect
+from fedq.protocol.connection import connect
+from fedq.protocol.store import RunStore
 from fedq.roles.aggregator import Aggregator, AggregatorStopped
 from fedq.settings import Settings
 from support.fake_client import fake_client_cmd, fake_client_env

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fedq.protocol.store import connect
+from fedq.protocol.connection import connect
 from fedq.protocol.vocabulary import Push
 from fedq.roles.client import Client
 from fedq.roles.secure_client import SecureStages

@@ -9,7 +9,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from fedq.errors import ConfigError, FedqError
-from fedq.protocol.store import tls_options
+from fedq.protocol.connection import tls_options
 from fedq.settings import Settings
 
 # Every command the read paths use; anything else is refused before it reaches Redis.

@@ -21,13 +21,14 @@ import redis
 
 from fedq.errors import ConfigError, SecAggError
 from fedq.protocol import guarded
+from fedq.protocol.fencing import LeaseLost
 from fedq.protocol.keys import RunKeys
 from fedq.protocol.secagg import wire
 from fedq.protocol.secagg.graph import neighbours
 from fedq.protocol.secagg.params import SecAggParams
 from fedq.protocol.secagg.participant import Advert, Participant
 from fedq.protocol.secagg.unmasking import RoundRecord, Unmasked, unmask
-from fedq.protocol.store import LeaseLost, RunStore
+from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Event
 
 T = TypeVar("T")

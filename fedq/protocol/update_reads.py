@@ -1,0 +1,126 @@
+"""What the driving aggregator reads of clients' pushes: the inbox that wakes it, each update
+version checked in Redis before it travels, and the refusals and judgements it records."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from fedq.protocol import scripts
+from fedq.protocol.replies import opt_text, valid_client_id
+from fedq.protocol.run_records import MAX_PUSHES, MAX_REFUSED, RunRecords
+from fedq.protocol.vocabulary import Read
+
+DRAIN_BATCH = 10_000  # inbox entries drained per call
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """What RunStore.read_update found: kind is ok, none, seen, or what is wrong with the key."""
+
+    kind: Read
+    seq: str = ""
+    payload: bytes | None = None
+    parts: str = ""
+    size: int = 0
+
+    @property
+    def version(self) -> str:
+        """The version this is (see version_marker)."""
+        return version_marker(self.kind, self.seq)
+
+
+def version_marker(kind: Read, seq: str) -> str:
+    """What names one version of a client's stored update, so that each is judged once: its push
+    sequence number whenever the key carries a valid one (whatever else is wrong with it), else a
+    marker naming what is wrong with the key. RunStore.update_seqs (a cheap look) and the update
+    guard (a read) name a version alike, so a rescan finds nothing new in a version judged."""
+    if kind == Read.WRONG_TYPE:
+        return "!wrong_type"
+    if kind == Read.BAD_SEQ:
+        return "!bad_seq:" + seq[:32]
+    return seq
+
+
+class UpdateReads(RunRecords):
+    """The aggregator's reads of what clients pushed, and its records of them."""
+
+    def pop_inbox(self, block_seconds: float) -> list[str]:
+        """The distinct client ids that woke us (in order), or [] after block_seconds.
+
+        One round trip: BLPOP and the drain go in one pipeline (Redis runs the drain as soon as
+        the BLPOP returns), so the first id and whatever queued behind it come back together;
+        duplicates and entries that cannot be ids are dropped in Redis."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.blpop([self.k.inbox], timeout=block_seconds)
+        # evalsha directly: a pipeline running a Script object asks SCRIPT EXISTS first (a trip more)
+        pipe.evalsha(self._script(scripts.DRAIN).sha, 1, self.k.inbox, DRAIN_BATCH)
+        item, drained = pipe.execute(raise_on_error=False)
+        if isinstance(item, Exception):
+            raise item
+        if isinstance(drained, Exception):  # the script not loaded yet (or Redis restarted): load it
+            if not isinstance(drained, redis.exceptions.NoScriptError):
+                raise drained
+            drained = self._call(scripts.DRAIN, keys=[self.k.inbox], args=[DRAIN_BATCH])
+        rest = [opt_text(x) or "" for x in drained]  # pushed in the instant after a BLPOP that timed out, too
+        if item is None:
+            return rest
+        first = opt_text(item[1]) or ""
+        rest = [i for i in rest if i != first]
+        return [first, *rest] if len(first) <= 64 else rest
+
+    def read_update(self, round_no: int, client_id: str, judged: str, max_bytes: int,
+                    only: str = "") -> StoredUpdate:
+        """A client's stored update for the round, checked in Redis before anything travels: its
+        type, its sequence number, its size (against max_bytes); judged is the sequence number
+        already judged, whose payload is then not sent again (kind 'seen'). only, when given, is
+        the one sequence number that may be read: any other version is kind 'capped', unread
+        (checked and read in one step, so that no push can slip in between)."""
+        if not valid_client_id(client_id):
+            return StoredUpdate(Read.NONE)
+        reply = self._call(scripts.READ_UPDATE, keys=[self.k.update(client_id, round_no)],
+                           args=[judged, max_bytes, only])
+        kind = Read(opt_text(reply[0]) or Read.NONE)
+        if kind == Read.OK:
+            return StoredUpdate(kind, opt_text(reply[1]) or "", reply[2] or None, opt_text(reply[3]) or "")
+        if kind == Read.TOO_LARGE:
+            return StoredUpdate(kind, opt_text(reply[1]) or "", size=int(reply[2]))
+        return StoredUpdate(kind, (opt_text(reply[1]) or "") if len(reply) > 1 else "")
+
+    def update_seq(self, round_no: int, client_id: str) -> str:
+        """The version marker of a client's stored update (see update_seqs)."""
+        return self.update_seqs(round_no, [client_id]).get(client_id, "")
+
+    def update_seqs(self, round_no: int, ids: Sequence[str] | None = None) -> dict[str, str]:
+        """Client id -> version marker of its stored update for the round: the push sequence
+        number, or a marker naming what is wrong with the key (so that it is judged once)."""
+        ids = self.member_ids() if ids is None else [c for c in ids if valid_client_id(c)]
+        pipe = self.r.pipeline(transaction=False)
+        for cid in ids:
+            pipe.hget(self.k.update(cid, round_no), "seq")
+        out: dict[str, str] = {}
+        for cid, v in zip(ids, pipe.execute(raise_on_error=False)):
+            if isinstance(v, Exception):
+                out[cid] = version_marker(Read.WRONG_TYPE, "")
+            elif v is not None:
+                text = opt_text(v) or ""
+                out[cid] = version_marker(Read.OK if text.isdigit() and len(text) <= 15 else Read.BAD_SEQ, text)
+        return out
+
+    def record_refused(self, client_id: str, round_no: int, reason: str, detail: str) -> None:
+        rec = {"client": client_id, "round": round_no, "reason": reason, "detail": detail,
+               "time": time.time(), "stage": "aggregate"}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(self.k.refused, json.dumps(rec))
+        pipe.ltrim(self.k.refused, -MAX_REFUSED, -1)
+        pipe.execute()
+
+    def record_judged(self, client_id: str, round_no: int, seq: str, digest: str, outcome: str,
+                      nbytes: int) -> None:
+        """Append one judgement to the audit trail."""
+        self.r.xadd(self.k.judged, {"client": client_id, "round": round_no, "seq": seq, "digest": digest,
+                                    "outcome": outcome, "bytes": nbytes}, maxlen=MAX_PUSHES, approximate=True)
