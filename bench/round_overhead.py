@@ -155,9 +155,18 @@ def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over
                         peak[0] = max(peak[0], _hwm_kib(pid))
                 time.sleep(0.05)
 
+        cpu_base: dict[int, float] = {}  # each client's CPU seconds when round 1 was committed
+
+        def baseline() -> None:  # rounds 2+ are measured: start-up and round 1 are left out
+            while not done.is_set() and RunStore(r, spec.run_id).committed_round() < 1:
+                time.sleep(0.05)
+            cpu_base.update({c.pid: _cpu_seconds(c.pid) for c in clients})
+
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        wait_all(agg, clients, RunStore(r, spec.run_id), 1800)
+        threading.Thread(target=baseline, daemon=True).start()
+        cpu_end: dict[int, float] = {}
+        wait_all(agg, clients, RunStore(r, spec.run_id), 1800, cpu_end)
         done.set()
         store = RunStore(r, spec.run_id)
         metrics = store.metrics()[1:]  # round 1 includes start-up and TF tracing
@@ -167,15 +176,39 @@ def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over
         return {"median_s": statistics.median(secs), "peak_rss_mib": peak[0] / 1024,
                 "floor_s": n * floor_one(r, tensors, names),
                 "redis_mib_per_round": (stats["total_net_input_bytes"] + stats["total_net_output_bytes"])
-                / rounds / 2 ** 20}
+                / rounds / 2 ** 20,
+                # user + system CPU of a client process per round (rounds 2+), the mean over the clients
+                "client_cpu_s": statistics.mean(cpu_end[p] - cpu_base[p] for p in cpu_base if p in cpu_end)
+                / max(1, rounds - 1) if cpu_base and n <= threads_over else float("nan")}
 
 
-def wait_all(agg: subprocess.Popen, clients: list[subprocess.Popen], store: RunStore, timeout: float) -> None:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_all(agg: subprocess.Popen, clients: list[subprocess.Popen], store: RunStore, timeout: float,
+             cpu: dict[int, float] | None = None) -> None:
     """Wait for the aggregator and the clients; stop with the run's state when one fails, or
-    when the aggregator is gone and the run did not finish (the clients would wait forever)."""
+    when the aggregator is gone and the run did not finish (the clients would wait forever).
+    With ``cpu``, the clients are reaped here (wait4) and each one's user + system CPU seconds kept in it."""
     deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in [agg, *clients]):
-        failed = [p for p in [agg, *clients] if p.poll() not in (None, 0)]
+
+    def code(p: subprocess.Popen) -> int | None:
+        if cpu is None or p is agg or p.returncode is not None:
+            return p.poll()
+        pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            p.returncode = os.waitstatus_to_exitcode(status)
+            cpu[p.pid] = usage.ru_utime + usage.ru_stime
+        return p.returncode
+
+    while any(code(p) is None for p in [agg, *clients]):
+        failed = [p for p in [agg, *clients] if code(p) not in (None, 0)]
         state = store.state()
         if failed or (agg.poll() is not None and state.get("status") != "finished") or time.monotonic() > deadline:
             for p in [agg, *clients]:

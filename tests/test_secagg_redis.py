@@ -32,6 +32,10 @@ def _client(r: redis.Redis, k: RunKeys, params: SecAggParams, cid: str, x: np.nd
             ex = ClientExchange(r, k, Participant(k.run_id, 1, cid, params), block_seconds=0.1, timeout=20)
             if stop_after == "absent":
                 return
+            if stop_after == "late":  # its keys come only once the roster is out (too late for it)
+                ex._await(k.secagg_public(1, "roster"), "roster")
+                ex._post("keys", wire.encode_keys(ex.me.advertise()))
+                return
             if stop_after == "keys":
                 ex._post("keys", wire.encode_keys(ex.me.advertise()))
                 return
@@ -50,7 +54,10 @@ def _client(r: redis.Redis, k: RunKeys, params: SecAggParams, cid: str, x: np.nd
 
 def _round(r: redis.Redis, params: SecAggParams, stops: dict[str, str],
            hostile: Callable[[RunKeys], None] | None = None, stage_seconds: float = 1.0,
+           takeover: Callable[[Coordinator, set[str]], Coordinator] | None = None,
            ) -> tuple[Unmasked, dict[str, np.ndarray], dict[str, np.ndarray], Coordinator]:
+    """One round; with ``takeover``, its driver is replaced (by what ``takeover`` returns, given the
+    old driver and the clients whose masked input is in) after the masked inputs arrived."""
     k = RunKeys("secagg-run")
     rng = np.random.default_rng(7)
     inputs = {c: encode_input([rng.normal(0, 1, (20, 3))], 10 + i, params) for i, c in enumerate(IDS)}
@@ -67,9 +74,13 @@ def _round(r: redis.Redis, params: SecAggParams, stops: dict[str, str],
     co.setup(IDS, time.monotonic() + stage_seconds)
     co.share(time.monotonic() + stage_seconds)
     deadline = time.monotonic() + 20
-    want = {c for c in IDS if stops.get(c) not in ("keys", "shares", "absent")}
+    want = {c for c in IDS if stops.get(c) not in ("keys", "shares", "absent", "late")}
     while set(masked) != want and time.monotonic() < deadline:
         r.blpop([k.secagg_hints], timeout=0.1)
+    if takeover is not None:
+        co = takeover(co, set(masked))
+        co.setup(IDS, time.monotonic() + stage_seconds)
+        co.share(time.monotonic() + stage_seconds)
     total = np.zeros(61, np.uint32)
     for y in masked.values():
         add_into(total, y)
@@ -130,3 +141,35 @@ def _record_of_five(k: RunKeys) -> RoundRecord:
     roster = {c: p.advertise() for c, p in ps.items()}
     commitments = {c: p.share(roster, b"graph-seed-0123456789")[0] for c, p in ps.items()}
     return RoundRecord(k.run_id, 1, FIVE, roster, b"graph-seed-0123456789", commitments)
+
+
+def _successor(old: Coordinator) -> Coordinator:
+    return Coordinator(old.r, old.k, old.round_no, old.params, old.graph_seed, block_seconds=0.1)
+
+
+def test_a_driver_taking_over_mid_round_adopts_what_was_published(r: redis.Redis) -> None:
+    # client-6's keys arrive after the first driver published the roster: a successor that
+    # collected the keys again would unmask against a graph no client masked with.
+    roster_events: list[int] = []
+
+    def die(old: Coordinator, _masked: set[str]) -> Coordinator:
+        assert old.record is not None and "client-6" not in old.record.roster
+        assert r.get(old.k.secagg("client-6", 1, "keys")) is not None  # the late keys are there to be taken
+        roster_events.append(r.xlen(old.k.events))
+        return _successor(old)
+
+    got, inputs, masked, co = _round(r, FIVE, {"client-6": "late", "client-2": "mask"}, takeover=die)
+    assert co.adopted == ["roster", "sharers"] and r.xlen(co.k.events) == roster_events[0] + 1  # + survivors
+    assert co.record is not None and "client-6" not in co.record.roster
+    want = np.sum([inputs[c].astype(np.uint64) for c in masked], axis=0).astype(np.uint32)
+    assert set(masked) == set(IDS) - {"client-6"} and np.array_equal(got.total, want)
+
+
+def test_a_successor_holding_other_inputs_than_the_published_survivors_fails_by_name(r: redis.Redis) -> None:
+    def die_after_survivors(old: Coordinator, masked: set[str]) -> Coordinator:
+        old._publish("survivors", wire.encode_survivors(sorted(masked - {"client-0"})))
+        return _successor(old)
+
+    with pytest.raises(SecAggError, match=r"survivors_changed: round 1: the clients revealed their shares for "
+                                          r"the survivors \['client-1'"):
+        _round(r, FIVE, {}, takeover=die_after_survivors)

@@ -164,6 +164,7 @@ class SecureSum(Strategy):
             model = self._noisy(got.total, len(survivors), base)
         dropped = sorted(set(self.eligible()) - set(survivors))
         self._info.update(survivors=len(survivors), dropped=dropped, unmask_seconds=time.perf_counter() - t0,
+                          adopted=list(co.adopted),
                           bad_holders={o: sorted(h) for o, h in sorted(got.bad_holders.items())})
         return self._server.step(base, model)
 

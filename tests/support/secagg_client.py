@@ -6,7 +6,8 @@ Like ``fedq client --once``, plus: every round it writes ``DIR/<client>-r<round>
 input (the quantised, weighted vector before masking), its trained weights (``w<i>``) and the global
 model it trained from (``b<i>``), as float32, so a
 test can compute the committed model independently and look for any of them in Redis; with
-``--drop-after-push R`` it exits right after pushing its masked input of round R (before revealing).
+``--drop-after-push R`` it exits right after pushing its masked input of round R (before revealing);
+with ``--delay-push R:S`` it waits S seconds before pushing its input of round R.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fedq.protocol.connection import connect
 from fedq.protocol.vocabulary import Push
 from fedq.roles.client import Client
-from fedq.roles.secure_client import SecureStages
+from fedq.roles.secure_client import Outgoing, SecureStages
 from fedq.settings import Settings
 
 
@@ -36,7 +38,9 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--record", type=Path, required=True)
     ap.add_argument("--drop-after-push", type=int, default=0)
+    ap.add_argument("--delay-push", default="0:0", help="ROUND:SECONDS to wait before pushing that round's input")
     args = ap.parse_args()
+    delay_round, delay_seconds = int(args.delay_push.split(":")[0]), float(args.delay_push.split(":")[1])
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     class Recording(SecureStages):
@@ -46,6 +50,14 @@ def main() -> None:
                      **{f"w{i}": np.asarray(w, dtype=np.float32) for i, w in enumerate(weights)},
                      **{f"b{i}": np.asarray(b, dtype=np.float32) for i, b in enumerate(base)})
             return x
+
+        def outgoing(self, names: list[str], weights: list[np.ndarray], base: list[np.ndarray], num_examples: int,
+                     metrics: dict[str, float]) -> Outgoing:
+            if self.round_no == delay_round:
+                logging.getLogger("secagg-test").info("%s: waiting %g s before pushing round %d", self.client_id,
+                                                      delay_seconds, self.round_no)
+                time.sleep(delay_seconds)
+            return super().outgoing(names, weights, base, num_examples, metrics)
 
         def after_push(self, outcome: str) -> None:
             if outcome == Push.OK and self.round_no == args.drop_after_push:

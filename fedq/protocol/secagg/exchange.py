@@ -7,6 +7,11 @@ shared and each client's inbox; after the masked inputs, publishes the survivors
 reveals and unmasks. Each client message is followed by its id on the hint list (the aggregator
 blocks on it); each published record by an event on the run's stream (clients block on it).
 Nothing waits without a timeout, and a deadline passed is a ``SecAggError``, never a guess.
+
+A driver that takes a round over (its predecessor died mid-round) adopts every record the
+predecessor published instead of publishing its own: clients shared against that roster and
+revealed for those survivors, so anything else would unmask against a view no client had. If
+the masked inputs it holds are not the published survivors, the round fails by name.
 """
 
 from __future__ import annotations
@@ -127,6 +132,7 @@ class Coordinator:
     # Of the clients still awaited, those that cannot answer any more (their heartbeat expired):
     # a stage stops waiting once only such clients are left.
     gone: Callable[[list[str]], set[str]] | None = None
+    adopted: list[str] = field(default_factory=list)  # the records a previous driver had published
 
     def _publish(self, what: str, payload: bytes, extra: Mapping[str, bytes] | None = None) -> None:
         records = {**(extra or {}), self.k.secagg_public(self.round_no, what): payload}
@@ -135,6 +141,13 @@ class Coordinator:
             args=[self.driver, TTL_SECONDS, MAX_EVENTS, self.round_no, what, *records.values()])
         if done == -1:
             raise LeaseLost(f"run {self.k.run_id}: lease lost before publishing the secure-aggregation {what}")
+
+    def _published(self, what: str) -> bytes | None:
+        """A record of this round a driver published already (a takeover adopts it), or None."""
+        (raw,) = guarded.strings(self.r, [self.k.secagg_public(self.round_no, what)], wire.record_cap(wire.MAX_CLIENTS))
+        if raw is not None:
+            self.adopted.append(what)
+        return raw
 
     def _collect(self, stage: str, wanted: Collection[str], decode: Callable[[str, bytes], T],
                  deadline: float) -> dict[str, T]:
@@ -160,14 +173,22 @@ class Coordinator:
     def setup(self, clients: Collection[str], deadline: float) -> dict[str, Advert]:
         """Collect the clients' keys and publish the roster (the graph's vertices)."""
         self.cap = wire.record_cap(len(clients))
-        roster = self._collect("keys", clients, lambda _c, raw: wire.decode_keys(raw), deadline)
-        if len({a.mask_public for a in roster.values()}) != len(roster):
-            raise SecAggError("bad_roster", "two clients advertised the same key")
-        try:
-            self.params.check(len(roster))
-        except ConfigError as exc:
-            raise SecAggError("too_few_clients", f"{len(roster)} of {len(clients)} clients sent keys: {exc}") from None
-        self._publish("roster", wire.encode_roster(self.params, self.graph_seed, roster))
+        raw = self._published("roster")
+        if raw is not None:
+            params, seed, roster = wire.decode_roster(raw)
+            if params != self.params or seed != self.graph_seed:
+                raise SecAggError("bad_roster", f"round {self.round_no}'s published roster has other parameters "
+                                                "or another graph seed than this run's")
+        else:
+            roster = self._collect("keys", clients, lambda _c, raw: wire.decode_keys(raw), deadline)
+            if len({a.mask_public for a in roster.values()}) != len(roster):
+                raise SecAggError("bad_roster", "two clients advertised the same key")
+            try:
+                self.params.check(len(roster))
+            except ConfigError as exc:
+                raise SecAggError("too_few_clients",
+                                  f"{len(roster)} of {len(clients)} clients sent keys: {exc}") from None
+            self._publish("roster", wire.encode_roster(self.params, self.graph_seed, roster))
         self.record = RoundRecord(self.k.run_id, self.round_no, self.params, roster, self.graph_seed, {})
         return roster
 
@@ -175,18 +196,26 @@ class Coordinator:
         """Collect each client's commitment and sealed shares; publish who shared and every inbox."""
         if self.record is None:
             raise SecAggError("out_of_order", "the share stage needs the roster: setup first")
-        graph = neighbours(sorted(self.record.roster), self.params.neighbours, self.graph_seed)
-        got = self._collect("shares", self.record.roster, lambda c, raw: wire.decode_shares(raw, graph[c]), deadline)
+        raw = self._published("sharers")
+        commitments = wire.decode_sharers(raw) if raw is not None else self._share(self.record.roster, deadline)
+        if not set(commitments) <= set(self.record.roster):
+            raise SecAggError("bad_roster", f"round {self.round_no}'s published sharers are not in its roster")
+        self.record = RoundRecord(self.k.run_id, self.round_no, self.params, self.record.roster, self.graph_seed,
+                                  commitments)
+        return self.record
+
+    def _share(self, roster: Mapping[str, Advert], deadline: float) -> dict[str, bytes]:
+        graph = neighbours(sorted(roster), self.params.neighbours, self.graph_seed)
+        got = self._collect("shares", roster, lambda c, raw: wire.decode_shares(raw, graph[c]), deadline)
         inboxes: dict[str, dict[str, bytes]] = {c: {} for c in got}
         for owner, (_commit, bundles) in got.items():
             for peer, sealed in bundles.items():
                 if peer in inboxes:
                     inboxes[peer][owner] = sealed
         extra = {self.k.secagg_inbox(self.round_no, c): wire.encode_inbox(b) for c, b in inboxes.items()}
-        self._publish("sharers", wire.encode_sharers({c: v[0] for c, v in got.items()}), extra)
-        self.record = RoundRecord(self.k.run_id, self.round_no, self.params, self.record.roster, self.graph_seed,
-                                  {c: v[0] for c, v in got.items()})
-        return self.record
+        commitments = {c: v[0] for c, v in got.items()}
+        self._publish("sharers", wire.encode_sharers(commitments), extra)
+        return commitments
 
     def unmask(self, masked_sum: np.ndarray, survivors: Collection[str], deadline: float) -> Unmasked:
         """Publish the survivors, collect their reveals (until all, or the deadline) and unmask the sum."""
@@ -196,7 +225,14 @@ class Coordinator:
         t = self.params.reconstruction_threshold
         if len(alive) < t:  # fail before asking anyone for shares: a sum of fewer is not private
             raise SecAggError("too_few_survivors", f"{len(alive)} clients sent masked inputs, {t} needed")
-        self._publish("survivors", wire.encode_survivors(alive))
+        raw = self._published("survivors")
+        if raw is None:
+            self._publish("survivors", wire.encode_survivors(alive))
+        elif sorted(wire.decode_survivors(raw)) != alive:
+            published = sorted(wire.decode_survivors(raw))
+            raise SecAggError("survivors_changed",
+                              f"round {self.round_no}: the clients revealed their shares for the survivors "
+                              f"{published}, but the masked inputs held are from {alive}")
         graph = self.record.graph()
         reveals = self._collect("reveal", alive, lambda c, raw: wire.decode_reveal(raw, graph[c] | {c}), deadline)
         return unmask(self.record, masked_sum, alive, reveals)
