@@ -30,8 +30,11 @@ def test_a_round_whose_aggregator_dies_before_unmasking_is_finished_exactly(
     env = {"FEDQ_LEASE_SECONDS": "3", "FEDQ_TF_THREADS": "1"}
     reader = Reader(redis_url)
     reader.start()
-    # client-2 holds its masked input back, so the round cannot reach unmasking before the kill.
-    procs = federation(redis_url, tmp_path, RUN_ID, 3, ["--rounds", "1"], {}, {2: ["--delay-push", "1:40"]}, **env)
+    # client-2 holds its masked input back until released, so the round cannot reach unmasking
+    # before the kill.
+    release = tmp_path / "release-client-2"
+    procs = federation(redis_url, tmp_path, RUN_ID, 3, ["--rounds", "1"], {},
+                       {2: ["--hold-push", f"1:{release}"]}, **env)
     first = procs["aggregator"]
     first_tree = Tracker(first.pid)
     store = RunStore(r, RUN_ID)
@@ -49,6 +52,7 @@ def test_a_round_whose_aggregator_dies_before_unmasking_is_finished_exactly(
         for p in first_tree.scan():  # its work horse (the driving process) must not outlive it
             os.kill(p.pid, signal.SIGKILL)
         procs["plain"] = start(fedq_cmd("aggregator"), cli_env(redis_url, **env), tmp_path / "plain.log")
+        release.touch()  # client-2's masked input arrives after the takeover
         wait_until(lambda: store.state().get("status") in ("finished", "failed"), "the run ended", 400,
                    every=0.5, detail=tails)
         state = store.state()

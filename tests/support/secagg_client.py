@@ -7,7 +7,8 @@ input (the quantised, weighted vector before masking), its trained weights (``w<
 model it trained from (``b<i>``), as float32, so a
 test can compute the committed model independently and look for any of them in Redis; with
 ``--drop-after-push R`` it exits right after pushing its masked input of round R (before revealing);
-with ``--delay-push R:S`` it waits S seconds before pushing its input of round R.
+with ``--hold-push R:FILE`` it waits (up to 10 minutes) until FILE exists before pushing its input
+of round R, so that a test decides when that input arrives.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--record", type=Path, required=True)
     ap.add_argument("--drop-after-push", type=int, default=0)
-    ap.add_argument("--delay-push", default="0:0", help="ROUND:SECONDS to wait before pushing that round's input")
+    ap.add_argument("--hold-push", default="", help="ROUND:FILE: push that round's input once FILE exists")
     args = ap.parse_args()
-    delay_round, delay_seconds = int(args.delay_push.split(":")[0]), float(args.delay_push.split(":")[1])
+    hold_round, _, hold_file = args.hold_push.partition(":")
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     class Recording(SecureStages):
@@ -53,10 +54,12 @@ def main() -> None:
 
         def outgoing(self, names: list[str], weights: list[np.ndarray], base: list[np.ndarray], num_examples: int,
                      metrics: dict[str, float]) -> Outgoing:
-            if self.round_no == delay_round:
-                logging.getLogger("secagg-test").info("%s: waiting %g s before pushing round %d", self.client_id,
-                                                      delay_seconds, self.round_no)
-                time.sleep(delay_seconds)
+            if hold_file and self.round_no == int(hold_round):
+                logging.getLogger("secagg-test").info("%s: holding round %d's push until %s exists", self.client_id,
+                                                      self.round_no, hold_file)
+                deadline = time.monotonic() + 600
+                while not Path(hold_file).exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
             return super().outgoing(names, weights, base, num_examples, metrics)
 
         def after_push(self, outcome: str) -> None:
