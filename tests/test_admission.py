@@ -32,9 +32,13 @@ class _Host(Admission):
         self.run_id, self.verifier = RUN, verifier
         self.store = RunStore(r, RUN)
         assert self.store.acquire_lease("driver", 30)
+        self.ticks = 0
 
     def _check_exists(self) -> None:
         assert self.store.exists()
+
+    def _tick(self) -> None:  # the aggregator renews its lease here
+        self.ticks += 1
 
     def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
                      on_wake: Callable[[str], None]) -> None:
@@ -82,6 +86,17 @@ def test_the_join_phase_admits_valid_requests_and_combines_their_statistics(r: r
     np.testing.assert_allclose(std, both.std(axis=0))
     assert host.store.member_ids() == ["c0", "c1"]
     assert not r.exists(host.store.k.joins)  # every waiting request was taken up
+
+
+def test_a_look_at_many_requests_keeps_the_lease_between_them(r: redis.Redis) -> None:
+    spec = _created(r, clients=5)
+    for k in range(5):
+        assert _ask(r, f"c{k}") == "requested"
+    r.delete(RunStore(r, RUN).k.inbox)  # no wake-ups: the first idle look finds all five
+    host = _Host(r, spec)
+    host._collect_joins(spec, num_features=3)
+    assert host.store.member_ids() == [f"c{k}" for k in range(5)]
+    assert host.ticks >= 5  # a loaded machine judging hundreds in one look lost its lease (300 clients)
 
 
 @pytest.mark.parametrize(("record", "rows", "reason", "words"), [

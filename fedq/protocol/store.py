@@ -23,6 +23,7 @@ from redis.retry import Retry
 
 from fedq.errors import ConfigError, FedqError, RedisUnavailable, RunNotFound
 from fedq.protocol import guarded, keys, scripts
+from fedq.protocol.audit import AuditTrail
 from fedq.protocol.vocabulary import ENDED, Event, Join, Phase, Read, Status
 from fedq.settings import Settings
 
@@ -212,6 +213,7 @@ class Commit:
     update_parts: Sequence[str] = ()  # parts of the round's updates sent in parts (deleted with them)
     stale_parts: Sequence[str] = ()  # global-model parts no head refers to any more (always deleted)
     model_file: bytes | None = None  # the final model as a .keras file (with the last round's commit)
+    members: Sequence[str] | None = None  # the run's members, as the close looked at them (None: read them)
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,22 @@ class VersionCommit:
     keep_updates: bool = False
     server_state: bytes | None = None
     drop: Sequence[str] = ()  # keys out of the staleness window: old model copies, consumed hashes
+
+
+def _raise_any(replies: list[Any]) -> None:
+    """Raise the first error among pipelined replies (the audit entries that rode along)."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+
+
+def _version_of(reply: Any) -> str:
+    """The version marker of an update from its 'seq' field as HGET replied (an error: the key
+    is of another type)."""
+    if isinstance(reply, Exception):
+        return version_marker(Read.WRONG_TYPE, "")
+    text = _s(reply) or ""
+    return version_marker(Read.OK if text.isdigit() and len(text) <= 15 else Read.BAD_SEQ, text)
 
 
 def _stream_order(entry_id: bytes | str | None) -> tuple[int, int]:
@@ -266,6 +284,7 @@ class RunStore:
         self._push_eval = r.register_script(scripts.PUSH_EVAL)
         self._finish_eval = r.register_script(scripts.FINISH_EVAL)
         self.driver: str | None = None  # set by acquire_lease; fences this store's writes
+        self.audit = AuditTrail(self.k.judged)  # judgements waiting to ride with the next call
 
     # --- creation and reading -------------------------------------------------------
     def create(self, spec: SpecRecord, queue: str = "") -> None:
@@ -396,22 +415,44 @@ class RunStore:
         """After join() answered requested: block until the aggregator admits the client
         ('joined') or refuses it (its reason), or the run ends; 'join_timeout' after timeout."""
         deadline = time.monotonic() + timeout
-        last = "0-0"
+        last = ""
         while True:
-            if self.r.sismember(self.k.members, client_id):
+            # One look (MULTI): membership, verdict, status and, the first time, the newest
+            # event, so that the wait below starts after everything this look covers.
+            pipe = self.r.pipeline(transaction=True)
+            pipe.sismember(self.k.members, client_id)
+            pipe.hget(self.k.joined(client_id), "verdict")
+            pipe.hget(self.k.state, "status")
+            if not last:
+                pipe.xrevrange(self.k.events, count=1)
+            member, raw_verdict, raw_status, *newest = pipe.execute()
+            if newest:
+                last = _str(newest[0][0][0]) if newest[0] else "0-0"
+            verdict, status = _s(raw_verdict), _s(raw_status)
+            if member:
                 return Join.JOINED
-            verdict = _s(self.r.hget(self.k.joined(client_id), "verdict"))
             if verdict:
                 return verdict
-            status = _s(self.r.hget(self.k.state, "status"))
             if status is None:
                 return Join.NO_SUCH_RUN
             if status in ENDED:
                 return Join.RUN_FINISHED if status == Status.FINISHED else Join.RUN_FAILED
+            if time.monotonic() >= deadline:
+                return Join.TIMEOUT
+            last = self._wait_for_me(client_id, last, deadline, block_seconds)
+
+    def _wait_for_me(self, client_id: str, last: str, deadline: float, block_seconds: float) -> str:
+        """Block on the run's events until one may concern client_id (any but another client's
+        admission: with hundreds joining at once, each admission woke every one of them for
+        three reads), or block_seconds pass (a refusal has no event), or the deadline."""
+        deadline = min(deadline, time.monotonic() + block_seconds)
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return Join.TIMEOUT
-            last, _ = self.wait_event(last, min(block_seconds, left))
+                return last
+            last, events = self.wait_event(last, min(block_seconds, left))
+            if not events or any(e.get("event") != Event.ADMITTED or e.get("client") == client_id for e in events):
+                return last
 
     def join_and_wait(self, client_id: str, record: dict[str, Any], stats: dict[str, Any],
                       timeout: float = 60.0) -> str:
@@ -469,13 +510,13 @@ class RunStore:
     def judged(self) -> list[dict[str, str]]:
         """The aggregator's record of every update version it judged (client, round, seq,
         digest, outcome, bytes), oldest first: the run's audit trail, out of the clients' reach."""
+        self.audit.flush(self.r)
         return [_fields(fields) for _eid, fields in self.r.xrange(self.k.judged) or []]
 
     def record_judged(self, client_id: str, round_no: int, seq: str, digest: str, outcome: str,
                       nbytes: int) -> None:
-        """Append one judgement to the audit trail."""
-        self.r.xadd(self.k.judged, {"client": client_id, "round": round_no, "seq": seq, "digest": digest,
-                                    "outcome": outcome, "bytes": nbytes}, maxlen=MAX_PUSHES, approximate=True)
+        """Append one judgement to the audit trail (it travels with this store's next call: audit.py)."""
+        self.audit.record(client_id, round_no, seq, digest, outcome, nbytes)
 
     def events(self, count: int = MAX_EVENTS) -> list[tuple[float, dict[str, str]]]:
         """The run's event stream, oldest first (up to count entries): (the entry's time, from its
@@ -531,10 +572,13 @@ class RunStore:
         the BLPOP returns), so the first id and whatever queued behind it come back together;
         duplicates and entries that cannot be ids are dropped in Redis."""
         pipe = self.r.pipeline(transaction=False)
+        self.audit.into(pipe)
         pipe.blpop([self.k.inbox], timeout=block_seconds)
         # evalsha directly: a pipeline running a Script object asks SCRIPT EXISTS first (a trip more)
         pipe.evalsha(self._drain.sha, 1, self.k.inbox, DRAIN_BATCH)
-        item, drained = pipe.execute(raise_on_error=False)
+        replies = pipe.execute(raise_on_error=False)
+        _raise_any(replies[:-2])
+        item, drained = replies[-2:]
         if isinstance(item, Exception):
             raise item
         if isinstance(drained, Exception):  # the script not loaded yet (or Redis restarted): load it
@@ -605,7 +649,7 @@ class RunStore:
         (checked and read in one step, so that no push can slip in between)."""
         if not valid_client_id(client_id):
             return StoredUpdate(Read.NONE)
-        reply = self._read_update(keys=[self.k.update(client_id, round_no)], args=[judged, max_bytes, only])
+        reply, _ = self._after_audit(self._read_update, [self.k.update(client_id, round_no)], [judged, max_bytes, only])
         kind = Read(_s(reply[0]) or Read.NONE)
         if kind == Read.OK:
             return StoredUpdate(kind, _s(reply[1]) or "", reply[2] or None, _s(reply[3]) or "")
@@ -624,19 +668,59 @@ class RunStore:
         pipe = self.r.pipeline(transaction=False)
         for cid in ids:
             pipe.hget(self.k.update(cid, round_no), "seq")
-        out: dict[str, str] = {}
-        for cid, v in zip(ids, pipe.execute(raise_on_error=False)):
-            if isinstance(v, Exception):
-                out[cid] = version_marker(Read.WRONG_TYPE, "")
-            elif v is not None:
-                text = _s(v) or ""
-                out[cid] = version_marker(Read.OK if text.isdigit() and len(text) <= 15 else Read.BAD_SEQ, text)
-        return out
+        return {cid: _version_of(v) for cid, v in zip(ids, pipe.execute(raise_on_error=False)) if v is not None}
 
     def close_round(self, round_no: int) -> None:
         """Refuse further pushes for the round (fenced by the lease)."""
         if self._close(keys=[self.k.state, self.k.lease], args=[round_no, self.driver or ""]) == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before closing round {round_no}")
+
+    def close_and_look(self, round_no: int, ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """Close the round (as close_round), then look at what was stored before the close, in one
+        round trip when ids (the members as the caller knows them) are all the members: (the
+        member ids, update_seqs of them)."""
+        ids = [c for c in ids if valid_client_id(c)]
+
+        def look(pipe: Any) -> None:
+            pipe.smembers(self.k.members)
+            for cid in ids:
+                pipe.hget(self.k.update(cid, round_no), "seq")
+
+        closed, replies = self._after_audit(self._close, [self.k.state, self.k.lease], [round_no, self.driver or ""],
+                                            then=look)
+        if closed == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before closing round {round_no}")
+        members = sorted(cid for cid in map(_str, replies[0]) if valid_client_id(cid))
+        seqs = {cid: _version_of(v) for cid, v in zip(ids, replies[1:]) if v is not None}
+        seqs = {cid: v for cid, v in seqs.items() if cid in members}
+        others = [cid for cid in members if cid not in ids]
+        if others:  # members the caller did not know of: a second look
+            seqs.update(self.update_seqs(round_no, others))
+        return members, seqs
+
+    def _after_audit(self, script: Any, keys: list[str], args: list[Any],
+                     then: Any = None) -> tuple[Any, list[Any]]:
+        """Run script in one pipeline after the audit entries waiting (audit.py) and before the
+        commands then(pipe) adds: (the script's reply, theirs). A script Redis has not loaded
+        yet is loaded and run on its own, and then's commands are sent again after it."""
+        pipe = self.r.pipeline(transaction=False)
+        self.audit.into(pipe)
+        first = len(pipe)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        if then is not None:
+            then(pipe)
+        replies = pipe.execute(raise_on_error=False)
+        _raise_any(replies[:first])
+        reply, *rest = replies[first:]
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            reply = script(keys=keys, args=args)
+            if then is not None:
+                again = self.r.pipeline(transaction=False)
+                then(again)
+                rest = again.execute(raise_on_error=False)
+        elif isinstance(reply, Exception):
+            raise reply
+        return reply, rest
 
     def record_refused(self, client_id: str, round_no: int, reason: str, detail: str) -> None:
         rec = {"client": client_id, "round": round_no, "reason": reason, "detail": detail,
@@ -661,7 +745,9 @@ class RunStore:
         """Commit a round in one atomic step (see Commit for what it carries); False when the
         run is not at the round before it (a replay, or a round already committed). Fenced by
         the lease: LeaseLost if another aggregator took the run over meanwhile."""
-        updates = [self.k.update(cid, commit.round) for cid in self.member_ids()] + list(commit.update_parts)
+        self.audit.flush(self.r)  # the round's judgements before its commit (none wait, after a close)
+        members = self.member_ids() if commit.members is None else commit.members
+        updates = [self.k.update(cid, commit.round) for cid in members] + list(commit.update_parts)
         named = {"round": commit.round, "driver": self.driver or "", "now": time.time(), "events_max": MAX_EVENTS,
                  "keep_updates": commit.keep_updates, "updates": len(updates), "after": commit.after,
                  "final": json.dumps(commit.final or {}), "next_selected": commit.next_selected,
@@ -683,6 +769,7 @@ class RunStore:
     def commit_version(self, commit: VersionCommit) -> bool:
         """Commit a buffered version in one atomic step (scripts.COMMIT_VERSION); False when the
         run is not at the version before it. Fenced by the lease like commit_round."""
+        self.audit.flush(self.r)
         folded = [(cid, seq) for (cid, _round), seq in commit.folded.items()]
         per_update = [key for (cid, rnd) in commit.folded for key in (self.k.update(cid, rnd), self.k.consumed(rnd))]
         named = {"round": commit.version, "driver": self.driver or "", "now": time.time(), "events_max": MAX_EVENTS,
@@ -766,6 +853,7 @@ class RunStore:
         """Mark the run failed with a reason that clients, CLI and dashboard show.
 
         A driver only fails a run while it holds the lease; others (fedq run, tests) always may."""
+        self.audit.flush(self.r)
         named = {"reason": reason, "now": time.time(), "events_max": MAX_EVENTS, "driver": self.driver or ""}
         done = self._fail(keys=[self.k.state, self.k.lease, self.k.events], args=[json.dumps(named)])
         if done == -1:

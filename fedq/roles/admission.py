@@ -43,6 +43,10 @@ class Admission:
         """Raise when the run vanished from Redis (the Aggregator's)."""
         raise NotImplementedError
 
+    def _tick(self) -> None:
+        """Renew the lease and honour stop requests between steps (the Aggregator's)."""
+        raise NotImplementedError
+
     def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
                      on_wake: Callable[[str], None]) -> None:
         """Block until the run's clients answered, or the quorum at a deadline (the Aggregator's)."""
@@ -70,6 +74,7 @@ class Admission:
         def scan() -> None:  # idle moments look at the waiting requests: wake-ups are only hints
             self._check_exists()
             for cid in self._waiting_requests():
+                self._tick()
                 judge(cid)
 
         scan()

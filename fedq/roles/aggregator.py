@@ -349,7 +349,7 @@ class Aggregator(Admission, FederatedEvaluation, Judging, Buffering):
             server_state=drive.strategy.state_bytes(round_no),
             next_selected=self._select(spec, round_no + 1) if after != Phase.DONE else None,
             previous_metrics=self._with_fed_eval(rnd, round_no) if drive.fed_eval else None,
-            update_parts=sorted(rnd.part_keys), stale_parts=stale, model_file=model_file))
+            update_parts=sorted(rnd.part_keys), stale_parts=stale, model_file=model_file, members=rnd.members))
         if committed:
             fedq_metrics.observe_round(metrics["seconds"])
         else:
@@ -437,6 +437,7 @@ class Aggregator(Admission, FederatedEvaluation, Judging, Buffering):
             if not woken:
                 on_idle()
             for cid in woken:
+                self._tick()  # a wake-up may name hundreds (a join phase): keep the lease through them
                 on_wake(cid)
 
     def _collect_round(self, spec: RunSpec, round_no: int, template: list[messages.TensorSpec],
@@ -453,11 +454,12 @@ class Aggregator(Admission, FederatedEvaluation, Judging, Buffering):
         if sharers is not None:
             rnd.selected = sharers if rnd.selected is None else rnd.selected & sharers
 
-        def rescan() -> None:
+        def rescan(joined_now: bool = False) -> None:
             # Wake-ups are hints; the sequence numbers are the truth. An idle moment re-reads
             # them, so a wake-up lost to a dropped connection costs a second, not the round.
             self._check_exists()
-            rnd.joined = self._joined()  # late joiners count from now on
+            if not joined_now:
+                rnd.joined = self._joined()  # late joiners count from now on
             fedq_metrics.set_clients_alive(heartbeat.count_alive_clients(self.r, self.run_id, sorted(rnd.joined)))
             self._admit_waiting(spec, rnd)
             for cid, seq in self.store.update_seqs(round_no).items():
@@ -468,15 +470,17 @@ class Aggregator(Admission, FederatedEvaluation, Judging, Buffering):
             self._admit_woken(spec, rnd, cid)
             self._consider(rnd, round_no, cid, template)
 
-        rescan()  # a resumed round: fold what is already stored
+        rescan(joined_now=True)  # a resumed round: fold what is already stored
         expected = rnd.expected(spec)
         self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan, woken,
                           expected=expected, quorum=min(spec.quorum, expected),
                           settled=lambda quorum: self._settled(rnd, quorum))
         # Close the round, then take in whatever was stored before the close: after this no
-        # push can change it, so what we commit is exactly what was accepted.
-        self.store.close_round(round_no)
-        rescan()
+        # push can change it, so what we commit is exactly what was accepted. One round trip.
+        rnd.members, seqs = self.store.close_and_look(round_no, sorted(rnd.joined))
+        for cid, seq in seqs.items():
+            if rnd.versions.get(cid) != seq:
+                self._consider(rnd, round_no, cid, template)
         if not rnd.folded:
             raise RoundTimeout(f"round {round_no}: every update was refused")
         self._cap_shares(spec, rnd, round_no, template)

@@ -240,7 +240,10 @@ class Client:
                     # Retryable outcomes loop back to re-read the state (which may say the run ended).
                     raise FedqError(f"{self.client_id}: update for round {committed + 1} refused: {result}")
                 progress_deadline = time.monotonic() + self.settings.wait_seconds
-                continue
+                if result != Push.OK:
+                    continue
+                # Pushed: what comes next is the run's next event (a commit, its end), and the
+                # state read before the push has nothing newer to tell: wait, without a look.
             if time.monotonic() > progress_deadline:
                 raise FedqError(f"run {st.run_id} made no progress for {self.settings.wait_seconds:g} s")
             last_event, events = st.wait_event(last_event, self.settings.block_seconds)
