@@ -462,7 +462,9 @@ class Aggregator(Admission, FederatedEvaluation, Judging, Buffering):
                 rnd.joined = self._joined()  # late joiners count from now on
             fedq_metrics.set_clients_alive(heartbeat.count_alive_clients(self.r, self.run_id, sorted(rnd.joined)))
             self._admit_waiting(spec, rnd)
-            for cid, seq in self.store.update_seqs(round_no).items():
+            # The members were read a moment ago (joined_now): not again. A member without a
+            # readable join record is looked at by the next idle rescan, or its wake-up.
+            for cid, seq in self.store.update_seqs(round_no, sorted(rnd.joined) if joined_now else None).items():
                 if rnd.versions.get(cid) != seq:
                     self._consider(rnd, round_no, cid, template)
 
