@@ -119,10 +119,24 @@ def test_other_admissions_do_not_wake_a_waiting_client(r: redis.Redis, sends: li
         assert store.join(cid, {"shard": 0}, {"count": [1]}) == Join.REQUESTED and store.admit(cid)
     before = sends[0]
     assert waiting.wait_admitted("c2", timeout=0.3, block_seconds=1.0) == Join.TIMEOUT
-    assert sends[0] - before <= 3  # one look, then the wait (no page through the old admissions)
+    assert sends[0] - before <= 3  # a look, the wait on its own list, a look (no page through the admissions)
     assert store.admit("c2")
     assert waiting.wait_admitted("c2", timeout=5) == Join.JOINED
     assert store.state()["phase"] == Phase.JOIN
+
+
+def test_an_answer_wakes_only_the_client_it_answers(r: redis.Redis) -> None:
+    store = RunStore(r, RUN)
+    store.create(_Spec())
+    assert store.acquire_lease("driver", 30)
+    for cid in ("c0", "c1", "c2"):
+        assert store.join(cid, {"shard": 0}, {"count": [1]}) == Join.REQUESTED
+    assert store.admit("c0")
+    store.refuse_join("c1", "bad_stats", "3 features")
+    assert [r.llen(store.k.answered(c)) for c in ("c0", "c1", "c2")] == [1, 1, 0]
+    assert store.wait_admitted("c0", timeout=5) == Join.JOINED
+    assert store.wait_admitted("c1", timeout=5) == "bad_stats: 3 features"
+    assert not r.exists(store.k.answered("c0")) and not r.exists(store.k.answered("c1"))  # taken by the look
 
 
 def test_simulate_spreads_clients_over_a_process_per_hundred() -> None:

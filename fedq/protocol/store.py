@@ -415,19 +415,16 @@ class RunStore:
         """After join() answered requested: block until the aggregator admits the client
         ('joined') or refuses it (its reason), or the run ends; 'join_timeout' after timeout."""
         deadline = time.monotonic() + timeout
-        last = ""
         while True:
-            # One look (MULTI): membership, verdict, status and, the first time, the newest
-            # event, so that the wait below starts after everything this look covers.
+            # One look (MULTI), which also takes away any wake-up it covers: an answer given
+            # after it pushes a new one. Clients wait on their own list, not on the run's
+            # events: with hundreds joining at once, each admission woke every one of them.
             pipe = self.r.pipeline(transaction=True)
             pipe.sismember(self.k.members, client_id)
             pipe.hget(self.k.joined(client_id), "verdict")
             pipe.hget(self.k.state, "status")
-            if not last:
-                pipe.xrevrange(self.k.events, count=1)
-            member, raw_verdict, raw_status, *newest = pipe.execute()
-            if newest:
-                last = _str(newest[0][0][0]) if newest[0] else "0-0"
+            pipe.delete(self.k.answered(client_id))
+            member, raw_verdict, raw_status, _ = pipe.execute()
             verdict, status = _s(raw_verdict), _s(raw_status)
             if member:
                 return Join.JOINED
@@ -437,22 +434,11 @@ class RunStore:
                 return Join.NO_SUCH_RUN
             if status in ENDED:
                 return Join.RUN_FINISHED if status == Status.FINISHED else Join.RUN_FAILED
-            if time.monotonic() >= deadline:
-                return Join.TIMEOUT
-            last = self._wait_for_me(client_id, last, deadline, block_seconds)
-
-    def _wait_for_me(self, client_id: str, last: str, deadline: float, block_seconds: float) -> str:
-        """Block on the run's events until one may concern client_id (any but another client's
-        admission: with hundreds joining at once, each admission woke every one of them for
-        three reads), or block_seconds pass (a refusal has no event), or the deadline."""
-        deadline = min(deadline, time.monotonic() + block_seconds)
-        while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return last
-            last, events = self.wait_event(last, min(block_seconds, left))
-            if not events or any(e.get("event") != Event.ADMITTED or e.get("client") == client_id for e in events):
-                return last
+                return Join.TIMEOUT
+            # The run's end pushes no wake-up: a look every block_seconds finds it.
+            self.r.blpop([self.k.answered(client_id)], timeout=max(0.01, min(block_seconds, left)))
 
     def join_and_wait(self, client_id: str, record: dict[str, Any], stats: dict[str, Any],
                       timeout: float = 60.0) -> str:
@@ -620,7 +606,8 @@ class RunStore:
         False when the run is full (the client finds that verdict under its join key)."""
         named = {"client": client_id, "driver": self.driver or "", "events_max": MAX_EVENTS,
                  "verdict": f"{Join.RUN_FULL}: the run has all its clients"}
-        done = self._admit(keys=[self.k.state, self.k.members, self.k.joined(client_id), self.k.lease, self.k.events],
+        done = self._admit(keys=[self.k.state, self.k.members, self.k.joined(client_id), self.k.lease, self.k.events,
+                                 self.k.answered(client_id)],
                            args=[json.dumps(named)])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost while admitting {client_id}")
@@ -634,6 +621,7 @@ class RunStore:
         pipe.srem(self.k.members, client_id)
         pipe.delete(self.k.joined(client_id))
         pipe.hset(self.k.joined(client_id), "verdict", f"{reason}: {detail}"[:500])
+        pipe.rpush(self.k.answered(client_id), client_id)  # wakes its wait_admitted
         pipe.execute()
 
     def stats(self) -> dict[str, dict[str, Any]]:
