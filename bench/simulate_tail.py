@@ -1,10 +1,10 @@
 """The 1,000-client tail: ``fedq simulate`` repeated, with round time per update and push latency.
 
 Each repeat is one ``fedq simulate --clients N --rounds R`` (its own private Redis, clients as
-threads in four processes). From its output it takes the round time per update (rounds 2+);
-from the clients' logs every push's latency (each client logs ``pushed ... in X ms``: encoding
-and the push to Redis, rounds 2+), and prints p50, p99 and the slowest push per repeat, with
-the load average before and after.
+threads in processes, 100 to a process by default). From its output it takes the round time
+per update (rounds 2+); from the clients' logs every push's latency (each client logs
+``pushed ... in X ms``: encoding and the push to Redis, rounds 2+), and prints p50, p99 and the
+slowest push per repeat, with the load average before and after.
 
     python bench/simulate_tail.py --clients 1000 --rounds 3 --repeats 3
 """
@@ -38,12 +38,14 @@ def push_latencies(logs: Path, first_round: int = 2) -> list[float]:
 
 
 def one(clients: int, rounds: int, processes: int) -> dict[str, float]:
+    """One `fedq simulate` run (processes 0: its default spread) and its figures."""
     out = Path(tempfile.mkdtemp(prefix="fedq-tail-"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), FEDQ_LOG_LEVEL="INFO")
     env.pop("FEDQ_REDIS_URL", None)  # a private Redis, as `fedq simulate` starts by default
     load = os.getloadavg()[0]
+    spread = ["--processes", str(processes)] if processes else []  # else fedq simulate's default
     done = subprocess.run([sys.executable, "-m", "fedq", "simulate", "--clients", str(clients), "--rounds",
-                           str(rounds), "--processes", str(processes), "--out", str(out)],
+                           str(rounds), *spread, "--out", str(out)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     m = PER_UPDATE.search(done.stdout)
     if done.returncode or m is None:
@@ -59,9 +61,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--processes", type=int, default=4)
+    ap.add_argument("--processes", type=int, default=0, help="client processes (default: fedq simulate's)")
     args = ap.parse_args()
-    print(f"{args.clients} clients, {args.rounds} rounds, {args.processes} processes; pushes of rounds 2+")
+    spread = f"{args.processes} processes" if args.processes else "fedq simulate's default processes"
+    print(f"{args.clients} clients, {args.rounds} rounds, {spread}; pushes of rounds 2+")
     print(f"{'repeat':>6} {'ms/update':>9} {'pushes':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>8} {'load':>5}")
     for rep in range(args.repeats):
         r = one(args.clients, args.rounds, args.processes)

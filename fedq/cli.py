@@ -547,21 +547,22 @@ def report(ctx: click.Context, run_id: str, out: Path, x_axis: str) -> None:
               help="Synthetic rows per client (when no data file is given).")
 @click.option("--features", type=click.IntRange(5), default=20, show_default=True,
               help="Synthetic features (when no data file is given).")
-@click.option("--processes", type=click.IntRange(1), default=4, show_default=True,
-              help="Processes the simulated clients are spread over (threads within each).")
+@click.option("--processes", type=click.IntRange(1), default=None,
+              help="Processes the simulated clients are spread over (threads within each) "
+                   "[default: one per 100 clients, at least 4].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-sim"),
               show_default=True)
 @straggler_options
 @click.pass_context
 @fail_cleanly
-def simulate(ctx: click.Context, rows_per_client: int, features: int, processes: int, out: Path,
+def simulate(ctx: click.Context, rows_per_client: int, features: int, processes: int | None, out: Path,
              **kw: Any) -> None:
     """Many lightweight clients (numpy updates, no TensorFlow) against the real aggregator and protocol."""
     import dataclasses
 
     from fedq.ops.view import print_event, print_report, print_round
     from fedq.roles.runner import run_local
-    from fedq.roles.swarm import client_commands
+    from fedq.roles.swarm import client_commands, default_processes
 
     own_data = any(kw.get(k) for k in ("normal_csv", "abnormal_csv", "csv_path"))
     stragglers = _stragglers(kw)
@@ -573,7 +574,8 @@ def simulate(ctx: click.Context, rows_per_client: int, features: int, processes:
             spec.data, source="synthetic", rows=rows_per_client * spec.clients, features=features)).validate()
     report = run_local(_settings(ctx), spec, out, use_env_redis=ctx.obj["redis_from_env"],
                        on_round=functools.partial(print_round, spec.rounds), on_event=print_event,
-                       client_commands=client_commands(spec, processes, stragglers=stragglers))
+                       client_commands=client_commands(spec, processes or default_processes(spec.clients),
+                                                       stragglers=stragglers))
     print_report(report, out)
     rounds = report["rounds"][1:] or report["rounds"]  # round 1 includes start-up
     if rounds:

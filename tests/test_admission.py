@@ -32,11 +32,13 @@ class _Host(Admission):
         self.run_id, self.verifier = RUN, verifier
         self.store = RunStore(r, RUN)
         assert self.store.acquire_lease("driver", 30)
+        self.ticks = 0
 
     def _check_exists(self) -> None:
         assert self.store.exists()
 
-    def _tick(self) -> None:
+    def _tick(self) -> None:  # the aggregator renews its lease here
+        self.ticks += 1
         self.store.renew_lease(30)
 
     def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
@@ -85,6 +87,17 @@ def test_the_join_phase_admits_valid_requests_and_combines_their_statistics(r: r
     np.testing.assert_allclose(std, both.std(axis=0))
     assert host.store.member_ids() == ["c0", "c1"]
     assert not r.exists(host.store.k.joins)  # every waiting request was taken up
+
+
+def test_a_look_at_many_requests_keeps_the_lease_between_them(r: redis.Redis) -> None:
+    spec = _created(r, clients=5)
+    for k in range(5):
+        assert _ask(r, f"c{k}") == "requested"
+    r.delete(RunStore(r, RUN).k.inbox)  # no wake-ups: the first idle look finds all five
+    host = _Host(r, spec)
+    host._collect_joins(spec, num_features=3)
+    assert host.store.member_ids() == [f"c{k}" for k in range(5)]
+    assert host.ticks >= 5  # a loaded machine judging hundreds in one look lost its lease (300 clients)
 
 
 @pytest.mark.parametrize(("record", "rows", "reason", "words"), [
@@ -202,7 +215,7 @@ def test_a_new_driving_session_sweeps_for_requests_taken_but_never_judged(r: red
     host._admit_waiting(spec, rnd)
     assert "late" not in rnd.joined  # no longer waiting: the idle look does not see it
     successor = _Host.__new__(_Host)
-    successor.run_id, successor.verifier, successor.store = RUN, None, host.store
+    successor.run_id, successor.verifier, successor.store, successor.ticks = RUN, None, host.store, 0
     fresh = Round(acc=None, joined=successor._joined())  # type: ignore[arg-type]
     successor._admit_waiting(spec, fresh)
     assert set(fresh.joined) == {"c0", "late"}

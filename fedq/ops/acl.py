@@ -46,7 +46,8 @@ _SCRIPTS = ["+evalsha", "+eval", "+script|load", "+script|exists"]
 # rest) and MULTI/EXEC for redis-py pipelines.
 _CLIENT_COMMANDS = ["+get", "+strlen", "+mget", "+hget", "+hgetall", "+hmget", "+exists", "+sismember",
                     "+smembers", "+scard", "+xread", "+xrange", "+xrevrange", "+zrange", "+zrevrange", "+set", "+del",
-                    "+hset", "+hdel", "+hincrby", "+rpush", "+ltrim", "+xadd", "+multi", "+exec", "+discard"]
+                    "+hset", "+hdel", "+hincrby", "+rpush", "+ltrim", "+xadd", "+multi", "+exec", "+discard",
+                    "+blpop"]  # blpop: a joining client waits on its own answered list
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,21 @@ class ClientSteps(RunRecords):
         """After join() answered requested: block until the aggregator admits the client
         ('joined') or refuses it (its reason), or the run ends; 'join_timeout' after timeout."""
         deadline = time.monotonic() + timeout
-        last = "0-0"
         while True:
-            if self.r.sismember(self.k.members, client_id):
+            # One look (MULTI), which also takes away any wake-up it covers: an answer given
+            # after it pushes a new one. Clients wait on their own list, not on the run's
+            # events: with hundreds joining at once, each admission woke every one of them.
+            pipe = self.r.pipeline(transaction=True)
+            pipe.sismember(self.k.members, client_id)
+            pipe.hget(self.k.joined(client_id), "verdict")
+            pipe.hget(self.k.state, "status")
+            pipe.delete(self.k.answered(client_id))
+            member, raw_verdict, raw_status, _ = pipe.execute()
+            verdict, status = opt_text(raw_verdict), opt_text(raw_status)
+            if member:
                 return Join.JOINED
-            verdict = opt_text(self.r.hget(self.k.joined(client_id), "verdict"))
             if verdict:
                 return verdict
-            status = opt_text(self.r.hget(self.k.state, "status"))
             if status is None:
                 return Join.NO_SUCH_RUN
             if status in ENDED:
@@ -45,7 +52,8 @@ class ClientSteps(RunRecords):
             left = deadline - time.monotonic()
             if left <= 0:
                 return Join.TIMEOUT
-            last, _ = self.wait_event(last, min(block_seconds, left))
+            # The run's end pushes no wake-up: a look every block_seconds finds it.
+            self.r.blpop([self.k.answered(client_id)], timeout=max(0.01, min(block_seconds, left)))
 
     def join_and_wait(self, client_id: str, record: dict[str, Any], stats: dict[str, Any],
                       timeout: float = 60.0) -> str:

@@ -37,6 +37,7 @@ class Commit:
     update_parts: Sequence[str] = ()  # parts of the round's updates sent in parts (deleted with them)
     stale_parts: Sequence[str] = ()  # global-model parts no head refers to any more (always deleted)
     model_file: bytes | None = None  # the final model as a .keras file (with the last round's commit)
+    members: Sequence[str] | None = None  # the run's members, as the close looked at them (None: read them)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,9 @@ class FencedSteps(RunRecords):
         """Commit a round in one atomic step (see Commit for what it carries); False when the
         run is not at the round before it (a replay, or a round already committed). Fenced by
         the lease: LeaseLost if another aggregator took the run over meanwhile."""
-        updates = [self.k.update(cid, commit.round) for cid in self.member_ids()] + list(commit.update_parts)
+        self.audit.flush(self.r)  # the round's judgements before its commit (none wait, after a close)
+        members = self.member_ids() if commit.members is None else commit.members
+        updates = [self.k.update(cid, commit.round) for cid in members] + list(commit.update_parts)
         named = {"round": commit.round, "driver": self.driver or "", "now": time.time(), "events_max": MAX_EVENTS,
                  "keep_updates": commit.keep_updates, "updates": len(updates), "after": commit.after,
                  "final": json.dumps(commit.final or {}), "next_selected": commit.next_selected,
@@ -132,6 +135,7 @@ class FencedSteps(RunRecords):
     def commit_version(self, commit: VersionCommit) -> bool:
         """Commit a buffered version in one atomic step (scripts.COMMIT_VERSION); False when the
         run is not at the version before it. Fenced by the lease like commit_round."""
+        self.audit.flush(self.r)
         folded = [(cid, seq) for (cid, _round), seq in commit.folded.items()]
         per_update = [key for (cid, rnd) in commit.folded for key in (self.k.update(cid, rnd), self.k.consumed(rnd))]
         named = {"round": commit.version, "driver": self.driver or "", "now": time.time(), "events_max": MAX_EVENTS,
@@ -177,6 +181,7 @@ class FencedSteps(RunRecords):
         """Mark the run failed with a reason that clients, CLI and dashboard show.
 
         A driver only fails a run while it holds the lease; others (fedq run, tests) always may."""
+        self.audit.flush(self.r)
         named = {"reason": reason, "now": time.time(), "events_max": MAX_EVENTS, "driver": self.driver or ""}
         done = self._call(scripts.FAIL, keys=[self.k.state, self.k.lease, self.k.events], args=[json.dumps(named)])
         if done == -1:

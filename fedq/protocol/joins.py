@@ -47,7 +47,8 @@ class JoinSteps(UpdateReads):
         False when the run is full (the client finds that verdict under its join key)."""
         named = {"client": client_id, "driver": self.driver or "", "events_max": MAX_EVENTS,
                  "verdict": f"{Join.RUN_FULL}: the run has all its clients"}
-        step_keys = [self.k.state, self.k.members, self.k.joined(client_id), self.k.lease, self.k.events]
+        step_keys = [self.k.state, self.k.members, self.k.joined(client_id), self.k.lease, self.k.events,
+                     self.k.answered(client_id)]
         done = self._call(scripts.ADMIT, keys=step_keys, args=[json.dumps(named)])
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost while admitting {client_id}")
@@ -61,4 +62,5 @@ class JoinSteps(UpdateReads):
         pipe.srem(self.k.members, client_id)
         pipe.delete(self.k.joined(client_id))
         pipe.hset(self.k.joined(client_id), "verdict", f"{reason}: {detail}"[:500])
+        pipe.rpush(self.k.answered(client_id), client_id)  # wakes its wait_admitted
         pipe.execute()

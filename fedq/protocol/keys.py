@@ -137,6 +137,11 @@ class RunKeys:
         sums and counts), JSON; 'verdict' (written by the aggregator) when it was refused."""
         return f"{self.client_base(client_id)}:join"
 
+    def answered(self, client_id: str) -> str:
+        """List: a wake-up for a client waiting to be admitted, pushed when the aggregator admits
+        or refuses it (a hint only: the member set and the verdict are the answer)."""
+        return f"{self.client_base(client_id)}:answered"
+
     def update(self, client_id: str, round_no: int) -> str:
         """Hash: 'payload' (codec envelope) and 'seq' (how many times the client pushed for the
         round, which versions the update) of one client's update for one round."""

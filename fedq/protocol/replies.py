@@ -86,3 +86,10 @@ def valid_client_id(client_id: str | None) -> bool:
     except ConfigError:
         return False
     return True
+
+
+def raise_any(replies: list[Any]) -> None:
+    """Raise the first error among pipelined replies (e.g. the audit entries that rode along)."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply

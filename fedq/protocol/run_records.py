@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis
@@ -17,11 +18,13 @@ from redis.commands.core import Script
 
 from fedq.errors import ConfigError, RunNotFound
 from fedq.protocol import guarded, keys
+from fedq.protocol.audit import AuditTrail
 from fedq.protocol.replies import (
     as_bytes,
     json_list,
     json_object,
     opt_text,
+    raise_any,
     refusal,
     stream_order,
     text,
@@ -56,6 +59,7 @@ class RunRecords:
         self.k = keys.RunKeys(run_id)
         self.driver: str | None = None  # set by acquire_lease; fences this store's writes
         self._scripts: dict[str, Script] = {}
+        self.audit = AuditTrail(self.k.judged)  # judgements waiting to ride with the next call
 
     def _script(self, source: str) -> Script:
         """One of fedq.protocol.scripts, registered with this connection on first use."""
@@ -67,6 +71,32 @@ class RunRecords:
     def _call(self, source: str, keys: list[Any], args: list[Any]) -> Any:
         """Run one of fedq.protocol.scripts on this run's keys."""
         return self._script(source)(keys=keys, args=args)
+
+    def _after_audit(self, source: str, keys: list[Any], args: list[Any],
+                     then: Callable[[Any], None] | None = None) -> tuple[Any, list[Any]]:
+        """Run a script in one pipeline after the audit entries waiting (audit.py) and before the
+        commands then(pipe) adds: (the script's reply, theirs). A script Redis has not loaded
+        yet is loaded and run on its own, and then's commands are sent again after it."""
+        script = self._script(source)
+        pipe = self.r.pipeline(transaction=False)
+        self.audit.into(pipe)
+        first = len(pipe)
+        # evalsha directly: a pipeline running a Script object asks SCRIPT EXISTS first (a trip more)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        if then is not None:
+            then(pipe)
+        replies = pipe.execute(raise_on_error=False)
+        raise_any(replies[:first])
+        reply, *rest = replies[first:]
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            reply = script(keys=keys, args=args)
+            if then is not None:
+                again = self.r.pipeline(transaction=False)
+                then(again)
+                rest = again.execute(raise_on_error=False)
+        elif isinstance(reply, Exception):
+            raise reply
+        return reply, rest
 
     def create(self, spec: SpecRecord, queue: str = "") -> None:
         """Store a new run's spec and queued state; ConfigError if the id is taken."""
@@ -230,6 +260,7 @@ class RunRecords:
     def judged(self) -> list[dict[str, str]]:
         """The aggregator's record of every update version it judged (client, round, seq,
         digest, outcome, bytes), oldest first: the run's audit trail, out of the clients' reach."""
+        self.audit.flush(self.r)
         return [text_fields(fields) for _eid, fields in self.r.xrange(self.k.judged) or []]
 
     def events(self, count: int = MAX_EVENTS) -> list[tuple[float, dict[str, str]]]:

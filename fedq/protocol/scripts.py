@@ -61,14 +61,16 @@ redis.call('RPUSH', a.inbox, a.client)
 return JOIN_REQUESTED
 """)
 
-# The aggregator admits a client that asked to join.
-# KEYS[1]: state; KEYS[2]: members; KEYS[3]: the client's join hash; KEYS[4]: lease; KEYS[5]: events
+# The aggregator admits a client that asked to join, and wakes it (KEYS[6]).
+# KEYS[1]: state; KEYS[2]: members; KEYS[3]: the client's join hash; KEYS[4]: lease; KEYS[5]: events;
+# KEYS[6]: the client's answered list
 # ARGV[1]: JSON {client, driver ('' = unfenced, for tools), events_max, verdict (written when full)}
 # Returns 1 (admitted, or a member already), 0 (run full: verdict written), -1 (lease lost).
 ADMIT = _script("""
 local a = cjson.decode(ARGV[1])
 if a.driver ~= '' and redis.call('GET', KEYS[4]) ~= a.driver then return -1 end
 if redis.call('SISMEMBER', KEYS[2], a.client) == 1 then return 1 end
+redis.call('RPUSH', KEYS[6], a.client)  -- answered either way below, in this same step
 if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'clients') or '0') then
   redis.call('HSET', KEYS[3], 'verdict', a.verdict)
   return 0

@@ -7,12 +7,14 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from fedq.protocol import scripts
-from fedq.protocol.replies import opt_text, valid_client_id
-from fedq.protocol.run_records import MAX_PUSHES, MAX_REFUSED, RunRecords
+from fedq.protocol.fencing import LeaseLost
+from fedq.protocol.replies import opt_text, raise_any, text, valid_client_id
+from fedq.protocol.run_records import MAX_REFUSED, RunRecords
 from fedq.protocol.vocabulary import Read
 
 DRAIN_BATCH = 10_000  # inbox entries drained per call
@@ -46,6 +48,15 @@ def version_marker(kind: Read, seq: str) -> str:
     return seq
 
 
+def seq_marker(reply: Any) -> str:
+    """The version marker of an update from its 'seq' field as HGET replied (an error: the key
+    is of another type)."""
+    if isinstance(reply, Exception):
+        return version_marker(Read.WRONG_TYPE, "")
+    text = opt_text(reply) or ""
+    return version_marker(Read.OK if text.isdigit() and len(text) <= 15 else Read.BAD_SEQ, text)
+
+
 class UpdateReads(RunRecords):
     """The aggregator's reads of what clients pushed, and its records of them."""
 
@@ -56,10 +67,13 @@ class UpdateReads(RunRecords):
         the BLPOP returns), so the first id and whatever queued behind it come back together;
         duplicates and entries that cannot be ids are dropped in Redis."""
         pipe = self.r.pipeline(transaction=False)
+        self.audit.into(pipe)  # judgements waiting ride along (audit.py)
         pipe.blpop([self.k.inbox], timeout=block_seconds)
         # evalsha directly: a pipeline running a Script object asks SCRIPT EXISTS first (a trip more)
         pipe.evalsha(self._script(scripts.DRAIN).sha, 1, self.k.inbox, DRAIN_BATCH)
-        item, drained = pipe.execute(raise_on_error=False)
+        replies = pipe.execute(raise_on_error=False)
+        raise_any(replies[:-2])
+        item, drained = replies[-2:]
         if isinstance(item, Exception):
             raise item
         if isinstance(drained, Exception):  # the script not loaded yet (or Redis restarted): load it
@@ -82,8 +96,8 @@ class UpdateReads(RunRecords):
         (checked and read in one step, so that no push can slip in between)."""
         if not valid_client_id(client_id):
             return StoredUpdate(Read.NONE)
-        reply = self._call(scripts.READ_UPDATE, keys=[self.k.update(client_id, round_no)],
-                           args=[judged, max_bytes, only])
+        reply, _ = self._after_audit(scripts.READ_UPDATE, [self.k.update(client_id, round_no)],
+                                     [judged, max_bytes, only])
         kind = Read(opt_text(reply[0]) or Read.NONE)
         if kind == Read.OK:
             return StoredUpdate(kind, opt_text(reply[1]) or "", reply[2] or None, opt_text(reply[3]) or "")
@@ -102,14 +116,29 @@ class UpdateReads(RunRecords):
         pipe = self.r.pipeline(transaction=False)
         for cid in ids:
             pipe.hget(self.k.update(cid, round_no), "seq")
-        out: dict[str, str] = {}
-        for cid, v in zip(ids, pipe.execute(raise_on_error=False)):
-            if isinstance(v, Exception):
-                out[cid] = version_marker(Read.WRONG_TYPE, "")
-            elif v is not None:
-                text = opt_text(v) or ""
-                out[cid] = version_marker(Read.OK if text.isdigit() and len(text) <= 15 else Read.BAD_SEQ, text)
-        return out
+        return {cid: seq_marker(v) for cid, v in zip(ids, pipe.execute(raise_on_error=False)) if v is not None}
+
+    def close_and_look(self, round_no: int, ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """Close the round (fenced by the lease, as FencedSteps.close_round), then look at what was
+        stored before the close, in one round trip when ids (the members as the caller knows them)
+        are all the members: (the member ids, update_seqs of them)."""
+        ids = [c for c in ids if valid_client_id(c)]
+
+        def look(pipe: Any) -> None:
+            pipe.smembers(self.k.members)
+            for cid in ids:
+                pipe.hget(self.k.update(cid, round_no), "seq")
+
+        closed, replies = self._after_audit(scripts.CLOSE, [self.k.state, self.k.lease],
+                                            [round_no, self.driver or ""], then=look)
+        if closed == -1:
+            raise LeaseLost(f"run {self.run_id}: lease lost before closing round {round_no}")
+        members = sorted(cid for cid in map(text, replies[0]) if valid_client_id(cid))
+        seqs = {cid: seq_marker(v) for cid, v in zip(ids, replies[1:]) if v is not None and cid in members}
+        others = [cid for cid in members if cid not in ids]
+        if others:  # members the caller did not know of: a second look
+            seqs.update(self.update_seqs(round_no, others))
+        return members, seqs
 
     def record_refused(self, client_id: str, round_no: int, reason: str, detail: str) -> None:
         rec = {"client": client_id, "round": round_no, "reason": reason, "detail": detail,
@@ -121,6 +150,5 @@ class UpdateReads(RunRecords):
 
     def record_judged(self, client_id: str, round_no: int, seq: str, digest: str, outcome: str,
                       nbytes: int) -> None:
-        """Append one judgement to the audit trail."""
-        self.r.xadd(self.k.judged, {"client": client_id, "round": round_no, "seq": seq, "digest": digest,
-                                    "outcome": outcome, "bytes": nbytes}, maxlen=MAX_PUSHES, approximate=True)
+        """Append one judgement to the audit trail (it travels with this store's next call: audit.py)."""
+        self.audit.record(client_id, round_no, seq, digest, outcome, nbytes)

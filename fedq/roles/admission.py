@@ -77,7 +77,7 @@ class Admission:
         def scan() -> None:  # idle moments look at the waiting requests: wake-ups are only hints
             self._check_exists()
             for cid in self._waiting_requests():
-                judge(cid)
+                judge(cid)  # ticks: the lease is renewed through a long look
 
         scan()
         self._wait_quorum(spec, "joining", lambda: len(good), scan, judge)

@@ -242,14 +242,27 @@ class Client:
                     # Retryable outcomes loop back to re-read the state (which may say the run ended).
                     raise FedqError(f"{self.client_id}: update for round {committed + 1} refused: {result}")
                 progress_deadline = time.monotonic() + self.settings.wait_seconds
-                continue
+                if result != Push.OK:
+                    continue
+                # Pushed: what comes next is the run's next event (a commit, its end), and the
+                # state read before the push has nothing newer to tell: wait, without a look.
             if time.monotonic() > progress_deadline:
                 raise FedqError(f"run {st.run_id} made no progress for {self.settings.wait_seconds:g} s")
-            last_event, events = st.wait_event(last_event, self.settings.block_seconds)
+            last_event, events = self._wait_past_admissions(st, last_event)
             if events:
                 progress_deadline = time.monotonic() + self.settings.wait_seconds
                 # A commit woke us: the next look at the state brings the new model along.
                 expect_global = any(e.get("event") in (Event.ROUND, Event.TRAINING) for e in events)
+
+    def _wait_past_admissions(self, st: RunStore, last: str) -> tuple[str, list[dict[str, str]]]:
+        """The run's next events, waiting on past other clients' admissions (for up to
+        block_seconds in all): with hundreds joining, each admission woke every member for a
+        state read that could tell it nothing."""
+        deadline = time.monotonic() + self.settings.block_seconds
+        while True:
+            last, events = st.wait_event(last, max(0.001, deadline - time.monotonic()))
+            if not events or any(e.get("event") != Event.ADMITTED for e in events) or time.monotonic() >= deadline:
+                return last, events
 
     def _read_state(self, st: RunStore, with_global: bool) -> dict[str, str]:
         """The run's state; with_global, the global model's payload too, in the same round trip

@@ -77,6 +77,7 @@ class Collecting:
             if not woken:
                 on_idle()
             for cid in woken:
+                self._tick()  # a wake-up may name hundreds (a join phase): keep the lease through them
                 on_wake(cid)
 
     def _collect_round(self, spec: RunSpec, round_no: int, template: list[messages.TensorSpec],
@@ -86,14 +87,17 @@ class Collecting:
         the global model it started from (compressed updates are deltas from it)."""
         rnd = self._open_round(spec, round_no, template, strategy, base)
 
-        def rescan() -> None:
+        def rescan(joined_now: bool = False) -> None:
             # Wake-ups are hints; the sequence numbers are the truth. An idle moment re-reads
             # them, so a wake-up lost to a dropped connection costs a second, not the round.
             self._check_exists()
-            rnd.joined = self._joined()  # late joiners count from now on
+            if not joined_now:
+                rnd.joined = self._joined()  # late joiners count from now on
             fedq_metrics.set_clients_alive(heartbeat.count_alive_clients(self.r, self.run_id, sorted(rnd.joined)))
             self._admit_waiting(spec, rnd)
-            for cid, seq in self.store.update_seqs(round_no).items():
+            # The members were read a moment ago (joined_now): not again. A member without a
+            # readable join record is looked at by the next idle rescan, or its wake-up.
+            for cid, seq in self.store.update_seqs(round_no, sorted(rnd.joined) if joined_now else None).items():
                 if rnd.versions.get(cid) != seq:
                     self._consider(rnd, round_no, cid, template)
 
@@ -101,15 +105,17 @@ class Collecting:
             self._admit_woken(spec, rnd, cid)
             self._consider(rnd, round_no, cid, template)
 
-        rescan()  # a resumed round: fold what is already stored
+        rescan(joined_now=True)  # a resumed round: fold what is already stored
         expected = rnd.expected(spec)
         self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan, woken,
                           expected=expected, quorum=min(spec.quorum, expected),
                           settled=lambda quorum: self._settled(rnd, quorum))
         # Close the round, then take in whatever was stored before the close: after this no
-        # push can change it, so what we commit is exactly what was accepted.
-        self.store.close_round(round_no)
-        rescan()
+        # push can change it, so what we commit is exactly what was accepted. One round trip.
+        rnd.members, seqs = self.store.close_and_look(round_no, sorted(rnd.joined))
+        for cid, seq in seqs.items():
+            if rnd.versions.get(cid) != seq:
+                self._consider(rnd, round_no, cid, template)
         if not rnd.folded:
             raise RoundTimeout(f"round {round_no}: every update was refused")
         self._cap_shares(spec, rnd, round_no, template)

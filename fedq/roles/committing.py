@@ -89,7 +89,8 @@ class Committing:
             server_state=drive.strategy.state_bytes(round_no),
             next_selected=self._select(spec, round_no + 1) if after != Phase.DONE else None,
             previous_metrics=self._with_fed_eval(rnd, round_no) if drive.fed_eval else None,
-            update_parts=sorted(rnd.part_keys), stale_parts=stale, model_file=model_file))
+            update_parts=sorted(rnd.part_keys), stale_parts=stale, model_file=model_file,
+            members=rnd.members))
         if committed:
             fedq_metrics.observe_round(metrics["seconds"])
         else:

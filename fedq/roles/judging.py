@@ -54,6 +54,7 @@ class Round:
     fold_seconds: float = 0.0
     last_arrival: float = 0.0
     part_keys: set[str] = field(default_factory=set)  # parts of updates judged: deleted at commit
+    members: list[str] | None = None  # the run's members as the round's close saw them
     # A mode's own admission check (buffered: staleness, updates folded already): raises
     # UpdateRejected for a client whose update the round must not take.
     gate: Callable[[str], None] | None = None

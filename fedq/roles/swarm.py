@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import sys
 import threading
 from typing import Any
 
@@ -29,6 +31,19 @@ log = logging.getLogger("fedq.simulate")
 # them at once whatever it is, but each timeout is a state read, and 1,000 clients timing out
 # every second kept a third of two cores busy while they waited (threads of four processes).
 SIM_BLOCK_SECONDS = 5.0
+# Simulated clients per process, by default. A commit wakes every client of a process at once,
+# and each of them then waits for the interpreter's lock after each of its Redis calls behind
+# all the others: with 250 threads in a process, single pushes of 1.5 KB stalled for seconds.
+CLIENTS_PER_PROCESS = 100
+# The interpreter's switch interval in a simulation process (Python's default: 5 ms). A thread
+# whose Redis reply has arrived waits that long for each thread running ahead of it.
+SWITCH_INTERVAL = 0.0005
+
+
+def default_processes(clients: int) -> int:
+    """How many processes `fedq simulate` spreads `clients` over when not told: one per
+    CLIENTS_PER_PROCESS clients, at least 4."""
+    return max(4, math.ceil(clients / CLIENTS_PER_PROCESS))
 
 
 class NoiseTrainer:
@@ -114,6 +129,7 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
     # Hundreds of threads each calling into a multi-threaded BLAS would each get its pools and
     # buffers; one BLAS thread per process, and the dataset loaded once before the threads start.
     threadpool_limits(1)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     if settings.block_seconds < SIM_BLOCK_SECONDS and settings.lease_seconds >= 3 * SIM_BLOCK_SECONDS:
         settings = dataclasses.replace(settings, block_seconds=SIM_BLOCK_SECONDS)
     r0 = connect(settings)

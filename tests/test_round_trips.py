@@ -1,0 +1,146 @@
+"""Round trips on a round's critical path: the audit trail rides with the aggregator's next call,
+a round's close and its last look are one send, a client waiting to be admitted is not woken by
+every other client's admission, and `fedq simulate` spreads clients over enough processes.
+Real Redis; sends are counted on the connection (one send is one round trip)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.connection import AbstractConnection
+
+from fedq.protocol.fencing import Commit, LeaseLost
+from fedq.protocol.store import RunStore
+from fedq.protocol.vocabulary import Join, Phase, Push, Read
+from fedq.roles.swarm import default_processes
+
+RUN = "t-trips"
+
+
+class _Spec:
+    rounds, clients = 2, 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rounds": 2, "clients": 3}
+
+
+@pytest.fixture()
+def sends(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """A one-item list counting every send to Redis (a command, a pipeline, a MULTI)."""
+    count = [0]
+    original = AbstractConnection.send_packed_command
+
+    def counted(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        count[0] += 1
+        original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    yield count
+
+
+def _training(r: redis.Redis, members: tuple[str, ...] = ("c0", "c1")) -> RunStore:
+    store = RunStore(r, RUN)
+    store.create(_Spec())
+    assert store.acquire_lease("driver", 30)
+    for cid in members:
+        assert store.join(cid, {"shard": 0}, {"count": [1]}) == Join.REQUESTED and store.admit(cid)
+    assert store.open_training(b"scaler", b"global")
+    store.read_update(1, "c0", "", 10)  # the read script loaded: the counts below are steady state
+    return store
+
+
+def test_judgements_ride_with_the_next_read_in_order(r: redis.Redis, sends: list[int]) -> None:
+    store = _training(r)
+    client = RunStore(r, RUN)
+    assert client.push_update("c0", 1, b"update", 1000) == Push.OK
+    before = sends[0]
+    store.record_judged("c1", 1, "1", "d1", "accepted", 10)
+    store.record_judged("c1", 1, "2", "", "too_many_pushes", 0)
+    got = store.read_update(1, "c0", "", 1000)
+    assert sends[0] - before == 1  # the two entries and the read: one send
+    assert got.kind == Read.OK and got.payload == b"update"
+    assert [(j["seq"], j["outcome"]) for j in RunStore(r, RUN).judged()] == [("1", "accepted"),
+                                                                            ("2", "too_many_pushes")]
+
+
+def test_a_commit_is_preceded_by_its_judgements(r: redis.Redis) -> None:
+    store = _training(r)
+    store.record_judged("c0", 1, "1", "d", "accepted", 6)
+    assert store.commit_round(Commit(round=1, global_payload=b"g1", metrics={"round": 1}, members=["c0", "c1"]))
+    trail = r.xrange(store.k.judged)
+    assert [f[b"client"] for _id, f in trail] == [b"c0"]
+    committed = r.xrange(store.k.events)[-1][0]
+    assert trail[0][0] < committed  # written before the commit's event
+
+
+def test_the_close_and_its_last_look_are_one_send(r: redis.Redis, sends: list[int]) -> None:
+    store = _training(r)
+    client = RunStore(r, RUN)
+    assert client.push_update("c0", 1, b"u0", 1000) == Push.OK
+    store.record_judged("c0", 1, "1", "d", "accepted", 2)
+    store.close_round(1)  # the close script loaded (as a round before this one would have)
+    r.hdel(store.k.state, "closed")
+    before = sends[0]
+    members, seqs = store.close_and_look(1, ["c0", "c1"])
+    assert sends[0] - before == 1
+    assert members == ["c0", "c1"] and seqs == {"c0": "1"}
+    assert client.push_update("c1", 1, b"late", 1000) == Push.ROUND_CLOSED
+    assert [j["client"] for j in store.judged()] == ["c0"]
+
+
+def test_the_last_look_finds_members_the_caller_did_not_know(r: redis.Redis) -> None:
+    store = _training(r, ("c0", "c1", "c2"))
+    client = RunStore(r, RUN)
+    for cid in ("c0", "c2"):
+        assert client.push_update(cid, 1, b"u", 1000) == Push.OK
+    r.hset(store.k.update("stranger", 1), mapping={"seq": "1", "payload": b"x"})  # no member
+    members, seqs = store.close_and_look(1, ["c0", "stranger"])
+    assert members == ["c0", "c1", "c2"]
+    assert seqs == {"c0": "1", "c2": "1"}  # the stranger's key is no member's: not looked at
+
+
+def test_the_close_is_fenced_by_the_lease(r: redis.Redis) -> None:
+    store = _training(r)
+    r.set(store.k.lease, "someone else")
+    with pytest.raises(LeaseLost):
+        store.close_and_look(1, ["c0", "c1"])
+    assert RunStore(r, RUN).push_update("c0", 1, b"u", 1000) == Push.OK  # not closed
+
+
+def test_other_admissions_do_not_wake_a_waiting_client(r: redis.Redis, sends: list[int]) -> None:
+    store = RunStore(r, RUN)
+    store.create(_Spec())
+    assert store.acquire_lease("driver", 30)
+    waiting = RunStore(redis.Redis(connection_pool=r.connection_pool), RUN)
+    assert waiting.join("c2", {"shard": 2}, {"count": [1]}) == Join.REQUESTED
+    for cid in ("c0", "c1"):  # admitted before the wait: their events are old news
+        assert store.join(cid, {"shard": 0}, {"count": [1]}) == Join.REQUESTED and store.admit(cid)
+    before = sends[0]
+    assert waiting.wait_admitted("c2", timeout=0.3, block_seconds=1.0) == Join.TIMEOUT
+    assert sends[0] - before <= 3  # a look, the wait on its own list, a look (no page through the admissions)
+    assert store.admit("c2")
+    assert waiting.wait_admitted("c2", timeout=5) == Join.JOINED
+    assert store.state()["phase"] == Phase.JOIN
+
+
+def test_an_answer_wakes_only_the_client_it_answers(r: redis.Redis) -> None:
+    store = RunStore(r, RUN)
+    store.create(_Spec())
+    assert store.acquire_lease("driver", 30)
+    for cid in ("c0", "c1", "c2"):
+        assert store.join(cid, {"shard": 0}, {"count": [1]}) == Join.REQUESTED
+    assert store.admit("c0")
+    store.refuse_join("c1", "bad_stats", "3 features")
+    assert [r.llen(store.k.answered(c)) for c in ("c0", "c1", "c2")] == [1, 1, 0]
+    assert store.wait_admitted("c0", timeout=5) == Join.JOINED
+    assert store.wait_admitted("c1", timeout=5) == "bad_stats: 3 features"
+    assert not r.exists(store.k.answered("c0")) and not r.exists(store.k.answered("c1"))  # taken by the look
+
+
+def test_simulate_spreads_clients_over_a_process_per_hundred() -> None:
+    assert default_processes(10) == 4
+    assert default_processes(1000) == 10
+    assert default_processes(1001) == 11
