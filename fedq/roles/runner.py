@@ -70,6 +70,17 @@ def with_huge_pages(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _die_with_runner() -> None:
+    """preexec_fn of fedq run's children: the kernel SIGKILLs them the moment fedq run dies.
+
+    A stopped fedq run stops them itself (Processes.stop); this is for one that was killed. A
+    Python handler for a gentler signal cannot run while the main thread is inside a C import
+    (TensorFlow's takes seconds on a busy machine), and there is nothing to tidy: the run's
+    private Redis goes with fedq run (on an external Redis the run's lease lapses, as when any
+    aggregator dies, and a worker may take the run up)."""
+    die_with_parent(signal.SIGKILL)
+
+
 class Processes:
     """Child processes of a local run, each logging to its own file, all ended together."""
 
@@ -83,7 +94,7 @@ class Processes:
         with open(self.log_dir / f"{name}.log", "wb") as out:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "fedq", *args], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, env=self.env, preexec_fn=die_with_parent)
+                stderr=subprocess.STDOUT, env=self.env, preexec_fn=_die_with_runner)
 
     def failed(self) -> tuple[str, int] | None:
         """(name, exit code) of the first child that exited with an error, if any."""
