@@ -20,7 +20,7 @@ ATTACKER = 4  # the fifth client
 
 @pytest.fixture(scope="module")
 def federation() -> Federation:
-    spec = RunSpec(clients=5, rounds=5, local_epochs=2, seed=0).validate()
+    spec = RunSpec(clients=5, rounds=4, local_epochs=2, seed=0).validate()
     return Federation.build(spec)
 
 
