@@ -96,6 +96,8 @@ def test_a_client_writes_its_own_keys_and_nothing_else(federation_users) -> None
         "forge an audit entry": lambda: c0.xadd(k.judged, {"client": "client-0"}),
         "delete the audit trail": lambda: c0.delete(k.judged),
         "empty the inbox": lambda: c0.delete(k.inbox),
+        "take the aggregator's wake-ups (BLPOP)": lambda: c0.blpop([k.inbox], timeout=0.01),
+        "wait on another client's answers (BLPOP)": lambda: c0.blpop([k.answered("client-1")], timeout=0.01),
         "withdraw another client's join request": lambda: c0.srem(k.joins, "client-1"),
         "take the waiting join requests": lambda: c0.spop(k.joins),
         "read the waiting join requests": lambda: c0.smembers(k.joins),
