@@ -549,7 +549,7 @@ def report(ctx: click.Context, run_id: str, out: Path, x_axis: str) -> None:
               help="Synthetic features (when no data file is given).")
 @click.option("--processes", type=click.IntRange(1), default=None,
               help="Processes the simulated clients are spread over (threads within each) "
-                   "[default: one per 100 clients, at least 4].")
+                   "[default: one per 250 clients, at least 4].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedq-sim"),
               show_default=True)
 @straggler_options

@@ -31,10 +31,12 @@ log = logging.getLogger("fedq.simulate")
 # them at once whatever it is, but each timeout is a state read, and 1,000 clients timing out
 # every second kept a third of two cores busy while they waited (threads of four processes).
 SIM_BLOCK_SECONDS = 5.0
-# Simulated clients per process, by default. A commit wakes every client of a process at once,
-# and each of them then waits for the interpreter's lock after each of its Redis calls behind
-# all the others: with 250 threads in a process, single pushes of 1.5 KB stalled for seconds.
-CLIENTS_PER_PROCESS = 100
+# Simulated clients per process, by default (at least 4 processes). A commit wakes every client
+# of a process at once, and each then waits for the interpreter's lock behind the others; but on
+# 2 cores more processes cost more: 1,000 clients in 10 processes of 100 gave push p50 823 ms
+# and 43.7 ms of round time per update, in 4 of 250 p50 12 ms and 20.3 ms (one run each,
+# bench/simulate_tail.py, docs/benchmarks.md).
+CLIENTS_PER_PROCESS = 250
 # The interpreter's switch interval in a simulation process (Python's default: 5 ms). A thread
 # whose Redis reply has arrived waits that long for each thread running ahead of it.
 SWITCH_INTERVAL = 0.0005
