@@ -14,14 +14,13 @@ from typing import Any
 
 import redis
 
-MAX_ENTRIES = 100_000  # the trail is capped (approximately) like a client's push log
-
 
 class AuditTrail:
     """Judgements not yet written to the run's audit stream (keys.RunKeys.judged)."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, maxlen: int) -> None:
         self.key = key
+        self.maxlen = maxlen  # the stream is capped (approximately), as a client's push log is
         self._pending: list[dict[str, Any]] = []
 
     def record(self, client_id: str, round_no: int, seq: str, digest: str, outcome: str, nbytes: int) -> None:
@@ -36,7 +35,7 @@ class AuditTrail:
     def into(self, pipe: Any) -> None:
         """Add the queued judgements to a pipeline (before the command they ride with)."""
         for entry in self._pending:
-            pipe.xadd(self.key, entry, maxlen=MAX_ENTRIES, approximate=True)
+            pipe.xadd(self.key, entry, maxlen=self.maxlen, approximate=True)
         self._pending.clear()
 
     def flush(self, r: redis.Redis) -> None:

@@ -59,7 +59,7 @@ class RunRecords:
         self.k = keys.RunKeys(run_id)
         self.driver: str | None = None  # set by acquire_lease; fences this store's writes
         self._scripts: dict[str, Script] = {}
-        self.audit = AuditTrail(self.k.judged)  # judgements waiting to ride with the next call
+        self.audit = AuditTrail(self.k.judged, MAX_PUSHES)  # judgements waiting to ride with the next call
 
     def _script(self, source: str) -> Script:
         """One of fedq.protocol.scripts, registered with this connection on first use."""
