@@ -248,7 +248,7 @@ def _command_section(path: tuple[str, ...], cmd: click.Command) -> list[str]:
     if isinstance(cmd, click.Group):
         subs = sorted(cmd.commands)
         out.append("Commands: " + ", ".join(f"[`{s}`](#{_anchor((*path, s))})" for s in subs) + ".\n")
-    from fedq.cli import PanelCommand
+    from fedq.cli.panels import PanelCommand
 
     # A command whose --help shows panels gets one table per panel, under the same titles.
     panels = cmd.panels(ctx) if isinstance(cmd, PanelCommand) else [("", cmd.params)]
@@ -276,7 +276,7 @@ def render_cli() -> str:
     """docs/reference/cli.md."""
     from fedq.cli import main
 
-    out = [GENERATED.format(source="the click command tree (fedq/cli.py, fedq/ops/k8s.py)"),
+    out = [GENERATED.format(source="the click command tree (fedq/cli/, fedq/ops/k8s.py)"),
            "# Command line\n",
            "Every command of `fedq`, with every option, its type, default and help text. "
            "`-h` / `--help` works everywhere; `fedq --version` prints the version. Options of the "

@@ -1,4 +1,4 @@
-"""`fedq run --help` and its kin list their forty-odd options in titled panels (fedq.cli.HELP_PANELS):
+"""`fedq run --help` and its kin list their forty-odd options in titled panels (fedq.cli.panels.HELP_PANELS):
 every option has a panel, each appears under its own panel's title in the help text, and the
 commands with few options keep click's single list. Fast: click's test runner, nothing runs."""
 
@@ -10,7 +10,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from fedq.cli import HELP_PANELS, OTHER_PANEL, PanelCommand, main
+from fedq.cli import main
+from fedq.cli.panels import HELP_PANELS, OTHER_PANEL, PanelCommand
 
 PANELLED = ["run", "submit", "aggregator", "simulate", "client"]
 
