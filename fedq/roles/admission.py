@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,20 +39,16 @@ class Admission:
     verifier: Verifier | None
     _swept_joins: bool = False  # this driving session has looked at every join key once
 
-    def _check_exists(self) -> None:
-        """Raise when the run vanished from Redis (the Aggregator's)."""
-        raise NotImplementedError
-
-    def _tick(self) -> None:
-        """Renew the lease (when due) and honour stop requests (the Aggregator's). Admission
-        calls it once per request judged: a look at a thousand waiting requests takes longer
-        than a lease, and ADMIT is fenced by it."""
-        raise NotImplementedError
-
-    def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
-                     on_wake: Callable[[str], None]) -> None:
-        """Block until the run's clients answered, or the quorum at a deadline (the Aggregator's)."""
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the Aggregator's (and Collecting's), used here
+        # Raise when the run vanished from Redis.
+        def _check_exists(self) -> None: ...
+        # Renew the lease (when due) and honour stop requests. Admission calls it once per request
+        # judged: a look at a thousand waiting requests takes longer than a lease, and ADMIT is
+        # fenced by it.
+        def _tick(self) -> None: ...
+        # Block until the run's clients answered, or the quorum at a deadline.
+        def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
+                         on_wake: Callable[[str], None]) -> None: ...
 
     # --- the join phase --------------------------------------------------------------------
     def _collect_joins(self, spec: RunSpec, num_features: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -68,31 +68,16 @@ class Buffering:
     settings: Settings
     store: RunStore
 
-    # --- the Aggregator's, used here ------------------------------------------------------------
-    def _tick(self) -> None:
-        raise NotImplementedError
-
-    def _check_exists(self) -> None:
-        raise NotImplementedError
-
-    def _joined(self) -> dict[str, int | None]:
-        raise NotImplementedError
-
-    def _admit_late(self, spec: RunSpec, rnd: Round, cid: str) -> None:
-        raise NotImplementedError
-
-    def _consider(self, rnd: Round, round_no: int, cid: str, template: list[messages.TensorSpec]) -> None:
-        raise NotImplementedError
-
-    def _evaluate(self, drive: Any, weights: list[np.ndarray] | None) -> tuple[dict[str, Any], float]:
-        raise NotImplementedError
-
-    def _model_file(self, drive: Any) -> bytes | None:
-        raise NotImplementedError
-
-    def _wait_quorum(self, spec: RunSpec, what: str, have: Any, on_idle: Any, on_wake: Any,
-                     expected: int | None = None, quorum: int | None = None, settled: Any = None) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the Aggregator's (and its other mixins'), used here
+        def _tick(self) -> None: ...
+        def _check_exists(self) -> None: ...
+        def _joined(self) -> dict[str, int | None]: ...
+        def _admit_late(self, spec: RunSpec, rnd: Round, cid: str) -> None: ...
+        def _consider(self, rnd: Round, round_no: int, cid: str, template: list[messages.TensorSpec]) -> None: ...
+        def _evaluate(self, drive: Any, weights: list[np.ndarray] | None) -> tuple[dict[str, Any], float]: ...
+        def _model_file(self, drive: Any) -> bytes | None: ...
+        def _wait_quorum(self, spec: RunSpec, what: str, have: Any, on_idle: Any, on_wake: Any,
+                         expected: int | None = None, quorum: int | None = None, settled: Any = None) -> None: ...
 
     # --- driving ---------------------------------------------------------------------------------
     def _drive_versions(self, drive: Any) -> None:

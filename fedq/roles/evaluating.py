@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedq.errors import RoundTimeout, UpdateRejected
 from fedq.learning import evaluation
@@ -31,19 +31,15 @@ class FederatedEvaluation:
     run_id: str
     store: RunStore
 
-    def _tick(self) -> None:
-        """Renew the lease and honour stop requests between long steps (the Aggregator's)."""
-        raise NotImplementedError
-
-    def _check_exists(self) -> None:
-        """Raise when the run vanished from Redis (the Aggregator's)."""
-        raise NotImplementedError
-
-    def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
-                     on_wake: Callable[[str], None], expected: int | None = None,
-                     quorum: int | None = None) -> None:
-        """Block until the expected clients answered, or the quorum at a deadline (the Aggregator's)."""
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the Aggregator's (and Collecting's), used here
+        # Renew the lease and honour stop requests between long steps.
+        def _tick(self) -> None: ...
+        # Raise when the run vanished from Redis.
+        def _check_exists(self) -> None: ...
+        # Block until the expected clients answered, or the quorum at a deadline.
+        def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
+                         on_wake: Callable[[str], None], expected: int | None = None,
+                         quorum: int | None = None) -> None: ...
 
     def _with_fed_eval(self, rnd: Round, round_no: int) -> dict[str, Any] | None:
         """The previous round's record with the federated evaluation its global model got from

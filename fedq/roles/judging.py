@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -75,9 +76,9 @@ class Judging:
     store: RunStore
     verifier: Verifier | None
 
-    def _tick(self) -> None:
-        """Renew the lease and honour stop requests between long steps (the Aggregator's)."""
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the Aggregator's, used here
+        # Renew the lease and honour stop requests between long steps.
+        def _tick(self) -> None: ...
 
     def _cap_shares(self, spec: RunSpec, rnd: Round, round_no: int, template: list[messages.TensorSpec]) -> None:
         """--max-client-share: lower the weight of any update that would carry more than the
