@@ -122,7 +122,8 @@ def _write_around_the_push(h: Federation, cid: str, base: int, tensors: list[np.
     """What a client can do without the push step: write its update key itself and wake the aggregator."""
     _, names, _ = h.global_model()
     key = h.store.k.update(cid, base + 1)
-    h.store.r.hset(key, mapping={"payload": h.update(cid, base + 1, 100, tensors, names), "parts": ""})
+    h.store.r.set(h.store.k.update_body(cid, base + 1), h.update(cid, base + 1, 100, tensors, names))
+    h.store.r.hset(key, "parts", "")
     h.store.r.hincrby(key, "seq", 1)
     h.store.r.rpush(h.store.k.inbox, cid)
 

@@ -55,7 +55,10 @@ def _round_inputs(store: RunStore, round_no: int) -> dict[str, str]:
     assert store.push_update("c0", round_no, b"update", 1000, part_id="p1") == "ok"
     stale = k.global_part(round_no - 2, 0)
     r.set(stale, b"old global part")
-    return {"update": k.update("c0", round_no), "part": part, "stale": stale}
+    taken = store.read_update(round_no, "c0", "", 1000)  # the aggregator takes the version it judges
+    assert (taken.kind, taken.payload) == ("ok", b"update")
+    return {"update": k.update("c0", round_no), "taken": k.update_taken("c0", round_no),
+            "taken seqs": k.taken_seqs(round_no), "part": part, "stale": stale}
 
 
 def _commit(store: RunStore, round_no: int, after: Phase = Phase.TRAIN, **extra: Any) -> dict[str, str]:
@@ -89,7 +92,8 @@ def test_a_commit_that_opens_the_next_round(r: redis.Redis) -> None:
                              "queue": ""}
     assert "final" not in store.state() and "finished_at" not in store.state()
     assert store.metrics() == [{"round": 1, "num_updates": 1}]
-    assert not any(r.exists(key) for key in inputs.values())  # the update, its part, the stale part
+    assert not any(r.exists(key) for key in inputs.values())  # the update, what was taken, its part, the stale part
+    assert not r.exists(k.global_staged)  # moved into place
     assert not r.exists(k.selected(1)) and store.selected(2) == {"c0", "c1"}
     assert store.server_state_payload() == b"momentum"
     assert not r.exists(k.inbox)
@@ -100,7 +104,8 @@ def test_a_commit_that_opens_the_next_round(r: redis.Redis) -> None:
 def test_a_commit_that_keeps_its_updates_for_audit(r: redis.Redis) -> None:
     store = _training(r)
     inputs = _commit(store, 1, keep_updates=True)
-    assert r.hget(inputs["update"], "payload") == b"update" and r.get(inputs["part"]) == b"part"
+    assert r.get(inputs["taken"]) == b"update" and r.get(inputs["part"]) == b"part"
+    assert r.hget(inputs["update"], "seq") == b"1" and r.hget(inputs["taken seqs"], "c0") == b"1"
     assert store.selected(1) == {"c0"}  # the round's chosen clients stay with its updates
     assert not r.exists(inputs["stale"])  # a global part no head refers to goes whatever is kept
 
@@ -186,22 +191,22 @@ def test_a_failed_run_says_so_on_both_streams(r: redis.Redis) -> None:
 # --- hand-written mutants of the commit step's writes --------------------------------------------
 
 MUTANTS: dict[str, tuple[str, str, str]] = {
-    "no global model": ("COMMIT", r"redis\.call\('SET', KEYS\[2\], ARGV\[2\]\)", "local _ = 0"),
+    "no global model": ("COMMIT", r"redis\.call\('RENAME', KEYS\[11\], KEYS\[2\]\)", "local _ = 0"),
     "no round counter": ("COMMIT", r"'round', a\.round, 'updated_at'", "'updated_at'"),
     "previous record not replaced": ("COMMIT", r"redis\.call\('LSET', KEYS\[3\], -1, a\.previous_metrics\)",
                                      "local _ = 0"),
     "previous record replaced when absent": ("COMMIT", r"a\.previous_metrics ~= '' and ", ""),
-    "no round record": ("COMMIT", r"redis\.call\('RPUSH', KEYS\[3\], ARGV\[3\]\)", "local _ = 0"),
+    "no round record": ("COMMIT", r"redis\.call\('RPUSH', KEYS\[3\], ARGV\[2\]\)", "local _ = 0"),
     "updates always kept": ("COMMIT", r"if not a\.keep_updates then", "if false then"),
     "updates never kept": ("COMMIT", r"if not a\.keep_updates then", "if true then"),
     "chosen clients kept": ("COMMIT", r"redis\.call\('DEL', KEYS\[8\]\)", "local _ = 0"),
     "stale parts kept": ("COMMIT", r"for i = last_update \+ 1, #KEYS", "for i = last_update + 2, #KEYS"),
-    "last update kept": ("COMMIT", r"for i = 11, last_update do", "for i = 11, last_update - 1 do"),
-    "first update kept": ("COMMIT", r"for i = 11, last_update do", "for i = 12, last_update do"),
+    "last update kept": ("COMMIT", r"for i = 12, last_update do", "for i = 12, last_update - 1 do"),
+    "first update kept": ("COMMIT", r"for i = 12, last_update do", "for i = 13, last_update do"),
     "done and eval swapped": ("COMMIT", r"if a\.after == PHASE_DONE then", "if a.after == PHASE_EVAL then"),
     "inbox kept": ("COMMIT", r"redis\.call\('DEL', KEYS\[4\]\)", "local _ = 0"),
-    "server state dropped": ("COMMIT", r"then redis\.call\('SET', KEYS\[7\], ARGV\[4\]\) end", "then end"),
-    "server state blanked": ("COMMIT", r"if ARGV\[4\] ~= '' then", "if true then"),
+    "server state dropped": ("COMMIT", r"then redis\.call\('SET', KEYS\[7\], ARGV\[3\]\) end", "then end"),
+    "server state blanked": ("COMMIT", r"if ARGV\[3\] ~= '' then", "if true then"),
     "next chosen clients dropped": ("COMMIT", r"redis\.call\('SADD', KEYS\[9\], id\)", "local _ = id"),
     "no round event": ("COMMIT", r"'event', EVENT_ROUND", "'event', EVENT_EVALUATE"),
     "done: not finished": ("COMMIT", r"'status', STATUS_FINISHED, 'phase', PHASE_DONE",
@@ -215,9 +220,9 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     "finish_eval: no final record": ("FINISH_EVAL", r"'updated_at', a\.now, 'final', a\.final\)",
                                      "'updated_at', a.now)"),
     "finish_eval: evaluations kept": ("FINISH_EVAL", r"for i = 7, #KEYS", "for i = 8, #KEYS"),
-    "model file dropped": ("COMMIT", r"if ARGV\[5\] ~= '' then redis\.call\('SET', KEYS\[10\], ARGV\[5\]\) end",
+    "model file dropped": ("COMMIT", r"if ARGV\[4\] ~= '' then redis\.call\('SET', KEYS\[10\], ARGV\[4\]\) end",
                            "local _ = 0"),
-    "model file always written": ("COMMIT", r"if ARGV\[5\] ~= '' then redis\.call\('SET', KEYS\[10\]",
+    "model file always written": ("COMMIT", r"if ARGV\[4\] ~= '' then redis\.call\('SET', KEYS\[10\]",
                                   "if true then redis.call('SET', KEYS[10]"),
     "fail: not failed": ("FAIL", r"'status', STATUS_FAILED", "'status', STATUS_RUNNING"),
 }

@@ -78,16 +78,28 @@ def test_the_update_guard_checks_type_sequence_and_size_in_redis(r: redis.Redis)
     got = (store.read_update(1, "c0", "", 100).kind, store.update_seqs(1, ["c0"]))
     assert got == ("wrong_type", {"c0": "!wrong_type"})
     r.delete(key)
+    body, taken = store.k.update_body("c0", 1), store.k.update_taken("c0", 1)
+    r.set(body, b"p")
     for seq in ("abc", "-1", "1" * 20):
-        r.hset(key, mapping={"payload": b"p", "seq": seq})
+        r.hset(key, mapping={"seq": seq})
         assert store.read_update(1, "c0", "", 100).kind == "bad_seq"
-    r.hset(key, mapping={"payload": b"p" * 1000, "seq": "3"})
+    r.hset(key, mapping={"seq": "3"})
+    r.set(body, b"p" * 1000)
     got = store.read_update(1, "c0", "", 100)
     assert (got.kind, got.seq, got.size, got.payload) == ("too_large", "3", 1000, None)
     assert store.read_update(1, "c0", "3", 100).kind == "seen"  # judged: nothing travels
-    r.hset(key, "payload", b"ok")
+    r.delete(body)
+    r.hset(body, "x", "y")  # the body itself of another type
+    assert store.read_update(1, "c0", "", 100).kind == "no_body"
+    r.delete(body)
+    assert store.read_update(1, "c0", "", 100).kind == "no_body"  # a sequence number with nothing behind it
+    r.set(body, b"ok")
     got = store.read_update(1, "c0", "", 100)
     assert (got.kind, got.seq, got.payload) == ("ok", "3", b"ok")
+    # Taken: out of the client's reach, so a rewrite of its body cannot change the version judged.
+    assert not r.exists(body) and r.get(taken) == b"ok"
+    r.set(body, b"rewritten behind the guard's back")
+    assert store.read_update(1, "c0", "", 100).payload == b"ok"  # a rebuild re-reads what was judged
     assert store.read_update(1, "bad id!", "", 100).kind == "none"
 
 
@@ -96,10 +108,12 @@ def test_the_guard_and_the_cheap_look_name_a_version_alike(r: redis.Redis) -> No
     moment would send the guard to the same bad key again."""
     store = RunStore(r, "alike")
     key = store.k.update("c0", 1)
-    for write in (lambda: r.set(key, "x"), lambda: r.hset(key, mapping={"payload": b"p", "seq": "abc"}),
-                  lambda: r.hset(key, mapping={"payload": b"p" * 1000, "seq": "7"}),
-                  lambda: r.hset(key, mapping={"payload": b"ok", "seq": "8"})):
-        r.delete(key)
+    body = store.k.update_body("c0", 1)
+    for write in (lambda: r.set(key, "x"), lambda: r.hset(key, mapping={"seq": "abc"}),
+                  lambda: (r.hset(key, mapping={"seq": "7"}), r.set(body, b"p" * 1000)),
+                  lambda: r.hset(key, mapping={"seq": "9"}),  # no body
+                  lambda: (r.hset(key, mapping={"seq": "8"}), r.set(body, b"ok"))):
+        r.delete(key, body)
         write()
         assert store.read_update(1, "c0", "", 100).version == store.update_seqs(1, ["c0"])["c0"]
 

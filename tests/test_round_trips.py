@@ -66,14 +66,24 @@ def test_judgements_ride_with_the_next_read_in_order(r: redis.Redis, sends: list
                                                                             ("2", "too_many_pushes")]
 
 
-def test_a_commit_is_preceded_by_its_judgements(r: redis.Redis) -> None:
+def test_a_commit_is_preceded_by_its_judgements(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     store = _training(r)
     store.record_judged("c0", 1, "1", "d", "accepted", 6)
+    sent: list[bytes] = []
+    original = AbstractConnection.send_packed_command
+
+    def logged(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        chunks = [command] if isinstance(command, bytes) else command
+        sent.append(b"".join(c for c in chunks if isinstance(c, bytes) and len(c) < 1 << 16))
+        original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", logged)
     assert store.commit_round(Commit(round=1, global_payload=b"g1", metrics={"round": 1}, members=["c0", "c1"]))
     trail = r.xrange(store.k.judged)
     assert [f[b"client"] for _id, f in trail] == [b"c0"]
-    committed = r.xrange(store.k.events)[-1][0]
-    assert trail[0][0] < committed  # written before the commit's event
+    judged = next(i for i, s in enumerate(sent) if store.k.judged.encode() in s)
+    committed = next(i for i, s in enumerate(sent) if store.k.global_staged.encode() in s)
+    assert judged < committed  # sent before the commit (Redis runs one connection's sends in order)
 
 
 def test_the_close_and_its_last_look_are_one_send(r: redis.Redis, sends: list[int]) -> None:

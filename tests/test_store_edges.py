@@ -48,7 +48,8 @@ def _training(r: redis.Redis, driver: str = "driver") -> RunStore:
 @pytest.mark.parametrize("seq", ["7", "9" * 15, "9" * 16, "", "abc", "x" * 40])
 def test_the_cheap_look_and_the_guard_name_one_version_alike(r: redis.Redis, seq: str) -> None:
     store = _training(r)
-    r.hset(store.k.update("c0", 1), mapping={"payload": b"u", "seq": seq})
+    r.hset(store.k.update("c0", 1), mapping={"seq": seq})
+    r.set(store.k.update_body("c0", 1), b"u")
     stored = store.read_update(1, "c0", "", 1000)
     assert store.update_seqs(1) == {"c0": stored.version}
     assert store.update_seq(1, "c0") == stored.version
@@ -230,7 +231,7 @@ def test_a_clients_own_refusal_log_is_read_as_hostile(r: redis.Redis) -> None:
 def test_the_version_of_an_absent_update_is_empty_and_any_valid_id_is_looked_up(r: redis.Redis) -> None:
     store = _training(r)
     assert store.update_seq(1, "c0") == ""
-    r.hset(store.k.update("stranger", 1), mapping={"payload": b"u", "seq": "3"})
+    r.hset(store.k.update("stranger", 1), mapping={"seq": "3"})
     assert store.update_seq(1, "stranger") == "3"  # not a member: looked up all the same
     r.set(store.k.update("c1", 1), "a string")
     assert store.update_seq(1, "c1") == "!wrong_type"

@@ -43,11 +43,12 @@ _CONNECT = ["+ping", "+hello", "+auth", "+select", "+client|setname", "+client|g
 _SCRIPTS = ["+evalsha", "+eval", "+script|load", "+script|exists"]
 # A client's commands: the reads of its round loop (STRLEN: a part's size is checked before it
 # is read), writes to its own keys (the heartbeat is a SET with expiry; the Lua steps do the
-# rest) and MULTI/EXEC for redis-py pipelines.
+# rest) and MULTI/EXEC for redis-py pipelines. BLPOP: a joining client waits on its own answered
+# list; TYPE and RENAME: its push step checks the bytes it staged and moves them to its update body.
 _CLIENT_COMMANDS = ["+get", "+strlen", "+mget", "+hget", "+hgetall", "+hmget", "+exists", "+sismember",
                     "+smembers", "+scard", "+xread", "+xrange", "+xrevrange", "+zrange", "+zrevrange", "+set", "+del",
                     "+hset", "+hdel", "+hincrby", "+rpush", "+ltrim", "+xadd", "+multi", "+exec", "+discard",
-                    "+blpop"]  # blpop: a joining client waits on its own answered list
+                    "+blpop", "+type", "+rename"]
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,11 @@ class ClientSteps(RunRecords):
                  "part_id": part_id, "window": int(window), "state": self.k.state, "members": self.k.members,
                  "selected": self.k.selected(round_no), "consumed": self.k.consumed(round_no), "inbox": self.k.inbox}
         step_keys = [self.k.update(client_id, round_no), self.k.client_refused(client_id),
-                     self.k.client_pushes(client_id)]
-        return opt_text(self._call(scripts.PUSH, keys=step_keys, args=[json.dumps(named), payload])) or ""
+                     self.k.client_pushes(client_id), self.k.update_staged(client_id),
+                     self.k.update_body(client_id, round_no)]
+        reply = self._staged_call(scripts.PUSH, self.k.update_staged(client_id), payload, keys=step_keys,
+                                  args=[json.dumps(named)])
+        return opt_text(reply) or ""
 
     def refuse_push(self, client_id: str, round_no: int, reason: str, detail: str) -> str:
         """Record a push the client refused itself before sending (too large in parts)."""

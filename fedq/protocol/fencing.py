@@ -112,18 +112,20 @@ class FencedSteps(RunRecords):
         the lease: LeaseLost if another aggregator took the run over meanwhile."""
         self.audit.flush(self.r)  # the round's judgements before its commit (none wait, after a close)
         members = self.member_ids() if commit.members is None else commit.members
-        updates = [self.k.update(cid, commit.round) for cid in members] + list(commit.update_parts)
+        updates = [key for cid in members for key in self.update_keys(cid, commit.round)]
+        updates += [self.k.taken_seqs(commit.round), *commit.update_parts]
         named = {"round": commit.round, "driver": self.driver or "", "now": time.time(), "events_max": MAX_EVENTS,
                  "keep_updates": commit.keep_updates, "updates": len(updates), "after": commit.after,
                  "final": json.dumps(commit.final or {}), "next_selected": commit.next_selected,
                  "previous_metrics": "" if commit.previous_metrics is None else json.dumps(commit.previous_metrics)}
-        done = self._call(
-            scripts.COMMIT,
+        done = self._staged_call(
+            scripts.COMMIT, self.k.global_staged, commit.global_payload,
             keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.inbox, self.k.events,
                   self.k.lease, self.k.server_state, self.k.selected(commit.round), self.k.selected(commit.round + 1),
-                  self.k.model_file, *updates, *commit.stale_parts],
-            args=[json.dumps(named), commit.global_payload, json.dumps(commit.metrics), commit.server_state or b"",
-                  commit.model_file or b""])
+                  self.k.model_file, self.k.global_staged, *updates, *commit.stale_parts],
+            args=[json.dumps(named), json.dumps(commit.metrics), commit.server_state or b"", commit.model_file or b""])
+        if done != 1:  # refused: the staged model stays behind (a driver's MULTI moves its own at once)
+            self.r.delete(self.k.global_staged)
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before committing round {commit.round}")
         ok = bool(done)
@@ -132,22 +134,32 @@ class FencedSteps(RunRecords):
                         approximate=True)
         return ok
 
+    def update_keys(self, client_id: str, round_no: int) -> tuple[str, str, str, str]:
+        """A client's update keys for a round that a commit deletes: its hash, its body (a
+        version pushed and not taken), the version the aggregator took (and its bytes in
+        transit, should a read have stopped halfway)."""
+        return (self.k.update(client_id, round_no), self.k.update_body(client_id, round_no),
+                self.k.update_taken(client_id, round_no), self.k.update_sent(client_id, round_no))
+
     def commit_version(self, commit: VersionCommit) -> bool:
         """Commit a buffered version in one atomic step (scripts.COMMIT_VERSION); False when the
         run is not at the version before it. Fenced by the lease like commit_round."""
         self.audit.flush(self.r)
         folded = [(cid, seq) for (cid, _round), seq in commit.folded.items()]
-        per_update = [key for (cid, rnd) in commit.folded for key in (self.k.update(cid, rnd), self.k.consumed(rnd))]
+        per_update = [key for (cid, rnd) in commit.folded
+                      for key in (self.k.update(cid, rnd), self.k.consumed(rnd), self.k.update_body(cid, rnd),
+                                  self.k.update_taken(cid, rnd), self.k.taken_seqs(rnd))]
         named = {"round": commit.version, "driver": self.driver or "", "now": time.time(), "events_max": MAX_EVENTS,
                  "keep_updates": commit.keep_updates, "folded": folded, "after": commit.after,
                  "final": json.dumps(commit.final or {})}
-        done = self._call(
-            scripts.COMMIT_VERSION,
+        done = self._staged_call(
+            scripts.COMMIT_VERSION, self.k.global_staged, commit.global_payload,
             keys=[self.k.state, self.k.global_model, self.k.metrics, self.k.inbox, self.k.events, self.k.lease,
-                  self.k.server_state, self.k.version_model(commit.version), self.k.model_file, *per_update,
-                  *commit.drop],
-            args=[json.dumps(named), commit.global_payload, json.dumps(commit.metrics), commit.server_state or b"",
-                  commit.model_file or b""])
+                  self.k.server_state, self.k.version_model(commit.version), self.k.model_file, self.k.global_staged,
+                  *per_update, *commit.drop],
+            args=[json.dumps(named), json.dumps(commit.metrics), commit.server_state or b"", commit.model_file or b""])
+        if done != 1:
+            self.r.delete(self.k.global_staged)
         if done == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before committing version {commit.version}")
         if done and commit.after == Phase.DONE:

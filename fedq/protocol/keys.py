@@ -124,6 +124,30 @@ class RunKeys:
         filed under its own join key."""
         return f"{self.base}:joins"
 
+    def update_taken(self, client_id: str, round_no: int) -> str:
+        """String (the aggregator's alone): the bytes of the version of a client's update that
+        the aggregator's read took from update_body, checked in size and type; out of the
+        client's reach, so that a rebuild re-reads exactly what was judged."""
+        return f"{self.base}:taken:{int(round_no)}:{check_client_id(client_id)}"
+
+    def update_sent(self, client_id: str, round_no: int) -> str:
+        """String (the aggregator's alone): the bytes the aggregator's read is about to receive,
+        present only inside the read's MULTI (READ_UPDATE moves them here, the GET sends them,
+        a RENAME puts them back under update_taken)."""
+        return f"{self.update_taken(client_id, round_no)}:sent"
+
+    def taken_seqs(self, round_no: int) -> str:
+        """Hash (the aggregator's alone): client id -> sequence number of the version held under
+        its update_taken key for the round."""
+        return f"{self.base}:taken:{int(round_no)}"
+
+    @property
+    def global_staged(self) -> str:
+        """String (the aggregator's alone): the next global model, written in the commit's MULTI
+        just before the COMMIT step that moves it to global_model (or deletes it). Not under
+        global*, which clients may read: a refused commit's model is nobody's to see."""
+        return f"{self.base}:staged-global"
+
     # --- keys owned by one client: its ACL user may write these and no other run key ---
     def client_base(self, client_id: str) -> str:
         return f"{self.base}:c:{check_client_id(client_id)}"
@@ -143,9 +167,22 @@ class RunKeys:
         return f"{self.client_base(client_id)}:answered"
 
     def update(self, client_id: str, round_no: int) -> str:
-        """Hash: 'payload' (codec envelope) and 'seq' (how many times the client pushed for the
-        round, which versions the update) of one client's update for one round."""
+        """Hash: 'seq' (how many times the client pushed for the round, which versions the
+        update) and 'parts' (the push id of an update sent in parts) of one client's update for
+        one round; its bytes are under update_body until the aggregator takes them."""
         return f"{self.client_base(client_id)}:update:{int(round_no)}"
+
+    def update_body(self, client_id: str, round_no: int) -> str:
+        """String: the codec envelope of the client's newest pushed version for the round (PUSH
+        moves it here from update_staged), until the aggregator's read takes it (update_taken).
+        Updates travel as plain SET and GET: a 4 MB value passed through a Lua script costs
+        Redis several times the CPU of the command itself."""
+        return f"{self.client_base(client_id)}:body:{int(round_no)}"
+
+    def update_staged(self, client_id: str) -> str:
+        """String: an update's bytes as the client's push writes them, in the same MULTI as the
+        PUSH step that checks them and moves them to update_body (or deletes them)."""
+        return f"{self.client_base(client_id)}:staged"
 
     def update_part(self, client_id: str, round_no: int, push_id: str, index: int) -> str:
         """String: one part of an update sent in parts (push_id keeps pushes apart)."""

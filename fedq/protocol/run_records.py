@@ -72,13 +72,31 @@ class RunRecords:
         """Run one of fedq.protocol.scripts on this run's keys."""
         return self._script(source)(keys=keys, args=args)
 
+    def _staged_call(self, source: str, staged: str, payload: bytes, keys: list[Any], args: list[Any]) -> Any:
+        """SET payload under the key staged and run a script that moves it (RENAME) or drops it,
+        in one MULTI: a model or an update never passes through Lua (scripts.py). A script Redis
+        has not loaded yet is loaded and run on its own; the staged bytes wait for it."""
+        script = self._script(source)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(staged, payload)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        stored, reply = pipe.execute(raise_on_error=False)
+        if isinstance(stored, Exception):
+            raise stored
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            return script(keys=keys, args=args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     def _after_audit(self, source: str, keys: list[Any], args: list[Any],
-                     then: Callable[[Any], None] | None = None) -> tuple[Any, list[Any]]:
+                     then: Callable[[Any], None] | None = None, atomic: bool = False) -> tuple[Any, list[Any]]:
         """Run a script in one pipeline after the audit entries waiting (audit.py) and before the
-        commands then(pipe) adds: (the script's reply, theirs). A script Redis has not loaded
+        commands then(pipe) adds: (the script's reply, theirs); atomic: in one MULTI, so that
+        nothing runs between the script and then's commands. A script Redis has not loaded
         yet is loaded and run on its own, and then's commands are sent again after it."""
         script = self._script(source)
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline(transaction=atomic)
         self.audit.into(pipe)
         first = len(pipe)
         # evalsha directly: a pipeline running a Script object asks SCRIPT EXISTS first (a trip more)

@@ -6,7 +6,10 @@ Conventions:
   take the run's shared keys by name in their arguments, each checked by the client's ACL as
   it is used.
 - Small arguments travel as one JSON object with named fields (ARGV[1], decoded with cjson),
-  large ones (payloads) as ARGV of their own: no positional soup, no mode flags.
+  payloads as ARGV of their own: no positional soup, no mode flags. Models and updates never
+  pass through a script on a round's path: a 4 MB argument or reply costs Redis several times
+  the CPU of a plain SET or GET (bench/lua_payloads.py), so their bytes travel as SET or GET of
+  a staged or taken key in the same MULTI as the step, which moves them with RENAME.
 - Statuses, phases, events, outcomes and refusal reasons are the locals of
   fedq.protocol.vocabulary.lua_prelude(), never string literals (tests/test_vocabulary.py).
 - Steps that move a run on are fenced by the driver's lease: they return -1 when the caller no
@@ -22,7 +25,7 @@ from fedq.protocol.vocabulary import lua_prelude
 FIELDS = frozenset({
     "status", "phase", "round", "rounds", "clients", "closed", "updated_at", "finished_at", "final", "reason",
     "payload", "seq", "parts", "record", "stats", "verdict", "event", "client", "digest", "outcome", "bytes",
-    "detail", "time", "stage", "push", "evaluate", "none", "hash", "set",
+    "detail", "time", "stage", "push", "evaluate", "none", "hash", "set", "string",
 })
 
 
@@ -124,15 +127,23 @@ return out
 
 # The aggregator's read of one client's update for a round. The client owns the key, so it may
 # hold any type, size and content: type and size are checked here, before anything travels,
-# and a version already judged costs a few bytes.
+# and a version already judged costs a few bytes. The bytes never pass through Lua (a 4 MB
+# value handed to or returned by a script costs Redis several times the CPU of a GET): a new
+# version's body is moved (RENAME, no copy) out of the client's reach once its type and size
+# pass, to KEYS[3], which the caller GETs and then moves to KEYS[4] in the same MULTI; a version
+# taken already (a rebuild re-reading what it folded) is moved from KEYS[4] to KEYS[3] the same
+# way, as it was judged. Whatever else the step answers, KEYS[3] stays absent: nothing travels.
 # A client at its cap of versions for the round may still have the version folded re-read (a
 # rebuild of the sum): ARGV[3] names it, and any other version is refused unread in the same
 # step, so that a push landing between the aggregator's look and its read cannot travel.
-# KEYS[1]: the client's update hash for the round
+# KEYS[1]: the client's update hash for the round; KEYS[2]: its body (the newest version's bytes,
+#          the client's key); KEYS[3]: the bytes to send; KEYS[4]: the bytes taken; KEYS[5]: the
+#          round's taken sequence numbers (KEYS[3..5]: the aggregator's)
 # ARGV[1]: the push sequence number already judged ('' when none); ARGV[2]: size cap in bytes;
-# ARGV[3]: the only sequence number that may be read ('' when any may)
+# ARGV[3]: the only sequence number that may be read ('' when any may); ARGV[4]: the client id
 # Returns {READ_NONE} | {READ_CAPPED} | {READ_WRONG_TYPE, type} | {READ_BAD_SEQ, raw} | {READ_SEEN, seq}
-#       | {READ_TOO_LARGE, seq, size} | {READ_BAD_PARTS, seq} | {READ_OK, seq, payload or false, push id}
+#       | {READ_BAD_PARTS, seq} | {READ_NO_BODY, seq} | {READ_TOO_LARGE, seq, size}
+#       | {READ_OK, seq, push id} (the bytes: under KEYS[3])
 READ_UPDATE = _script("""
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return {READ_NONE} end
@@ -143,10 +154,18 @@ if not seq or string.len(seq) > 15 or not string.match(seq, '^%d+$') then
   return {READ_BAD_SEQ, string.sub(seq or '', 1, 32)}
 end
 if seq == ARGV[1] then return {READ_SEEN, seq} end
-local size = redis.call('HSTRLEN', KEYS[1], 'payload')
-if size > tonumber(ARGV[2]) then return {READ_TOO_LARGE, seq, size} end
 if redis.call('HSTRLEN', KEYS[1], 'parts') > 64 then return {READ_BAD_PARTS, seq} end
-return {READ_OK, seq, redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET', KEYS[1], 'parts') or ''}
+local parts = redis.call('HGET', KEYS[1], 'parts') or ''
+if redis.call('HGET', KEYS[5], ARGV[4]) == seq and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('RENAME', KEYS[4], KEYS[3])
+  return {READ_OK, seq, parts}
+end
+if redis.call('TYPE', KEYS[2]).ok ~= 'string' then return {READ_NO_BODY, seq} end
+local size = redis.call('STRLEN', KEYS[2])
+if size > tonumber(ARGV[2]) then return {READ_TOO_LARGE, seq, size} end
+redis.call('RENAME', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[5], ARGV[4], seq)
+return {READ_OK, seq, parts}
 """)
 
 # How a push is refused at the door (PUSH, PUSH_EVAL): the refusal is recorded on the client's
@@ -162,16 +181,22 @@ end
 
 # A client stores its update for the open round under its own key (a re-push replaces it; its
 # sequence number counts versions) and wakes the aggregator; refuses, and records why, when the
-# round is not the open one (run by the client, as its own ACL user).
-# KEYS[1]: the client's update hash for the round; KEYS[2]: its refused list; KEYS[3]: its pushes stream
+# round is not the open one (run by the client, as its own ACL user). The bytes travel as a plain
+# SET of the staged key in the same MULTI, before this step, which moves them (RENAME, no copy)
+# to the body key or deletes them: a 4 MB argument handed to Lua costs Redis several times the
+# CPU of the SET.
+# KEYS[1]: the client's update hash for the round; KEYS[2]: its refused list; KEYS[3]: its pushes
+# stream; KEYS[4]: its staged bytes; KEYS[5]: its update body for the round
 # ARGV[1]: JSON {client, round, now, max_bytes, refused_max, pushes_max, digest, part_id,
 #          window (versions an update may lag: 0 for rounds; buffered: max staleness),
-#          state, members, selected, consumed, inbox}; ARGV[2]: the payload
+#          state, members, selected, consumed, inbox}
 # Returns PUSH_OK or the refusal (also recorded in KEYS[2]). The window is the client's own claim:
 # the aggregator checks staleness itself; here it only saves a hopeless push its bytes.
 PUSH = _script(_REFUSED + """
 local a = cjson.decode(ARGV[1])
-local payload = ARGV[2]
+local staged = redis.call('TYPE', KEYS[4]).ok
+local size = 0
+if staged == 'string' then size = redis.call('STRLEN', KEYS[4]) end
 local st = redis.call('HMGET', a.state, 'status', 'phase', 'round', 'closed')
 if not st[1] then return PUSH_NO_SUCH_RUN end
 local committed = tonumber(st[3])
@@ -192,14 +217,20 @@ elseif redis.call('HGET', a.consumed, a.client) then
     ' is in a committed version already'
 elseif redis.call('EXISTS', a.selected) == 1 and redis.call('SISMEMBER', a.selected, a.client) == 0 then
   reason = PUSH_NOT_SELECTED; detail = 'client is not among those chosen to train in round ' .. a.round
-elseif string.len(payload) > a.max_bytes then
+elseif staged ~= 'string' then
+  reason = PUSH_MALFORMED; detail = 'no update staged to push (the staged key holds ' .. staged .. ')'
+elseif size > a.max_bytes then
   reason = PUSH_TOO_LARGE
-  detail = string.len(payload) .. ' bytes exceeds the cap of ' .. a.max_bytes .. ' (FEDQ_MAX_UPDATE_BYTES)'
+  detail = size .. ' bytes exceeds the cap of ' .. a.max_bytes .. ' (FEDQ_MAX_UPDATE_BYTES)'
 end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', a.pushes_max, '*', 'client', a.client, 'round', a.round,
-           'digest', a.digest, 'outcome', reason or PUSH_OK, 'bytes', string.len(payload))
-if reason then return refused(a, reason, detail, 'push') end
-redis.call('HSET', KEYS[1], 'payload', payload, 'parts', a.part_id)
+           'digest', a.digest, 'outcome', reason or PUSH_OK, 'bytes', size)
+if reason then
+  if staged ~= 'none' then redis.call('DEL', KEYS[4]) end
+  return refused(a, reason, detail, 'push')
+end
+redis.call('RENAME', KEYS[4], KEYS[5])
+redis.call('HSET', KEYS[1], 'parts', a.part_id)
 redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('RPUSH', a.inbox, a.client)
 return PUSH_OK
@@ -240,7 +271,8 @@ return 1
 """)
 
 # How a commit begins (COMMIT, COMMIT_VERSION): fenced by the lease (KEYS[6]), and only on top
-# of the previous round (KEYS[1] is the state): -1 or 0 otherwise, with nothing changed.
+# of the previous round (KEYS[1] is the state): -1 or 0 otherwise, with nothing changed (the
+# caller deletes the model it staged for the commit).
 _ON_TOP = """
 local a = cjson.decode(ARGV[1])
 if redis.call('GET', KEYS[6]) ~= a.driver then return -1 end
@@ -263,35 +295,39 @@ end
 return 1"""
 
 # The round commit: global model, round counter and metrics in one atomic step. It applies only
-# on top of the previous round, so a replayed or duplicated commit changes nothing.
+# on top of the previous round, so a replayed or duplicated commit changes nothing. The model's
+# bytes are SET under KEYS[11] in the same MULTI, before this step, which moves them (RENAME, no
+# copy) into place: a model handed to Lua as an argument costs Redis several times the CPU.
 # KEYS[1]: state; KEYS[2]: global model; KEYS[3]: metrics; KEYS[4]: inbox; KEYS[5]: events;
 # KEYS[6]: lease; KEYS[7]: server state; KEYS[8]: this round's chosen clients; KEYS[9]: the next
-# round's; KEYS[10]: the model file; KEYS[11 .. 10 + a.updates]: the round's update hashes and
-# parts (deleted unless a.keep_updates); the rest: stale global-model parts (always deleted)
+# round's; KEYS[10]: the model file; KEYS[11]: the staged global model (moved to KEYS[2]);
+# KEYS[12 .. 11 + a.updates]: the round's update keys (hashes, bodies, taken copies and their
+# sequence numbers) and parts, deleted unless a.keep_updates; the rest: stale global-model parts
+# (always deleted)
 # ARGV[1]: JSON {round, driver, now, events_max, keep_updates, updates, after (the phase after
 #          the commit: PHASE_TRAIN, PHASE_EVAL or PHASE_DONE), final (the run's final record as
 #          JSON text, with PHASE_DONE), next_selected (ids or null), previous_metrics (the
 #          previous round's record with its federated evaluation, as JSON text, or '')};
-#          ARGV[2]: global model payload; ARGV[3]: this round's record (JSON); ARGV[4]: server
-#          optimiser state payload ('' when none); ARGV[5]: the final model as a .keras file ('' when none)
+#          ARGV[2]: this round's record (JSON); ARGV[3]: server optimiser state payload ('' when
+#          none); ARGV[4]: the final model as a .keras file ('' when none)
 # Returns 1 (committed), 0 (not on top of the previous round: nothing changed), -1 (lease lost).
-COMMIT = _script(_ON_TOP + """redis.call('SET', KEYS[2], ARGV[2])
+COMMIT = _script(_ON_TOP + """redis.call('RENAME', KEYS[11], KEYS[2])
 redis.call('HSET', KEYS[1], 'round', a.round, 'updated_at', a.now)
 if a.previous_metrics ~= '' and redis.call('LLEN', KEYS[3]) > 0 then
   redis.call('LSET', KEYS[3], -1, a.previous_metrics)
 end
-redis.call('RPUSH', KEYS[3], ARGV[3])
-local last_update = 10 + a.updates
+redis.call('RPUSH', KEYS[3], ARGV[2])
+local last_update = 11 + a.updates
 if not a.keep_updates then
   redis.call('DEL', KEYS[8])
-  for i = 11, last_update do redis.call('DEL', KEYS[i]) end
+  for i = 12, last_update do redis.call('DEL', KEYS[i]) end
 end
 for i = last_update + 1, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('DEL', KEYS[4])
 -- Server optimiser state moves with the global model: a new driver resumes the two together.
-if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4]) end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[7], ARGV[3]) end
 -- The model file comes with the commit that ends training: present once the run is finished.
-if ARGV[5] ~= '' then redis.call('SET', KEYS[10], ARGV[5]) end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[10], ARGV[4]) end
 if a.next_selected ~= cjson.null then
   for _, id in ipairs(a.next_selected) do redis.call('SADD', KEYS[9], id) end
 end
@@ -299,34 +335,44 @@ end
 
 # A buffered version's commit (FedBuff): the next model, its copy for updates still training
 # from it, the version counter and record, and which updates it folded, in one atomic step that
-# applies only on top of the previous version (a replay changes nothing).
+# applies only on top of the previous version (a replay changes nothing). The model's bytes are
+# SET under KEYS[10] in the same MULTI and moved into place here (as COMMIT's).
 # KEYS[1]: state; KEYS[2]: global model; KEYS[3]: metrics; KEYS[4]: inbox; KEYS[5]: events;
 # KEYS[6]: lease; KEYS[7]: server state; KEYS[8]: the new version's model copy; KEYS[9]: the model
-# file; then, per folded update i (1-based), KEYS[8 + 2i]: its update hash, KEYS[9 + 2i]: its
-# round's consumed hash; the rest: keys to delete (model copies and consumed hashes out of the window)
+# file; KEYS[10]: the staged model; then, per folded update i (1-based), five keys from
+# KEYS[6 + 5i]: its update hash, its round's consumed hash, its body, its taken copy and its
+# round's taken sequence numbers; the rest: keys to delete (model copies and consumed hashes out
+# of the window)
 # ARGV[1]: JSON {round (the new version), driver, now, events_max, keep_updates, folded: [[client,
 #          seq], ...] in KEYS order, after (PHASE_TRAIN, PHASE_EVAL or PHASE_DONE), final (JSON
-#          text, with PHASE_DONE)}; ARGV[2]: the model payload; ARGV[3]: the version's record
-#          (JSON); ARGV[4]: server optimiser state payload ('' when none); ARGV[5]: the final model
-#          as a .keras file ('' when none: only the last version's commit carries one)
+#          text, with PHASE_DONE)}; ARGV[2]: the version's record (JSON); ARGV[3]: server optimiser
+#          state payload ('' when none); ARGV[4]: the final model as a .keras file ('' when none:
+#          only the last version's commit carries one)
 # Each folded update is marked consumed (client -> the sequence number folded) and deleted unless
 # the client pushed again meanwhile: that newer push stays, for the aggregator to refuse.
 # Returns 1 (committed), 0 (not on top of the previous version), -1 (lease lost).
-COMMIT_VERSION = _script(_ON_TOP + """redis.call('SET', KEYS[2], ARGV[2])
-redis.call('SET', KEYS[8], ARGV[2])
+COMMIT_VERSION = _script(_ON_TOP + """redis.call('RENAME', KEYS[10], KEYS[2])
+redis.call('COPY', KEYS[2], KEYS[8], 'REPLACE')
 redis.call('HSET', KEYS[1], 'round', a.round, 'updated_at', a.now)
-redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('RPUSH', KEYS[3], ARGV[2])
 for i, f in ipairs(a.folded) do
-  local upd = KEYS[8 + 2 * i]
-  redis.call('HSET', KEYS[9 + 2 * i], f[1], f[2])
-  if not a.keep_updates and redis.call('TYPE', upd).ok == 'hash' and redis.call('HGET', upd, 'seq') == f[2] then
-    redis.call('DEL', upd)
+  local at = 5 + 5 * i
+  local upd, seqs = KEYS[at + 1], KEYS[at + 5]
+  redis.call('HSET', KEYS[at + 2], f[1], f[2])
+  if not a.keep_updates then
+    if redis.call('TYPE', upd).ok == 'hash' and redis.call('HGET', upd, 'seq') == f[2] then
+      redis.call('DEL', upd, KEYS[at + 3])
+    end
+    if redis.call('HGET', seqs, f[1]) == f[2] then
+      redis.call('DEL', KEYS[at + 4])
+      redis.call('HDEL', seqs, f[1])
+    end
   end
 end
-for i = 10 + 2 * #a.folded, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 11 + 5 * #a.folded, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('DEL', KEYS[4])
-if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4]) end
-if ARGV[5] ~= '' then redis.call('SET', KEYS[9], ARGV[5]) end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[7], ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[9], ARGV[4]) end
 """ + _COMMITTED)
 
 # Lease renewal: only the holder extends it (a paused or partitioned former driver cannot).

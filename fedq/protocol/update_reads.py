@@ -96,14 +96,26 @@ class UpdateReads(RunRecords):
         (checked and read in one step, so that no push can slip in between)."""
         if not valid_client_id(client_id):
             return StoredUpdate(Read.NONE)
-        reply, _ = self._after_audit(scripts.READ_UPDATE, [self.k.update(client_id, round_no)],
-                                     [judged, max_bytes, only])
+        taken, sent = self.k.update_taken(client_id, round_no), self.k.update_sent(client_id, round_no)
+
+        def fetch(pipe: Any) -> None:  # present only when the step found bytes to send
+            pipe.get(sent)
+            pipe.rename(sent, taken)
+
+        reply, (body, _moved) = self._after_audit(
+            scripts.READ_UPDATE,
+            [self.k.update(client_id, round_no), self.k.update_body(client_id, round_no), sent, taken,
+             self.k.taken_seqs(round_no)],
+            [judged, max_bytes, only, client_id], then=fetch, atomic=True)
         kind = Read(opt_text(reply[0]) or Read.NONE)
+        seq = (opt_text(reply[1]) or "") if len(reply) > 1 else ""
         if kind == Read.OK:
-            return StoredUpdate(kind, opt_text(reply[1]) or "", reply[2] or None, opt_text(reply[3]) or "")
+            if isinstance(body, Exception) or body is None:
+                raise redis.exceptions.ResponseError(f"the update read of {client_id} sent no bytes")
+            return StoredUpdate(kind, seq, body or None, opt_text(reply[2]) or "")
         if kind == Read.TOO_LARGE:
-            return StoredUpdate(kind, opt_text(reply[1]) or "", size=int(reply[2]))
-        return StoredUpdate(kind, (opt_text(reply[1]) or "") if len(reply) > 1 else "")
+            return StoredUpdate(kind, seq, size=int(reply[2]))
+        return StoredUpdate(kind, seq)
 
     def update_seq(self, round_no: int, client_id: str) -> str:
         """The version marker of a client's stored update (see update_seqs)."""

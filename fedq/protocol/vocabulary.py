@@ -78,6 +78,7 @@ class Push(StrEnum):
     TOO_LARGE = "too_large"
     STALE = "stale"  # buffered: trained from a version more than max_staleness behind
     ALREADY_FOLDED = "already_folded"  # buffered: this base version's update is in a committed version
+    MALFORMED = "malformed"  # no staged bytes to push, or not a string (never fedq's own client)
 
 
 class Refusal(StrEnum):
@@ -127,6 +128,7 @@ class Read(StrEnum):
     BAD_SEQ = "bad_seq"
     TOO_LARGE = "too_large"
     BAD_PARTS = "bad_parts"
+    NO_BODY = "no_body"  # a sequence number with no bytes behind it (not pushed by PUSH)
 
 
 def lua_prelude() -> str:

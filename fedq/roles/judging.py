@@ -292,6 +292,8 @@ def _key_problem(got: StoredUpdate, max_bytes: int) -> tuple[str, str]:
         return Refusal.MALFORMED, f"the update's sequence number {got.seq!r} is not a whole number"
     if got.kind == Read.BAD_PARTS:
         return Refusal.MALFORMED, "the update's push id is not one fedq writes"
+    if got.kind == Read.NO_BODY:
+        return Refusal.MALFORMED, f"version {got.seq} of the update has no bytes (missing, or not a string)"
     return Refusal.MALFORMED, f"the update key could not be read ({got.kind})"
 
 

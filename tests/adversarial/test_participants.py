@@ -118,8 +118,9 @@ def test_every_client_key_with_every_redis_type(arena: Arena) -> None:
         "hash": lambda key: m.hset(key, mapping={"payload": "junk", "seq": "1"}),
         "stream": lambda key: m.xadd(key, {"x": "y"}),
     }
-    own = [k.update(MALLORY, 1), k.update(MALLORY, 2), k.evaluation(MALLORY), k.client_refused(MALLORY),
-           k.client_pushes(MALLORY), k.alive(MALLORY), k.update_part(MALLORY, 1, "p", 0)]
+    own = [k.update(MALLORY, 1), k.update(MALLORY, 2), k.update_body(MALLORY, 1), k.update_staged(MALLORY),
+           k.evaluation(MALLORY), k.client_refused(MALLORY), k.client_pushes(MALLORY), k.alive(MALLORY),
+           k.update_part(MALLORY, 1, "p", 0)]
     made = set()
     for kind, write in writers.items():
         for key in own:
@@ -147,7 +148,8 @@ def test_sequence_numbers_that_are_not_numbers(arena: Arena) -> None:
     payload, _ = run.mallory_update(1, 10)
     for seq in ("abc", "99999999999999999999999", "-1", "1e3", ""):
         m.delete(k.update(MALLORY, 1))
-        m.hset(k.update(MALLORY, 1), mapping={"payload": payload, "seq": seq})
+        m.set(k.update_body(MALLORY, 1), payload)
+        m.hset(k.update(MALLORY, 1), mapping={"seq": seq})
         m.rpush(k.inbox, MALLORY)
     out = _check(run, "sequence numbers that are not numbers")
     assert out["outcomes"]["accepted"] == 0 and out["outcomes"]["malformed"] >= 1
@@ -159,7 +161,9 @@ def test_values_far_over_the_caps_are_never_read(arena: Arena) -> None:
     _round_open(run, 1)
     k, m = RunKeys(run.run_id), run.mallory
     huge = b"\0" * (20 << 20)  # the run's cap is 4 MiB
-    m.hset(k.update(MALLORY, 1), mapping={"payload": huge, "seq": "1"})
+    m.set(k.update_body(MALLORY, 1), huge)
+    m.set(k.update_staged(MALLORY), huge)
+    m.hset(k.update(MALLORY, 1), mapping={"seq": "1"})
     m.hset(k.joined(MALLORY), "stats", huge)
     m.set(k.evaluation(MALLORY), huge)
     m.set(k.alive(MALLORY), huge)
@@ -361,7 +365,8 @@ def test_buffered_stale_updates_pushed_and_written_around_the_push(arena: Arena)
         behind = max(1, run.store.committed_round())
         payload, _ = run.mallory_update(behind, 50)
         assert run.m.push_update(MALLORY, behind, payload, run.settings.max_update_bytes, window=50) in ("ok", "stale")
-        run.mallory.hset(k.update(MALLORY, behind), mapping={"payload": payload, "parts": ""})
+        run.mallory.set(k.update_body(MALLORY, behind), payload)
+        run.mallory.hset(k.update(MALLORY, behind), "parts", "")
         run.mallory.hincrby(k.update(MALLORY, behind), "seq", 1)  # another version, without the push step
         run.mallory.rpush(k.inbox, MALLORY)
         try:
@@ -396,7 +401,8 @@ def test_buffered_forged_base_versions_and_re_pushes_of_one_base(arena: Arena) -
     assert run.m.push_update(MALLORY, future, payload, cap, window=50) == "round_not_open"
     assert run.m.push_update(MALLORY, -1, payload, cap, window=50) == "round_closed"
     k = RunKeys(run.run_id)
-    run.mallory.hset(k.update(MALLORY, future), mapping={"payload": payload, "parts": "", "seq": "1"})
+    run.mallory.set(k.update_body(MALLORY, future), payload)
+    run.mallory.hset(k.update(MALLORY, future), mapping={"parts": "", "seq": "1"})
     run.mallory.rpush(k.inbox, MALLORY)
     out = _check(run, "buffered: forged bases, re-pushes")
     assert out["outcomes"]["accepted"] == 0 and out["outcomes"]["too_many_pushes"] == 1

@@ -150,7 +150,7 @@ class Federation(CliFederation):
         rnd = last["round"]
         models = []
         for cid, info in last["clients"].items():
-            payload = self.r.hget(self.store.k.update(cid, rnd), "payload")
+            payload = self.r.get(self.store.k.update_taken(cid, rnd))  # the version the aggregator took
             assert hashlib.sha256(payload).hexdigest() == info["digest"]
             env = codec.decode(payload)
             models.append((list(env.tensors), env.meta["num_examples"]))

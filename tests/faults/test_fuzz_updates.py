@@ -130,7 +130,7 @@ def _write(h: Federation, cid: str, payload: bytes) -> None:
     """Store an update straight into the client's key and wake the aggregator, no Lua."""
     key = h.store.k.update(cid, ROUND)
     pipe = h.store.r.pipeline(transaction=True)
-    pipe.hset(key, "payload", payload)
+    pipe.set(h.store.k.update_body(cid, ROUND), payload)
     pipe.hincrby(key, "seq", 1)
     pipe.rpush(h.store.k.inbox, cid)
     pipe.execute()
