@@ -33,6 +33,7 @@ class _Host(Admission):
         self.store = RunStore(r, RUN)
         assert self.store.acquire_lease("driver", 30)
         self.ticks = 0
+        self._join_rows = {}
 
     def _check_exists(self) -> None:
         assert self.store.exists()
@@ -216,6 +217,7 @@ def test_a_new_driving_session_sweeps_for_requests_taken_but_never_judged(r: red
     assert "late" not in rnd.joined  # no longer waiting: the idle look does not see it
     successor = _Host.__new__(_Host)
     successor.run_id, successor.verifier, successor.store, successor.ticks = RUN, None, host.store, 0
+    successor._join_rows = {}
     fresh = Round(acc=None, joined=successor._joined())  # type: ignore[arg-type]
     successor._admit_waiting(spec, fresh)
     assert set(fresh.joined) == {"c0", "late"}
@@ -252,3 +254,19 @@ def test_the_unmutated_scripts_pass_every_check(r: redis.Redis) -> None:
 @pytest.mark.parametrize("mutant", MUTANTS)
 def test_each_lua_mutant_fails_an_admission_test(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, mutant: str) -> None:
     assert_killed(r, monkeypatch, MUTANTS, mutant, CHECKS)
+
+
+def test_the_rows_a_member_joined_with_hold_for_the_run_and_cost_one_look_a_round(r: redis.Redis) -> None:
+    """Each round the aggregator reads the member set; a member's join record only when it is
+    first seen: a record rewritten after admission (the client's own key) changes nothing."""
+    host, rnd, spec = _training(r)
+    assert rnd.joined == {"c0": len(ROWS)}
+    r.hset(host.store.k.joined("c0"), "record", json.dumps({"shard": 0, "rows": 10**9}))
+    before = r.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
+    assert host._joined() == {"c0": len(ROWS)}  # its claim as admitted
+    assert r.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0) == before  # no record read
+    assert _ask(r, "late", ROWS[:2]) == "requested"
+    host._admit_waiting(spec, rnd)
+    assert rnd.joined == {"c0": len(ROWS), "late": 2}  # a newcomer's record is read
+    host.store.refuse_join("late", "shard_plan", "left the run")
+    assert host._joined() == {"c0": len(ROWS)}

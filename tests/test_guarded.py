@@ -130,3 +130,25 @@ def test_run_index_entries_that_are_no_run_ids_are_skipped(r: redis.Redis) -> No
     RunStore(r, "good-run").create(RunSpec(run_id="good-run"))
     r.zadd("fedq:runs", {"<script>": 1, "a:b": 2, "": 3})
     assert list_runs(r) == ["good-run"]
+
+
+def test_an_oversized_string_costs_a_few_bytes_however_often_it_is_read(redis_url: str) -> None:
+    """guarded.strings asks the size first: a member's 4 MiB heartbeat, looked at every half
+    second near a deadline, must not cost the cap (1 MiB) each time."""
+    received = [0]
+
+    class Counting(redis.Connection):
+        def read_response(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            reply = super().read_response(*args, **kwargs)
+            received[0] += len(reply) if isinstance(reply, bytes) else 0
+            return reply
+
+    r = redis.Redis(connection_pool=redis.ConnectionPool.from_url(redis_url, connection_class=Counting))
+    r.set("guard:huge", b"x" * (4 << 20))
+    r.set("guard:small", b"ok")
+    r.hset("guard:hash", "f", "v")
+    names = ["guard:huge", "guard:small", "guard:hash", "guard:absent"]
+    for _ in range(20):
+        assert guarded.strings(r, names) == [None, b"ok", None, None]
+    assert received[0] < 1000  # twenty looks: the small value's bytes and the replies' small change
+    r.delete("guard:huge", "guard:small", "guard:hash")

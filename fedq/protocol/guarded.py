@@ -43,22 +43,32 @@ def _name(key: bytes | str) -> str:
 def strings(r: redis.Redis, keys: Sequence[str], cap: int = RECORD_CAP) -> list[bytes | None]:
     """The string value of each key, or None when absent, of another type or over cap bytes.
 
-    GETRANGE reads at most cap + 1 bytes, so an oversized value costs cap bytes, never its size."""
+    STRLEN first, then GETRANGE (at most cap + 1 bytes, should a value grow in between) of the
+    keys within the cap only: an oversized value costs a few bytes, not cap bytes, however
+    often it is looked at (a member's heartbeat is read every half second near a deadline)."""
     if not keys:
         return []
     pipe = r.pipeline(transaction=False)
     for key in keys:
-        pipe.getrange(key, 0, cap)
+        pipe.strlen(key)
+    sizes = pipe.execute(raise_on_error=False)
+    wanted = [i for i, size in enumerate(sizes) if isinstance(size, int) and 0 < size <= cap]
+    pipe = r.pipeline(transaction=False)
+    for i in wanted:
+        pipe.getrange(keys[i], 0, cap)
+    values: list[Any] = [None] * len(keys)
+    for i, value in zip(wanted, pipe.execute(raise_on_error=False) if wanted else []):
+        values[i] = value
     out: list[bytes | None] = []
-    for key, value in zip(keys, pipe.execute(raise_on_error=False)):
-        if isinstance(value, Exception):
-            warn_once(key, f"not a string ({value})")
+    for key, size, value in zip(keys, sizes, values):
+        if isinstance(size, Exception) or isinstance(value, Exception):
+            warn_once(key, f"not a string ({size if isinstance(size, Exception) else value})")
             out.append(None)
-        elif not value:
-            out.append(None)  # GETRANGE answers "" for a missing key
-        elif len(value) > cap:
+        elif (isinstance(size, int) and size > cap) or (value is not None and len(value) > cap):
             warn_once(key, f"larger than {cap} bytes")
             out.append(None)
+        elif not value:
+            out.append(None)  # absent (STRLEN 0)
         else:
             out.append(bytes(value) if not isinstance(value, bytes) else value)
     return out

@@ -241,8 +241,12 @@ def _parts_meta(raw: Any, template: Sequence[TensorSpec] | None) -> tuple[list[s
 
 def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: str,
                     template: Sequence[TensorSpec], max_examples: int | None = None,
-                    compression: str = "none", base: Sequence[np.ndarray] | None = None) -> Update:
+                    compression: str = "none", base: Sequence[np.ndarray] | None = None,
+                    digest: str | None = None) -> Update:
     """Decode and check one update; raise UpdateRejected(reason, detail) on anything wrong.
+
+    digest: the payload's (codec.digest), when the caller hashes it itself (the aggregator
+    hashes on a helper thread while it folds); computed here when None.
 
     max_examples (the rows the client joined with) bounds the claimed sample count, so that
     one client cannot outweigh all others by claiming more data than it has.
@@ -270,7 +274,7 @@ def validate_update(payload: bytes, *, run_id: str, round_no: int, client_id: st
     metrics = _check_metrics(meta.get("metrics", {}))
     sig = meta.get("sig")
     signature = sig if isinstance(sig, bytes) else None
-    digest = codec.digest(bytes(payload))
+    digest = codec.digest(bytes(payload)) if digest is None else digest
     if "parts" in meta:
         raw = meta["parts"]
         if env.tensors:

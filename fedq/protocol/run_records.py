@@ -164,16 +164,17 @@ class RunRecords:
         """Ids of the clients that joined, sorted (ids that are no valid client id are skipped)."""
         return sorted(cid for cid in map(text, self.r.smembers(self.k.members)) if valid_client_id(cid))
 
-    def _joined_field(self, field: str) -> dict[str, dict[str, Any]]:
-        ids = self.member_ids()
+    def _joined_field(self, field: str, ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        ids = self.member_ids() if ids is None else ids
         # The join hash is the client's own key: any type or size; a bad one reads as absent.
         values = guarded.hash_fields(self.r, [self.k.joined(cid) for cid in ids], [field])
         decoded = {cid: json_object(v[0]) for cid, v in zip(ids, values)}
         return {cid: rec for cid, rec in decoded.items() if rec is not None}
 
-    def clients(self) -> dict[str, dict[str, Any]]:
-        """Client id -> join record (shard, host, pid, rows) of every client that joined."""
-        return self._joined_field("record")
+    def clients(self, ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Client id -> join record (shard, host, pid, rows) of every client that joined (of
+        those of ids that did, when given); a record that cannot be read is left out."""
+        return self._joined_field("record", ids)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Client id -> feature statistics of every client that joined."""

@@ -64,6 +64,7 @@ class Aggregator(Collecting, Committing, Preparing, Admission, FederatedEvaluati
         self.verifier = Verifier.from_file(settings.client_keys) if settings.client_keys else None
         self._renewed = 0.0
         self._seen_alive: set[str] = set()  # clients whose heartbeat this driver has seen
+        self._join_rows: dict[str, int | None] = {}  # member -> rows it joined with, read once (Admission)
 
     def run(self) -> dict[str, Any]:
         """Drive the run to its end (standing by while another aggregator drives it).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -95,31 +96,42 @@ class Judging:
         self._refold(rnd, round_no, template)
 
     def _judge(self, rnd: Round, round_no: int, cid: str, template: list[messages.TensorSpec],
-               observe: bool = True, folded: str | None = None) -> messages.Update | None:
+               observe: bool = True, folded: str | None = None,
+               take: Callable[[messages.Update], None] | None = None) -> messages.Update | None:
         """Judge a client's current update, as stages: read (checked in Redis) -> check (the
-        key, membership, selection) -> decode and validate -> verify the signature. Records the
-        judgement; returns the update, or None when there was nothing new or it was refused."""
+        key, membership, selection) -> decode and validate -> verify the signature -> take
+        (the caller's fold, given as take) -> record the judgement. The payload's SHA-256 is
+        hashed on a helper thread meanwhile (hashlib lets go of the interpreter's lock), so on
+        a second core it costs the round nothing. Returns the update (its digest in), or None
+        when there was nothing new or it was refused."""
         got = self._read(rnd, round_no, cid, observe, folded)
         if got is None:
             return None
         payload = got.payload or b""
+        hashed = _hasher().submit(codec.digest, payload)
         try:
             self._admissible(rnd, round_no, cid, got)
             upd = messages.validate_update(payload, run_id=self.run_id, round_no=round_no, client_id=cid,
                                            template=template, max_examples=self._max_examples(rnd, cid),
-                                           compression=rnd.compression, base=rnd.base)
+                                           compression=rnd.compression, base=rnd.base, digest="")
             self._verify(round_no, upd, template)
         except UpdateRejected as exc:
             if observe:
                 fedq_metrics.observe_update(False, exc.reason, len(payload))
             self._record_judged(rnd, round_no, cid, rnd.versions[cid], got.seq,
-                                codec.digest(payload) if payload else "", exc.reason, len(payload))
+                                hashed.result() if payload else "", exc.reason, len(payload))
             self._refuse(rnd, round_no, cid, exc)
             if rnd.folded.pop(cid, None) is not None:
                 self._refold(rnd, round_no, template)  # its earlier, valid version no longer counts
             return None
         if observe:
             fedq_metrics.observe_update(True, None, len(payload))
+        if take is not None:
+            take(upd)
+        upd = replace(upd, digest=hashed.result())
+        held = rnd.folded.get(cid)
+        if held is not None and not held.digest:  # what take kept of it: with its digest
+            rnd.folded[cid] = replace(held, digest=upd.digest)
         self._record_judged(rnd, round_no, cid, rnd.versions[cid], got.seq, upd.digest, "accepted", len(payload))
         return upd
 
@@ -217,8 +229,8 @@ class Judging:
         """Validate and fold one client's stored update, once per version."""
         self._tick()  # a rescan folds many updates in a row: keep the lease through them
         t0 = time.perf_counter()
-        upd = self._judge(rnd, round_no, cid, template)
-        if upd is not None:
+
+        def take(upd: messages.Update) -> None:  # while its digest is hashed
             rnd.refused.discard(cid)
             replaced = cid in rnd.folded
             rnd.folded[cid] = _strip(upd)  # keep metadata only: memory stays one model, not N
@@ -227,6 +239,8 @@ class Judging:
             elif not self._fold(rnd, round_no, upd, template):
                 self._refold(rnd, round_no, template)  # a bad part: take out what it added
             rnd.last_arrival = time.time()
+
+        self._judge(rnd, round_no, cid, template, take=take)
         rnd.fold_seconds += time.perf_counter() - t0
 
     def _refold(self, rnd: Round, round_no: int, template: list[messages.TensorSpec]) -> None:
@@ -280,6 +294,18 @@ class Judging:
             else:
                 rnd.versions.pop(cid, None)  # judge the newer push when its wake-up comes
             return False
+
+
+_HASHER: ThreadPoolExecutor | None = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """The helper thread that hashes payloads while the aggregator folds (one: digests of one
+    round's updates come in the order they were read)."""
+    global _HASHER
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedq-digest")
+    return _HASHER
 
 
 def _key_problem(got: StoredUpdate, max_bytes: int) -> tuple[str, str]:
