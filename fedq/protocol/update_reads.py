@@ -130,6 +130,22 @@ class UpdateReads(RunRecords):
             pipe.hget(self.k.update(cid, round_no), "seq")
         return {cid: seq_marker(v) for cid, v in zip(ids, pipe.execute(raise_on_error=False)) if v is not None}
 
+    def first_look(self, round_no: int, ids: Sequence[str]) -> tuple[bool, int, dict[str, str]]:
+        """A round's first look, in one round trip: whether the run still exists, how many of
+        ids have a live heartbeat, and update_seqs of ids (updates pushed before it opened for
+        the aggregator: a resumed round's, or the quick clients')."""
+        ids = [c for c in ids if valid_client_id(c)]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.exists(self.k.spec)
+        pipe.exists(*[self.k.alive(c) for c in ids]) if ids else pipe.exists(self.k.spec)
+        for cid in ids:
+            pipe.hget(self.k.update(cid, round_no), "seq")
+        replies = pipe.execute(raise_on_error=False)
+        raise_any(replies[:2])
+        alive = int(replies[1]) if ids else 0
+        seqs = {cid: seq_marker(v) for cid, v in zip(ids, replies[2:]) if v is not None}
+        return bool(replies[0]), alive, seqs
+
     def close_and_look(self, round_no: int, ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         """Close the round (fenced by the lease, as FencedSteps.close_round), then look at what was
         stored before the close, in one round trip when ids (the members as the caller knows them)

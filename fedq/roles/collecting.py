@@ -90,14 +90,22 @@ class Collecting:
         def rescan(joined_now: bool = False) -> None:
             # Wake-ups are hints; the sequence numbers are the truth. An idle moment re-reads
             # them, so a wake-up lost to a dropped connection costs a second, not the round.
-            self._check_exists()
-            if not joined_now:
+            if joined_now:
+                # The round's first look, one round trip (while clients train and push, each
+                # trip waits for a CPU): the members were read a moment ago, not again. A member
+                # without a readable join record is looked at by the next idle rescan, or its wake-up.
+                exists, alive, seqs = self.store.first_look(round_no, sorted(rnd.joined))
+                if not exists:
+                    self._check_exists()
+            else:
+                self._check_exists()
                 rnd.joined = self._joined()  # late joiners count from now on
-            fedq_metrics.set_clients_alive(heartbeat.count_alive_clients(self.r, self.run_id, sorted(rnd.joined)))
+                alive = heartbeat.count_alive_clients(self.r, self.run_id, sorted(rnd.joined))
+            fedq_metrics.set_clients_alive(alive)
             self._admit_waiting(spec, rnd)
-            # The members were read a moment ago (joined_now): not again. A member without a
-            # readable join record is looked at by the next idle rescan, or its wake-up.
-            for cid, seq in self.store.update_seqs(round_no, sorted(rnd.joined) if joined_now else None).items():
+            if not joined_now:
+                seqs = self.store.update_seqs(round_no)
+            for cid, seq in seqs.items():
                 if rnd.versions.get(cid) != seq:
                     self._consider(rnd, round_no, cid, template)
 
