@@ -14,7 +14,6 @@ import pytest
 import redis
 from support.dashboard import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Dashboard, get_json, make_run
 from support.federation import CliFederation
-from support.initial_model import store_initial
 from support.procs import cli_env, fedq_cmd
 from support.redis import RedisServer
 from support.wait import wait_until
@@ -62,14 +61,11 @@ def _state(page: Any) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_run_page_follows_a_live_federation_and_ends_with_the_report(redis_url: str, r: redis.Redis, browser: Any,
+def test_run_page_follows_a_live_federation_and_ends_with_the_report(redis_url: str, browser: Any,
                                                                      tmp_path: Path) -> None:
     dash = Dashboard(redis_url, tmp_path, refresh=0.5)
     # Clients that train for 0.5 s and 1 s a round (FakeTrainer): a run the page can watch live,
-    # without two more TensorFlow processes; the aggregator's central evaluation is Keras'. The
-    # initial model (the seed network's names and shapes) comes with the run: no child process
-    # imports TensorFlow to build one.
-    store_initial(r, "browser-run")
+    # without two more TensorFlow processes; the aggregator's central evaluation is Keras'.
     fed = CliFederation.driven(redis_url, tmp_path, "browser-run", clients=2, rounds=4, train_seconds=0.5)
     errors: list[str] = []
     states: list[dict[str, Any]] = []

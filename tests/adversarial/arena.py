@@ -5,11 +5,6 @@ every byte Redis sends it. The honest clients ``site-a`` and ``site-b`` are Tens
 they join with real feature statistics, read each round's global model and push it plus
 seeded noise, remembering what they pushed and what they read. Mallory connects as her own
 client user, exactly as a compromised site would, and does whatever a scenario says.
-
-Each run's initial model is stored with it, as `fedq submit` stores one: built once for the
-module, in this process (which has TensorFlow for the central evaluation anyway), instead of by
-a child process per run. It is stored in parts, so the aggregator's read of it is a small head
-and its bytes read stay those of the child-built model (one read of the global model).
 """
 
 from __future__ import annotations
@@ -26,8 +21,6 @@ import redis
 from support.redis import RedisServer
 from support.wait import wait_until
 
-from fedq.learning.data import load_dataset
-from fedq.learning.models import build_model, weight_names
 from fedq.learning.partition import load_shard
 from fedq.learning.scaling import feature_stats
 from fedq.learning.spec import RunSpec
@@ -44,7 +37,6 @@ MALLORY = "mallory"
 CONFINED = "mallory-confined"  # a client user confined to another run (fedq acl --run elsewhere)
 USERS = [*HONEST, MALLORY]
 MODEL = "byo_models:build_wide"  # about 1.2 MB of float32 weights: reads are measurable
-INITIAL_PART_BYTES = 512 << 10  # the stored initial model's parts: its head is all the aggregator reads of it
 TABLE = "adversarial suite"  # one row per attack (support.table), printed at the end of the session
 COLUMNS = [("attack", "attack", -34, ""), ("outcome", "outcome", -30, ""), ("run", "run", -9, ""),
            ("honest lost", "lost", 11, ""), ("mallory accepted", "accepted", 16, ""),
@@ -111,16 +103,6 @@ class Arena:
             return bool(self.agg.ping())
 
         wait_until(up, "the ACL redis-server to answer", 15, ignore=(redis.ConnectionError,))
-        self._initial: dict[int, tuple[list[str], list[np.ndarray]]] = {}
-
-    def initial(self, spec: RunSpec) -> tuple[list[str], list[np.ndarray]]:
-        """(names, weights) of the run's initial model, as the aggregator's child would build it
-        (same model, data shape and seed); built once per seed."""
-        if spec.seed not in self._initial:
-            ds = load_dataset(spec.data)
-            model = build_model(spec.model, ds.num_features, ds.num_classes, spec.seed)
-            self._initial[spec.seed] = weight_names(model), model.get_weights()
-        return self._initial[spec.seed]
 
     def url(self, user: str) -> str:
         return self.users[user].url("127.0.0.1", self.server.port)
@@ -147,8 +129,6 @@ class Run:
                             run_id=run_id, model=MODEL, local_epochs=1, **extra).validate()
         self.store = RunStore(arena.agg, run_id)
         self.store.create(self.spec)
-        names, weights = arena.initial(self.spec)
-        self.store.set_initial(transfer.encode_global(self.store, 0, names, weights, INITIAL_PART_BYTES)[0])
         self.signers = signers or {}
         self.bytes_read = [0]
         self.settings = Settings.from_env(env={}, redis_url=arena.url(acl.AGGREGATOR_USER), block_seconds=0.2,
