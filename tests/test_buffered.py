@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from support.cli import assert_error_line, fedq, pipe_env
 from support.federation import Federation, noisy
+from support.initial_model import store_initial
 from support.wait import wait_until
 
 from fedq.learning.aggregate import fedavg
@@ -23,11 +25,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
-def buffered(federation_factory: Callable[..., Federation]) -> Callable[..., Federation]:
+def buffered(federation_factory: Callable[..., Federation], r: redis.Redis) -> Callable[..., Federation]:
     """make(run_id, rounds, buffer_size, max_staleness, **settings): three clients c0..c2 that
-    state no row counts, no central evaluation (the aggregator loads no TensorFlow)."""
+    state no row counts, no central evaluation, the initial model stored with the run
+    (support.initial_model): no TensorFlow anywhere."""
 
     def make(run_id: str, rounds: int, buffer_size: int, max_staleness: int, **settings: Any) -> Federation:
+        store_initial(r, run_id)
         spec = RunSpec(clients=3, rounds=rounds, round_timeout=60, run_id=run_id, central_eval=False,
                        aggregation="buffered", buffer_size=buffer_size, max_staleness=max_staleness)
         return federation_factory(spec, state_rows=False, **settings)

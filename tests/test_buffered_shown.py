@@ -1,6 +1,7 @@
 """What a buffered run shows of its model versions: the dashboard's API (staleness per version),
 the per-run Prometheus gauges and `fedq status`, all read from the records a real aggregator
-committed (in-process, against a real Redis), plus the dashboard's reading of hostile records."""
+committed (in-process, against a real Redis; the initial model stored with the run, so no
+TensorFlow), plus the dashboard's reading of hostile records."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rich.console import Console
 from support.checks import samples, value
 from support.dashboard import http_get
 from support.federation import Federation, noisy
+from support.initial_model import store_initial
 from support.wait import wait_until
 
 from fedq.learning.spec import RunSpec
@@ -33,6 +35,7 @@ def test_versions_and_their_staleness_in_the_dashboard_metrics_and_status(
         federation_factory: Callable[..., Federation], r: redis.Redis, redis_url: str) -> None:
     spec = RunSpec(clients=3, rounds=3, round_timeout=60, run_id="t-buffered-shown", central_eval=False,
                    aggregation="buffered", buffer_size=2, max_staleness=1)
+    store_initial(r, "t-buffered-shown")
     h = federation_factory(spec, state_rows=False)
     _push(h, "c0", 0, 1)
     _push(h, "c1", 0, 2)

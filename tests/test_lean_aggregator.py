@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support.initial_model import store_initial
 
 from fedq.learning.aggregate import FedAvg, fedavg
 from fedq.learning.data import load_dataset
@@ -72,13 +73,18 @@ def test_only_a_plain_mean_streams_its_result_and_may_go_without_the_global_mode
             s.begin_round(None)
 
 
-def _lean(harness_factory, monkeypatch, run_id: str, rounds: int):
+def _lean(harness_factory, monkeypatch, run_id: str, rounds: int, r=None):
+    """A lean run of three clients whose models travel in 2 parts. The initial model is built by
+    the child process the aggregator spawns, or, given r, stored with the run beforehand
+    (support.initial_model: no TensorFlow anywhere)."""
     # The aggregator must not build the model itself: the child process it spawns does (a fresh
     # interpreter, untouched by this patch), so a build here fails the test.
     def no_build(*_a, **_k):
         raise AssertionError("the lean aggregator built a Keras model in its own process")
 
     monkeypatch.setattr("fedq.roles.preparing.build_model", no_build)
+    if r is not None:
+        store_initial(r, run_id, chunk_bytes=CHUNK)
     h = harness_factory(rounds, run_id, {"central_eval": False}, chunk_bytes=CHUNK)
     g_round, names, g = transfer.read_global(h.store)
     assert g_round == 0 and codec.decode(h.store.global_payload()).meta["parts"]["count"] == 2
@@ -117,8 +123,8 @@ def test_rounds_without_central_evaluation_commit_the_exact_fedavg_and_report_no
 
 @pytest.mark.slow
 def test_without_central_evaluation_a_damaged_part_is_refused_and_the_round_goes_on(
-        harness_factory, monkeypatch) -> None:
-    h, names, g = _lean(harness_factory, monkeypatch, "t-lean-bad", rounds=1)
+        harness_factory, monkeypatch, r) -> None:
+    h, names, g = _lean(harness_factory, monkeypatch, "t-lean-bad", rounds=1, r=r)
     good = {"c0": ([(t + 1).astype(np.float32) for t in g], 100), "c1": ([(t - 1).astype(np.float32) for t in g], 300)}
     h.push_parts("c0", 100, names, good["c0"][0])
     h.push_damaged_parts("c2", 50, names, [(t + 50).astype(np.float32) for t in g], "tampered")
@@ -166,7 +172,7 @@ def test_simulated_clients_of_a_process_share_one_fetch_of_each_global_model(har
 
 
 @pytest.mark.slow
-def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch) -> None:
+def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch, r) -> None:
     """Folding a large update (or a rescan's many updates in a row) once ran longer than the
     lease without renewing it: the lease lapsed mid-round and the run was left to a 'new
     driver' that never came. The aggregator now renews between updates and between parts."""
@@ -181,6 +187,7 @@ def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch) 
         slow(self, offset, values, num_examples)
 
     monkeypatch.setattr(S, "add_part", add_part)
+    store_initial(r, "t-lease", chunk_bytes=CHUNK)  # 2 parts; no child, no TensorFlow
     h = harness_factory(1, "t-lease", {"central_eval": False}, chunk_bytes=CHUNK, lease_seconds=2.0)
     _, names, g = transfer.read_global(h.store)
     for cid, n in (("c0", 10), ("c1", 20), ("c2", 30)):

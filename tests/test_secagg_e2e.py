@@ -1,8 +1,12 @@
-"""Secure aggregation end to end: the CLI's processes, real Redis, real training.
+"""Secure aggregation end to end: the CLI's processes, real Redis.
 
-The committed model is checked against the survivors' plain inputs (which only the clients hold:
-the test's clients record them, tests/support/secagg_client.py), computed here from first
-principles; a reader of every key during the run finds none of those inputs in Redis.
+`fedq run` trains for real (Keras). The protocol's runs (central DP, the exact mean, too many
+dropouts) have clients that train with FakeTrainer (tests/support/secagg_client.py --fake-train)
+and an aggregator without central evaluation: only the child that builds the initial model
+imports TensorFlow. The committed model is checked
+against the survivors' plain inputs (which only the clients hold: the test's clients record them),
+computed here from first principles; a reader of every key during the run finds none of those
+inputs in Redis.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ from fedq.protocol.store import RunStore
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(seed_data_dir() is None, reason=SEED_DATA_MISSING)]
 
 
+def fake_federation(redis_url: str, tmp_path: Path, run_id: str, clients: int, extra: list[str],
+                    drops: dict[int, int]) -> dict[str, subprocess.Popen]:
+    """support.secagg_checks.federation with no central evaluation and clients that train with
+    FakeTrainer (0.1 s x (shard + 1) a round): TensorFlow only in the initial model's builder."""
+    return federation(redis_url, tmp_path, run_id, clients, [*extra, "--no-central-eval"], drops,
+                      {k: ["--fake-train"] for k in range(clients)}, FEDQ_TEST_TRAIN_SECONDS="0.1")
+
+
 
 def test_fedq_run_with_secure_aggregation(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -50,13 +62,13 @@ def test_fedq_run_with_secure_aggregation(tmp_path: Path) -> None:
     assert report["final"]["test_accuracy"] > 0.8
 
 
-def test_central_dp_on_the_unmasked_sum(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    done = subprocess.run(fedq_cmd("run", "--clients", "3", "--rounds", "1", *RUN, "--dp", "central", "--dp-clip", "1",
-                                   "--dp-noise", "0.1", "--dp-delta", "1e-3", "--out", str(out)),
-                          env=cli_env(None), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
-    row = json.loads((out / "report.json").read_text())["rounds"][0]
+def test_central_dp_on_the_unmasked_sum(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    procs = fake_federation(redis_url, tmp_path, "sa-dp", 3, ["--rounds", "1", "--dp", "central", "--dp-clip", "1",
+                                                                 "--dp-noise", "0.1", "--dp-delta", "1e-3"], {})
+    wait_all(procs, tmp_path)
+    store = RunStore(r, "sa-dp")
+    assert store.state()["status"] == "finished", (store.state(), (tmp_path / "aggregator.log").read_text()[-3000:])
+    row = store.metrics()[0]
     assert row["strategy"]["secure_aggregation"]["survivors"] == 3
     assert row["num_examples"] == 3000  # each client sent its clipped delta at full weight
     assert row["dp_epsilon"] > 0
@@ -66,7 +78,7 @@ def test_exact_mean_with_a_dropout_and_nothing_in_clear(redis_url: str, r: redis
     reader = Reader(redis_url)
     reader.start()
     # client-3 pushes its masked input of round 2 and vanishes before revealing anything.
-    procs = federation(redis_url, tmp_path, "sa-exact", 4, ["--rounds", "2"], {3: 2})
+    procs = fake_federation(redis_url, tmp_path, "sa-exact", 4, ["--rounds", "2"], {3: 2})
     wait_all(procs, tmp_path)
     reader.done.set()
     reader.join(30)
@@ -95,8 +107,8 @@ def test_exact_mean_with_a_dropout_and_nothing_in_clear(redis_url: str, r: redis
 def test_round_fails_beyond_the_dropouts_it_tolerates(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
     # 4 clients, each sharing with all 3 others, threshold 3: two drop after their masked input,
     # so only 2 survivors reveal shares, fewer than the 3 that rebuild anyone's self mask.
-    procs = federation(redis_url, tmp_path, "sa-fail", 4,
-                        ["--rounds", "1", "--secagg-neighbours", "3", "--secagg-threshold", "3"], {2: 1, 3: 1})
+    procs = fake_federation(redis_url, tmp_path, "sa-fail", 4,
+                            ["--rounds", "1", "--secagg-neighbours", "3", "--secagg-threshold", "3"], {2: 1, 3: 1})
     wait_all(procs, tmp_path)
     state = RunStore(r, "sa-fail").state()
     assert state["status"] == "failed", state

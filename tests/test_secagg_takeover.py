@@ -1,6 +1,8 @@
 """Secure aggregation through a takeover: the aggregator is killed (SIGKILL) once masked inputs are
 in and before any unmasking; a plain `fedq aggregator` takes the run over and commits exactly the
-survivors' mean -- no client's update in clear anywhere in Redis meanwhile (real processes)."""
+survivors' mean -- no client's update in clear anywhere in Redis meanwhile (real processes; the
+clients train with FakeTrainer and the run has no central evaluation: only the child that builds
+the initial model imports TensorFlow)."""
 
 from __future__ import annotations
 
@@ -27,14 +29,15 @@ RUN_ID = "sa-takeover"
 @pytest.mark.timeout(600)
 def test_a_round_whose_aggregator_dies_before_unmasking_is_finished_exactly(
         redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
-    env = {"FEDQ_LEASE_SECONDS": "3", "FEDQ_TF_THREADS": "1"}
+    env = {"FEDQ_LEASE_SECONDS": "3", "FEDQ_TEST_TRAIN_SECONDS": "0.1"}
     reader = Reader(redis_url)
     reader.start()
     # client-2 holds its masked input back until released, so the round cannot reach unmasking
     # before the kill.
     release = tmp_path / "release-client-2"
-    procs = federation(redis_url, tmp_path, RUN_ID, 3, ["--rounds", "1"], {},
-                       {2: ["--hold-push", f"1:{release}"]}, **env)
+    procs = federation(redis_url, tmp_path, RUN_ID, 3, ["--rounds", "1", "--no-central-eval"], {},
+                       {0: ["--fake-train"], 1: ["--fake-train"], 2: ["--fake-train", "--hold-push", f"1:{release}"]},
+                       **env)
     first = procs["aggregator"]
     first_tree = Tracker(first.pid)
     store = RunStore(r, RUN_ID)

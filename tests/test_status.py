@@ -1,4 +1,4 @@
-"""`fedq status [--run ID] [--watch]`, and the progress `fedq run` shows on a terminal."""
+"""`fedq status [--run ID] [--watch]`, and the progress display `fedq run` uses on a terminal."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import redis
 from rich.console import Console
 from support.dashboard import make_run
@@ -135,32 +134,9 @@ def test_run_progress_shows_joins_and_updates_on_a_terminal_only(r: redis.Redis)
     assert pipe.getvalue() == ""
 
 
-@pytest.mark.slow
-def test_fedq_run_on_a_terminal_shows_progress(redis_url: str, tmp_path: Path) -> None:
-    env = _env(redis_url)
-    env["FEDQ_TF_THREADS"] = "1"
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: fedq run with the pty as its terminal
-        os.execvpe(fedq_cmd()[0], fedq_cmd("run", "--clients", "2", "--rounds", "1", "--local-epochs", "1",
-                                           "--out", str(tmp_path / "out")), env)
-    chunks = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 1)
-        if ready:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data.decode(errors="replace"))
-    _, code = os.waitpid(pid, 0)
-    out = "".join(chunks)
-    assert os.waitstatus_to_exitcode(code) == 0, out[-3000:]
-    assert "waiting for clients" in out or "updates in" in out, out[-3000:]
-    assert "final test accuracy" in out
-    assert (tmp_path / "out" / "curves.png").exists()
+# The progress `fedq run` shows on a terminal (a pty) is checked with the run of
+# tests/test_strategies_e2e.py (test_fedprox_with_sampling_dirichlet_and_federated_evaluation_on_a_terminal):
+# one federation of TensorFlow clients shows both.
 
 
 def test_status_of_a_long_run_fits_80_columns_with_the_newest_rounds(redis_url: str, r: redis.Redis) -> None:

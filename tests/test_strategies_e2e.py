@@ -1,32 +1,36 @@
 """Strategies, partitioning, sampling, evaluation and a model of your own through the CLI, as real
-processes; and their configuration errors as one clear line."""
+processes (on a terminal: the progress `fedq run` shows there is checked on the way); and their
+configuration errors as one clear line."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from support.cli import assert_error_line, fedq
 from support.cli import pipe_env as _env
 from support.procs import ROOT, cli_env, fedq_cmd
+from support.terminal import run_on_terminal
 
 pytestmark = pytest.mark.slow
 
 
-def test_fedprox_with_sampling_dirichlet_and_federated_evaluation(tmp_path: Path) -> None:
-    env = cli_env(None)
+def test_fedprox_with_sampling_dirichlet_and_federated_evaluation_on_a_terminal(tmp_path: Path) -> None:
+    env = cli_env(None, COLUMNS="200", FEDQ_TF_THREADS="1")
     # The model's module lives in tests/; every process of the run must be able to import it.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
     out = tmp_path / "out"
-    done = subprocess.run(fedq_cmd("run", "--clients", "3", "--rounds", "2", "--local-epochs", "1",
-                                   "--model", "byo_models:build_mlp", "--strategy", "fedprox", "--fraction-fit", "0.6",
-                                   "--partition", "dirichlet", "--alpha", "1.0", "--val-fraction", "0.2",
-                                   "--out", str(out)),
-                          env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout + done.stderr
+    code, shown = run_on_terminal(fedq_cmd("run", "--clients", "3", "--rounds", "2", "--local-epochs", "1",
+                                           "--model", "byo_models:build_mlp", "--strategy", "fedprox",
+                                           "--fraction-fit", "0.6", "--partition", "dirichlet", "--alpha", "1.0",
+                                           "--val-fraction", "0.2", "--out", str(out)), env, timeout=400)
+    assert code == 0, shown[-3000:]
+    # On a terminal, fedq run shows its progress and ends with the final accuracy and the curves.
+    assert "waiting for clients" in shown or "updates in" in shown, shown[-3000:]
+    assert "final test accuracy" in shown
+    assert (out / "curves.png").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "finished"
     assert report["strategy"]["name"] == "fedprox" and report["strategy"]["mu"] == 0.1

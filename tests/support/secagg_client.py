@@ -8,7 +8,9 @@ model it trained from (``b<i>``), as float32, so a
 test can compute the committed model independently and look for any of them in Redis; with
 ``--drop-after-push R`` it exits right after pushing its masked input of round R (before revealing);
 with ``--hold-push R:FILE`` it waits (up to 10 minutes) until FILE exists before pushing its input
-of round R, so that a test decides when that input arrives.
+of round R, so that a test decides when that input arrives; with ``--fake-train`` it trains with
+``support.fake_client``'s FakeTrainer instead of Keras (no TensorFlow in the process), for runs whose
+test is about the protocol, not learning.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--record", type=Path, required=True)
     ap.add_argument("--drop-after-push", type=int, default=0)
     ap.add_argument("--hold-push", default="", help="ROUND:FILE: push that round's input once FILE exists")
+    ap.add_argument("--fake-train", action="store_true", help="FakeTrainer for Keras (support.fake_client)")
     args = ap.parse_args()
     hold_round, _, hold_file = args.hold_push.partition(":")
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -74,7 +77,12 @@ def main() -> None:
         secure_stages = Recording
 
     settings = Settings.from_env()
-    RecordingClient(connect(settings), settings, args.shard, run_id=args.run).serve(once=True)
+    factory = None
+    if args.fake_train:
+        sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/: the support package
+        from support.fake_client import trainer as factory
+    RecordingClient(connect(settings), settings, args.shard, run_id=args.run,
+                    trainer_factory=factory).serve(once=True)
 
 
 if __name__ == "__main__":
