@@ -68,11 +68,15 @@ class Federation(CliFederation):
         if min_clients is not None:
             args += ["--min-clients", str(min_clients)]
         args += list(submit)
-        done = subprocess.run(fedq_cmd(*args), env=self.env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        # The initial model comes with the run (support.initial), before any aggregator starts:
-        # no aggregator here spends seconds of CPU importing TensorFlow in a child to build it.
-        store_initial(self.r, run_id)
+        try:
+            done = subprocess.run(fedq_cmd(*args), env=self.env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            # The initial model comes with the run (support.initial), before any aggregator
+            # starts: no aggregator here builds it in a child of its own.
+            store_initial(self.r, run_id)
+        except BaseException:
+            self.server.stop()  # the fixture never saw this federation: its Redis must not outlive it
+            raise
 
     @property
     def store(self) -> RunStore:
