@@ -1,5 +1,6 @@
 """Compression end to end: a real `fedq run --compression int8` against the same federation in
-float32, and `fedq simulate --compression float16`, each a federation of real processes."""
+float32, and `fedq simulate --compression float16` (without central evaluation: its aggregator
+loads no TensorFlow), each a federation of real processes."""
 
 from __future__ import annotations
 
@@ -48,11 +49,18 @@ def test_int8_federation_matches_float32_and_reports_its_error(tmp_path: Path) -
     for rnd in report["rounds"]:
         assert rnd["compression"]["compressed_updates"] == 2 and rnd["compression"]["error_max"] > 0
     assert "updates as int8" in out and "relative error of the deltas" in out
+    # The seed network's model.keras takes the standardised features as (n, features, 1).
+    import keras
+
+    model = keras.models.load_model(tmp_path / "model.keras")
+    scaler = json.loads((tmp_path / "scaler.json").read_text())
+    assert model.input_shape == (None, len(scaler["mean"]), 1)
 
 
 def test_simulate_with_float16_updates(tmp_path: Path) -> None:
     done = subprocess.run(fedq_cmd("simulate", "--clients", "6", "--rounds", "2", "--processes", "1",
-                                   "--rows-per-client", "20", "--compression", "float16", "--out", str(tmp_path)),
+                                   "--rows-per-client", "20", "--compression", "float16", "--no-central-eval",
+                                   "--out", str(tmp_path)),
                           env=cli_env(None), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())

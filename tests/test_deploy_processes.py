@@ -7,8 +7,12 @@ append-only file); the Redis Service's host:port is mapped to it, volumes to loc
 each Indexed Job pod gets its JOB_COMPLETION_INDEX, and the dashboard listens on loopback. The
 federation must complete with a final model: this is what shows that the manifests are not dead
 text. The run's size comes from the descriptors themselves (the dev overlay: 2 clients, 2 rounds
-of 1 epoch); only the sites overlay and compose are made smaller, the way an overlay or an .env
-file would.
+of 1 epoch); only the secure and sites overlays and compose are made smaller, the way an overlay
+or an .env file would. The dev overlay's clients train with Keras; in the other three, which
+differ from it in how pods reach Redis and their data rather than in learning, each client
+container's command runs as ``support.fake_client`` (the same `fedq client` with its arguments
+and environment, training with FakeTrainer: no TensorFlow in the process), and the final model
+is checked evaluated rather than better than chance.
 """
 
 from __future__ import annotations
@@ -38,9 +42,19 @@ from deploy_harness import (
     tmpdir,
 )
 from deploy_pods import each_site_trained_on_its_own_rows, loopback_listen, pods_as_processes, run_pods, site_data
+from support.fake_client import fake_client_cmd, fake_client_env
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the overlays)")]
+
+
+def _fake_training(procs: list[Proc]) -> list[Proc]:
+    """procs with each `fedq client` container run as support.fake_client (FakeTrainer for Keras)."""
+    for p in procs:
+        if p.argv[1] == "client":
+            assert Path(p.argv[0]).name == "fedq", p.argv
+            p.argv, p.env = fake_client_cmd(*p.argv[1:]), fake_client_env(p.env)
+    return procs
 
 
 def test_dev_overlay_pods_run_a_federation(tmp_path: Path) -> None:
@@ -63,6 +77,7 @@ def test_secure_overlay_pods_run_a_federation_each_as_its_own_user_over_tls(tmp_
 
     docs, _ = render_secure_overlay(tmp_path, make_pki(tmp_path / "pki"))
     redis, procs, probes = pods_as_processes(docs, tmp_path, overrides={"FEDQ_ROUNDS": "1", "FEDQ_LOCAL_EPOCHS": "1"})
+    _fake_training(procs)
     users = {p.name: p.env["FEDQ_REDIS_USERNAME"] for p in procs}
     assert sorted(users.values()) == ["client-0", "client-1", "fedq-aggregator", "fedq-aggregator", "fedq-dashboard"]
     assert all(p.env["FEDQ_REDIS_URL"].startswith("rediss://") and "@" not in p.env["FEDQ_REDIS_URL"] for p in procs)
@@ -72,7 +87,7 @@ def test_secure_overlay_pods_run_a_federation_each_as_its_own_user_over_tls(tmp_
     redis.client_kwargs = {"username": unquote(url.username or ""), "password": unquote(url.password or ""),
                            "ssl": True, **tls_options(settings)}
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
-    run_pods(redis, procs, probes, config["FEDQ_RUN_ID"], tmp_path, ["client-0", "client-1"])
+    run_pods(redis, procs, probes, config["FEDQ_RUN_ID"], tmp_path, ["client-0", "client-1"], trained=False)
 
 
 def test_sites_overlay_pods_train_on_their_own_volumes(tmp_path: Path) -> None:
@@ -81,9 +96,11 @@ def test_sites_overlay_pods_train_on_their_own_volumes(tmp_path: Path) -> None:
     claims = {"site-a-data": site_a, "site-b-data": site_b}
     redis, procs, probes = pods_as_processes(docs, tmp_path, claims,
                                               overrides={"FEDQ_ROUNDS": "1", "FEDQ_LOCAL_EPOCHS": "1"})
+    _fake_training(procs)
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     run_pods(redis, procs, probes, config["FEDQ_RUN_ID"], tmp_path, ["site-a", "site-b"],
-         check=lambda store: each_site_trained_on_its_own_rows(store, {"site-a": site_a, "site-b": site_b}))
+         check=lambda store: each_site_trained_on_its_own_rows(store, {"site-a": site_a, "site-b": site_b}),
+         trained=False)
 
 
 def test_compose_services_run_a_federation(tmp_path: Path) -> None:
@@ -121,5 +138,6 @@ def test_compose_services_run_a_federation(tmp_path: Path) -> None:
         one_shot = argv[1] == "submit" or "--once" in argv
         procs.append(Proc(name, argv, env, one_shot=one_shot))
     assert sorted(p.argv[1] for p in procs) == ["aggregator", "client", "client", "dashboard", "submit"]
+    _fake_training(procs)
     run_id = next(p.argv[p.argv.index("--run-id") + 1] for p in procs if p.argv[1] == "submit")
-    run_pods(redis, procs, probes, run_id, tmp_path, ["client-0", "client-1"])
+    run_pods(redis, procs, probes, run_id, tmp_path, ["client-0", "client-1"], trained=False)

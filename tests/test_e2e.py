@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from support.data import SEED_DATA_MISSING, seed_data_dir
-from support.procs import cli_env, fedq_cmd
+from support.data import SEED_DATA_MISSING, iris_csv, seed_data_dir, stale_outputs
+from support.fake_client import fake_client_cmd, fake_client_env
+from support.initial import store_initial
+from support.procs import ROOT, cli_env, fedq_cmd
 
 from fedq.learning.data import load_dataset, split_indices
 from fedq.learning.spec import load_spec
@@ -73,14 +75,20 @@ def test_aggregator_and_two_clients_through_the_cli(redis_url: str, r: redis.Red
 
 
 def test_submit_then_worker_burst(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """`fedq submit` queues a run, `fedq aggregator --burst` drives it and exits. What is checked
+    here is the queue, not the learning: the clients are fedq's CLI with FakeTrainer for Keras
+    (support.fake_client) and the initial model comes with the run (support.initial)."""
     env = cli_env(redis_url)
     sub = subprocess.run(fedq_cmd("submit", "--clients", "2", "--rounds", "1", "--local-epochs", "1"),
                          env=env, capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stderr
     run_id = sub.stdout.strip()
     assert RunStore(r, run_id).state()["status"] == "queued"
-    procs = {f"client-{k}": _start(["client", "--shard", str(k), "--run", run_id, "--once"], env,
-                                   tmp_path / f"client-{k}.log") for k in range(2)}
+    store_initial(r, run_id)
+    fake_env = fake_client_env(env)
+    procs = {f"client-{k}": subprocess.Popen(fake_client_cmd("client", "--shard", str(k), "--run", run_id, "--once"),
+                                             env=fake_env, stdout=(tmp_path / f"client-{k}.log").open("wb"),
+                                             stderr=subprocess.STDOUT) for k in range(2)}
     procs["aggregator"] = _start(["aggregator", "--burst"], env, tmp_path / "aggregator.log")
     _finish(procs, tmp_path)
     assert RunStore(r, run_id).state()["status"] == "finished"
@@ -90,24 +98,33 @@ def test_submit_then_worker_burst(redis_url: str, r: redis.Redis, tmp_path: Path
 
 
 def test_fedq_run_with_its_own_redis(tmp_path: Path) -> None:
+    """`fedq run` starts its own Redis, aggregator and clients that train, and replaces an earlier
+    run's files in --out with this run's. The data is iris from a CSV (4 features: too narrow for
+    the seed network, see test_run_outputs) with the built-in mlp, which trains on it; the seed
+    network's model.keras and scaler.json are checked in test_compress_e2e's `fedq run`."""
+    csv = iris_csv(tmp_path / "iris.csv")
     out = tmp_path / "out"
-    done = subprocess.run(fedq_cmd("run", "--clients", "2", "--rounds", "2", "--out", str(out)),
-                          env=cli_env(None), capture_output=True, text=True, timeout=300)
+    stale_outputs(out)
+    done = subprocess.run(fedq_cmd("run", "--model", "mlp", "--csv", str(csv), "--label-column", "species",
+                                   "--clients", "2", "--rounds", "3", "--out", str(out)),
+                          env=cli_env(None), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "final test accuracy" in done.stdout
+    assert "wrote report.json, curves.png, model.keras, scaler.json to" in done.stdout, done.stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "finished" and report["clients"] == 2
-    assert [x["round"] for x in report["rounds"]] == [1, 2]
+    assert report["status"] == "finished" and report["clients"] == 2 and report["spec"]["model"] == "mlp"
+    assert [x["round"] for x in report["rounds"]] == [1, 2, 3]
     for row in report["rounds"]:
         for key in ("num_updates", "num_examples", "train_loss", "train_accuracy", "test_loss",
                     "test_accuracy", "seconds"):
             assert row[key] is not None, key
     assert report["final"]["test_accuracy"] == report["rounds"][-1]["test_accuracy"]
+    assert report["final"]["test_accuracy"] >= 0.6, report["rounds"]  # 3 classes: chance is 1/3
     import keras
 
-    model = keras.models.load_model(out / "model.keras")
+    model = keras.models.load_model(out / "model.keras")  # this run's: an earlier run's file is no model
     scaler = json.loads((out / "scaler.json").read_text())
-    assert model.input_shape == (None, len(scaler["mean"]), 1)
+    assert model.input_shape == (None, len(scaler["mean"])) == (None, 4)
 
 
 @pytest.mark.skipif(seed_data_dir() is None, reason=SEED_DATA_MISSING)

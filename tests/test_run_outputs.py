@@ -1,5 +1,6 @@
-"""--model is checked before anything starts; a run's output directory holds that run's files only;
-data too narrow for the seed network points to the built-in mlp, which trains on it."""
+"""--model is checked before anything starts; a failed run's output directory holds that run's
+files only; data too narrow for the seed network points to the built-in mlp (which trains on it,
+over an earlier run's outputs: tests/test_e2e.py's `fedq run`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import redis
 from support.cli import assert_error_line, fedq
 from support.cli import pipe_env as _env
-from support.procs import ROOT, cli_env, fedq_cmd
+from support.data import iris_csv, stale_outputs
+from support.procs import fedq_cmd
 
 from fedq.learning.spec import RunSpec
 from fedq.protocol.store import RunStore
@@ -20,27 +22,9 @@ from fedq.protocol.store import RunStore
 pytestmark = pytest.mark.slow  # every test here runs the fedq CLI as a process (seconds to tens of seconds each)
 
 
-def _iris_csv(path: Path) -> Path:
-    """sklearn's iris (150 rows, 4 features, 3 species) as a headed CSV with a 'species' column."""
-    from sklearn.datasets import load_iris
-
-    iris = load_iris()
-    lines = ["sepal_length,sepal_width,petal_length,petal_width,species"]
-    lines += [",".join(f"{v:g}" for v in row) + f",{iris.target_names[t]}" for row, t in zip(iris.data, iris.target)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _stale(out: Path) -> None:
-    """A previous run's files in out."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("model.keras", "scaler.json", "curves.png", "report.json"):
-        (out / name).write_text("from an earlier run")
-
-
 def test_run_with_a_model_module_that_does_not_exist_fails_at_once(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    _stale(out)
+    stale_outputs(out)
     started = time.monotonic()
     proc = fedq("run", "--model", "no_such_module_xyz:build", "--out", str(out), env=_env(None))
     took = time.monotonic() - started
@@ -72,7 +56,7 @@ def test_report_of_a_failed_run_replaces_a_previous_runs_files(redis_url: str, r
     RunStore(r, run_id).create(RunSpec(clients=2, rounds=2, run_id=run_id))
     RunStore(r, run_id).fail("a round had no quorum")
     out = tmp_path / "out"
-    _stale(out)
+    stale_outputs(out)
     proc = fedq("report", "--run", run_id, "--out", str(out), env=_env(redis_url))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["report.json"], "a failed run's report beside an old model"
@@ -82,25 +66,7 @@ def test_report_of_a_failed_run_replaces_a_previous_runs_files(redis_url: str, r
 
 
 def test_data_too_narrow_for_the_seed_network_points_to_mlp(tmp_path: Path) -> None:
-    csv = _iris_csv(tmp_path / "iris.csv")
+    csv = iris_csv(tmp_path / "iris.csv")
     proc = fedq("run", "--csv", str(csv), "--label-column", "species", "--out", str(tmp_path / "out"),
                 env=_env(None))
     assert_error_line(proc, "the seed network needs at least 5 features, the data has 4", "--model mlp")
-
-
-@pytest.mark.slow
-def test_mlp_trains_on_iris_and_the_output_holds_this_runs_files(tmp_path: Path) -> None:
-    csv = _iris_csv(tmp_path / "iris.csv")
-    out = tmp_path / "out"
-    _stale(out)
-    done = subprocess.run(fedq_cmd("run", "--model", "mlp", "--csv", str(csv), "--label-column", "species",
-                                   "--clients", "2", "--rounds", "3", "--out", str(out)),
-                          env=cli_env(None), capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["status"] == "finished" and report["spec"]["model"] == "mlp"
-    assert report["final"]["test_accuracy"] >= 0.6, report["rounds"]  # 3 classes: chance is 1/3
-    assert "wrote report.json, curves.png, model.keras, scaler.json to" in done.stdout, done.stdout
-    import keras
-
-    assert keras.models.load_model(out / "model.keras").input_shape == (None, 4)

@@ -4,7 +4,9 @@
 own process group so a test can SIGKILL a worker together with its work horse. ``audit()``
 checks the run's records against the push log: every round's accepted updates are exactly
 the last ones each client pushed for it, none lost, none counted twice, and the final model
-is the FedAvg of the final round's accepted updates.
+is the FedAvg of the final round's accepted updates. Each run's initial model is stored with it
+(``support.initial``), as a submitter does, so only the aggregators' central evaluation loads
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import redis
 from support.federation import CliFederation
+from support.initial import store_initial
 from support.procs import Proc, cli_env, fedq_cmd
 from support.redis import RedisServer
 from support.table import add_row
@@ -65,8 +68,15 @@ class Federation(CliFederation):
         if min_clients is not None:
             args += ["--min-clients", str(min_clients)]
         args += list(submit)
-        done = subprocess.run(fedq_cmd(*args), env=self.env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
+        try:
+            done = subprocess.run(fedq_cmd(*args), env=self.env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            # The initial model comes with the run (support.initial), before any aggregator
+            # starts: no aggregator here builds it in a child of its own.
+            store_initial(self.r, run_id)
+        except BaseException:
+            self.server.stop()  # the fixture never saw this federation: its Redis must not outlive it
+            raise
 
     @property
     def store(self) -> RunStore:

@@ -506,8 +506,8 @@ def _make(rng: random.Random, ctx: Ctx, nonce: int) -> tuple[str, str, bytes | N
 # --- the tests -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_thousand_bad_payloads_are_each_refused_and_the_good_updates_still_average(harness_factory) -> None:
-    h = harness_factory(1, "t-fuzz", max_pushes_per_round=1_000_000)  # one client, 1,200 versions
+def test_a_thousand_bad_payloads_are_each_refused_and_the_good_updates_still_average(prestored_harness) -> None:
+    h = prestored_harness(1, "t-fuzz", max_pushes_per_round=1_000_000)  # one client, 1,200 versions
     ctx = Ctx.of(h)
     assert _oracle(ctx, BAD, _pack(_envelope(ctx, BAD, -1))) is None  # the unmutated envelope is valid
     rng = random.Random(SEED)
@@ -650,8 +650,8 @@ def _hyp_case(ctx: Ctx) -> st.SearchStrategy:
 
 
 @pytest.mark.slow
-def test_hypothesis_drawn_field_values_are_refused_with_a_matching_reason(harness_factory) -> None:
-    h = harness_factory(1, "t-fuzz-hyp", max_pushes_per_round=1_000_000)
+def test_hypothesis_drawn_field_values_are_refused_with_a_matching_reason(prestored_harness) -> None:
+    h = prestored_harness(1, "t-fuzz-hyp", max_pushes_per_round=1_000_000)
     ctx = Ctx.of(h)
     nonces = itertools.count()
     reasons: Counter[str] = Counter()
@@ -683,8 +683,8 @@ def test_hypothesis_drawn_field_values_are_refused_with_a_matching_reason(harnes
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.slow
-def test_a_non_utf8_client_id_in_the_inbox_is_refused_not_fatal(harness_factory) -> None:
-    h = harness_factory(1, "t-fuzz-bytes")
+def test_a_non_utf8_client_id_in_the_inbox_is_refused_not_fatal(prestored_harness) -> None:
+    h = prestored_harness(1, "t-fuzz-bytes")
     Ctx.of(h)
     h.store.r.rpush(h.store.k.inbox, b"\xff\xfe-not-utf8", "no:such{client}")  # no key can exist under these
     _write(h, "sentinel", b"junk behind it")

@@ -10,7 +10,11 @@
   that push updates directly (the round protocol without training), and ``federation_factory``.
 - ``support.trainer``: ``FakeTrainer``, a stand-in for Keras that trains nothing and returns
   chosen weights.
-- ``support.data``: the seed's hemodialysis CSVs when they are available.
+- ``support.initial``: a run's initial model stored with it as its submitter stores it
+  (``store_initial``), so that no aggregator builds it in a child importing TensorFlow, and
+  ``PrestoredFederation``, a ``Federation`` whose run comes with it.
+- ``support.data``: the seed's hemodialysis CSVs when they are available, iris as a CSV
+  (``iris_csv``) and an earlier run's outputs (``stale_outputs``).
 
 Nothing here is a test; test modules import from here, never from each other.
 """

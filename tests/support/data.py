@@ -1,4 +1,4 @@
-"""The seed's hemodialysis CSVs, when this machine has them."""
+"""The seed's hemodialysis CSVs, when this machine has them; iris as a CSV; an earlier run's outputs."""
 
 from __future__ import annotations
 
@@ -21,3 +21,22 @@ def seed_data_dir() -> Path | None:
         if (c / "normal.csv").exists() and (c / "abnormal.csv").exists():
             return c
     return None
+
+
+def iris_csv(path: Path) -> Path:
+    """sklearn's iris (150 rows, 4 features, 3 species) as a headed CSV with a 'species' column:
+    data too narrow for the seed network, which the built-in mlp trains on."""
+    from sklearn.datasets import load_iris
+
+    iris = load_iris()
+    lines = ["sepal_length,sepal_width,petal_length,petal_width,species"]
+    lines += [",".join(f"{v:g}" for v in row) + f",{iris.target_names[t]}" for row, t in zip(iris.data, iris.target)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def stale_outputs(out: Path) -> None:
+    """A previous run's files in out (each says so, and none is a model)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("model.keras", "scaler.json", "curves.png", "report.json"):
+        (out / name).write_text("from an earlier run")
