@@ -14,7 +14,7 @@ import pytest
 import redis
 from support.cli import assert_error_line, fedq, pipe_env
 from support.federation import Federation, noisy
-from support.initial_model import store_initial
+from support.initial import store_initial
 from support.wait import wait_until
 
 from fedq.learning.aggregate import fedavg
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def buffered(federation_factory: Callable[..., Federation], r: redis.Redis) -> Callable[..., Federation]:
     """make(run_id, rounds, buffer_size, max_staleness, **settings): three clients c0..c2 that
     state no row counts, no central evaluation, the initial model stored with the run
-    (support.initial_model): no TensorFlow anywhere."""
+    (support.initial): no TensorFlow anywhere."""
 
     def make(run_id: str, rounds: int, buffer_size: int, max_staleness: int, **settings: Any) -> Federation:
         store_initial(r, run_id)

@@ -14,7 +14,7 @@ from rich.console import Console
 from support.checks import samples, value
 from support.dashboard import http_get
 from support.federation import Federation, noisy
-from support.initial_model import store_initial
+from support.initial import store_initial
 from support.wait import wait_until
 
 from fedq.learning.spec import RunSpec

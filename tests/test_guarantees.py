@@ -369,7 +369,7 @@ def _close(got: list[np.ndarray], want: list[np.ndarray]) -> bool:
 def lean_run(r: redis.Redis, redis_url: str) -> Iterator[RunStore]:
     """A two-round run of three clients, its aggregator in this process (no central evaluation,
     so it holds no Keras model; its initial model stored with it), the clients joined by hand."""
-    from support.initial_model import store_initial
+    from support.initial import store_initial
 
     from fedq.learning.partition import load_shard
     from fedq.learning.scaling import feature_stats
@@ -380,7 +380,7 @@ def lean_run(r: redis.Redis, redis_url: str) -> Iterator[RunStore]:
 
     settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2)
     spec = RunSpec(clients=3, rounds=2, round_timeout=60, run_id="t-weights", central_eval=False).validate()
-    store_initial(r, spec.run_id)  # stored with the run (support.initial_model): no TensorFlow child
+    store_initial(r, spec.run_id)  # stored with the run (support.initial): no TensorFlow child
     store = RunStore(r, spec.run_id)
     store.create(spec)
     agg = Aggregator(connect(settings), settings, spec.run_id)

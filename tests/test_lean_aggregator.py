@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support.initial_model import store_initial
+from support.initial import store_initial
 
 from fedq.learning.aggregate import FedAvg, fedavg
 from fedq.learning.data import load_dataset
@@ -76,7 +76,7 @@ def test_only_a_plain_mean_streams_its_result_and_may_go_without_the_global_mode
 def _lean(harness_factory, monkeypatch, run_id: str, rounds: int, r=None):
     """A lean run of three clients whose models travel in 2 parts. The initial model is built by
     the child process the aggregator spawns, or, given r, stored with the run beforehand
-    (support.initial_model: no TensorFlow anywhere)."""
+    (support.initial: no TensorFlow anywhere)."""
     # The aggregator must not build the model itself: the child process it spawns does (a fresh
     # interpreter, untouched by this patch), so a build here fails the test.
     def no_build(*_a, **_k):
