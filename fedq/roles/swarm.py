@@ -46,10 +46,10 @@ SIM_BLOCK_SECONDS = 5.0
 CLIENTS_PER_PROCESS = 250
 # Clients of a process that run at once. Fewer leave the process idle while each waits for its
 # replies from Redis; more fight for the interpreter's lock again (500 clients in 4 processes,
-# pushes' max: 47-859 ms with 1, 66-163 ms with 4, 2,384 ms with 16; docs/benchmarks.md). The
-# interpreter's switch interval is left at Python's 5 ms: the threads that woke with a commit
-# each ask for its lock every interval until they reach their turn's lock, and at 0.5 ms (once
-# used here) the four processes' longest pushes at 500 clients were 355-859 ms, not 57-66 ms.
+# longest push, one run each at a switch interval of 5 ms: 57 ms with 1 turn, 601 with 2, 66
+# and 163 with 4; 2,384 with 16 at 0.5 ms; docs/benchmarks.md). The switch interval is left at
+# Python's 5 ms: the threads that woke with a commit each ask for the lock every interval until
+# they reach their turn's lock, and at 0.5 ms (once used here) the longest pushes were 47-859 ms.
 TURNS_PER_PROCESS = 4
 
 
