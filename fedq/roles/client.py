@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -63,7 +64,8 @@ class Client:
                  stop: threading.Event | None = None,
                  trainer_factory: Callable[..., Trainer] | None = None,
                  global_reader: Callable[[RunStore], tuple[int, list[str], list[np.ndarray]]] | None = None,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0,
+                 waiting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
         if shard < 0:
             raise ConfigError(f"--shard must be 0 or more, got {shard}")
         if num_shards is not None and not 0 <= shard < num_shards:
@@ -87,6 +89,9 @@ class Client:
             raise ConfigError(f"--delay must be 0 or more, got {delay}")
         self.delay = delay  # seconds added to each local training: a straggler, for experiments
         self._prefetched: bytes | None = None  # the global model read along with the state
+        # Entered around every wait for the run (events, admission, a straggler's delay):
+        # simulated clients sharing a process give up their turn to run there (fedq.roles.swarm).
+        self.waiting = waiting
 
     # --- finding a run ------------------------------------------------------------------
     def serve(self, once: bool = False) -> list[dict[str, Any]]:
@@ -131,7 +136,8 @@ class Client:
             if bounded and time.monotonic() > deadline:
                 what = f"run {self.run_id}" if self.run_id else "an open run"
                 raise RunNotFound(f"no {what} appeared within {self.settings.wait_seconds:g} s")
-            last = store_mod.wait_global_event(self.r, last, self.settings.block_seconds)
+            with self.waiting():
+                last = store_mod.wait_global_event(self.r, last, self.settings.block_seconds)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -170,8 +176,9 @@ class Client:
             self._check_stop()
             if time.monotonic() > deadline:
                 break
-            outcome = st.wait_admitted(self.client_id, timeout=5 * self.settings.block_seconds,
-                                       block_seconds=self.settings.block_seconds)
+            with self.waiting():
+                outcome = st.wait_admitted(self.client_id, timeout=5 * self.settings.block_seconds,
+                                           block_seconds=self.settings.block_seconds)
         if outcome not in ("joined", "rejoined"):
             why = outcome if ":" in outcome else outcome.replace("_", " ")  # a verdict carries its detail
             raise JoinRefused(f"{self.client_id} could not join run {run_id}: {why}", outcome.split(":", 1)[0])
@@ -260,7 +267,8 @@ class Client:
         state read that could tell it nothing."""
         deadline = time.monotonic() + self.settings.block_seconds
         while True:
-            last, events = st.wait_event(last, max(0.001, deadline - time.monotonic()))
+            with self.waiting():
+                last, events = st.wait_event(last, max(0.001, deadline - time.monotonic()))
             if not events or any(e.get("event") != Event.ADMITTED for e in events) or time.monotonic() >= deadline:
                 return last, events
 
@@ -311,7 +319,8 @@ class Client:
         t1 = time.perf_counter()
         metrics = trainer.train(round_no)
         if self.delay:
-            self.stop.wait(self.delay)  # a straggler: slower training, still stoppable
+            with self.waiting():
+                self.stop.wait(self.delay)  # a straggler: slower training, still stoppable
         train_seconds = time.perf_counter() - t1
         metrics.update(evaluated)
         self._check_stop()

@@ -4,15 +4,25 @@ Each simulated client is the real client loop (join with statistics of its own r
 global model, push an update, follow the round counter) with local training replaced by numpy:
 the update is the global weights plus small seeded noise. Many such clients share a process as
 threads, so a federation of 1,000 clients fits on one machine; the aggregator is the real one.
+
+Only a few of a process's clients run at a time (TURNS_PER_PROCESS); the others wait their turn,
+in order, blocked on a lock of their own. A client gives its turn up while it waits for the run
+(its events, its admission, a straggler's delay). Without turns, a commit woke all 250 threads
+of a process at once and each then fought the others for the interpreter's lock: a waiting
+thread wakes every switch interval to ask for it, so the process burnt its CPU on the fight,
+and the lock goes to whichever thread wakes first, so a push could wait seconds behind threads
+that came after it (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-import sys
 import threading
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,21 +41,69 @@ log = logging.getLogger("fedq.simulate")
 # them at once whatever it is, but each timeout is a state read, and 1,000 clients timing out
 # every second kept a third of two cores busy while they waited (threads of four processes).
 SIM_BLOCK_SECONDS = 5.0
-# Simulated clients per process, by default (at least 4 processes). A commit wakes every client
-# of a process at once, and each then waits for the interpreter's lock behind the others; but on
-# 2 cores more processes cost more: 1,000 clients in 10 processes of 100 gave push p50 823 ms
-# and 43.7 ms of round time per update, in 4 of 250 p50 12 ms and 20.3 ms (one run each,
-# bench/simulate_tail.py, docs/benchmarks.md).
+# Simulated clients per process, by default (at least 4 processes): on 2 cores, 1,000 clients
+# in 10 processes of 100 did worse than in 4 of 250 (bench/simulate_tail.py, docs/benchmarks.md).
 CLIENTS_PER_PROCESS = 250
-# The interpreter's switch interval in a simulation process (Python's default: 5 ms). A thread
-# whose Redis reply has arrived waits that long for each thread running ahead of it.
-SWITCH_INTERVAL = 0.0005
+# Clients of a process that run at once. Fewer leave the process idle while each waits for its
+# replies from Redis; more fight for the interpreter's lock again (500 clients in 4 processes,
+# longest push, one run each at a switch interval of 5 ms: 57 ms with 1 turn, 601 with 2, 66
+# and 163 with 4; 2,384 with 16 at 0.5 ms; docs/benchmarks.md). The switch interval is left at
+# Python's 5 ms: the threads that woke with a commit each ask for the lock every interval until
+# they reach their turn's lock, and at 0.5 ms (once used here) the longest pushes were 47-859 ms.
+TURNS_PER_PROCESS = 4
 
 
 def default_processes(clients: int) -> int:
     """How many processes `fedq simulate` spreads `clients` over when not told: one per
     CLIENTS_PER_PROCESS clients, at least 4."""
     return max(4, math.ceil(clients / CLIENTS_PER_PROCESS))
+
+
+class Turns:
+    """At most `count` threads of a process run at once; the others wait their turn, first come
+    first served (a turn is handed straight to the longest waiter)."""
+
+    def __init__(self, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"turns must be 1 or more, got {count}")
+        self._lock = threading.Lock()
+        self._free = count
+        self._queue: deque[threading.Lock] = deque()
+
+    def _take(self) -> None:
+        with self._lock:
+            if self._free and not self._queue:
+                self._free -= 1
+                return
+            mine = threading.Lock()
+            mine.acquire()
+            self._queue.append(mine)
+        mine.acquire()  # released by the thread that hands this turn on
+
+    def _give(self) -> None:
+        with self._lock:
+            if self._queue:
+                self._queue.popleft().release()
+            else:
+                self._free += 1
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A turn, for the whole block."""
+        self._take()
+        try:
+            yield
+        finally:
+            self._give()
+
+    @contextlib.contextmanager
+    def away(self) -> Iterator[None]:
+        """Inside held(): the turn given up for the block (a wait), and taken back after it."""
+        self._give()
+        try:
+            yield
+        finally:
+            self._take()
 
 
 class NoiseTrainer:
@@ -123,7 +181,7 @@ def client_commands(spec: RunSpec, processes: int, scale: float = 1e-3,
 
 def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: float = 1e-3,
                delay: tuple[int, float] | None = None) -> int:
-    """Run shards first..first+count-1 as threads; returns how many clients failed. scale is
+    """Run shards first..first+count-1 as threads taking turns; returns how many clients failed. scale is
     the noise of their updates (0: each sends the global model back, a no-op round); delay
     (first straggler shard, seconds) slows the shards from that one on."""
     from threadpoolctl import threadpool_limits
@@ -131,7 +189,6 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
     # Hundreds of threads each calling into a multi-threaded BLAS would each get its pools and
     # buffers; one BLAS thread per process, and the dataset loaded once before the threads start.
     threadpool_limits(1)
-    sys.setswitchinterval(SWITCH_INTERVAL)
     if settings.block_seconds < SIM_BLOCK_SECONDS and settings.lease_seconds >= 3 * SIM_BLOCK_SECONDS:
         settings = dataclasses.replace(settings, block_seconds=SIM_BLOCK_SECONDS)
     r0 = connect(settings)
@@ -139,19 +196,21 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
     r0.close()
     failures: list[str] = []
     shared = SharedGlobal()
+    turns = Turns(TURNS_PER_PROCESS)
 
     def one(shard: int) -> None:
-        r = connect(settings)
-        try:
-            Client(r, settings, shard, run_id=run_id,
-                   trainer_factory=noise_trainers(RunStore(r, run_id), scale, shared),
-                   global_reader=shared.read,
-                   delay=delay[1] if delay is not None and shard >= delay[0] else 0.0).serve(once=True)
-        except Exception as exc:  # counted and reported; one client must not stop the rest
-            log.error("client-%d failed: %s", shard, exc)
-            failures.append(f"client-{shard}")
-        finally:
-            r.close()
+        with turns.held():
+            r = connect(settings)
+            try:
+                Client(r, settings, shard, run_id=run_id,
+                       trainer_factory=noise_trainers(RunStore(r, run_id), scale, shared),
+                       global_reader=shared.read, waiting=turns.away,
+                       delay=delay[1] if delay is not None and shard >= delay[0] else 0.0).serve(once=True)
+            except Exception as exc:  # counted and reported; one client must not stop the rest
+                log.error("client-%d failed: %s", shard, exc)
+                failures.append(f"client-{shard}")
+            finally:
+                r.close()
 
     threads = [threading.Thread(target=one, args=(k,), name=f"client-{k}", daemon=True)
                for k in range(first, first + count)]
