@@ -249,6 +249,13 @@ def accounting_multiplier(mode: str, noise_multiplier: float) -> float:
     raise ValueError(f"no accounting for dp mode {mode!r}")
 
 
+def load_accountant() -> None:
+    """Import dp-accounting (and SciPy under it): about 1.8 s of CPU on a small machine, which
+    the first round's record would otherwise pay inside the round, where a driver renews its
+    lease only between steps (under load it outlasted a 15 s lease). Called before driving."""
+    import dp_accounting  # noqa: F401
+
+
 def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """Epsilon at this delta after `rounds` Gaussian mechanisms of this noise multiplier (std over
     L2 sensitivity), composed with dp-accounting's RDP accountant."""

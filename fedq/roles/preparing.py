@@ -71,6 +71,8 @@ class Preparing:
         loads TensorFlow, and the strategy waits for the model's shapes (_strategy_for)."""
         ds = load_dataset(spec.data)
         _, test_idx = split_indices(ds.y, spec.data.test_fraction, spec.data.seed)
+        if spec.dp != "off":
+            privacy.load_accountant()  # seconds of imports: here, not inside a round's record
         if not spec.central_eval:
             return Prepared(ds, test_idx)
         model = build_model(spec.model, ds.num_features, ds.num_classes, spec.seed)

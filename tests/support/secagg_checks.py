@@ -53,6 +53,11 @@ def wait_all(procs: dict[str, subprocess.Popen], logs: Path, timeout: float = 90
             raise AssertionError(f"{name} did not finish; log:\n{(logs / f'{name}.log').read_text()}") from None
 
 
+# Where an update's bytes are while a round runs: the client's staged and body keys, the update
+# hash (its sequence number), and the aggregator's taken copy.
+UPDATE_KEYS = (b":update:", b":body:", b":staged", b":taken:")
+
+
 class Reader(threading.Thread):
     """Reads every key of the Redis, of every type, in a loop until stopped; keeps each value seen."""
 
@@ -61,7 +66,7 @@ class Reader(threading.Thread):
         self.r = redis.Redis.from_url(url)
         self.seen: set[bytes] = set()
         self.keys: set[bytes] = set()
-        self.updates: set[bytes] = set()  # the values of the clients' update keys
+        self.updates: set[bytes] = set()  # the values of the update keys (UPDATE_KEYS)
         self.done = threading.Event()
 
     def _values(self, key: bytes) -> list[bytes]:
@@ -87,7 +92,7 @@ class Reader(threading.Thread):
                 try:
                     values = self._values(key)
                     self.seen.update(values)
-                    if b":update:" in key:
+                    if any(tag in key for tag in UPDATE_KEYS):
                         self.updates.update(values)
                 except redis.ResponseError:
                     pass  # the key changed type or vanished between the calls
