@@ -387,7 +387,7 @@ def test_buffered_forged_base_versions_and_re_pushes_of_one_base(arena: Arena) -
     future, pushes for that future version itself, for version -1, and writes a key for the
     future version around the push step. Nothing of hers counts, the aggregator reads at most
     FEDQ_MAX_PUSHES_PER_ROUND versions of her key, and the honest clients make every version."""
-    run = Run(arena, "adv-buffered-forged", rounds=6, round_timeout=20,
+    run = Run(arena, "adv-buffered-forged", rounds=12, round_timeout=20,  # room for her pushes under load
               spec_extra={"aggregation": "buffered", "buffer_size": 2, "max_staleness": 50, "min_clients": None})
     assert run.mallory_joins() == "joined"
     run.wait(lambda: run.store.committed_round() >= 1, "version 1 to commit")

@@ -24,11 +24,8 @@ from support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
-OUTAGE = 10.0  # seconds Redis stays away: over three times the driver's 3 s lease, so it lapses
+OUTAGE = 20.0  # seconds Redis stays away
 ANSWER_WITHIN = 5.0  # the longest a dashboard request may take while Redis is away (a hang would be ~50 s)
-# The run must outlast the checks after the SIGKILL and the outage, however loaded the machine:
-# its survivors' rounds take TRAIN_SECONDS x 2 (client-1's shard) and more.
-ROUNDS, TRAIN_SECONDS = 12, 1.0
 PATHS = ("/api/runs/watched", "/api/runs", "/api/health", "/runs/watched")
 # What the run page shows a person (when Chromium is there to show it): never reloaded.
 PAGE_FACTS = """() => {
@@ -139,7 +136,7 @@ def _redis_away(fed: Federation, dash: Dashboard, page: Any) -> None:
                 "the Redis banner over what it showed", "redis-away")
     answers = []
     t_end = time.monotonic() + OUTAGE
-    while time.monotonic() < t_end or len(answers) < 4 * len(PATHS):  # a loaded machine: 4 sweeps at least
+    while time.monotonic() < t_end:
         answers += [(path, *_timed_get(dash, path)) for path in PATHS]
         time.sleep(0.5)
     t0 = time.monotonic()
@@ -160,10 +157,9 @@ def _redis_away(fed: Federation, dash: Dashboard, page: Any) -> None:
 
 def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_them(federation, page,
                                                                                     tmp_path) -> None:
-    fed = federation(clients=3, rounds=ROUNDS, min_clients=2, round_timeout=20, run_id="watched",
+    fed = federation(clients=3, rounds=8, min_clients=2, round_timeout=20, run_id="watched",
                      redis_args=("--appendonly", "yes", "--appendfsync", "always"))
     fed.env["FEDQ_HEARTBEAT_SECONDS"] = "2"
-    fed.env["FEDQ_TEST_TRAIN_SECONDS"] = str(TRAIN_SECONDS)
     dash = Dashboard(fed.url, tmp_path, refresh=0.5)
     try:
         fed.aggregator()
@@ -174,16 +170,16 @@ def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_th
             page.goto(dash.url("/runs/watched"))
         before = _lose_a_client(fed, dash, page)
         started = before["started_at"]
-        assert started and before["status"] == "running" and before["round"] < ROUNDS, before
+        assert started and before["status"] == "running" and before["round"] < 8, before
         _redis_away(fed, dash, page)
 
         state = fed.wait_end(timeout=300)
         audit = fed.audit()
-        fed.record(f"client SIGKILL + Redis away {OUTAGE:g} s (watched)", audit)
+        fed.record("client SIGKILL + Redis away 20 s (watched)", audit)
         assert state["status"] == "finished", state
         assert audit.lost == 0 and audit.double_counted == 0
         d = _wait_detail(fed, dash, lambda d: d["status"] == "finished", "the API to show the run finished", 30)
-        assert d["round"] == d["rounds"] == ROUNDS
+        assert d["round"] == d["rounds"] == 8
         assert d["started_at"] == started, "the first start is kept"
         assert d["final"]["test_accuracy"] == d["round_metrics"][-1]["test_accuracy"] is not None
         assert all(m["overhead_seconds"] >= 0 for m in fed.store.metrics()), fed.store.metrics()
@@ -198,8 +194,7 @@ def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_th
         assert out.returncode == 0 and "watched: finished" in out.stdout, out.stdout + out.stderr
         assert f"started {_when(started)}, resumed {_when(d['resumed_at'])}" in out.stdout, out.stdout
         assert "Traceback" not in dash.text()
-        _page_shows(page, lambda f: f["banner"] is None and f["status"] == "finished"
-                    and f["rounds"] == f"{ROUNDS} / {ROUNDS}"
+        _page_shows(page, lambda f: f["banner"] is None and f["status"] == "finished" and f["rounds"] == "8 / 8"
                     and f["resumed"] == _when(d["resumed_at"]) and f["started"] == _when(started)
                     and "takeover" in f["marks"], "the finished run, resumed, without the banner", "finished")
         for k in range(2):
