@@ -60,6 +60,11 @@ def seq_marker(reply: Any) -> str:
 class UpdateReads(RunRecords):
     """The aggregator's reads of what clients pushed, and its records of them."""
 
+    def _ask_seqs(self, pipe: Any, round_no: int, ids: Sequence[str]) -> None:
+        """Queue the look at each client's update sequence number (read with _seqs)."""
+        for cid in ids:
+            pipe.hget(self.k.update(cid, round_no), "seq")
+
     def pop_inbox(self, block_seconds: float) -> list[str]:
         """The distinct client ids that woke us (in order), or [] after block_seconds.
 
@@ -126,9 +131,8 @@ class UpdateReads(RunRecords):
         number, or a marker naming what is wrong with the key (so that it is judged once)."""
         ids = self.member_ids() if ids is None else [c for c in ids if valid_client_id(c)]
         pipe = self.r.pipeline(transaction=False)
-        for cid in ids:
-            pipe.hget(self.k.update(cid, round_no), "seq")
-        return {cid: seq_marker(v) for cid, v in zip(ids, pipe.execute(raise_on_error=False)) if v is not None}
+        self._ask_seqs(pipe, round_no, ids)
+        return _seqs(ids, pipe.execute(raise_on_error=False))
 
     def first_look(self, round_no: int, ids: Sequence[str]) -> tuple[bool, int, dict[str, str]]:
         """A round's first look, in one round trip: whether the run still exists, how many of
@@ -138,12 +142,11 @@ class UpdateReads(RunRecords):
         pipe = self.r.pipeline(transaction=False)
         pipe.exists(self.k.spec)
         pipe.exists(*[self.k.alive(c) for c in ids]) if ids else pipe.exists(self.k.spec)
-        for cid in ids:
-            pipe.hget(self.k.update(cid, round_no), "seq")
+        self._ask_seqs(pipe, round_no, ids)
         replies = pipe.execute(raise_on_error=False)
         raise_any(replies[:2])
         alive = int(replies[1]) if ids else 0
-        seqs = {cid: seq_marker(v) for cid, v in zip(ids, replies[2:]) if v is not None}
+        seqs = _seqs(ids, replies[2:])
         return bool(replies[0]), alive, seqs
 
     def close_and_look(self, round_no: int, ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -154,15 +157,14 @@ class UpdateReads(RunRecords):
 
         def look(pipe: Any) -> None:
             pipe.smembers(self.k.members)
-            for cid in ids:
-                pipe.hget(self.k.update(cid, round_no), "seq")
+            self._ask_seqs(pipe, round_no, ids)
 
         closed, replies = self._after_audit(scripts.CLOSE, [self.k.state, self.k.lease],
                                             [round_no, self.driver or ""], then=look)
         if closed == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before closing round {round_no}")
         members = sorted(cid for cid in map(text, replies[0]) if valid_client_id(cid))
-        seqs = {cid: seq_marker(v) for cid, v in zip(ids, replies[1:]) if v is not None and cid in members}
+        seqs = {cid: seq for cid, seq in _seqs(ids, replies[1:]).items() if cid in members}
         others = [cid for cid in members if cid not in ids]
         if others:  # members the caller did not know of: a second look
             seqs.update(self.update_seqs(round_no, others))
@@ -180,3 +182,8 @@ class UpdateReads(RunRecords):
                       nbytes: int) -> None:
         """Append one judgement to the audit trail (it travels with this store's next call: audit.py)."""
         self.audit.record(client_id, round_no, seq, digest, outcome, nbytes)
+
+
+def _seqs(ids: Sequence[str], replies: Sequence[Any]) -> dict[str, str]:
+    """Client id -> version marker, from the replies of UpdateReads._ask_seqs (absent keys left out)."""
+    return {cid: seq_marker(v) for cid, v in zip(ids, replies) if v is not None}
