@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
+from blake3 import blake3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -184,8 +184,10 @@ def test_decode_accepts_bytearray_and_memoryview() -> None:
 def test_encode_is_deterministic_and_digest() -> None:
     a, b = valid_payload(), valid_payload()
     assert a == b
-    assert digest(a) == hashlib.sha256(a).hexdigest()
+    assert digest(a) == blake3(a).hexdigest()
     assert len(digest(a)) == 64
+    # BLAKE3's published test vector for "abc" (256-bit output)
+    assert digest(b"abc") == "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
     assert digest(a) != digest(encode("update", []))
     with pytest.raises(CodecError, match="bytes"):
         digest("not bytes")  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ A model's tensors, taken in order and flattened, form one vector of parameters. 
 contiguous slice of that vector, at most ``chunk_bytes`` long, sent as its own codec envelope
 (kind ``part``: one 1-D tensor, its offset in meta). The *head* is the usual update or global
 envelope with no tensors and a ``parts`` record in meta: how many parts, how many parameters,
-their dtype, and the SHA-256 of every part. A reader fetches the parts one by one, checks each
+their dtype, and the BLAKE3 digest of every part. A reader fetches the parts one by one, checks each
 against the head, and folds it (the aggregator) or copies it into place (a client), so neither
 side holds more than the model it needs plus one part.
 
@@ -13,7 +13,6 @@ Pure: no Redis here; the store names the keys and the aggregator drives the loop
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,7 +65,7 @@ class Layout:
             raise CodecError(f"{count} parts of {per} parameters cannot carry {elements}")
         if (not isinstance(digests, list) or len(digests) != count
                 or not all(isinstance(d, str) and len(d) == 64 for d in digests)):
-            raise CodecError(f"parts.digests must be {count} SHA-256 hex digests")
+            raise CodecError(f"parts.digests must be {count} hex digests (BLAKE3, 64 characters)")
         return cls(count, elements, dtype, per, tuple(digests))
 
     def span(self, index: int) -> tuple[int, int]:
@@ -114,7 +113,7 @@ def iter_slices(tensors: Sequence[np.ndarray], per: int) -> Iterator[np.ndarray]
 
 
 def encode_parts(tensors: Sequence[np.ndarray], chunk_bytes: int) -> Iterator[tuple[bytes, str]]:
-    """(part payload, its SHA-256 hex) for each part, made one at a time."""
+    """(part payload, its digest: codec.digest) for each part, made one at a time."""
     dtype = uniform_dtype(tensors)
     if dtype is None:
         raise CodecError("a model with tensors of different dtypes cannot be sent in parts")
@@ -137,7 +136,7 @@ def encode_parts_from(read: Callable[[int, int], np.ndarray], elements: int, dty
 
 def _part(index: int, offset: int, piece: np.ndarray) -> tuple[bytes, str]:
     payload = codec.encode(KIND_PART, [piece], meta={"index": index, "offset": offset}, names=["flat"])
-    return payload, hashlib.sha256(payload).hexdigest()
+    return payload, codec.digest(payload)
 
 
 def layout_of(tensors: Sequence[np.ndarray], chunk_bytes: int, digests: Sequence[str]) -> Layout:
@@ -154,7 +153,7 @@ def layout_for(elements: int, dtype: str, chunk_bytes: int, digests: Sequence[st
 
 def decode_part(payload: bytes, layout: Layout, index: int) -> np.ndarray:
     """The slice a part carries, after checking it against the head; CodecError otherwise."""
-    if hashlib.sha256(payload).hexdigest() != layout.digests[index]:
+    if codec.digest(payload) != layout.digests[index]:
         raise CodecError(f"part {index} does not match its digest in the head")
     env = codec.decode(payload, expect_kind=KIND_PART)
     offset, length = layout.span(index)

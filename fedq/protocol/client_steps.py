@@ -3,13 +3,12 @@ and evaluations; each checked in Redis by a Lua step (fedq.protocol.scripts)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from fedq.protocol import scripts
+from fedq.protocol import codec, scripts
 from fedq.protocol.replies import opt_text
 from fedq.protocol.run_records import MAX_PUSHES, MAX_REFUSED, RunRecords
 from fedq.protocol.vocabulary import ENDED, Join, Status
@@ -67,7 +66,7 @@ class ClientSteps(RunRecords):
         round; 'ok' or the refusal code (also recorded). window: how many versions behind the
         newest the round may be (buffered aggregation's max staleness; 0: the open round only)."""
         named = {"client": client_id, "round": int(round_no), "now": time.time(), "max_bytes": int(max_bytes),
-                 "refused_max": MAX_REFUSED, "pushes_max": MAX_PUSHES, "digest": hashlib.sha256(payload).hexdigest(),
+                 "refused_max": MAX_REFUSED, "pushes_max": MAX_PUSHES, "digest": codec.digest(payload),
                  "part_id": part_id, "window": int(window), "state": self.k.state, "members": self.k.members,
                  "selected": self.k.selected(round_no), "consumed": self.k.consumed(round_no), "inbox": self.k.inbox}
         step_keys = [self.k.update(client_id, round_no), self.k.client_refused(client_id),

@@ -16,7 +16,6 @@ Version 1 (still read): one msgpack map with each tensor's bytes inline under
 
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from blake3 import blake3
 
 from fedq.errors import CodecError
 
@@ -376,11 +376,14 @@ def _envelope(obj: Any, version_read: int, expect_kind: str | None,
     return Envelope(kind=kind, meta=meta, names=names, tensors=arrays)
 
 
-def digest(payload: bytes) -> str:
-    """Hex SHA-256 of the payload bytes, used to identify an update."""
+def digest(payload: bytes | bytearray | memoryview) -> str:
+    """Hex BLAKE3 (256 bits) of the payload bytes: what identifies an update in the audit
+    trail and the client's push log, and each part of a model sent in parts. Every update is
+    hashed by its client and again by the aggregator; BLAKE3 (in C, SIMD) takes about a quarter
+    of SHA-256's time for the same bytes here, and lets go of the interpreter's lock."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
-    return hashlib.sha256(payload).hexdigest()
+    return blake3(payload).hexdigest()
 
 
 def pack_obj(obj: Any) -> bytes:

@@ -11,7 +11,6 @@ TensorFlow.
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import subprocess
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+from blake3 import blake3
 from support.federation import CliFederation
 from support.initial import store_initial
 from support.procs import Proc, cli_env, fedq_cmd
@@ -161,7 +161,7 @@ class Federation(CliFederation):
         models = []
         for cid, info in last["clients"].items():
             payload = self.r.get(self.store.k.update_taken(cid, rnd))  # the version the aggregator took
-            assert hashlib.sha256(payload).hexdigest() == info["digest"]
+            assert blake3(payload).hexdigest() == info["digest"]  # the audit's digest: BLAKE3
             env = codec.decode(payload)
             models.append((list(env.tensors), env.meta["num_examples"]))
         expected = fedavg(models)
