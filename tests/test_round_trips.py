@@ -5,19 +5,26 @@ Real Redis; sends are counted on the connection (one send is one round trip)."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from redis.connection import AbstractConnection
+from support.federation import noisy
 
+from fedq.protocol import scripts
 from fedq.protocol.fencing import Commit, LeaseLost
 from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Join, Phase, Push, Read
 from fedq.roles.swarm import default_processes
 
 RUN = "t-trips"
+_COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n(?:\$40\r\n([0-9a-f]{40}))?")  # a command, its script
 
 
 class _Spec:
@@ -93,10 +100,11 @@ def test_the_close_and_its_last_look_are_one_send(r: redis.Redis, sends: list[in
     store.record_judged("c0", 1, "1", "d", "accepted", 2)
     store.close_round(1)  # the close script loaded (as a round before this one would have)
     r.hdel(store.k.state, "closed")
+    r.set(store.k.alive("c1"), "1", ex=60)  # c1's heartbeat: it has not pushed, but it lives
     before = sends[0]
-    members, seqs = store.close_and_look(1, ["c0", "c1"])
+    members, seqs, alive = store.close_and_look(1, ["c0", "c1"])
     assert sends[0] - before == 1
-    assert members == ["c0", "c1"] and seqs == {"c0": "1"}
+    assert members == ["c0", "c1"] and seqs == {"c0": "1"} and alive == 1
     assert client.push_update("c1", 1, b"late", 1000) == Push.ROUND_CLOSED
     assert [j["client"] for j in store.judged()] == ["c0"]
 
@@ -107,7 +115,7 @@ def test_the_last_look_finds_members_the_caller_did_not_know(r: redis.Redis) -> 
     for cid in ("c0", "c2"):
         assert client.push_update(cid, 1, b"u", 1000) == Push.OK
     r.hset(store.k.update("stranger", 1), mapping={"seq": "1", "payload": b"x"})  # no member
-    members, seqs = store.close_and_look(1, ["c0", "stranger"])
+    members, seqs, _ = store.close_and_look(1, ["c0", "stranger"])
     assert members == ["c0", "c1", "c2"]
     assert seqs == {"c0": "1", "c2": "1"}  # the stranger's key is no member's: not looked at
 
@@ -154,3 +162,36 @@ def test_simulate_spreads_clients_over_a_process_per_hundred() -> None:
     assert default_processes(10) == 4
     assert default_processes(1000) == 4
     assert default_processes(1001) == 5
+
+
+def test_a_round_opened_by_its_drivers_commit_costs_no_look(harness_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after a driver's commit every client fetches the model and pushes at once: the next
+    round waits on the inbox straight away (no look at the members or their keys), and the
+    updates pushed before that wait are still folded, exactly once."""
+    h = harness_factory(4, "t-open")
+    shas = {hashlib.sha1(text.encode()).hexdigest(): name for name, text in scripts.SCRIPTS.items()}
+    sent: list[tuple[str, ...]] = []  # the aggregator thread's sends from round 2 on, as command names
+    original = AbstractConnection.send_packed_command
+
+    def logged(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        if threading.current_thread() is h.thread:
+            chunks = [command] if isinstance(command, (bytes, str)) else command
+            found = [m for c in chunks if isinstance(c, bytes) and len(c) < 1 << 16 for m in _COMMAND.finditer(c)]
+            sent.append(tuple(shas.get((m.group(2) or b"").decode(), m.group(1).decode().upper()) for m in found))
+        original(self, command, check_health)
+
+    _, names, g = h.global_model()
+    for round_no in (1, 2, 3, 4):
+        if round_no == 2:  # every script has run once (and is loaded): the sends are the steady state
+            monkeypatch.setattr(AbstractConnection, "send_packed_command", logged)
+        for k in range(3):  # each round's pushes land while the aggregator commits the last one
+            update = h.update(f"c{k}", round_no, 10 + k, noisy(g, 10 * round_no + k), names)
+            assert h.push(f"c{k}", round_no, update) == Push.OK
+        h.wait_round(round_no)
+    commits = [i for i, s in enumerate(sent) if "COMMIT" in s]
+    assert len(commits) == 3, sent  # rounds 2, 3 and 4
+    for first, second in itertools.pairwise(commits):
+        opening = sent[first + 1:next(i for i in range(first + 1, second) if "READ_UPDATE" in sent[i])]
+        assert all(set(s) <= {"BLPOP", "DRAIN", "XADD"} for s in opening), opening  # wait, then read
+    assert [m["num_updates"] for m in h.store.metrics()] == [3, 3, 3, 3]
+    assert h.store.state()["status"] == "finished"

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -55,6 +55,15 @@ def seq_marker(reply: Any) -> str:
         return version_marker(Read.WRONG_TYPE, "")
     text = opt_text(reply) or ""
     return version_marker(Read.OK if text.isdigit() and len(text) <= 15 else Read.BAD_SEQ, text)
+
+
+class Closed(NamedTuple):
+    """What a round's close saw: the members, the version markers of their updates, and how many
+    of the members the caller named had a live heartbeat."""
+
+    members: list[str]
+    seqs: dict[str, str]
+    alive: int
 
 
 class UpdateReads(RunRecords):
@@ -149,14 +158,16 @@ class UpdateReads(RunRecords):
         seqs = _seqs(ids, replies[2:])
         return bool(replies[0]), alive, seqs
 
-    def close_and_look(self, round_no: int, ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    def close_and_look(self, round_no: int, ids: Sequence[str]) -> Closed:
         """Close the round (fenced by the lease, as FencedSteps.close_round), then look at what was
         stored before the close, in one round trip when ids (the members as the caller knows them)
-        are all the members: (the member ids, update_seqs of them)."""
+        are all the members: the member ids, update_seqs of them, and how many of ids have a live
+        heartbeat (the next round opens from this look, without one of its own)."""
         ids = [c for c in ids if valid_client_id(c)]
 
         def look(pipe: Any) -> None:
             pipe.smembers(self.k.members)
+            pipe.exists(*[self.k.alive(c) for c in ids]) if ids else pipe.exists(self.k.spec)
             self._ask_seqs(pipe, round_no, ids)
 
         closed, replies = self._after_audit(scripts.CLOSE, [self.k.state, self.k.lease],
@@ -164,11 +175,12 @@ class UpdateReads(RunRecords):
         if closed == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before closing round {round_no}")
         members = sorted(cid for cid in map(text, replies[0]) if valid_client_id(cid))
-        seqs = {cid: seq for cid, seq in _seqs(ids, replies[1:]).items() if cid in members}
+        alive = int(replies[1]) if ids else 0
+        seqs = {cid: seq for cid, seq in _seqs(ids, replies[2:]).items() if cid in members}
         others = [cid for cid in members if cid not in ids]
         if others:  # members the caller did not know of: a second look
             seqs.update(self.update_seqs(round_no, others))
-        return members, seqs
+        return Closed(members, seqs, alive)
 
     def record_refused(self, client_id: str, round_no: int, reason: str, detail: str) -> None:
         rec = {"client": client_id, "round": round_no, "reason": reason, "detail": detail,

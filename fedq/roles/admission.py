@@ -156,14 +156,15 @@ class Admission:
             self._join_rows.pop(cid, None)  # admitted (again): its record as it asked now
             rnd.joined = self._joined()
 
-    def _joined(self) -> dict[str, int | None]:
-        """Member id -> the rows it joined with (None when it stated no valid count).
+    def _joined(self, ids: list[str] | None = None) -> dict[str, int | None]:
+        """Member id -> the rows it joined with (None when it stated no valid count); ids: the
+        member ids when the caller has just seen them (else they are read).
 
         A member's join record is read once, when it is first seen a member: the rows it was
         admitted with are its claim for the run (the record is the client's own key, which it
         may rewrite at any time). Each round then costs one look at the member set instead of
         three round trips over every member's record (two of them on the round's critical path)."""
-        ids = self.store.member_ids()
+        ids = self.store.member_ids() if ids is None else ids
         known = self._join_rows
         for gone in set(known) - set(ids):
             del known[gone]

@@ -193,11 +193,11 @@ class Aggregator(Collecting, Committing, Preparing, Admission, FederatedEvaluati
         evaluate it -> record -> commit."""
         spec, round_no, strategy = drive.spec, drive.round_no, drive.strategy
         strategy.begin_round(drive.global_tensors, noise_rng=self._noise_rng(spec, round_no))
-        rnd = self._collect_round(spec, round_no, drive.wire, strategy, drive.global_tensors or [])
+        rnd = self._collect_round(spec, round_no, drive.wire, strategy, drive.global_tensors or [], drive.members)
         weights, payload, parts = self._write_global(drive)
         test, eval_seconds = self._evaluate(drive, weights)
         metrics = self._record(drive, rnd, test, eval_seconds)
-        self._commit(drive, rnd, payload, parts, metrics)
+        drive.members = self._commit(drive, rnd, payload, parts, metrics)
         log.info("run %s round %d/%d: %d updates, %d examples, test accuracy %s", self.run_id, round_no,
                  spec.rounds, metrics["num_updates"], metrics["num_examples"],
                  "-" if "accuracy" not in test else f"{test['accuracy']:.4f}")

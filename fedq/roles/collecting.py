@@ -39,7 +39,7 @@ class Collecting:
     if TYPE_CHECKING:
         def _tick(self) -> None: ...
         def _check_exists(self) -> None: ...
-        def _joined(self) -> dict[str, int | None]: ...
+        def _joined(self, ids: list[str] | None = None) -> dict[str, int | None]: ...
         def _admit_waiting(self, spec: RunSpec, rnd: Round) -> None: ...
         def _admit_woken(self, spec: RunSpec, rnd: Round, cid: str) -> None: ...
         def _consider(self, rnd: Round, round_no: int, cid: str, template: list[messages.TensorSpec]) -> None: ...
@@ -81,11 +81,13 @@ class Collecting:
                 on_wake(cid)
 
     def _collect_round(self, spec: RunSpec, round_no: int, template: list[messages.TensorSpec],
-                       strategy: Strategy, base: list[np.ndarray]) -> Round:
+                       strategy: Strategy, base: list[np.ndarray], opened: list[str] | None = None) -> Round:
         """Block until every joined (or chosen) client has a stored update for the round (valid or
         refused), or the deadline passes with the quorum. strategy has begun the round; base is
-        the global model it started from (compressed updates are deltas from it)."""
-        rnd = self._open_round(spec, round_no, template, strategy, base)
+        the global model it started from (compressed updates are deltas from it). opened: the
+        members as this driver's close of the previous round saw them, when it committed that
+        round itself; the round then opens without a look of its own."""
+        rnd = self._open_round(spec, round_no, template, strategy, base, opened)
 
         def rescan(joined_now: bool = False) -> None:
             # Wake-ups are hints; the sequence numbers are the truth. An idle moment re-reads
@@ -113,14 +115,21 @@ class Collecting:
             self._admit_woken(spec, rnd, cid)
             self._consider(rnd, round_no, cid, template)
 
-        rescan(joined_now=True)  # a resumed round: fold what is already stored
+        if opened is None:
+            rescan(joined_now=True)  # a resumed round: fold what is already stored
+        else:
+            # Right after this driver's own commit opened the round nothing of it can be stored
+            # yet, and each push wakes us through the inbox: the round's start, when every
+            # client fetches the model and pushes at once, costs no round trip to Redis here.
+            self._admit_waiting(spec, rnd)
         expected = rnd.expected(spec)
         self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan, woken,
                           expected=expected, quorum=min(spec.quorum, expected),
                           settled=lambda quorum: self._settled(rnd, quorum))
         # Close the round, then take in whatever was stored before the close: after this no
         # push can change it, so what we commit is exactly what was accepted. One round trip.
-        rnd.members, seqs = self.store.close_and_look(round_no, sorted(rnd.joined))
+        rnd.members, seqs, alive = self.store.close_and_look(round_no, sorted(rnd.joined))
+        fedq_metrics.set_clients_alive(alive)
         for cid, seq in seqs.items():
             if rnd.versions.get(cid) != seq:
                 self._consider(rnd, round_no, cid, template)
@@ -130,10 +139,12 @@ class Collecting:
         return rnd
 
     def _open_round(self, spec: RunSpec, round_no: int, template: list[messages.TensorSpec],
-                    strategy: Strategy, base: list[np.ndarray]) -> Round:
-        """The round's state as it opens: the members, and the clients that may train in it
-        (those chosen, in a sampled round; with secure aggregation, those that shared keys)."""
-        rnd = Round(acc=strategy, joined=self._joined(), base=base, compression=spec.compression, template=template)
+                    strategy: Strategy, base: list[np.ndarray], opened: list[str] | None = None) -> Round:
+        """The round's state as it opens: the members (opened: as the last close saw them), and
+        the clients that may train in it (those chosen, in a sampled round; with secure
+        aggregation, those that shared keys)."""
+        rnd = Round(acc=strategy, joined=self._joined(opened), base=base, compression=spec.compression,
+                    template=template)
         if spec.sampled:
             rnd.selected = self.store.selected(round_no)
             if rnd.selected is None:  # written with the commit that opened the round; never absent

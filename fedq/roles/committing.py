@@ -71,9 +71,12 @@ class Committing:
             metrics["selected"] = sorted(rnd.selected)
         return metrics
 
-    def _commit(self, drive: Driving, rnd: Round, payload: bytes, parts: int, metrics: dict[str, Any]) -> None:
+    def _commit(self, drive: Driving, rnd: Round, payload: bytes, parts: int,
+                metrics: dict[str, Any]) -> list[str] | None:
         """Commit the round: the global model, counter, record, server state and the next
-        round's chosen clients in one fenced step."""
+        round's chosen clients in one fenced step. Returns the members its close saw when this
+        commit opened the next round (None when the round was committed already: the next
+        round looks for itself)."""
         spec, round_no = drive.spec, drive.round_no
         # A global model's parts live two rounds, so a client still reading the previous one is
         # not cut short; those of two rounds back go with this commit.
@@ -93,8 +96,9 @@ class Committing:
             members=rnd.members))
         if committed:
             fedq_metrics.observe_round(metrics["seconds"])
-        else:
-            log.info("run %s round %d was committed already", self.run_id, round_no)
+            return rnd.members
+        log.info("run %s round %d was committed already", self.run_id, round_no)
+        return None
 
     def _model_file(self, drive: Driving) -> bytes | None:
         """The final global model as a .keras file, committed with the last round for the

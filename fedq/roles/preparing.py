@@ -42,6 +42,9 @@ class Driving:
     global_tensors: list[np.ndarray] | None  # the global model rounds train from (None when lean)
     fed_eval: bool
     round_started: float
+    # The members as this driver's close of the last round saw them, once it committed that
+    # round itself: the next round opens from them (None: it looks for itself, as on resuming).
+    members: list[str] | None = None
 
 
 @dataclass
