@@ -101,6 +101,12 @@ class UpdateReads(RunRecords):
         rest = [i for i in rest if i != first]
         return [first, *rest] if len(first) <= 64 else rest
 
+    def _read_keys(self, round_no: int, client_id: str) -> list[str]:
+        """READ_UPDATE's KEYS for a client's update of the round (see scripts.READ_UPDATE)."""
+        return [self.k.update(client_id, round_no), self.k.update_body(client_id, round_no),
+                self.k.update_sent(client_id, round_no), self.k.update_taken(client_id, round_no),
+                self.k.taken_seqs(round_no)]
+
     def read_update(self, round_no: int, client_id: str, judged: str, max_bytes: int,
                     only: str = "") -> StoredUpdate:
         """A client's stored update for the round, checked in Redis before anything travels: its
@@ -110,26 +116,44 @@ class UpdateReads(RunRecords):
         (checked and read in one step, so that no push can slip in between)."""
         if not valid_client_id(client_id):
             return StoredUpdate(Read.NONE)
-        taken, sent = self.k.update_taken(client_id, round_no), self.k.update_sent(client_id, round_no)
+        keys = self._read_keys(round_no, client_id)
 
         def fetch(pipe: Any) -> None:  # present only when the step found bytes to send
-            pipe.get(sent)
-            pipe.rename(sent, taken)
+            pipe.get(keys[2])
+            pipe.rename(keys[2], keys[3])
 
-        reply, (body, _moved) = self._after_audit(
-            scripts.READ_UPDATE,
-            [self.k.update(client_id, round_no), self.k.update_body(client_id, round_no), sent, taken,
-             self.k.taken_seqs(round_no)],
-            [judged, max_bytes, only, client_id], then=fetch, atomic=True)
-        kind = Read(opt_text(reply[0]) or Read.NONE)
-        seq = (opt_text(reply[1]) or "") if len(reply) > 1 else ""
-        if kind == Read.OK:
-            if isinstance(body, Exception) or body is None:
-                raise redis.exceptions.ResponseError(f"the update read of {client_id} sent no bytes")
-            return StoredUpdate(kind, seq, body or None, opt_text(reply[2]) or "")
-        if kind == Read.TOO_LARGE:
-            return StoredUpdate(kind, seq, size=int(reply[2]))
-        return StoredUpdate(kind, seq)
+        reply, (body, _moved) = self._after_audit(scripts.READ_UPDATE, keys, [judged, max_bytes, only, client_id],
+                                                  then=fetch, atomic=True)
+        return _stored(client_id, reply, body)
+
+    def read_updates(self, round_no: int, asks: Sequence[tuple[str, str]], max_bytes: int) -> dict[str, StoredUpdate]:
+        """read_update of many clients in one round trip: asks are (client id, judged) pairs, each
+        read as read_update reads it (with no only), all in one MULTI, so that each client's step
+        and the GET of its bytes still run with nothing in between. Client id -> what was found
+        (ids that cannot be clients are left out; a repeated id is read once)."""
+        asked: dict[str, str] = {}
+        for cid, judged in asks:
+            if valid_client_id(cid):
+                asked.setdefault(cid, judged)
+        script = self._script(scripts.READ_UPDATE)
+        for _attempt in range(2):
+            pipe = self.r.pipeline(transaction=True)
+            self.audit.into(pipe)  # judgements waiting ride along (audit.py); sent on the first try
+            first = len(pipe)
+            for cid, judged in asked.items():
+                keys = self._read_keys(round_no, cid)
+                # evalsha directly: a pipeline running a Script object asks SCRIPT EXISTS first (a trip more)
+                pipe.evalsha(script.sha, len(keys), *keys, judged, max_bytes, "", cid)
+                pipe.get(keys[2])
+                pipe.rename(keys[2], keys[3])
+            replies = pipe.execute(raise_on_error=False)
+            raise_any(replies[:first])
+            steps = replies[first:]
+            if not any(isinstance(x, redis.exceptions.NoScriptError) for x in steps[0::3]):
+                return {cid: _stored(cid, steps[3 * i], steps[3 * i + 1]) for i, cid in enumerate(asked)}
+            # Not loaded yet (or Redis restarted): no step ran, so nothing moved; load it, ask again.
+            self.r.script_load(scripts.READ_UPDATE)
+        raise redis.exceptions.NoScriptError("the update read step could not be loaded")
 
     def update_seq(self, round_no: int, client_id: str) -> str:
         """The version marker of a client's stored update (see update_seqs)."""
@@ -194,6 +218,21 @@ class UpdateReads(RunRecords):
                       nbytes: int) -> None:
         """Append one judgement to the audit trail (it travels with this store's next call: audit.py)."""
         self.audit.record(client_id, round_no, seq, digest, outcome, nbytes)
+
+
+def _stored(client_id: str, reply: Any, body: Any) -> StoredUpdate:
+    """What READ_UPDATE answered for a client (its reply, and the GET of the bytes it moved)."""
+    if isinstance(reply, Exception):
+        raise reply
+    kind = Read(opt_text(reply[0]) or Read.NONE)
+    seq = (opt_text(reply[1]) or "") if len(reply) > 1 else ""
+    if kind == Read.OK:
+        if isinstance(body, Exception) or body is None:
+            raise redis.exceptions.ResponseError(f"the update read of {client_id} sent no bytes")
+        return StoredUpdate(kind, seq, body or None, opt_text(reply[2]) or "")
+    if kind == Read.TOO_LARGE:
+        return StoredUpdate(kind, seq, size=int(reply[2]))
+    return StoredUpdate(kind, seq)
 
 
 def _seqs(ids: Sequence[str], replies: Sequence[Any]) -> dict[str, str]:

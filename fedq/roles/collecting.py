@@ -43,16 +43,20 @@ class Collecting:
         def _admit_waiting(self, spec: RunSpec, rnd: Round) -> None: ...
         def _admit_woken(self, spec: RunSpec, rnd: Round, cid: str) -> None: ...
         def _consider(self, rnd: Round, round_no: int, cid: str, template: list[messages.TensorSpec]) -> None: ...
+        def _consider_all(self, rnd: Round, round_no: int, ids: list[str], template: list[messages.TensorSpec],
+                          before: Callable[[str], None] | None = None) -> None: ...
         def _cap_shares(self, spec: RunSpec, rnd: Round, round_no: int,
                         template: list[messages.TensorSpec]) -> None: ...
 
     def _wait_quorum(self, spec: RunSpec, what: str, have: Callable[[], int], on_idle: Callable[[], None],
                      on_wake: Callable[[str], None], expected: int | None = None, quorum: int | None = None,
-                     settled: Callable[[int], bool] | None = None) -> None:
+                     settled: Callable[[int], bool] | None = None,
+                     on_woken: Callable[[list[str]], None] | None = None) -> None:
         """Block until all expected clients answered, or a deadline passes with at least the quorum,
         or settled(quorum) says nobody else can answer (the rest are gone) with the quorum in.
 
         expected and quorum default to the run's; a round that samples clients expects only those.
+        on_woken, when given, takes the ids of each wake-up together, instead of on_wake each.
         Below the quorum at a deadline, wait again (spec.round_retries times), then fail."""
         expected = spec.clients if expected is None else expected
         quorum = spec.quorum if quorum is None else quorum
@@ -76,6 +80,9 @@ class Collecting:
             woken = self.store.pop_inbox(self.settings.block_seconds)
             if not woken:
                 on_idle()
+            elif on_woken is not None:
+                on_woken(woken)
+                continue
             for cid in woken:
                 self._tick()  # a wake-up may name hundreds (a join phase): keep the lease through them
                 on_wake(cid)
@@ -107,13 +114,14 @@ class Collecting:
             self._admit_waiting(spec, rnd)
             if not joined_now:
                 seqs = self.store.update_seqs(round_no)
-            for cid, seq in seqs.items():
-                if rnd.versions.get(cid) != seq:
-                    self._consider(rnd, round_no, cid, template)
+            self._consider_all(rnd, round_no, _changed(rnd, seqs), template)
 
         def woken(cid: str) -> None:
             self._admit_woken(spec, rnd, cid)
             self._consider(rnd, round_no, cid, template)
+
+        def all_woken(ids: list[str]) -> None:  # their updates read many to a round trip
+            self._consider_all(rnd, round_no, ids, template, before=lambda cid: self._admit_woken(spec, rnd, cid))
 
         if opened is None:
             rescan(joined_now=True)  # a resumed round: fold what is already stored
@@ -125,14 +133,12 @@ class Collecting:
         expected = rnd.expected(spec)
         self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan, woken,
                           expected=expected, quorum=min(spec.quorum, expected),
-                          settled=lambda quorum: self._settled(rnd, quorum))
+                          settled=lambda quorum: self._settled(rnd, quorum), on_woken=all_woken)
         # Close the round, then take in whatever was stored before the close: after this no
         # push can change it, so what we commit is exactly what was accepted. One round trip.
         rnd.members, seqs, alive = self.store.close_and_look(round_no, sorted(rnd.joined))
         fedq_metrics.set_clients_alive(alive)
-        for cid, seq in seqs.items():
-            if rnd.versions.get(cid) != seq:
-                self._consider(rnd, round_no, cid, template)
+        self._consider_all(rnd, round_no, _changed(rnd, seqs), template)
         if not rnd.folded:
             raise RoundTimeout(f"round {round_no}: every update was refused")
         self._cap_shares(spec, rnd, round_no, template)
@@ -173,3 +179,8 @@ class Collecting:
         if rnd.settled and due:
             log.warning("run %s: closing the round without %s: heartbeat expired", self.run_id, ", ".join(due))
         return rnd.settled
+
+
+def _changed(rnd: Round, seqs: dict[str, str]) -> list[str]:
+    """The clients whose stored update (seqs: client id -> version marker) is a version not judged yet."""
+    return [cid for cid, seq in seqs.items() if rnd.versions.get(cid) != seq]

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import redis
 
 from fedq.learning.data import load_dataset
 from fedq.learning.spec import RunSpec, load_spec
@@ -51,6 +52,10 @@ CLIENTS_PER_PROCESS = 250
 # Python's 5 ms: the threads that woke with a commit each ask for the lock every interval until
 # they reach their turn's lock, and at 0.5 ms (once used here) the longest pushes were 47-859 ms.
 TURNS_PER_PROCESS = 4
+# Connections a simulated client opens as it starts: its own, and its heartbeat's (the heartbeat
+# thread refreshes while the client blocks on the run's events). Opened later, the heartbeat's
+# came with the first refresh, in the middle of the rounds (500 of 1,000 clients in rounds 2-3).
+CONNECTIONS_PER_CLIENT = 2
 
 
 def default_processes(clients: int) -> int:
@@ -179,6 +184,14 @@ def client_commands(spec: RunSpec, processes: int, scale: float = 1e-3,
                  for i, p in enumerate(parts) if len(p)]
 
 
+def _open_connections(r: redis.Redis, count: int) -> None:
+    """Open count connections of r's pool now (they stay in the pool for its commands)."""
+    pool = r.connection_pool
+    opened = [pool.get_connection() for _ in range(count)]
+    for conn in opened:
+        pool.release(conn)
+
+
 def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: float = 1e-3,
                delay: tuple[int, float] | None = None) -> int:
     """Run shards first..first+count-1 as threads taking turns; returns how many clients failed. scale is
@@ -200,7 +213,8 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
 
     def one(shard: int) -> None:
         with turns.held():
-            r = connect(settings)
+            r = connect(settings, check=False)  # Redis was reached above
+            _open_connections(r, CONNECTIONS_PER_CLIENT)
             try:
                 Client(r, settings, shard, run_id=run_id,
                        trainer_factory=noise_trainers(RunStore(r, run_id), scale, shared),
