@@ -77,11 +77,13 @@ def store_with_run(r: Any, settings: Any, spec: Any) -> bool:
 
 def main() -> None:
     import fedq.roles.client
-    import fedq.roles.jobs
     from fedq.cli import main as fedq_main
 
     fedq.roles.client.KerasTrainer = trainer  # type: ignore[assignment,misc]  # the default trainer_factory
-    fedq.roles.jobs.store_with_run = store_with_run  # what `fedq submit` calls
+    if sys.argv[1:2] in (["submit"], ["aggregator"]):  # the commands that submit a run
+        import fedq.roles.jobs
+
+        fedq.roles.jobs.store_with_run = store_with_run
     fedq_main(prog_name="fedq")
 
 
