@@ -43,15 +43,16 @@ def fake_client_env(env: dict[str, str], seconds: float | None = None) -> dict[s
 
 
 def _names(run_id: str) -> list[str]:
-    """The layer names of the run's global model, read from Redis as the client reads them."""
-    from fedq.protocol import messages
+    """The layer names of the run's global model, read from Redis as the client reads them (in
+    parts too)."""
+    from fedq.protocol import transfer
     from fedq.protocol.connection import connect
     from fedq.protocol.store import RunStore
     from fedq.settings import Settings
 
     r = connect(Settings.from_env())
     try:
-        return messages.decode_global(RunStore(r, run_id).global_payload(), run_id)[1]
+        return transfer.read_global(RunStore(r, run_id))[1]
     finally:
         r.close()
 
