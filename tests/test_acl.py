@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 from click.testing import CliRunner
+from support.fake_client import fake_client_cmd, fake_client_env
 from support.redis import RedisServer
 
 from fedq.cli import main
@@ -155,16 +156,17 @@ def test_the_dashboard_reads_everything_and_writes_nothing(federation_users) -> 
 @pytest.mark.slow
 def test_a_federation_runs_with_one_acl_user_per_process(federation_users, tmp_path: Path) -> None:
     """fedq aggregator and two fedq clients, each its own ACL user: the rules are enough,
-    with models in parts too."""
+    with models in parts too. The clients train with FakeTrainer (support.fake_client: what
+    they read and write in Redis is fedq's own); the aggregator evaluates and saves model.keras."""
     server, users = federation_users
 
     def start(user: acl.User, *args: str) -> subprocess.Popen:
         # Models in parts as well (the seed model then travels in two): parts are keys too.
         env = {**os.environ, "FEDQ_REDIS_URL": _url(server, user), "FEDQ_TF_THREADS": "1",
                "FEDQ_BLOCK_SECONDS": "0.5", "FEDQ_CHUNK_BYTES": "1024"}
+        argv = [sys.executable, "-m", "fedq", *args] if args[0] == "aggregator" else fake_client_cmd(*args)
         with open(tmp_path / f"{user.name}.log", "w") as log:  # the child keeps its own descriptor
-            return subprocess.Popen([sys.executable, "-m", "fedq", *args], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(argv, env=fake_client_env(env), stdout=log, stderr=subprocess.STDOUT)
 
     agg = start(users[acl.AGGREGATOR_USER], "aggregator", "--clients", "2", "--rounds", "2",
                 "--run-id", "acl-fed", "--local-epochs", "1")

@@ -155,7 +155,8 @@ def test_a_join_with_another_shard_plan_is_refused_by_the_aggregator(r: redis.Re
     from fedq.settings import Settings
 
     store = RunStore(r, "plan")
-    store.create(RunSpec(clients=3, rounds=1, run_id="plan", round_timeout=1, round_retries=0))
+    store.create(RunSpec(clients=3, rounds=1, run_id="plan", round_timeout=1, round_retries=0,
+                         central_eval=False))  # no Keras model in this process: the run ends joining
     assert store.join("c0", {"shard": 0, "num_shards": 2}, {"count": [1]}) == "requested"
     settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2)
     state = Aggregator(r, settings, "plan").run()  # nobody else comes: the run fails joining

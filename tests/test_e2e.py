@@ -12,7 +12,6 @@ import pytest
 import redis
 from support.data import SEED_DATA_MISSING, iris_csv, seed_data_dir, stale_outputs
 from support.fake_client import fake_client_cmd, fake_client_env
-from support.initial import store_initial
 from support.procs import ROOT, cli_env, fedq_cmd
 
 from fedq.learning.data import load_dataset, split_indices
@@ -76,16 +75,18 @@ def test_aggregator_and_two_clients_through_the_cli(redis_url: str, r: redis.Red
 
 def test_submit_then_worker_burst(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
     """`fedq submit` queues a run, `fedq aggregator --burst` drives it and exits. What is checked
-    here is the queue, not the learning: the clients are fedq's CLI with FakeTrainer for Keras
-    (support.fake_client) and the initial model comes with the run (support.initial)."""
+    here is the queue, not the learning: the run has no central evaluation, and support.fake_client
+    stands in for `fedq submit` (its run comes with support.initial's model) and for the clients
+    (FakeTrainer for Keras): no process loads TensorFlow."""
     env = cli_env(redis_url)
-    sub = subprocess.run(fedq_cmd("submit", "--clients", "2", "--rounds", "1", "--local-epochs", "1"),
-                         env=env, capture_output=True, text=True, timeout=60)
+    fake_env = fake_client_env(env)
+    sub = subprocess.run(fake_client_cmd("submit", "--clients", "2", "--rounds", "1", "--local-epochs", "1",
+                                         "--no-central-eval"),
+                         env=fake_env, capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stderr
     run_id = sub.stdout.strip()
     assert RunStore(r, run_id).state()["status"] == "queued"
-    store_initial(r, run_id)
-    fake_env = fake_client_env(env)
+    assert RunStore(r, run_id).initial_payload() is not None
     procs = {f"client-{k}": subprocess.Popen(fake_client_cmd("client", "--shard", str(k), "--run", run_id, "--once"),
                                              env=fake_env, stdout=(tmp_path / f"client-{k}.log").open("wb"),
                                              stderr=subprocess.STDOUT) for k in range(2)}

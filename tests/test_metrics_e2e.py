@@ -2,8 +2,9 @@
 prometheus-client's own parser) must count what the run did, and every process must keep a
 heartbeat while it works.
 
-The run: an aggregator worker started with --metrics-port, two real clients, and a third
-client (in this process, through the real client loop) whose training yields NaN weights,
+The run: an aggregator worker started with --metrics-port, two `fedq client` processes (training
+with FakeTrainer, support.fake_client: what is counted is the protocol, not the learning), and a
+third client (in this process, through the real client loop) whose training yields NaN weights,
 so that the aggregator refuses its update every round with reason ``non_finite``.
 
 These checks need the counting calls of the aggregator (fedq/roles/collecting.py, committing.py,
@@ -25,6 +26,7 @@ import pytest
 import redis
 from support.checks import samples, value
 from support.dashboard import http_get
+from support.fake_client import fake_client_cmd, fake_client_env
 from support.procs import Proc, cli_env
 from support.redis import free_port
 from support.trainer import FakeTrainer, nan_step
@@ -56,7 +58,8 @@ def federation(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
     procs = [Proc("aggregator", ["aggregator", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"], env, logs)]
     settings = Settings.from_env({"FEDQ_REDIS_URL": url})
     submit_run(r, settings, RunSpec(clients=3, rounds=ROUNDS, local_epochs=1, run_id=RUN))
-    procs += [Proc(f"client-{k}", ["client", "--shard", str(k), "--run", RUN, "--once"], env, logs) for k in range(2)]
+    procs += [Proc(f"client-{k}", fake_client_cmd("client", "--shard", str(k), "--run", RUN, "--once"),
+                   fake_client_env(env), logs, raw=True) for k in range(2)]
     store = RunStore(r, RUN)
     stop = threading.Event()
     bad = Client(redis.Redis.from_url(url), settings, 2, run_id=RUN, client_id="client-bad", stop=stop,

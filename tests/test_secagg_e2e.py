@@ -2,8 +2,9 @@
 
 `fedq run` trains for real (Keras). The protocol's runs (central DP, the exact mean, too many
 dropouts) have clients that train with FakeTrainer (tests/support/secagg_client.py --fake-train)
-and an aggregator without central evaluation: only the child that builds the initial model
-imports TensorFlow. The committed model is checked
+and an aggregator without central evaluation whose run comes with support.initial's model: no
+process imports TensorFlow. A client that drops keeps a 2 s heartbeat (the others fedq's 15 s),
+so the round sees it gone within seconds rather than waiting out the default. The committed model is checked
 against the survivors' plain inputs (which only the clients hold: the test's clients record them),
 computed here from first principles; a reader of every key during the run finds none of those
 inputs in Redis.
@@ -40,10 +41,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(seed_data_dir() is None, reas
 
 def fake_federation(redis_url: str, tmp_path: Path, run_id: str, clients: int, extra: list[str],
                     drops: dict[int, int]) -> dict[str, subprocess.Popen]:
-    """support.secagg_checks.federation with no central evaluation and clients that train with
-    FakeTrainer (0.1 s x (shard + 1) a round): TensorFlow only in the initial model's builder."""
+    """support.secagg_checks.federation with no central evaluation, its initial model stored with
+    the run, and clients that train with FakeTrainer (0.1 s x (shard + 1) a round); the clients
+    that drop have a heartbeat of 2 s."""
     return federation(redis_url, tmp_path, run_id, clients, [*extra, "--no-central-eval"], drops,
-                      {k: ["--fake-train"] for k in range(clients)}, FEDQ_TEST_TRAIN_SECONDS="0.1")
+                      {k: ["--fake-train"] for k in range(clients)}, prestored=True,
+                      client_env={k: {"FEDQ_HEARTBEAT_SECONDS": "2"} for k in drops},
+                      FEDQ_TEST_TRAIN_SECONDS="0.1")
 
 
 

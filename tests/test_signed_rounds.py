@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from support.fake_client import fake_client_cmd, fake_client_env
 from support.federation import noisy as _noisy
 from support.procs import cli_env, fedq_cmd
 
@@ -69,17 +70,20 @@ def test_unsigned_forged_replayed_and_unknown_updates_are_refused(harness_factor
 
 @pytest.mark.slow
 def test_a_signed_federation_through_the_cli(redis_url: str, r, tmp_path: Path) -> None:
+    """Keys made by `fedq keys new`, read from the environment by the CLI's roles. Signing is what
+    is tested, not learning: no central evaluation, and support.fake_client's roles (FakeTrainer
+    clients; the aggregator's run comes with support.initial's model): no TensorFlow."""
     from fedq.protocol.store import RunStore
 
     keydir = _keys(tmp_path / "keys")
-    base = cli_env(redis_url)
+    base = fake_client_env(cli_env(redis_url))
     agg_env = base | {"FEDQ_CLIENT_KEYS": str(keydir / "client-keys.json")}
-    procs = [subprocess.Popen(fedq_cmd("aggregator", "--clients", "2", "--rounds", "2", "--local-epochs", "1",
-                                       "--run-id", "signed-cli"), env=agg_env,
+    procs = [subprocess.Popen(fake_client_cmd("aggregator", "--clients", "2", "--rounds", "2", "--local-epochs", "1",
+                                              "--no-central-eval", "--run-id", "signed-cli"), env=agg_env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
     for k in range(2):
         env = base | {"FEDQ_SIGNING_KEY": str(keydir / f"client-{k}.key")}
-        procs.append(subprocess.Popen(fedq_cmd("client", "--shard", str(k), "--once"), env=env,
+        procs.append(subprocess.Popen(fake_client_cmd("client", "--shard", str(k), "--once"), env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
         out, _ = p.communicate(timeout=300)

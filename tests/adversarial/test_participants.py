@@ -305,7 +305,7 @@ def test_re_pushing_is_capped(arena: Arena) -> None:
 
 
 def test_a_user_confined_to_another_run_cannot_touch_this_one(arena: Arena) -> None:
-    run = Run(arena, "adv-confined")
+    run = Run(arena, "adv-confined", clients=2)  # the honest two fill it: training opens without a join deadline
     k = RunKeys(run.run_id)
     confined = arena.connect(CONFINED)  # fedq acl --run elsewhere: her rules name no key of this run
     _round_open(run, 1)

@@ -5,8 +5,10 @@ own process group so a test can SIGKILL a worker together with its work horse. `
 checks the run's records against the push log: every round's accepted updates are exactly
 the last ones each client pushed for it, none lost, none counted twice, and the final model
 is the FedAvg of the final round's accepted updates. Each run's initial model is stored with it
-(``support.initial``), as a submitter does, so only the aggregators' central evaluation loads
-TensorFlow.
+(``support.initial``), as a submitter does. A run has no central evaluation unless the test asks
+for it (``central_eval``: a scenario that checks test metrics): then no process of the federation
+loads TensorFlow (the run is submitted through ``support.fake_client``, whose ``fedq submit``
+stores that model); with it, only the aggregators do.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import redis
 from blake3 import blake3
+from support.fake_client import fake_client_cmd, fake_client_env
 from support.federation import CliFederation
 from support.initial import store_initial
 from support.procs import Proc, cli_env, fedq_cmd
@@ -52,7 +55,8 @@ class Federation(CliFederation):
 
     def __init__(self, tmp_path: Path, *, clients: int = 2, rounds: int = 3, min_clients: int | None = None,
                  round_timeout: float = 60, redis_args: tuple[str, ...] = (), run_id: str = "fault",
-                 lease: float = 3.0, real_training: bool = False, submit: tuple[str, ...] = ()) -> None:
+                 lease: float = 3.0, real_training: bool = False, central_eval: bool = False,
+                 submit: tuple[str, ...] = ()) -> None:
         """submit: more `fedq submit` options (e.g. --aggregation buffered ...)."""
         self.t0 = time.monotonic()
         self.server = RedisServer(*redis_args)
@@ -69,11 +73,17 @@ class Federation(CliFederation):
             args += ["--min-clients", str(min_clients)]
         args += list(submit)
         try:
-            done = subprocess.run(fedq_cmd(*args), env=self.env, capture_output=True, text=True, timeout=60)
+            if central_eval:
+                done = subprocess.run(fedq_cmd(*args), env=self.env, capture_output=True, text=True, timeout=60)
+            else:  # the submitter stores support.initial's model with the run (support.fake_client)
+                done = subprocess.run(fake_client_cmd(*args, "--no-central-eval"), env=fake_client_env(self.env),
+                                      capture_output=True, text=True, timeout=60)
             assert done.returncode == 0, done.stderr
             # The initial model comes with the run (support.initial), before any aggregator
             # starts: no aggregator here builds it in a child of its own.
-            store_initial(self.r, run_id)
+            if central_eval:
+                store_initial(self.r, run_id)
+            assert self.store.initial_payload() is not None
         except BaseException:
             self.server.stop()  # the fixture never saw this federation: its Redis must not outlive it
             raise

@@ -157,7 +157,7 @@ def _redis_away(fed: Federation, dash: Dashboard, page: Any) -> None:
 
 def test_a_killed_client_then_a_redis_outage_as_the_dashboard_and_status_show_them(federation, page,
                                                                                     tmp_path) -> None:
-    fed = federation(clients=3, rounds=8, min_clients=2, round_timeout=20, run_id="watched",
+    fed = federation(clients=3, rounds=8, min_clients=2, round_timeout=20, run_id="watched", central_eval=True,
                      redis_args=("--appendonly", "yes", "--appendfsync", "always"))
     fed.env["FEDQ_HEARTBEAT_SECONDS"] = "2"
     dash = Dashboard(fed.url, tmp_path, refresh=0.5)

@@ -15,6 +15,7 @@ import redis
 
 from fedq.errors import CodecError
 from fedq.protocol import codec, messages
+from support.fake_client import fake_client_cmd, fake_client_env
 from support.procs import ROOT, cli_env, fedq_cmd
 
 RUN = ["--model", "mlp", "--local-epochs", "1", "--round-timeout", "300", "--secure-aggregation"]
@@ -27,18 +28,23 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def federation(redis_url: str, tmp_path: Path, run_id: str, clients: int, extra: list[str],
-               drops: dict[int, int], client_args: dict[int, list[str]] | None = None,
+               drops: dict[int, int], client_args: dict[int, list[str]] | None = None, *,
+               client_env: dict[int, dict[str, str]] | None = None, prestored: bool = False,
                **env_extra: str) -> dict[str, subprocess.Popen]:
     """`fedq aggregator` creating the run, and recording clients (shard -> round it drops after;
-    shard -> more of tests/support/secagg_client.py's options); ``env_extra``: FEDQ_* settings."""
+    shard -> more of tests/support/secagg_client.py's options; shard -> FEDQ_* settings of its
+    own); ``env_extra``: everyone's FEDQ_* settings. ``prestored`` (a run without central
+    evaluation): the aggregator is support.fake_client's, whose run comes with support.initial's
+    model rather than one built in a TensorFlow child."""
     env = cli_env(redis_url, **env_extra)
-    procs = {"aggregator": start(fedq_cmd("aggregator", "--clients", str(clients), "--run-id", run_id, *RUN,
-                                           *extra), env, tmp_path / "aggregator.log")}
+    args = ("aggregator", "--clients", str(clients), "--run-id", run_id, *RUN, *extra)
+    cmd, agg_env = (fake_client_cmd(*args), fake_client_env(env)) if prestored else (fedq_cmd(*args), env)
+    procs = {"aggregator": start(cmd, agg_env, tmp_path / "aggregator.log")}
     for k in range(clients):
         cmd = [sys.executable, str(ROOT / "tests" / "support" / "secagg_client.py"), "--shard", str(k),
                "--run", run_id, "--record", str(tmp_path), "--drop-after-push", str(drops.get(k, 0)),
                *(client_args or {}).get(k, [])]
-        procs[f"client-{k}"] = start(cmd, env, tmp_path / f"client-{k}.log")
+        procs[f"client-{k}"] = start(cmd, {**env, **(client_env or {}).get(k, {})}, tmp_path / f"client-{k}.log")
     return procs
 
 
