@@ -14,7 +14,8 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import Protocol
 
 import redis
 
@@ -22,14 +23,19 @@ from fedq.protocol.replies import stream_order, xread_entries
 from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Event
 
-if TYPE_CHECKING:
-    from fedq.roles.swarm import Turns
-
 log = logging.getLogger("fedq.simulate")
 
 FOLLOW_BLOCK_MS = 1000  # the follower's blocking read: how soon it notices it should stop
 KEPT = 10_000  # events kept; beyond, the oldest half is dropped (their readers ask Redis)
 COUNT = 100  # events handed out per wait, as RunStore.wait_event reads them
+
+
+class Turns(Protocol):
+    """What SharedEvents needs of the process's turns (fedq.roles.swarm.Turns)."""
+
+    def line_up(self, parked: Iterable[threading.Lock]) -> None: ...
+
+    def came_back(self) -> None: ...
 
 
 class SharedEvents:
