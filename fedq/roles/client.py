@@ -65,7 +65,9 @@ class Client:
                  trainer_factory: Callable[..., Trainer] | None = None,
                  global_reader: Callable[[RunStore], tuple[int, list[str], list[np.ndarray]]] | None = None,
                  delay: float = 0.0,
-                 waiting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
+                 waiting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                 event_waiter: Callable[[RunStore, str, float], tuple[str, list[dict[str, str]]]] | None = None,
+                 ) -> None:
         if shard < 0:
             raise ConfigError(f"--shard must be 0 or more, got {shard}")
         if num_shards is not None and not 0 <= shard < num_shards:
@@ -92,6 +94,8 @@ class Client:
         # Entered around every wait for the run (events, admission, a straggler's delay):
         # simulated clients sharing a process give up their turn to run there (fedq.roles.swarm).
         self.waiting = waiting
+        # How it blocks on the run's events (simulated clients of one process share one reader).
+        self.wait_event = event_waiter or RunStore.wait_event
 
     # --- finding a run ------------------------------------------------------------------
     def serve(self, once: bool = False) -> list[dict[str, Any]]:
@@ -268,7 +272,7 @@ class Client:
         deadline = time.monotonic() + self.settings.block_seconds
         while True:
             with self.waiting():
-                last, events = st.wait_event(last, max(0.001, deadline - time.monotonic()))
+                last, events = self.wait_event(st, last, max(0.001, deadline - time.monotonic()))
             if not events or any(e.get("event") != Event.ADMITTED for e in events) or time.monotonic() >= deadline:
                 return last, events
 

@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from fedq.protocol import transfer
 from fedq.protocol.connection import connect
 from fedq.protocol.store import RunStore
 from fedq.roles.client import Client
+from fedq.roles.swarm_events import SharedEvents
 from fedq.settings import Settings
 
 log = logging.getLogger("fedq.simulate")
@@ -53,8 +54,8 @@ CLIENTS_PER_PROCESS = 250
 # they reach their turn's lock, and at 0.5 ms (once used here) the longest pushes were 47-859 ms.
 TURNS_PER_PROCESS = 4
 # Connections a simulated client opens as it starts: its own, and its heartbeat's (the heartbeat
-# thread refreshes while the client blocks on the run's events). Opened later, the heartbeat's
-# came with the first refresh, in the middle of the rounds (500 of 1,000 clients in rounds 2-3).
+# thread refreshes while the client waits, or reads). Opened when first needed, the heartbeat's
+# came with its first refresh, in the middle of the rounds (542 of 1,000 clients in rounds 2-3).
 CONNECTIONS_PER_CLIENT = 2
 
 
@@ -74,6 +75,7 @@ class Turns:
         self._lock = threading.Lock()
         self._free = count
         self._queue: deque[threading.Lock] = deque()
+        self._local = threading.local()  # came_back: this thread was handed its turn while away
 
     def _take(self) -> None:
         with self._lock:
@@ -92,6 +94,22 @@ class Turns:
             else:
                 self._free += 1
 
+    def line_up(self, parked: Iterable[threading.Lock]) -> None:
+        """Queue threads parked on locks of their own (held) for turns, in order: each lock is
+        released when its thread's turn comes, so that a thread wakes once, with its turn
+        (it then says so with came_back), rather than all of them at once to queue."""
+        with self._lock:
+            for mine in parked:
+                if self._free and not self._queue:
+                    self._free -= 1
+                    mine.release()
+                else:
+                    self._queue.append(mine)
+
+    def came_back(self) -> None:
+        """Inside away(): this thread holds a turn again (line_up handed it one)."""
+        self._local.back = True
+
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """A turn, for the whole block."""
@@ -103,12 +121,16 @@ class Turns:
 
     @contextlib.contextmanager
     def away(self) -> Iterator[None]:
-        """Inside held(): the turn given up for the block (a wait), and taken back after it."""
+        """Inside held(): the turn given up for the block (a wait), and taken back after it
+        (unless the block came back with one: came_back)."""
         self._give()
+        self._local.back = False
         try:
             yield
         finally:
-            self._take()
+            if not self._local.back:
+                self._take()
+            self._local.back = False
 
 
 class NoiseTrainer:
@@ -137,26 +159,41 @@ class NoiseTrainer:
 class SharedGlobal:
     """The global model fetched once per round for all the simulated clients of a process,
     instead of once per client: with N clients in a process, one copy of the model, not N.
-    The tensors are made read-only, as every client holds the same arrays."""
+    The tensors are made read-only, as every client holds the same arrays.
 
-    def __init__(self) -> None:
+    With the process's SharedEvents, a model kept of the newest round whose commit the events
+    told is handed out without a look at the run's round counter; a client asking again for the
+    same round (it found the model stale: the events lagged its own look) gets that look."""
+
+    def __init__(self, events: SharedEvents | None = None) -> None:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[int, list[str], list[np.ndarray]]] = {}
         self.fetches = 0
+        self.events = events
+        self._served = threading.local()  # (run, round) this thread was last handed
 
     def read(self, store: RunStore) -> tuple[int, list[str], list[np.ndarray]]:
         """(round, names, tensors) of the run's current global model (transfer.read_global)."""
+        known = self.events.committed if self.events is not None and self.events.run_id == store.run_id else None
+        cached = self._cache.get(store.run_id)
+        if cached is not None and cached[0] == known and getattr(self._served, "model", None) != (store.run_id, known):
+            return self._serve(store.run_id, cached)
         committed = store.committed_round()  # the state and the global model move in one commit
         with self._lock:  # the others wait for the one fetch rather than each making their own
             cached = self._cache.get(store.run_id)
             if cached is not None and cached[0] == committed:
-                return cached
+                return self._serve(store.run_id, cached)
             round_no, names, tensors = transfer.read_global(store)
             for t in tensors:
                 t.flags.writeable = False
             self._cache[store.run_id] = (round_no, names, tensors)
             self.fetches += 1
-            return self._cache[store.run_id]
+            return self._serve(store.run_id, self._cache[store.run_id])
+
+    def _serve(self, run_id: str, model: tuple[int, list[str], list[np.ndarray]]) -> tuple[int, list[str],
+                                                                                             list[np.ndarray]]:
+        self._served.model = (run_id, model[0])
+        return model
 
 
 def noise_trainers(store: RunStore, scale: float = 1e-3, shared: SharedGlobal | None = None) -> Any:
@@ -206,10 +243,10 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
         settings = dataclasses.replace(settings, block_seconds=SIM_BLOCK_SECONDS)
     r0 = connect(settings)
     load_dataset(load_spec(RunStore(r0, run_id)).data)
-    r0.close()
     failures: list[str] = []
-    shared = SharedGlobal()
     turns = Turns(TURNS_PER_PROCESS)
+    events = SharedEvents(r0, run_id, turns).start()  # before any client reads the run's events
+    shared = SharedGlobal(events)
 
     def one(shard: int) -> None:
         with turns.held():
@@ -218,7 +255,7 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
             try:
                 Client(r, settings, shard, run_id=run_id,
                        trainer_factory=noise_trainers(RunStore(r, run_id), scale, shared),
-                       global_reader=shared.read, waiting=turns.away,
+                       global_reader=shared.read, waiting=turns.away, event_waiter=events.wait,
                        delay=delay[1] if delay is not None and shard >= delay[0] else 0.0).serve(once=True)
             except Exception as exc:  # counted and reported; one client must not stop the rest
                 log.error("client-%d failed: %s", shard, exc)
@@ -232,4 +269,6 @@ def run_worker(settings: Settings, run_id: str, first: int, count: int, scale: f
         t.start()
     for t in threads:
         t.join()
+    events.stop()
+    r0.close()
     return len(failures)
