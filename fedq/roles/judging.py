@@ -112,9 +112,9 @@ class Judging:
                take: Callable[[messages.Update], None] | None = None) -> messages.Update | None:
         """Judge a client's current update, as stages: read (checked in Redis) -> check (the
         key, membership, selection) -> decode and validate -> verify the signature -> take
-        (the caller's fold, given as take) -> record the judgement. The payload's SHA-256 is
-        hashed on a helper thread meanwhile (hashlib lets go of the interpreter's lock), so on
-        a second core it costs the round nothing. Returns the update (its digest in), or None
+        (the caller's fold, given as take) -> record the judgement. The payload's digest
+        (BLAKE3) is hashed on a helper thread meanwhile (it lets go of the interpreter's lock),
+        so on a second core it costs the round nothing. Returns the update (its digest in), or None
         when there was nothing new or it was refused."""
         got = self._read(rnd, round_no, cid, observe, folded)
         if got is None:
@@ -350,7 +350,7 @@ _HASHER: ThreadPoolExecutor | None = None
 
 
 def _digest(payload: bytes) -> Future[str]:
-    """The payload's SHA-256, hashed on the helper thread (done on the spot when it is small)."""
+    """The payload's digest (codec.digest), hashed on the helper thread (done on the spot when it is small)."""
     if len(payload) > HASH_INLINE_BYTES:
         return _hasher().submit(codec.digest, payload)
     done: Future[str] = Future()
