@@ -62,7 +62,10 @@ def audit_versions(fed: Federation) -> Audit:
                 double += 1  # counted something the client did not push, or the aggregator did not accept
     double += sum(n - 1 for n in folded.values() if n > 1)
     last = len(metrics)
-    settled = {key for key in pushes.ok if key[0] < last - LIMIT - 1}  # rounds judged one last time
+    # Pushes for round r (trained from version r - 1) are taken while fewer than r + LIMIT versions
+    # are committed: those of rounds up to last - LIMIT - 1 have had a later version judge them.
+    settled = {key for key in pushes.ok if key[0] <= last - LIMIT - 1}
+    assert settled or last <= LIMIT + 1, "no round's pushes were settled: the lost count would check nothing"
     lost = sum(1 for key in settled if key not in folded and key not in refused)
     return Audit(last, sum(folded.values()), len(store.refused()), lost, double)
 
