@@ -126,9 +126,10 @@ class Collecting:
         if opened is None:
             rescan(joined_now=True)  # a resumed round: fold what is already stored
         else:
-            # Right after this driver's own commit opened the round nothing of it can be stored
-            # yet, and each push wakes us through the inbox: the round's start, when every
-            # client fetches the model and pushes at once, costs no round trip to Redis here.
+            # This driver's own commit opened the round: every update of it was pushed after
+            # that, and each push put its client in the inbox, which the wait drains first. The
+            # round's start, when every client fetches the model and pushes at once, costs no
+            # round trip to Redis here.
             self._admit_waiting(spec, rnd)
         expected = rnd.expected(spec)
         self._wait_quorum(spec, f"round {round_no}", lambda: rnd.responded, rescan, woken,
