@@ -81,11 +81,16 @@ def uniform_dtype(tensors: Sequence[Any]) -> str | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
+def model_bytes(tensors: Sequence[Any]) -> int:
+    """Bytes of a model's tensors: arrays, or anything with their shape and dtype (the
+    protocol's TensorSpecs)."""
+    return sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in tensors)
+
+
 def should_chunk(tensors: Sequence[Any], chunk_bytes: int) -> bool:
-    """Whether a model is sent in parts: larger than one chunk, and of a single dtype. tensors
-    are arrays, or anything with their shape and dtype (the protocol's TensorSpecs)."""
-    nbytes = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in tensors)
-    return chunk_bytes > 0 and nbytes > chunk_bytes and uniform_dtype(tensors) is not None
+    """Whether a model is sent in parts: larger than one chunk, and of a single dtype (tensors:
+    as model_bytes takes them)."""
+    return chunk_bytes > 0 and model_bytes(tensors) > chunk_bytes and uniform_dtype(tensors) is not None
 
 
 def part_elements(itemsize: int, chunk_bytes: int) -> int:

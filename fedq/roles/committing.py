@@ -4,7 +4,6 @@ commit it in one fenced step (``Committing``, mixed into fedq.roles.aggregator.A
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from fedq.learning.models import evaluate, keras_file
 from fedq.learning.spec import RunSpec
-from fedq.protocol import transfer
+from fedq.protocol import chunking, transfer
 from fedq.protocol.fencing import Commit
 from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Phase
@@ -107,7 +106,7 @@ class Committing:
         limit = self.settings.max_model_file_bytes
         if drive.model is None or limit <= 0:
             return None
-        weights = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in drive.template)
+        weights = chunking.model_bytes(drive.template)
         if weights > limit:  # the file holds the weights at least: spare the serialisation
             log.warning("run %s: no model.keras in Redis: %d bytes of weights exceed FEDQ_MAX_MODEL_FILE_BYTES=%d",
                         self.run_id, weights, limit)

@@ -21,7 +21,7 @@ from fedq.errors import UpdateRejected
 from fedq.learning.aggregate import capped_weights
 from fedq.learning.spec import RunSpec
 from fedq.learning.strategies import Strategy
-from fedq.protocol import codec, messages, transfer
+from fedq.protocol import chunking, codec, messages, transfer
 from fedq.protocol.signing import Verifier
 from fedq.protocol.store import RunStore
 from fedq.protocol.update_reads import StoredUpdate
@@ -188,7 +188,7 @@ class Judging:
         read as _read would read it next (a client at its cap is not read: _read refuses it
         unread). Judging is unchanged: each version is still judged once, by _read's checks."""
         rnd.ahead.clear()
-        if _model_bytes(template) > READ_AHEAD_BYTES // 2:
+        if chunking.model_bytes(template) > READ_AHEAD_BYTES // 2:
             return  # most would come back too large for a batch: one trip each, as before
         asks = [(cid, rnd.versions.get(cid, "")) for cid in ids
                 if rnd.reads.get(cid, 0) < self.settings.max_pushes_per_round]
@@ -356,11 +356,6 @@ def _digest(payload: bytes) -> Future[str]:
     done: Future[str] = Future()
     done.set_result(codec.digest(payload))
     return done
-
-
-def _model_bytes(template: list[messages.TensorSpec]) -> int:
-    """Bytes of the model's tensors (an update of it in float32 weights is about as large)."""
-    return sum(int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize for t in template)
 
 
 def _hasher() -> ThreadPoolExecutor:

@@ -3,14 +3,11 @@ the round folded: pure functions of a judged Round, no Redis."""
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
-import numpy as np
-
 from fedq.learning.aggregate import weighted_metrics
-from fedq.protocol import messages
+from fedq.protocol import chunking, messages
 from fedq.roles.judging import Round
 
 
@@ -71,7 +68,7 @@ def compression_summary(rnd: Round, template: list[messages.TensorSpec]) -> dict
     float32_bytes. The errors are what the clients measured on their own deltas
     (||decoded - delta|| / ||delta||): reports, which the aggregator has no delta to check against."""
     updates = list(rnd.folded.values())
-    model_bytes = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in template)
+    model_bytes = chunking.model_bytes(template)
     errors = [u.metrics["compression_error"] for u in updates
               if u.encoding != "none" and "compression_error" in u.metrics]
     tensors = sum(u.tensor_bytes for u in updates)
