@@ -74,6 +74,12 @@ class UpdateReads(RunRecords):
         for cid in ids:
             pipe.hget(self.k.update(cid, round_no), "seq")
 
+    def _ask_alive(self, pipe: Any, ids: Sequence[str]) -> None:
+        """Queue one command counting the ids with a live heartbeat (read with _alive): an EXISTS
+        of their heartbeat keys, or of the spec when there are none, so that the replies after
+        it stay in place."""
+        pipe.exists(*[self.k.alive(c) for c in ids]) if ids else pipe.exists(self.k.spec)
+
     def pop_inbox(self, block_seconds: float) -> list[str]:
         """The distinct client ids that woke us (in order), or [] after block_seconds.
 
@@ -174,13 +180,11 @@ class UpdateReads(RunRecords):
         ids = [c for c in ids if valid_client_id(c)]
         pipe = self.r.pipeline(transaction=False)
         pipe.exists(self.k.spec)
-        pipe.exists(*[self.k.alive(c) for c in ids]) if ids else pipe.exists(self.k.spec)
+        self._ask_alive(pipe, ids)
         self._ask_seqs(pipe, round_no, ids)
         replies = pipe.execute(raise_on_error=False)
         raise_any(replies[:2])
-        alive = int(replies[1]) if ids else 0
-        seqs = _seqs(ids, replies[2:])
-        return bool(replies[0]), alive, seqs
+        return bool(replies[0]), _alive(ids, replies[1]), _seqs(ids, replies[2:])
 
     def close_and_look(self, round_no: int, ids: Sequence[str]) -> Closed:
         """Close the round (fenced by the lease, as FencedSteps.close_round), then look at what was
@@ -191,7 +195,7 @@ class UpdateReads(RunRecords):
 
         def look(pipe: Any) -> None:
             pipe.smembers(self.k.members)
-            pipe.exists(*[self.k.alive(c) for c in ids]) if ids else pipe.exists(self.k.spec)
+            self._ask_alive(pipe, ids)
             self._ask_seqs(pipe, round_no, ids)
 
         closed, replies = self._after_audit(scripts.CLOSE, [self.k.state, self.k.lease],
@@ -199,7 +203,7 @@ class UpdateReads(RunRecords):
         if closed == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before closing round {round_no}")
         members = sorted(cid for cid in map(text, replies[0]) if valid_client_id(cid))
-        alive = int(replies[1]) if ids else 0
+        alive = _alive(ids, replies[1])
         seqs = {cid: seq for cid, seq in _seqs(ids, replies[2:]).items() if cid in members}
         others = [cid for cid in members if cid not in ids]
         if others:  # members the caller did not know of: a second look
@@ -233,6 +237,11 @@ def _stored(client_id: str, reply: Any, body: Any) -> StoredUpdate:
     if kind == Read.TOO_LARGE:
         return StoredUpdate(kind, seq, size=int(reply[2]))
     return StoredUpdate(kind, seq)
+
+
+def _alive(ids: Sequence[str], reply: Any) -> int:
+    """How many of ids have a live heartbeat, from the reply of UpdateReads._ask_alive."""
+    return int(reply) if ids else 0
 
 
 def _seqs(ids: Sequence[str], replies: Sequence[Any]) -> dict[str, str]:
