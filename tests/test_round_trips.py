@@ -25,6 +25,14 @@ from fedq.roles.swarm import default_processes
 
 RUN = "t-trips"
 _COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n(?:\$40\r\n([0-9a-f]{40}))?")  # a command, its script
+_SHAS = {hashlib.sha1(text.encode()).hexdigest(): name for name, text in scripts.SCRIPTS.items()}
+
+
+def _names(command: Any) -> tuple[str, ...]:
+    """The commands of one send by name, a script's run by the script's (large chunks skipped)."""
+    chunks = [command] if isinstance(command, (bytes, str)) else command
+    found = [m for c in chunks if isinstance(c, bytes) and len(c) < 1 << 16 for m in _COMMAND.finditer(c)]
+    return tuple(_SHAS.get((m.group(2) or b"").decode(), m.group(1).decode().upper()) for m in found)
 
 
 class _Spec:
@@ -46,6 +54,20 @@ def sends(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
     yield count
+
+
+@pytest.fixture()
+def sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, ...]]]:
+    """Every send to Redis from now on, as its commands' names (_names)."""
+    names: list[tuple[str, ...]] = []
+    original = AbstractConnection.send_packed_command
+
+    def logged(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        names.append(_names(command))
+        original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", logged)
+    yield names
 
 
 def _training(r: redis.Redis, members: tuple[str, ...] = ("c0", "c1")) -> RunStore:
@@ -105,6 +127,43 @@ def test_the_close_and_its_last_look_are_one_send(r: redis.Redis, sends: list[in
     members, seqs, alive = store.close_and_look(1, ["c0", "c1"])
     assert sends[0] - before == 1
     assert members == ["c0", "c1"] and seqs == {"c0": "1"} and alive == 1
+    assert client.push_update("c1", 1, b"late", 1000) == Push.ROUND_CLOSED
+    assert [j["client"] for j in store.judged()] == ["c0"]
+
+
+def test_a_read_after_a_script_flush_is_still_one_multi(r: redis.Redis, sent: list[tuple[str, ...]]) -> None:
+    """Redis restarted (or its scripts flushed): the read step is loaded and the whole MULTI sent
+    again, so that the GET and the move of the bytes still run right after the step, with no
+    push in between, and the bytes move exactly as they do when the step is loaded."""
+    store = _training(r)
+    assert RunStore(r, RUN).push_update("c0", 1, b"update", 1000) == Push.OK
+    store.record_judged("c1", 1, "1", "d1", "accepted", 10)
+    r.script_flush()
+    sent.clear()
+    got, sends = store.read_update(1, "c0", "", 1000), sent[:]
+    assert (got.kind, got.seq, got.payload) == (Read.OK, "1", b"update")
+    body, moving, taken = (store.k.update_body("c0", 1), store.k.update_sent("c0", 1),
+                           store.k.update_taken("c0", 1))
+    assert not r.exists(body) and not r.exists(moving) and r.get(taken) == b"update"
+    read = ("MULTI", "READ_UPDATE", "GET", "RENAME", "EXEC")
+    assert sends == [("MULTI", "XADD", *read[1:]), ("SCRIPT",), read]  # the judgement rode the first only
+    assert [(j["client"], j["seq"]) for j in store.judged()] == [("c1", "1")]
+    assert store.read_update(1, "c0", "", 1000).payload == b"update"  # and reads again as it would
+
+
+def test_a_close_after_a_script_flush_still_looks_in_the_same_send(r: redis.Redis,
+                                                                  sent: list[tuple[str, ...]]) -> None:
+    store = _training(r)
+    client = RunStore(r, RUN)
+    assert client.push_update("c0", 1, b"u0", 1000) == Push.OK
+    store.record_judged("c0", 1, "1", "d", "accepted", 2)
+    r.set(store.k.alive("c1"), "1", ex=60)
+    r.script_flush()
+    sent.clear()
+    (members, seqs, alive), sends = store.close_and_look(1, ["c0", "c1"]), sent[:]
+    assert members == ["c0", "c1"] and seqs == {"c0": "1"} and alive == 1
+    look = ("CLOSE", "SMEMBERS", "EXISTS", "HGET", "HGET")
+    assert sends == [("XADD", *look), ("SCRIPT",), look]
     assert client.push_update("c1", 1, b"late", 1000) == Push.ROUND_CLOSED
     assert [j["client"] for j in store.judged()] == ["c0"]
 
@@ -169,15 +228,12 @@ def test_a_round_opened_by_its_drivers_commit_costs_no_look(harness_factory, mon
     round waits on the inbox straight away (no look at the members or their keys), and the
     updates pushed before that wait are still folded, exactly once."""
     h = harness_factory(4, "t-open")
-    shas = {hashlib.sha1(text.encode()).hexdigest(): name for name, text in scripts.SCRIPTS.items()}
     sent: list[tuple[str, ...]] = []  # the aggregator thread's sends from round 2 on, as command names
     original = AbstractConnection.send_packed_command
 
     def logged(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
         if threading.current_thread() is h.thread:
-            chunks = [command] if isinstance(command, (bytes, str)) else command
-            found = [m for c in chunks if isinstance(c, bytes) and len(c) < 1 << 16 for m in _COMMAND.finditer(c)]
-            sent.append(tuple(shas.get((m.group(2) or b"").decode(), m.group(1).decode().upper()) for m in found))
+            sent.append(_names(command))
         original(self, command, check_health)
 
     _, names, g = h.global_model()

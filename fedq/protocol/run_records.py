@@ -89,32 +89,28 @@ class RunRecords:
             raise reply
         return reply
 
-    def _after_audit(self, source: str, keys: list[Any], args: list[Any],
-                     then: Callable[[Any], None] | None = None, atomic: bool = False) -> tuple[Any, list[Any]]:
-        """Run a script in one pipeline after the audit entries waiting (audit.py) and before the
-        commands then(pipe) adds: (the script's reply, theirs); atomic: in one MULTI, so that
-        nothing runs between the script and then's commands. A script Redis has not loaded
-        yet is loaded and run on its own, and then's commands are sent again after it."""
-        script = self._script(source)
-        pipe = self.r.pipeline(transaction=atomic)
-        self.audit.into(pipe)
-        first = len(pipe)
-        # evalsha directly: a pipeline running a Script object asks SCRIPT EXISTS first (a trip more)
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-        if then is not None:
-            then(pipe)
-        replies = pipe.execute(raise_on_error=False)
-        raise_any(replies[:first])
-        reply, *rest = replies[first:]
-        if isinstance(reply, redis.exceptions.NoScriptError):
-            reply = script(keys=keys, args=args)
-            if then is not None:
-                again = self.r.pipeline(transaction=False)
-                then(again)
-                rest = again.execute(raise_on_error=False)
-        elif isinstance(reply, Exception):
-            raise reply
-        return reply, rest
+    def _after_audit(self, source: str, steps: Callable[[Any, str], None], atomic: bool = False) -> list[Any]:
+        """Send in one pipeline, after the audit entries waiting (audit.py), the commands
+        steps(pipe, sha) queues: runs of the script source by its sha (EVALSHA directly: a
+        pipeline running a Script object asks SCRIPT EXISTS first, a trip more) and the commands
+        that go with them; their replies, in order. atomic: in one MULTI, so that nothing runs
+        between them. When Redis has not loaded the script (a first call, a restart, SCRIPT
+        FLUSH), no run of it ran: it is loaded and the same commands are sent again, together,
+        in a pipeline of the same kind (the audit entries went with the first send, not again).
+        The other commands run twice then, so they must change nothing the script has not put
+        in place (reads, a move of what it moved); not atomic, steps may queue one run only (of
+        two, another connection's load could come between them)."""
+        for _attempt in range(2):
+            pipe = self.r.pipeline(transaction=atomic)
+            self.audit.into(pipe)
+            first = len(pipe)
+            steps(pipe, self._script(source).sha)
+            replies = pipe.execute(raise_on_error=False)
+            raise_any(replies[:first])
+            if not any(isinstance(x, redis.exceptions.NoScriptError) for x in replies[first:]):
+                return replies[first:]
+            self.r.script_load(source)
+        raise redis.exceptions.NoScriptError("a script could not be loaded")
 
     def create(self, spec: SpecRecord, queue: str = "") -> None:
         """Store a new run's spec and queued state; ConfigError if the id is taken."""

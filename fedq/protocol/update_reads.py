@@ -122,44 +122,32 @@ class UpdateReads(RunRecords):
         (checked and read in one step, so that no push can slip in between)."""
         if not valid_client_id(client_id):
             return StoredUpdate(Read.NONE)
-        keys = self._read_keys(round_no, client_id)
-
-        def fetch(pipe: Any) -> None:  # present only when the step found bytes to send
-            pipe.get(keys[2])
-            pipe.rename(keys[2], keys[3])
-
-        reply, (body, _moved) = self._after_audit(scripts.READ_UPDATE, keys, [judged, max_bytes, only, client_id],
-                                                  then=fetch, atomic=True)
-        return _stored(client_id, reply, body)
+        return self._read(round_no, {client_id: (judged, only)}, max_bytes)[client_id]
 
     def read_updates(self, round_no: int, asks: Sequence[tuple[str, str]], max_bytes: int) -> dict[str, StoredUpdate]:
         """read_update of many clients in one round trip: asks are (client id, judged) pairs, each
-        read as read_update reads it (with no only), all in one MULTI, so that each client's step
-        and the GET of its bytes still run with nothing in between. Client id -> what was found
-        (ids that cannot be clients are left out; a repeated id is read once)."""
-        asked: dict[str, str] = {}
+        read as read_update reads it (with no only). Client id -> what was found (ids that cannot
+        be clients are left out; a repeated id is read once)."""
+        asked: dict[str, tuple[str, str]] = {}
         for cid, judged in asks:
             if valid_client_id(cid):
-                asked.setdefault(cid, judged)
-        script = self._script(scripts.READ_UPDATE)
-        for _attempt in range(2):
-            pipe = self.r.pipeline(transaction=True)
-            self.audit.into(pipe)  # judgements waiting ride along (audit.py); sent on the first try
-            first = len(pipe)
-            for cid, judged in asked.items():
+                asked.setdefault(cid, (judged, ""))
+        return self._read(round_no, asked, max_bytes)
+
+    def _read(self, round_no: int, asks: dict[str, tuple[str, str]], max_bytes: int) -> dict[str, StoredUpdate]:
+        """The reads of read_update and read_updates: asks are client id -> (judged, only). All go
+        in one MULTI, each client's step followed by the GET of the bytes it moved and their move
+        to the taken key, so that no push runs in between, on a retry too (_after_audit: when
+        Redis had not loaded the step, none ran and nothing moved)."""
+        def steps(pipe: Any, sha: str) -> None:
+            for cid, (judged, only) in asks.items():
                 keys = self._read_keys(round_no, cid)
-                # evalsha directly: a pipeline running a Script object asks SCRIPT EXISTS first (a trip more)
-                pipe.evalsha(script.sha, len(keys), *keys, judged, max_bytes, "", cid)
-                pipe.get(keys[2])
+                pipe.evalsha(sha, len(keys), *keys, judged, max_bytes, only, cid)
+                pipe.get(keys[2])  # present only when the step found bytes to send
                 pipe.rename(keys[2], keys[3])
-            replies = pipe.execute(raise_on_error=False)
-            raise_any(replies[:first])
-            steps = replies[first:]
-            if not any(isinstance(x, redis.exceptions.NoScriptError) for x in steps[0::3]):
-                return {cid: _stored(cid, steps[3 * i], steps[3 * i + 1]) for i, cid in enumerate(asked)}
-            # Not loaded yet (or Redis restarted): no step ran, so nothing moved; load it, ask again.
-            self.r.script_load(scripts.READ_UPDATE)
-        raise redis.exceptions.NoScriptError("the update read step could not be loaded")
+
+        replies = self._after_audit(scripts.READ_UPDATE, steps, atomic=True)
+        return {cid: _stored(cid, replies[3 * i], replies[3 * i + 1]) for i, cid in enumerate(asks)}
 
     def update_seq(self, round_no: int, client_id: str) -> str:
         """The version marker of a client's stored update (see update_seqs)."""
@@ -193,13 +181,14 @@ class UpdateReads(RunRecords):
         heartbeat (the next round opens from this look, without one of its own)."""
         ids = [c for c in ids if valid_client_id(c)]
 
-        def look(pipe: Any) -> None:
+        def close_then_look(pipe: Any, sha: str) -> None:
+            pipe.evalsha(sha, 2, self.k.state, self.k.lease, round_no, self.driver or "")
             pipe.smembers(self.k.members)
             self._ask_alive(pipe, ids)
             self._ask_seqs(pipe, round_no, ids)
 
-        closed, replies = self._after_audit(scripts.CLOSE, [self.k.state, self.k.lease],
-                                            [round_no, self.driver or ""], then=look)
+        closed, *replies = self._after_audit(scripts.CLOSE, close_then_look)
+        raise_any([closed])
         if closed == -1:
             raise LeaseLost(f"run {self.run_id}: lease lost before closing round {round_no}")
         members = sorted(cid for cid in map(text, replies[0]) if valid_client_id(cid))
