@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.round_overhead import _hwm_kib, measure_fedq  # noqa: E402
+from bench.round_overhead import _hwm_kib, measure_fedq, same_malloc_as_fedq  # noqa: E402
 from fedq.roles.localredis import die_with_parent  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 
@@ -61,7 +61,8 @@ def measure_flower(python: str, n: int, params: int, rounds: int) -> dict[str, f
     script = str(ROOT / "bench" / "flower_peer.py")
     env = dict(os.environ, GRPC_VERBOSITY="ERROR", PYTHONWARNINGS="ignore")
     server = subprocess.Popen([python, script, "server", str(port), str(n), str(rounds), spec, str(out)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                              start_new_session=True)  # its own scheduling group, as fedq's Redis
     clients = [subprocess.Popen([python, script, "client", str(port), spec], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, preexec_fn=die_with_parent) for _ in range(n)]
     peak = [0]
@@ -95,6 +96,7 @@ def burners(count: int) -> list[subprocess.Popen]:
 
 
 def main() -> None:
+    same_malloc_as_fedq()  # Flower's processes inherit it too
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(PARAMS), default="1m")
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 50])
