@@ -9,7 +9,7 @@ import hashlib
 import itertools
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -166,6 +166,102 @@ def test_a_close_after_a_script_flush_still_looks_in_the_same_send(r: redis.Redi
     assert sends == [("XADD", *look), ("SCRIPT",), look]
     assert client.push_update("c1", 1, b"late", 1000) == Push.ROUND_CLOSED
     assert [j["client"] for j in store.judged()] == ["c0"]
+
+
+def test_a_push_and_a_commit_after_a_script_flush_send_the_bytes_with_the_script(
+        r: redis.Redis, sent: list[tuple[str, ...]]) -> None:
+    """Redis restarted (or its scripts flushed): the push step (the commit) is loaded and its
+    staged bytes are SET again in the same MULTI as it, and it moves them as it would."""
+    store = _training(r)
+    r.script_flush()
+    sent.clear()
+    assert RunStore(r, RUN).push_update("c0", 1, b"update", 1000) == Push.OK
+    push = ("MULTI", "SET", "PUSH", "EXEC")
+    assert sent == [push, ("SCRIPT",), push]
+    assert store.read_update(1, "c0", "", 1000).payload == b"update"
+    r.script_flush()
+    sent.clear()
+    assert store.commit_round(Commit(round=1, global_payload=b"g1", metrics={"round": 1}, members=["c0", "c1"]))
+    commit = ("MULTI", "SET", "COMMIT", "EXEC")
+    assert sent == [commit, ("SCRIPT",), commit]
+    assert store.global_payload() == b"g1" and store.committed_round() == 1 and not r.exists(store.k.global_staged)
+
+
+def _between_the_tries(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, other: Callable[[], Any]) -> None:
+    """Run other (another writer) once, right after the next load of a script on r: between a
+    staged call's send that found the script unloaded and what the caller sends next."""
+    load = r.script_load
+
+    def loaded_then_other(source: str) -> Any:
+        sha = load(source)
+        monkeypatch.setattr(r, "script_load", load)
+        other()
+        return sha
+
+    monkeypatch.setattr(r, "script_load", loaded_then_other)
+
+
+def test_a_staged_call_gives_up_after_its_second_try(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _training(r)
+    _between_the_tries(r, monkeypatch, r.script_flush)  # flushed again before the second try
+    r.script_flush()
+    with pytest.raises(redis.exceptions.NoScriptError):
+        RunStore(r, RUN).push_update("c0", 1, b"mine", 1000)
+    assert store.update_seq(1, "c0") == ""  # nothing pushed
+
+
+@pytest.mark.parametrize("other", ["stages", "pushes"])
+def test_a_push_after_a_script_flush_stores_the_callers_bytes(r: redis.Redis, sent: list[tuple[str, ...]],
+                                                              monkeypatch: pytest.MonkeyPatch, other: str) -> None:
+    """A second process of the same client stages (or pushes) its own bytes while the first
+    one's push waits for its step to load: the first one's push still stores its own bytes."""
+    store = _training(r)
+    twin = RunStore(redis.Redis(connection_pool=r.connection_pool), RUN)
+    if other == "stages":
+        _between_the_tries(r, monkeypatch, lambda: twin.r.set(store.k.update_staged("c0"), b"twin's"))
+    else:
+        _between_the_tries(r, monkeypatch, lambda: twin.push_update("c0", 1, b"twin's", 1000))
+    r.script_flush()
+    sent.clear()
+    assert RunStore(r, RUN).push_update("c0", 1, b"mine", 1000) == Push.OK
+    sends = sent[:]
+    got = store.read_update(1, "c0", "", 1000)
+    assert got.kind == Read.OK and got.payload == b"mine"
+    assert not r.exists(store.k.update_staged("c0"))
+    step = ("MULTI", "SET", "PUSH", "EXEC")
+    between = [("SET",)] if other == "stages" else [step]  # the twin's, right after the load
+    assert sends == [step, ("SCRIPT",), *between, step]
+
+
+@pytest.mark.parametrize("other", ["stages", "commits"])
+def test_a_commit_after_a_script_flush_commits_the_drivers_own_model(
+        r: redis.Redis, sent: list[tuple[str, ...]], monkeypatch: pytest.MonkeyPatch, other: str) -> None:
+    """A deposed driver still running stages its model (or commits: refused, it drops the staged
+    key) while the new driver's commit waits for its step to load: the new driver's model is
+    the one committed."""
+    store = _training(r)
+    deposed = RunStore(redis.Redis(connection_pool=r.connection_pool), RUN)
+    deposed.driver = "deposed"
+    commit = Commit(round=1, global_payload=b"new driver's", metrics={"round": 1}, members=["c0", "c1"])
+
+    def deposed_commits() -> None:
+        with pytest.raises(LeaseLost):
+            deposed.commit_round(Commit(round=1, global_payload=b"old driver's", metrics={"round": 1},
+                                        members=["c0", "c1"]))
+
+    if other == "stages":
+        _between_the_tries(r, monkeypatch, lambda: deposed.r.set(store.k.global_staged, b"old driver's"))
+    else:
+        _between_the_tries(r, monkeypatch, deposed_commits)
+    r.script_flush()
+    sent.clear()
+    assert store.commit_round(commit)
+    sends = sent[:]
+    assert store.global_payload() == b"new driver's" and store.committed_round() == 1
+    assert not r.exists(store.k.global_staged)
+    step = ("MULTI", "SET", "COMMIT", "EXEC")
+    between = [("SET",)] if other == "stages" else [step, ("DEL",)]  # the deposed driver's
+    assert sends == [step, ("SCRIPT",), *between, step]
 
 
 def test_the_last_look_finds_members_the_caller_did_not_know(r: redis.Redis) -> None:

@@ -74,35 +74,41 @@ class RunRecords:
 
     def _staged_call(self, source: str, staged: str, payload: bytes, keys: list[Any], args: list[Any]) -> Any:
         """SET payload under the key staged and run a script that moves it (RENAME) or drops it,
-        in one MULTI: a model or an update never passes through Lua (scripts.py). A script Redis
-        has not loaded yet is loaded and run on its own; the staged bytes wait for it."""
-        script = self._script(source)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(staged, payload)
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-        stored, reply = pipe.execute(raise_on_error=False)
-        if isinstance(stored, Exception):
-            raise stored
-        if isinstance(reply, redis.exceptions.NoScriptError):
-            return script(keys=keys, args=args)
-        if isinstance(reply, Exception):
-            raise reply
+        in one MULTI: a model or an update never passes through Lua (scripts.py). The script's
+        reply. A script Redis has not loaded yet is loaded and the SET sent again with it, in
+        one MULTI (_with_script): the bytes it moves are the caller's own, never those another
+        writer of the key (a deposed driver, a second process of the client) put there in between."""
+        def set_then_run(pipe: Any, sha: str) -> None:
+            pipe.set(staged, payload)
+            pipe.evalsha(sha, len(keys), *keys, *args)
+
+        stored, reply = self._with_script(source, set_then_run, atomic=True)
+        raise_any([stored, reply])
         return reply
 
     def _after_audit(self, source: str, steps: Callable[[Any, str], None], atomic: bool = False) -> list[Any]:
         """Send in one pipeline, after the audit entries waiting (audit.py), the commands
-        steps(pipe, sha) queues: runs of the script source by its sha (EVALSHA directly: a
-        pipeline running a Script object asks SCRIPT EXISTS first, a trip more) and the commands
-        that go with them; their replies, in order. atomic: in one MULTI, so that nothing runs
-        between them. When Redis has not loaded the script (a first call, a restart, SCRIPT
-        FLUSH), no run of it ran: it is loaded and the same commands are sent again, together,
-        in a pipeline of the same kind (the audit entries went with the first send, not again).
-        The other commands run twice then, so they must change nothing the script has not put
-        in place (reads, a move of what it moved); not atomic, steps may queue one run only (of
-        two, another connection's load could come between them)."""
+        steps(pipe, sha) queues (_with_script); their replies, in order. When Redis has not
+        loaded the script, the audit entries went with the first send, not again."""
+        return self._with_script(source, steps, atomic, before=self.audit.into)
+
+    def _with_script(self, source: str, steps: Callable[[Any, str], None], atomic: bool = False,
+                     before: Callable[[Any], None] | None = None) -> list[Any]:
+        """Send in one pipeline the commands steps(pipe, sha) queues: runs of the script source
+        by its sha (EVALSHA directly: a pipeline running a Script object asks SCRIPT EXISTS
+        first, a trip more) and the commands that go with them; their replies, in order (those
+        of before(pipe)'s commands, queued first, are only checked for errors). atomic: in one
+        MULTI, so that nothing runs between them. When Redis has not loaded the script (a first
+        call, a restart, SCRIPT FLUSH), no run of it ran: it is loaded and the same commands are
+        sent again, together, in a pipeline of the same kind (before is called again: it queues
+        only what is still to send). The other commands run twice then, so they must change
+        nothing the script has not put in place (reads, a move of what it moved, a SET the
+        retry sends again with the script); not atomic, steps may queue one run only (of two,
+        another connection's load could come between them)."""
         for _attempt in range(2):
             pipe = self.r.pipeline(transaction=atomic)
-            self.audit.into(pipe)
+            if before is not None:
+                before(pipe)
             first = len(pipe)
             steps(pipe, self._script(source).sha)
             replies = pipe.execute(raise_on_error=False)
