@@ -8,6 +8,12 @@ beside each run. It prints the medians over repeats of each one's median round (
 the ratios: fedq / Flower, fedq / its floor (N x one push + fetch + decode + fold), and the
 aggregator's peak RSS over Flower's server's.
 
+fedq's processes, and the floor in this process, run with the malloc tunable fedq starts its
+processes with (fedq.roles.runner.with_huge_pages); Flower's run in the environment the bench
+was started with, as its users would run them (``--flower-fedq-malloc`` gives them the tunable
+too: at 25M it halves Flower's round). Each side's coordinator (fedq's Redis, Flower's server)
+runs in a session of its own, as ``fedq run`` starts its private Redis.
+
 Flower is a benchmark-only dependency, in its own virtual environment (build/ is git-ignored):
 
     python3 -m venv build/flower-venv && build/flower-venv/bin/pip install "flwr==1.42.0" numpy
@@ -34,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.round_overhead import _hwm_kib, measure_fedq, same_malloc_as_fedq  # noqa: E402
+from bench.round_overhead import _hwm_kib, measure_fedq, outer_env, same_malloc_as_fedq  # noqa: E402
 from fedq.roles.localredis import die_with_parent  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 
@@ -54,12 +60,13 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def measure_flower(python: str, n: int, params: int, rounds: int) -> dict[str, float]:
-    """Median round (rounds 2+) and the server's peak RSS of a Flower federation of n processes."""
+def measure_flower(python: str, n: int, params: int, rounds: int, fedq_malloc: bool = False) -> dict[str, float]:
+    """Median round (rounds 2+) and the server's peak RSS of a Flower federation of n processes,
+    in the environment the bench was started with (fedq_malloc: with fedq's malloc tunable)."""
     port, spec = _port(), json.dumps(shapes(params))
     out = Path(tempfile.mkdtemp(prefix="fedq-peer-")) / "flower.json"
     script = str(ROOT / "bench" / "flower_peer.py")
-    env = dict(os.environ, GRPC_VERBOSITY="ERROR", PYTHONWARNINGS="ignore")
+    env = dict(os.environ if fedq_malloc else outer_env(), GRPC_VERBOSITY="ERROR", PYTHONWARNINGS="ignore")
     server = subprocess.Popen([python, script, "server", str(port), str(n), str(rounds), spec, str(out)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
                               start_new_session=True)  # its own scheduling group, as fedq's Redis
@@ -96,13 +103,15 @@ def burners(count: int) -> list[subprocess.Popen]:
 
 
 def main() -> None:
-    same_malloc_as_fedq()  # Flower's processes inherit it too
+    same_malloc_as_fedq()  # for fedq's processes and the floor; Flower's run as started (--flower-fedq-malloc)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(PARAMS), default="1m")
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--burn", type=int, default=0, help="CPU burner processes running throughout (busy machine)")
+    ap.add_argument("--flower-fedq-malloc", action="store_true",
+                    help="run Flower's processes with fedq's malloc tunable too (huge pages for large buffers)")
     ap.add_argument("--flower-python", default=str(ROOT / "build" / "flower-venv" / "bin" / "python"))
     args = ap.parse_args()
     hogs = burners(args.burn)
@@ -117,7 +126,8 @@ def main() -> None:
                         row = measure_fedq(n, args.model, args.rounds, Settings().chunk_bytes, threads_over=10 ** 6,
                                            central_eval=False)
                     else:
-                        row = measure_flower(args.flower_python, n, PARAMS[args.model], args.rounds)
+                        row = measure_flower(args.flower_python, n, PARAMS[args.model], args.rounds,
+                                             args.flower_fedq_malloc)
                     row["load"] = (load + os.getloadavg()[0]) / 2
                     runs.setdefault((n, who), []).append(row)
                     print(f"repeat {rep + 1} N={n} {who:>6}: round {row['median_s'] * 1e3:8.1f} ms, "
@@ -131,7 +141,8 @@ def main() -> None:
 def report(args: argparse.Namespace, runs: dict[tuple[int, str], list[dict[str, float]]]) -> None:
     """Medians over repeats and the ratios."""
     print(f"\nmodel {args.model}, {args.rounds} rounds (medians of rounds 2+), medians of {args.repeats} repeats"
-          f"{f', {args.burn} CPU burners' if args.burn else ''}")
+          f"{f', {args.burn} CPU burners' if args.burn else ''}"
+          f"{', Flower with fedq malloc tunable' if args.flower_fedq_malloc else ''}")
     print(f"{'N':>4} {'fedq ms':>9} {'flower ms':>10} {'fedq/flower':>11} {'fedq/floor':>10} "
           f"{'agg MiB':>8} {'flower MiB':>10} {'RSS ratio':>9} {'load':>10}")
     rows = []

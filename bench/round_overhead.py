@@ -323,13 +323,31 @@ def measure_seed(n: int, tensors: list[np.ndarray], rounds: int, lean: bool = Fa
         server.wait(timeout=10)
 
 
+OUTER_TUNABLES = "FEDQ_BENCH_OUTER_GLIBC_TUNABLES"  # GLIBC_TUNABLES as the bench was started ("-": unset)
+
+
 def same_malloc_as_fedq() -> None:
     """Run this benchmark under the malloc tunable fedq starts its processes with (re-executing
     it once when the environment lacks it), so that the floor, measured in this process, pays
-    for memory as the aggregator and clients do; the processes it starts inherit it."""
+    for memory as the aggregator and clients do. The environment it was started with is kept
+    in OUTER_TUNABLES, for processes that are not fedq's (outer_env)."""
     env = with_huge_pages(dict(os.environ))
     if env != dict(os.environ):
+        env[OUTER_TUNABLES] = os.environ.get("GLIBC_TUNABLES", "-")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def outer_env() -> dict[str, str]:
+    """This process's environment with GLIBC_TUNABLES as the bench was started (not fedq's
+    tunable, which same_malloc_as_fedq added): for another framework's processes, run as its
+    users would run them."""
+    env = dict(os.environ)
+    outer = env.pop(OUTER_TUNABLES, None)
+    if outer == "-":
+        env.pop("GLIBC_TUNABLES", None)
+    elif outer is not None:
+        env["GLIBC_TUNABLES"] = outer
+    return env
 
 
 def main() -> None:
