@@ -60,7 +60,8 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def measure_flower(python: str, n: int, params: int, rounds: int, fedq_malloc: bool = False) -> dict[str, float]:
+def measure_flower(python: str, n: int, params: int, rounds: int, fedq_malloc: bool = False,
+                   timeout: float = 900) -> dict[str, float]:
     """Median round (rounds 2+) and the server's peak RSS of a Flower federation of n processes,
     in the environment the bench was started with (fedq_malloc: with fedq's malloc tunable)."""
     port, spec = _port(), json.dumps(shapes(params))
@@ -82,7 +83,12 @@ def measure_flower(python: str, n: int, params: int, rounds: int, fedq_malloc: b
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        server.wait(timeout=3600)
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in [server, *clients]:
+            p.kill()
+        raise SystemExit(f"Flower run with {n} clients did not finish {rounds} rounds in {timeout:g} s "
+                         "(--flower-timeout); its server and clients were stopped") from None
     finally:
         for c in clients:
             try:
@@ -112,6 +118,9 @@ def main() -> None:
     ap.add_argument("--burn", type=int, default=0, help="CPU burner processes running throughout (busy machine)")
     ap.add_argument("--flower-fedq-malloc", action="store_true",
                     help="run Flower's processes with fedq's malloc tunable too (huge pages for large buffers)")
+    ap.add_argument("--flower-timeout", type=float, default=900,
+                    help="seconds a Flower run may take before the benchmark stops with an error "
+                         "(one busy 50-client run hung with every process idle)")
     ap.add_argument("--flower-python", default=str(ROOT / "build" / "flower-venv" / "bin" / "python"))
     args = ap.parse_args()
     hogs = burners(args.burn)
@@ -127,7 +136,7 @@ def main() -> None:
                                            central_eval=False)
                     else:
                         row = measure_flower(args.flower_python, n, PARAMS[args.model], args.rounds,
-                                             args.flower_fedq_malloc)
+                                             args.flower_fedq_malloc, args.flower_timeout)
                     row["load"] = (load + os.getloadavg()[0]) / 2
                     runs.setdefault((n, who), []).append(row)
                     print(f"repeat {rep + 1} N={n} {who:>6}: round {row['median_s'] * 1e3:8.1f} ms, "
