@@ -11,8 +11,10 @@ aggregator's peak RSS over Flower's server's.
 fedq's processes, and the floor in this process, run with the malloc tunable fedq starts its
 processes with (fedq.roles.runner.with_huge_pages); Flower's run in the environment the bench
 was started with, as its users would run them (``--flower-fedq-malloc`` gives them the tunable
-too: at 25M it halves Flower's round). Each side's coordinator (fedq's Redis, Flower's server)
-runs in a session of its own, as ``fedq run`` starts its private Redis.
+too: at 25M it halves Flower's round). fedq's Redis runs in a session of its own, as ``fedq run``
+starts its private Redis. Flower's server stays in the bench's: in a session of its own its round
+moved within noise, and with two CPU burners and 50 clients its run hung (2 of 2 tries; 2 of 2
+completed in the bench's session).
 
 Flower is a benchmark-only dependency, in its own virtual environment (build/ is git-ignored):
 
@@ -69,8 +71,7 @@ def measure_flower(python: str, n: int, params: int, rounds: int, fedq_malloc: b
     script = str(ROOT / "bench" / "flower_peer.py")
     env = dict(os.environ if fedq_malloc else outer_env(), GRPC_VERBOSITY="ERROR", PYTHONWARNINGS="ignore")
     server = subprocess.Popen([python, script, "server", str(port), str(n), str(rounds), spec, str(out)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
-                              start_new_session=True)  # its own scheduling group, as fedq's Redis
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
     clients = [subprocess.Popen([python, script, "client", str(port), spec], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, preexec_fn=die_with_parent) for _ in range(n)]
     peak = [0]
