@@ -19,9 +19,9 @@ import argparse
 import statistics
 
 import numpy as np
+from micro import best  # bench/ is the script's directory, so its sibling imports directly
 
 from fedq.protocol import compress, messages
-from micro import best  # bench/ is the script's directory, so its sibling imports directly
 
 
 def model(params: int, seed: int = 0) -> tuple[list[str], list[np.ndarray]]:
@@ -66,7 +66,7 @@ def bench(params: int, kind: str, repeat: int, blocks: list[int]) -> list[tuple[
     template = messages.template_of(names, g)
     rows = []
     for enc, block in [("none", 0), ("float16", 0), *(("int8", b) for b in blocks)]:
-        def encode() -> tuple[bytes, float]:
+        def encode(enc: str = enc, block: int = block) -> tuple[bytes, float]:  # this iteration's
             if enc == "none":
                 return messages.encode_update("run", 1, "c0", 100, {}, names, local), 0.0
             packed = messages.compress_update(names, local, g, enc, block or compress.DEFAULT_BLOCK)
@@ -75,7 +75,7 @@ def bench(params: int, kind: str, repeat: int, blocks: list[int]) -> list[tuple[
 
         payload, error = encode()
 
-        def decode() -> None:
+        def decode(payload: bytes = payload, enc: str = enc) -> None:
             messages.validate_update(payload, run_id="run", round_no=1, client_id="c0", template=template,
                                      compression=enc, base=g)
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from fedq.protocol import codec
 from fedq.learning.aggregate import FedAvg
+from fedq.protocol import codec
 
 
 def model(params: int, seed: int = 0) -> list[np.ndarray]:

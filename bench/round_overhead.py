@@ -32,9 +32,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import redis
@@ -42,17 +42,17 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedq.protocol import codec, messages, transfer  # noqa: E402
 from fedq.learning.aggregate import FedAvg  # noqa: E402
+from fedq.learning.spec import RunSpec  # noqa: E402
+from fedq.protocol import codec, messages, transfer  # noqa: E402
+from fedq.protocol.connection import connect  # noqa: E402
+from fedq.protocol.store import RunStore  # noqa: E402
 from fedq.roles.client import Client  # noqa: E402
 from fedq.roles.jobs import submit_run  # noqa: E402
 from fedq.roles.localredis import die_with_parent, find_server  # noqa: E402
 from fedq.roles.runner import with_huge_pages  # noqa: E402
-from fedq.settings import Settings  # noqa: E402
-from fedq.learning.spec import RunSpec  # noqa: E402
-from fedq.protocol.connection import connect  # noqa: E402
-from fedq.protocol.store import RunStore  # noqa: E402
 from fedq.roles.swarm import client_commands, noise_trainers  # noqa: E402
+from fedq.settings import Settings  # noqa: E402
 
 MODELS = {"seed": "seed", "1m": "bench.bench_models:dense_1m", "25m": "bench.bench_models:dense_25m"}
 
