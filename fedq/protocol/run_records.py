@@ -37,6 +37,7 @@ from fedq.protocol.vocabulary import Event, Phase, Status
 MAX_REFUSED = 10_000  # refusal log is capped so a flood of bad pushes cannot fill Redis
 MAX_EVENTS = 10_000
 MAX_PUSHES = 100_000
+EVENTS_PER_READ = 100  # run events one wait for them hands back at most
 KERAS_MAGIC = b"PK\x03\x04"  # a .keras file is a zip archive
 MAX_STRING = 512 * 1024 * 1024  # Redis's own cap on one string value
 
@@ -297,6 +298,13 @@ class RunRecords:
 
     def wait_event(self, last_id: str, block_seconds: float) -> tuple[str, list[dict[str, str]]]:
         """Block up to block_seconds for run events after last_id; returns (new last id, events)."""
-        reply = self.r.xread({self.k.events: last_id}, block=max(1, int(block_seconds * 1000)), count=100)
+        last, entries = self.events_after(last_id, block_seconds)
+        return last, [fields for _id, fields in entries]
+
+    def events_after(self, last_id: str, block_seconds: float,
+                     count: int = EVENTS_PER_READ) -> tuple[str, list[tuple[str, dict[str, str]]]]:
+        """Block up to block_seconds for at most count run events after last_id; returns (new
+        last id, (id, fields) of each event)."""
+        reply = self.r.xread({self.k.events: last_id}, block=max(1, int(block_seconds * 1000)), count=count)
         entries = xread_entries(reply)
-        return (entries[-1][0] if entries else last_id), [fields for _id, fields in entries]
+        return (entries[-1][0] if entries else last_id), entries

@@ -163,7 +163,7 @@ class Judging:
         if capped and observe:
             self._too_many_pushes(rnd, round_no, cid, judged)
             return None
-        since, only = (judged if judged.isdigit() else ""), ((folded or "-") if capped else "")
+        since, only = _since(judged), ((folded or "-") if capped else "")
         ahead = rnd.ahead.pop(cid, None)
         if ahead is not None and ahead[0] == since and not only:
             got = ahead[1]  # read a moment ago, as this read would have been
@@ -190,9 +190,8 @@ class Judging:
         rnd.ahead.clear()
         if chunking.model_bytes(template) > READ_AHEAD_BYTES // 2:
             return  # most would come back too large for a batch: one trip each, as before
-        asks = [(cid, rnd.versions.get(cid, "")) for cid in ids
+        asks = [(cid, _since(rnd.versions.get(cid, ""))) for cid in ids
                 if rnd.reads.get(cid, 0) < self.settings.max_pushes_per_round]
-        asks = [(cid, judged if judged.isdigit() else "") for cid, judged in asks]
         if len(asks) < 2:
             return
         cap = min(self.settings.max_update_bytes, READ_AHEAD_BYTES)
@@ -347,6 +346,12 @@ class Judging:
 
 
 _HASHER: ThreadPoolExecutor | None = None
+
+
+def _since(judged: str) -> str:
+    """What a read sends as the version already judged: its sequence number, or "" when what
+    was judged is a marker of a bad key (any version is then new)."""
+    return judged if judged.isdigit() else ""
 
 
 def _digest(payload: bytes) -> Future[str]:

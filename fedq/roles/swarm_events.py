@@ -19,7 +19,8 @@ from typing import Protocol
 
 import redis
 
-from fedq.protocol.replies import stream_order, xread_entries
+from fedq.protocol.replies import stream_order
+from fedq.protocol.run_records import EVENTS_PER_READ
 from fedq.protocol.store import RunStore
 from fedq.protocol.vocabulary import Event
 
@@ -27,7 +28,6 @@ log = logging.getLogger("fedq.simulate")
 
 FOLLOW_BLOCK_MS = 1000  # the follower's blocking read: how soon it notices it should stop
 KEPT = 10_000  # events kept; beyond, the oldest half is dropped (their readers ask Redis)
-COUNT = 100  # events handed out per wait, as RunStore.wait_event reads them
 
 
 class Turns(Protocol):
@@ -71,7 +71,7 @@ class SharedEvents:
         failing = False
         while not self._stop.is_set():
             try:
-                last, entries = self._read(last)
+                last, entries = self.store.events_after(last, FOLLOW_BLOCK_MS / 1000, count=1000)
             except redis.RedisError as exc:  # parked clients time out and look at the run themselves
                 if not failing:
                     log.warning("run %s: following its events failed: %s", self.run_id, exc)
@@ -81,11 +81,6 @@ class SharedEvents:
             failing = False
             if entries:
                 self._keep(entries)
-
-    def _read(self, last: str) -> tuple[str, list[tuple[str, dict[str, str]]]]:
-        reply = self.store.r.xread({self.store.k.events: last}, block=FOLLOW_BLOCK_MS, count=1000)
-        entries = xread_entries(reply)
-        return (entries[-1][0] if entries else last), entries
 
     def _keep(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         """Keep new events and queue the parked clients for turns: each wakes with its turn."""
@@ -104,7 +99,7 @@ class SharedEvents:
 
     def _after(self, last: tuple[int, int]) -> list[tuple[str, dict[str, str]]]:
         at = bisect.bisect_right(self._orders, last)
-        return self._events[at:at + COUNT]
+        return self._events[at:at + EVENTS_PER_READ]  # as many as RunStore.wait_event hands out
 
     def wait(self, st: RunStore, last: str, block_seconds: float) -> tuple[str, list[dict[str, str]]]:
         """As st.wait_event(last, block_seconds), inside the client's Turns.away(): events kept
