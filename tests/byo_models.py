@@ -52,3 +52,15 @@ def build_wide(input_shape: tuple[int, ...], num_classes: int) -> Any:
                               keras.layers.Dense(num_classes, activation="softmax")])
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
+
+
+def build_marking_exit(input_shape: tuple[int, ...], num_classes: int) -> Any:
+    """build_uncompiled, and an exit hook that writes the file named by FEDQ_TEST_EXIT_MARK: a
+    process that runs its interpreter's teardown (atexit hooks among it) leaves that file."""
+    import atexit
+    import os
+    from pathlib import Path
+
+    mark = Path(os.environ["FEDQ_TEST_EXIT_MARK"])
+    atexit.register(mark.write_text, "teardown ran")
+    return build_uncompiled(input_shape, num_classes)

@@ -195,3 +195,42 @@ def test_folding_that_outlasts_the_lease_keeps_it(harness_factory, monkeypatch, 
     h.wait_round(1)
     h.thread.join(timeout=30)
     assert h.store.state()["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_the_initial_models_child_exits_without_the_interpreters_teardown(r, redis_url, tmp_path, monkeypatch) -> None:
+    """Its answer sent, the child that built the model exits on the spot: TensorFlow's teardown
+    (1.3 s of CPU on 2 idle cores) would go on beside the run's first rounds. The model's exit
+    hook, which a teardown would run, leaves no mark once the child is gone."""
+    import os
+    import time
+    from pathlib import Path
+
+    from fedq.roles.initial import build_in_child
+
+    def live_children() -> list[str]:  # this process's spawned children still running (a zombie has exited)
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                spawned = b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z" and spawned:
+                out.append(stat.parent.name)
+        return out
+
+    monkeypatch.setenv("FEDQ_TEST_EXIT_MARK", str(tmp_path / "mark"))
+    settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2)
+    spec = RunSpec(clients=1, rounds=1, run_id="t-lean-exit", central_eval=False,
+                   model="byo_models:build_marking_exit").validate()
+    RunStore(r, spec.run_id).create(spec)
+    ds = load_dataset(spec.data)
+    before = set(live_children())
+    env = codec.decode(build_in_child(settings, spec.run_id, ds.num_features, ds.num_classes))
+    assert env.kind == "global" and len(env.tensors) == 2
+    deadline = time.monotonic() + 60
+    while set(live_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(live_children()) - before, "the child that built the model is still running"
+    assert not (tmp_path / "mark").exists(), "the child ran its interpreter's teardown"
