@@ -36,7 +36,7 @@ from fedq.protocol.connection import connect  # noqa: E402
 from fedq.protocol.store import RunStore  # noqa: E402
 from fedq.roles.jobs import submit_run  # noqa: E402
 from fedq.roles.localredis import die_with_parent  # noqa: E402
-from fedq.roles.runner import with_huge_pages  # noqa: E402
+from fedq.roles.runner import with_malloc_tunables  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 
 MODELS = {**MODELS, "250m": "bench.bench_models:dense_250m"}
@@ -49,9 +49,9 @@ def run(model: str, clients: int, rounds: int, chunk_bytes: int) -> dict[str, ob
         spec = RunSpec(clients=clients, rounds=rounds, local_epochs=1, model=MODELS[model], central_eval=False,
                        run_id=f"big-{model}").validate()
         submit_run(r, settings, spec, queue="big")
-        env = with_huge_pages(dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
-                                   FEDQ_CHUNK_BYTES=str(chunk_bytes), FEDQ_MAX_UPDATE_BYTES=str(4 << 30),
-                                   PYTHONPATH=str(ROOT)))
+        env = with_malloc_tunables(dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING",
+                                        FEDQ_BLOCK_SECONDS="0.5", FEDQ_CHUNK_BYTES=str(chunk_bytes),
+                                        FEDQ_MAX_UPDATE_BYTES=str(4 << 30), PYTHONPATH=str(ROOT)))
         agg = subprocess.Popen([sys.executable, "-m", "fedq", "aggregator", "--queue", "big", "--burst"],
                                env=env, cwd=ROOT, preexec_fn=die_with_parent)
         procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "round_overhead.py"), "--client", url,

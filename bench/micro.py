@@ -92,16 +92,16 @@ def bench_aggregate(params: int, repeat: int, n: int = 8) -> tuple[float, float]
 
 def _codec_in_child(params: int, repeat: int, huge_pages: bool) -> tuple[float, float]:
     """bench_codec in a fresh process with or without glibc's huge-page tunable, which is set
-    at process start (fedq.roles.runner.with_huge_pages: what fedq run and the image give fedq)."""
+    at process start (fedq.roles.runner.with_malloc_tunables: what fedq run and the image give fedq)."""
     import json
     import os
     import subprocess
     import sys
 
-    from fedq.roles.runner import with_huge_pages
+    from fedq.roles.runner import with_malloc_tunables
 
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env = with_huge_pages(env) if huge_pages else env
+    env = with_malloc_tunables(env) if huge_pages else env
     out = subprocess.run([sys.executable, __file__, "--codec-child", "--params", str(params), "--repeat", str(repeat)],
                          env=env, capture_output=True, text=True, check=True, timeout=1800)
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))  # type: ignore[return-value]

@@ -8,8 +8,8 @@ beside each run. It prints the medians over repeats of each one's median round (
 the ratios: fedq / Flower, fedq / its floor (N x one push + fetch + decode + fold), and the
 aggregator's peak RSS over Flower's server's.
 
-fedq's processes, and the floor in this process, run with the malloc tunable fedq starts its
-processes with (fedq.roles.runner.with_huge_pages); Flower's run in the environment the bench
+fedq's processes, and the floor in this process, run with the malloc tunables fedq starts its
+processes with (fedq.roles.runner.with_malloc_tunables); Flower's run in the environment the bench
 was started with, as its users would run them (``--flower-fedq-malloc`` gives them the tunable
 too: at 25M it halves Flower's round). fedq's Redis runs in a session of its own, as ``fedq run``
 starts its private Redis. Flower's server stays in the bench's: in a session of its own its round

@@ -50,7 +50,7 @@ from fedq.protocol.store import RunStore  # noqa: E402
 from fedq.roles.client import Client  # noqa: E402
 from fedq.roles.jobs import submit_run  # noqa: E402
 from fedq.roles.localredis import die_with_parent, find_server  # noqa: E402
-from fedq.roles.runner import with_huge_pages  # noqa: E402
+from fedq.roles.runner import with_malloc_tunables  # noqa: E402
 from fedq.roles.swarm import client_commands, noise_trainers  # noqa: E402
 from fedq.settings import Settings  # noqa: E402
 
@@ -138,8 +138,9 @@ def measure_fedq(n: int, model: str, rounds: int, chunk_bytes: int, threads_over
                        central_eval=central_eval, **spec_extra).validate()  # type: ignore[arg-type]
         queue = f"bench-{n}"
         submit_run(r, settings, spec, queue=queue)
-        env = with_huge_pages(dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING", FEDQ_BLOCK_SECONDS="0.5",
-                                   FEDQ_CHUNK_BYTES=str(chunk_bytes), PYTHONPATH=str(ROOT)))
+        env = with_malloc_tunables(dict(os.environ, FEDQ_REDIS_URL=url, FEDQ_LOG_LEVEL="WARNING",
+                                        FEDQ_BLOCK_SECONDS="0.5", FEDQ_CHUNK_BYTES=str(chunk_bytes),
+                                        PYTHONPATH=str(ROOT)))
         agg = subprocess.Popen([sys.executable, "-m", "fedq", "aggregator", "--queue", queue, "--burst"],
                                env=env, cwd=ROOT, preexec_fn=die_with_parent)
         if n <= threads_over:  # one process per client, as pods would run them
@@ -327,11 +328,11 @@ OUTER_TUNABLES = "FEDQ_BENCH_OUTER_GLIBC_TUNABLES"  # GLIBC_TUNABLES as the benc
 
 
 def same_malloc_as_fedq() -> None:
-    """Run this benchmark under the malloc tunable fedq starts its processes with (re-executing
+    """Run this benchmark under the malloc tunables fedq starts its processes with (re-executing
     it once when the environment lacks it), so that the floor, measured in this process, pays
     for memory as the aggregator and clients do. The environment it was started with is kept
     in OUTER_TUNABLES, for processes that are not fedq's (outer_env)."""
-    env = with_huge_pages(dict(os.environ))
+    env = with_malloc_tunables(dict(os.environ))
     if env != dict(os.environ):
         env[OUTER_TUNABLES] = os.environ.get("GLIBC_TUNABLES", "-")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)

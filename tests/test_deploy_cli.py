@@ -23,6 +23,7 @@ from fedq.ops import k8s as k8s_cli
 from fedq.ops.k8s_apply import Cluster, down, status, to_model, up
 from fedq.ops.k8s_federation import Federation
 from fedq.ops.k8s_manifests import build
+from fedq.roles.runner import with_malloc_tunables
 
 NS = "fl"
 TIMEOUT = 120
@@ -455,6 +456,8 @@ def test_image_definition() -> None:
         assert image.user is not None and image.user.split(":")[0] not in ("0", "root")
         assert image.healthcheck and image.healthcheck[0] == "python"
         assert image.env.get("HOME") == "/tmp"
+        # fedq's processes in the image allocate as fedq run starts them (huge pages, pages kept)
+        assert image.env.get("GLIBC_TUNABLES") == with_malloc_tunables({})["GLIBC_TUNABLES"]
         # The role's dependencies from its file under the constraints, in a stage without the
         # code; then fedq's wheel, without dependencies.
         deps = stages[f"deps-{role}"][1]

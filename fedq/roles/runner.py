@@ -57,16 +57,22 @@ def check_submitted(spec: RunSpec) -> None:
 
 # A payload or part of many MB is a fresh buffer that glibc maps anew, and faulting it in
 # 4 KiB pages costs more than copying the bytes (100 MB: ~55 ms of faults, ~9 ms of copy). With
-# this tunable (glibc >= 2.35; others ignore it) malloc asks for transparent huge pages and the
-# same buffer costs ~12 ms (python bench/micro.py shows both). The image sets it too.
-MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
+# hugetlb=1 (glibc >= 2.35; others ignore it) malloc asks for transparent huge pages and the
+# same buffer costs ~12 ms (python bench/micro.py shows both). Buffers up to mmap_threshold come
+# from the heap, and the heap keeps up to trim_threshold of freed memory for the next one: a
+# round's 4 MB payloads (1M parameters) then reuse the last round's pages, where glibc's own
+# thresholds gave them back and the kernel zeroed fresh ones every round (2 % of the machine's
+# CPU in a 10-client round, in the aggregator's page clearing alone). The image sets them too.
+MALLOC_TUNABLES = (("glibc.malloc.hugetlb", "1"), ("glibc.malloc.mmap_threshold", str(32 << 20)),
+                   ("glibc.malloc.trim_threshold", str(64 << 20)))
 
 
-def with_huge_pages(env: dict[str, str]) -> dict[str, str]:
-    """env with MALLOC_TUNABLE added to GLIBC_TUNABLES, unless it sets hugetlb already."""
+def with_malloc_tunables(env: dict[str, str]) -> dict[str, str]:
+    """env with each of MALLOC_TUNABLES added to GLIBC_TUNABLES, unless it sets that one already."""
     current = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb=" not in current:
-        env["GLIBC_TUNABLES"] = f"{current}:{MALLOC_TUNABLE}" if current else MALLOC_TUNABLE
+    mine = [f"{name}={value}" for name, value in MALLOC_TUNABLES if f"{name}=" not in current]
+    if mine:
+        env["GLIBC_TUNABLES"] = ":".join([current, *mine] if current else mine)
     return env
 
 
@@ -181,7 +187,7 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
         r = connect(settings)
         queue = f"fedq-local-{spec.run_id}"  # a private queue: other runs in a shared Redis are not ours
         submit_run(r, settings, spec, queue=queue)
-        env = with_huge_pages(dict(os.environ, FEDQ_REDIS_URL=settings.redis_url, PYTHONUNBUFFERED="1",
+        env = with_malloc_tunables(dict(os.environ, FEDQ_REDIS_URL=settings.redis_url, PYTHONUNBUFFERED="1",
                                    FEDQ_LOG_LEVEL=settings.log_level))
         # N training processes share this machine's cores: give each its share, not all of them.
         env.setdefault("FEDQ_TF_THREADS", str(settings.tf_threads or max(1, (os.cpu_count() or 1) // spec.clients)))
