@@ -204,21 +204,14 @@ def test_the_initial_models_child_exits_without_the_interpreters_teardown(r, red
     hook, which a teardown would run, leaves no mark once the child is gone."""
     import os
     import time
-    from pathlib import Path
+
+    from support.procs import processes
 
     from fedq.roles.initial import build_in_child
 
-    def live_children() -> list[str]:  # this process's spawned children still running (a zombie has exited)
-        out = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                spawned = b"spawn_main" in (stat.parent / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(fields[1]) == os.getpid() and fields[0] != "Z" and spawned:
-                out.append(stat.parent.name)
-        return out
+    def live_children() -> list[int]:  # this process's spawned children still running (a zombie has exited)
+        return [p.pid for p in processes().values()
+                if p.ppid == os.getpid() and p.state != "Z" and "spawn_main" in p.cmdline]
 
     monkeypatch.setenv("FEDQ_TEST_EXIT_MARK", str(tmp_path / "mark"))
     settings = Settings.from_env(env={}, redis_url=redis_url, block_seconds=0.2)

@@ -188,7 +188,7 @@ def run_local(settings: Settings, spec: RunSpec, out: Path, *, use_env_redis: bo
         queue = f"fedq-local-{spec.run_id}"  # a private queue: other runs in a shared Redis are not ours
         submit_run(r, settings, spec, queue=queue)
         env = with_malloc_tunables(dict(os.environ, FEDQ_REDIS_URL=settings.redis_url, PYTHONUNBUFFERED="1",
-                                   FEDQ_LOG_LEVEL=settings.log_level))
+                                        FEDQ_LOG_LEVEL=settings.log_level))
         # N training processes share this machine's cores: give each its share, not all of them.
         env.setdefault("FEDQ_TF_THREADS", str(settings.tf_threads or max(1, (os.cpu_count() or 1) // spec.clients)))
         procs = Processes(out / "logs", env)
